@@ -1,0 +1,1 @@
+"""Downstream evaluation of MARLIN features: linear probing and fine-tuning."""
