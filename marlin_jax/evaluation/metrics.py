@@ -89,7 +89,9 @@ def multilabel_auroc(
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels).astype(bool)
     if scores.ndim != 2 or scores.shape != labels.shape:
-        raise ValueError(f"need matching (N, L) scores and labels, got {scores.shape} {labels.shape}")
+        raise ValueError(
+            f"need matching (N, L) scores and labels, got {scores.shape} {labels.shape}"
+        )
     if average == "micro":
         return binary_auroc(scores.ravel(), labels.ravel())
     if average == "macro":
@@ -208,7 +210,9 @@ def _or_nan(fn, *args) -> float:
         raise
 
 
-def format_table(results: Mapping[str, Mapping[str, float]], keys: Sequence[str] | None = None) -> str:
+def format_table(
+    results: Mapping[str, Mapping[str, float]], keys: Sequence[str] | None = None
+) -> str:
     """A plain-text table, one row per split (e.g. ``{"val": {...}, "test": {...}}``)."""
     if keys is None:
         keys = []
