@@ -1,0 +1,177 @@
+"""Transformer building blocks of MARLIN (pre-norm ViT blocks with q/v bias), position tables,
+tubelet patches.
+
+Layouts: tokens are ``(B, N, D)``; videos are channels-last ``(B, T, H, W, C)``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+xavier_uniform = nnx.initializers.xavier_uniform()
+zeros = nnx.initializers.zeros_init()
+
+
+class FixedEmbedding(nnx.Variable):
+    """A non-trainable table (the sin-cos position table). Kept in the model state, not in the
+    optimiser, so that converted checkpoints carry the exact values they were trained with."""
+
+
+@functools.lru_cache(maxsize=16)
+def sincos_table(num_positions: int, dim: int) -> np.ndarray:
+    """Fixed sinusoid position table ``(num_positions, dim)`` float32, as VideoMAE / MARLIN:
+    angle(p, i) = p / 10000^(2*(i//2)/dim); sin on even, cos on odd channels."""
+    exponent = 2 * (np.arange(dim) // 2) / dim
+    angles = np.arange(num_positions, dtype=np.float64)[:, None] / np.power(10000.0, exponent)[None]
+    table = np.empty_like(angles)
+    table[:, 0::2] = np.sin(angles[:, 0::2])
+    table[:, 1::2] = np.cos(angles[:, 1::2])
+    table = table.astype(np.float32)
+    table.flags.writeable = False
+    return table
+
+
+def patchify(video: jax.Array, patch_size: int = 16, tubelet_size: int = 2) -> jax.Array:
+    """``(B, T, H, W, C)`` -> ``(B, N, C*pt*ph*pw)`` with tokens in (t, h, w) order and each
+    token's pixels in (c, pt, ph, pw) order (the order MARLIN's decoder predicts)."""
+    b, t, h, w, c = video.shape
+    pt, p = tubelet_size, patch_size
+    x = video.reshape(b, t // pt, pt, h // p, p, w // p, p, c)
+    x = x.transpose(0, 1, 3, 5, 7, 2, 4, 6)  # b nt nh nw c pt ph pw
+    return x.reshape(b, (t // pt) * (h // p) * (w // p), c * pt * p * p)
+
+
+def unpatchify(
+    patches: jax.Array, grid: tuple[int, int, int], patch_size: int = 16, tubelet_size: int = 2
+) -> jax.Array:
+    """Inverse of :func:`patchify`: ``(B, N, C*pt*ph*pw)`` -> ``(B, T, H, W, C)``."""
+    b = patches.shape[0]
+    nt, nh, nw = grid
+    pt, p = tubelet_size, patch_size
+    c = patches.shape[-1] // (pt * p * p)
+    x = patches.reshape(b, nt, nh, nw, c, pt, p, p)
+    x = x.transpose(0, 1, 5, 2, 6, 3, 7, 4)  # b nt pt nh ph nw pw c
+    return x.reshape(b, nt * pt, nh * p, nw * p, c)
+
+
+class PatchEmbedding3d(nnx.Module):
+    """Non-overlapping tubelet embedding: a Conv3d with stride = kernel, computed as one matmul.
+
+    Kernel layout is the conv layout ``(pt, ph, pw, C, D)``. ``(B, T, H, W, C)`` -> ``(B, N, D)``.
+    """
+
+    def __init__(self, in_channels: int, embed_dim: int, patch_size: int, tubelet_size: int, *,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.patch_size, self.tubelet_size, self.dtype = patch_size, tubelet_size, dtype
+        shape = (tubelet_size, patch_size, patch_size, in_channels, embed_dim)
+        fan_in = int(np.prod(shape[:-1]))
+        # PyTorch's Conv3d default init (kaiming_uniform with a=sqrt(5)): U(-1/sqrt(fan_in), ..).
+        bound = 1.0 / np.sqrt(fan_in)
+        self.projection = nnx.Dict(
+            kernel=nnx.Param(jax.random.uniform(rngs.params(), shape, param_dtype, -bound, bound)),
+            bias=nnx.Param(jax.random.uniform(rngs.params(), (embed_dim,), param_dtype, -bound, bound)),
+        )
+
+    def __call__(self, video: jax.Array) -> jax.Array:
+        kernel = self.projection["kernel"][...]
+        pt, p, _, c, d = kernel.shape
+        patches = patchify(video.astype(self.dtype), p, pt)  # (B, N, c*pt*p*p)
+        # patch pixels are (c, pt, ph, pw); bring the kernel to the same order.
+        flat_kernel = kernel.transpose(3, 0, 1, 2, 4).reshape(c * pt * p * p, d).astype(self.dtype)
+        return patches @ flat_kernel + self.projection["bias"][...].astype(self.dtype)
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with a bias-free qkv projection plus separate q/v biases."""
+
+    def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = True,
+                 qk_scale: float | None = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 dtype=jnp.float32, param_dtype=jnp.float32, attention_impl: str | None = None,
+                 rngs: nnx.Rngs):
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = qk_scale or self.head_dim**-0.5
+        self.dtype = dtype
+        self.attention_impl = attention_impl
+        linear = functools.partial(nnx.Linear, kernel_init=xavier_uniform, bias_init=zeros,
+                                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.qkv = linear(dim, 3 * dim, use_bias=False)
+        if qkv_bias:
+            self.q_bias = nnx.Param(jnp.zeros((dim,), param_dtype))
+            self.v_bias = nnx.Param(jnp.zeros((dim,), param_dtype))
+        else:
+            self.q_bias = self.v_bias = None
+        self.proj = linear(dim, dim)
+        self.attn_drop = nnx.Dropout(attn_drop, rngs=rngs) if attn_drop > 0 else None
+        self.proj_drop = nnx.Dropout(proj_drop, rngs=rngs) if proj_drop > 0 else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, n, d = x.shape
+        qkv = self.qkv(x)
+        if self.q_bias is not None:
+            bias = jnp.concatenate([self.q_bias[...], jnp.zeros_like(self.v_bias[...]), self.v_bias[...]])
+            qkv = qkv + bias.astype(qkv.dtype)
+        qkv = qkv.reshape(b, n, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, H, hd)
+        if self.attn_drop is None:
+            out = jax.nn.dot_product_attention(q, k, v, scale=self.scale,
+                                               implementation=self.attention_impl)
+        else:
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q * self.scale, k)
+            weights = self.attn_drop(jax.nn.softmax(logits.astype(jnp.float32), axis=-1))
+            out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+        out = self.proj(out.reshape(b, n, d))
+        return self.proj_drop(out) if self.proj_drop is not None else out
+
+
+class Mlp(nnx.Module):
+    """fc1 -> exact GELU -> fc2 (names mirror PyTorch's `mlp.layers.{0,1}.linear`)."""
+
+    def __init__(self, dim: int, hidden: int, *, drop: float = 0.0, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        linear = functools.partial(nnx.Linear, kernel_init=xavier_uniform, bias_init=zeros,
+                                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc1 = linear(dim, hidden)
+        self.fc2 = linear(hidden, dim)
+        self.drop = nnx.Dropout(drop, rngs=rngs) if drop > 0 else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jax.nn.gelu(self.fc1(x), approximate=False)
+        if self.drop is not None:
+            x = self.drop(x)
+        x = self.fc2(x)
+        return self.drop(x) if self.drop is not None else x
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block, with optional layer-scale (``init_values > 0``)."""
+
+    def __init__(self, dim: int, num_heads: int, *, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 qk_scale: float | None = None, drop: float = 0.0, attn_drop: float = 0.0,
+                 init_values: float = 0.0, eps: float = 1e-5, dtype=jnp.float32,
+                 param_dtype=jnp.float32, attention_impl: str | None = None, rngs: nnx.Rngs):
+        norm = functools.partial(nnx.LayerNorm, dim, epsilon=eps, dtype=dtype, use_fast_variance=False,
+                                 param_dtype=param_dtype, rngs=rngs)
+        self.norm1 = norm()
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale,
+                              attn_drop=attn_drop, proj_drop=drop, dtype=dtype,
+                              param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs)
+        self.norm2 = norm()
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop, dtype=dtype, param_dtype=param_dtype,
+                       rngs=rngs)
+        if init_values > 0:
+            self.gamma_1 = nnx.Param(jnp.full((dim,), init_values, param_dtype))
+            self.gamma_2 = nnx.Param(jnp.full((dim,), init_values, param_dtype))
+        else:
+            self.gamma_1 = self.gamma_2 = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.attn(self.norm1(x))
+        x = x + (h if self.gamma_1 is None else self.gamma_1[...].astype(h.dtype) * h)
+        h = self.mlp(self.norm2(x))
+        return x + (h if self.gamma_2 is None else self.gamma_2[...].astype(h.dtype) * h)
