@@ -1,0 +1,604 @@
+"""Labelled video datasets for downstream evaluation, and their features / clips.
+
+Three layers, each a pure function of files on disk:
+
+* **Labels** (:class:`LabelSet`): which samples exist, where their videos are, and their targets.
+  - CelebV-HQ (:func:`load_celebvhq`): ``<root>/celebvhq_info.json`` (``clips/<name>/attributes/
+    appearance`` (40 binary) or ``action`` (35 binary)), split lists ``<root>/{train,val,test}.txt``
+    and videos ``<root>/cropped/<name>.mp4``.
+  - Generic CSV / JSON (:func:`load_label_file`): ``path,label`` (binary or multiclass) or
+    ``path,<label_1>,...,<label_L>`` (multilabel 0/1 columns), optionally with a ``split`` column.
+* **Features** (:func:`load_features`): ``<feature_dir>/<key>.npy`` of window features ``(T, D)``
+  (written by ``scripts/extract_dataset.py``), reduced over windows (mean / max / min) to
+  ``(N, D)``, as the original's linear probe.
+* **Clips** (:class:`ClipDataset`): raw 16-frame clips at temporal sample rate 2 for fine-tuning,
+  sampled exactly as the original's ``CelebvHq`` dataset.
+
+A sample's *key* is its video path relative to the video root, without extension; a feature file
+lives at ``<feature_dir>/<key>.npy``. Missing or broken inputs raise :class:`DatasetError` naming
+the file, or, with ``on_error="skip"``, are dropped and counted in ``skipped`` (never zeros).
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import json
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
+
+import cv2
+import numpy as np
+
+from marlin_jax.evaluation.metrics import TASKS, Task
+from marlin_jax.video_io import count_frames, read_frames
+
+CELEBVHQ_TASKS = {"appearance": 40, "action": 35}
+SPLITS = ("train", "val", "test")
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
+REDUCTIONS = ("mean", "max", "min")
+OnError = Literal["error", "skip"]
+# scripts/extract_dataset.py leaves ``<key>.error.json`` beside a video whose extraction failed.
+ERROR_MARKER_SUFFIX = ".error.json"
+
+
+class DatasetError(ValueError):
+    """A label, split, video or feature file is missing or malformed (the message names it)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelSet:
+    """Samples of one split with their targets.
+
+    Attributes:
+      keys: sample ids ``(N,)``: video path relative to ``video_root`` without extension.
+      labels: bool ``(N,)`` (binary), int64 ``(N,)`` (multiclass) or bool ``(N, L)`` (multilabel).
+      task: "binary", "multiclass" or "multilabel".
+      class_names: the label names (multilabel), class names (multiclass), or the one name (binary).
+      video_paths: absolute video path of each sample ``(N,)``.
+      source: the label file(s) this came from, for error messages.
+    """
+
+    keys: tuple[str, ...]
+    labels: np.ndarray
+    task: Task
+    class_names: tuple[str, ...]
+    video_paths: tuple[str, ...]
+    source: str = ""
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        n = len(self.keys)
+        if len(self.video_paths) != n or self.labels.shape[:1] != (n,):
+            raise ValueError("keys, labels and video_paths differ in length")
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def num_outputs(self) -> int:
+        """Width of the classifier head: 1 (binary), C (multiclass) or L (multilabel)."""
+        return 1 if self.task == "binary" else len(self.class_names)
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> LabelSet:
+        """The samples at ``indices`` (in that order)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return dataclasses.replace(
+            self,
+            keys=tuple(self.keys[i] for i in idx),
+            labels=self.labels[idx],
+            video_paths=tuple(self.video_paths[i] for i in idx),
+        )
+
+    def take_ratio(self, ratio: float) -> LabelSet:
+        """The first ``int(N * ratio)`` samples, as the original's ``data_ratio`` (few-shot runs
+        with 1%, 10%, 50%, 100% of the list, in list order)."""
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"data_ratio must be in (0, 1], got {ratio}")
+        n = int(len(self) * ratio) if ratio < 1.0 else len(self)
+        if n == 0:
+            raise DatasetError(f"{self.source}: data_ratio {ratio} of {len(self)} samples leaves none")
+        return self.subset(np.arange(n))
+
+    def check_videos(self, on_error: OnError = "error") -> tuple[LabelSet, dict[str, str]]:
+        """Drops (``skip``) or reports (``error``) samples whose video file is missing.
+
+        Returns the kept samples and ``{key: reason}`` of those skipped.
+        """
+        missing = {k: f"{p}: no such video file" for k, p in zip(self.keys, self.video_paths,
+                                                                  strict=True)
+                   if not os.path.isfile(p)}
+        if missing and on_error == "error":
+            raise DatasetError(_listing(f"{self.source}: {len(missing)} listed video(s) missing",
+                                        list(missing.values())))
+        keep = [i for i, k in enumerate(self.keys) if k not in missing]
+        return self.subset(keep), missing
+
+
+def _listing(head: str, items: Sequence[str], limit: int = 5) -> str:
+    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"{head}: " + "; ".join(items[:limit]) + more
+
+
+def _read_json(path: str) -> object:
+    if not os.path.isfile(path):
+        raise DatasetError(f"{path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}: not valid JSON ({e})") from e
+
+
+# --------------------------------------------------------------------------- CelebV-HQ
+
+
+def read_split_file(path: str | os.PathLike) -> list[str]:
+    """Names listed one per line (blank lines ignored), as the original's split files."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DatasetError(f"{path}: split file not found")
+    with open(path, encoding="utf-8") as f:
+        names = [line.strip() for line in f]
+    names = [n for n in names if n]
+    if not names:
+        raise DatasetError(f"{path}: split file lists no samples")
+    dupes = sorted({n for n in names if names.count(n) > 1}) if len(set(names)) < len(names) else []
+    if dupes:
+        raise DatasetError(_listing(f"{path}: duplicate names", dupes))
+    return names
+
+
+def load_celebvhq(
+    root: str | os.PathLike, split: str, task: str, data_ratio: float = 1.0
+) -> LabelSet:
+    """CelebV-HQ ``split`` of ``task`` ("appearance": 40 labels, "action": 35) as a multilabel set.
+
+    ``data_ratio`` keeps the first fraction of the list (the original applies it to train and
+    val only; pass 1.0 for test). Every listed name must be in ``celebvhq_info.json`` with a label
+    vector of the right length; unknown names raise DatasetError listing them.
+    """
+    root = os.fspath(root)
+    if task not in CELEBVHQ_TASKS:
+        raise ValueError(f"CelebV-HQ task must be one of {tuple(CELEBVHQ_TASKS)}, got {task!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    split_path = os.path.join(root, f"{split}.txt")
+    names = read_split_file(split_path)
+    info_path = os.path.join(root, "celebvhq_info.json")
+    info = _read_json(info_path)
+    if not isinstance(info, dict) or not isinstance(info.get("clips"), dict):
+        raise DatasetError(f"{info_path}: expected an object with a 'clips' mapping")
+    clips = info["clips"]
+    unknown = [n for n in names if n not in clips]
+    if unknown:
+        raise DatasetError(_listing(f"{split_path}: {len(unknown)} name(s) not in {info_path}",
+                                    unknown))
+    width = CELEBVHQ_TASKS[task]
+    labels = np.zeros((len(names), width), dtype=bool)
+    for i, name in enumerate(names):
+        try:
+            y = np.asarray(clips[name]["attributes"][task])
+        except (KeyError, TypeError) as e:
+            raise DatasetError(f"{info_path}: clip {name!r} has no attributes/{task}") from e
+        if y.shape != (width,) or not np.isin(y, (0, 1)).all():
+            raise DatasetError(
+                f"{info_path}: clip {name!r} attributes/{task} must be {width} values in {{0, 1}},"
+                f" got shape {y.shape}"
+            )
+        labels[i] = y.astype(bool)
+    mapping = (info.get("meta_info") or {}).get(f"{task}_mapping")
+    class_names = tuple(mapping) if mapping and len(mapping) == width else tuple(
+        f"{task}_{j}" for j in range(width))
+    video_root = os.path.join(os.path.abspath(root), "cropped")
+    labelset = LabelSet(
+        keys=tuple(names),
+        labels=labels,
+        task="multilabel",
+        class_names=class_names,
+        video_paths=tuple(os.path.join(video_root, n + ".mp4") for n in names),
+        source=split_path,
+    )
+    return labelset.take_ratio(data_ratio) if data_ratio < 1.0 else labelset
+
+
+# --------------------------------------------------------------------------- generic labels
+
+
+PATH_COLUMNS = ("path", "video", "file", "name")
+
+
+def load_label_file(
+    path: str | os.PathLike,
+    *,
+    task: Task | None = None,
+    split: str | None = None,
+    class_names: Sequence[str] | None = None,
+    video_root: str | os.PathLike | None = None,
+) -> LabelSet:
+    """Labels of any task from a CSV or JSON file.
+
+    CSV: a header naming the path column (``path``/``video``/``file``/``name``), then either one
+    ``label`` column (binary 0/1, or multiclass integers / class names) or several 0/1 columns
+    (multilabel, one per label name); an optional ``split`` column selects rows with ``split``.
+    JSON: a list of ``{"path": ..., "label": ..., "split": ...}`` records (``label`` a scalar, a
+    0/1 list, or a list of label names for multilabel) or a ``{path: label}`` mapping.
+
+    Args:
+      path: the label file (.csv or .json).
+      task: forces the task; otherwise inferred (several columns / lists -> multilabel; values all
+        0/1 -> binary; else multiclass).
+      split: keep only rows whose ``split`` equals this (the file needs a ``split`` column then).
+      class_names: the allowed class (multiclass) or label (multilabel) names, in head order; a
+        value outside it raises DatasetError. Inferred (sorted) when omitted.
+      video_root: where relative video paths start; defaults to the label file's folder.
+
+    Returns:
+      A LabelSet; keys are the video paths relative to ``video_root`` without extension.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DatasetError(f"{path}: label file not found")
+    root = os.path.abspath(os.fspath(video_root) if video_root is not None
+                           else os.path.dirname(path))
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".csv":
+        records, label_cols = _read_csv_records(path)
+    elif ext == ".json":
+        records, label_cols = _read_json_records(path)
+    else:
+        raise DatasetError(f"{path}: label file must be .csv or .json")
+    if split is not None:
+        if any("split" not in r for r in records):
+            raise DatasetError(f"{path}: split {split!r} requested but rows have no 'split' field")
+        records = [r for r in records if r["split"] == split]
+        if not records:
+            raise DatasetError(f"{path}: no rows with split {split!r}")
+    if not records:
+        raise DatasetError(f"{path}: no samples")
+
+    values = [r["label"] for r in records]
+    multilabel_rows = label_cols is not None or any(isinstance(v, list) for v in values)
+    if task is None:
+        task = "multilabel" if multilabel_rows else (
+            "binary" if all(_as_bit(v) is not None for v in values) else "multiclass")
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+    if task == "multilabel":
+        labels, names = _multilabel(path, values, label_cols, class_names)
+    elif multilabel_rows:
+        raise DatasetError(f"{path}: several label columns / lists given but task is {task!r}")
+    elif task == "binary":
+        bits = [_as_bit(v) for v in values]
+        bad = [f"row {i + 1}: {values[i]!r}" for i, b in enumerate(bits) if b is None]
+        if bad:
+            raise DatasetError(_listing(f"{path}: binary labels must be 0/1/true/false", bad))
+        labels = np.asarray(bits, dtype=bool)
+        names = tuple(class_names) if class_names else ("label",)
+    else:
+        labels, names = _multiclass(path, values, class_names)
+
+    keys, video_paths = [], []
+    for r in records:
+        p = str(r["path"]).strip()
+        if not p:
+            raise DatasetError(f"{path}: empty path in a row")
+        full = p if os.path.isabs(p) else os.path.join(root, p)
+        video_paths.append(os.path.normpath(full))
+        keys.append(os.path.splitext(os.path.relpath(full, root))[0].replace(os.sep, "/"))
+    dupes = sorted({k for k in keys if keys.count(k) > 1}) if len(set(keys)) < len(keys) else []
+    if dupes:
+        raise DatasetError(_listing(f"{path}: duplicate samples", dupes))
+    return LabelSet(tuple(keys), labels, task, tuple(names), tuple(video_paths), source=path)
+
+
+def _read_csv_records(path: str) -> tuple[list[dict], list[str] | None]:
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    path_col = next((c for c in PATH_COLUMNS if c in header), None)
+    if path_col is None:
+        raise DatasetError(f"{path}: CSV header needs a path column (one of {PATH_COLUMNS}), "
+                           f"got {header}")
+    rest = [c for c in header if c not in (path_col, "split")]
+    if not rest:
+        raise DatasetError(f"{path}: CSV has no label column")
+    label_cols = None if rest == ["label"] else rest
+    records = []
+    for row in rows:
+        rec = {"path": row[path_col]}
+        if "split" in row:
+            rec["split"] = row["split"]
+        rec["label"] = row["label"] if label_cols is None else [row[c] for c in label_cols]
+        records.append(rec)
+    return records, label_cols
+
+
+def _read_json_records(path: str) -> tuple[list[dict], None]:
+    data = _read_json(path)
+    if isinstance(data, dict):
+        return [{"path": k, "label": v} for k, v in data.items()], None
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise DatasetError(f"{path}: expected a list of records or a {{path: label}} mapping")
+    records = []
+    for i, r in enumerate(data):
+        p = next((r[c] for c in PATH_COLUMNS if c in r), None)
+        if p is None or "label" not in r and "labels" not in r:
+            raise DatasetError(f"{path}: record {i} needs a path and a 'label' / 'labels' field")
+        rec = {"path": p, "label": r.get("label", r.get("labels"))}
+        if "split" in r:
+            rec["split"] = r["split"]
+        records.append(rec)
+    return records, None
+
+
+def _as_bit(v: object) -> int | None:
+    if isinstance(v, bool):
+        return int(v)
+    if isinstance(v, int | float) and v in (0, 1):
+        return int(v)
+    if isinstance(v, str) and v.strip().lower() in ("0", "1", "true", "false", "0.0", "1.0"):
+        return int(v.strip().lower() in ("1", "true", "1.0"))
+    return None
+
+
+def _multiclass(path: str, values: list, class_names: Sequence[str] | None):
+    as_str = [str(v).strip() for v in values]
+    if class_names is None:
+        if all(s.lstrip("-").isdigit() for s in as_str):
+            ints = np.asarray([int(s) for s in as_str], dtype=np.int64)
+            if ints.min() < 0:
+                raise DatasetError(f"{path}: negative class index {int(ints.min())}")
+            return ints, tuple(str(c) for c in range(int(ints.max()) + 1))
+        class_names = sorted(set(as_str))
+    index = {str(c): i for i, c in enumerate(class_names)}
+    unknown = sorted({s for s in as_str if s not in index})
+    if unknown:
+        raise DatasetError(_listing(f"{path}: unknown class name(s) (known: {list(index)})",
+                                    unknown))
+    return np.asarray([index[s] for s in as_str], dtype=np.int64), tuple(str(c) for c in
+                                                                         class_names)
+
+
+def _multilabel(path: str, values: list, label_cols: list[str] | None,
+                class_names: Sequence[str] | None):
+    if label_cols is not None:  # CSV: one 0/1 column per label
+        if class_names is not None:
+            unknown = [c for c in label_cols if c not in class_names]
+            if unknown:
+                raise DatasetError(_listing(f"{path}: unknown label column(s)", unknown))
+        names = tuple(label_cols)
+        bits = [[_as_bit(x) for x in v] for v in values]
+        bad = [f"row {i + 1}" for i, b in enumerate(bits) if any(x is None for x in b)]
+        if bad:
+            raise DatasetError(_listing(f"{path}: label columns must hold 0/1/true/false", bad))
+        return np.asarray(bits, dtype=bool), names
+    if not all(isinstance(v, list) for v in values):
+        raise DatasetError(f"{path}: multilabel JSON labels must all be lists")
+    if all(all(_as_bit(x) is not None and not isinstance(x, str) for x in v) for v in values):
+        widths = {len(v) for v in values}  # 0/1 vectors
+        if len(widths) != 1:
+            raise DatasetError(f"{path}: multilabel vectors differ in length: {sorted(widths)}")
+        width = widths.pop()
+        names = tuple(class_names) if class_names else tuple(f"label_{j}" for j in range(width))
+        if len(names) != width:
+            raise DatasetError(f"{path}: {width} labels per row but {len(names)} class names")
+        return np.asarray(values, dtype=bool), names
+    # lists of label names that are on
+    names = tuple(class_names) if class_names else tuple(sorted({str(x) for v in values
+                                                                 for x in v}))
+    index = {n: j for j, n in enumerate(names)}
+    unknown = sorted({str(x) for v in values for x in v if str(x) not in index})
+    if unknown:
+        raise DatasetError(_listing(f"{path}: unknown label name(s) (known: {list(names)})",
+                                    unknown))
+    labels = np.zeros((len(values), len(names)), dtype=bool)
+    for i, v in enumerate(values):
+        labels[i, [index[str(x)] for x in v]] = True
+    return labels, names
+
+
+# --------------------------------------------------------------------------- features
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSet:
+    """Window-reduced features of a LabelSet's samples.
+
+    Attributes:
+      x: float32 ``(N, D)``; labels: as LabelSet.labels, ``(N, ...)``; keys: ``(N,)``.
+      skipped: ``{key: reason}`` of samples left out (with ``on_error="skip"``).
+    """
+
+    x: np.ndarray
+    labels: np.ndarray
+    keys: tuple[str, ...]
+    skipped: dict[str, str]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def reduce_windows(features: np.ndarray, reduction: str) -> np.ndarray:
+    """Temporal reduction of window features ``(T, D) -> (D,)``: mean, max or min."""
+    if reduction == "mean":
+        return features.mean(axis=0)
+    if reduction == "max":
+        return features.max(axis=0)
+    if reduction == "min":
+        return features.min(axis=0)
+    raise ValueError(f"temporal reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def read_feature_file(path: str | os.PathLike, dim: int | None = None) -> np.ndarray:
+    """Loads one ``(T, D)`` feature file, raising DatasetError if it is missing, marked failed by
+    the extractor, empty, not 2-D, of the wrong width, or not finite."""
+    path = os.fspath(path)
+    marker = os.path.splitext(path)[0] + ERROR_MARKER_SUFFIX
+    if not os.path.isfile(path):
+        if os.path.isfile(marker):
+            raise DatasetError(f"{path}: extraction failed (see {marker})")
+        raise DatasetError(f"{path}: feature file not found (run scripts/extract_dataset.py)")
+    try:
+        x = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DatasetError(f"{path}: not a readable .npy file ({e})") from e
+    if x.ndim != 2:
+        raise DatasetError(f"{path}: expected (T, D) window features, got shape {x.shape}")
+    if x.shape[0] == 0:
+        raise DatasetError(f"{path}: empty feature file (0 windows; the video was too short or "
+                           "failed to extract)")
+    if dim is not None and x.shape[1] != dim:
+        raise DatasetError(f"{path}: feature width {x.shape[1]}, expected {dim}")
+    if not np.issubdtype(x.dtype, np.floating) or not np.all(np.isfinite(x)):
+        raise DatasetError(f"{path}: features must be finite floats, got {x.dtype}")
+    return x
+
+
+def load_features(
+    feature_dir: str | os.PathLike,
+    labelset: LabelSet,
+    reduction: str = "mean",
+    on_error: OnError = "error",
+) -> FeatureSet:
+    """Reads ``<feature_dir>/<key>.npy`` for every sample and reduces the windows.
+
+    With ``on_error="error"`` the first bad file raises DatasetError; with ``"skip"`` bad files
+    are left out and listed in ``skipped`` (the caller reports the count). Raises if nothing is
+    left, or if files disagree on the feature width.
+    """
+    feature_dir = os.fspath(feature_dir)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"temporal reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not os.path.isdir(feature_dir):
+        raise DatasetError(f"{feature_dir}: feature folder not found "
+                           "(run scripts/extract_dataset.py first)")
+    rows, keep, skipped = [], [], {}
+    dim = None
+    for i, key in enumerate(labelset.keys):
+        try:
+            x = read_feature_file(os.path.join(feature_dir, key + ".npy"), dim)
+        except DatasetError as e:
+            if on_error == "error":
+                raise
+            skipped[key] = str(e)
+            continue
+        dim = x.shape[1]
+        rows.append(reduce_windows(x.astype(np.float32), reduction))
+        keep.append(i)
+    if not rows:
+        raise DatasetError(_listing(f"{feature_dir}: no usable feature file for "
+                                    f"{labelset.source}", list(skipped.values())))
+    return FeatureSet(
+        x=np.stack(rows).astype(np.float32),
+        labels=labelset.labels[np.asarray(keep)],
+        keys=tuple(labelset.keys[i] for i in keep),
+        skipped=skipped,
+    )
+
+
+# --------------------------------------------------------------------------- clips
+
+
+def sample_clip_indices(
+    num_frames: int, clip_frames: int, sample_rate: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Frame indices ``(clip_frames,)`` of one training clip, as the original ``CelebvHq``:
+
+    * a video of at most ``clip_frames`` frames is used whole, padded by repeating its last frame;
+    * one shorter than ``clip_frames * sample_rate`` uses the largest rate that fits
+      (``num_frames // clip_frames``);
+    * otherwise a uniformly random start, then every ``sample_rate``-th frame.
+    """
+    if num_frames < 1:
+        raise ValueError(f"need at least one frame, got {num_frames}")
+    if num_frames <= clip_frames:
+        idx = np.arange(clip_frames)
+        return np.minimum(idx, num_frames - 1)
+    rate = sample_rate if num_frames > clip_frames * sample_rate else num_frames // clip_frames
+    start = int(rng.integers(0, num_frames - clip_frames * rate + 1))
+    return start + np.arange(clip_frames) * rate
+
+
+def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
+    """Resizes uint8 ``(T, H, W, 3)`` frames to ``(T, size, size, 3)`` (area interpolation);
+    a no-op when they already are."""
+    if frames.shape[1:3] == (size, size):
+        return frames
+    return np.stack([cv2.resize(f, (size, size), interpolation=cv2.INTER_AREA) for f in frames])
+
+
+class ClipDataset:
+    """Raw clips of a LabelSet for fine-tuning: ``clip(i, rng)`` -> uint8 ``(T, S, S, 3)``.
+
+    Frame counts are read once (exact demux count) and cached. Videos are read from the start up
+    to the last sampled frame (OpenCV seeking is unreliable on mp4v), then resized to ``size`` if
+    they are not already square at that size.
+    """
+
+    def __init__(self, labelset: LabelSet, clip_frames: int = 16, sample_rate: int = 2,
+                 size: int = 224):
+        self.labelset = labelset
+        self.clip_frames = clip_frames
+        self.sample_rate = sample_rate
+        self.size = size
+        self._num_frames: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.labelset)
+
+    def num_frames(self, i: int) -> int:
+        if i not in self._num_frames:
+            self._num_frames[i] = count_frames(self.labelset.video_paths[i])
+        return self._num_frames[i]
+
+    def clip(self, i: int, rng: np.random.Generator) -> np.ndarray:
+        """uint8 ``(clip_frames, size, size, 3)`` of sample ``i`` (VideoReadError if unreadable)."""
+        path = self.labelset.video_paths[i]
+        idx = sample_clip_indices(self.num_frames(i), self.clip_frames, self.sample_rate, rng)
+        frames = read_frames(path, max_frames=int(idx.max()) + 1)
+        idx = np.minimum(idx, len(frames) - 1)  # container count may exceed decodable frames
+        return resize_frames(frames[idx], self.size)
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int,
+        drop_last: bool = False,
+        num_threads: int = 4,
+        prefetch: int = 2,
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yields ``(clips uint8 (B, T, S, S, 3), labels (B, ...))``.
+
+        The order (if ``shuffle``) and every clip's start frame derive from ``seed`` and the
+        sample index only, so a pass is reproducible (use a new seed per epoch for training,
+        a fixed one for evaluation). Clips are decoded by a thread pool (OpenCV drops the GIL).
+        """
+        order = np.arange(len(self))
+        if shuffle:
+            order = np.random.default_rng(seed).permutation(order)
+        stop = len(order) - len(order) % batch_size if drop_last else len(order)
+        chunks = [order[s:s + batch_size] for s in range(0, stop, batch_size)]
+
+        def load(i: int) -> np.ndarray:
+            return self.clip(int(i), np.random.default_rng((seed, int(i))))
+
+        with ThreadPoolExecutor(max_workers=num_threads) as pool:
+            pending: collections.deque = collections.deque()
+            for chunk in chunks:  # keep at most `prefetch` batches in flight
+                pending.append((chunk, [pool.submit(load, i) for i in chunk]))
+                if len(pending) > prefetch:
+                    yield self._collect(*pending.popleft())
+            while pending:
+                yield self._collect(*pending.popleft())
+
+    def _collect(self, chunk: np.ndarray, futures: list) -> tuple[np.ndarray, np.ndarray]:
+        return np.stack([f.result() for f in futures]), self.labelset.labels[chunk]

@@ -1,0 +1,201 @@
+"""Label files, feature files and clip sampling of the evaluation datasets."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from marlin_jax.evaluation.datasets import (
+    ClipDataset,
+    DatasetError,
+    LabelSet,
+    load_celebvhq,
+    load_features,
+    load_label_file,
+    read_split_file,
+    reduce_windows,
+    sample_clip_indices,
+)
+from marlin_jax.video_io import write_video
+
+
+def make_celebvhq(root, names=("a", "b", "c", "d"), videos=True, frames=6, size=16):
+    """A tiny CelebV-HQ layout: info json, split files, cropped videos."""
+    rng = np.random.default_rng(0)
+    clips = {
+        n: {"attributes": {"appearance": rng.integers(0, 2, 40).tolist(),
+                           "action": rng.integers(0, 2, 35).tolist()}}
+        for n in names
+    }
+    meta = {"appearance_mapping": [f"app{j}" for j in range(40)]}
+    (root / "celebvhq_info.json").write_text(json.dumps({"meta_info": meta, "clips": clips}))
+    (root / "train.txt").write_text("\n".join(names[:3]) + "\n\n")
+    (root / "val.txt").write_text(names[3] + "\n")
+    (root / "test.txt").write_text(names[3] + "\n")
+    if videos:
+        for n in names:
+            write_video(root / "cropped" / f"{n}.mp4",
+                        rng.integers(0, 255, (frames, size, size, 3), dtype=np.uint8))
+    return clips
+
+
+def test_celebvhq_labels_splits_and_ratio(tmp_path):
+    clips = make_celebvhq(tmp_path)
+    ls = load_celebvhq(tmp_path, "train", "appearance")
+    assert ls.task == "multilabel" and ls.keys == ("a", "b", "c") and ls.num_outputs == 40
+    assert ls.labels.dtype == bool and ls.labels.shape == (3, 40)
+    np.testing.assert_array_equal(ls.labels[1], np.asarray(clips["b"]["attributes"]["appearance"]))
+    assert ls.class_names[0] == "app0"
+    assert ls.video_paths[0].endswith("cropped/a.mp4")
+    act = load_celebvhq(tmp_path, "train", "action")
+    assert act.labels.shape == (3, 35) and act.class_names[0] == "action_0"
+    assert load_celebvhq(tmp_path, "train", "action", data_ratio=0.67).keys == ("a", "b")
+    with pytest.raises(DatasetError, match="leaves none"):
+        load_celebvhq(tmp_path, "train", "action", data_ratio=0.1)
+
+
+def test_celebvhq_unknown_names_and_bad_labels(tmp_path):
+    make_celebvhq(tmp_path)
+    (tmp_path / "val.txt").write_text("a\nnot_a_clip\n")
+    with pytest.raises(DatasetError, match=r"val.txt: 1 name\(s\) not in .*not_a_clip"):
+        load_celebvhq(tmp_path, "val", "appearance")
+    info = json.loads((tmp_path / "celebvhq_info.json").read_text())
+    info["clips"]["a"]["attributes"]["appearance"] = [1, 0]
+    (tmp_path / "celebvhq_info.json").write_text(json.dumps(info))
+    with pytest.raises(DatasetError, match="clip 'a' attributes/appearance must be 40"):
+        load_celebvhq(tmp_path, "train", "appearance")
+    with pytest.raises(DatasetError, match="split file not found"):
+        load_celebvhq(tmp_path / "nowhere", "train", "appearance")
+    (tmp_path / "test.txt").write_text("a\na\n")
+    with pytest.raises(DatasetError, match="duplicate"):
+        read_split_file(tmp_path / "test.txt")
+
+
+def test_missing_video_is_an_error_or_a_counted_skip(tmp_path):
+    make_celebvhq(tmp_path)
+    (tmp_path / "cropped" / "b.mp4").unlink()
+    ls = load_celebvhq(tmp_path, "train", "appearance")
+    with pytest.raises(DatasetError, match=r"1 listed video\(s\) missing.*cropped/b.mp4"):
+        ls.check_videos("error")
+    kept, skipped = ls.check_videos("skip")
+    assert kept.keys == ("a", "c") and list(skipped) == ["b"]
+    np.testing.assert_array_equal(kept.labels, ls.labels[[0, 2]])
+
+
+def test_csv_binary_multiclass_multilabel(tmp_path):
+    (tmp_path / "bin.csv").write_text("path,label\nv/x.mp4,1\nv/y.mp4,0\nv/z.mp4,true\n")
+    b = load_label_file(tmp_path / "bin.csv")
+    assert b.task == "binary" and b.labels.tolist() == [True, False, True]
+    assert b.keys == ("v/x", "v/y", "v/z") and b.num_outputs == 1
+    assert b.video_paths[0] == str(tmp_path / "v" / "x.mp4")
+
+    (tmp_path / "mc.csv").write_text("video,label,split\nx.mp4,happy,train\ny.mp4,sad,val\n"
+                                     "z.mp4,angry,train\n")
+    mc = load_label_file(tmp_path / "mc.csv")
+    assert mc.task == "multiclass" and mc.class_names == ("angry", "happy", "sad")
+    assert mc.labels.tolist() == [1, 2, 0]
+    tr = load_label_file(tmp_path / "mc.csv", split="train", class_names=["sad", "happy", "angry"])
+    assert tr.keys == ("x", "z") and tr.labels.tolist() == [1, 2]
+    with pytest.raises(DatasetError, match=r"unknown class name\(s\).*angry"):
+        load_label_file(tmp_path / "mc.csv", class_names=["happy", "sad"])
+    with pytest.raises(DatasetError, match="no rows with split 'test'"):
+        load_label_file(tmp_path / "mc.csv", split="test")
+
+    (tmp_path / "ml.csv").write_text("path,mouth_open,eyes_closed,smiling\na.mp4,1,0,0\n"
+                                     "b.mp4,0,1,1\n")
+    ml = load_label_file(tmp_path / "ml.csv")
+    assert ml.task == "multilabel" and ml.class_names == ("mouth_open", "eyes_closed", "smiling")
+    assert ml.labels.tolist() == [[True, False, False], [False, True, True]]
+    with pytest.raises(DatasetError, match=r"unknown label column\(s\).*smiling"):
+        load_label_file(tmp_path / "ml.csv", class_names=["mouth_open", "eyes_closed"])
+    (tmp_path / "bad.csv").write_text("path,a,b\nx.mp4,1,maybe\n")
+    with pytest.raises(DatasetError, match="bad.csv: label columns must hold 0/1"):
+        load_label_file(tmp_path / "bad.csv")
+
+
+def test_json_records_mapping_and_label_names(tmp_path):
+    recs = [{"path": "x.mp4", "labels": ["smiling"]},
+            {"path": "y.mp4", "labels": ["smiling", "mouth_open"]}]
+    (tmp_path / "names.json").write_text(json.dumps(recs))
+    ls = load_label_file(tmp_path / "names.json", class_names=["mouth_open", "smiling"])
+    assert ls.task == "multilabel" and ls.labels.tolist() == [[False, True], [True, True]]
+    with pytest.raises(DatasetError, match=r"unknown label name\(s\).*smiling"):
+        load_label_file(tmp_path / "names.json", class_names=["mouth_open"])
+    (tmp_path / "map.json").write_text(json.dumps({"x.mp4": 0, "y.mp4": 1}))
+    assert load_label_file(tmp_path / "map.json").task == "binary"
+    (tmp_path / "vec.json").write_text(json.dumps({"x.mp4": [0, 1, 1], "y.mp4": [1, 0, 0]}))
+    vec = load_label_file(tmp_path / "vec.json")
+    assert vec.labels.shape == (2, 3) and vec.class_names == ("label_0", "label_1", "label_2")
+    (tmp_path / "dup.json").write_text(json.dumps([{"path": "x.mp4", "label": 0},
+                                                   {"path": "./x.mp4", "label": 1}]))
+    with pytest.raises(DatasetError, match="duplicate samples"):
+        load_label_file(tmp_path / "dup.json")
+    with pytest.raises(DatasetError, match="label file not found"):
+        load_label_file(tmp_path / "nope.csv")
+
+
+def _labelset(keys, task="binary"):
+    return LabelSet(tuple(keys), np.arange(len(keys)) % 2 == 0, task, ("y",),
+                    tuple(f"/v/{k}.mp4" for k in keys), source="test")
+
+
+def test_feature_reduction_and_bad_feature_files(tmp_path):
+    rng = np.random.default_rng(0)
+    feats = {k: rng.normal(size=(t, 8)).astype(np.float32) for k, t in [("a", 3), ("b", 1)]}
+    for k, v in feats.items():
+        np.save(tmp_path / f"{k}.npy", v)
+    np.save(tmp_path / "empty.npy", np.zeros((0, 8), np.float32))
+    (tmp_path / "failed.error.json").write_text(json.dumps({"error": "boom"}))
+    for red, fn in [("mean", np.mean), ("max", np.max), ("min", np.min)]:
+        fs = load_features(tmp_path, _labelset(["a", "b"]), red)
+        np.testing.assert_allclose(fs.x, np.stack([fn(feats[k], axis=0) for k in "ab"]),
+                                   rtol=1e-6)
+        assert fs.skipped == {}
+    with pytest.raises(DatasetError, match=r"empty.npy: empty feature file"):
+        load_features(tmp_path, _labelset(["a", "empty"]))
+    with pytest.raises(DatasetError, match=r"failed.npy: extraction failed"):
+        load_features(tmp_path, _labelset(["a", "failed"]))
+    with pytest.raises(DatasetError, match=r"gone.npy: feature file not found"):
+        load_features(tmp_path, _labelset(["gone"]))
+    fs = load_features(tmp_path, _labelset(["a", "empty", "b", "gone", "failed"]),
+                       on_error="skip")
+    assert fs.keys == ("a", "b") and sorted(fs.skipped) == ["empty", "failed", "gone"]
+    assert fs.labels.tolist() == [True, True]  # labels follow the kept samples
+    np.save(tmp_path / "wide.npy", np.ones((2, 9), np.float32))
+    with pytest.raises(DatasetError, match="wide.npy: feature width 9, expected 8"):
+        load_features(tmp_path, _labelset(["a", "wide"]))
+    np.save(tmp_path / "nan.npy", np.full((2, 8), np.nan, np.float32))
+    with pytest.raises(DatasetError, match="nan.npy: features must be finite"):
+        load_features(tmp_path, _labelset(["nan"]))
+    with pytest.raises(DatasetError, match="no usable feature file"):
+        load_features(tmp_path, _labelset(["empty"]), on_error="skip")
+    with pytest.raises(ValueError, match="reduction"):
+        reduce_windows(feats["a"], "median")
+
+
+def test_clip_index_sampling_matches_original_rules():
+    rng = np.random.default_rng(0)
+    # short video: all frames, last one repeated ("same" padding)
+    np.testing.assert_array_equal(sample_clip_indices(5, 8, 2, rng), [0, 1, 2, 3, 4, 4, 4, 4])
+    # between clip_frames and clip_frames * rate: rate drops to n // clip_frames
+    idx = sample_clip_indices(20, 8, 3, rng)
+    assert np.all(np.diff(idx) == 2) and idx[-1] < 20
+    # long video: the configured rate, every start possible and in range
+    starts = {int(sample_clip_indices(40, 8, 2, np.random.default_rng(s))[0]) for s in range(400)}
+    assert starts == set(range(40 - 16 + 1))
+
+
+def test_clip_dataset_batches(tmp_path):
+    make_celebvhq(tmp_path, frames=10, size=24)
+    ls = load_celebvhq(tmp_path, "train", "appearance")
+    ds = ClipDataset(ls, clip_frames=4, sample_rate=2, size=16)
+    batches = list(ds.batches(2, shuffle=True, seed=3))
+    assert [b[0].shape for b in batches] == [(2, 4, 16, 16, 3), (1, 4, 16, 16, 3)]
+    assert batches[0][0].dtype == np.uint8 and batches[0][1].shape == (2, 40)
+    again = list(ds.batches(2, shuffle=True, seed=3))
+    for (x1, y1), (x2, y2) in zip(batches, again, strict=True):
+        np.testing.assert_array_equal(x1, x2)
+        np.testing.assert_array_equal(y1, y2)
+    assert len(list(ds.batches(2, shuffle=False, seed=0, drop_last=True))) == 1
