@@ -1,0 +1,334 @@
+"""The grain input pipeline for MARLIN pretraining: one pipeline for one CPU, one GPU or a pod.
+
+Per process::
+
+    range(len(source))[process_index::process_count]      disjoint shards covering the source
+      -> shuffle -> repeat                                  (MapDataset, index-level, cheap)
+      -> random_map(LoadClip)                               decode 16 sampled frames + mask
+      -> batch(global_batch_size // process_count)          uint8 video, bool mask
+      -> to_iter_dataset(threads) [-> mp_prefetch(workers)] prefetch
+      -> error accounting                                   count/log bad records, budget
+
+Batches are ``{"video": uint8 (B, T, H, W, 3), "mask": bool (B, N)}`` (+ ``"labels"`` int32
+``(B, L)`` when the source has labels); normalise to [0, 1] inside the jitted step. The iterator
+is a grain ``DatasetIterator``: ``get_state``/``set_state`` (or orbax with
+``grain.checkpoint.CheckpointSave/CheckpointRestore``) resume it exactly, error counts included.
+
+Bad records (missing/corrupt JPEG, npy, video) are replaced by another record of the same shard
+drawn from the element's own RNG, so batches keep their size and the pipeline stays
+deterministic; each replacement is logged with the file name and counted, and the iterator raises
+:class:`ErrorBudgetError` once more than ``error_budget`` records were skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+
+from marlin_jax.data.records import (
+    BadRecordError,
+    VideoRecord,
+    VideoSource,
+    resize_frames,
+    resize_parsing,
+    sample_frame_indices,
+)
+from marlin_jax.masking import STRATEGIES, make_mask
+from marlin_jax.video_io import VideoReadError
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("synthetic", "ytf", "tfds", "videos")
+
+# Kinds of data issues the pipeline counts. Only "skipped" counts against the error budget.
+SKIPPED = "skipped"  # unreadable record replaced by another one
+SHORT_VIDEO = "short_video"  # fewer than clip_frames * temporal_sample_rate frames
+EMPTY_PARSING = "empty_parsing"  # a slice's parsing map is empty (no face): slice all visible
+NO_PARSING = "no_parsing"  # fasking on a video without parsing maps: uniform random mask
+ISSUE_KINDS = (SKIPPED, SHORT_VIDEO, EMPTY_PARSING, NO_PARSING)
+
+_READ_ERRORS = (BadRecordError, VideoReadError, OSError)
+
+
+class ErrorBudgetError(RuntimeError):
+    """More bad records were skipped than ``data_config.error_budget`` allows."""
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """Every data knob with its default (the original MARLIN YouTube-Faces recipe)."""
+    c = ml_collections.ConfigDict()
+    # Which source: "synthetic" (built-in, no files), "ytf" (original YouTube-Faces layout),
+    # "tfds" (ArrayRecord shards of the youtube_faces_marlin TFDS builder), "videos" (video files).
+    c.source = "synthetic"
+    # ytf: folder with crop_images_DB/, face_parsing_images_DB/, <split>_set.csv.
+    # videos: folder of video files (or with videos/, parsing/, labels.csv, <split>.txt).
+    c.root_dir = ""
+    # videos: folder of <name>.npy parsing maps; "" = <root_dir>/parsing or beside each video.
+    c.parsing_dir = ""
+    c.tfds_name = "youtube_faces_marlin"  # tfds: dataset name
+    c.tfds_data_dir = ""  # tfds: data_dir holding the built dataset (local path or gs://)
+    c.train_split = "train"  # split name the trainer passes to make_dataset for training
+    c.val_split = "val"  # split name for validation
+    c.take_num = 0  # ytf/videos: use only the first N videos of the split (0 = all)
+    c.clip_frames = 16  # frames per clip (T)
+    c.temporal_sample_rate = 2  # stride between sampled frames (smaller for short videos)
+    c.img_size = 224  # frames are resized to img_size x img_size when they differ
+    c.patch_size = 16  # spatial patch size of the tokeniser
+    c.tubelet_size = 2  # temporal patch size of the tokeniser
+    c.mask_strategy = "fasking"  # fasking | fasking_opp | random | tube | frame
+    c.mask_ratio = 0.9  # fraction of tokens masked; visible = int(N * (1 - mask_ratio))
+    c.num_threads = 4  # decoding threads per process (grain ReadOptions)
+    c.num_workers = 0  # > 0: grain multiprocessing workers per process (big hosts win with it)
+    c.worker_buffer_size = 2  # batches buffered per worker process
+    c.prefetch = 4  # batches buffered ahead of the consumer (per process)
+    c.seed = 0  # data seed (shuffle order, temporal starts, masks); combined with make_dataset's
+    c.error_budget = 100  # skipped bad records tolerated per process before failing
+    c.max_retries = 16  # replacement records tried for one bad record before failing
+    c.drop_remainder = True  # drop the last partial batch (only matters with repeat=False)
+    c.synthetic_num_videos = 512  # synthetic: videos per split
+    c.synthetic_num_frames = 32  # synthetic: frames per rendered video
+    c.synthetic_seed = 0  # synthetic: rendering seed
+    return c
+
+
+def make_source(data_config: ml_collections.ConfigDict, split: str) -> VideoSource:
+    """The random-access source named by ``data_config.source`` for ``split``."""
+    c = data_config
+    take = c.take_num or None
+    if c.source == "synthetic":
+        from marlin_jax.data.synthetic_source import SyntheticSource
+
+        return SyntheticSource(c.synthetic_num_videos, split=split,
+                               num_frames=c.synthetic_num_frames, size=c.img_size,
+                               seed=c.synthetic_seed)
+    if not (c.root_dir or (c.source == "tfds" and c.tfds_data_dir)):
+        raise ValueError(f"data source {c.source!r} needs data_config.root_dir"
+                         + (" or tfds_data_dir" if c.source == "tfds" else ""))
+    if c.source == "ytf":
+        from marlin_jax.data.ytf import YtfSource
+
+        return YtfSource(c.root_dir, split=split, take_num=take)
+    if c.source == "tfds":
+        from marlin_jax.data.tfds_source import TfdsSource
+
+        return TfdsSource(c.tfds_data_dir or c.root_dir, split=split, name=c.tfds_name)
+    if c.source == "videos":
+        from marlin_jax.data.videos import VideoFileSource
+
+        return VideoFileSource(c.root_dir, split=split, parsing_dir=c.parsing_dir or None,
+                               take_num=take)
+    raise ValueError(f"unknown data source {c.source!r}; expected one of {SOURCES}")
+
+
+class LoadClip:
+    """grain random map: global source index -> one clip, its mask and its issues.
+
+    Returns ``{"video": uint8 (T, S, S, 3), "mask": bool (N,), ["labels": int32 (L,)],
+    "_issues": [(kind, message), ...]}``. A bad record is replaced by a random record of the same
+    shard (``shard_offset + shard_stride * k``), at most ``max_retries`` times.
+    """
+
+    def __init__(self, source: VideoSource, *, clip_frames: int, temporal_sample_rate: int,
+                 img_size: int, patch_size: int, tubelet_size: int, mask_strategy: str,
+                 mask_ratio: float, shard_offset: int = 0, shard_stride: int = 1,
+                 max_retries: int = 16):
+        if mask_strategy not in STRATEGIES:
+            raise ValueError(f"unknown mask_strategy {mask_strategy!r}; expected one of "
+                             f"{STRATEGIES}")
+        if clip_frames % tubelet_size or img_size % patch_size:
+            raise ValueError(f"clip_frames {clip_frames} / img_size {img_size} must be multiples "
+                             f"of tubelet_size {tubelet_size} / patch_size {patch_size}")
+        self.source = source
+        self.clip_frames = clip_frames
+        self.rate = temporal_sample_rate
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.tubelet_size = tubelet_size
+        self.strategy = mask_strategy
+        self.mask_ratio = mask_ratio
+        self.grid = (clip_frames // tubelet_size, img_size // patch_size, img_size // patch_size)
+        self.shard_offset = shard_offset
+        self.shard_stride = shard_stride
+        self.shard_len = len(range(shard_offset, len(source), shard_stride))
+        self.max_retries = max_retries
+        self.with_labels = bool(getattr(source, "has_labels", False))
+
+    def __call__(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
+        issues: list[tuple[str, str]] = []
+        index = int(index)
+        for _ in range(self.max_retries + 1):
+            try:
+                return self._load(self.source[index], rng, issues)
+            except _READ_ERRORS as e:
+                issues.append((SKIPPED, str(e)))
+                index = self.shard_offset + self.shard_stride * int(rng.integers(self.shard_len))
+        raise ErrorBudgetError(
+            f"{self.max_retries + 1} records in a row were unreadable; last: {issues[-1][1]}")
+
+    def _load(self, record: VideoRecord, rng: np.random.Generator,
+              issues: list[tuple[str, str]]) -> dict[str, Any]:
+        n = record.num_frames
+        if n < self.clip_frames * self.rate:
+            how = "padded" if n <= self.clip_frames else f"stride {n // self.clip_frames}"
+            issues.append((SHORT_VIDEO, f"{record.name}: {n} frames < "
+                                        f"{self.clip_frames * self.rate} ({how})"))
+        idx = sample_frame_indices(n, self.clip_frames, self.rate, rng)
+        video = np.asarray(record.read_frames(idx))
+        if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
+            raise BadRecordError(f"{record.name}: frames must be uint8 (T, H, W, 3), got "
+                                 f"{video.dtype} {video.shape}")
+        video = resize_frames(video, self.img_size)
+        parsing = None
+        if self.strategy in ("fasking", "fasking_opp"):
+            # one map per tubelet slice: the slice's first frame, as the original
+            slice_idx = idx[:: self.tubelet_size]
+            if record.read_parsing is None:
+                issues.append((NO_PARSING, f"{record.name}: no parsing maps; random mask"))
+                parsing = [np.zeros((0,), np.uint8)] * len(slice_idx)
+            else:
+                parsing = [resize_parsing(p, self.img_size)
+                           for p in record.read_parsing(slice_idx)]
+                empty = sum(p.size == 0 for p in parsing)
+                if empty:
+                    issues.append((EMPTY_PARSING, f"{record.name}: {empty} of {len(parsing)} "
+                                                  f"slice parsing maps empty (kept visible)"))
+        try:
+            mask = make_mask(self.strategy, self.mask_ratio, rng, parsing=parsing,
+                             grid=self.grid, patch_size=self.patch_size,
+                             tubelet_size=self.tubelet_size)
+        except ValueError as e:
+            raise BadRecordError(f"{record.name}: cannot build a mask: {e}") from e
+        out = {"video": np.ascontiguousarray(video), "mask": mask, "_issues": issues}
+        if self.with_labels:
+            labels = record.labels
+            out["labels"] = np.asarray(labels if labels is not None else [], np.int32)
+        return out
+
+
+def collate(elements: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stacks arrays along a new batch axis and concatenates the ``_issues`` lists."""
+    batch = {k: np.stack([e[k] for e in elements]) for k in elements[0] if k != "_issues"}
+    batch["_issues"] = [i for e in elements for i in e["_issues"]]
+    return batch
+
+
+class _IssueLog:
+    """Logs the first few issues of each kind, then every 1000th (skips: always)."""
+
+    first = 5
+
+    @staticmethod
+    def emit(kind: str, count: int, message: str) -> None:
+        if kind == SKIPPED:
+            log.warning("data: skipped bad record (%d so far): %s", count, message)
+        elif count <= _IssueLog.first or count % 1000 == 0:
+            log.info("data: %s #%d: %s", kind, count, message)
+
+
+class AccountingIterator(grain.DatasetIterator):
+    """Pops ``_issues`` from each batch, counts and logs them, enforces the error budget.
+
+    The counts are part of the iterator state, so a restored run keeps its budget. ``stats``
+    returns them: ``{kind: count}`` for :data:`ISSUE_KINDS`.
+    """
+
+    def __init__(self, parent: grain.DatasetIterator, error_budget: int):
+        super().__init__(parent)
+        self._budget = error_budget
+        self._counts = dict.fromkeys(ISSUE_KINDS, 0)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return dict(self._counts)
+
+    def __next__(self) -> dict[str, Any]:
+        batch = dict(next(self._parent))
+        for kind, message in batch.pop("_issues", ()):
+            self._counts[kind] = self._counts.get(kind, 0) + 1
+            _IssueLog.emit(kind, self._counts[kind], message)
+            if kind == SKIPPED and self._counts[kind] > self._budget:
+                raise ErrorBudgetError(
+                    f"{self._counts[kind]} bad records skipped, more than the error budget of "
+                    f"{self._budget} (data_config.error_budget); last: {message}")
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {"parent": self._parent.get_state(), "issues": dict(self._counts)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._counts = {**dict.fromkeys(ISSUE_KINDS, 0),
+                        **{k: int(v) for k, v in state["issues"].items()}}
+
+
+class AccountingIterDataset(grain.IterDataset):
+    """IterDataset whose iterator is an :class:`AccountingIterator`."""
+
+    def __init__(self, parent: grain.IterDataset, error_budget: int):
+        super().__init__(parent)
+        self._error_budget = error_budget
+
+    def __iter__(self) -> AccountingIterator:
+        return AccountingIterator(self._parent.__iter__(), self._error_budget)
+
+    def __str__(self) -> str:
+        return f"AccountingIterDataset(error_budget={self._error_budget})"
+
+
+def _derive_seed(*parts: int) -> int:
+    """A 32-bit seed from integers (grain seeds must fit in uint32)."""
+    return int(np.random.SeedSequence([int(p) % (1 << 63) for p in parts])
+               .generate_state(1, np.uint32)[0])
+
+
+def make_dataset(data_config: ml_collections.ConfigDict, *, split: str, global_batch_size: int,
+                 process_index: int = 0, process_count: int = 1, seed: int = 0,
+                 shuffle: bool = True, repeat: bool = True,
+                 source: VideoSource | None = None) -> AccountingIterDataset:
+    """This process's pipeline (see the module docstring); ``iter()`` gives a checkpointable
+    iterator of batches of ``global_batch_size // process_count`` clips.
+
+    Args:
+      data_config: see :func:`default_data_config`.
+      split: the source's split name (e.g. ``data_config.train_split``).
+      global_batch_size: clips per step over all processes; divisible by ``process_count``.
+      process_index / process_count: ``jax.process_index()`` / ``jax.process_count()``.
+      seed: combined with ``data_config.seed`` (shuffle order, temporal starts, masks).
+      shuffle / repeat: shuffle each epoch; repeat forever (else one pass).
+      source: use this source instead of building one from ``data_config`` (tests, custom data).
+    """
+    c = data_config
+    if global_batch_size % process_count:
+        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by "
+                         f"process_count {process_count}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    source = make_source(c, split) if source is None else source
+    if len(source) < process_count:
+        raise ValueError(f"{source!r} has {len(source)} videos, fewer than the "
+                         f"{process_count} processes")
+    transform = LoadClip(
+        source, clip_frames=c.clip_frames, temporal_sample_rate=c.temporal_sample_rate,
+        img_size=c.img_size, patch_size=c.patch_size, tubelet_size=c.tubelet_size,
+        mask_strategy=c.mask_strategy, mask_ratio=c.mask_ratio, shard_offset=process_index,
+        shard_stride=process_count, max_retries=c.max_retries)
+
+    ds = grain.MapDataset.range(len(source))[process_index::process_count]
+    if shuffle:
+        ds = ds.shuffle(seed=_derive_seed(c.seed, seed, 1))
+    if repeat:
+        ds = ds.repeat()
+    ds = ds.random_map(transform, seed=_derive_seed(c.seed, seed, 2, process_index))
+    ds = ds.batch(global_batch_size // process_count, drop_remainder=c.drop_remainder,
+                  batch_fn=collate)
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, c.num_threads),
+                                                 prefetch_buffer_size=max(1, c.prefetch)))
+    if c.num_workers > 0:
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=c.num_workers, per_worker_buffer_size=max(1, c.worker_buffer_size)))
+    return AccountingIterDataset(it_ds, error_budget=c.error_budget)
