@@ -1,0 +1,294 @@
+"""Token masks for MARLIN pretraining, with exactly the original's semantics.
+
+A 16-frame 224x224 clip is cut into ``grid = (8, 14, 14)`` tubelets (2 frames x 16 x 16 pixels),
+so ``N = 1568`` tokens in (t, h, w) order. A mask is bool ``(N,)`` with True = visible, and holds
+exactly :func:`num_visible` ``= int(N * (1 - mask_ratio))`` visible tokens, so that batches stack.
+
+Strategies (``YoutubeFace.__getitem__`` / ``gen_mask`` of ControlNet/MARLIN ``dataset/youtube_face.py``):
+
+``fasking`` / ``fasking_opp``
+    Uses the LaPa face-parsing map of the first frame of each tubelet slice (labels: 0 background,
+    1 skin, 2/3 brows, 4/5 eyes, 6 nose, 7 upper lip, 8 inner mouth, 9 lower lip, 10 hair).
+    The labels are grouped as :data:`SEG_GROUPS` ``= [[2,4], [3,5], [6], [7,8,9], [10], [1], [0]]``
+    and a *keep queue* of group indices is drawn once per clip: ``[6, 5, perm(5)]`` for fasking
+    (keep background, then skin, then the facial components in random order visible, i.e. *mask the
+    facial components first*) and ``[perm(5), 5, 6]`` for fasking_opp. Walking the queue, each
+    label's 16x16 max-pooled region is OR-ed into the slice's visible set, and the walk stops right
+    after the first *label* (not group) that lifts the slice's visible fraction to ``1 - mask_ratio``
+    (compared in float32, as the original's torch tensors). A slice whose parsing map is empty
+    (the original's ``(0, 224, 224)`` npy for "no face found") is all visible.
+``random``
+    All tokens visible before the exact-count step: a uniform random subset.
+``tube``
+    One ``(gh, gw)`` mask with ``ceil(gh * gw * keep)`` visible tokens, repeated over time.
+``frame``
+    ``ceil(gt * keep)`` whole time slices visible.
+
+Exact-count step (all strategies): visible tokens are dropped uniformly at random
+(``rng.choice(visible, excess, replace=False)``) down to exactly ``int(N * keep)``. For tube and
+frame the ceil above can leave up to ``gt`` (tube) or ``gh * gw`` (frame) extra tokens, so those
+masks are *almost* constant over time / whole-slice, exactly as the original.
+
+Queue exhausted below the target: a slice whose queue runs out keeps every patch touching a label
+in 0..10, which for a LaPa map (every pixel labelled 0..10) is every patch, so it cannot happen on
+valid maps. With out-of-range labels the clip may end up with fewer visible tokens than the
+target; the original then crashes in ``np.random.choice`` (negative size). We mirror that by
+raising a ValueError that says so.
+
+Random draws, in the original's order (so a transcription with the same Generator matches bit for
+bit): fasking ``rng.permutation(5)``; tube / frame one ``rng.choice``; then the exact-count
+``rng.choice``. Pure numpy; the fasking path is vectorised with per-patch label bit sets.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+STRATEGIES = ("fasking", "fasking_opp", "random", "tube", "frame")
+
+NUM_LABELS = 11
+"""LaPa classes 0..10."""
+
+LABEL_NAMES = (
+    "background", "skin", "left_eyebrow", "right_eyebrow", "left_eye", "right_eye", "nose",
+    "upper_lip", "inner_mouth", "lower_lip", "hair",
+)  # fmt: skip
+
+SEG_GROUPS: tuple[tuple[int, ...], ...] = ((2, 4), (3, 5), (6,), (7, 8, 9), (10,), (1,), (0,))
+"""The original's ``YoutubeFace.seg_groups``; keep queues index into this tuple."""
+
+SKIN_GROUP = 5
+BACKGROUND_GROUP = 6
+
+_OTHER_BIT = 15  # labels outside 0..10 map to bits 11..15: present in a patch, in no group
+
+ParsingInput = np.ndarray | Sequence[np.ndarray]
+
+
+def _check_ratio(mask_ratio: float) -> float:
+    ratio = float(mask_ratio)
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio!r}")
+    return ratio
+
+
+def num_visible(mask_ratio: float, num_tokens: int) -> int:
+    """Visible tokens per sample: ``int(num_tokens * (1 - mask_ratio))`` (the original's rounding)."""
+    ratio = _check_ratio(mask_ratio)
+    if num_tokens < 1:
+        raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+    return int(num_tokens * (1 - ratio))
+
+
+def keep_queue(strategy: str, rng: np.random.Generator) -> np.ndarray:
+    """The per-clip order of :data:`SEG_GROUPS` indices kept visible (one ``rng.permutation(5)``).
+
+    fasking: ``[6, 5, perm(5)]`` (background, skin, then components); fasking_opp:
+    ``[perm(5), 5, 6]``. Returns int64 ``(7,)``.
+    """
+    if strategy not in ("fasking", "fasking_opp"):
+        raise ValueError(f"keep_queue is for 'fasking' / 'fasking_opp', got {strategy!r}")
+    perm = rng.permutation(5)
+    ends = np.array([BACKGROUND_GROUP, SKIN_GROUP])
+    if strategy == "fasking":
+        return np.concatenate([ends, perm])
+    return np.concatenate([perm, ends[::-1]])
+
+
+def label_order(queue: Sequence[int]) -> np.ndarray:
+    """The labels of a keep queue's groups in the order the original ORs them in: int64 ``(L,)``."""
+    return np.array([label for g in queue for label in SEG_GROUPS[int(g)]], dtype=np.int64)
+
+
+def _to_uint8_labels(maps: np.ndarray) -> np.ndarray:
+    """Integer label maps as uint8; labels outside 0..255 become 255 (an out-of-range label)."""
+    if maps.dtype == np.uint8:
+        return maps
+    if not np.issubdtype(maps.dtype, np.integer):
+        raise ValueError(f"parsing maps must hold integer labels, got dtype {maps.dtype}")
+    if maps.size and (maps.min() < 0 or maps.max() > 255):
+        maps = np.where((maps < 0) | (maps > 255), 255, maps)
+    return maps.astype(np.uint8)
+
+
+def patch_label_bits(maps: np.ndarray, patch_size: int = 16) -> np.ndarray:
+    """Which labels occur in each ``patch_size`` patch, as bit sets.
+
+    maps: integer ``(S, H, W)`` with H, W multiples of ``patch_size``. Returns uint16
+    ``(S, H // p, W // p)`` where bit ``l`` is set iff label ``l`` in 0..10 occurs in the patch
+    (the original's ``max_pool2d(parsing == l, p)``); a bit in 11..15 marks some other label.
+    """
+    maps = _to_uint8_labels(np.asarray(maps))
+    if maps.ndim != 3:
+        raise ValueError(f"maps must be (S, H, W), got shape {maps.shape}")
+    s, h, w = maps.shape
+    if h % patch_size or w % patch_size:
+        raise ValueError(f"map size {h}x{w} is not a multiple of patch_size {patch_size}")
+    if maps.size and maps.max() > _OTHER_BIT:
+        maps = np.minimum(maps, _OTHER_BIT)
+    bits = np.left_shift(np.uint16(1), maps, dtype=np.uint16)
+    # OR over the patch rows first (long contiguous runs), then over the patch columns
+    rows = np.bitwise_or.reduce(bits.reshape(s * (h // patch_size), patch_size, w), axis=1)
+    return np.bitwise_or.reduce(
+        rows.reshape(s, h // patch_size, w // patch_size, patch_size), axis=3
+    )
+
+
+def region_patch_masks(parsing_slice: np.ndarray, patch_size: int = 16) -> np.ndarray:
+    """Per-label patch masks of one parsing map ``(H, W)``: bool ``(11, H // p, W // p)``.
+
+    ``out[l]`` is the 16x16 max-pool of ``parsing_slice == l`` (True where a patch touches label l).
+    """
+    parsing_slice = np.asarray(parsing_slice)
+    if parsing_slice.ndim != 2:
+        raise ValueError(f"parsing_slice must be (H, W), got shape {parsing_slice.shape}")
+    bits = patch_label_bits(parsing_slice[None], patch_size)[0]
+    return (bits[None] >> np.arange(NUM_LABELS, dtype=np.uint16)[:, None, None]) & 1 == 1
+
+
+def fasking_slice_masks(
+    maps: np.ndarray,
+    queue: Sequence[int],
+    keep_fraction: float,
+    patch_size: int = 16,
+    empty: np.ndarray | None = None,
+) -> np.ndarray:
+    """Per-slice visible patches of fasking, *before* the exact-count step.
+
+    maps: integer ``(S, H, W)``, one parsing map per tubelet slice; queue: group indices (see
+    :func:`keep_queue`); keep_fraction: ``1 - mask_ratio``; empty: optional bool ``(S,)`` marking
+    slices without a parsing map (all visible). Returns bool ``(S, H // p, W // p)``.
+    """
+    bits = patch_label_bits(maps, patch_size)
+    s, gh, gw = bits.shape
+    bits = bits.reshape(s, gh * gw)
+    labels = label_order(queue)
+    if labels.size == 0:
+        raise ValueError("keep queue is empty")
+    prefix = np.bitwise_or.accumulate(np.left_shift(np.uint16(1), labels.astype(np.uint16)))
+    visible = (bits[:, None, :] & prefix[None, :, None]) != 0  # (S, L, P) after each label
+    # torch: float32 mean of the 0/1 patch mask >= python float, compared in float32
+    frac = visible.sum(-1).astype(np.float32) / np.float32(gh * gw)
+    reached = frac >= np.float32(keep_fraction)
+    stop = np.where(reached.any(1), reached.argmax(1), labels.size - 1)
+    out = visible[np.arange(s), stop]
+    if empty is not None:
+        out[np.asarray(empty, dtype=bool)] = True
+    return out.reshape(s, gh, gw)
+
+
+def _slice_maps(
+    parsing: ParsingInput, grid: tuple[int, int, int], patch_size: int, tubelet_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The first frame's parsing map of each tubelet slice: ``(maps (gt, H, W), empty (gt,))``.
+
+    Accepts an integer array ``(T, H, W)`` / ``(T, F, H, W)`` (F faces as the original's npy,
+    face 0 used, F == 0 meaning no face) or a sequence of T per-frame arrays, each ``(H, W)``,
+    ``(F, H, W)`` or empty. T is ``gt * tubelet_size`` (slice t reads frame t * tubelet_size) or
+    ``gt`` (one map per slice already).
+    """
+    gt, gh, gw = grid
+    hw = (gh * patch_size, gw * patch_size)
+    n = len(parsing)
+    if n == gt * tubelet_size:
+        step = tubelet_size
+    elif n == gt:
+        step = 1
+    else:
+        raise ValueError(
+            f"parsing has {n} frames; expected {gt * tubelet_size} (clip frames) or {gt} "
+            f"(one per tubelet slice) for grid {grid}, tubelet_size {tubelet_size}"
+        )
+    if isinstance(parsing, np.ndarray):
+        if parsing.ndim == 4:
+            if parsing.shape[1] == 0:
+                return np.zeros((gt, *hw), np.uint8), np.ones(gt, bool)
+            parsing = parsing[:, 0]
+        if parsing.ndim != 3 or parsing.shape[1:] != hw:
+            raise ValueError(
+                f"parsing must be (T, {hw[0]}, {hw[1]}) or (T, F, {hw[0]}, {hw[1]}) for grid "
+                f"{grid} and patch_size {patch_size}, got shape {parsing.shape}"
+            )
+        return _to_uint8_labels(parsing[::step]), np.zeros(gt, bool)
+    maps = np.zeros((gt, *hw), np.uint8)
+    empty = np.zeros(gt, bool)
+    for t in range(gt):
+        frame = np.asarray(parsing[t * step])
+        if frame.size == 0:
+            empty[t] = True
+            continue
+        if frame.ndim == 3:
+            frame = frame[0]
+        if frame.shape != hw:
+            raise ValueError(
+                f"parsing map of frame {t * step} has shape {frame.shape}; expected {hw} "
+                f"(optionally with a leading face axis) for grid {grid}, patch_size {patch_size}"
+            )
+        maps[t] = _to_uint8_labels(frame)
+    return maps, empty
+
+
+def _drop_to(mask: np.ndarray, target: int, rng: np.random.Generator, what: str) -> np.ndarray:
+    """Drops visible entries of a flat mask uniformly at random down to exactly ``target``."""
+    visible = np.flatnonzero(mask)
+    excess = visible.size - target
+    if excess < 0:
+        raise ValueError(
+            f"{what}: only {visible.size} visible tokens before the exact-count step, fewer than "
+            f"the {target} required (parsing labels outside 0..10 cover too much of the clip; "
+            "the original MARLIN crashes here too)"
+        )
+    mask[rng.choice(visible, excess, replace=False)] = False
+    return mask
+
+
+def make_mask(
+    strategy: str,
+    mask_ratio: float,
+    rng: np.random.Generator,
+    parsing: ParsingInput | None = None,
+    grid: tuple[int, int, int] = (8, 14, 14),
+    patch_size: int = 16,
+    tubelet_size: int = 2,
+) -> np.ndarray:
+    """One clip's token mask: bool ``(gt * gh * gw,)``, True = visible, (t, h, w) order.
+
+    Exactly ``int(N * (1 - mask_ratio))`` entries are True. ``parsing`` (fasking strategies only,
+    required there) holds the clip's LaPa maps: uint8 ``(T, H, W)`` for the T = gt * tubelet_size
+    sampled frames (slice t reads frame t * tubelet_size), or only the gt slice-first maps, or a
+    sequence of per-frame arrays where an empty array means "no face" (slice all visible).
+    Deterministic given ``rng``; see the module docstring for the exact semantics.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown mask strategy {strategy!r}; expected one of {STRATEGIES}")
+    ratio = _check_ratio(mask_ratio)
+    if len(grid) != 3 or min(grid) < 1:
+        raise ValueError(f"grid must be three positive ints (gt, gh, gw), got {grid}")
+    if patch_size < 1 or tubelet_size < 1:
+        raise ValueError(f"patch_size and tubelet_size must be >= 1, got {patch_size}, {tubelet_size}")
+    gt, gh, gw = (int(g) for g in grid)
+    per_slice = gh * gw
+    keep = 1 - ratio
+    target = num_visible(ratio, gt * per_slice)
+
+    if strategy in ("fasking", "fasking_opp"):
+        if parsing is None:
+            raise ValueError(
+                f"strategy {strategy!r} needs the clip's face-parsing maps (parsing=None given); "
+                "use 'random' for clips without parsing maps"
+            )
+        maps, empty = _slice_maps(parsing, (gt, gh, gw), patch_size, tubelet_size)
+        queue = keep_queue(strategy, rng)
+        mask = fasking_slice_masks(maps, queue, keep, patch_size, empty).reshape(-1)
+    elif strategy == "tube":
+        tube = _drop_to(np.ones(per_slice, bool), math.ceil(per_slice * keep), rng, "tube")
+        mask = np.tile(tube, gt)
+    elif strategy == "frame":
+        frames = _drop_to(np.ones(gt, bool), math.ceil(gt * keep), rng, "frame")
+        mask = np.repeat(frames, per_slice)
+    else:
+        mask = np.ones(gt * per_slice, bool)
+    return _drop_to(mask, target, rng, strategy)
