@@ -1,0 +1,188 @@
+"""Device meshes and parameter partitioning (big_vision / maxtext style), generic over models.
+
+A mesh has the named axes ``data``, ``fsdp`` and ``tensor`` (sizes from the config, ``-1`` =
+all remaining devices). Batches are split over ``data x fsdp``; parameters and optimizer state
+are FSDP-sharded over ``fsdp`` and tensor-parallel over ``tensor`` according to a short table of
+``(regex on the parameter path, PartitionSpec)`` rules. Paths are ``/``-joined pytree keys, e.g.
+``encoder/blocks/3/attn/qkv/kernel``; optimizer states contain the same paths as suffixes, so one
+table shards both. A rule whose axes do not divide a dimension falls back to replicating that
+dimension, so the same table works for any model size and mesh.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
+BATCH_AXES: tuple[str, ...] = ("data", "fsdp")
+
+Rules = Sequence[tuple[str, P]]
+
+# First match wins; `re.search` on the parameter path. Kernels are (in, out) for Linear layers.
+# Attention heads and MLP hidden units are split over `tensor` (Megatron: column-parallel qkv/fc1,
+# row-parallel proj/fc2); the other big dimension of each matrix is FSDP-sharded.
+MARLIN_RULES: tuple[tuple[str, P], ...] = (
+    (r"patch_embedding/projection/kernel$", P(None, None, None, None, "fsdp")),  # (pt,ph,pw,C,D)
+    (r"attn/qkv/kernel$", P("fsdp", "tensor")),
+    (r"attn/(q_bias|v_bias)$", P("tensor")),
+    (r"attn/proj/kernel$", P("tensor", "fsdp")),
+    (r"mlp/fc1/kernel$", P("fsdp", "tensor")),
+    (r"mlp/fc1/bias$", P("tensor")),
+    (r"mlp/fc2/kernel$", P("tensor", "fsdp")),
+    (r"enc_dec_proj/kernel$", P("fsdp", None)),
+    (r"decoder/head/kernel$", P(None, "fsdp")),
+    (r"discriminator/layers/0/kernel$", P("fsdp", "tensor")),
+    (r"discriminator/layers/0/bias$", P("tensor")),
+    (r"discriminator/layers/1/kernel$", P("tensor", None)),
+    (r"(fc_norm|head)/kernel$", P("fsdp", None)),  # classification heads (fine-tuning)
+    (r".*", P()),  # norms, biases, mask token, scalars: replicated
+)
+
+
+def resolve_mesh_shape(axes: Mapping[str, int], num_devices: int) -> dict[str, int]:
+    """Resolves a ``{axis: size}`` mapping where one size may be ``-1`` ("the rest")."""
+    sizes = {name: int(size) for name, size in axes.items()}
+    unknown = [name for name, size in sizes.items() if size == -1]
+    if len(unknown) > 1:
+        raise ValueError(f"mesh: only one axis may be -1, got {sizes}")
+    if any(size == 0 or size < -1 for size in sizes.values()):
+        raise ValueError(f"mesh: axis sizes must be positive or -1, got {sizes}")
+    known = math.prod(size for size in sizes.values() if size != -1)
+    if unknown:
+        if num_devices % known:
+            raise ValueError(f"mesh {sizes}: {num_devices} devices are not divisible by {known}")
+        sizes[unknown[0]] = num_devices // known
+    if math.prod(sizes.values()) != num_devices:
+        raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, "
+                         f"but {num_devices} are available")
+    return sizes
+
+
+def make_mesh(axes: Mapping[str, int] | None = None,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh with axes (data, fsdp, tensor); missing axes have size 1, ``-1`` = the rest.
+
+    Uses ``jax.make_mesh`` (topology-aware device order on GPU/TPU) when all devices are used.
+    """
+    axes = dict(axes or {"data": -1})
+    extra = sorted(set(axes) - set(MESH_AXES))
+    if extra:
+        raise ValueError(f"mesh: unknown axes {extra}; expected a subset of {MESH_AXES}")
+    ordered = {name: axes.get(name, 1) for name in MESH_AXES}
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = resolve_mesh_shape(ordered, len(devices))
+    shape = tuple(sizes[name] for name in MESH_AXES)
+    if len(devices) == jax.device_count():
+        try:
+            return jax.make_mesh(shape, MESH_AXES, devices=devices)
+        except (TypeError, ValueError):
+            pass
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def path_str(path: Sequence[Any]) -> str:
+    """A pytree key path as ``a/b/0/c`` (dict keys, sequence indices, attribute names)."""
+    parts = []
+    for key in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def _axis_size(mesh: Mesh, axis: str | tuple[str, ...] | None) -> int:
+    if axis is None:
+        return 1
+    names = (axis,) if isinstance(axis, str) else axis
+    return math.prod(mesh.shape[n] for n in names)
+
+
+def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+    """``spec`` adapted to an array of ``shape``: too-long specs (e.g. a rule for a kernel hit by a
+    scalar) become replicated, and axes that do not divide their dimension are dropped."""
+    if len(spec) > len(shape):
+        return P()
+    fitted = []
+    for dim, axis in zip(shape, spec, strict=False):
+        size = _axis_size(mesh, axis)
+        fitted.append(axis if size > 1 and dim % size == 0 else None)
+    while fitted and fitted[-1] is None:
+        fitted.pop()
+    return P(*fitted)
+
+
+def spec_for(path: str, shape: Sequence[int], mesh: Mesh, rules: Rules = MARLIN_RULES) -> P:
+    """The PartitionSpec of the first rule whose regex matches ``path`` (fitted to ``shape``)."""
+    for pattern, spec in rules:
+        if re.search(pattern, path):
+            return fit_spec(spec, shape, mesh)
+    return P()
+
+
+def tree_shardings(tree: Any, mesh: Mesh, rules: Rules = MARLIN_RULES) -> Any:
+    """NamedShardings for every array leaf of ``tree`` (arrays, ShapeDtypeStructs, nnx.State)."""
+
+    def one(path, leaf):
+        shape = getattr(leaf, "shape", ())
+        return NamedSharding(mesh, spec_for(path_str(path), shape, mesh, rules))
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def shard_tree(tree: Any, mesh: Mesh, rules: Rules = MARLIN_RULES) -> Any:
+    """Places an (addressable, e.g. host numpy) pytree onto ``mesh`` following ``rules``."""
+    return jax.device_put(tree, tree_shardings(tree, mesh, rules))
+
+
+def sharded_init(init_fn: Callable[[], Any], mesh: Mesh, rules: Rules = MARLIN_RULES) -> Any:
+    """Runs ``init_fn`` under jit with the rule shardings as out_shardings, so large parameters
+    are created directly in their shards (works across hosts; nothing is gathered)."""
+    abstract = jax.eval_shape(init_fn)
+    shardings = tree_shardings(abstract, mesh, rules)
+    return jax.jit(init_fn, out_shardings=shardings)()
+
+
+def abstract_with_shardings(tree: Any, mesh: Mesh, rules: Rules = MARLIN_RULES) -> Any:
+    """``jax.ShapeDtypeStruct`` leaves carrying the rule shardings (a restore target)."""
+    shardings = tree_shardings(tree, mesh, rules)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+    """Leading (batch) dimension over data x fsdp, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assembles each process's local batch shard into global arrays sharded over data x fsdp.
+
+    local: ``{name: (B_local, ...)}`` host arrays of this process (its own data shard).
+    Returns ``{name: (B_local * process_count, ...)}`` jax Arrays.
+    """
+    out = {}
+    for name, value in local.items():
+        value = np.asarray(value)
+        out[name] = jax.make_array_from_process_local_data(
+            batch_sharding(mesh, value.ndim), value)
+    return out
+
+
+def batch_divisor(mesh: Mesh) -> int:
+    """The global batch must be a multiple of this (the number of batch shards)."""
+    return _axis_size(mesh, BATCH_AXES)

@@ -1,0 +1,1 @@
+"""MARLIN pretraining: losses, train state, jit-able steps, checkpoints, metrics, trainer loop."""
