@@ -21,6 +21,7 @@ import os
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from marlin_jax.data.records import (
     BadRecordError,
@@ -44,6 +45,12 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         "Run the MARLIN YouTube-Faces preprocessing, then pass its output folder (holding "
         f"{CROP_DIR}/, {PARSING_DIR}/, train_set.csv, val_set.csv) as the manual dir."
     )
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        # tfds' default probes importlib_resources (absent here, and not a tfds requirement)
+        return epath.Path(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(

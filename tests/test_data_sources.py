@@ -1,0 +1,294 @@
+"""Sources on data the tests write: YouTube-Faces layout, its TFDS build, video files, synthetic,
+and the sample videos; plus temporal sampling and the record helpers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from marlin_jax.data.records import (
+    BadRecordError,
+    decode_parsing_png,
+    encode_parsing_png,
+    load_frame_parsing,
+    sample_frame_indices,
+)
+from marlin_jax.data.videos import VideoFileSource, read_video_frames
+from marlin_jax.data.ytf import YtfSource
+from marlin_jax.video_io import read_frames, write_video
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def frame_image(video: int, frame: int, size: int) -> np.ndarray:
+    """A JPEG-robust test frame: flat colour encoding (video, frame), uint8 (size, size, 3) RGB."""
+    img = np.empty((size, size, 3), np.uint8)
+    img[..., 0] = 7 * frame % 256
+    img[..., 1] = 16 * video % 256
+    img[..., 2] = 128
+    return img
+
+
+def parsing_map(size: int, shift: int = 0) -> np.ndarray:
+    """A LaPa-like map: background border, skin oval, eyes, nose, mouth, hair. uint8 (H, W)."""
+    yy, xx = np.mgrid[:size, :size] / size
+    m = np.zeros((size, size), np.uint8)
+    m[((yy - 0.5) ** 2 + (xx - 0.5) ** 2) < 0.16] = 1
+    m[yy < 0.15] = 10
+    m[(np.abs(yy - 0.4) < 0.05) & (np.abs(xx - 0.35) < 0.07)] = 4
+    m[(np.abs(yy - 0.4) < 0.05) & (np.abs(xx - 0.65) < 0.07)] = 5
+    m[(np.abs(yy - 0.55) < 0.06) & (np.abs(xx - 0.5) < 0.04)] = 6
+    m[(np.abs(yy - 0.72 - 0.01 * shift) < 0.04) & (np.abs(xx - 0.5) < 0.12)] = 8
+    return m
+
+
+def write_ytf_tree(root: Path, lengths: dict[str, int], size: int = 64,
+                   split: str = "train") -> Path:
+    """The original MARLIN layout: crop_images_DB/<p>/<i>/%d.jpg, face_parsing_images_DB/.../
+    %d.npy as int64 (1, H, W) (the face parser's format), <split>_set.csv with path,len."""
+    rows = ["path,len"]
+    for v, (rel, n) in enumerate(lengths.items()):
+        cdir, pdir = root / "crop_images_DB" / rel, root / "face_parsing_images_DB" / rel
+        cdir.mkdir(parents=True, exist_ok=True)
+        pdir.mkdir(parents=True, exist_ok=True)
+        for f in range(n):
+            # zero-padded like the original frame names so sorted order is frame order
+            bgr = cv2.cvtColor(frame_image(v, f, size), cv2.COLOR_RGB2BGR)
+            cv2.imwrite(str(cdir / f"{f:04d}.jpg"), bgr)
+            np.save(pdir / f"{f:04d}.npy", parsing_map(size, f)[None].astype(np.int64))
+        rows.append(f"{rel},{n}")
+    (root / f"{split}_set.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+# --------------------------------------------------------------------------- temporal sampling
+
+
+@pytest.mark.parametrize(
+    "n, expect_stride",
+    [(100, 2), (32, 2), (31, 1), (20, 1), (17, 1)],
+)
+def test_sample_frame_indices_stride(n, expect_stride):
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        idx = sample_frame_indices(n, 16, 2, rng)
+        assert idx.shape == (16,)
+        assert (np.diff(idx) == expect_stride).all()
+        assert idx[0] >= 0 and idx[-1] < n
+
+
+def test_sample_frame_indices_pads_short_videos_with_last_frame():
+    idx = sample_frame_indices(5, 16, 2, np.random.default_rng(0))
+    np.testing.assert_array_equal(idx, [0, 1, 2, 3, 4] + [4] * 11)
+    np.testing.assert_array_equal(sample_frame_indices(16, 16, 2, np.random.default_rng(0)),
+                                  np.arange(16))
+
+
+def test_sample_frame_indices_start_is_uniform_over_valid_range():
+    rng = np.random.default_rng(1)
+    starts = {int(sample_frame_indices(40, 16, 2, rng)[0]) for _ in range(400)}
+    assert starts == set(range(40 - 32 + 1))  # torch.randint(0, total - 32 + 1) in the original
+
+
+# --------------------------------------------------------------------------- record helpers
+
+
+def test_parsing_png_roundtrip_and_empty():
+    m = parsing_map(48)
+    np.testing.assert_array_equal(decode_parsing_png(encode_parsing_png(m), "x"), m)
+    assert encode_parsing_png(np.zeros((0, 48, 48), np.uint8)) == b""
+    assert decode_parsing_png(b"", "x").size == 0
+    with pytest.raises(BadRecordError, match="bogus"):
+        decode_parsing_png(b"not a png", "bogus")
+
+
+def test_load_frame_parsing_formats(tmp_path):
+    m = parsing_map(32)
+    np.save(tmp_path / "faces.npy", np.stack([m, 10 - m]).astype(np.int64))
+    np.save(tmp_path / "plain.npy", m)
+    np.save(tmp_path / "noface.npy", np.zeros((0, 32, 32), np.int64))
+    np.save(tmp_path / "float.npy", m.astype(np.float32))
+    (tmp_path / "corrupt.npy").write_bytes(b"\x93NUMPY garbage")
+    np.testing.assert_array_equal(load_frame_parsing(str(tmp_path / "faces.npy")), m)
+    np.testing.assert_array_equal(load_frame_parsing(str(tmp_path / "plain.npy")), m)
+    assert load_frame_parsing(str(tmp_path / "noface.npy")).size == 0
+    for bad, msg in [("float.npy", "integer"), ("corrupt.npy", "corrupt"),
+                     ("missing.npy", "not found")]:
+        with pytest.raises(BadRecordError, match=msg) as e:
+            load_frame_parsing(str(tmp_path / bad))
+        assert bad in str(e.value)
+
+
+# --------------------------------------------------------------------------- YouTube-Faces layout
+
+
+@pytest.fixture
+def ytf_root(tmp_path):
+    return write_ytf_tree(tmp_path / "ytf", {"Ann/0": 40, "Ann/1": 33, "Bob/2": 12})
+
+
+def test_ytf_source_reads_frames_and_first_face_parsing(ytf_root):
+    src = YtfSource(str(ytf_root), "train")
+    assert len(src) == 3 and not src.has_labels
+    rec = src[1]
+    assert rec.name == "Ann/1" and rec.num_frames == 33
+    frames = rec.read_frames([0, 5, 5, 32])
+    assert frames.shape == (4, 64, 64, 3) and frames.dtype == np.uint8
+    want = cv2.cvtColor(cv2.imread(str(ytf_root / "crop_images_DB/Ann/1/0005.jpg")),
+                        cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(frames[1], want)
+    np.testing.assert_array_equal(frames[1], frames[2])
+    assert abs(int(frames[3, ..., 0].mean()) - 7 * 32) <= 3  # frame index encoded in red
+    parsing = rec.read_parsing([3])
+    np.testing.assert_array_equal(parsing[0], parsing_map(64, 3))
+
+
+def test_ytf_source_errors_name_the_file(ytf_root):
+    with pytest.raises(FileNotFoundError, match="val_set.csv"):
+        YtfSource(str(ytf_root), "val")
+    (ytf_root / "crop_images_DB/Ann/0/0002.jpg").write_bytes(b"\xff\xd8 truncated")
+    rec = YtfSource(str(ytf_root), "train")[0]
+    with pytest.raises(BadRecordError, match="Ann/0/0002.jpg"):
+        rec.read_frames([1, 2])
+    os.remove(ytf_root / "face_parsing_images_DB/Ann/0/0004.npy")
+    with pytest.raises(BadRecordError, match="Ann/0/0004.npy: parsing map not found"):
+        rec.read_parsing([4])
+    (ytf_root / "train_set.csv").write_text("path,len\nAnn/0,40\nNobody/9,50\n")
+    with pytest.raises(BadRecordError, match="Nobody/9"):
+        YtfSource(str(ytf_root), "train")[1]
+
+
+# --------------------------------------------------------------------------- TFDS / ArrayRecord
+
+_TFDS_SCRIPT = """
+import sys
+from marlin_jax.data.tfds_source import TfdsSource, build_youtube_faces_marlin
+build_youtube_faces_marlin(sys.argv[1], sys.argv[2])
+src = TfdsSource(sys.argv[2], "train")
+print(len(src), sorted(src[i].name for i in range(len(src))))
+assert "tensorflow" not in sys.modules, "TensorFlow was imported"
+"""
+
+
+def test_tfds_build_and_read_without_tensorflow(ytf_root, tmp_path):
+    # an unreadable video is skipped at build time; everything else round-trips bit-exactly
+    (ytf_root / "train_set.csv").write_text(
+        (ytf_root / "train_set.csv").read_text() + "Ghost/0,60\n")
+    np.save(ytf_root / "face_parsing_images_DB/Bob/2/0003.npy", np.zeros((0, 64, 64), np.int64))
+    data_dir = tmp_path / "tfds"
+    # a fresh interpreter proves neither build nor read imports TensorFlow
+    out = subprocess.run([sys.executable, "-c", _TFDS_SCRIPT, str(ytf_root), str(data_dir)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "3 ['Ann/0', 'Ann/1', 'Bob/2']" in out.stdout
+    assert list(data_dir.glob("youtube_faces_marlin/1.0.0/*.array_record*"))
+
+    from marlin_jax.data.tfds_source import TfdsSource
+
+    tf_src, ytf_src = TfdsSource(str(data_dir), "train"), YtfSource(str(ytf_root), "train")
+    by_name = {tf_src[i].name: tf_src[i] for i in range(len(tf_src))}
+    for i in range(3):
+        a = ytf_src[i]
+        b = by_name[a.name]
+        assert a.num_frames == b.num_frames
+        idx = [0, 3, a.num_frames - 1]
+        np.testing.assert_array_equal(a.read_frames(idx), b.read_frames(idx))
+        for pa, pb in zip(a.read_parsing(idx), b.read_parsing(idx), strict=True):
+            np.testing.assert_array_equal(pa, pb)
+    assert by_name["Bob/2"].read_parsing([3])[0].size == 0  # "no face" survives the build
+
+
+def test_tfds_source_missing_build_is_a_clear_error(tmp_path):
+    from marlin_jax.data.tfds_source import TfdsSource
+
+    with pytest.raises(FileNotFoundError, match="build_youtube_faces_marlin"):
+        TfdsSource(str(tmp_path / "nothing"), "train")
+
+
+# --------------------------------------------------------------------------- video files
+
+
+def _write_videos(root: Path, lengths: dict[str, int], size: int = 32) -> Path:
+    (root / "videos").mkdir(parents=True)
+    (root / "parsing").mkdir()
+    rows = ["name,mouth_open,smiling"]
+    for v, (name, n) in enumerate(lengths.items()):
+        write_video(root / "videos" / f"{name}.mp4",
+                    np.stack([frame_image(v, f, size) for f in range(n)]))
+        np.save(root / "parsing" / f"{name}.npy", np.stack([parsing_map(size, f)
+                                                            for f in range(n)]))
+        rows.append(f"{name},{v % 2},{(v + 1) % 2}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_video_file_source(tmp_path):
+    root = _write_videos(tmp_path / "vids", {"a": 20, "b": 9})
+    src = VideoFileSource(str(root), "train")
+    assert len(src) == 2 and src.has_labels
+    rec = src[0]
+    assert rec.name == "a.mp4" and rec.num_frames == 20
+    np.testing.assert_array_equal(rec.labels, [0, 1])
+    idx = [7, 2, 2, 19]
+    full = read_frames(root / "videos/a.mp4")
+    np.testing.assert_array_equal(rec.read_frames(idx), full[idx])
+    np.testing.assert_array_equal(rec.read_parsing([4])[0], parsing_map(32, 4))
+    (root / "val.txt").write_text("b\n")
+    assert [VideoFileSource(str(root), "val")[0].name] == ["b.mp4"]
+    with pytest.raises(FileNotFoundError, match="test.txt"):
+        VideoFileSource(str(root), "test")
+
+
+def test_video_file_source_bad_files_name_the_file(tmp_path):
+    root = _write_videos(tmp_path / "vids", {"a": 10})
+    (root / "videos" / "broken.mp4").write_bytes(b"\x00" * 64)
+    src = VideoFileSource(str(root), "all")
+    with pytest.raises(BadRecordError, match="broken.mp4"):
+        src[1]
+    with pytest.raises(BadRecordError, match="a.mp4: cannot decode frame 30"):
+        read_video_frames(str(root / "videos/a.mp4"), [30])
+    np.save(root / "parsing" / "a.npy", np.zeros((3, 32, 32), np.uint8))  # wrong length
+    with pytest.raises(BadRecordError, match=r"a.npy: parsing maps must be \(T=10"):
+        src[0].read_parsing([0])
+
+
+@pytest.mark.samples
+def test_video_file_source_on_samples(samples_dir):
+    src = VideoFileSource(str(samples_dir), "all")
+    names = [src[i].name for i in range(len(src))]
+    assert names == ["cropped01.mp4", "cropped04.mp4", "video01.mp4", "video05.mp4"]
+    rec = src[1]
+    assert rec.num_frames == 15 and rec.read_parsing is None and not src.has_labels
+    frames = rec.read_frames([0, 14])
+    assert frames.shape == (2, 224, 224, 3)
+    np.testing.assert_array_equal(frames, read_frames(samples_dir / "cropped04.mp4")[[0, 14]])
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+def test_synthetic_source_records():
+    pytest.importorskip("marlin_jax.data.synthetic")
+    from marlin_jax.data.synthetic_source import SyntheticSource
+
+    src = SyntheticSource(4, "train", num_frames=8, size=32, seed=0)
+    rec = src[2]
+    assert rec.num_frames == 8 and src.has_labels
+    frames = rec.read_frames([1, 3])
+    assert frames.shape == (2, 32, 32, 3) and frames.dtype == np.uint8
+    parsing = rec.read_parsing([1, 3])
+    assert parsing[0].shape == (32, 32) and parsing[0].max() <= 10
+    assert rec.labels.dtype == np.int32
+    again = SyntheticSource(4, "train", num_frames=8, size=32, seed=0)[2]
+    np.testing.assert_array_equal(again.read_frames([1, 3]), frames)
+    val = SyntheticSource(4, "val", num_frames=8, size=32, seed=0)[2]
+    assert val.name != rec.name
+    with pytest.raises(IndexError):
+        src[4]
