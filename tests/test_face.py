@@ -1,0 +1,238 @@
+"""Face detection, cropping and parsing (marlin_jax.face)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from marlin_jax.face import (
+    LAPA_LABELS,
+    PARSER_METHOD,
+    FaceCropper,
+    FaceParser,
+    NoFaceError,
+    crop_square,
+    detect_faces,
+    parse_faces,
+    render_template,
+    square_from_box,
+)
+from marlin_jax.face.crop import fill_missing, smooth_squares
+from marlin_jax.face.parse import CANONICAL_POINTS
+from marlin_jax.video_io import read_frames
+
+FACE_PARTS = (2, 3, 4, 5, 6, 7, 8, 9)
+
+
+def _centroid(mask: np.ndarray) -> np.ndarray:
+    ys, xs = np.nonzero(mask)
+    assert ys.size, "region is empty"
+    return np.array([xs.mean(), ys.mean()])
+
+
+def _jitter(squares: np.ndarray) -> float:
+    """Mean absolute frame-to-frame change of centre and side, in pixels."""
+    return float(np.abs(np.diff(squares, axis=0)).mean())
+
+
+# ---------------------------------------------------------------------------------- pure parts
+
+
+def test_square_from_box_is_the_originals_rule():
+    box = np.array([10.0, 20.0, 50.0, 80.0])  # 40 wide, 60 high
+    np.testing.assert_allclose(square_from_box(box), [30.0, 50.0, 60.0])
+    np.testing.assert_allclose(square_from_box(box, margin=0.25), [30.0, 50.0, 90.0])
+
+
+def test_crop_square_pads_with_zeros_outside_the_frame():
+    frame = np.full((40, 60, 3), 200, np.uint8)
+    crop = crop_square(frame, np.array([5.0, 5.0, 20.0]), size=20)  # square from -5 to 15
+    assert crop.shape == (20, 20, 3) and crop.dtype == np.uint8
+    assert (crop[:4, :4] == 0).all() and (crop[7:, 7:] == 200).all()
+
+
+@pytest.mark.oracle
+def test_crop_square_matches_marlin_pytorch_crop(marlin_pytorch):
+    import cv2
+    from marlin_pytorch.util import crop_with_padding
+
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    for _ in range(20):
+        x1, y1 = rng.uniform(-30, 110), rng.uniform(-30, 80)
+        box = np.array([x1, y1, x1 + rng.uniform(8, 70), y1 + rng.uniform(8, 70)])
+        # the original: centre int((x1+x2)/2), half-side int(max(w, h)/2), pad 0, cv2.resize
+        x, y = int((box[0] + box[2]) / 2), int((box[1] + box[3]) / 2)
+        m = int(max(box[2] - box[0], box[3] - box[1]) / 2)
+        ref = cv2.resize(crop_with_padding(frame, x - m, x + m, y - m, y + m, 0), (224, 224))
+        np.testing.assert_array_equal(crop_square(frame, square_from_box(box), 224), ref)
+
+
+def test_fill_missing_reuses_last_box_and_first_box_for_leading_misses():
+    values = np.arange(6, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
+    found = np.array([False, False, True, False, True, False])
+    np.testing.assert_array_equal(fill_missing(values, found)[:, 0], [2, 2, 2, 2, 4, 4])
+
+
+def test_smoothing_reduces_jitter_of_a_noisy_track():
+    rng = np.random.default_rng(1)
+    t = np.arange(200, dtype=np.float32)
+    clean = np.stack([100 + 0.2 * t, 80 + 0.1 * t, np.full_like(t, 120)], axis=1)
+    noisy = clean + rng.normal(0, 3, clean.shape).astype(np.float32)
+    noisy[50] += 60  # a one-frame outlier (a false detection)
+    smooth = smooth_squares(noisy, sigma=2.0)
+    assert _jitter(smooth) < 0.25 * _jitter(noisy)
+    assert np.abs(smooth - clean).max() < 6  # the outlier is gone, the motion is kept
+    np.testing.assert_array_equal(smooth_squares(noisy, sigma=0), noisy)
+
+
+def test_template_layout_of_a_canonical_face():
+    # the canonical points scaled into a 224 crop: regions in anatomical order, subject's right
+    # (labels 2, 4) on the image's left
+    maps = render_template(CANONICAL_POINTS * 2.0, 224)
+    assert maps.shape == (224, 224) and maps.dtype == np.uint8
+    assert set(np.unique(maps)) == set(range(len(LAPA_LABELS)))
+    c = {label: _centroid(maps == label) for label in range(1, 11)}
+    assert c[2][1] < c[4][1] < c[6][1] < c[7][1] < c[8][1] < c[9][1]
+    assert c[2][0] < c[3][0] and c[4][0] < c[5][0]
+    assert c[10][1] < c[2][1]
+
+
+def test_no_face_raises_naming_the_frame_count():
+    with pytest.raises(NoFaceError, match="clip.mp4: no face found in any of 4 frames"):
+        FaceCropper().crop_video(np.zeros((4, 120, 160, 3), np.uint8), name="clip.mp4")
+
+
+def test_bad_frames_raise_a_clear_error():
+    with pytest.raises(ValueError, match="uint8"):
+        detect_faces(np.zeros((2, 64, 64, 3), np.float32))
+    with pytest.raises(ValueError, match="RGB"):
+        detect_faces(np.zeros((2, 64, 64), np.uint8))
+    with pytest.raises(ValueError, match="square RGB"):
+        parse_faces(np.zeros((2, 64, 48, 3), np.uint8))
+
+
+def test_unknown_parser_is_refused():
+    with pytest.raises(ValueError, match="unknown face parser"):
+        FaceParser(method="bisenet")
+
+
+# ------------------------------------------------------------------------------ sample videos
+
+
+@pytest.fixture(scope="module")
+def video01(samples_dir):
+    return read_frames(samples_dir / "video01.mp4")
+
+
+@pytest.fixture(scope="module")
+def video01_dets(video01):
+    return detect_faces(video01)
+
+
+@pytest.mark.samples
+def test_face_in_every_frame_of_in_the_wild_samples(samples_dir, video01_dets):
+    assert all(len(d) >= 1 for d in video01_dets)
+    video05 = read_frames(samples_dir / "video05.mp4")  # fades in from black
+    dets = detect_faces(video05)
+    visible = video05.reshape(len(video05), -1).mean(axis=1) > 8  # frames that are not ~black
+    assert visible.sum() >= 80
+    assert all(len(d) >= 1 for d, v in zip(dets, visible, strict=True) if v)
+    assert not any(len(d) for d, v in zip(dets, visible, strict=True) if not v)
+
+
+@pytest.mark.samples
+def test_fade_in_frames_take_the_first_good_box(samples_dir):
+    video05 = read_frames(samples_dir / "video05.mp4")
+    track = FaceCropper(smoothing=0).track(video05, "video05.mp4")
+    first = int(np.argmax(track.found))
+    assert first >= 4 and not track.found[:first].any()
+    np.testing.assert_array_equal(track.squares[:first], np.repeat(track.squares[first:first + 1], first, 0))
+    crops = FaceCropper().crop_video(video05)
+    assert crops.shape == (90, 224, 224, 3) and crops.dtype == np.uint8
+
+
+@pytest.mark.samples
+def test_crops_of_video01_are_centred_on_the_face(video01):
+    frames = video01[::6]
+    crops, landmarks, found = FaceCropper().crop_video_with_landmarks(frames, "video01.mp4")
+    assert crops.shape == (50, 224, 224, 3) and crops.dtype == np.uint8 and found.all()
+    maps = parse_faces(crops)  # detects again, on the crops
+    assert maps.shape == (50, 224, 224) and maps.dtype == np.uint8
+    centre = maps[:, 112 - 8 : 112 + 8, 112 - 8 : 112 + 8]
+    assert np.isin(centre, (1, 6)).mean() > 0.95  # skin / nose at the centre of every crop
+    assert (maps[:, 112, [76, 148]] == 1).all()  # both cheeks are skin
+    # the face fills most of the crop, as in the original's tight square
+    face_fraction = np.isin(maps, (1, *FACE_PARTS)).mean(axis=(1, 2))
+    assert (face_fraction > 0.4).all() and (face_fraction < 0.9).all()
+    # the landmarks carried from the frames land where detection on the crop finds them
+    again = detect_faces(crops[::10])
+    for i, d in enumerate(again):
+        assert np.abs(d.landmarks[0] - landmarks[10 * i]).max() < 8
+
+
+@pytest.mark.samples
+def test_smoothing_reduces_crop_jitter_on_video01(video01_dets):
+    raw = FaceCropper(smoothing=0).track_detections(video01_dets).squares
+    smooth = FaceCropper(smoothing=2.0).track_detections(video01_dets).squares
+    assert _jitter(smooth) < 0.6 * _jitter(raw)
+    assert np.abs(smooth - raw).max() < 0.2 * raw[:, 2].mean()  # it still follows the face
+
+
+@pytest.mark.samples
+@pytest.mark.parametrize("name", ["cropped01.mp4", "cropped04.mp4"])
+def test_parsing_of_cropped_samples_puts_eyes_above_nose_above_mouth(samples_dir, name):
+    crops = read_frames(samples_dir / name)
+    result = FaceParser().parse(crops)
+    assert result.method == PARSER_METHOD and result.found.all()
+    for m in result.maps[:: max(1, len(crops) // 8)]:
+        eyes = _centroid(np.isin(m, (4, 5)))[1]
+        nose = _centroid(m == 6)[1]
+        mouth = _centroid(np.isin(m, (7, 8, 9)))[1]
+        brows = _centroid(np.isin(m, (2, 3)))[1]
+        assert brows < eyes < nose < mouth
+        assert _centroid(m == 4)[0] < _centroid(m == 5)[0]  # subject's right eye on image left
+
+
+@pytest.mark.samples
+def test_fasking_masks_from_parsing_keep_the_planned_regions(samples_dir):
+    from marlin_jax.masking import fasking_slice_masks
+
+    maps = FaceParser().parse(read_frames(samples_dir / "cropped01.mp4", max_frames=16)).maps
+    slices = maps[::2]  # one map per tubelet slice
+
+    def touching(labels):  # (8, 14, 14): patches that contain any of the labels
+        return np.isin(slices, labels).reshape(8, 14, 16, 14, 16).any(axis=(2, 4))
+
+    # fasking: background, then skin, kept visible first -> eyes and nose are masked
+    vis = fasking_slice_masks(slices, [6, 5, 0, 1, 2, 3, 4], keep_fraction=0.1)
+    assert touching((4, 5, 6)).any(axis=(1, 2)).all()
+    assert not (vis & touching((4, 5, 6))).any()
+    assert (vis <= touching((0,))).all()
+    # fasking_opp: the first group (subject's right brow + eye) is kept visible first
+    vis = fasking_slice_masks(slices, [0, 1, 2, 3, 4, 5, 6], keep_fraction=0.1)
+    assert (touching((2, 4)) <= vis).all()
+    assert not (vis & touching((0,)) & ~touching((2, 3, 4, 5, 6, 7, 8, 9, 10))).any()
+
+
+@pytest.mark.samples
+def test_several_faces_tiny_and_huge_frames(video01):
+    import cv2
+
+    frame = video01[0]
+    face = detect_faces(frame)[0]
+    (x1, y1, x2, y2) = face.boxes[0]
+    # two faces: the frame's face and a 1/3-size copy pasted bottom left; the largest wins
+    both = frame.copy()
+    both[240:, :160] = cv2.resize(frame, (160, 120), interpolation=cv2.INTER_AREA)
+    dets = detect_faces(both)[0]
+    assert len(dets) >= 2
+    np.testing.assert_allclose(dets.boxes[0], face.boxes[0], atol=3)
+    # tiny (60 x 80) and huge (1440 x 1920) frames: still found, crops still 224
+    for scale in (1 / 6, 4):
+        size = (int(480 * scale), int(360 * scale))
+        resized = cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
+        crops = FaceCropper().crop_video(resized[None].repeat(2, 0))
+        assert crops.shape == (2, 224, 224, 3)
+        box = detect_faces(resized)[0].boxes[0] / scale
+        np.testing.assert_allclose(box, [x1, y1, x2, y2], atol=6 / min(scale, 1) ** 0.5 * 2)
