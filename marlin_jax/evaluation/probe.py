@@ -1,0 +1,118 @@
+"""Linear probing: a linear head on frozen, window-reduced MARLIN features.
+
+As the original (``Classifier(finetune=False)``): features ``(N, D)`` (mean / max / min of the
+per-window features of each video) go through one ``Linear(D, C)``. The whole training set lives
+on the device and an epoch (shuffle, then every full batch; the last partial batch is dropped as
+the original's ``drop_last=True``) is one jitted ``lax.scan``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from marlin_jax.evaluation.datasets import FeatureSet
+from marlin_jax.evaluation.metrics import Task, classification_metrics
+from marlin_jax.evaluation.training import (
+    FitOptions,
+    FitResult,
+    fit,
+    make_forward,
+    make_optimizer,
+    make_train_step,
+)
+
+
+def torch_linear_init(fan_in: int) -> tuple[Callable, Callable]:
+    """Kernel and bias initialisers of ``torch.nn.Linear``: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / np.sqrt(fan_in)
+
+    def uniform(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return uniform, uniform
+
+
+class LinearHead(nnx.Module):
+    """``(B, D) -> (B, C)`` logits: the linear-probe classifier."""
+
+    def __init__(self, in_dim: int, num_outputs: int, *, rngs: nnx.Rngs):
+        kernel_init, bias_init = torch_linear_init(in_dim)
+        self.head = nnx.Linear(in_dim, num_outputs, kernel_init=kernel_init,
+                               bias_init=bias_init, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.head(x)
+
+
+def _labels_array(labels: np.ndarray, task: Task) -> np.ndarray:
+    return labels.astype(np.int32) if task == "multiclass" else labels.astype(np.float32)
+
+
+def predict_logits(model: nnx.Module, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    """Logits ``(N, C)`` of features ``(N, D)``."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    forward = jax.jit(make_forward(graphdef))
+    outs = [np.asarray(forward(params, rest, jnp.asarray(x[s:s + batch_size])))
+            for s in range(0, len(x), batch_size)]
+    return np.concatenate(outs, axis=0)
+
+
+def train_linear_probe(
+    train: FeatureSet,
+    val: FeatureSet,
+    *,
+    task: Task,
+    num_outputs: int,
+    options: FitOptions = FitOptions(),
+    checkpoint_dir: str | os.PathLike | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[LinearHead, FitResult]:
+    """Trains a LinearHead on ``train`` features, selecting the epoch by ``val``.
+
+    Returns the head holding the best-validation parameters, and the fit record.
+    """
+    n, dim = train.x.shape
+    if val.x.shape[1] != dim:
+        raise ValueError(f"train features are {dim}-d but val features {val.x.shape[1]}-d")
+    batch = min(options.batch_size, n)
+    num_batches = n // batch
+    model = LinearHead(dim, num_outputs, rngs=nnx.Rngs(options.seed))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = make_optimizer(options)
+    step = make_train_step(graphdef, task, tx)
+    x_train = jnp.asarray(train.x)
+    y_train = jnp.asarray(_labels_array(train.labels, task))
+    base_key = jax.random.key(options.seed)
+
+    @jax.jit
+    def epoch_fn(params, opt_state, lr, epoch):
+        perm = jax.random.permutation(jax.random.fold_in(base_key, epoch), n)
+        order = perm[: num_batches * batch].reshape(num_batches, batch)
+
+        def body(carry, idx):
+            p, o = carry
+            p, o, loss = step(p, o, rest, x_train[idx], y_train[idx], lr)
+            return (p, o), loss
+
+        (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), order)
+        return params, opt_state, losses.mean()
+
+    forward = jax.jit(make_forward(graphdef))
+    x_val = jnp.asarray(val.x)
+
+    def evaluate(p):
+        return classification_metrics(np.asarray(forward(p, rest, x_val)), val.labels, task)
+
+    def run_epoch(p, o, lr, epoch):
+        return epoch_fn(p, o, jnp.float32(lr), epoch)
+
+    result = fit(params, run_epoch=run_epoch, evaluate=evaluate, tx=tx, options=options,
+                 checkpoint_dir=checkpoint_dir, log=log)
+    nnx.update(model, result.params)
+    return model, result
