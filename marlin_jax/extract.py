@@ -1,0 +1,292 @@
+"""Feature extraction: the `Marlin` API and the `python -m marlin_jax.extract` CLI.
+
+Mirrors marlin-pytorch's `Marlin` (from_file / from_online / clean_cache / extract_features /
+extract_video) with the same sliding windows and padding rules, but batches the windows of a
+video through one jitted call and reads frames with OpenCV (no ffmpeg binary needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from marlin_jax.interop import load_model, read_config_file
+from marlin_jax.models import RELEASE_URL, MarlinConfig, MarlinModel, get_config
+from marlin_jax.video_io import VideoReadError, iter_frames
+
+REDUCTIONS = ("none", "mean", "max")
+
+
+def default_cache_dir() -> Path:
+    """``$MARLIN_JAX_CACHE`` or ``~/.cache/marlin-jax``: where downloaded checkpoints are kept."""
+    return Path(os.environ.get("MARLIN_JAX_CACHE", Path.home() / ".cache" / "marlin-jax"))
+
+
+def download(url: str, destination: Path, *, progress: bool = True, timeout: float = 30.0) -> Path:
+    """Downloads ``url`` to ``destination`` atomically (a partial file never takes its name)."""
+    from tqdm.auto import tqdm
+
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=destination.parent, prefix=destination.name + ".", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"Downloading {destination.name}",
+                      disable=not progress) as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+            if total is not None and out.tell() != total:
+                raise OSError(f"download of {url} ended after {out.tell()} of {total} bytes")
+        os.replace(tmp, destination)
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        Path(tmp).unlink(missing_ok=True)
+        reason = getattr(e, "reason", e)
+        raise ConnectionError(
+            f"cannot download {url} ({reason}). If this machine is offline, fetch the file elsewhere "
+            f"and either load it with Marlin.from_file(name, path) or copy it to {destination}"
+        ) from e
+    return destination
+
+
+def window_starts(total_frames: int, clip_frames: int = 16, sample_rate: int = 2, stride: int = 16) -> list[int]:
+    """First frame of each sliding window, exactly as marlin-pytorch (for long videos)."""
+    return list(range(0, total_frames - clip_frames * sample_rate, stride * sample_rate))
+
+
+def iter_windows(frames: Iterator[np.ndarray], clip_frames: int = 16, sample_rate: int = 2,
+                 stride: int = 16) -> Iterator[np.ndarray]:
+    """Clips ``(clip_frames, H, W, 3)`` of a frame stream with marlin-pytorch's rules:
+
+    - <= clip_frames frames: all of them, padded by repeating the last frame;
+    - <= clip_frames * sample_rate frames: the first clip_frames consecutive frames;
+    - longer: windows of every ``sample_rate``-th frame starting at ``window_starts(...)``.
+    Streams: memory holds one window of sampled frames plus the first clip_frames*sample_rate frames.
+    """
+    span = clip_frames * sample_rate
+    head: list[np.ndarray] = []  # the first `span` frames, only needed while no window exists
+    buffer: list[tuple[int, np.ndarray]] = []  # (sampled index, frame) for the pending window
+    next_start = 0  # sampled-frame index where the next window begins
+    emitted = False
+    for index, frame in enumerate(frames):
+        if not emitted and index < span:
+            head.append(frame)
+        if index % sample_rate:
+            continue
+        j = index // sample_rate
+        if j >= next_start:
+            buffer.append((j, frame))
+        # The window starting at sampled frame s is valid once sampled frame s + clip_frames exists
+        # (frame s*rate + span < total): marlin-pytorch's `range(0, total - span, stride * rate)`.
+        if j == next_start + clip_frames:
+            yield np.stack([f for k, f in buffer if k < next_start + clip_frames])
+            emitted, head = True, []
+            next_start += stride
+            buffer = [(k, f) for k, f in buffer if k >= next_start]
+    if emitted or not head:
+        return
+    if len(head) <= clip_frames:
+        yield np.stack(head + [head[-1]] * (clip_frames - len(head)))
+    else:
+        yield np.stack(head[:clip_frames])
+
+
+class Marlin:
+    """A MARLIN encoder ready for feature extraction.
+
+    >>> marlin = Marlin.from_file("marlin_vit_base_ytf", "marlin_vit_base_ytf.encoder.pt")
+    >>> feats = marlin.extract_video("face.mp4")           # (n_windows, 768) numpy
+    >>> seq = marlin.extract_features(clips)               # clips (B, 16, 224, 224, 3) in [0, 1]
+    """
+
+    def __init__(self, model: MarlinModel, name: str | None = None, *, batch_size: int = 4,
+                 compute_dtype: jnp.dtype | None = None):
+        self.model = model
+        self.config: MarlinConfig = model.config
+        self.name = name
+        self.batch_size = batch_size
+        self.compute_dtype = compute_dtype
+        graphdef, state = nnx.split(model.encoder)
+        self._encoder_state = state
+
+        def features(state, clips_uint8_or_float, keep_seq: bool):
+            encoder = nnx.merge(graphdef, state)
+            x = clips_uint8_or_float
+            x = x.astype(jnp.float32) / 255.0 if x.dtype == jnp.uint8 else x.astype(jnp.float32)
+            if compute_dtype is not None:
+                x = x.astype(compute_dtype)
+            return encoder.extract_features(x, keep_seq=keep_seq).astype(jnp.float32)
+
+        self._features = jax.jit(features, static_argnums=2)
+        self._cropper = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_file(cls, model_name: str, path: str | os.PathLike, **kwargs) -> Marlin:
+        """Loads `.pt` (encoder-only or full), Lightning `.ckpt`, a VideoMAE checkpoint or a
+        marlin-jax checkpoint directory. ``model_name`` picks the registered architecture."""
+        config = get_config(model_name)
+        if Path(path).is_dir():
+            saved = read_config_file(path)
+            if saved is not None and saved != config:
+                raise ValueError(f"{path}: checkpoint was saved for another architecture than "
+                                 f"{model_name!r}: {saved}")
+        return cls(load_model(path, config), model_name, **kwargs)
+
+    @classmethod
+    def from_online(cls, model_name: str, full_model: bool = False, *, cache_dir: str | os.PathLike | None = None,
+                    url: str | None = None, **kwargs) -> Marlin:
+        """Downloads a released checkpoint once into the cache and loads it."""
+        config = get_config(model_name)
+        if url is None:
+            if not config.downloadable:
+                raise ValueError(f"model {model_name!r} has no released checkpoint to download")
+            url = RELEASE_URL.format(name=model_name, part="full" if full_model else "encoder")
+        part = "full" if full_model else "encoder"
+        file = Path(cache_dir or default_cache_dir()) / f"{model_name}.{part}.pt"
+        if not file.exists():
+            download(url, file)
+        return cls.from_file(model_name, file, **kwargs)
+
+    @staticmethod
+    def clean_cache(cache_dir: str | os.PathLike | None = None, verbose: bool = True) -> None:
+        path = Path(cache_dir or default_cache_dir())
+        if path.exists():
+            shutil.rmtree(path)
+            if verbose:
+                print(f"MARLIN checkpoint cache {path} cleaned.")
+
+    # ------------------------------------------------------------------ features
+    def extract_features(self, x: jax.Array | np.ndarray, keep_seq: bool = True,
+                         channels_first: bool = False) -> jax.Array:
+        """Features of clips.
+
+        x: ``(B, T, H, W, C)`` float in [0, 1] or uint8; ``channels_first=True`` accepts
+        marlin-pytorch's ``(B, C, T, H, W)`` layout. Returns ``(B, N, D)`` (keep_seq) or ``(B, D)``
+        (mean-pooled before the final norm, exactly as the reference).
+        """
+        x = jnp.asarray(x)
+        if channels_first:
+            x = jnp.moveaxis(x, 1, -1)
+        return self._features(self._encoder_state, x, keep_seq)
+
+    def _face_cropper(self):
+        if self._cropper is None:
+            from marlin_jax.face import FaceCropper
+
+            self._cropper = FaceCropper(size=self.config.img_size)
+        return self._cropper
+
+    def extract_video(self, video_path: str | os.PathLike, crop_face: bool = False, sample_rate: int = 2,
+                      stride: int = 16, reduction: str = "none", keep_seq: bool = False) -> np.ndarray:
+        """Features of a video file with marlin-pytorch's sliding windows.
+
+        Returns ``(n_windows, D)`` (or ``(n_windows, N, D)`` with keep_seq); ``reduction`` "mean" or
+        "max" reduces over windows. ``crop_face=True`` detects and crops the face in every sampled
+        frame first; otherwise frames must already be ``img_size`` x ``img_size`` face crops.
+        """
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if sample_rate < 1 or stride < 1:
+            raise ValueError(f"sample_rate and stride must be >= 1, got {sample_rate}, {stride}")
+        path = os.fspath(video_path)
+        size = self.config.img_size
+        features: list[np.ndarray] = []
+        batch: list[np.ndarray] = []
+
+        def flush():
+            n = len(batch)
+            clips = np.stack(batch + [batch[-1]] * (self.batch_size - n))  # fixed shape: one compile
+            features.append(np.asarray(self.extract_features(clips, keep_seq=keep_seq))[:n])
+            batch.clear()
+
+        windows = iter_windows(iter_frames(path), self.config.n_frames, sample_rate, stride)
+        for clip in windows:
+            if crop_face:
+                from marlin_jax.face import NoFaceError
+
+                try:
+                    clip = self._face_cropper().crop_video(clip)
+                except NoFaceError as e:
+                    raise VideoReadError(f"{path}: {e}") from e
+            elif clip.shape[1:3] != (size, size):
+                raise VideoReadError(
+                    f"{path}: frames are {clip.shape[2]}x{clip.shape[1]} but the model needs {size}x{size} "
+                    f"face crops; pass crop_face=True or crop the video first")
+            batch.append(clip)
+            if len(batch) == self.batch_size:
+                flush()
+        if batch:
+            flush()
+        if not features:
+            raise VideoReadError(f"{path}: video has no frames")
+        out = np.concatenate(features)
+        if reduction == "mean":
+            return out.mean(axis=0)
+        if reduction == "max":
+            return out.max(axis=0)
+        return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m marlin_jax.extract",
+        description="Extract MARLIN features from videos: one .npy per video in --output_dir.")
+    parser.add_argument("videos", nargs="+", help="video files (or directories of videos)")
+    parser.add_argument("--model", default="marlin_vit_base_ytf", help="registered model name")
+    parser.add_argument("--checkpoint", required=True,
+                        help=".pt / .ckpt / VideoMAE checkpoint or marlin-jax checkpoint directory")
+    parser.add_argument("--output_dir", default="features", help="where <video stem>.npy files go")
+    parser.add_argument("--crop_face", action="store_true", help="detect and crop faces first")
+    parser.add_argument("--sample_rate", type=int, default=2)
+    parser.add_argument("--stride", type=int, default=16)
+    parser.add_argument("--reduction", choices=REDUCTIONS, default="none")
+    parser.add_argument("--keep_seq", action="store_true", help="keep the token sequence per window")
+    parser.add_argument("--batch_size", type=int, default=4, help="windows per jitted call")
+    parser.add_argument("--overwrite", action="store_true", help="recompute existing .npy files")
+    args = parser.parse_args(argv)
+
+    from tqdm.auto import tqdm
+
+    exts = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
+    videos: list[Path] = []
+    for item in map(Path, args.videos):
+        videos.extend(sorted(p for p in item.rglob("*") if p.suffix.lower() in exts) if item.is_dir() else [item])
+    marlin = Marlin.from_file(args.model, args.checkpoint, batch_size=args.batch_size)
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failures: list[str] = []
+    for video in tqdm(videos, desc="videos", unit="video"):
+        target = out_dir / f"{video.stem}.npy"
+        if target.exists() and not args.overwrite:
+            continue
+        try:
+            feats = marlin.extract_video(video, crop_face=args.crop_face, sample_rate=args.sample_rate,
+                                         stride=args.stride, reduction=args.reduction, keep_seq=args.keep_seq)
+        except (VideoReadError, ValueError, OSError) as e:
+            failures.append(f"{video}: {e}")
+            continue
+        tmp = target.with_suffix(".tmp.npy")
+        np.save(tmp, feats)
+        os.replace(tmp, target)
+    print(f"{len(videos) - len(failures)} of {len(videos)} videos -> {out_dir}")
+    if failures:
+        print(f"{len(failures)} failed:", *failures, sep="\n  ", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""Interoperability with PyTorch MARLIN checkpoints (torch-free, no pickled code is ever run)."""
+
+from .checkpoints import (
+    CheckpointError,
+    load_model,
+    read_config_file,
+    read_state_dict,
+    read_torch_state_dict,
+    save_marlin_checkpoint,
+    save_torch_checkpoint,
+)
+from .mapping import (
+    StateDictMismatchError,
+    is_videomae_state_dict,
+    model_from_state_dict,
+    model_to_state_dict,
+    state_dict_to_model,
+    torch_key,
+    videomae_to_marlin,
+)
+
+__all__ = [
+    "CheckpointError", "StateDictMismatchError", "is_videomae_state_dict", "load_model",
+    "model_from_state_dict", "model_to_state_dict", "read_config_file", "read_state_dict",
+    "read_torch_state_dict", "save_marlin_checkpoint", "save_torch_checkpoint", "state_dict_to_model",
+    "torch_key", "videomae_to_marlin",
+]

@@ -1,0 +1,191 @@
+"""Reading and writing model weights in every supported format.
+
+- PyTorch: ``*.encoder.pt`` / ``*.full.pt`` (plain state_dicts), Lightning ``*.ckpt`` of the
+  original trainer (``state_dict`` incl. ``discriminator.*``), VideoMAE pretraining checkpoints
+  (``{"model": ...}`` with MCG-NJU names). Read without torch and without running pickled code.
+- marlin-jax: a directory with ``params/`` (an orbax checkpoint of the model variables, nested
+  by variable path) and ``marlin_config.json``; a trainer checkpoint directory (the latest step
+  of an orbax CheckpointManager whose items include ``params``) is accepted too.
+
+Everything funnels through one representation: a flat PyTorch-layout state_dict
+``{marlin-pytorch key: np.ndarray}``, which :mod:`.mapping` loads into a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from marlin_jax.models import MarlinConfig, MarlinModel
+
+from .mapping import (
+    _to_torch_layout,
+    is_videomae_state_dict,
+    model_from_state_dict,
+    model_to_state_dict,
+    torch_key,
+    videomae_to_marlin,
+)
+from .torch_format import load_torch_file, save_torch_file
+
+CONFIG_FILE = "marlin_config.json"
+PARAMS_ITEM = "params"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or directory cannot be used; the message names it and the problem."""
+
+
+def _flat_arrays(tree: Any, source: str) -> OrderedDict[str, np.ndarray]:
+    if not isinstance(tree, dict):
+        raise CheckpointError(f"{source}: expected a state_dict (a mapping of names to tensors), "
+                              f"got {type(tree).__name__}")
+    out: OrderedDict[str, np.ndarray] = OrderedDict()
+    bad = []
+    for key, value in tree.items():
+        if isinstance(value, np.ndarray):
+            out[str(key)] = value
+        else:
+            bad.append(f"{key} ({type(value).__name__})")
+    if bad:
+        raise CheckpointError(f"{source}: state_dict entries that are not tensors: {', '.join(bad[:20])}")
+    return out
+
+
+def read_torch_state_dict(path: str | os.PathLike, config: MarlinConfig | None = None) -> OrderedDict[str, np.ndarray]:
+    """Reads a PyTorch checkpoint into a flat MARLIN-named, PyTorch-layout state_dict.
+
+    Handles plain state_dicts (`.pt`), Lightning checkpoints (`.ckpt`, whose ``state_dict`` is
+    used and whose other entries are never instantiated) and VideoMAE checkpoints (renamed; needs
+    ``config`` for the position tables).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    obj = load_torch_file(path, allow_opaque=path.endswith(".ckpt"))
+    if isinstance(obj, dict) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    elif isinstance(obj, dict) and ("model" in obj or "module" in obj) and not any(
+        isinstance(v, np.ndarray) for v in obj.values()
+    ):
+        obj = obj.get("model", obj.get("module"))
+    state_dict = _flat_arrays(obj, path)
+    if is_videomae_state_dict(state_dict):
+        if config is None:
+            raise CheckpointError(f"{path}: a VideoMAE checkpoint needs the model config to convert")
+        state_dict = videomae_to_marlin(state_dict, config)
+    return state_dict
+
+
+def _latest_step_dir(directory: Path) -> Path | None:
+    steps = [p for p in directory.iterdir() if p.is_dir() and p.name.isdigit() and (p / PARAMS_ITEM).is_dir()]
+    return max(steps, key=lambda p: int(p.name)) if steps else None
+
+
+def _resolve_marlin_dir(directory: Path) -> Path:
+    if (directory / PARAMS_ITEM).is_dir():
+        return directory
+    for candidate in (directory, directory / "checkpoints"):
+        if candidate.is_dir():
+            step = _latest_step_dir(candidate)
+            if step is not None:
+                return step
+    raise CheckpointError(f"{directory}: not a marlin-jax checkpoint (no '{PARAMS_ITEM}/' item and no "
+                          f"numbered step directories holding one)")
+
+
+def read_marlin_state_dict(directory: str | os.PathLike) -> OrderedDict[str, np.ndarray]:
+    """Reads a marlin-jax checkpoint directory into a flat PyTorch-layout state_dict."""
+    import orbax.checkpoint as ocp
+
+    root = _resolve_marlin_dir(Path(directory))
+    try:
+        tree = ocp.StandardCheckpointer().restore((root / PARAMS_ITEM).absolute())
+    except Exception as e:  # orbax raises many types for unreadable trees
+        raise CheckpointError(f"{root / PARAMS_ITEM}: cannot restore orbax checkpoint ({e})") from e
+
+    out: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def visit(node: Any, path: tuple) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                visit(v, (*path, int(k) if isinstance(k, str) and k.isdigit() else k))
+        else:
+            out[torch_key(path)] = np.ascontiguousarray(_to_torch_layout(path, np.asarray(node)))
+
+    visit(tree, ())
+    return out
+
+
+def read_config_file(directory: str | os.PathLike) -> MarlinConfig | None:
+    """The MarlinConfig saved beside a marlin-jax checkpoint, if any (searched upwards 2 levels)."""
+    d = Path(directory)
+    for candidate in (d, d.parent, d.parent.parent):
+        f = candidate / CONFIG_FILE
+        if f.is_file():
+            raw = json.loads(f.read_text())
+            fields = MarlinConfig.__dataclass_fields__
+            return MarlinConfig(**{k: v for k, v in raw.items() if k in fields})
+    return None
+
+
+def read_state_dict(path: str | os.PathLike, config: MarlinConfig | None = None) -> OrderedDict[str, np.ndarray]:
+    """Any supported checkpoint (see module doc) -> flat PyTorch-layout MARLIN state_dict."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such checkpoint file or directory")
+    if p.is_dir():
+        return read_marlin_state_dict(p)
+    if p.suffix not in (".pt", ".pth", ".ckpt", ".bin"):
+        raise CheckpointError(f"{p}: unsupported checkpoint type '{p.suffix}' (expected .pt, .pth, .ckpt "
+                              f"or a marlin-jax checkpoint directory)")
+    return read_torch_state_dict(p, config)
+
+
+def load_model(path: str | os.PathLike, config: MarlinConfig, **model_kwargs) -> MarlinModel:
+    """Builds the model a checkpoint holds (encoder-only or full, +/- discriminator) and loads it."""
+    state_dict = read_state_dict(path, config)
+    return model_from_state_dict(config, state_dict, source=os.fspath(path), **model_kwargs)
+
+
+def save_marlin_checkpoint(directory: str | os.PathLike, model: MarlinModel, *, overwrite: bool = False) -> Path:
+    """Writes ``directory/params`` (orbax) and ``directory/marlin_config.json``."""
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory).absolute()
+    if (directory / PARAMS_ITEM).exists() and not overwrite:
+        raise CheckpointError(f"{directory}: already holds a checkpoint (pass overwrite=True)")
+    directory.mkdir(parents=True, exist_ok=True)
+    tree = nnx.to_pure_dict(nnx.state(model, nnx.Variable))
+    tree = _string_keys(tree)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(directory / PARAMS_ITEM, tree, force=overwrite)
+    checkpointer.wait_until_finished()
+    (directory / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2))
+    return directory
+
+
+def _string_keys(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {str(k): _string_keys(v) for k, v in tree.items()}
+    return np.asarray(tree)
+
+
+def save_torch_checkpoint(path: str | os.PathLike, model: MarlinModel, *, encoder_only: bool = False,
+                          with_discriminator: bool = True) -> Path:
+    """Exports the model as a PyTorch state_dict `.pt` that `marlin_pytorch.Marlin.from_file` loads
+    (``encoder_only`` gives the `*.encoder.pt` form). The discriminator is kept unless
+    ``with_discriminator=False`` (marlin-pytorch's loader only accepts `.pt` without it)."""
+    state_dict = model_to_state_dict(model)
+    if encoder_only:
+        state_dict = OrderedDict((k, v) for k, v in state_dict.items() if k.startswith("encoder."))
+    elif not with_discriminator:
+        state_dict = OrderedDict((k, v) for k, v in state_dict.items() if not k.startswith("discriminator."))
+    save_torch_file(path, state_dict)
+    return Path(path)

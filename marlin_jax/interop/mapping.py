@@ -1,0 +1,153 @@
+"""Names and layouts: MARLIN PyTorch state_dicts <-> marlin-jax model variables.
+
+PyTorch keys are those of marlin-pytorch 0.3.4 (`encoder.blocks.0.attn.qkv.weight`, ...) plus
+the original trainer's `discriminator.layers.{0,1}.linear.*`. Linear weights are transposed
+(``(out, in)`` <-> ``(in, out)``); the Conv3d weight ``(D, C, pt, ph, pw)`` <-> ``(pt, ph, pw, C, D)``.
+The VideoMAE pretraining checkpoint (MCG-NJU/VideoMAE names) is renamed into MARLIN names.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from collections.abc import Mapping
+
+import numpy as np
+from flax import nnx
+
+from marlin_jax.models import MarlinConfig, MarlinModel
+
+
+class StateDictMismatchError(ValueError):
+    """A state_dict does not fit a model: missing, unexpected or mis-shaped keys (all listed)."""
+
+
+_RENAMES = (
+    (re.compile(r"\.mlp\.fc1\."), ".mlp.layers.0.linear."),
+    (re.compile(r"\.mlp\.fc2\."), ".mlp.layers.1.linear."),
+    (re.compile(r"^discriminator\.layers\.(\d+)\."), r"discriminator.layers.\1.linear."),
+    (re.compile(r"\.kernel$"), ".weight"),
+    (re.compile(r"\.scale$"), ".weight"),
+    (re.compile(r"\.pos_embedding$"), ".pos_embedding.emb"),
+)
+
+
+def torch_key(path: tuple) -> str:
+    """marlin-jax variable path -> PyTorch state_dict key."""
+    key = ".".join(str(p) for p in path)
+    for pattern, repl in _RENAMES:
+        key = pattern.sub(repl, key)
+    return key
+
+
+def _to_torch_layout(path: tuple, value: np.ndarray) -> np.ndarray:
+    if path[-1] == "kernel":
+        if value.ndim == 5:  # (pt, ph, pw, C, D) -> (D, C, pt, ph, pw)
+            return value.transpose(4, 3, 0, 1, 2)
+        return value.T
+    return value
+
+
+def _from_torch_layout(path: tuple, value: np.ndarray) -> np.ndarray:
+    if path[-1] == "kernel":
+        if value.ndim == 5:  # (D, C, pt, ph, pw) -> (pt, ph, pw, C, D)
+            return value.transpose(2, 3, 4, 1, 0)
+        return value.T
+    return value
+
+
+def model_variables(model: nnx.Module) -> list[tuple[tuple, nnx.Variable]]:
+    """Every variable of the model (parameters and fixed tables) with its path, sorted."""
+    return sorted(((p, v) for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)),
+                  key=lambda item: torch_key(item[0]))
+
+
+def model_to_state_dict(model: nnx.Module) -> OrderedDict[str, np.ndarray]:
+    """The model's weights as a PyTorch-layout state_dict of numpy arrays (marlin-pytorch names)."""
+    out: OrderedDict[str, np.ndarray] = OrderedDict()
+    for path, var in model_variables(model):
+        value = np.asarray(var.get_value())
+        out[torch_key(path)] = np.ascontiguousarray(_to_torch_layout(path, value))
+    return out
+
+
+def state_dict_to_model(model: nnx.Module, state_dict: Mapping[str, np.ndarray], *,
+                        strict: bool = True, source: str = "state_dict") -> None:
+    """Loads a PyTorch-layout state_dict into ``model`` in place.
+
+    strict: every model variable must be present, no key may be left over, and every shape must
+    match; otherwise StateDictMismatchError lists all problems (naming ``source``).
+    With strict=False, unexpected keys are ignored (missing or mis-shaped ones still fail).
+    """
+    variables = model_variables(model)
+    expected = {torch_key(p): (p, v) for p, v in variables}
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = []
+    for key, (path, var) in expected.items():
+        if key in state_dict:
+            want = tuple(var.get_value().shape)
+            got = tuple(np.shape(_from_torch_layout(path, np.asarray(state_dict[key]))))
+            if want != got:
+                mismatched.append(f"{key}: checkpoint {tuple(np.shape(state_dict[key]))} "
+                                  f"-> {got}, model expects {want}")
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
+    if unexpected and strict:
+        problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+    if mismatched:
+        problems.append(f"mis-shaped keys ({len(mismatched)}): {'; '.join(mismatched)}")
+    if problems:
+        raise StateDictMismatchError(f"{source} does not fit the model:\n  " + "\n  ".join(problems))
+    for key, (path, var) in expected.items():
+        value = _from_torch_layout(path, np.asarray(state_dict[key]))
+        var.set_value(np.asarray(value, dtype=var.get_value().dtype))
+
+
+def model_from_state_dict(config: MarlinConfig, state_dict: Mapping[str, np.ndarray], *,
+                          source: str = "state_dict", **model_kwargs) -> MarlinModel:
+    """Builds the model a state_dict describes (encoder-only, full, with or without the
+    discriminator) and loads it strictly."""
+    has_decoder = any(k.startswith("decoder.") for k in state_dict)
+    has_disc = any(k.startswith("discriminator.") for k in state_dict)
+    model = MarlinModel(config, rngs=nnx.Rngs(0), with_decoder=has_decoder,
+                        with_discriminator=has_disc, **model_kwargs)
+    state_dict_to_model(model, state_dict, source=source)
+    return model
+
+
+_VIDEOMAE_RENAMES = (
+    (re.compile(r"^encoder\.patch_embed\.proj\."), "encoder.patch_embedding.projection."),
+    (re.compile(r"\.mlp\.fc1\."), ".mlp.layers.0.linear."),
+    (re.compile(r"\.mlp\.fc2\."), ".mlp.layers.1.linear."),
+    (re.compile(r"^encoder_to_decoder\."), "enc_dec_proj."),
+    (re.compile(r"^mask_token$"), "decoder.mask_token"),
+)
+_VIDEOMAE_DROP = re.compile(r"^(encoder\.head\.|encoder\.fc_norm\.|encoder\.pos_embed$|decoder\.pos_embed$|pos_embed$)")
+
+
+def is_videomae_state_dict(state_dict: Mapping[str, np.ndarray]) -> bool:
+    return any(k.startswith("encoder.patch_embed.") or k == "encoder_to_decoder.weight" for k in state_dict)
+
+
+def videomae_to_marlin(state_dict: Mapping[str, np.ndarray], config: MarlinConfig) -> OrderedDict[str, np.ndarray]:
+    """Renames a VideoMAE pretraining state_dict (MCG-NJU/VideoMAE) to MARLIN keys.
+
+    VideoMAE keeps its sin-cos tables out of the state_dict (or in an unused ``pos_embed``), so
+    the MARLIN tables are added; the identity classification head is dropped. Values are cast to
+    float32 (VideoMAE releases may hold float16).
+    """
+    from marlin_jax.models import sincos_table
+
+    out: OrderedDict[str, np.ndarray] = OrderedDict()
+    for key, value in state_dict.items():
+        if _VIDEOMAE_DROP.match(key):
+            continue
+        for pattern, repl in _VIDEOMAE_RENAMES:
+            key = pattern.sub(repl, key)
+        out[key] = np.asarray(value, dtype=np.float32)
+    out["encoder.pos_embedding.emb"] = sincos_table(config.num_tokens, config.encoder_embed_dim)[None]
+    if any(k.startswith("decoder.") for k in out):
+        out["decoder.pos_embedding.emb"] = sincos_table(config.num_tokens, config.decoder_embed_dim)[None]
+    return out
