@@ -1,0 +1,222 @@
+"""Plots of a two-group feature comparison (matplotlib, Agg canvas: no display needed).
+
+Figures are built with ``matplotlib.figure.Figure`` (no pyplot state), so they are safe in
+threads, tests and headless servers. Every function writes one PNG and returns its path.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+__all__ = [
+    "GROUP_COLOURS",
+    "embed_2d",
+    "plot_embeddings",
+    "plot_feature_differences",
+    "plot_top_feature_distributions",
+]
+
+GROUP_COLOURS = ("#1f77b4", "#d62728")
+
+
+def _save(fig: Figure, path: str | os.PathLike, dpi: int) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)  # constrained layout already fits the labels
+    return path
+
+
+def plot_top_feature_distributions(
+    a: np.ndarray,
+    b: np.ndarray,
+    names: tuple[str, str],
+    features: Sequence[int],
+    d: np.ndarray,
+    q: np.ndarray,
+    path: str | os.PathLike,
+    *,
+    title: str = "",
+    n_cols: int = 4,
+    dpi: int = 150,
+) -> Path:
+    """Violin plots (with the samples as jittered dots) of ``features`` for both groups.
+
+    ``a (n1, D)``, ``b (n2, D)``; ``d``/``q`` (``(D,)``) label each panel with Cohen's d and the
+    FDR q-value.
+    """
+    features = [int(f) for f in features]
+    if not features:
+        raise ValueError("no features to plot")
+    n_rows = -(-len(features) // n_cols)
+    cols = min(n_cols, len(features))
+    fig = Figure(figsize=(3.0 * cols, 2.6 * n_rows), layout="constrained")
+    rng = np.random.default_rng(0)
+    for k, f in enumerate(features):
+        ax = fig.add_subplot(n_rows, cols, k + 1)
+        data = [a[:, f], b[:, f]]
+        parts = ax.violinplot(data, positions=[0, 1], showmedians=True, widths=0.8)
+        for body, colour in zip(parts["bodies"], GROUP_COLOURS, strict=True):
+            body.set_facecolor(colour)
+            body.set_alpha(0.35)
+        for pos, (vals, colour) in enumerate(zip(data, GROUP_COLOURS, strict=True)):
+            if vals.size > 400:  # dots stop being readable; keep a subset
+                vals = rng.choice(vals, 400, replace=False)
+            ax.scatter(
+                pos + rng.uniform(-0.12, 0.12, vals.size), vals, s=4, color=colour, alpha=0.6
+            )
+        ax.set_xticks([0, 1], list(names))
+        ax.set_title(f"feature {f}\nd = {d[f]:+.2f}, q = {q[f]:.2g}", fontsize=9)
+        ax.tick_params(labelsize=8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path, dpi)
+
+
+def plot_feature_differences(
+    a: np.ndarray,
+    b: np.ndarray,
+    names: tuple[str, str],
+    d: np.ndarray,
+    q: np.ndarray,
+    alpha: float,
+    top: Sequence[int],
+    path: str | os.PathLike,
+    *,
+    title: str = "",
+    row_width: int = 32,
+    dpi: int = 150,
+) -> Path:
+    """Two heatmaps of the group differences.
+
+    Left: Cohen's d of every feature laid out in rows of ``row_width`` (feature ``i`` at row
+    ``i // row_width``), FDR-significant features outlined. Right: the ``top`` features of every
+    sample (rows, group a then group b), z-scored per feature over both groups.
+    """
+    dim = d.size
+    n_rows = -(-dim // row_width)
+    grid = np.full(n_rows * row_width, np.nan)
+    grid[:dim] = np.clip(np.nan_to_num(d, posinf=5.0, neginf=-5.0), -5, 5)
+    grid = grid.reshape(n_rows, row_width)
+    lim = max(0.5, float(np.nanmax(np.abs(grid))))
+
+    fig = Figure(figsize=(13, max(4.0, 0.22 * n_rows + 1.5)), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2, width_ratios=[1.2, 1])
+    im = ax1.imshow(grid, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", interpolation="none")
+    sig = np.flatnonzero(q < alpha)
+    ax1.scatter(sig % row_width, sig // row_width, s=10, facecolors="none", edgecolors="k",
+                linewidths=0.6, label=f"q < {alpha:g}")
+    step = max(1, n_rows // 12)
+    ax1.set_yticks(range(0, n_rows, step), [str(r * row_width) for r in range(0, n_rows, step)])
+    ax1.set_xlabel(f"feature index - row start (rows of {row_width})")
+    ax1.set_ylabel("row start (feature index)")
+    ax1.set_title(f"Cohen's d ({names[0]} - {names[1]}), {sig.size} FDR-significant")
+    if sig.size:
+        ax1.legend(loc="upper right", fontsize=8, framealpha=0.8)
+    fig.colorbar(im, ax=ax1, shrink=0.8, label="d")
+
+    top = [int(t) for t in top]
+    both = np.concatenate([a[:, top], b[:, top]], axis=0)
+    sd = both.std(0)
+    z = (both - both.mean(0)) / np.where(sd > 0, sd, 1.0)
+    im2 = ax2.imshow(np.clip(z, -3, 3), cmap="RdBu_r", vmin=-3, vmax=3, aspect="auto",
+                     interpolation="none")
+    ax2.axhline(a.shape[0] - 0.5, color="k", linewidth=1.2)
+    ax2.set_xticks(range(len(top)), [str(t) for t in top], rotation=90, fontsize=7)
+    ax2.set_yticks([(a.shape[0] - 1) / 2, a.shape[0] + (b.shape[0] - 1) / 2], list(names))
+    ax2.set_xlabel("top features")
+    ax2.set_title("top features per sample (z-score)")
+    fig.colorbar(im2, ax=ax2, shrink=0.8, label="z")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path, dpi)
+
+
+def embed_2d(x: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
+    """2-D embedding of standardised rows of ``x (n, D)``: ``"pca"``, ``"umap"`` or ``"tsne"``.
+
+    Raises ValueError when there are too few samples for the method.
+    """
+    n = x.shape[0]
+    sd = x.std(0)
+    x = (x - x.mean(0)) / np.where(sd > 0, sd, 1.0)
+    if method == "pca":
+        if n < 2:
+            raise ValueError("PCA needs at least 2 samples")
+        from sklearn.decomposition import PCA
+
+        k = min(2, n, x.shape[1])
+        y = PCA(n_components=k, random_state=seed).fit_transform(x)
+        return np.pad(y, ((0, 0), (0, 2 - k)))
+    if method == "tsne":
+        if n < 5:
+            raise ValueError(f"t-SNE needs at least 5 samples, got {n}")
+        from sklearn.manifold import TSNE
+
+        perplexity = float(min(30.0, (n - 1) / 3.0))
+        return TSNE(n_components=2, perplexity=perplexity, init="pca",
+                    random_state=seed).fit_transform(x)
+    if method == "umap":
+        if n < 5:
+            raise ValueError(f"UMAP needs at least 5 samples, got {n}")
+        import umap  # umap-learn (numba); imported lazily: its import is slow
+
+        reducer = umap.UMAP(n_components=2, n_neighbors=min(15, n - 1), random_state=seed,
+                            n_jobs=1)
+        return np.asarray(reducer.fit_transform(x))
+    raise ValueError(f"unknown embedding {method!r} (use pca, umap or tsne)")
+
+
+def plot_embeddings(
+    a: np.ndarray,
+    b: np.ndarray,
+    names: tuple[str, str],
+    path: str | os.PathLike,
+    *,
+    methods: Sequence[str] = ("pca", "umap", "tsne"),
+    max_points: int = 3000,
+    seed: int = 0,
+    title: str = "",
+    dpi: int = 150,
+) -> tuple[Path | None, list[str]]:
+    """Scatter of the 2-D embeddings (one panel per method) coloured by group.
+
+    At most ``max_points`` samples (a seeded random subset, in group proportion) are embedded.
+    Returns the PNG path (None when no method could run) and notes on skipped methods.
+    """
+    rng = np.random.default_rng(seed)
+    n = a.shape[0] + b.shape[0]
+    notes = []
+    if n > max_points:
+        ka = max(1, round(max_points * a.shape[0] / n))
+        a = a[rng.choice(a.shape[0], min(ka, a.shape[0]), replace=False)]
+        b = b[rng.choice(b.shape[0], min(max_points - ka, b.shape[0]), replace=False)]
+        notes.append(f"embeddings use a random subset of {a.shape[0] + b.shape[0]} of {n} samples")
+    x = np.concatenate([a, b], axis=0)
+    label = np.r_[np.zeros(a.shape[0], int), np.ones(b.shape[0], int)]
+    results = []
+    for m in methods:
+        try:
+            results.append((m, embed_2d(x, m, seed)))
+        except (ValueError, ImportError) as e:
+            notes.append(f"{m.upper()} skipped: {e}")
+    if not results:
+        return None, notes
+    fig = Figure(figsize=(4.5 * len(results), 4.2), layout="constrained")
+    axes = fig.subplots(1, len(results), squeeze=False)[0]
+    pretty = {"pca": "PCA", "umap": "UMAP", "tsne": "t-SNE"}
+    for ax, (m, y) in zip(axes, results, strict=True):
+        for g in (0, 1):
+            ax.scatter(y[label == g, 0], y[label == g, 1], s=12, alpha=0.7,
+                       color=GROUP_COLOURS[g], label=f"{names[g]} (n={int(np.sum(label == g))})")
+        ax.set_title(pretty[m])
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path, dpi), notes

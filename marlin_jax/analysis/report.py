@@ -1,0 +1,247 @@
+"""Runs the two-group analysis at clip and video level and writes the report.
+
+Output folder::
+
+    report.md                  human-readable summary, with the figures linked
+    summary.json               every count, the MMD tests and the top features, per level
+    features_<level>.csv       per-feature means, Cohen's d, U, p, q, significance flags
+    plots/<level>_*.png        distributions, difference heatmaps, PCA/UMAP/t-SNE
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from marlin_jax.analysis.groups import FeatureGroups
+from marlin_jax.analysis.stats import EFFECT_BANDS, GroupComparison, compare_groups
+
+__all__ = ["CLIP_LEVEL_WARNING", "run_analysis", "write_feature_csv"]
+
+CLIP_LEVEL_WARNING = (
+    "Clip-level tests treat every clip as an independent sample. Clips of one video share the "
+    "person, session and recording, so they are not independent: the effective sample size is "
+    "closer to the number of videos, and clip-level p-values (and q-values) overstate "
+    "significance. Base conclusions on the video-level analysis (one mean feature vector per "
+    "video); use the clip level only to describe within-video variation."
+)
+
+
+def write_feature_csv(result: GroupComparison, path: str | os.PathLike) -> Path:
+    """Writes the per-feature table of ``result`` (one row per feature)."""
+    path = Path(path)
+    table = result.table()
+    cols = list(table)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for i in range(result.num_features):
+            w.writerow([_csv_value(table[c][i]) for c in cols])
+    return path
+
+
+def _csv_value(v):
+    if isinstance(v, np.bool_ | bool):
+        return int(v)
+    if isinstance(v, np.integer):
+        return int(v)
+    return repr(float(v))
+
+
+def _fmt(x: float) -> str:
+    if not np.isfinite(x):
+        return str(x)
+    return f"{x:.3g}" if abs(x) >= 1e-3 or x == 0 else f"{x:.2e}"
+
+
+def run_analysis(
+    groups: FeatureGroups,
+    output_dir: str | os.PathLike,
+    *,
+    alpha: float = 0.05,
+    top_k: int = 20,
+    levels: Sequence[str] = ("clip", "video"),
+    mmd_permutations: int = 1000,
+    mmd_max_samples: int | None = 2000,
+    embeddings: Sequence[str] = ("pca", "umap", "tsne"),
+    plots: bool = True,
+    seed: int = 0,
+) -> Path:
+    """Compares the two groups at each level, writes tables, plots and ``report.md``; returns
+    the report path."""
+    out = Path(output_dir)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    names = groups.names
+    summary: dict = {
+        "groups": list(names),
+        "source": groups.source,
+        "counts": groups.counts(),
+        "feature_dim": groups.dim,
+        "notes": list(groups.notes),
+        "clip_level_warning": CLIP_LEVEL_WARNING,
+        "levels": {},
+    }
+    sections = []
+    for level in levels:
+        a, b = groups.samples(names[0], level), groups.samples(names[1], level)
+        if a.shape[0] + b.shape[0] < 3:
+            summary["notes"].append(f"{level} level skipped: fewer than 3 samples in total")
+            continue
+        res = compare_groups(
+            a, b, names=names, alpha=alpha, top_k=top_k, mmd_permutations=mmd_permutations,
+            mmd_max_samples=mmd_max_samples, seed=seed,
+        )
+        csv_path = write_feature_csv(res, out / f"features_{level}.csv")
+        figures: dict[str, str] = {}
+        level_notes: list[str] = []
+        if plots:
+            shown = res.top[: min(12, len(res.top))]
+            t = f"{level} level: {names[0]} vs {names[1]}"
+            p = _plot_distributions(a, b, res, shown, out / "plots" / f"{level}_top_features.png", t)
+            figures["top feature distributions"] = p
+            p = _plot_differences(a, b, res, out / "plots" / f"{level}_feature_differences.png", t)
+            figures["feature differences"] = p
+            if embeddings:
+                from marlin_jax.analysis.plots import plot_embeddings
+
+                path, notes = plot_embeddings(
+                    a, b, names, out / "plots" / f"{level}_embeddings.png",
+                    methods=embeddings, seed=seed, title=t,
+                )
+                level_notes += notes
+                if path is not None:
+                    figures["embeddings"] = str(path.relative_to(out))
+        entry = res.summary()
+        entry["csv"] = csv_path.name
+        entry["figures"] = figures
+        entry["notes"] = level_notes
+        entry["top_table"] = [
+            {
+                "feature": int(i),
+                "mean_" + names[0]: float(res.mean_a[i]),
+                "mean_" + names[1]: float(res.mean_b[i]),
+                "cohens_d": float(res.d[i]),
+                "p_value": float(res.p[i]),
+                "q_value_bh": float(res.q[i]),
+            }
+            for i in res.top
+        ]
+        summary["levels"][level] = entry
+        sections.append(_markdown_level(level, res, entry))
+
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    report = out / "report.md"
+    report.write_text(_markdown(summary, sections))
+    return report
+
+
+def _plot_distributions(a, b, res: GroupComparison, shown, path: Path, title: str) -> str:
+    from marlin_jax.analysis.plots import plot_top_feature_distributions
+
+    plot_top_feature_distributions(a, b, (res.group_a, res.group_b), shown, res.d, res.q, path,
+                                   title=title)
+    return str(Path("plots") / path.name)
+
+
+def _plot_differences(a, b, res: GroupComparison, path: Path, title: str) -> str:
+    from marlin_jax.analysis.plots import plot_feature_differences
+
+    plot_feature_differences(a, b, (res.group_a, res.group_b), res.d, res.q, res.alpha, res.top,
+                             path, title=title)
+    return str(Path("plots") / path.name)
+
+
+def _json_default(o):
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def _markdown_level(level: str, res: GroupComparison, entry: dict) -> str:
+    a, b = res.group_a, res.group_b
+    unit = "clips" if level == "clip" else "videos (mean over each video's clips)"
+    lines = [f"## {level.capitalize()} level", ""]
+    if level == "clip":
+        lines += [f"> **Warning.** {CLIP_LEVEL_WARNING}", ""]
+    lines += [
+        f"Samples: {res.n_a} {a} and {res.n_b} {b} {unit}; {res.num_features} features.",
+        "",
+        "| | count |",
+        "|---|---|",
+        f"| significant, uncorrected (p < {res.alpha:g}) | {entry['significant_uncorrected']} |",
+        f"| significant after Benjamini-Hochberg (q < {res.alpha:g}) | "
+        f"{entry['significant_fdr_bh']} |",
+    ]
+    for name, _, _ in EFFECT_BANDS:
+        label = name.replace("|", "\\|")  # a bare | would split the Markdown table cell
+        lines.append(
+            f"| effect size {label}: all / FDR-significant | "
+            f"{entry['effect_size_bands_all'][name]} / "
+            f"{entry['effect_size_bands_significant_fdr'][name]} |"
+        )
+    lines.append("")
+    if res.mmd is not None:
+        m = res.mmd
+        lines += [
+            f"Kernel two-sample test (RBF kernel, median-heuristic bandwidth {_fmt(m.bandwidth)}, "
+            f"unbiased MMD², {m.n_permutations} permutations on {m.n_a} + {m.n_b} samples): "
+            f"MMD² = {_fmt(m.mmd2)}, permutation p = {_fmt(m.p_value)}.",
+            "",
+        ]
+    lines += [
+        f"Top {len(res.top)} features (smallest q, then largest |d|; d = {a} - {b}):",
+        "",
+        f"| feature | mean {a} | mean {b} | Cohen's d | p | q (BH) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for i in res.top:
+        lines.append(
+            f"| {int(i)} | {_fmt(res.mean_a[i])} | {_fmt(res.mean_b[i])} | {res.d[i]:+.3f} | "
+            f"{_fmt(res.p[i])} | {_fmt(res.q[i])} |"
+        )
+    lines += ["", f"Per-feature table: [{entry['csv']}]({entry['csv']})", ""]
+    for name, path in entry["figures"].items():
+        lines += [f"![{level} level: {name}]({path})", ""]
+    for note in entry["notes"]:
+        lines += [f"- {note}"]
+    return "\n".join(lines)
+
+
+def _markdown(summary: dict, sections: list[str]) -> str:
+    a, b = summary["groups"]
+    counts = summary["counts"]
+    lines = [
+        f"# Feature analysis: {a} vs {b}",
+        "",
+        f"Groups from {summary['source']}; feature size {summary['feature_dim']}.",
+        "",
+        "| group | videos | clips |",
+        "|---|---|---|",
+    ]
+    for g in (a, b):
+        lines.append(f"| {g} | {counts[g]['videos']} | {counts[g]['clips']} |")
+    lines += [
+        "",
+        "Per feature: two-sided Mann-Whitney U test (normal approximation with tie and continuity "
+        "correction, exact null distribution for small samples without ties), Benjamini-Hochberg "
+        "false discovery rate over all features, Cohen's d with the pooled standard deviation. "
+        "Whole feature vectors: kernel maximum mean discrepancy (MMD) test with a permutation "
+        "p-value.",
+        "",
+        "> **Clip level vs video level.** Clip-level p-values overstate significance when a "
+        "video's clips are not independent (see the clip-level warning); the video-level "
+        "analysis is the one to base conclusions on.",
+        "",
+    ]
+    if summary["notes"]:
+        lines += ["Notes:", ""] + [f"- {n}" for n in summary["notes"]] + [""]
+    return "\n".join(lines + sections) + "\n"

@@ -1,0 +1,525 @@
+"""Two-group statistics over feature dimensions (pure numpy/scipy), and the statistics CLI.
+
+Everything is vectorised over the ``D`` feature dimensions: one sort gives the Mann-Whitney
+ranks and tie counts of every feature; one kernel matrix gives every permutation of the MMD test.
+
+The functions equal their scipy counterparts (``scipy.stats.mannwhitneyu`` two-sided with
+``method="auto"`` applied per feature, ``scipy.stats.false_discovery_control``) and are tested
+against them. Arrays are ``(n_samples, D)``: rows are clips or videos, columns are features.
+
+CLI (see :func:`main`)::
+
+    python -m marlin_jax.analysis.stats --features_dir F --meta M.csv --group_column G \
+        --output_dir O
+    python -m marlin_jax.analysis.stats --group_dir pre=F1 --group_dir post=F2 --output_dir O
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import special
+
+__all__ = [
+    "EFFECT_BANDS",
+    "GroupComparison",
+    "MMDResult",
+    "benjamini_hochberg",
+    "cohens_d",
+    "compare_groups",
+    "effect_size_band_counts",
+    "mann_whitney_u",
+    "median_heuristic_bandwidth",
+    "mmd2_unbiased",
+    "mmd_permutation_test",
+    "rbf_kernel",
+]
+
+# Cohen's conventional bands on |d| (the issue's bins): > 0.8, (0.5, 0.8], <= 0.5.
+EFFECT_BANDS: tuple[tuple[str, float, float], ...] = (
+    ("large (|d| > 0.8)", 0.8, np.inf),
+    ("medium (0.5 < |d| <= 0.8)", 0.5, 0.8),
+    ("small (|d| <= 0.5)", -np.inf, 0.5),
+)
+
+
+def _as_samples(x: np.ndarray, name: str) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim == 1:
+        x = x[:, None]
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be (n_samples, D) or (n_samples,), got shape {x.shape}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} has no samples")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return x
+
+
+def _check_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    a, b = _as_samples(a, "group a"), _as_samples(b, "group b")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"groups have different feature sizes: {a.shape[1]} vs {b.shape[1]}")
+    return a, b
+
+
+# ----------------------------------------------------------------------------- Mann-Whitney U
+@functools.lru_cache(maxsize=64)
+def _exact_u_tail(n1: int, n2: int) -> np.ndarray:
+    """``P(U >= u)`` for ``u = 0 .. n1*n2`` under H0 with no ties, exactly.
+
+    The counts of U are the coefficients of the Gaussian binomial
+    ``[n1+n2 choose n1]_q = prod_{i=1..n1} (1 - q^(n2+i)) / (1 - q^i)``; they are built with
+    Python integers (object arrays), so they are exact for any size, and divided once at the end.
+    """
+    n1, n2 = min(n1, n2), max(n1, n2)
+    size = n1 * n2 + n1 + 1
+    c = np.zeros(size, dtype=object)
+    c[:] = 0
+    c[0] = 1
+    for i in range(1, n1 + 1):
+        shift = n2 + i
+        c[shift:] = c[shift:] - c[:-shift]  # multiply by (1 - q^shift)
+        # divide by (1 - q^i): running sums along each residue class mod i
+        pad = (-size) % i
+        block = np.concatenate([c, np.zeros(pad, dtype=object)]).reshape(-1, i)
+        c = np.cumsum(block, axis=0).reshape(-1)[:size]
+    counts = c[: n1 * n2 + 1]
+    total = sum(counts)
+    tail = np.cumsum(counts[::-1])[::-1]  # counts of U >= u
+    return np.array([t / total for t in tail], dtype=np.float64)
+
+
+def mann_whitney_u(
+    a: np.ndarray,
+    b: np.ndarray,
+    *,
+    use_continuity: bool = True,
+    method: str = "auto",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Two-sided Mann-Whitney U test of every feature: ``(U_a (D,), p (D,))``.
+
+    ``a`` is ``(n1, D)``, ``b`` is ``(n2, D)``. ``U_a`` is the statistic of the first sample
+    (as scipy). ``method="auto"`` picks, per feature, the exact null distribution when one
+    sample has at most 8 values and that feature has no ties, and otherwise the normal
+    approximation with tie correction and (optionally) continuity correction; this equals
+    ``scipy.stats.mannwhitneyu(a[:, j], b[:, j])`` for every ``j``.
+    """
+    if method not in ("auto", "exact", "asymptotic"):
+        raise ValueError(f"method must be 'auto', 'exact' or 'asymptotic', got {method!r}")
+    a, b = _check_pair(a, b)
+    n1, n2 = a.shape[0], b.shape[0]
+    n = n1 + n2
+    d = a.shape[1]
+    xy = np.concatenate([a, b], axis=0)  # (n, D)
+
+    # One sort per feature gives average ranks and tie-group sizes.
+    order = np.argsort(xy, axis=0, kind="stable")
+    s = np.take_along_axis(xy, order, axis=0)
+    starts = np.ones((n, d), dtype=bool)
+    starts[1:] = s[1:] != s[:-1]
+    flat_starts = np.flatnonzero(starts.T.ravel())  # run starts in feature-major order
+    lengths = np.diff(np.append(flat_starts, n * d))
+    feature_of_run = flat_starts // n
+    first_rank = flat_starts % n + 1
+    avg_rank_of_run = first_rank + (lengths - 1) / 2.0
+    ranks_sorted = np.repeat(avg_rank_of_run, lengths).reshape(d, n).T  # (n, D)
+    r1 = np.sum(np.where(order < n1, ranks_sorted, 0.0), axis=0)
+    u1 = r1 - n1 * (n1 + 1) / 2.0
+    u2 = n1 * n2 - u1
+    u = np.maximum(u1, u2)
+    tie_term = np.bincount(
+        feature_of_run, weights=lengths.astype(np.float64) ** 3 - lengths, minlength=d
+    )
+
+    auto_exact = (min(n1, n2) <= 8) & (tie_term == 0)
+    exact = auto_exact if method == "auto" else np.full(d, method == "exact")
+
+    p = np.empty(d, dtype=np.float64)
+    if np.any(~exact):
+        sigma = np.sqrt(n1 * n2 / 12.0 * ((n + 1) - tie_term[~exact] / (n * (n - 1))))
+        num = u[~exact] - n1 * n2 / 2.0 - (0.5 if use_continuity else 0.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = num / sigma
+        p[~exact] = 2.0 * special.ndtr(-z)
+    if np.any(exact):
+        tail = _exact_u_tail(n1, n2)
+        p[exact] = 2.0 * tail[np.rint(u[exact]).astype(np.int64)]
+    return u1, np.clip(p, 0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------- FDR
+def benjamini_hochberg(p: np.ndarray, method: str = "bh") -> np.ndarray:
+    """FDR-adjusted p-values (q-values) of a 1-D array, Benjamini-Hochberg (``"bh"``) or
+    Benjamini-Yekutieli (``"by"``); equals ``scipy.stats.false_discovery_control``.
+
+    Rejecting ``q <= alpha`` controls the false discovery rate at ``alpha`` (``"bh"``: for
+    independent or positively dependent tests; ``"by"``: under any dependence).
+    """
+    p = np.asarray(p, dtype=np.float64)
+    if p.ndim != 1:
+        raise ValueError(f"p-values must be 1-D, got shape {p.shape}")
+    if np.any(~np.isfinite(p)) or np.any((p < 0) | (p > 1)):
+        raise ValueError("p-values must be numbers in [0, 1]")
+    if method not in ("bh", "by"):
+        raise ValueError(f"method must be 'bh' or 'by', got {method!r}")
+    m = p.size
+    if m <= 1:
+        return p.copy()
+    order = np.argsort(p)
+    i = np.arange(1, m + 1, dtype=np.float64)
+    q = p[order] * (m / i)
+    if method == "by":
+        q *= np.sum(1.0 / i)
+    q = np.minimum(np.minimum.accumulate(q[::-1])[::-1], 1.0)
+    out = np.empty_like(q)
+    out[order] = q
+    return out
+
+
+# ----------------------------------------------------------------------------- effect size
+def cohens_d(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cohen's d of every feature, ``(mean_a - mean_b) / pooled SD``: ``(D,)``.
+
+    Pooled SD = ``sqrt(((n1-1) s1^2 + (n2-1) s2^2) / (n1 + n2 - 2))`` with unbiased variances.
+    A feature with zero pooled SD gets d = 0 if the means are equal, else +-inf.
+    """
+    a, b = _check_pair(a, b)
+    n1, n2 = a.shape[0], b.shape[0]
+    if n1 + n2 < 3:
+        raise ValueError(f"Cohen's d needs at least 3 samples in total, got {n1} + {n2}")
+    diff = a.mean(0) - b.mean(0)
+    ss = a.var(0, ddof=0) * n1 + b.var(0, ddof=0) * n2  # sums of squared deviations
+    sd = np.sqrt(ss / (n1 + n2 - 2))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = diff / sd
+    zero = sd == 0
+    d[zero] = np.where(diff[zero] == 0, 0.0, np.copysign(np.inf, diff[zero]))
+    return d
+
+
+def effect_size_band_counts(d: np.ndarray, mask: np.ndarray | None = None) -> dict[str, int]:
+    """How many features (optionally only where ``mask``) fall in each |d| band of
+    :data:`EFFECT_BANDS`."""
+    ad = np.abs(np.asarray(d, dtype=np.float64))
+    if mask is not None:
+        ad = ad[np.asarray(mask, dtype=bool)]
+    return {name: int(np.sum((ad > lo) & (ad <= hi))) for name, lo, hi in EFFECT_BANDS}
+
+
+# ----------------------------------------------------------------------------- MMD
+def _sq_dists(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    d2 = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * x @ y.T
+    return np.maximum(d2, 0.0)
+
+
+def median_heuristic_bandwidth(z: np.ndarray) -> float:
+    """Median of the pairwise Euclidean distances ``||z_i - z_j||`` over ``i < j``.
+
+    Falls back to 1.0 when all points coincide (the kernel is then constant anyway)."""
+    z = _as_samples(z, "samples")
+    if z.shape[0] < 2:
+        raise ValueError("the median heuristic needs at least 2 samples")
+    iu = np.triu_indices(z.shape[0], k=1)
+    med = float(np.median(np.sqrt(_sq_dists(z, z)[iu])))
+    return med if med > 0 else 1.0
+
+
+def rbf_kernel(x: np.ndarray, y: np.ndarray, bandwidth: float) -> np.ndarray:
+    """Gaussian kernel ``exp(-||x_i - y_j||^2 / (2 bandwidth^2))``: ``(n_x, n_y)``."""
+    return np.exp(-_sq_dists(x, y) / (2.0 * bandwidth**2))
+
+
+def _mmd2_from_sums(s_aa, s_bb, s_ab, n1: int, n2: int):
+    return s_aa / (n1 * (n1 - 1)) + s_bb / (n2 * (n2 - 1)) - 2.0 * s_ab / (n1 * n2)
+
+
+def mmd2_unbiased(a: np.ndarray, b: np.ndarray, bandwidth: float) -> float:
+    """Unbiased estimate of the squared MMD with an RBF kernel (Gretton et al. 2012, eq. 3):
+    within-group sums exclude the diagonal."""
+    a, b = _check_pair(a, b)
+    if a.shape[0] < 2 or b.shape[0] < 2:
+        raise ValueError("the unbiased MMD needs at least 2 samples per group")
+    kaa, kbb, kab = rbf_kernel(a, a, bandwidth), rbf_kernel(b, b, bandwidth), rbf_kernel(a, b, bandwidth)
+    s_aa = kaa.sum() - np.trace(kaa)
+    s_bb = kbb.sum() - np.trace(kbb)
+    return float(_mmd2_from_sums(s_aa, s_bb, kab.sum(), a.shape[0], b.shape[0]))
+
+
+@dataclasses.dataclass(frozen=True)
+class MMDResult:
+    """Kernel two-sample test result: unbiased MMD^2, permutation p-value and settings."""
+
+    mmd2: float
+    p_value: float
+    bandwidth: float
+    n_permutations: int
+    n_a: int
+    n_b: int
+
+
+def mmd_permutation_test(
+    a: np.ndarray,
+    b: np.ndarray,
+    *,
+    n_permutations: int = 1000,
+    bandwidth: float | None = None,
+    seed: int = 0,
+    chunk: int = 256,
+) -> MMDResult:
+    """RBF-kernel MMD two-sample test with a permutation p-value.
+
+    The bandwidth defaults to the median heuristic on the pooled samples. Permutation ``k`` uses
+    the ``k``-th ``rng.permutation(n1 + n2)`` of ``np.random.default_rng(seed)``; its first
+    ``n1`` indices form group a. The p-value is ``(1 + #{MMD^2_perm >= MMD^2_obs}) /
+    (1 + n_permutations)`` (valid: never 0). All permutations reuse one pooled kernel matrix:
+    with the off-diagonal kernel ``K0`` and group indicator ``z``, the within/between sums are
+    ``z'K0z``, ``(1-z)'K0(1-z)`` and ``z'K0(1-z)``, so ``chunk`` permutations cost one matmul.
+    """
+    a, b = _check_pair(a, b)
+    n1, n2 = a.shape[0], b.shape[0]
+    if n1 < 2 or n2 < 2:
+        raise ValueError(f"the MMD test needs at least 2 samples per group, got {n1} and {n2}")
+    if n_permutations < 1:
+        raise ValueError(f"n_permutations must be >= 1, got {n_permutations}")
+    z = np.concatenate([a, b], axis=0)
+    n = n1 + n2
+    bw = median_heuristic_bandwidth(z) if bandwidth is None else float(bandwidth)
+    k0 = rbf_kernel(z, z, bw)
+    np.fill_diagonal(k0, 0.0)
+    row = k0.sum(1)
+    total = row.sum()
+
+    def stats_for(ind: np.ndarray) -> np.ndarray:  # ind: (P, n) 0/1 rows, 1 = group a
+        s_aa = np.einsum("pi,pi->p", ind @ k0, ind)
+        z_row = ind @ row
+        s_ab = z_row - s_aa
+        s_bb = total - 2.0 * z_row + s_aa
+        return _mmd2_from_sums(s_aa, s_bb, s_ab, n1, n2)
+
+    observed = float(stats_for(np.r_[np.ones(n1), np.zeros(n2)][None])[0])
+    rng = np.random.default_rng(seed)
+    exceed = 0
+    for start in range(0, n_permutations, chunk):
+        p = min(chunk, n_permutations - start)
+        ind = np.zeros((p, n))
+        for r in range(p):
+            ind[r, rng.permutation(n)[:n1]] = 1.0
+        # tolerance: permutations equal to the observed split must count as ">="
+        exceed += int(np.sum(stats_for(ind) >= observed - 1e-12 * max(1.0, abs(observed))))
+    p_value = (1 + exceed) / (1 + n_permutations)
+    return MMDResult(observed, p_value, bw, n_permutations, n1, n2)
+
+
+# ----------------------------------------------------------------------------- all together
+@dataclasses.dataclass
+class GroupComparison:
+    """Per-feature statistics of group a vs group b, plus the multivariate MMD test.
+
+    Arrays are ``(D,)``; ``top`` holds feature indices ordered by q-value, then by |d|.
+    """
+
+    group_a: str
+    group_b: str
+    n_a: int
+    n_b: int
+    u: np.ndarray
+    p: np.ndarray
+    q: np.ndarray
+    d: np.ndarray
+    mean_a: np.ndarray
+    mean_b: np.ndarray
+    alpha: float
+    top: np.ndarray
+    mmd: MMDResult | None
+
+    @property
+    def num_features(self) -> int:
+        return int(self.p.size)
+
+    @property
+    def significant_raw(self) -> np.ndarray:
+        return self.p < self.alpha
+
+    @property
+    def significant_fdr(self) -> np.ndarray:
+        return self.q < self.alpha
+
+    def summary(self) -> dict:
+        """JSON-ready counts: significant before/after FDR, by |d| band, and the MMD test."""
+        out = {
+            "group_a": self.group_a,
+            "group_b": self.group_b,
+            "n_a": self.n_a,
+            "n_b": self.n_b,
+            "num_features": self.num_features,
+            "alpha": self.alpha,
+            "significant_uncorrected": int(self.significant_raw.sum()),
+            "significant_fdr_bh": int(self.significant_fdr.sum()),
+            "effect_size_bands_all": effect_size_band_counts(self.d),
+            "effect_size_bands_significant_fdr": effect_size_band_counts(
+                self.d, self.significant_fdr
+            ),
+            "top_features": [int(i) for i in self.top],
+        }
+        if self.mmd is not None:
+            out["mmd"] = dataclasses.asdict(self.mmd)
+        return out
+
+    def table(self) -> dict[str, np.ndarray]:
+        """Per-feature columns (for a CSV), in feature order."""
+        return {
+            "feature": np.arange(self.num_features),
+            "mean_" + self.group_a: self.mean_a,
+            "mean_" + self.group_b: self.mean_b,
+            "cohens_d": self.d,
+            "mann_whitney_u": self.u,
+            "p_value": self.p,
+            "q_value_bh": self.q,
+            "significant_uncorrected": self.significant_raw,
+            "significant_fdr": self.significant_fdr,
+        }
+
+
+def compare_groups(
+    a: np.ndarray,
+    b: np.ndarray,
+    *,
+    names: tuple[str, str] = ("a", "b"),
+    alpha: float = 0.05,
+    top_k: int = 20,
+    mmd_permutations: int = 1000,
+    mmd_max_samples: int | None = 2000,
+    seed: int = 0,
+) -> GroupComparison:
+    """Runs every per-feature test and the MMD test on ``a (n1, D)`` vs ``b (n2, D)``.
+
+    Top features: the ``top_k`` smallest q-values, ties broken by larger |d|. The MMD test uses
+    at most ``mmd_max_samples`` rows in total (a seeded random subset, kept in proportion to the
+    group sizes) so its ``(n, n)`` kernel stays in memory; ``mmd_permutations=0`` skips it.
+    """
+    a, b = _check_pair(a, b)
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    u, p = mann_whitney_u(a, b)
+    q = benjamini_hochberg(p)
+    d = cohens_d(a, b)
+    top = np.lexsort((-np.abs(np.nan_to_num(d, posinf=1e300, neginf=1e300)), q))[:top_k]
+    mmd = None
+    if mmd_permutations > 0 and a.shape[0] >= 2 and b.shape[0] >= 2:
+        ma, mb = a, b
+        n = a.shape[0] + b.shape[0]
+        if mmd_max_samples is not None and n > mmd_max_samples:
+            rng = np.random.default_rng(seed + 1)
+            ka = max(2, round(mmd_max_samples * a.shape[0] / n))
+            kb = max(2, mmd_max_samples - ka)
+            ma = a[np.sort(rng.choice(a.shape[0], min(ka, a.shape[0]), replace=False))]
+            mb = b[np.sort(rng.choice(b.shape[0], min(kb, b.shape[0]), replace=False))]
+        mmd = mmd_permutation_test(ma, mb, n_permutations=mmd_permutations, seed=seed)
+    return GroupComparison(
+        group_a=names[0],
+        group_b=names[1],
+        n_a=a.shape[0],
+        n_b=b.shape[0],
+        u=u,
+        p=p,
+        q=q,
+        d=d,
+        mean_a=a.mean(0),
+        mean_b=b.mean(0),
+        alpha=alpha,
+        top=top,
+        mmd=mmd,
+    )
+
+
+# ----------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m marlin_jax.analysis.stats",
+        description=(
+            "Compare two groups of MARLIN feature files (.npy per video, (n_clips, D) or (D,)) "
+            "at clip and video level: Mann-Whitney U + Benjamini-Hochberg FDR, Cohen's d, "
+            "kernel MMD, plots and a Markdown/CSV/JSON report."
+        ),
+    )
+    src = parser.add_argument_group("groups (a metadata table, or one folder per group)")
+    src.add_argument("--features_dir", help="folder of .npy feature files (searched recursively)")
+    src.add_argument("--meta", help="metadata table (.csv, .tsv, .xlsx) with one row per video")
+    src.add_argument("--group_column", help="metadata column holding the group of each video")
+    src.add_argument(
+        "--id_column",
+        help="metadata column naming the video (file name with or without extension); "
+        "default: the first of video/video_id/filename/file/name/id/path present",
+    )
+    src.add_argument(
+        "--groups",
+        nargs=2,
+        metavar=("A", "B"),
+        help="the two group values to compare (required when the column has more than two)",
+    )
+    src.add_argument(
+        "--group_dir",
+        action="append",
+        metavar="NAME=DIR",
+        help="a group as a folder of .npy files, e.g. --group_dir pre=F1 --group_dir post=F2",
+    )
+    src.add_argument("--pre_dir", help="shorthand for --group_dir pre=DIR")
+    src.add_argument("--post_dir", help="shorthand for --group_dir post=DIR")
+    parser.add_argument("--output_dir", required=True, help="where the report and plots go")
+    parser.add_argument("--alpha", type=float, default=0.05, help="FDR / significance level")
+    parser.add_argument("--top_k", type=int, default=20, help="number of top features reported")
+    parser.add_argument("--mmd_permutations", type=int, default=1000)
+    parser.add_argument("--mmd_max_samples", type=int, default=2000)
+    parser.add_argument(
+        "--levels",
+        nargs="+",
+        choices=("clip", "video"),
+        default=("clip", "video"),
+        help="analysis levels: clip (every clip a sample) and/or video (mean over its clips)",
+    )
+    parser.add_argument(
+        "--embeddings",
+        nargs="*",
+        choices=("pca", "umap", "tsne"),
+        default=("pca", "umap", "tsne"),
+        help="2-D embeddings to plot (none: no embedding plot)",
+    )
+    parser.add_argument("--no_plots", action="store_true", help="write the tables only")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the process exit code."""
+    from marlin_jax.analysis.groups import groups_from_args
+    from marlin_jax.analysis.report import run_analysis
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        groups = groups_from_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    report = run_analysis(
+        groups,
+        args.output_dir,
+        alpha=args.alpha,
+        top_k=args.top_k,
+        levels=tuple(args.levels),
+        mmd_permutations=args.mmd_permutations,
+        mmd_max_samples=args.mmd_max_samples,
+        embeddings=() if args.no_plots else tuple(args.embeddings),
+        plots=not args.no_plots,
+        seed=args.seed,
+    )
+    print(f"report: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

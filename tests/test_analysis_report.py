@@ -1,0 +1,206 @@
+"""Feature files, group assignment, plots, the report and the statistics CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from marlin_jax.analysis import stats as stats_cli
+from marlin_jax.analysis.groups import (
+    groups_from_dirs,
+    groups_from_metadata,
+    load_feature_dir,
+    load_feature_file,
+    read_metadata,
+    video_id,
+)
+
+DIM = 48
+PLANTED = [5, 11, 30]
+
+
+def _write_groups(root, n_videos=12, seed=0, shift=3.0):
+    """Two groups of per-video feature files; group "poor" is shifted in PLANTED dims.
+
+    Videos have 1-4 clips; clips of one video share a per-video offset (as real clips do)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    (root / "feats").mkdir(parents=True)
+    for i in range(2 * n_videos):
+        group = "good" if i < n_videos else "poor"
+        offset = rng.normal(size=DIM)
+        x = offset + 0.3 * rng.normal(size=(int(rng.integers(1, 5)), DIM))
+        if group == "poor":
+            x[:, PLANTED] += shift
+        name = f"subj{i:02d}"
+        arr = x[0] if i == 0 else x  # one reduced (D,) file: read as one clip
+        np.save(root / "feats" / f"{name}.npy", arr.astype(np.float32))
+        rows.append({"Video": f"{name}.mp4", "outcome": group, "age": 40 + i})
+    return pd.DataFrame(rows)
+
+
+def test_video_id():
+    assert video_id("a/b/clip.01.mp4") == "clip.01"
+    assert video_id("x.npy") == "x"
+    assert video_id(" subject_3 ") == "subject_3"
+
+
+def test_load_feature_files_and_errors(tmp_path):
+    np.save(tmp_path / "a.npy", np.ones((3, 4), np.float32))
+    np.save(tmp_path / "b.npy", np.ones(4, np.float32))
+    feats = load_feature_dir(tmp_path)
+    assert feats["a"].shape == (3, 4) and feats["b"].shape == (1, 4)
+
+    np.save(tmp_path / "bad.npy", np.ones((2, 3, 4)))
+    with pytest.raises(ValueError, match=r"bad\.npy.*shape \(2, 3, 4\)"):
+        load_feature_file(tmp_path / "bad.npy")
+    np.save(tmp_path / "bad.npy", np.full((2, 4), np.nan))
+    with pytest.raises(ValueError, match=r"bad\.npy.*NaN"):
+        load_feature_file(tmp_path / "bad.npy")
+    (tmp_path / "bad.npy").write_bytes(b"not numpy")
+    with pytest.raises(ValueError, match=r"bad\.npy.*not a readable"):
+        load_feature_file(tmp_path / "bad.npy")
+    (tmp_path / "bad.npy").unlink()
+
+    np.save(tmp_path / "c.npy", np.ones((2, 5)))
+    with pytest.raises(ValueError, match="disagree on the feature size"):
+        load_feature_dir(tmp_path)
+    (tmp_path / "c.npy").unlink()
+    (tmp_path / "sub").mkdir()
+    np.save(tmp_path / "sub" / "a.npy", np.ones((2, 4)))
+    with pytest.raises(ValueError, match="same video id 'a'"):
+        load_feature_dir(tmp_path)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_feature_dir(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no .npy"):
+        load_feature_dir(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("ext", [".csv", ".xlsx"])
+def test_groups_from_metadata_csv_and_excel(tmp_path, ext):
+    meta = _write_groups(tmp_path)
+    meta.loc[len(meta)] = {"Video": "no_such_video.mp4", "outcome": "good", "age": 1}
+    path = tmp_path / f"meta{ext}"
+    meta.to_csv(path, index=False) if ext == ".csv" else meta.to_excel(path, index=False)
+    feats = load_feature_dir(tmp_path / "feats")
+    np.save(tmp_path / "feats" / "extra.npy", np.zeros(DIM))  # a file without a row
+    feats["extra"] = np.zeros((1, DIM))
+    groups = groups_from_metadata(feats, read_metadata(path), "outcome", meta_name=str(path))
+    assert groups.names == ("good", "poor")
+    assert len(groups.features["good"]) == 12 and len(groups.features["poor"]) == 12
+    assert groups.video_level("good").shape == (12, DIM)
+    n_clips = sum(x.shape[0] for x in groups.features["good"].values())
+    assert groups.clip_level("good").shape == (n_clips, DIM)
+    assert len(groups.video_ids("good", "clip")) == n_clips
+    notes = " ".join(groups.notes)
+    assert "no_such_video" in notes and "extra" in notes
+
+
+def test_groups_from_metadata_errors(tmp_path):
+    feats = {"a": np.zeros((1, 3)), "b": np.ones((1, 3)), "c": np.ones((1, 3))}
+    meta = pd.DataFrame({"file": ["a", "b", "c"], "arm": [1.0, 2.0, 3.0]})
+    with pytest.raises(ValueError, match="has 3 values.*--groups"):
+        groups_from_metadata(feats, meta, "arm")
+    g = groups_from_metadata(feats, meta, "arm", groups=["1", "3"])  # Excel floats read as ints
+    assert list(g.features["1"]) == ["a"] and list(g.features["3"]) == ["c"]
+    with pytest.raises(ValueError, match="no column 'group'"):
+        groups_from_metadata(feats, meta, "group")
+    with pytest.raises(ValueError, match="--id_column"):
+        groups_from_metadata(feats, meta.rename(columns={"file": "x"}), "arm", groups=["1", "2"])
+    with pytest.raises(ValueError, match=r"not in column 'arm'"):
+        groups_from_metadata(feats, meta, "arm", groups=["1", "9"])
+    with pytest.raises(ValueError, match="has no videos"):
+        groups_from_metadata({"a": feats["a"]}, meta, "arm", groups=["1", "2"])
+    bad = tmp_path / "meta.json"
+    bad.write_text("{}")
+    with pytest.raises(ValueError, match=r"meta\.json.*unsupported"):
+        read_metadata(bad)
+
+
+def test_groups_from_dirs_notes_shared_ids(tmp_path):
+    for g in ("pre", "post"):
+        (tmp_path / g).mkdir()
+        for i in range(3):
+            np.save(tmp_path / g / f"s{i}.npy", np.random.default_rng(i).normal(size=(2, 4)))
+    groups = groups_from_dirs({"pre": tmp_path / "pre", "post": tmp_path / "post"})
+    assert groups.names == ("pre", "post")
+    assert "paired" in groups.notes[0]
+
+
+def test_stats_cli_metadata_end_to_end(tmp_path, capsys):
+    meta = _write_groups(tmp_path)
+    meta.to_csv(tmp_path / "meta.csv", index=False)
+    out = tmp_path / "out"
+    rc = stats_cli.main([
+        "--features_dir", str(tmp_path / "feats"), "--meta", str(tmp_path / "meta.csv"),
+        "--group_column", "outcome", "--output_dir", str(out), "--top_k", "10",
+        "--embeddings", "pca", "--mmd_permutations", "200",
+    ])  # fmt: skip
+    assert rc == 0 and "report.md" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["groups"] == ["good", "poor"]
+    for level in ("clip", "video"):
+        entry = summary["levels"][level]
+        assert set(PLANTED) <= set(entry["top_features"][:3])
+        assert entry["significant_fdr_bh"] >= len(PLANTED)
+        assert entry["mmd"]["p_value"] < 0.05
+        for fig in entry["figures"].values():
+            assert (out / fig).stat().st_size > 10_000
+        table = pd.read_csv(out / entry["csv"])
+        assert len(table) == DIM and table["significant_fdr"].sum() == entry["significant_fdr_bh"]
+    assert summary["levels"]["video"]["n_a"] == 12
+    report = (out / "report.md").read_text()
+    assert "overstate significance" in report and "## Video level" in report
+    assert "plots/video_embeddings.png" in report
+
+
+def test_clip_level_overstates_significance_with_correlated_clips(tmp_path):
+    """No group effect but strong per-video offsets shared by many clips: the clip-level test
+    finds 'effects', the video-level test (the honest one) mostly does not."""
+    rng = np.random.default_rng(7)
+    for g in ("pre", "post"):
+        (tmp_path / g).mkdir()
+        for i in range(8):
+            x = rng.normal(size=DIM) + 0.1 * rng.normal(size=(20, DIM))
+            np.save(tmp_path / g / f"{g}{i}.npy", x)
+    groups = groups_from_dirs({"pre": tmp_path / "pre", "post": tmp_path / "post"})
+    from marlin_jax.analysis.stats import compare_groups
+
+    clip = compare_groups(groups.clip_level("pre"), groups.clip_level("post"), mmd_permutations=0)
+    video = compare_groups(
+        groups.video_level("pre"), groups.video_level("post"), mmd_permutations=0
+    )
+    assert clip.significant_fdr.sum() > 5 * max(1, video.significant_fdr.sum())
+
+
+def test_stats_cli_bad_arguments(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        stats_cli.main(["--output_dir", str(tmp_path)])
+    assert "--features_dir" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        stats_cli.main(["--group_dir", "pre", "--output_dir", str(tmp_path)])
+    assert "NAME=DIR" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_stats_cli_pre_post_dirs_all_embeddings(tmp_path):
+    """Pre/post folders with UMAP and t-SNE (slow: umap-learn compiles with numba)."""
+    _write_groups(tmp_path)
+    feats = sorted((tmp_path / "feats").glob("*.npy"))
+    for g, files in (("pre", feats[:12]), ("post", feats[12:])):
+        (tmp_path / g).mkdir()
+        for f in files:
+            f.rename(tmp_path / g / f.name)
+    out = tmp_path / "out"
+    stats_cli.main([
+        "--pre_dir", str(tmp_path / "pre"), "--post_dir", str(tmp_path / "post"),
+        "--output_dir", str(out), "--mmd_permutations", "100",
+    ])  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["groups"] == ["pre", "post"]
+    assert summary["levels"]["video"]["notes"] == []  # PCA, UMAP and t-SNE all ran
+    assert (out / "plots" / "video_embeddings.png").exists()

@@ -1,0 +1,211 @@
+"""Statistics of marlin_jax.analysis.stats against scipy and direct reference implementations."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import scipy.stats as ss
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from scipy.spatial.distance import pdist
+
+from marlin_jax.analysis.stats import (
+    benjamini_hochberg,
+    cohens_d,
+    compare_groups,
+    effect_size_band_counts,
+    mann_whitney_u,
+    median_heuristic_bandwidth,
+    mmd2_unbiased,
+    mmd_permutation_test,
+)
+
+
+def _scipy_mwu(a, b, **kw):
+    res = [ss.mannwhitneyu(a[:, j], b[:, j], **kw) for j in range(a.shape[1])]
+    return np.array([r.statistic for r in res]), np.array([r.pvalue for r in res])
+
+
+@pytest.mark.parametrize(
+    "n1,n2", [(1, 1), (1, 6), (3, 3), (5, 7), (8, 30), (9, 9), (40, 3), (25, 31)]
+)
+def test_mann_whitney_equals_scipy_with_and_without_ties(n1, n2):
+    rng = np.random.default_rng(n1 * 100 + n2)
+    a = rng.normal(size=(n1, 40))
+    b = rng.normal(size=(n2, 40)) + 0.4
+    # first half of the features: heavy ties (few distinct values), so both the exact branch
+    # (no ties, a small sample) and the tie-corrected normal branch are exercised
+    a[:, :20], b[:, :20] = np.round(a[:, :20]), np.round(b[:, :20])
+    u, p = mann_whitney_u(a, b)
+    u_ref, p_ref = _scipy_mwu(a, b)
+    np.testing.assert_allclose(u, u_ref, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(p, p_ref, rtol=1e-10, atol=1e-300)
+
+
+@pytest.mark.parametrize("method", ["asymptotic", "exact"])
+@pytest.mark.parametrize("use_continuity", [True, False])
+def test_mann_whitney_methods_equal_scipy(method, use_continuity):
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(7, 25)), rng.normal(size=(11, 25)) + 0.7
+    u, p = mann_whitney_u(a, b, method=method, use_continuity=use_continuity)
+    u_ref, p_ref = _scipy_mwu(a, b, method=method, use_continuity=use_continuity)
+    np.testing.assert_allclose(u, u_ref, atol=1e-9)
+    np.testing.assert_allclose(p, p_ref, rtol=1e-10)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    a=hnp.arrays(np.int8, st.tuples(st.integers(1, 12), st.just(3)), elements=st.integers(-3, 3)),
+    b=hnp.arrays(np.int8, st.tuples(st.integers(1, 12), st.just(3)), elements=st.integers(-3, 3)),
+)
+def test_mann_whitney_property_small_integer_samples(a, b):
+    """Tiny samples of few distinct values: every tie pattern, both methods of 'auto'."""
+    a, b = a.astype(float), b.astype(float)
+    u, p = mann_whitney_u(a, b)
+    u_ref, p_ref = _scipy_mwu(a, b)
+    np.testing.assert_allclose(u, u_ref, atol=1e-9)
+    np.testing.assert_allclose(p, p_ref, rtol=1e-10)
+
+
+def test_mann_whitney_rejects_bad_input():
+    with pytest.raises(ValueError, match="NaN"):
+        mann_whitney_u(np.array([[np.nan]]), np.ones((3, 1)))
+    with pytest.raises(ValueError, match="different feature sizes"):
+        mann_whitney_u(np.ones((3, 2)), np.ones((3, 4)))
+    with pytest.raises(ValueError, match="method"):
+        mann_whitney_u(np.ones((3, 2)), np.ones((3, 2)), method="permutation")
+
+
+@pytest.mark.parametrize("method", ["bh", "by"])
+def test_benjamini_hochberg_equals_scipy(method):
+    rng = np.random.default_rng(0)
+    p = np.concatenate([rng.uniform(size=300) ** 3, [0.0, 1.0, 0.2, 0.2, 0.2]])  # with ties
+    np.testing.assert_allclose(
+        benjamini_hochberg(p, method), ss.false_discovery_control(p, method=method), rtol=1e-12
+    )
+    np.testing.assert_allclose(benjamini_hochberg(np.array([0.3]), method), [0.3])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        benjamini_hochberg(np.array([0.1, 1.5]))
+
+
+def test_cohens_d_pooled_sd():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(1.0, 2.0, size=(13, 6)), rng.normal(0.0, 1.0, size=(21, 6))
+    pooled = np.sqrt((12 * a.var(0, ddof=1) + 20 * b.var(0, ddof=1)) / 32)
+    np.testing.assert_allclose(cohens_d(a, b), (a.mean(0) - b.mean(0)) / pooled, rtol=1e-12)
+    # constant features: equal means -> 0, different means -> signed infinity
+    const = cohens_d(np.array([[1.0, 2.0]] * 3), np.array([[1.0, 1.0]] * 4))
+    assert const[0] == 0.0 and const[1] == np.inf
+
+
+def test_effect_size_bands_edges():
+    d = np.array([0.5, -0.5, 0.8, 0.81, -0.9, 0.2, 0.51, -np.inf])
+    assert effect_size_band_counts(d) == {
+        "large (|d| > 0.8)": 3,
+        "medium (0.5 < |d| <= 0.8)": 2,
+        "small (|d| <= 0.5)": 3,
+    }
+    mask = np.array([1, 0, 0, 1, 0, 0, 0, 0], bool)
+    assert sum(effect_size_band_counts(d, mask).values()) == 2
+
+
+# ----------------------------------------------------------------------------- MMD reference
+def _ref_mmd2(x, y, sigma):
+    """Unbiased MMD^2 written out term by term (Gretton et al. 2012, eq. 3)."""
+
+    def k(u, v):
+        return np.exp(-np.sum((u - v) ** 2) / (2 * sigma**2))
+
+    m, n = len(x), len(y)
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
+    return xx + yy - 2 * xy
+
+
+def test_mmd_equals_direct_reference():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(7, 5)), rng.normal(size=(9, 5)) + 0.8
+    z = np.concatenate([x, y])
+    sigma = median_heuristic_bandwidth(z)
+    assert sigma == pytest.approx(np.median(pdist(z)), rel=1e-12)
+    assert mmd2_unbiased(x, y, sigma) == pytest.approx(_ref_mmd2(x, y, sigma), rel=1e-10)
+
+    n_perm = 60
+    res = mmd_permutation_test(x, y, n_permutations=n_perm, seed=5)
+    observed = _ref_mmd2(x, y, sigma)
+    perm_rng = np.random.default_rng(5)  # the documented permutation stream
+    exceed = 0
+    for _ in range(n_perm):
+        idx = perm_rng.permutation(len(z))
+        exceed += _ref_mmd2(z[idx[: len(x)]], z[idx[len(x) :]], sigma) >= observed - 1e-12
+    assert res.mmd2 == pytest.approx(observed, rel=1e-10)
+    assert res.bandwidth == pytest.approx(sigma)
+    assert res.p_value == pytest.approx((1 + exceed) / (1 + n_perm))
+
+
+def test_mmd_detects_shift_and_is_calibrated_under_null():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(40, 16)), rng.normal(size=(40, 16))
+    y[:, :3] += 1.0
+    assert mmd_permutation_test(x, y, n_permutations=200).p_value < 0.01
+    # under H0 the permutation p-value is (super-)uniform: about 5% of tests below 0.05
+    null_p = [
+        mmd_permutation_test(
+            rng.normal(size=(15, 8)), rng.normal(size=(15, 8)), n_permutations=99, seed=s
+        ).p_value
+        for s in range(60)
+    ]
+    assert np.mean(np.array(null_p) <= 0.05) <= 0.15
+    assert 0.3 < np.mean(null_p) < 0.7
+
+
+# ----------------------------------------------------------------------------- planted effects
+def test_planted_effects_found_and_fdr_controlled():
+    """Many independent replicates at once (stacked as features): every planted dimension is
+    found, and the false discovery proportion among nulls averages at most alpha."""
+    rng = np.random.default_rng(0)
+    reps, dim, planted, n = 200, 100, 10, 40
+    a = rng.normal(size=(n, reps * dim))
+    b = rng.normal(size=(n, reps * dim))
+    is_planted = np.zeros((reps, dim), bool)
+    is_planted[:, :planted] = True
+    b[:, is_planted.ravel()] += 1.5
+    _, p = mann_whitney_u(a, b)
+    p = p.reshape(reps, dim)
+    q = np.stack([benjamini_hochberg(row) for row in p])
+    found = q < 0.05
+    assert found[is_planted].mean() > 0.99  # power
+    fdp = (found & ~is_planted).sum(1) / np.maximum(found.sum(1), 1)
+    # BH: E[FDP] <= alpha * m0 / m = 0.045; allow 3 standard errors of the replicate mean
+    assert fdp.mean() <= 0.045 + 3 * fdp.std() / np.sqrt(reps)
+    # and without correction the nulls would be flagged far more often
+    assert (p[~is_planted] < 0.05).mean() > 0.04
+
+
+def test_global_null_fdr_equals_familywise_rate():
+    rng = np.random.default_rng(1)
+    reps, dim = 300, 50
+    _, p = mann_whitney_u(rng.normal(size=(30, reps * dim)), rng.normal(size=(30, reps * dim)))
+    any_found = [np.any(benjamini_hochberg(row) < 0.05) for row in p.reshape(reps, dim)]
+    assert np.mean(any_found) <= 0.05 + 3 * np.sqrt(0.05 * 0.95 / reps)
+
+
+def test_compare_groups_summary_and_top():
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(50, 64)), rng.normal(size=(45, 64))
+    planted = [3, 17, 40]
+    a[:, planted] += np.array([2.0, -1.5, 1.0])
+    res = compare_groups(a, b, names=("pre", "post"), top_k=5, mmd_permutations=200)
+    assert set(planted) <= set(res.top[:3].tolist())
+    s = res.summary()
+    assert s["significant_fdr_bh"] == int(np.sum(res.q < 0.05)) >= 3
+    assert s["significant_uncorrected"] >= s["significant_fdr_bh"]
+    assert sum(s["effect_size_bands_all"].values()) == 64
+    assert s["mmd"]["p_value"] < 0.05
+    # q ascending along top, |d| descending within equal q
+    for i, j in itertools.pairwise(res.top):
+        assert res.q[i] < res.q[j] or (res.q[i] == res.q[j] and abs(res.d[i]) >= abs(res.d[j]))
