@@ -90,6 +90,23 @@ def test_batch_contract_and_masks():
         np.testing.assert_array_equal(batch["labels"][:, 1], ids_of(batch))
         # temporal sampling: stride 2 over a 40-frame video
         assert (np.diff(batch["video"][:, :, 0, 0, 1].astype(int), axis=1) == 2).all()
+        # fasking keeps the background group first: it alone covers > 25% of the patches, so
+        # every visible token is a patch touching background
+        bg = (parsing_map(64) == 0).reshape(4, 16, 4, 16).any(axis=(1, 3)).reshape(-1)
+        assert bg.mean() > 0.25
+        assert not (batch["mask"].reshape(3, 4, 16) & ~bg).any()
+
+
+def test_synthetic_default_source_end_to_end():
+    pytest.importorskip("marlin_jax.data.synthetic")
+    c = small_config(synthetic_num_videos=4, synthetic_num_frames=12, mask_ratio=0.75)
+    c.img_size, c.clip_frames = 64, 8
+    assert c.source == "synthetic"
+    it = iter(make_dataset(c, split="train", global_batch_size=2))
+    batch = next(it)
+    assert batch["video"].shape == (2, 8, 64, 64, 3) and batch["labels"].shape == (2, 3)
+    assert (batch["mask"].sum(1) == num_visible(0.75, 64)).all()
+    assert it.stats["short_video"] == 2  # 12 frames < 8 * 2: stride 1
 
 
 def test_full_size_defaults_give_the_marlin_shapes():

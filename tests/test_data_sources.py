@@ -292,3 +292,28 @@ def test_synthetic_source_records():
     assert val.name != rec.name
     with pytest.raises(IndexError):
         src[4]
+
+
+def test_video_file_source_reads_the_synthetic_video_dataset(tmp_path):
+    synthetic = pytest.importorskip("marlin_jax.data.synthetic")
+    root = synthetic.write_video_dataset(tmp_path / "synth", 3, num_frames=10, size=32)
+    src = VideoFileSource(str(root), "train")
+    assert len(src) == 3 and src.has_labels
+    for i in range(3):
+        rec, want = src[i], synthetic.render_video(i, num_frames=10, size=32)
+        assert rec.name == want["name"] + ".mp4" and rec.num_frames == 10
+        np.testing.assert_array_equal(rec.labels, want["labels"])
+        np.testing.assert_array_equal(rec.read_parsing([2, 7]), want["parsing"][[2, 7]])
+
+
+def test_ytf_source_reads_the_synthetic_ytf_layout(tmp_path):
+    synthetic = pytest.importorskip("marlin_jax.data.synthetic")
+    root = synthetic.write_ytf_layout(tmp_path / "ytf", 4, num_frames=12, size=32)
+    train, val = YtfSource(str(root), "train"), YtfSource(str(root), "val")
+    assert len(train) == 3 and len(val) == 1
+    rec, want = train[1], synthetic.render_video(1, num_frames=12, size=32)
+    assert rec.num_frames == 12
+    np.testing.assert_array_equal(np.stack(rec.read_parsing(range(12))), want["parsing"])
+    # JPEG is lossy: frames in temporal order match the render closely
+    err = np.abs(rec.read_frames(range(12)).astype(int) - want["frames"]).mean()
+    assert err < 8
