@@ -1,0 +1,411 @@
+"""Dataset preprocessing jobs (YouTube Faces, CelebV-HQ): crop faces, parse them, write splits.
+
+The CLIs in ``scripts/preprocess_*.py`` are thin wrappers over this module; the per-video job
+functions live here so worker processes can import them. Every job is idempotent and atomic
+(outputs are written to a temporary name and renamed), so an interrupted run resumes where it
+stopped; a job never raises, it returns a :class:`JobResult` and failures are summarised.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+
+import cv2
+import numpy as np
+
+from marlin_jax.face.crop import FaceCropper, NoFaceError, crop_square
+from marlin_jax.face.detect import detect_faces
+from marlin_jax.face.parse import FaceParser
+from marlin_jax.video_io import VideoReadError, iter_frames, video_info, write_video
+
+FRAME_DIR, CROP_DIR, PARSING_DIR = "frame_images_DB", "crop_images_DB", "face_parsing_images_DB"
+IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+STATE_DIR = ".marlin_face_preprocess"  # per-video completion markers, outside the dataset dirs
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """Outcome of one video: status ``done`` | ``skipped`` (already done) | ``failed``."""
+
+    key: str
+    status: str
+    frames: int = 0
+    faces: int = 0
+    message: str = ""
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def natural_key(name: str) -> list:
+    """Sort key ordering embedded numbers numerically ("2.10.jpg" after "2.9.jpg")."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _atomic_write(path: str, write: Callable[[str], None], suffix: str) -> None:
+    """Calls ``write(tmp_path)`` then renames to ``path``, so readers never see partial files."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".part-", suffix=suffix, dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_jpeg(path: str, rgb: np.ndarray) -> None:
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError(f"{path}: JPEG encoding failed")
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(buf.tobytes())
+
+    _atomic_write(path, write, ".jpg")
+
+
+def _write_text(path: str, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    _atomic_write(path, write, ".txt")
+
+
+def _remove_stale_parts(directory: str) -> None:
+    """Deletes temporary files a killed run left behind (they would be listed as frames)."""
+    if os.path.isdir(directory):
+        for n in os.listdir(directory):
+            if n.startswith(".part-"):
+                os.remove(os.path.join(directory, n))
+
+
+def _write_npy(path: str, array: np.ndarray) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+    _atomic_write(path, write, ".npy")
+
+
+def _worker_init() -> None:
+    cv2.setNumThreads(1)
+
+
+def _safe(job: Callable[[str], JobResult], key: str) -> JobResult:
+    try:
+        return job(key)
+    except NoFaceError as e:
+        return JobResult(key, "failed", message=f"no face: {e}")
+    except Exception as e:  # noqa: BLE001 - one bad video must never stop the batch
+        return JobResult(key, "failed", message=f"{type(e).__name__}: {e}")
+
+
+def run_jobs(
+    job: Callable[[str], JobResult], keys: Sequence[str], workers: int, desc: str
+) -> list[JobResult]:
+    """Runs ``job`` on every key with a tqdm bar, in ``workers`` processes (1 = in-process).
+
+    ``job`` must be picklable (a module-level function or a partial of one). Never raises for
+    a failing key: its result has status ``failed`` and the error message.
+    """
+    from tqdm.auto import tqdm
+
+    results: list[JobResult] = []
+    with tqdm(total=len(keys), desc=desc, unit="video", dynamic_ncols=True) as bar:
+        if workers <= 1:
+            for key in keys:
+                results.append(_safe(job, key))
+                bar.update()
+            return results
+        ctx = get_context("spawn")  # no inherited onnxruntime / OpenCV thread pools
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
+            futures = {pool.submit(_safe, job, key): key for key in keys}
+            for future in as_completed(futures):
+                try:
+                    results.append(future.result())
+                except Exception as e:  # noqa: BLE001 - a worker died (e.g. out of memory)
+                    results.append(JobResult(futures[future], "failed", message=f"worker: {e}"))
+                bar.update()
+    return results
+
+
+def summarize(results: Iterable[JobResult], report_path: str | None = None) -> str:
+    """A human summary (counts, then every failure); writes all results as JSON lines too."""
+    results = sorted(results, key=lambda r: natural_key(r.key))
+    counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
+    lines = [
+        f"{len(results)} videos: {counts['done']} processed, {counts['skipped']} already done, "
+        f"{counts['failed']} failed"
+    ]
+    lines += [f"  FAILED {r.key}: {r.message}" for r in results if r.status == "failed"]
+    if report_path:
+        os.makedirs(os.path.dirname(os.path.abspath(report_path)), exist_ok=True)
+        with open(report_path, "w", encoding="utf-8") as f:
+            for r in results:
+                f.write(json.dumps(asdict(r)) + "\n")
+        lines.append(f"per-video report: {report_path}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ YouTube Faces
+
+
+def list_ytf_videos(data_dir: str) -> list[str]:
+    """``<person>/<video>`` folders under ``data_dir/frame_images_DB`` holding images."""
+    root = os.path.join(data_dir, FRAME_DIR)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{root}: not found (expected YouTube Faces' frame_images_DB)")
+    videos = []
+    for person in sorted(os.listdir(root), key=natural_key):
+        pdir = os.path.join(root, person)
+        if not os.path.isdir(pdir):
+            continue
+        for vid in sorted(os.listdir(pdir), key=natural_key):
+            vdir = os.path.join(pdir, vid)
+            if os.path.isdir(vdir) and any(n.lower().endswith(IMAGE_EXTS) for n in os.listdir(vdir)):
+                videos.append(f"{person}/{vid}")
+    return videos
+
+
+def _ytf_outputs(data_dir: str, rel: str, name: str) -> tuple[str, str]:
+    stem = os.path.splitext(name)[0]
+    return (
+        os.path.join(data_dir, CROP_DIR, rel, stem + ".jpg"),
+        os.path.join(data_dir, PARSING_DIR, rel, stem + ".npy"),
+    )
+
+
+def _ytf_done(data_dir: str, rel: str, names: list[str], marker: str) -> bool:
+    """True when a previous run finished this video: its marker lists the same source frames
+    and every output of the readable ones exists."""
+    try:
+        with open(marker, encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return False
+    if state.get("sources") != names:
+        return False
+    bad = set(state.get("unreadable", ()))
+    return all(
+        os.path.exists(p) for n in names if n not in bad for p in _ytf_outputs(data_dir, rel, n)
+    )
+
+
+def process_ytf_video(
+    rel: str, data_dir: str, cropper: FaceCropper, parser: FaceParser, overwrite: bool = False
+) -> JobResult:
+    """Crops and parses one YouTube Faces video folder ``rel`` (``<person>/<video>``).
+
+    Writes ``crop_images_DB/<rel>/<frame>.jpg`` (224 x 224 face crops, smoothed boxes) and
+    ``face_parsing_images_DB/<rel>/<frame>.npy``: uint8 ``(n_faces, 224, 224)`` LaPa maps, as the
+    original (n_faces 1, or 0 where the detector found no face in that frame). Unreadable frames
+    are left out (and named in the message). Skips the folder when a completion marker in
+    ``<data_dir>/.marlin_face_preprocess/`` matches its frames and every output exists.
+    """
+    src = os.path.join(data_dir, FRAME_DIR, rel)
+    for out in (CROP_DIR, PARSING_DIR):
+        _remove_stale_parts(os.path.join(data_dir, out, rel))
+    names = sorted((n for n in os.listdir(src) if n.lower().endswith(IMAGE_EXTS)), key=natural_key)
+    marker = os.path.join(data_dir, STATE_DIR, rel + ".json")
+    if not overwrite and _ytf_done(data_dir, rel, names, marker):
+        return JobResult(rel, "skipped", frames=len(names))
+    frames, kept, bad = [], [], []
+    for n in names:
+        img = cv2.imread(os.path.join(src, n), cv2.IMREAD_COLOR)
+        if img is None or img.size == 0:
+            bad.append(n)
+            continue
+        frames.append(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
+        kept.append(n)
+    if not frames:
+        raise ValueError(f"{src}: none of its {len(names)} images could be read")
+    sizes = {f.shape for f in frames}
+    if len(sizes) > 1:  # never seen in YTF; resize to the most common size rather than fail
+        shape = max(sizes, key=lambda s: sum(f.shape == s for f in frames))
+        frames = [f if f.shape == shape else cv2.resize(f, shape[1::-1]) for f in frames]
+    crops, landmarks, found = cropper.crop_video_with_landmarks(np.stack(frames), name=src)
+    maps = parser.parse(crops, landmarks).maps
+    empty = np.zeros((0, *maps.shape[1:]), np.uint8)
+    for n, crop, m, f in zip(kept, crops, maps, found, strict=True):
+        crop_path, npy_path = _ytf_outputs(data_dir, rel, n)
+        _write_jpeg(crop_path, crop)
+        _write_npy(npy_path, m[None] if f else empty)
+    _write_text(marker, json.dumps({"sources": names, "unreadable": bad}) + "\n")
+    msg = f"unreadable frames left out: {', '.join(bad)}" if bad else ""
+    return JobResult(rel, "done", frames=len(kept), faces=int(found.sum()), message=msg)
+
+
+def ytf_split_rows(data_dir: str, videos: Iterable[str]) -> list[tuple[str, int]]:
+    """``(path, len)`` rows for the videos whose crops exist (len = number of crop images)."""
+    rows = []
+    for rel in videos:
+        cdir = os.path.join(data_dir, CROP_DIR, rel)
+        if os.path.isdir(cdir):
+            n = sum(1 for f in os.listdir(cdir) if f.endswith(".jpg") and not f.startswith("."))
+            if n:
+                rows.append((rel, n))
+    return rows
+
+
+def _unit_hash(text: str) -> float:
+    """A stable pseudo-random number in [0, 1) for ``text`` (independent of Python's hash seed)."""
+    return int(hashlib.sha1(text.encode("utf-8")).hexdigest()[:12], 16) / float(1 << 48)
+
+
+def write_ytf_splits(
+    data_dir: str,
+    rows: Sequence[tuple[str, int]],
+    val_fraction: float = 0.2,
+    split_dir: str | None = None,
+) -> dict[str, int]:
+    """Writes ``train_set.csv`` / ``val_set.csv`` (``path,len``) into ``data_dir``.
+
+    With ``split_dir`` holding the original MARLIN ``train_set.csv`` / ``val_set.csv``, their
+    assignment is kept (rows of videos not processed here are dropped, lengths are recounted).
+    Otherwise the split is by identity (no person in both), deterministic: a person is in val when
+    a hash of its name falls below ``val_fraction`` (the original holds out about a fifth).
+    Returns the row count per split.
+    """
+    by_path = dict(rows)
+    if split_dir:
+        splits = {}
+        for split in ("train", "val"):
+            path = os.path.join(split_dir, f"{split}_set.csv")
+            with open(path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                if reader.fieldnames is None or "path" not in reader.fieldnames:
+                    raise ValueError(f"{path}: expected a header with columns path,len")
+                splits[split] = [(r["path"], by_path[r["path"]]) for r in reader if r["path"] in by_path]
+    else:
+        splits = {"train": [], "val": []}
+        for rel, n in rows:
+            person = rel.split("/", 1)[0]
+            splits["val" if _unit_hash(person) < val_fraction else "train"].append((rel, n))
+    for split, split_rows in splits.items():
+        text = "path,len\n" + "".join(f"{rel},{n}\n" for rel, n in split_rows)
+        _write_text(os.path.join(data_dir, f"{split}_set.csv"), text)
+    return {k: len(v) for k, v in splits.items()}
+
+
+def preprocess_ytf(
+    data_dir: str,
+    workers: int = 1,
+    cropper: FaceCropper | None = None,
+    parser: FaceParser | None = None,
+    val_fraction: float = 0.2,
+    split_dir: str | None = None,
+    overwrite: bool = False,
+    limit: int | None = None,
+) -> tuple[list[JobResult], dict[str, int]]:
+    """YouTube Faces ``frame_images_DB`` -> crops + parsing maps + split CSVs (see the CLI)."""
+    cropper = cropper or FaceCropper(num_threads=1 if workers > 1 else 0)
+    parser = parser or FaceParser(num_threads=cropper.num_threads)
+    videos = list_ytf_videos(data_dir)[:limit]
+    job = functools.partial(
+        process_ytf_video, data_dir=data_dir, cropper=cropper, parser=parser, overwrite=overwrite
+    )
+    results = run_jobs(job, videos, workers, desc="YouTube Faces")
+    ok = [r.key for r in results if r.status != "failed"]
+    counts = write_ytf_splits(data_dir, ytf_split_rows(data_dir, ok), val_fraction, split_dir)
+    _write_info(data_dir, cropper, parser)
+    return results, counts
+
+
+INFO_FILE = ".marlin_face_preprocess.json"
+
+
+def _write_info(data_dir: str, cropper: FaceCropper, parser: FaceParser | None) -> None:
+    """Records how the outputs were made (crop settings, which parser ran) in ``data_dir``."""
+    info = {"cropper": asdict(cropper), "parser": parser.method if parser else None}
+    info["cropper"].pop("num_threads")
+    _write_text(os.path.join(data_dir, INFO_FILE), json.dumps(info, indent=1) + "\n")
+
+
+# ---------------------------------------------------------------------------------- CelebV-HQ
+
+
+def process_celebvhq_video(
+    name: str, data_dir: str, cropper: FaceCropper, overwrite: bool = False, chunk: int = 32
+) -> JobResult:
+    """``downloaded/<name>`` -> ``cropped/<name>``: 224 x 224 face crops, same fps (mp4v).
+
+    Two passes over the file (detect on every frame, smooth the track, then crop), so memory
+    holds the crops but never the full-size video.
+    """
+    src = os.path.join(data_dir, "downloaded", name)
+    dst = os.path.join(data_dir, "cropped", name)
+    if not overwrite and os.path.exists(dst):
+        return JobResult(name, "skipped")
+    dets, batch = [], []
+    for frame in iter_frames(src):
+        batch.append(frame)
+        if len(batch) == chunk:
+            dets += detect_faces(np.stack(batch), cropper.score_threshold, num_threads=cropper.num_threads)
+            batch = []
+    if batch:
+        dets += detect_faces(np.stack(batch), cropper.score_threshold, num_threads=cropper.num_threads)
+    track = cropper.track_detections(dets, name=src)
+    crops = [crop_square(f, s, cropper.size) for f, s in zip(iter_frames(src), track.squares, strict=False)]
+    if len(crops) != len(dets):
+        raise VideoReadError(f"{src}: decoded {len(dets)} frames, then {len(crops)} on a re-read")
+    fps = video_info(src)["fps"] or 25.0
+    tmp_dir = os.path.join(data_dir, ".cropped.part")
+    tmp = os.path.join(tmp_dir, name)
+    write_video(tmp, np.stack(crops), fps=fps)
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    os.replace(tmp, dst)
+    return JobResult(name, "done", frames=len(crops), faces=int(track.found.sum()))
+
+
+def write_celebvhq_splits(data_dir: str, overwrite: bool = False) -> dict[str, int] | None:
+    """``train.txt`` / ``val.txt`` / ``test.txt``: 80/10/10 of ``cropped/*.mp4`` (names without
+    extension), as the original, but over the sorted names so the split is reproducible.
+    Existing split files are kept (as the original) unless ``overwrite``; returns None then."""
+    files = [os.path.join(data_dir, f"{s}.txt") for s in ("train", "val", "test")]
+    if not overwrite and all(os.path.exists(f) for f in files):
+        return None
+    cropped = os.path.join(data_dir, "cropped")
+    names = sorted(n[:-4] for n in os.listdir(cropped) if n.endswith(".mp4"))
+    n = len(names)
+    bounds = [0, int(n * 0.8), int(n * 0.9), n]
+    counts = {}
+    for split, path, lo, hi in zip(("train", "val", "test"), files, bounds[:-1], bounds[1:], strict=True):
+        _write_text(path, "".join(f"{x}\n" for x in names[lo:hi]))
+        counts[split] = hi - lo
+    return counts
+
+
+def preprocess_celebvhq(
+    data_dir: str,
+    workers: int = 1,
+    cropper: FaceCropper | None = None,
+    overwrite: bool = False,
+    limit: int | None = None,
+) -> tuple[list[JobResult], dict[str, int] | None]:
+    """CelebV-HQ ``downloaded/*.mp4`` -> ``cropped/*.mp4`` + split files (see the CLI)."""
+    src = os.path.join(data_dir, "downloaded")
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f"{src}: not found (expected CelebV-HQ's downloaded/*.mp4)")
+    cropper = cropper or FaceCropper(num_threads=1 if workers > 1 else 0)
+    names = sorted((n for n in os.listdir(src) if n.endswith(".mp4")), key=natural_key)[:limit]
+    job = functools.partial(process_celebvhq_video, data_dir=data_dir, cropper=cropper, overwrite=overwrite)
+    results = run_jobs(job, names, workers, desc="CelebV-HQ")
+    shutil.rmtree(os.path.join(data_dir, ".cropped.part"), ignore_errors=True)
+    os.makedirs(os.path.join(data_dir, "cropped"), exist_ok=True)
+    _write_info(data_dir, cropper, None)
+    return results, write_celebvhq_splits(data_dir, overwrite)
