@@ -22,9 +22,11 @@ from marlin_jax.evaluation.training import (
     FitOptions,
     FitResult,
     fit,
+    load_params,
     make_forward,
     make_optimizer,
     make_train_step,
+    split_model,
 )
 
 
@@ -56,7 +58,7 @@ def _labels_array(labels: np.ndarray, task: Task) -> np.ndarray:
 
 def predict_logits(model: nnx.Module, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
     """Logits ``(N, C)`` of features ``(N, D)``."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, rest = split_model(model)
     forward = jax.jit(make_forward(graphdef))
     outs = [np.asarray(forward(params, rest, jnp.asarray(x[s:s + batch_size])))
             for s in range(0, len(x), batch_size)]
@@ -83,7 +85,7 @@ def train_linear_probe(
     batch = min(options.batch_size, n)
     num_batches = n // batch
     model = LinearHead(dim, num_outputs, rngs=nnx.Rngs(options.seed))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, rest = split_model(model)
     tx = make_optimizer(options)
     step = make_train_step(graphdef, task, tx)
     x_train = jnp.asarray(train.x)
@@ -112,7 +114,8 @@ def train_linear_probe(
     def run_epoch(p, o, lr, epoch):
         return epoch_fn(p, o, jnp.float32(lr), epoch)
 
-    result = fit(params, run_epoch=run_epoch, evaluate=evaluate, tx=tx, options=options,
+    result = fit(params, run_epoch=run_epoch, evaluate=evaluate, init_opt_state=tx.init,
+                 options=options,
                  checkpoint_dir=checkpoint_dir, log=log)
-    nnx.update(model, result.params)
+    load_params(model, result.params)
     return model, result

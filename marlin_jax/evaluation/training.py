@@ -36,7 +36,7 @@ from flax import nnx
 
 from marlin_jax.evaluation.metrics import Task
 
-Params = Any  # an nnx.State of nnx.Param leaves
+Params = Any  # a pure nested dict of arrays (``nnx.to_pure_dict``): paths match sharding rules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +154,7 @@ class BestCheckpoint:
         self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
     def save(self, epoch: int, params: Params, metrics: Mapping[str, float]) -> None:
-        self.manager.save(epoch, args=ocp.args.StandardSave(nnx.to_pure_dict(params)),
+        self.manager.save(epoch, args=ocp.args.StandardSave(params),
                           metrics={k: float(v) for k, v in metrics.items()})
         self.manager.wait_until_finished()
 
@@ -174,14 +174,23 @@ def restore_best(directory: str | os.PathLike, params_like: Params) -> Params:
         step = manager.best_step() if manager.best_step() is not None else manager.latest_step()
         if step is None:
             raise FileNotFoundError(f"{directory}: no checkpoint to restore")
-        pure = nnx.to_pure_dict(params_like)
         target = jax.tree.map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
-            pure)
-        restored = manager.restore(step, args=ocp.args.StandardRestore(target))
-    params = jax.tree.map(lambda a: a, params_like)  # a fresh container, same structure
-    nnx.replace_by_pure_dict(params, restored)
-    return params
+            params_like)
+        return manager.restore(step, args=ocp.args.StandardRestore(target))
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, Params, nnx.State]:
+    """``(graphdef, params as a pure dict, other state)`` of a module."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return graphdef, nnx.to_pure_dict(params), rest
+
+
+def load_params(model: nnx.Module, params: Params) -> None:
+    """Writes pure-dict ``params`` into ``model``'s parameters (in place)."""
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(model, state)
 
 
 def fit(
@@ -189,7 +198,7 @@ def fit(
     *,
     run_epoch: Callable[[Params, Any, float, int], tuple[Params, Any, float]],
     evaluate: Callable[[Params], Mapping[str, float]],
-    tx: optax.GradientTransformation,
+    init_opt_state: Callable[[Params], Any],
     options: FitOptions,
     checkpoint_dir: str | os.PathLike | None = None,
     log: Callable[[str], None] = print,
@@ -201,10 +210,10 @@ def fit(
       params: initial trainable parameters.
       run_epoch: ``(params, opt_state, lr, epoch) -> (params, opt_state, mean train loss)``.
       evaluate: ``params -> validation metrics`` (must contain ``options.monitor``).
-      tx: the optimiser (its state is initialised here).
+      init_opt_state: ``params -> optimiser state`` (e.g. ``tx.init``, or a sharded jitted init).
       checkpoint_dir: where the best parameters are saved (orbax); None keeps them in memory only.
     """
-    opt_state = tx.init(params)
+    opt_state = init_opt_state(params)
     schedule = Plateau(lr=options.learning_rate)
     best_metric, best_epoch, best_params = -math.inf, -1, None
     history: list[dict[str, float]] = []

@@ -1,0 +1,184 @@
+"""Fine-tuning: the MARLIN encoder plus a linear head, trained end to end on raw clips.
+
+As the original (``Classifier(finetune=True)``): a clip ``(B, 16, 224, 224, 3)`` (temporal sample
+rate 2, see :class:`~marlin_jax.evaluation.datasets.ClipDataset`) goes through
+``encoder.extract_features(keep_seq=False)`` (mean-pool of the tokens, then the final norm) and
+one ``Linear(D, C)``; encoder and head share one Adam optimiser.
+
+The step is sharded with the trainer's mesh helpers (:mod:`marlin_jax.sharding`): the batch over
+``data x fsdp``, parameters and Adam moments by ``MARLIN_RULES`` (which include the ``head``
+rule), so the same code runs on one CPU, a GPU, or a TPU slice. Clips travel as uint8 and are
+scaled to [0, 1] inside the jitted step.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from marlin_jax.evaluation.datasets import ClipDataset
+from marlin_jax.evaluation.metrics import Task, classification_metrics
+from marlin_jax.evaluation.probe import torch_linear_init
+from marlin_jax.evaluation.training import (
+    FitOptions,
+    FitResult,
+    fit,
+    load_params,
+    make_forward,
+    make_optimizer,
+    make_train_step,
+    pad_batch,
+    split_model,
+)
+from marlin_jax.models import MarlinEncoder
+from marlin_jax.sharding import (
+    batch_divisor,
+    batch_sharding,
+    make_mesh,
+    replicated,
+    tree_shardings,
+)
+
+
+class FineTuneClassifier(nnx.Module):
+    """``(B, T, H, W, 3)`` float clips in [0, 1] -> ``(B, C)`` logits."""
+
+    def __init__(self, encoder: MarlinEncoder, num_outputs: int, *, rngs: nnx.Rngs):
+        self.encoder = encoder
+        dim = encoder.config.encoder_embed_dim
+        kernel_init, bias_init = torch_linear_init(dim)
+        self.head = nnx.Linear(dim, num_outputs, kernel_init=kernel_init, bias_init=bias_init,
+                               rngs=rngs)
+
+    def __call__(self, video: jax.Array) -> jax.Array:
+        return self.head(self.encoder.extract_features(video, keep_seq=False))
+
+
+def to_unit_float(video: jax.Array) -> jax.Array:
+    """uint8 clips -> float32 in [0, 1] (floats pass through)."""
+    if video.dtype == jnp.uint8:
+        return video.astype(jnp.float32) / 255.0
+    return video.astype(jnp.float32)
+
+
+def _labels_array(labels: np.ndarray, task: Task) -> np.ndarray:
+    return labels.astype(np.int32) if task == "multiclass" else labels.astype(np.float32)
+
+
+def effective_batch_size(requested: int, num_samples: int, mesh: Mesh) -> int:
+    """The training batch: at most the data size, a multiple of the mesh's batch shards."""
+    div = batch_divisor(mesh)
+    batch = min(requested, num_samples) // div * div
+    if batch < div:
+        raise ValueError(f"{num_samples} training samples cannot fill one batch over {div} "
+                         "batch shards of the mesh")
+    return batch
+
+
+class _Sharded:
+    """The jitted, sharded train step and forward of one model on one mesh."""
+
+    def __init__(self, model: FineTuneClassifier, task: Task, options: FitOptions, mesh: Mesh):
+        self.mesh = mesh
+        self.graphdef, params, rest = split_model(model)
+        self.tx = make_optimizer(options)
+        self.param_sh = tree_shardings(params, mesh)
+        self.params = jax.device_put(params, self.param_sh)
+        self.rest = jax.device_put(rest, replicated(mesh))
+        opt_sh = tree_shardings(jax.eval_shape(self.tx.init, params), mesh)
+        self.init_opt = jax.jit(self.tx.init, out_shardings=opt_sh)
+        x_sh, y_sh = batch_sharding(mesh, 5), batch_sharding(mesh, 1)
+        y_sh_ml = batch_sharding(mesh, 2)
+        step = make_train_step(self.graphdef, task, self.tx, preprocess=to_unit_float)
+        y_shard = y_sh_ml if task == "multilabel" else y_sh
+        self.step = jax.jit(
+            step,
+            in_shardings=(self.param_sh, opt_sh, replicated(mesh), x_sh, y_shard, None),
+            out_shardings=(self.param_sh, opt_sh, replicated(mesh)),
+            donate_argnums=(0, 1),
+        )
+        self.forward = jax.jit(
+            make_forward(self.graphdef, preprocess=to_unit_float),
+            in_shardings=(self.param_sh, replicated(mesh), x_sh),
+            out_shardings=replicated(mesh),
+        )
+        self.x_sh, self.y_sh = x_sh, y_shard
+
+    def put(self, x: np.ndarray, y: np.ndarray | None = None):
+        xs = jax.device_put(x, self.x_sh)
+        return xs if y is None else (xs, jax.device_put(y, self.y_sh))
+
+
+def predict_clips(
+    forward: Callable, params, rest, dataset: ClipDataset, batch_size: int, seed: int,
+    put: Callable[[np.ndarray], jax.Array], num_threads: int = 4,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits ``(N, C)`` and labels of every sample, one clip each (start frames from ``seed``).
+
+    The last batch is padded to ``batch_size`` (static shapes; the padding is dropped)."""
+    logits, labels = [], []
+    for x, y in dataset.batches(batch_size, shuffle=False, seed=seed, num_threads=num_threads):
+        n = len(x)
+        out = forward(params, rest, put(pad_batch(x, batch_size)))
+        logits.append(np.asarray(out)[:n])
+        labels.append(y)
+    return np.concatenate(logits), np.concatenate(labels)
+
+
+def train_finetune(
+    encoder: MarlinEncoder,
+    train: ClipDataset,
+    val: ClipDataset,
+    *,
+    task: Task,
+    num_outputs: int,
+    options: FitOptions = FitOptions(batch_size=32),
+    mesh: Mesh | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    eval_seed: int = 12345,
+    num_threads: int = 4,
+    log: Callable[[str], None] = print,
+) -> tuple[FineTuneClassifier, FitResult, Callable[[ClipDataset], tuple[np.ndarray, np.ndarray]]]:
+    """Fine-tunes ``encoder`` with a new linear head, selecting the epoch by ``val``.
+
+    Training clips are re-sampled every epoch (seed ``options.seed + epoch``); evaluation clips
+    are fixed by ``eval_seed``. Returns the classifier holding the best-validation parameters,
+    the fit record, and ``predict(dataset) -> (logits, labels)`` bound to the sharded forward.
+    """
+    mesh = mesh if mesh is not None else make_mesh({"data": -1})
+    model = FineTuneClassifier(encoder, num_outputs, rngs=nnx.Rngs(options.seed))
+    sharded = _Sharded(model, task, options, mesh)
+    batch = effective_batch_size(options.batch_size, len(train), mesh)
+    eval_batch = batch
+
+    def run_epoch(params, opt_state, lr, epoch):
+        losses = []
+        for x, y in train.batches(batch, shuffle=True, seed=options.seed + epoch, drop_last=True,
+                                  num_threads=num_threads):
+            xs, ys = sharded.put(x, _labels_array(y, task))
+            params, opt_state, loss = sharded.step(params, opt_state, sharded.rest, xs, ys,
+                                                   jnp.float32(lr))
+            losses.append(loss)
+        return params, opt_state, float(np.mean(jax.device_get(losses)))
+
+    def predict(dataset: ClipDataset, params=None) -> tuple[np.ndarray, np.ndarray]:
+        p = sharded.params if params is None else params
+        return predict_clips(sharded.forward, p, sharded.rest, dataset, eval_batch, eval_seed,
+                             sharded.put, num_threads)
+
+    def evaluate(params):
+        logits, labels = predict(val, params)
+        return classification_metrics(logits, labels, task)
+
+    result = fit(sharded.params, run_epoch=run_epoch, evaluate=evaluate,
+                 init_opt_state=sharded.init_opt, options=options,
+                 checkpoint_dir=checkpoint_dir, log=log)
+    sharded.params = result.params
+    load_params(model, result.params)
+    return model, result, predict
