@@ -27,6 +27,7 @@ loads it.
 
 from __future__ import annotations
 
+import _compat_pickle
 import codecs
 import collections
 import hashlib
@@ -497,6 +498,7 @@ class _Machine:
         self._metastack: list[list[Any]] = []
         self._memo: dict[int, Any] = {}
         self._result = _NOTHING
+        self._proto = 0
         start = self._stream.tell()
         try:
             while self._result is _NOTHING:
@@ -530,6 +532,10 @@ class _Machine:
 
     # -- globals and calls ----------------------------------------------------------------
     def _global(self, module: str, name: str) -> Any:
+        if self._proto < 3:  # Python 2 names (what pickle's fix_imports maps; nothing imported)
+            if (module, name) in _compat_pickle.NAME_MAPPING:
+                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         dotted = f"{module}.{name}"
         if dotted in _PLAIN_GLOBALS:
             return _PLAIN_GLOBALS[dotted]
@@ -617,7 +623,8 @@ class _Machine:
 
     # -- opcodes --------------------------------------------------------------------------
     def _op_proto(self) -> None:
-        _require(self._read(1)[0] <= 5, "unsupported pickle protocol")
+        self._proto = self._read(1)[0]
+        _require(self._proto <= 5, "unsupported pickle protocol")
 
     def _op_frame(self) -> None:
         self._read(8)  # frames are only a read-ahead hint
@@ -862,9 +869,14 @@ class _Machine:
     def _op_build(self) -> None:
         state = self._stack.pop()
         target = self._stack[-1]
-        if not isinstance(target, OpaqueObject):
+        if isinstance(target, OpaqueObject):
+            target.state = state
+        elif type(target) is collections.OrderedDict and isinstance(state, dict):
+            # attributes of a state_dict (its `_metadata`), as torch's weights_only loader allows
+            _require(all(isinstance(k, str) for k in state), "OrderedDict state keys not str")
+            target.__dict__.update(state)
+        else:
             raise _RefusedError(f"BUILD (__setstate__) on a {type(target).__name__}")
-        target.state = state
 
     def _op_persid(self) -> None:
         self._push(self._persistent_load(self._readline().decode("ascii")))
@@ -1266,6 +1278,10 @@ class _Emitter:
                     self.emit(k, where)
                     self.emit(v, f"{where}[{k!r}]")
                 self.out += pickle.SETITEMS
+            attributes = vars(obj) if type(obj) is collections.OrderedDict else {}
+            if attributes:  # e.g. a state_dict's `_metadata`, restored by BUILD like torch
+                self._container(dict(attributes), f"{where}.__dict__")
+                self.out += pickle.BUILD
         elif isinstance(obj, list):
             self.out += pickle.EMPTY_LIST
             if obj:
