@@ -288,3 +288,18 @@ def test_resume_from_orbax_checkpoint_in_a_fresh_process(tmp_path, workers):
         np.testing.assert_array_equal(continued[k], resumed[k], err_msg=k)
     head = np.load(str(tmp_path / "continued.npz") + ".head.npz")  # batches 0..2
     assert not np.array_equal(head["video0"], resumed["video0"])  # really resumed, not restarted
+
+
+@pytest.mark.samples
+def test_sample_videos_through_the_pipeline(samples_dir):
+    c = small_config(source="videos", root_dir=str(samples_dir), mask_ratio=0.75,
+                     drop_remainder=False)
+    c.clip_frames, c.img_size = 16, 64  # grid (8, 4, 4) = 128 tokens
+    it = iter(make_dataset(c, split="all", global_batch_size=2, shuffle=False, repeat=False))
+    batches = list(it)
+    assert [b["video"].shape for b in batches] == [(2, 16, 64, 64, 3)] * 2
+    assert all((b["mask"].sum(1) == 32).all() for b in batches)
+    assert "labels" not in batches[0]
+    # cropped04 has 15 frames: padded with its last frame
+    np.testing.assert_array_equal(batches[0]["video"][1, 14], batches[0]["video"][1, 15])
+    assert it.stats == {"skipped": 0, "short_video": 1, "empty_parsing": 0, "no_parsing": 4}

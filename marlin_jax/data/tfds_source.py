@@ -63,7 +63,7 @@ class TfdsSource:
         except Exception as e:  # noqa: BLE001 - tfds raises assorted types for a missing build
             raise FileNotFoundError(
                 f"{self.data_dir}: no built TFDS dataset {name!r} split {split!r} "
-                f"({type(e).__name__}: {e}); build it with "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); build it with "
                 f"marlin_jax.data.tfds_source.build_youtube_faces_marlin") from e
 
     def __len__(self) -> int:

@@ -77,11 +77,13 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         root = os.fspath(dl_manager.manual_dir)
         splits = {}
-        for split in ("train", "val"):
-            if os.path.isfile(os.path.join(root, f"{split}_set.csv")):
+        for split in ("train", "val"):  # absent or empty split files give no split
+            if os.path.isfile(os.path.join(root, f"{split}_set.csv")) and read_split_csv(
+                    root, split):
                 splits[split] = self._generate_examples(root, split)
         if not splits:
-            raise FileNotFoundError(f"{root}: no train_set.csv or val_set.csv in the manual dir")
+            raise FileNotFoundError(f"{root}: no non-empty train_set.csv or val_set.csv in the "
+                                    "manual dir")
         return splits
 
     def _generate_examples(self, root: str, split: str):
