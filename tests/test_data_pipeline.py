@@ -226,6 +226,27 @@ def test_bad_files_in_ytf_layout(tmp_path, caplog):
         assert needle in caplog.text, needle
 
 
+def test_corrupt_and_missing_video_files_are_skipped(tmp_path, caplog):
+    from marlin_jax.video_io import write_video
+
+    vdir = tmp_path / "vids"
+    for i in range(3):
+        write_video(vdir / f"ok{i}.mp4", np.full((12, 32, 32, 3), 40 * i, np.uint8))
+    (vdir / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 truncated")
+    c = small_config(source="videos", root_dir=str(vdir), mask_strategy="random")
+    ds = make_dataset(c, split="train", global_batch_size=2, shuffle=False)
+    it = iter(ds)
+    with caplog.at_level(logging.WARNING, logger="marlin_jax.data.pipeline"):
+        batches = take(it, 4)
+    assert all(b["video"].shape == (2, 4, 32, 32, 3) for b in batches)
+    assert it.stats["skipped"] >= 2 and "broken.mp4" in caplog.text
+    (vdir / "ok1.mp4").unlink()  # vanished after listing
+    it = iter(ds)
+    with caplog.at_level(logging.WARNING, logger="marlin_jax.data.pipeline"):
+        take(it, 4)
+    assert "ok1.mp4" in caplog.text and it.stats["skipped"] >= 2
+
+
 def test_multiprocessing_workers_match_threads():
     def run(workers):
         c = small_config(num_workers=workers, num_threads=1)

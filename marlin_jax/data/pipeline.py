@@ -26,6 +26,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import cv2
 import grain
 import ml_collections
 import numpy as np
@@ -52,7 +53,7 @@ EMPTY_PARSING = "empty_parsing"  # a slice's parsing map is empty (no face): sli
 NO_PARSING = "no_parsing"  # fasking on a video without parsing maps: uniform random mask
 ISSUE_KINDS = (SKIPPED, SHORT_VIDEO, EMPTY_PARSING, NO_PARSING)
 
-_READ_ERRORS = (BadRecordError, VideoReadError, OSError)
+_READ_ERRORS = (BadRecordError, VideoReadError, OSError, cv2.error)
 
 
 class ErrorBudgetError(RuntimeError):
