@@ -1,0 +1,22 @@
+"""CelebV-HQ action (35 binary labels): fine-tuning (encoder + linear head).
+
+The original run `config/celebv_hq/action/celebvhq_marlin_action_ft.yaml` of MARLIN:
+    python -m marlin_jax.evaluate --config=configs/celebvhq_action_ft.py \\
+        --config.data_path=/data/CelebV-HQ --config.marlin_ckpt=marlin_vit_base_ytf.encoder.pt
+Few-shot: --config.data_ratio=0.1 (first 10% of the train and val lists).
+"""
+
+from marlin_jax.evaluate import default_config
+
+
+def get_config(arg: str | None = None):
+    del arg
+    config = default_config()
+    config.model_name = "celebvhq_marlin_action_ft"
+    config.backbone = "marlin_vit_base_ytf"
+    config.dataset = "celebvhq"
+    config.task = "action"
+    config.temporal_reduction = "mean"
+    config.learning_rate = 1.0e-4
+    config.finetune = True
+    return config

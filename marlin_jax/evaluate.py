@@ -1,0 +1,286 @@
+"""Downstream evaluation: ``python -m marlin_jax.evaluate --config=configs/celebvhq_appearance_lp.py``.
+
+Linear probing (``finetune=False``) trains a linear head on features extracted beforehand by
+``scripts/extract_dataset.py`` (``<feature_dir>/<key>.npy``, reduced over windows by
+``temporal_reduction``); fine-tuning (``finetune=True``) trains the encoder loaded from
+``marlin_ckpt`` plus a linear head on raw clips. The epoch with the best validation metric is
+checkpointed under ``<workdir>/checkpoints`` and evaluated on the test split; the metrics are
+printed as a table and written to ``<workdir>/metrics.json``.
+
+Datasets: ``dataset="celebvhq"`` (``data_path`` holds ``celebvhq_info.json``, the split files
+and ``cropped/``; ``task`` is "appearance" or "action"), or ``dataset="labels"`` (CSV / JSON label
+files, see :func:`marlin_jax.evaluation.datasets.load_label_file`; ``task`` is "binary",
+"multiclass", "multilabel" or "" to infer). Any config field can be overridden on the command
+line, e.g. ``--config.data_path=/data/CelebV-HQ --config.data_ratio=0.1``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import ml_collections
+import numpy as np
+
+from marlin_jax.evaluation.datasets import (
+    CELEBVHQ_TASKS,
+    ClipDataset,
+    DatasetError,
+    FeatureSet,
+    LabelSet,
+    load_celebvhq,
+    load_features,
+    load_label_file,
+)
+from marlin_jax.evaluation.metrics import classification_metrics, format_table, save_metrics
+from marlin_jax.evaluation.training import FitOptions, restore_best
+
+SPLITS = ("train", "val", "test")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every field of an evaluation config, with the original CelebV-HQ defaults."""
+    c = ml_collections.ConfigDict()
+    c.model_name = "celebvhq_marlin_appearance_lp"  # names the workdir: ckpt/<model_name>
+    c.backbone = "marlin_vit_base_ytf"  # registered model name (architecture of marlin_ckpt)
+    c.backbone_config = ml_collections.ConfigDict()  # optional: registers `backbone` from this
+    c.dataset = "celebvhq"  # "celebvhq" or "labels"
+    c.task = "appearance"  # celebvhq: appearance / action; labels: binary / multiclass / multilabel
+    c.finetune = False  # False: linear probe on features; True: fine-tune encoder + head
+    c.temporal_reduction = "mean"  # lp: mean / max / min over the windows of a video
+    c.learning_rate = 1e-4
+    c.batch_size = 32
+    c.epochs = 2000  # max epochs; stops earlier when the lr decays to 1e-6 or by `patience`
+    c.patience = 0  # >0: stop after this many epochs without a validation improvement
+    c.monitor = "auroc"  # validation metric selecting the checkpoint
+    c.data_ratio = 1.0  # few-shot: first fraction of train and val lists (0.01, 0.1, 0.5, 1)
+    c.seed = 0
+    c.data_path = ""  # CelebV-HQ root (celebvhq_info.json, {train,val,test}.txt, cropped/)
+    c.feature_dir = ""  # lp: default <data_path>/<backbone>, as scripts/extract_dataset.py
+    c.marlin_ckpt = ""  # ft: encoder checkpoint (.pt / .ckpt / marlin-jax checkpoint dir)
+    c.allow_random_init = False  # ft without a checkpoint (tests only)
+    c.on_error = "error"  # missing/empty inputs: "error", or "skip" and count them
+    c.clip_frames = 0  # ft: 0 = the backbone's n_frames (16)
+    c.temporal_sample_rate = 2  # ft
+    c.num_threads = 8  # ft: video decoding threads
+    c.mesh = ml_collections.ConfigDict({"data": -1})  # ft: data / fsdp / tensor axis sizes
+    c.workdir = ""  # default ckpt/<model_name>
+    c.skip_train = False  # evaluate the checkpoint in <workdir>/checkpoints only
+    c.labels = ml_collections.ConfigDict({
+        "file": "",  # one label file with a `split` column (or use split_fractions)
+        "train": "", "val": "", "test": "",  # or one label file per split
+        "split_fractions": (),  # e.g. (0.6, 0.2, 0.2): seeded random split of `file`
+        "class_names": (),  # allowed class / label names (others are errors)
+        "video_root": "",  # where relative video paths start (default: the label file's folder)
+    })
+    return c
+
+
+def split_by_fractions(labelset: LabelSet, fractions: tuple[float, float, float],
+                       seed: int) -> dict[str, LabelSet]:
+    """A seeded random train/val/test partition (for label files without a split column)."""
+    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
+        raise ValueError(f"split_fractions must be 3 non-negative numbers summing to 1, "
+                         f"got {tuple(fractions)}")
+    order = np.random.default_rng(seed).permutation(len(labelset))
+    n_train = int(round(fractions[0] * len(order)))
+    n_val = int(round(fractions[1] * len(order)))
+    parts = np.split(order, [n_train, n_train + n_val])
+    out = {}
+    for name, idx in zip(SPLITS, parts, strict=True):
+        if len(idx) == 0:
+            raise DatasetError(f"{labelset.source}: split {name!r} is empty with fractions "
+                               f"{tuple(fractions)} of {len(labelset)} samples")
+        out[name] = labelset.subset(np.sort(idx))
+    return out
+
+
+def load_splits(config: ml_collections.ConfigDict) -> dict[str, LabelSet]:
+    """train / val / test LabelSets of the configured dataset; ``data_ratio`` applies to train
+    and val (as the original), never to test."""
+    ratio = float(config.data_ratio)
+    if config.dataset == "celebvhq":
+        if config.task not in CELEBVHQ_TASKS:
+            raise ValueError(f"CelebV-HQ task must be one of {tuple(CELEBVHQ_TASKS)}, "
+                             f"got {config.task!r}")
+        return {s: load_celebvhq(config.data_path, s, config.task,
+                                 ratio if s != "test" else 1.0) for s in SPLITS}
+    if config.dataset != "labels":
+        raise ValueError(f"dataset must be 'celebvhq' or 'labels', got {config.dataset!r}")
+    lc = config.labels
+    task = config.task or None
+    names = list(lc.class_names) if lc.class_names else None
+    video_root = lc.video_root or None
+    kw = dict(task=task, class_names=names, video_root=video_root)
+    if lc.train and lc.val and lc.test:
+        splits = {s: load_label_file(lc[s], **kw) for s in SPLITS}
+    elif lc.file and lc.split_fractions:
+        splits = split_by_fractions(load_label_file(lc.file, **kw), tuple(lc.split_fractions),
+                                    int(config.seed))
+    elif lc.file:
+        splits = {s: load_label_file(lc.file, split=s, **kw) for s in SPLITS}
+    else:
+        raise ValueError("labels: set labels.train/val/test, or labels.file (with a 'split' "
+                         "column, or labels.split_fractions)")
+    tasks = {ls.task for ls in splits.values()}
+    widths = {ls.num_outputs for ls in splits.values()}
+    if len(tasks) > 1 or len(widths) > 1:
+        raise DatasetError(f"splits disagree on the task / number of classes: {tasks}, {widths}; "
+                           "set config.task and labels.class_names")
+    return {s: (ls.take_ratio(ratio) if s != "test" and ratio < 1.0 else ls)
+            for s, ls in splits.items()}
+
+
+def fit_options(config: ml_collections.ConfigDict) -> FitOptions:
+    return FitOptions(
+        learning_rate=float(config.learning_rate),
+        max_epochs=int(config.epochs),
+        batch_size=int(config.batch_size),
+        monitor=config.monitor,
+        patience=int(config.patience) if config.patience else None,
+        seed=int(config.seed),
+    )
+
+
+def _register_backbone(config: ml_collections.ConfigDict) -> None:
+    """Registers ``config.backbone`` from ``config.backbone_config`` when that is given (custom
+    sizes such as the synthetic-data ViT-tiny)."""
+    if len(config.backbone_config):
+        from marlin_jax.models import register_model_from_config
+
+        register_model_from_config(config.backbone, config.backbone_config)
+
+
+def _skip_report(name: str, skipped: dict[str, str], log: Callable[[str], None]) -> None:
+    if skipped:
+        first = next(iter(skipped.values()))
+        log(f"{name}: skipped {len(skipped)} sample(s), e.g. {first}")
+
+
+def run_linear_probe(config, splits, workdir, log) -> dict:
+    """Linear probe on extracted features; returns the results dict."""
+    from marlin_jax.evaluation.probe import LinearHead, predict_logits, train_linear_probe
+    from marlin_jax.evaluation.training import load_params, split_model
+
+    feature_dir = config.feature_dir or os.path.join(config.data_path, config.backbone)
+    feats: dict[str, FeatureSet] = {
+        s: load_features(feature_dir, ls, config.temporal_reduction, config.on_error)
+        for s, ls in splits.items()
+    }
+    for s, fs in feats.items():
+        _skip_report(f"{s} features", fs.skipped, log)
+    train = splits["train"]
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if config.skip_train:
+        from flax import nnx
+
+        model = LinearHead(feats["train"].x.shape[1], train.num_outputs, rngs=nnx.Rngs(0))
+        load_params(model, restore_best(ckpt_dir, split_model(model)[1]))
+        fit_info = {"restored_from": ckpt_dir}
+    else:
+        model, result = train_linear_probe(
+            feats["train"], feats["val"], task=train.task, num_outputs=train.num_outputs,
+            options=fit_options(config), checkpoint_dir=ckpt_dir, log=log)
+        fit_info = {"best_epoch": result.best_epoch, "stop_reason": result.stop_reason,
+                    "epochs": len(result.history)}
+    metrics = {s: classification_metrics(predict_logits(model, feats[s].x), feats[s].labels,
+                                         train.task) for s in ("val", "test")}
+    skipped = {s: fs.skipped for s, fs in feats.items() if fs.skipped}
+    return {"metrics": metrics, "fit": fit_info, "skipped": skipped}
+
+
+def run_finetune(config, splits, workdir, log) -> dict:
+    """Fine-tuning on raw clips; returns the results dict."""
+    from flax import nnx
+
+    from marlin_jax.evaluation.finetune import FineTuneClassifier, train_finetune
+    from marlin_jax.models import MarlinEncoder, get_config
+    from marlin_jax.sharding import make_mesh
+
+    skipped = {}
+    for s in SPLITS:
+        splits[s], missing = splits[s].check_videos(config.on_error)
+        skipped.update({k: v for k, v in missing.items()})
+        _skip_report(f"{s} videos", missing, log)
+    if config.marlin_ckpt:
+        from marlin_jax.extract import Marlin
+
+        encoder = Marlin.from_file(config.backbone, config.marlin_ckpt).model.encoder
+    elif config.allow_random_init:
+        log("WARNING: no marlin_ckpt: fine-tuning a randomly initialised encoder")
+        encoder = MarlinEncoder(get_config(config.backbone), rngs=nnx.Rngs(config.seed))
+    else:
+        raise ValueError("fine-tuning needs config.marlin_ckpt (a .pt / .ckpt / marlin-jax "
+                         "checkpoint); set allow_random_init=True to train from scratch")
+    bc = encoder.config
+    size = bc.img_size
+    clip_frames = int(config.clip_frames or bc.n_frames)
+    if clip_frames != bc.n_frames:
+        raise ValueError(f"clip_frames {clip_frames} != backbone n_frames {bc.n_frames}")
+    clips = {s: ClipDataset(ls, clip_frames, int(config.temporal_sample_rate), size)
+             for s, ls in splits.items()}
+    train = splits["train"]
+    mesh = make_mesh(dict(config.mesh))
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if config.skip_train:
+        from marlin_jax.evaluation.finetune import _Sharded, predict_clips
+        from marlin_jax.evaluation.training import load_params, split_model
+
+        model = FineTuneClassifier(encoder, train.num_outputs, rngs=nnx.Rngs(0))
+        load_params(model, restore_best(ckpt_dir, split_model(model)[1]))
+        sharded = _Sharded(model, train.task, fit_options(config), mesh)
+
+        def predict(ds):
+            return predict_clips(sharded.forward, sharded.params, sharded.rest, ds,
+                                 int(config.batch_size), 12345, sharded.put)
+
+        fit_info = {"restored_from": ckpt_dir}
+    else:
+        _, result, predict = train_finetune(
+            encoder, clips["train"], clips["val"], task=train.task,
+            num_outputs=train.num_outputs, options=fit_options(config), mesh=mesh,
+            checkpoint_dir=ckpt_dir, num_threads=int(config.num_threads), log=log)
+        fit_info = {"best_epoch": result.best_epoch, "stop_reason": result.stop_reason,
+                    "epochs": len(result.history)}
+    metrics = {}
+    for s in ("val", "test"):
+        logits, labels = predict(clips[s])
+        metrics[s] = classification_metrics(logits, labels, train.task)
+    return {"metrics": metrics, "fit": fit_info, "skipped": skipped}
+
+
+def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> dict:
+    """Runs one evaluation as configured; returns (and writes) the results."""
+    _register_backbone(config)
+    workdir = config.workdir or os.path.join("ckpt", config.model_name)
+    os.makedirs(workdir, exist_ok=True)
+    t0 = time.time()
+    splits = load_splits(config)
+    log(" ".join(f"{s}: {len(ls)}" for s, ls in splits.items()) +
+        f" samples ({splits['train'].task}, {splits['train'].num_outputs} outputs)")
+    runner = run_finetune if config.finetune else run_linear_probe
+    results = runner(config, splits, workdir, log)
+    results.update(model_name=config.model_name, task=splits["train"].task,
+                   class_names=list(splits["train"].class_names),
+                   seconds=time.time() - t0, config=config.to_dict())
+    log(format_table(results["metrics"]))
+    save_metrics(os.path.join(workdir, "metrics.json"), results)
+    return results
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    results = run(_CONFIG.value)
+    if not all(np.isfinite(m.get("auroc", np.nan)) for m in results["metrics"].values()):
+        print("note: AUROC undefined on a split with a single class", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    from absl import app
+    from ml_collections import config_flags
+
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "evaluation config file",
+                                              lock_config=True)
+    app.run(main)
