@@ -1,0 +1,104 @@
+"""The MARLIN pretraining recipe shared by `configs/vit_{small,base,large}.py`.
+
+Values are the original's (ControlNet/MARLIN `config/pretrain/marlin_vit_*.yaml` + `train.py`):
+fasking at 90 %, 16-frame clips at stride 2, AdamW betas (0.9, 0.95), eps 1e-8, no weight decay,
+lr 1.5e-4 (min 1e-5) scaled by global_batch / 256, 40 warm-up epochs of 2000, adv_weight 0.01,
+gp_weight 0, one critic and one generator update per batch.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from marlin_jax.data import default_data_config
+
+# MarlinConfig fields that may be overridden (None = the named model's value). The clip geometry
+# (img_size, n_frames, patch_size, tubelet_size) comes from `config.data`.
+MODEL_FIELDS = {
+    "encoder_embed_dim": int, "encoder_depth": int, "encoder_num_heads": int,
+    "decoder_embed_dim": int, "decoder_depth": int, "decoder_num_heads": int,
+    "mlp_ratio": float, "qkv_bias": bool, "drop_rate": float, "attn_drop_rate": float,
+    "init_values": float,
+}
+
+
+def get_base_config(model_name: str) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict({"name": model_name})
+    for field, kind in MODEL_FIELDS.items():
+        c.model[field] = ml_collections.config_dict.placeholder(kind)
+
+    c.data = default_data_config()
+    c.data.source = ""  # "" = not configured: the trainer says so and uses "synthetic"
+
+    c.global_batch_size = 128  # clips per step over all hosts (the lr is scaled by it / 256)
+    c.seed = 0
+
+    c.optimizer = ml_collections.ConfigDict(dict(
+        b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, grad_clip=0.0))
+    c.lr = ml_collections.ConfigDict(dict(
+        base=1.5e-4,  # at global batch 256
+        min=1e-5,  # at global batch 256
+        scale_with_batch=True,  # lr, min *= global_batch_size / 256 (as the original)
+        warmup_epochs=40.0,
+        warmup_steps=-1,  # > 0 overrides warmup_epochs
+        per_epoch=False,  # True: change the lr once per epoch like the original's LambdaLR
+    ))
+    c.num_epochs = 2000
+    c.steps_per_epoch = -1  # -1 = len(train split) // global_batch_size
+    c.num_train_steps = -1  # -1 = num_epochs * steps_per_epoch
+
+    c.adv_weight = 0.01
+    c.gp_weight = 0.0
+    c.d_steps = 1
+    c.g_steps = 1
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1 = the rest
+    c.compute_dtype = "auto"  # auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 | bfloat16
+    c.remat = False  # rematerialise transformer blocks in the backward pass
+    c.attention_impl = ""  # "" = XLA's choice; "cudnn" for flash attention on GPUs
+
+    c.log_every_steps = 50
+    c.eval_every_steps = 1000  # validation loss + reconstruction image
+    c.num_eval_batches = 8
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 3
+    c.async_checkpointing = True
+    c.peak_flops_per_device = 0.0  # > 0 overrides the built-in table for the MFU figure
+
+    # A checkpoint to start from when the workdir has none: VideoMAE (.pth), MARLIN (.pt,
+    # .encoder.pt) or the original trainer's Lightning .ckpt (parameters; step with
+    # init_step_from_checkpoint).
+    c.init_from = ""
+    c.init_step_from_checkpoint = True  # Lightning .ckpt: continue from its global_step
+    return c
+
+
+def apply_demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The `:demo` variant: same width and recipe, shrunk to train in minutes on one CPU on the
+    built-in synthetic faces (2 encoder / 1 decoder blocks, 64 px, 8 frames, batch 8)."""
+    c.data.source = "synthetic"
+    c.data.img_size = 64
+    c.data.clip_frames = 8
+    c.data.num_threads = 2
+    c.data.synthetic_num_videos = 256
+    c.model.encoder_depth = 2
+    c.model.decoder_depth = 1
+    c.global_batch_size = 8
+    c.lr.scale_with_batch = False
+    c.lr.base = 1e-3
+    c.lr.min = 1e-5
+    c.lr.warmup_steps = 20
+    c.num_train_steps = 300
+    c.log_every_steps = 10
+    c.eval_every_steps = 100
+    c.num_eval_batches = 2
+    c.checkpoint_every_steps = 100
+    return c
+
+
+def parse_arg(arg: str | None) -> str:
+    arg = (arg or "").strip()
+    if arg not in ("", "demo"):
+        raise ValueError(f"unknown config variant {arg!r}; use '' or 'demo' (e.g. vit_base.py:demo)")
+    return arg

@@ -1,0 +1,54 @@
+"""Reconstruction images: original | masked | reconstruction, one row per shown frame.
+
+As the original's ``_log_sample_reconstruction_image``: masked tubelets are drawn grey (0.5) in
+the middle column; the right column shows the visible pixels unchanged and the model's
+prediction in the masked tubelets.
+"""
+
+from __future__ import annotations
+
+import os
+
+import cv2
+import numpy as np
+
+from marlin_jax.models import patchify, unpatchify
+
+
+def reconstruction_grid(video: np.ndarray, mask: np.ndarray, pred: np.ndarray, *,
+                        patch_size: int, tubelet_size: int, num_frames: int = 4) -> np.ndarray:
+    """A uint8 RGB image ``(rows * H, 3 * W, 3)`` for ONE clip.
+
+    video: ``(T, H, W, 3)`` uint8 or float in [0, 1]; mask: bool ``(N,)`` True = visible;
+    pred: ``(N - k, patch_dim)`` predicted pixels of the masked tokens in increasing order.
+    ``num_frames`` frames evenly spaced over the clip are shown (one per row).
+    """
+    video = np.asarray(video)
+    x = video.astype(np.float32) / 255.0 if video.dtype == np.uint8 else video.astype(np.float32)
+    t, h, w, _ = x.shape
+    grid = (t // tubelet_size, h // patch_size, w // patch_size)
+    mask = np.asarray(mask, bool)
+    pred = np.asarray(pred, np.float32)
+    if mask.shape != (int(np.prod(grid)),) or pred.shape[0] != int((~mask).sum()):
+        raise ValueError(f"mask {mask.shape} / pred {pred.shape} do not match the clip "
+                         f"{video.shape} (token grid {grid})")
+    patches = np.asarray(patchify(x[None], patch_size, tubelet_size))[0]  # (N, P)
+    masked = patches.copy()
+    masked[~mask] = 0.5
+    recon = patches.copy()
+    recon[~mask] = pred
+    def to_video(p):
+        return np.asarray(unpatchify(p[None], grid, patch_size, tubelet_size))[0]
+    columns = [x, to_video(masked), np.clip(to_video(recon), 0.0, 1.0)]
+    frames = np.unique(np.linspace(0, t - 1, max(1, min(num_frames, t))).round().astype(int))
+    rows = [np.concatenate([c[f] for c in columns], axis=1) for f in frames]
+    return (np.concatenate(rows, axis=0) * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
+
+
+def save_png(image: np.ndarray, path: str | os.PathLike) -> str:
+    """Writes an RGB uint8 image as PNG (creating the folder); returns the path."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if not cv2.imwrite(path, cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2BGR)):
+        raise OSError(f"{path}: could not write PNG")
+    return path

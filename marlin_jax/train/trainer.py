@@ -1,0 +1,431 @@
+"""The MARLIN pretraining loop: data, mesh, sharded state, jitted G+D steps, checkpoints,
+metrics, validation and reconstruction images. Entry point :func:`train_and_evaluate`.
+
+Runs unchanged on one CPU, one GPU, several GPUs and multi-host pods: every process reads its own
+shard of the data (``jax.process_index()``), batches are assembled into global arrays sharded
+over ``data x fsdp``, parameters and optimiser states follow :data:`marlin_jax.sharding.MARLIN_RULES`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from marlin_jax import sharding as shd
+from marlin_jax.data import make_dataset, make_source
+from marlin_jax.models import MarlinConfig, MarlinModel, config_from_mapping
+from marlin_jax.train import metrics as mt
+from marlin_jax.train import reconstruction, steps
+from marlin_jax.train import state as st
+from marlin_jax.train.checkpointing import Checkpointer
+
+log = logging.getLogger(__name__)
+
+METRIC_NAMES = ("rec_loss", "adv_loss", "g_loss", "d_loss", "d_loss0", "gp", "g_lr", "d_lr",
+                "g_grad_norm", "d_grad_norm")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss or gradient became NaN/Inf; the last good checkpoint is kept."""
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def model_config(config: ml_collections.ConfigDict) -> MarlinConfig:
+    """The MarlinConfig: ``config.model.name`` + non-None overrides + the data's clip geometry."""
+    values = {k: v for k, v in config.model.to_dict().items() if v is not None}
+    d = config.data
+    values.update(img_size=d.img_size, n_frames=d.clip_frames, patch_size=d.patch_size,
+                  tubelet_size=d.tubelet_size)
+    return config_from_mapping(values)
+
+
+def compute_dtype(name: str) -> Any:
+    """``auto`` = bfloat16 on GPU/TPU, float32 on CPU."""
+    if name == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    try:
+        return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+    except KeyError:
+        raise ValueError(f"config.compute_dtype must be auto|float32|bfloat16, got {name!r}") from None
+
+
+def resolve_data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The data config, with the synthetic dataset when none is configured (said loudly)."""
+    data = ml_collections.ConfigDict(config.data.to_dict())
+    if not data.source:
+        log.warning("No dataset configured (config.data.source is empty): training on the "
+                    "built-in synthetic face-video dataset. For real data set e.g. "
+                    "--config.data.source=ytf --config.data.root_dir=/path/to/YouTubeFaces "
+                    "(or tfds / videos).")
+        print("marlin-jax: no dataset configured -> using the built-in synthetic face videos "
+              "(set --config.data.source and --config.data.root_dir for real data)", flush=True)
+        data.source = "synthetic"
+    return data
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    base_lr: float
+    min_lr: float
+
+
+def make_schedule(config: ml_collections.ConfigDict, data: ml_collections.ConfigDict) -> Schedule:
+    """Steps and learning rates of the run (epochs -> steps, lr scaled by global_batch / 256)."""
+    batch = config.global_batch_size
+    steps_per_epoch = int(config.steps_per_epoch)
+    if steps_per_epoch <= 0 and (config.num_train_steps <= 0 or config.lr.warmup_steps < 0
+                                 or config.lr.per_epoch):
+        steps_per_epoch = max(1, len(make_source(data, data.train_split)) // batch)
+    total = int(config.num_train_steps)
+    if total <= 0:
+        total = int(config.num_epochs * steps_per_epoch)
+    warmup = int(config.lr.warmup_steps)
+    if warmup < 0:
+        warmup = int(round(config.lr.warmup_epochs * steps_per_epoch))
+    scale = batch / 256.0 if config.lr.scale_with_batch else 1.0
+    return Schedule(max(steps_per_epoch, 1), total, min(warmup, total), config.lr.base * scale,
+                    config.lr.min * scale)
+
+
+def num_visible_tokens(model_cfg: MarlinConfig, mask_ratio: float) -> int:
+    """Visible tokens per clip, as the masking code: ``int(N * (1 - mask_ratio))``."""
+    return int(model_cfg.num_tokens * (1 - mask_ratio))
+
+
+# ----------------------------------------------------------------------------- initialisation
+
+
+def load_init_params(path: str, model_cfg: MarlinConfig, g_params: st.Params,
+                     d_params: st.Params, updates_per_batch: int = 2
+                     ) -> tuple[st.Params, st.Params, int]:
+    """Parameters from a VideoMAE / MARLIN / Lightning checkpoint over the fresh ones (parts the
+    checkpoint lacks, e.g. the critic of a VideoMAE model, stay freshly initialised).
+
+    Returns (g_params, d_params, step): for a Lightning ``.ckpt`` the batches it had trained,
+    ``global_step // updates_per_batch`` (manual optimisation counts every optimiser step,
+    ``d_steps + g_steps`` per batch); else 0.
+    """
+    from marlin_jax.interop import read_state_dict, state_dict_to_model
+
+    state_dict = read_state_dict(path, model_cfg)
+    has_decoder = any(k.startswith("decoder.") for k in state_dict)
+    has_critic = any(k.startswith("discriminator.") for k in state_dict)
+    model = MarlinModel(model_cfg, rngs=nnx.Rngs(0), with_decoder=has_decoder,
+                        with_discriminator=has_critic)
+    state_dict_to_model(model, state_dict, strict=False, source=path)
+    loaded = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    g_loaded, d_loaded = st.split_params(loaded)
+    g_params = {**g_params, **g_loaded}
+    d_params = {**d_params, **d_loaded}
+    step = 0
+    if path.endswith(".ckpt"):
+        from marlin_jax.interop.torch_format import load_torch_file
+
+        raw = load_torch_file(path, allow_opaque=True)
+        if isinstance(raw, dict) and isinstance(raw.get("global_step"), (int, np.integer)):
+            step = int(raw["global_step"]) // max(1, updates_per_batch)
+    log.info("init_from %s: loaded %s (step %d)", path,
+             ", ".join(sorted(set(g_loaded) | set(d_loaded))), step)
+    return g_params, d_params, step
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks (save, then exit cleanly)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> _Preemption:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        log.warning("SIGTERM received: saving a checkpoint before exiting")
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _device_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    return shd.global_batch({"video": local["video"], "mask": local["mask"]}, mesh)
+
+
+def _abstract_batch(model_cfg: MarlinConfig, batch_size: int, mesh) -> dict[str, Any]:
+    t, s = model_cfg.n_frames, model_cfg.img_size
+    video = jax.ShapeDtypeStruct((batch_size, t, s, s, 3), jnp.uint8,
+                                 sharding=shd.batch_sharding(mesh, 5))
+    mask = jax.ShapeDtypeStruct((batch_size, model_cfg.num_tokens), jnp.bool_,
+                                sharding=shd.batch_sharding(mesh, 2))
+    return {"video": video, "mask": mask}
+
+
+def _any_process(flag: bool) -> bool:
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains (resuming from ``workdir`` when it holds checkpoints) and returns the last logged
+    train metrics plus ``val_*`` metrics and ``step``."""
+    workdir = os.path.abspath(workdir)
+    primary = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    data_cfg = resolve_data_config(config)
+    model_cfg = model_config(ml_collections.ConfigDict({**config.to_dict(), "data": data_cfg}))
+    dtype = compute_dtype(config.compute_dtype)
+    mesh = shd.make_mesh(config.mesh.to_dict())
+    batch = int(config.global_batch_size)
+    if batch % shd.batch_divisor(mesh) or batch % jax.process_count():
+        raise ValueError(f"global_batch_size {batch} must be divisible by the batch shards "
+                         f"{shd.batch_divisor(mesh)} (mesh {dict(mesh.shape)}) and by "
+                         f"{jax.process_count()} processes")
+    sched = make_schedule(config, data_cfg)
+    k = num_visible_tokens(model_cfg, data_cfg.mask_ratio)
+    if primary:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    say = _Say(primary)
+    say("model %s (%s compute, data %s), mesh %s, %d devices / %d processes, batch %d, "
+        "%d steps (%d/epoch), warm-up %d, lr %.3g -> %.3g, %d of %d tokens visible",
+        config.model.name, jnp.dtype(dtype).name, data_cfg.source, dict(mesh.shape),
+        jax.device_count(), jax.process_count(), batch, sched.total_steps,
+        sched.steps_per_epoch, sched.warmup_steps, sched.base_lr, sched.min_lr, k,
+        model_cfg.num_tokens)
+
+    # ---- task, state and shardings
+    opt = config.optimizer
+    g_tx = st.make_optimizer(b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+                             grad_clip=opt.grad_clip)
+    d_tx = st.make_optimizer(b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+                             grad_clip=opt.grad_clip)
+    per = sched.steps_per_epoch if config.lr.per_epoch else 1
+    schedule = st.lr_schedule(sched.base_lr, sched.min_lr, sched.warmup_steps, sched.total_steps,
+                              per)
+    task = steps.Task(
+        model=st.build_model_def(model_cfg, dtype=dtype, remat=config.remat,
+                                 attention_impl=config.attention_impl or None),
+        g_tx=g_tx, d_tx=d_tx, g_schedule=schedule, d_schedule=schedule,
+        step=steps.StepConfig(num_visible=k, adv_weight=config.adv_weight,
+                              gp_weight=config.gp_weight, d_steps=config.d_steps,
+                              g_steps=config.g_steps))
+    def init_fn():
+        return st.init_train_state(model_cfg, g_tx, d_tx, config.seed)
+    abstract_state = jax.eval_shape(init_fn)
+    state_shardings = shd.tree_shardings(abstract_state, mesh)
+    abstract_state = shd.abstract_with_shardings(abstract_state, mesh)
+    repl = shd.replicated(mesh)
+    batch_shardings = {"video": shd.batch_sharding(mesh, 5), "mask": shd.batch_sharding(mesh, 2)}
+    say("parameters: generator %.1fM, critic %.1fM",
+             st.count_params(abstract_state.g_params) / 1e6,
+             st.count_params(abstract_state.d_params) / 1e6)
+
+    # ---- data
+    train_ds = make_dataset(data_cfg, split=data_cfg.train_split, global_batch_size=batch,
+                            process_index=jax.process_index(),
+                            process_count=jax.process_count(), seed=config.seed)
+    train_iter = iter(train_ds)
+
+    # ---- checkpoint / init
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
+                        async_save=config.async_checkpointing)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        say("resuming from %s step %d", ckpt.directory, latest)
+        state = ckpt.restore(latest, abstract_state, train_iter)
+    else:
+        state = shd.sharded_init(init_fn, mesh)
+        if config.init_from:
+            g, d = jax.device_get((state.g_params, state.d_params))
+            g, d, step0 = load_init_params(config.init_from, model_cfg, g, d,
+                                           config.d_steps + config.g_steps)
+            placed = jax.device_put((g, d), (state_shardings.g_params, state_shardings.d_params))
+            state = state.replace(g_params=placed[0], d_params=placed[1])
+            if step0 and config.init_step_from_checkpoint:
+                state = state.replace(step=jax.device_put(jnp.int32(step0), repl))
+    start_step = int(jax.device_get(state.step))
+
+    # ---- compiled steps
+    train_step = steps.jit_train_step(task, state_shardings, batch_shardings, repl)
+    eval_step = steps.jit_eval_step(task, state_shardings, batch_shardings, repl)
+    abstract_batch = _abstract_batch(model_cfg, batch, mesh)
+    t0 = time.perf_counter()
+    compiled = train_step.lower(abstract_state, abstract_batch).compile()
+    flops = mt.compiled_flops(compiled)
+    peak = mt.peak_flops_per_device(override=config.peak_flops_per_device)
+    say("compiled the train step in %.1fs; %s GFLOP per device per step",
+             time.perf_counter() - t0, "?" if flops is None else f"{flops / 1e9:.1f}")
+
+    @jax.jit  # outputs replicated below
+    def recon_sample(s, b):  # sample 0, replicated so that the primary can draw it
+        one = {"video": b["video"][:1], "mask": b["mask"][:1]}
+        out = one["video"][0], one["mask"][0], steps.reconstruct(task, s, one)[0]
+        return jax.lax.with_sharding_constraint(out, repl)
+
+    writer = mt.create_writer(os.path.join(workdir, "tensorboard"), active=primary)
+    if primary and start_step == 0:
+        writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
+    collection = mt.average_collection(METRIC_NAMES)
+
+    def evaluate(step: int) -> dict[str, float]:
+        val_ds = make_dataset(data_cfg, split=data_cfg.val_split, global_batch_size=batch,
+                              process_index=jax.process_index(),
+                              process_count=jax.process_count(), seed=config.seed,
+                              shuffle=False, repeat=True)
+        it = iter(val_ds)
+        acc = None
+        first = None
+        for _ in range(max(1, config.num_eval_batches)):
+            b = _device_batch(next(it), mesh)
+            first = b if first is None else first
+            m = eval_step(state, b)
+            acc = m if acc is None else jax.tree.map(jnp.add, acc, m)
+        n = max(1, config.num_eval_batches)
+        val = {f"val_{k}": float(v) / n for k, v in jax.device_get(acc).items()}
+        video, mask, pred = jax.device_get(recon_sample(state, first))
+        if primary:
+            image = reconstruction.reconstruction_grid(
+                video, mask, pred, patch_size=model_cfg.patch_size,
+                tubelet_size=model_cfg.tubelet_size)
+            path = reconstruction.save_png(
+                image, os.path.join(workdir, "reconstructions", f"step_{step:08d}.png"))
+            writer.write_images(step, {"reconstruction": image})
+            writer.write_scalars(step, val)
+            say("step %d validation: %s (image %s)", step,
+                     " ".join(f"{k} {v:.4f}" for k, v in val.items()), path)
+        return val
+
+    # ---- loop
+    last: dict[str, float] = {}
+    val: dict[str, float] = {}
+    acc = None
+    prev_metrics = None
+    last_good = latest
+    step = start_step
+    interval_t = time.perf_counter()
+    interval_steps = 0
+    checked_num_visible = False
+    with _Preemption() as preempt:
+        try:
+            while step < sched.total_steps:
+                local = next(train_iter)
+                if not checked_num_visible:
+                    counts = np.asarray(local["mask"]).sum(axis=1)
+                    if not np.all(counts == k):
+                        raise ValueError(f"data masks have {sorted(set(counts.tolist()))} visible "
+                                         f"tokens, the step expects {k} "
+                                         f"(int({model_cfg.num_tokens} * (1 - mask_ratio)))")
+                    checked_num_visible = True
+                state, metrics = compiled(state, _device_batch(local, mesh))
+                step += 1
+                interval_steps += 1
+                # NaN/Inf check one step behind so the host never waits on the current step.
+                if prev_metrics is not None:
+                    _check_finite(*prev_metrics, ckpt, last_good)
+                prev_metrics = (step, metrics)
+                single = collection.single_from_model_output(
+                    **{n: metrics[n] for n in METRIC_NAMES})
+                acc = single if acc is None else acc.merge(single)
+
+                at_end = step >= sched.total_steps
+                if step % config.log_every_steps == 0 or at_end:
+                    _check_finite(*prev_metrics, ckpt, last_good)
+                    last = {k: float(v) for k, v in jax.device_get(acc.compute()).items()}
+                    elapsed = time.perf_counter() - interval_t
+                    step_time = elapsed / max(interval_steps, 1)
+                    eta = step_time * (sched.total_steps - step)
+                    line = mt.console_line(
+                        step, sched.total_steps, last, clips_per_s=batch / step_time,
+                        step_time_s=step_time, mfu_value=mt.mfu(flops, step_time, peak),
+                        eta_s=eta)
+                    say("%s", line)
+                    if primary:
+                        writer.write_scalars(step, {**last, "clips_per_s": batch / step_time,
+                                                    "step_time_s": step_time})
+                    acc, interval_steps, interval_t = None, 0, time.perf_counter()
+                if config.eval_every_steps > 0 and (step % config.eval_every_steps == 0
+                                                    or at_end):
+                    val = evaluate(step)
+                preempted = preempt.requested
+                if jax.process_count() > 1:  # every process must save at the same step
+                    preempted = (step % config.log_every_steps == 0
+                                 and _any_process(preempted))
+                if step % config.checkpoint_every_steps == 0 or at_end or preempted:
+                    _check_finite(*prev_metrics, ckpt, last_good)
+                    if ckpt.save(step, state, train_iter, force=True):
+                        last_good = step
+                if preempted:
+                    ckpt.wait()
+                    say("preempted (SIGTERM): saved step %d to %s; exiting", step,
+                        ckpt.directory)
+                    break
+        finally:
+            ckpt.close()
+            writer.flush()
+            writer.close()
+    return {**last, **val, "step": float(step)}
+
+
+class _Say:
+    """Progress messages: logged, and printed on the primary process (the console view)."""
+
+    def __init__(self, primary: bool):
+        self.primary = primary
+
+    def __call__(self, msg: str, *args: Any) -> None:
+        log.info(msg, *args)
+        if self.primary:
+            print(msg % args if args else msg, flush=True)
+
+
+def _check_finite(step: int, metrics: dict[str, jax.Array], ckpt: Checkpointer,
+                  last_good: int | None) -> None:
+    if bool(jax.device_get(metrics["finite"])):
+        return
+    values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
+    ckpt.wait()
+    where = (f"the last good checkpoint is step {last_good} in {ckpt.directory}"
+             if last_good is not None else "no checkpoint was written")
+    raise NonFiniteLossError(
+        f"non-finite loss or gradient at step {step}: "
+        + ", ".join(f"{k}={v:.4g}" for k, v in sorted(values.items()))
+        + f"; stopping without saving ({where}). Lower config.lr.base or set "
+          "config.optimizer.grad_clip, then rerun to resume from it.")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+    return out
+
