@@ -14,7 +14,7 @@ same run and on the same files:
 
 Prints clips/s, clips/s per core and the ratio. Usage::
 
-    python scripts/bench_data.py [--videos 16] [--frames 48] [--clips 96] [--batch 8]
+    python scripts/bench_data.py [--videos 16] [--frames 48] [--clips 96] [--batch 8] [--tfds]
 """
 
 from __future__ import annotations
@@ -93,48 +93,48 @@ def original_recipe_dataset(root: str, clip_frames: int = 16, rate: int = 2, pat
     return OriginalRecipe()
 
 
-def time_baseline(root: str, clips: int, batch: int) -> float:
+def baseline_batches(root: str, batch: int):
+    """Endless batches of the original recipe: torch DataLoader, one process, one thread."""
     import torch
     from torch.utils.data import DataLoader
 
     torch.set_num_threads(1)
     loader = DataLoader(original_recipe_dataset(root), batch_size=batch, shuffle=True,
                         num_workers=0)
-
-    def batches():
-        while True:
-            yield from loader
-
-    it = batches()
-    next(it)  # warm-up
-    t = time.perf_counter()
-    for _ in range(clips // batch):
-        video, mask = next(it)
-    assert video.shape == (batch, 3, 16, 224, 224) and mask.shape == (batch, 1568)
-    return (clips // batch) * batch / (time.perf_counter() - t)
+    while True:
+        for video, mask in loader:
+            assert video.shape == (batch, 3, 16, 224, 224) and mask.shape == (batch, 1568)
+            yield video
 
 
-def time_ours(root: str, clips: int, batch: int, threads: int) -> float:
+def our_batches(root: str, batch: int, threads: int, source: str = "ytf"):
+    """Endless batches of make_dataset with ``threads`` decoding threads."""
     c = default_data_config()
-    c.source, c.root_dir = "ytf", root
+    c.source, c.root_dir, c.tfds_data_dir = source, root, root
     c.num_threads, c.prefetch = threads, 2 * threads
-    it = iter(make_dataset(c, split="train", global_batch_size=batch))
-    next(it)  # warm-up (also fills the prefetch buffer's first slot)
+    for b in make_dataset(c, split="train", global_batch_size=batch):
+        assert b["video"].shape == (batch, 16, 224, 224, 3) and b["mask"].shape == (batch, 1568)
+        yield b
+
+
+def clips_per_second(batches, clips: int, batch: int) -> float:
     t = time.perf_counter()
     for _ in range(clips // batch):
-        b = next(it)
-    assert b["video"].shape == (batch, 16, 224, 224, 3) and b["mask"].shape == (batch, 1568)
-    rate = (clips // batch) * batch / (time.perf_counter() - t)
-    it.close()
-    return rate
+        next(batches)
+    return (clips // batch) * batch / (time.perf_counter() - t)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--videos", type=int, default=16)
     ap.add_argument("--frames", type=int, default=48)
-    ap.add_argument("--clips", type=int, default=96)
+    ap.add_argument("--clips", type=int, default=48, help="clips timed per loader and round")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="loaders are timed in turn this many times; the best round counts "
+                         "(robust to other load on a shared machine)")
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--tfds", action="store_true",
+                    help="also build the youtube_faces_marlin ArrayRecord shards and time them")
     ap.add_argument("--dir", default=None, help="reuse/write the layout here (default: temp)")
     args = ap.parse_args()
     cv2.setNumThreads(1)  # per-core figures: no hidden OpenCV threads on either side
@@ -148,16 +148,33 @@ def main() -> None:
                              val_fraction=0.0)
             print(f"wrote {args.videos} videos x {args.frames} frames (224x224 JPEG + int64 "
                   f"npy) in {time.perf_counter() - t:.1f}s to {root}")
-        base = time_baseline(root, args.clips, args.batch)
-        ours1 = time_ours(root, args.clips, args.batch, threads=1)
-        oursn = time_ours(root, args.clips, args.batch, threads=cores)
+        loaders = {
+            "original recipe (torch DataLoader, 1 core)": (baseline_batches(root, args.batch), 1),
+            "marlin_jax grain pipeline (1 thread)": (our_batches(root, args.batch, 1), 1),
+            f"marlin_jax grain pipeline ({cores} threads)":
+                (our_batches(root, args.batch, cores), cores),
+        }
+        if args.tfds:
+            from marlin_jax.data.tfds_source import build_youtube_faces_marlin
 
-    print(f"{'loader':<44}{'clips/s':>10}{'clips/s/core':>14}")
-    print(f"{'original recipe (torch DataLoader, 1 core)':<44}{base:>10.1f}{base:>14.1f}")
-    print(f"{'marlin_jax grain pipeline (1 thread)':<44}{ours1:>10.1f}{ours1:>14.1f}")
-    print(f"{f'marlin_jax grain pipeline ({cores} threads)':<44}{oursn:>10.1f}"
-          f"{oursn / cores:>14.1f}")
-    print(f"ratio per core (ours 1 thread / original): {ours1 / base:.2f}x  (target >= 2x)")
+            tfds_dir = os.path.join(tmp, "tfds")
+            build_youtube_faces_marlin(root, tfds_dir)
+            loaders["marlin_jax grain pipeline, TFDS (1 thread)"] = (
+                our_batches(tfds_dir, args.batch, 1, source="tfds"), 1)
+        for batches, _ in loaders.values():
+            next(batches)  # warm-up: imports, first files, thread pools
+        best = dict.fromkeys(loaders, 0.0)
+        for _ in range(args.rounds):
+            for name, (batches, _) in loaders.items():
+                best[name] = max(best[name], clips_per_second(batches, args.clips, args.batch))
+
+    header = f"loader (best of {args.rounds} rounds)"
+    print(f"{header:<44}{'clips/s':>10}{'clips/s/core':>14}")
+    for name, (_, used) in loaders.items():
+        print(f"{name:<44}{best[name]:>10.1f}{best[name] / used:>14.1f}")
+    names = list(loaders)
+    ratio = best[names[1]] / best[names[0]]
+    print(f"ratio per core (ours 1 thread / original): {ratio:.2f}x  (target >= 2x)")
 
 
 if __name__ == "__main__":

@@ -140,6 +140,21 @@ def test_process_shards_are_disjoint_and_cover_the_source(shuffle):
     assert sum(map(len, seen)) == n
 
 
+def test_one_pass_with_drop_remainder_gives_every_process_the_same_steps():
+    n, procs = 11, 3
+    counts, seen = [], set()
+    for p in range(procs):
+        ds = make_dataset(small_config(), split="val", global_batch_size=2 * procs,
+                          process_index=p, process_count=procs, repeat=False,
+                          source=IdSource(n))
+        batches = list(ds)
+        counts.append(len(batches))
+        seen.update(i for b in batches for i in ids_of(b))
+        assert all(b["video"].shape[0] == 2 for b in batches)
+    assert counts == [1, 1, 1]
+    assert len(seen) == 6 and seen <= set(range(9))  # only the 11 % 3 = 2 last are never used
+
+
 def test_deterministic_given_seed_and_epochs_reshuffle():
     def run(seed):
         it = iter(make_dataset(small_config(), split="train", global_batch_size=2, seed=seed,

@@ -90,7 +90,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.seed = 0  # data seed (shuffle order, temporal starts, masks); combined with make_dataset's
     c.error_budget = 100  # skipped bad records tolerated per process before failing
     c.max_retries = 16  # replacement records tried for one bad record before failing
-    c.drop_remainder = True  # drop the last partial batch (only matters with repeat=False)
+    # repeat=False only: drop the last partial batch and make all process shards equal (at most
+    # process_count - 1 videos dropped) so that every process runs the same number of steps
+    c.drop_remainder = True
     c.synthetic_num_videos = 512  # synthetic: videos per split
     c.synthetic_num_frames = 32  # synthetic: frames per rendered video
     c.synthetic_seed = 0  # synthetic: rendering seed
@@ -309,7 +311,8 @@ def make_dataset(data_config: ml_collections.ConfigDict, *, split: str, global_b
       global_batch_size: clips per step over all processes; divisible by ``process_count``.
       process_index / process_count: ``jax.process_index()`` / ``jax.process_count()``.
       seed: combined with ``data_config.seed`` (shuffle order, temporal starts, masks).
-      shuffle / repeat: shuffle each epoch; repeat forever (else one pass).
+      shuffle / repeat: shuffle each epoch; repeat forever (else one pass, in equal-length
+        shards when ``data_config.drop_remainder``).
       source: use this source instead of building one from ``data_config`` (tests, custom data).
     """
     c = data_config
@@ -328,7 +331,12 @@ def make_dataset(data_config: ml_collections.ConfigDict, *, split: str, global_b
         mask_strategy=c.mask_strategy, mask_ratio=c.mask_ratio, shard_offset=process_index,
         shard_stride=process_count, max_retries=c.max_retries)
 
-    ds = grain.MapDataset.range(len(source))[process_index::process_count]
+    n = len(source)
+    if not repeat and c.drop_remainder:
+        # one pass in lockstep (multi-host eval): equal shards, so every process yields the same
+        # number of batches; drops at most process_count - 1 videos
+        n -= n % process_count
+    ds = grain.MapDataset.range(n)[process_index::process_count]
     if shuffle:
         ds = ds.shuffle(seed=_derive_seed(c.seed, seed, 1))
     if repeat:
