@@ -402,6 +402,7 @@ def test_planted_payload_never_runs(tmp_path, kind):
             load_torch_file(path)
         assert str(path) in str(err.value), name
         assert not marker.exists(), name
+        assert str(pickle.loads(pickle.dumps(err.value))) == str(err.value)  # e.g. from workers
         # even when told to skip unknown globals, nothing is called
         out = load_torch_file(path, allow_opaque=True)
         assert not marker.exists(), name
@@ -479,6 +480,7 @@ def test_truncated_and_corrupt_zip(tmp_path):
         with pytest.raises(CheckpointFormatError, match=name.replace(".", r"\.")) as err:
             load_torch_file(path)
         assert err.value.path == str(path)
+        assert str(pickle.loads(pickle.dumps(err.value))) == str(err.value)
 
     foreign = tmp_path / "foreign.zip"
     with zipfile.ZipFile(foreign, "w") as zf:

@@ -77,6 +77,9 @@ class CheckpointFormatError(ValueError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 
+    def __reduce__(self) -> tuple:  # picklable across processes despite the 2-argument init
+        return type(self), (self.path, self.problem)
+
 
 class UnsafeCheckpointError(ValueError):
     """The checkpoint asks for a global or an opcode outside the allow-list (it could run code)."""
@@ -84,8 +87,12 @@ class UnsafeCheckpointError(ValueError):
     def __init__(self, path: str | os.PathLike, refused: str, hint: str = ""):
         self.path = os.fspath(path)
         self.refused = refused
+        self.hint = hint
         msg = f"{self.path}: refused {refused}: not a tensor or a plain container"
         super().__init__(msg + (f" ({hint})" if hint else ""))
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.path, self.refused, self.hint)
 
 
 @dataclass(frozen=True)
@@ -1126,7 +1133,8 @@ def load_torch_file(path: str | os.PathLike, *, allow_opaque: bool = False) -> A
 
     Returns the saved object as nested dict/OrderedDict/list/tuple/set/scalars/str/bytes/None
     with ``np.ndarray`` leaves for tensors (``torch.Size`` becomes a tuple, ``nn.Parameter`` an
-    array, ``torch.device`` its string). Arrays never alias each other; expanded (stride-0)
+    array, ``torch.device`` its string). Distinct tensors never share memory, even where they
+    shared a storage in torch (one tensor object saved twice is one array); expanded (stride-0)
     tensors come back as read-only views. With ``allow_opaque`` any global outside the
     allow-list becomes an inert `OpaqueGlobal`/`OpaqueObject` instead of an error.
 
