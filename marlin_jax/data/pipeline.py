@@ -162,16 +162,20 @@ class LoadClip:
         self.with_labels = bool(getattr(source, "has_labels", False))
 
     def __call__(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
-        issues: list[tuple[str, str]] = []
+        skipped: list[tuple[str, str]] = []
         index = int(index)
         for _ in range(self.max_retries + 1):
+            notes: list[tuple[str, str]] = []  # kept only if this record loads
             try:
-                return self._load(self.source[index], rng, issues)
+                element = self._load(self.source[index], rng, notes)
             except _READ_ERRORS as e:
-                issues.append((SKIPPED, str(e)))
+                skipped.append((SKIPPED, str(e)))
                 index = self.shard_offset + self.shard_stride * int(rng.integers(self.shard_len))
+                continue
+            element["_issues"] = skipped + notes
+            return element
         raise ErrorBudgetError(
-            f"{self.max_retries + 1} records in a row were unreadable; last: {issues[-1][1]}")
+            f"{self.max_retries + 1} records in a row were unreadable; last: {skipped[-1][1]}")
 
     def _load(self, record: VideoRecord, rng: np.random.Generator,
               issues: list[tuple[str, str]]) -> dict[str, Any]:
@@ -206,7 +210,7 @@ class LoadClip:
                              tubelet_size=self.tubelet_size)
         except ValueError as e:
             raise BadRecordError(f"{record.name}: cannot build a mask: {e}") from e
-        out = {"video": np.ascontiguousarray(video), "mask": mask, "_issues": issues}
+        out = {"video": np.ascontiguousarray(video), "mask": mask}
         if self.with_labels:
             labels = record.labels
             out["labels"] = np.asarray(labels if labels is not None else [], np.int32)
