@@ -545,3 +545,31 @@ def test_in_memory_bytes_pickles_are_refused_the_same_way(tmp_path):
     assert not (Path.cwd() / "x").exists()
     path.write_bytes(io.BytesIO(pickle.dumps([1, 2.0, "three"], protocol=0)).getvalue())
     assert load_torch_file(path) == [1, 2.0, "three"]
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_whole_module_pickle_is_opaque_but_its_tensors_are_read(tmp_path, legacy):
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3))
+    path = save(tmp_path, model, "module.pt", _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(UnsafeCheckpointError, match=r"torch\.nn\.modules\.container\.Sequential"):
+        load_torch_file(path)
+    out = load_torch_file(path, allow_opaque=True)
+    assert isinstance(out, OpaqueObject) and out.name == "torch.nn.modules.container.Sequential"
+    linear = out.state["_modules"]["0"]
+    assert linear.name == "torch.nn.modules.linear.Linear"
+    for name, param in model[0].named_parameters():
+        assert_same_tensor(linear.state["_parameters"][name], param)
+
+
+def test_tensors_saved_from_a_gpu_load_on_the_host(tmp_path):
+    t = random_tensor((3, 2), torch.float32)
+    src = save(tmp_path, {"w": t})
+
+    def on_cuda(name: str, data: bytes):  # what torch.save writes for a tensor on cuda:0
+        if name.endswith("data.pkl"):
+            return data.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
+        return data
+
+    rewrite_zip(src, tmp_path / "gpu.pt", on_cuda)
+    assert b"cuda:0" in zipfile.ZipFile(tmp_path / "gpu.pt").read("ckpt/data.pkl")
+    assert_same_tensor(load_torch_file(tmp_path / "gpu.pt")["w"], t)
