@@ -32,7 +32,8 @@ class TrainState:
     """Everything that changes during training (all arrays; checkpointed as one pytree).
 
     step: int32 scalar, number of completed training steps (batches);
-    rng: uint32 ``(2,)`` raw PRNG key data (gradient-penalty interpolation weights).
+    rng: uint32 ``(2,)`` raw PRNG key data of the run (folded with the step for the
+    gradient-penalty interpolation weights, so it stays constant).
     """
 
     step: jax.Array

@@ -58,6 +58,13 @@ def video_to_float(video: jax.Array) -> jax.Array:
     return video.astype(jnp.float32)
 
 
+def gp_alpha(rng: jax.Array, step: jax.Array, d_update: int) -> jax.Array:
+    """The gradient-penalty interpolation weight of D update ``d_update`` at ``step``: one
+    uniform scalar per update, as the original's ``torch.rand(1)``."""
+    key = jax.random.fold_in(jax.random.fold_in(rng, step), d_update)
+    return jax.random.uniform(key, (), jnp.float32)
+
+
 def _critic(task: Task, g_params: Params, d_params: Params) -> Callable[[jax.Array], jax.Array]:
     model = task.model.merge(g_params, d_params)
     return lambda patches: model.discriminator(patches)
@@ -101,7 +108,6 @@ def train_step(task: Task, state: TrainState, batch: Batch) -> tuple[TrainState,
     video = video_to_float(batch["video"])
     mask = batch["mask"]
     target = _targets(task, video, mask)
-    rng, gp_rng = jax.random.split(state.rng)
 
     g_lr = task.g_schedule(state.step)
     d_lr = task.d_schedule(state.step)
@@ -114,7 +120,7 @@ def train_step(task: Task, state: TrainState, batch: Batch) -> tuple[TrainState,
 
     d_metrics: Metrics = {}
     for i in range(cfg.d_steps):
-        alpha = jax.random.uniform(jax.random.fold_in(gp_rng, i), (), jnp.float32)
+        alpha = gp_alpha(state.rng, state.step, i)
 
         def d_loss_fn(dp, alpha=alpha):
             critic = _critic(task, g_params, dp)
@@ -150,7 +156,7 @@ def train_step(task: Task, state: TrainState, batch: Batch) -> tuple[TrainState,
     metrics = {**d_metrics, **g_metrics, "g_lr": g_lr, "d_lr": d_lr}
     metrics["finite"] = jnp.all(jnp.stack([jnp.isfinite(v) for v in metrics.values()]))
     new_state = state.replace(step=state.step + 1, g_params=g_params, d_params=d_params,
-                              g_opt_state=g_opt, d_opt_state=d_opt, rng=rng)
+                              g_opt_state=g_opt, d_opt_state=d_opt)
     return new_state, metrics
 
 

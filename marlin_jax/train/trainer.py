@@ -317,6 +317,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 image, os.path.join(workdir, "reconstructions", f"step_{step:08d}.png"))
             writer.write_images(step, {"reconstruction": image})
             writer.write_scalars(step, val)
+            _append_jsonl(os.path.join(workdir, "metrics.jsonl"), {"step": step, **val})
             say("step %d validation: %s (image %s)", step,
                      " ".join(f"{k} {v:.4f}" for k, v in val.items()), path)
         return val
@@ -366,8 +367,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         eta_s=eta)
                     say("%s", line)
                     if primary:
-                        writer.write_scalars(step, {**last, "clips_per_s": batch / step_time,
-                                                    "step_time_s": step_time})
+                        perf = {"clips_per_s": batch / step_time, "step_time_s": step_time}
+                        writer.write_scalars(step, {**last, **perf})
+                        _append_jsonl(os.path.join(workdir, "metrics.jsonl"),
+                                      {"step": step, **last, **perf})
                     acc, interval_steps, interval_t = None, 0, time.perf_counter()
                 if config.eval_every_steps > 0 and (step % config.eval_every_steps == 0
                                                     or at_end):
@@ -389,7 +392,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             ckpt.close()
             writer.flush()
             writer.close()
-    return {**last, **val, "step": float(step)}
+    summary = {**last, **val, "step": float(step)}
+    print(f"marlin-jax: process {jax.process_index()} finished at step {step}: "
+          + " ".join(f"{k}={v:.6g}" for k, v in sorted(summary.items()) if k != "step"),
+          flush=True)
+    return summary
+
+
+def _append_jsonl(path: str, record: dict[str, float]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 class _Say:
