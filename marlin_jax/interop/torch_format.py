@@ -458,9 +458,6 @@ def _read_exactly(stream: BinaryIO, nbytes: int, what: str) -> bytearray:
 # The pickle machine
 # ----------------------------------------------------------------------------------------------
 
-_P = pickle  # opcode constants (bytes of length 1)
-
-
 class _Machine:
     """Interprets one pickle from `stream`; builds only data, allow-listed values and tensors."""
 
@@ -979,7 +976,6 @@ class _ZipSource(_StorageSource):
         self._zf = zf
         self._prefix = prefix
         self._size = archive_size
-        self.declared: dict[str, int] = {}
 
     def info(self, name: str) -> zipfile.ZipInfo:
         try:
@@ -988,13 +984,9 @@ class _ZipSource(_StorageSource):
             raise _CorruptError(f"record {self._prefix}/{name} is missing from the archive") from None
         end = info.header_offset + info.compress_size
         _require(end <= self._size, f"record {info.filename} runs past the end of the file")
-        limit = (
-            info.compress_size
-            if info.compress_type == zipfile.ZIP_STORED
-            else (
-                1032 * info.compress_size + 1024  # deflate's best ratio: refuse zip bombs
-            )
-        )
+        limit = info.compress_size  # stored records (what torch writes) are their own size
+        if info.compress_type != zipfile.ZIP_STORED:
+            limit = 1032 * info.compress_size + 1024  # deflate's best ratio: refuse zip bombs
         _require(info.file_size <= limit, f"record {info.filename} claims an impossible size")
         return info
 
