@@ -244,9 +244,11 @@ class AccountingIterator(grain.DatasetIterator):
     returns them: ``{kind: count}`` for :data:`ISSUE_KINDS`.
     """
 
-    def __init__(self, parent: grain.DatasetIterator, error_budget: int):
+    def __init__(self, parent: grain.DatasetIterator, error_budget: int,
+                 copy_arrays: bool = False):
         super().__init__(parent)
         self._budget = error_budget
+        self._copy = copy_arrays
         self._counts = dict.fromkeys(ISSUE_KINDS, 0)
 
     @property
@@ -255,6 +257,8 @@ class AccountingIterator(grain.DatasetIterator):
 
     def __next__(self) -> dict[str, Any]:
         batch = dict(next(self._parent))
+        if self._copy:  # out of worker shared memory: valid after close(), owned by the caller
+            batch = {k: np.array(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
         for kind, message in batch.pop("_issues", ()):
             self._counts[kind] = self._counts.get(kind, 0) + 1
             _IssueLog.emit(kind, self._counts[kind], message)
@@ -276,12 +280,13 @@ class AccountingIterator(grain.DatasetIterator):
 class AccountingIterDataset(grain.IterDataset):
     """IterDataset whose iterator is an :class:`AccountingIterator`."""
 
-    def __init__(self, parent: grain.IterDataset, error_budget: int):
+    def __init__(self, parent: grain.IterDataset, error_budget: int, copy_arrays: bool = False):
         super().__init__(parent)
         self._error_budget = error_budget
+        self._copy_arrays = copy_arrays
 
     def __iter__(self) -> AccountingIterator:
-        return AccountingIterator(self._parent.__iter__(), self._error_budget)
+        return AccountingIterator(self._parent.__iter__(), self._error_budget, self._copy_arrays)
 
     def __str__(self) -> str:
         return f"AccountingIterDataset(error_budget={self._error_budget})"
@@ -354,4 +359,5 @@ def make_dataset(data_config: ml_collections.ConfigDict, *, split: str, global_b
         _ensure_absl_flags_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=c.num_workers, per_worker_buffer_size=max(1, c.worker_buffer_size)))
-    return AccountingIterDataset(it_ds, error_budget=c.error_budget)
+    return AccountingIterDataset(it_ds, error_budget=c.error_budget,
+                                 copy_arrays=c.num_workers > 0)
