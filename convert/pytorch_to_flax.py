@@ -1,0 +1,63 @@
+"""PyTorch MARLIN checkpoint (.pt / Lightning .ckpt / VideoMAE) -> marlin-jax checkpoint directory."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from flax import nnx, serialization
+
+from marlin_jax.interop import model_from_state_dict, read_state_dict, save_marlin_checkpoint
+from marlin_jax.models import get_config, model_names
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help=f"registered architecture: {', '.join(model_names())}")
+    parser.add_argument("--input", required=True, help="*.encoder.pt, *.full.pt, Lightning *.ckpt or VideoMAE .pth")
+    parser.add_argument("--output", required=True, help="marlin-jax checkpoint directory to create (orbax)")
+    parser.add_argument("--npz", help="also write the variables to this .npz (keys: variable paths with '/')")
+    parser.add_argument("--msgpack", help="also write the variables to this flax msgpack file")
+    parser.add_argument("--no_discriminator", action="store_true", help="drop discriminator.* weights")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = get_config(args.model)
+    state_dict = read_state_dict(args.input, config)
+    if args.no_discriminator:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("discriminator.")}
+    model = model_from_state_dict(config, state_dict, source=args.input)
+    out = save_marlin_checkpoint(args.output, model, overwrite=args.overwrite)
+    tree = nnx.to_pure_dict(nnx.state(model, nnx.Variable))
+    if args.npz:
+        flat = {"/".join(map(str, path)): np.asarray(v) for path, v in _flatten(tree)}
+        np.savez(args.npz, **flat)
+    if args.msgpack:
+        Path(args.msgpack).write_bytes(serialization.msgpack_serialize(_numpy_tree(tree)))
+    parts = sorted({k.split(".")[0] for k in state_dict})
+    print(f"{args.input} -> {out} ({args.model}; {len(state_dict)} tensors; parts: {', '.join(parts)})")
+    return 0
+
+
+def _flatten(tree, prefix=()):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, (*prefix, key))
+        else:
+            yield (*prefix, key), value
+
+
+def _numpy_tree(tree):
+    return {str(k): _numpy_tree(v) if isinstance(v, dict) else np.asarray(v) for k, v in tree.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
