@@ -11,6 +11,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from marlin_jax.data.records import (
     BadRecordError,
@@ -94,6 +96,19 @@ def test_sample_frame_indices_start_is_uniform_over_valid_range():
     rng = np.random.default_rng(1)
     starts = {int(sample_frame_indices(40, 16, 2, rng)[0]) for _ in range(400)}
     assert starts == set(range(40 - 32 + 1))  # torch.randint(0, total - 32 + 1) in the original
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 300), clip=st.sampled_from([1, 4, 8, 16]), rate=st.integers(1, 4),
+       seed=st.integers(0, 2**32 - 1))
+def test_sample_frame_indices_properties(n, clip, rate, seed):
+    idx = sample_frame_indices(n, clip, rate, np.random.default_rng(seed))
+    assert idx.shape == (clip,) and idx.min() >= 0 and idx.max() < n
+    steps = np.diff(idx)
+    if n <= clip:  # padded: 0, 1, ..., n - 1, then the last frame repeated
+        np.testing.assert_array_equal(idx, np.minimum(np.arange(clip), n - 1))
+    else:  # one constant stride: the configured one, or n // clip when too short for it
+        assert (steps == (rate if n >= clip * rate else n // clip)).all()
 
 
 # --------------------------------------------------------------------------- record helpers

@@ -10,8 +10,9 @@ Per process::
       -> error accounting                                   count/log bad records, budget
 
 Batches are ``{"video": uint8 (B, T, H, W, 3), "mask": bool (B, N)}`` (+ ``"labels"`` int32
-``(B, L)`` when the source has labels); normalise to [0, 1] inside the jitted step. The iterator
-is a grain ``DatasetIterator``: ``get_state``/``set_state`` (or orbax with
+``(B, L)`` when the source has labels), plain numpy arrays owned by the caller (copied out of
+worker shared memory when ``num_workers > 0``); normalise to [0, 1] inside the jitted step. The
+iterator is a grain ``DatasetIterator``: ``get_state``/``set_state`` (or orbax with
 ``grain.checkpoint.CheckpointSave/CheckpointRestore``) resume it exactly, error counts included.
 
 Bad records (missing/corrupt JPEG, npy, video) are replaced by another record of the same shard
