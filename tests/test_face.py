@@ -7,12 +7,16 @@ import pytest
 
 from marlin_jax.face import (
     LAPA_LABELS,
+    MESH_INSTALL,
+    MESH_METHOD,
     PARSER_METHOD,
     FaceCropper,
     FaceParser,
     NoFaceError,
+    available_methods,
     crop_square,
     detect_faces,
+    mesh_available,
     parse_faces,
     render_template,
     square_from_box,
@@ -117,6 +121,18 @@ def test_unknown_parser_is_refused():
         FaceParser(method="bisenet")
 
 
+def test_auto_parser_is_the_best_installed_and_says_so():
+    assert FaceParser().method == available_methods()[0]
+    assert FaceParser(PARSER_METHOD).method == PARSER_METHOD  # always installed
+    if not mesh_available():
+        with pytest.raises(ValueError, match="not installed.*--no-deps mediapipe"):
+            FaceParser(MESH_METHOD)
+    assert "--no-deps mediapipe==0.10.21" in MESH_INSTALL
+
+
+needs_mesh = pytest.mark.skipif(not mesh_available(), reason=f"optional: {MESH_INSTALL}")
+
+
 # ------------------------------------------------------------------------------ sample videos
 
 
@@ -180,11 +196,12 @@ def test_smoothing_reduces_crop_jitter_on_video01(video01_dets):
 
 
 @pytest.mark.samples
+@pytest.mark.parametrize("method", [PARSER_METHOD, pytest.param(MESH_METHOD, marks=needs_mesh)])
 @pytest.mark.parametrize("name", ["cropped01.mp4", "cropped04.mp4"])
-def test_parsing_of_cropped_samples_puts_eyes_above_nose_above_mouth(samples_dir, name):
+def test_parsing_of_cropped_samples_puts_eyes_above_nose_above_mouth(samples_dir, name, method):
     crops = read_frames(samples_dir / name)
-    result = FaceParser().parse(crops)
-    assert result.method == PARSER_METHOD and result.found.all()
+    result = FaceParser(method).parse(crops)
+    assert result.method == method and result.found.all() and result.fallback == 0
     for m in result.maps[:: max(1, len(crops) // 8)]:
         eyes = _centroid(np.isin(m, (4, 5)))[1]
         nose = _centroid(m == 6)[1]
@@ -236,3 +253,21 @@ def test_several_faces_tiny_and_huge_frames(video01):
         assert crops.shape == (2, 224, 224, 3)
         box = detect_faces(resized)[0].boxes[0] / scale
         np.testing.assert_allclose(box, [x1, y1, x2, y2], atol=6 / min(scale, 1) ** 0.5 * 2)
+
+
+@pytest.mark.samples
+@needs_mesh
+def test_mesh_parser_follows_an_open_mouth(samples_dir):
+    # video05 ends on a wide smile with teeth showing; the template draws a closed mouth
+    crops, landmarks, _ = FaceCropper().crop_video_with_landmarks(
+        read_frames(samples_dir / "video05.mp4")[-3:]
+    )
+    mesh = FaceParser(MESH_METHOD).parse(crops, landmarks)
+    template = FaceParser(PARSER_METHOD).parse(crops, landmarks)
+    assert mesh.method == MESH_METHOD and mesh.fallback == 0
+    assert (mesh.maps == 8).sum() > 2 * (template.maps == 8).sum()
+    assert (mesh.maps == 10).any()  # hair from the person segmentation
+    # both parsers agree on where the face is
+    face = np.isin(mesh.maps, (1, *FACE_PARTS))
+    face_t = np.isin(template.maps, (1, *FACE_PARTS))
+    assert (face & face_t).sum() / (face | face_t).sum() > 0.7

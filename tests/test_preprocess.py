@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-from marlin_jax.face.parse import PARSER_METHOD
+from marlin_jax.face import FaceParser
 from marlin_jax.face.preprocess import INFO_FILE, write_ytf_splits
 from marlin_jax.video_io import count_frames, read_frames, write_video
 
@@ -58,7 +58,7 @@ def test_preprocess_ytf_end_to_end_and_resume(ytf_tree, capsys):
     script = _load_script("preprocess_ytf")
     assert script.main(["--data_dir", str(ytf_tree), "--workers", "1"]) == 0
     out = capsys.readouterr().out
-    assert f"face parser: {PARSER_METHOD}" in out
+    assert f"face parser: {FaceParser().method}" in out
     assert "4 videos: 3 processed, 0 already done, 1 failed" in out
     assert "FAILED Carl_Cole/0: no face" in out and "no face found in any of 5 frames" in out
 
@@ -86,7 +86,7 @@ def test_preprocess_ytf_end_to_end_and_resume(ytf_tree, capsys):
     rows = _read_csv(ytf_tree / "train_set.csv") + _read_csv(ytf_tree / "val_set.csv")
     assert sorted(rows) == [("Alice_Anders/0", 12), ("Bob_Brown/1", 10), ("Dora_Dunn/2", 5)]
     info = json.loads((ytf_tree / INFO_FILE).read_text())
-    assert info["parser"] == PARSER_METHOD and info["cropper"]["size"] == 224
+    assert info["parser"] == FaceParser().method and info["cropper"]["size"] == 224
 
     # resumable: a second run skips what is done; a deleted output is redone
     os.remove(crops / "Alice_Anders" / "0" / alice[0])

@@ -5,21 +5,29 @@ Typical use::
     from marlin_jax.face import FaceCropper, parse_faces
     crops = FaceCropper(size=224).crop_video(frames)   # uint8 (T, H, W, 3) -> (T, 224, 224, 3)
     maps = parse_faces(crops)                          # -> uint8 (T, 224, 224) LaPa labels
+
+Parsing uses the best parser installed (``FaceParser().method`` says which): ``template-5pt``
+with the default install, ``mediapipe-mesh`` after ``MESH_INSTALL``'s pip commands.
 """
 
 from marlin_jax.face.crop import FaceCropper, FaceTrack, NoFaceError, crop_square, square_from_box
 from marlin_jax.face.detect import Detections, detect_faces
+from marlin_jax.face.labels import LAPA_LABELS
+from marlin_jax.face.mesh import MESH_METHOD, mesh_available
 from marlin_jax.face.parse import (
-    LAPA_LABELS,
+    MESH_INSTALL,
     PARSER_METHOD,
     FaceParser,
     ParseResult,
+    available_methods,
     parse_faces,
     render_template,
 )
 
 __all__ = [
     "LAPA_LABELS",
+    "MESH_INSTALL",
+    "MESH_METHOD",
     "PARSER_METHOD",
     "Detections",
     "FaceCropper",
@@ -27,8 +35,10 @@ __all__ = [
     "FaceTrack",
     "NoFaceError",
     "ParseResult",
+    "available_methods",
     "crop_square",
     "detect_faces",
+    "mesh_available",
     "parse_faces",
     "render_template",
     "square_from_box",

@@ -1,21 +1,22 @@
-"""LaPa-style face parsing maps, offline, with the default install.
+"""LaPa-style face parsing maps, offline: two parsers, and every result says which one ran.
 
-No installable package ships face-parsing network weights (BiSeNet / FaRL), and mediapipe's
-bundled face mesh does not run beside the protobuf that grain/orbax/tfds need. So the parser here
-is a *landmark-aligned template* (method ``"template-5pt"``): a hand-drawn mean-face layout of the
-LaPa regions in a canonical 5-point frame is warped onto each face with the least-squares affine
-transform that maps its 5 canonical points onto the detector's 5 landmarks, and rasterised.
+- ``"template-5pt"`` (default install): no installable package ships face-parsing network
+  weights (BiSeNet / FaRL), so a hand-drawn mean-face layout of the LaPa regions in a canonical
+  5-point frame is warped onto each face with the least-squares affine transform that maps its
+  5 canonical points onto the detector's 5 landmarks, and rasterised. It gets the layout right
+  (eyes above nose above mouth, left/right, scale, in-plane rotation, some yaw foreshortening),
+  which is what Fasking needs on its 14 x 14 patch grid; it does not follow individual shapes
+  (open mouths, fringes, hair style, occlusions).
+- ``"mediapipe-mesh"`` (optional, :data:`MESH_INSTALL`): polygons over MediaPipe's 468-point
+  face mesh plus its selfie segmentation for hair (see :mod:`marlin_jax.face.mesh`); follows
+  each face's real eye, brow, lip and mouth shapes. Picked automatically when installed.
 
-It gets the layout right (eyes above nose above mouth, left/right, scale, in-plane rotation, some
-yaw foreshortening), which is what Fasking needs on its 14 x 14 patch grid; it does not follow
-individual shapes (open mouths, fringes, hair style, occlusions). Every result says which method
-made it (``ParseResult.method``, :data:`PARSER_METHOD`, a log line).
+The parser that ran is ``ParseResult.method`` / ``FaceParser().method``, and is logged.
 
 Labels (LaPa, in FaRL's order): 0 background, 1 skin, 2 right eyebrow, 3 left eyebrow, 4 right
 eye, 5 left eye, 6 nose, 7 upper lip, 8 inner mouth, 9 lower lip, 10 hair. Right/left are the
 subject's: for a frontal face the subject's right eye (label 4) is on the image's left.
 """
-
 from __future__ import annotations
 
 import logging
@@ -26,25 +27,32 @@ import numpy as np
 
 from marlin_jax.face.crop import fill_missing
 from marlin_jax.face.detect import SCORE_THRESHOLD, detect_faces, primary_faces
+from marlin_jax.face.labels import (
+    HAIR,
+    I_MOUTH,
+    L_BROW,
+    L_EYE,
+    L_LIP,
+    NOSE,
+    R_BROW,
+    R_EYE,
+    SKIN,
+    U_LIP,
+)
+from marlin_jax.face.mesh import (
+    _MIN_FACE_LOGIT,
+    MESH_METHOD,
+    mesh_available,
+    mesh_points,
+    person_mask,
+    render_mesh,
+)
 
 log = logging.getLogger(__name__)
 
-PARSER_METHOD = "template-5pt"
+PARSER_METHOD = "template-5pt"  # the parser of the default install
+MESH_INSTALL = "pip install ai-edge-litert && pip install --no-deps mediapipe==0.10.21"
 
-LAPA_LABELS: tuple[str, ...] = (
-    "background",
-    "skin",
-    "right_eyebrow",
-    "left_eyebrow",
-    "right_eye",
-    "left_eye",
-    "nose",
-    "upper_lip",
-    "inner_mouth",
-    "lower_lip",
-    "hair",
-)
-BACKGROUND, SKIN, R_BROW, L_BROW, R_EYE, L_EYE, NOSE, U_LIP, I_MOUTH, L_LIP, HAIR = range(11)
 
 # Canonical 5 points (ArcFace's 112 x 112 alignment frame): image-left eye, image-right eye,
 # nose tip, image-left and image-right mouth corners. The template below lives in this frame.
@@ -154,25 +162,46 @@ def render_template(landmarks: np.ndarray, size: int) -> np.ndarray:
 class ParseResult:
     """maps: uint8 ``(T, S, S)`` LaPa labels; found: bool ``(T,)``, True where a face was located
     in that frame (others reuse the nearest earlier frame's landmarks; all-background maps if no
-    frame has a face); method: which parser made the maps."""
+    frame has a face); method: which parser made the maps; fallback: frames the mesh parser left
+    to the template."""
 
     maps: np.ndarray
     found: np.ndarray
     method: str
+    fallback: int = 0
+
+
+def available_methods() -> tuple[str, ...]:
+    """Parsers that can run here, best first."""
+    return (MESH_METHOD, PARSER_METHOD) if mesh_available() else (PARSER_METHOD,)
 
 
 @dataclass(frozen=True)
 class FaceParser:
-    """Face parser configuration. ``method`` is the parser that runs (only ``"template-5pt"``
-    is available offline with the default install)."""
+    """Face parser configuration.
 
-    method: str = PARSER_METHOD
+    method: ``"auto"`` (the best available: ``"mediapipe-mesh"`` when its optional models are
+        installed, else ``"template-5pt"``), or one of them by name. ``.method`` is the parser
+        that runs. With the mesh parser, frames where the mesh model rejects the face fall back
+        to the template (``ParseResult.fallback`` counts them).
+    """
+
+    method: str = "auto"
     score_threshold: float = SCORE_THRESHOLD
     num_threads: int = 0
 
     def __post_init__(self):
-        if self.method != PARSER_METHOD:
-            raise ValueError(f"unknown face parser {self.method!r}; available: {PARSER_METHOD!r}")
+        methods = available_methods()
+        if self.method == "auto":
+            object.__setattr__(self, "method", methods[0])
+        elif self.method not in methods:
+            known = (MESH_METHOD, PARSER_METHOD)
+            why = (
+                f"unknown face parser {self.method!r}; known: {known}"
+                if self.method not in known
+                else f"face parser {self.method!r} is not installed ({MESH_INSTALL})"
+            )
+            raise ValueError(why)
 
     def parse(self, crops: np.ndarray, landmarks: np.ndarray | None = None) -> ParseResult:
         """Face crops uint8 ``(T, S, S, 3)`` -> :class:`ParseResult`.
@@ -193,12 +222,23 @@ class FaceParser:
                 raise ValueError(f"landmarks must be ({t}, 5, 2), got {landmarks.shape}")
             found = ~np.isnan(landmarks).any(axis=(1, 2))
         maps = np.zeros((t, size, size), np.uint8)
+        fallback = 0
         if found.any():
             filled = fill_missing(landmarks, found)
+            threads = self.num_threads or 1
             for i in range(t):
+                if self.method == MESH_METHOD:
+                    points, logit = mesh_points(crops[i], filled[i], threads)
+                    if logit >= _MIN_FACE_LOGIT:
+                        maps[i] = render_mesh(points, size, person_mask(crops[i], threads))
+                        continue
+                    fallback += 1
                 maps[i] = render_template(filled[i], size)
-        log.info("face parsing: %s on %d frames (%d with a face)", self.method, t, found.sum())
-        return ParseResult(maps, found, self.method)
+        log.info(
+            "face parsing: %s on %d frames (%d with a face, %d by the template fallback)",
+            self.method, t, found.sum(), fallback,
+        )  # fmt: skip
+        return ParseResult(maps, found, self.method, fallback)
 
 
 def parse_faces(
