@@ -94,6 +94,7 @@ def test_preprocess_ytf_end_to_end_and_resume(ytf_tree, capsys):
     assert script.main(["--data_dir", str(ytf_tree), "--workers", "1"]) == 0
     out = capsys.readouterr().out
     assert "4 videos: 1 processed, 2 already done, 1 failed" in out
+    assert "FAILED Carl_Cole/0: no face" in out and "(earlier run)" in out
     assert (crops / "Alice_Anders" / "0" / alice[0]).exists()
     assert (parsing / "Bob_Brown" / "1" / "1.5.npy").stat().st_mtime_ns == before
 

@@ -190,20 +190,21 @@ def _ytf_outputs(data_dir: str, rel: str, name: str) -> tuple[str, str]:
     )
 
 
-def _ytf_done(data_dir: str, rel: str, names: list[str], marker: str) -> bool:
-    """True when a previous run finished this video: its marker lists the same source frames
-    and every output of the readable ones exists."""
+def _ytf_state(data_dir: str, rel: str, names: list[str], marker: str) -> str | None:
+    """What a previous run left for this video: ``"done"`` (its marker lists the same source
+    frames and every output of the readable ones exists), ``"no_face"``, or None (redo it)."""
     try:
         with open(marker, encoding="utf-8") as f:
             state = json.load(f)
     except (OSError, ValueError):
-        return False
+        return None
     if state.get("sources") != names:
-        return False
+        return None
+    if state.get("no_face"):
+        return "no_face"
     bad = set(state.get("unreadable", ()))
-    return all(
-        os.path.exists(p) for n in names if n not in bad for p in _ytf_outputs(data_dir, rel, n)
-    )
+    outputs = (p for n in names if n not in bad for p in _ytf_outputs(data_dir, rel, n))
+    return "done" if all(os.path.exists(p) for p in outputs) else None
 
 
 def process_ytf_video(
@@ -214,16 +215,20 @@ def process_ytf_video(
     Writes ``crop_images_DB/<rel>/<frame>.jpg`` (224 x 224 face crops, smoothed boxes) and
     ``face_parsing_images_DB/<rel>/<frame>.npy``: uint8 ``(n_faces, 224, 224)`` LaPa maps, as the
     original (n_faces 1, or 0 where the detector found no face in that frame). Unreadable frames
-    are left out (and named in the message). Skips the folder when a completion marker in
-    ``<data_dir>/.marlin_face_preprocess/`` matches its frames and every output exists.
+    are left out (and named in the message). Skips the folder when a marker in
+    ``<data_dir>/.marlin_face_preprocess/`` says it was done (and every output exists) or had no
+    face, for the same list of frames.
     """
     src = os.path.join(data_dir, FRAME_DIR, rel)
     for out in (CROP_DIR, PARSING_DIR):
         _remove_stale_parts(os.path.join(data_dir, out, rel))
     names = sorted((n for n in os.listdir(src) if n.lower().endswith(IMAGE_EXTS)), key=natural_key)
     marker = os.path.join(data_dir, STATE_DIR, rel + ".json")
-    if not overwrite and _ytf_done(data_dir, rel, names, marker):
+    state = None if overwrite else _ytf_state(data_dir, rel, names, marker)
+    if state == "done":
         return JobResult(rel, "skipped", frames=len(names))
+    if state == "no_face":
+        return JobResult(rel, "failed", message=f"no face: {src}: none in any frame (earlier run)")
     frames, kept, bad = [], [], []
     for n in names:
         img = cv2.imread(os.path.join(src, n), cv2.IMREAD_COLOR)
@@ -238,7 +243,11 @@ def process_ytf_video(
     if len(sizes) > 1:  # never seen in YTF; resize to the most common size rather than fail
         shape = max(sizes, key=lambda s: sum(f.shape == s for f in frames))
         frames = [f if f.shape == shape else cv2.resize(f, shape[1::-1]) for f in frames]
-    crops, landmarks, found = cropper.crop_video_with_landmarks(np.stack(frames), name=src)
+    try:
+        crops, landmarks, found = cropper.crop_video_with_landmarks(np.stack(frames), name=src)
+    except NoFaceError:  # remembered, so a resumed run does not search this video again
+        _write_text(marker, json.dumps({"sources": names, "no_face": True}) + "\n")
+        raise
     maps = parser.parse(crops, landmarks).maps
     empty = np.zeros((0, *maps.shape[1:]), np.uint8)
     for n, crop, m, f in zip(kept, crops, maps, found, strict=True):
