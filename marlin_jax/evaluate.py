@@ -146,11 +146,21 @@ def fit_options(config: ml_collections.ConfigDict) -> FitOptions:
 
 def _register_backbone(config: ml_collections.ConfigDict) -> None:
     """Registers ``config.backbone`` from ``config.backbone_config`` when that is given (custom
-    sizes such as the synthetic-data ViT-tiny)."""
-    if len(config.backbone_config):
-        from marlin_jax.models import register_model_from_config
+    sizes such as the synthetic-data ViT-tiny), else from the config saved beside a marlin-jax
+    checkpoint directory when the name is not registered yet."""
+    from marlin_jax.models import model_names, register_model, register_model_from_config
 
+    if len(config.backbone_config):
         register_model_from_config(config.backbone, config.backbone_config)
+    elif config.backbone not in model_names() and config.marlin_ckpt and os.path.isdir(
+            config.marlin_ckpt):
+        from marlin_jax.interop import read_config_file
+
+        saved = read_config_file(config.marlin_ckpt)
+        if saved is None:
+            raise ValueError(f"backbone {config.backbone!r} is not registered and "
+                             f"{config.marlin_ckpt} has no saved config")
+        register_model(config.backbone, saved)
 
 
 def _skip_report(name: str, skipped: dict[str, str], log: Callable[[str], None]) -> None:

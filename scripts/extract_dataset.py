@@ -193,6 +193,20 @@ def _bounded(pool: ThreadPoolExecutor, fn, items, ahead: int) -> Iterator[Future
     yield from futures
 
 
+def register_from_checkpoint(name: str, checkpoint: str | os.PathLike) -> None:
+    """Registers ``name`` with the architecture saved beside a marlin-jax checkpoint directory
+    when ``name`` is not a registered model (e.g. a custom ViT-tiny trained by the trainer)."""
+    from marlin_jax.interop import read_config_file
+    from marlin_jax.models import model_names, register_model
+
+    if name in model_names() or not Path(checkpoint).is_dir():
+        return
+    saved = read_config_file(checkpoint)
+    if saved is None:
+        raise ValueError(f"model {name!r} is not registered and {checkpoint} has no saved config")
+    register_model(name, saved)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_dir", help="CelebV-HQ root: videos in cropped/, features to "
@@ -221,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from marlin_jax.extract import Marlin
 
+    register_from_checkpoint(args.model, args.checkpoint)
     marlin = Marlin.from_file(args.model, args.checkpoint)
     cfg = marlin.config
     videos = list_videos(video_dir)
