@@ -188,6 +188,17 @@ def test_crops_of_video01_are_centred_on_the_face(video01):
 
 
 @pytest.mark.samples
+def test_crops_frame_the_face_like_the_reference_crops(samples_dir, video01):
+    # cropped01.mp4 is the original pipeline's crop of another clip of the same recording: the
+    # face must sit in our crops where it sits in the reference crops (same square rule)
+    ours = FaceCropper().crop_video(video01[::6])
+    ref = read_frames(samples_dir / "cropped01.mp4", step=3)
+    box = {k: np.stack([d.boxes[0] for d in detect_faces(a)]).mean(0) for k, a in
+           (("ours", ours), ("ref", ref))}  # fmt: skip
+    np.testing.assert_allclose(box["ours"], box["ref"], atol=5)
+
+
+@pytest.mark.samples
 def test_smoothing_reduces_crop_jitter_on_video01(video01_dets):
     raw = FaceCropper(smoothing=0).track_detections(video01_dets).squares
     smooth = FaceCropper(smoothing=2.0).track_detections(video01_dets).squares
