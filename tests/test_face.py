@@ -282,3 +282,23 @@ def test_mesh_parser_follows_an_open_mouth(samples_dir):
     face = np.isin(mesh.maps, (1, *FACE_PARTS))
     face_t = np.isin(template.maps, (1, *FACE_PARTS))
     assert (face & face_t).sum() / (face | face_t).sum() > 0.7
+
+
+def test_template_parser_on_synthetic_faces_matches_their_ground_truth():
+    """The cartoon faces of marlin_jax.data.synthetic come with LaPa maps: the detector finds
+    them and the template puts every part near its true place, with the same left/right."""
+    synthetic = pytest.importorskip("marlin_jax.data.synthetic")
+    errors = {label: [] for label in (4, 5, 6, 7, 8, 9)}
+    for index in range(6):
+        video = synthetic.render_video(index, num_frames=8)
+        result = FaceParser(PARSER_METHOD).parse(video["frames"][::4])
+        assert result.found.all()
+        for pred, truth in zip(result.maps, video["parsing"][::4], strict=True):
+            for label, errs in errors.items():
+                if (truth == label).sum() > 20:  # closed eyes / mouths can be tiny
+                    errs.append(np.linalg.norm(_centroid(pred == label) - _centroid(truth == label)))
+            face = np.isin(pred, (1, *FACE_PARTS))
+            face_true = np.isin(truth, (1, *FACE_PARTS))
+            assert (face & face_true).sum() / (face | face_true).sum() > 0.6
+    for label, errs in errors.items():
+        assert errs and np.mean(errs) < 14, (LAPA_LABELS[label], np.mean(errs))
