@@ -204,3 +204,70 @@ def test_stats_cli_pre_post_dirs_all_embeddings(tmp_path):
     assert summary["groups"] == ["pre", "post"]
     assert summary["levels"]["video"]["notes"] == []  # PCA, UMAP and t-SNE all ran
     assert (out / "plots" / "video_embeddings.png").exists()
+
+
+def _extract(videos, checkpoint, model, out_dir):
+    from marlin_jax import extract
+
+    assert extract.main([*map(str, videos), "--model", model, "--checkpoint", str(checkpoint),
+                         "--output_dir", str(out_dir)]) == 0
+    return out_dir
+
+
+def _small_encoder_checkpoint(path, name, **changes):
+    from flax import nnx
+
+    from marlin_jax.interop import save_torch_checkpoint
+    from marlin_jax.models import MarlinModel, get_config, register_model
+
+    register_model(name, get_config("marlin_vit_tiny").replace(**changes), overwrite=True)
+    model = MarlinModel(get_config(name), rngs=nnx.Rngs(0), with_decoder=False,
+                        with_discriminator=False)
+    return save_torch_checkpoint(path, model, encoder_only=True)
+
+
+@pytest.mark.slow
+def test_stats_cli_on_features_extracted_from_synthetic_videos(tmp_path):
+    """Synthetic videos -> `python -m marlin_jax.extract` -> the statistics CLI."""
+    from marlin_jax.data.synthetic import write_video_dataset
+
+    root = write_video_dataset(tmp_path / "synth", 4, num_frames=72, size=112, with_parsing=False)
+    ckpt = _small_encoder_checkpoint(tmp_path / "small.pt", "analysis_stats_vit_tiny_112",
+                                     img_size=112)
+    feats = _extract(sorted((root / "videos").glob("*.mp4")), ckpt, "analysis_stats_vit_tiny_112",
+                     tmp_path / "feats")
+    labels = pd.read_csv(root / "labels.csv")
+    labels["arm"] = ["treated" if i % 2 else "control" for i in range(len(labels))]
+    labels.to_csv(tmp_path / "meta.csv", index=False)
+    out = tmp_path / "report"
+    assert stats_cli.main([
+        "--features_dir", str(feats), "--meta", str(tmp_path / "meta.csv"), "--id_column", "path",
+        "--group_column", "arm", "--output_dir", str(out), "--embeddings", "pca",
+        "--mmd_permutations", "50",
+    ]) == 0  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"] == {"control": {"videos": 2, "clips": 4},
+                                 "treated": {"videos": 2, "clips": 4}}
+    assert summary["feature_dim"] == 192
+    assert summary["levels"]["clip"]["n_a"] == 4 and summary["levels"]["video"]["n_a"] == 2
+    assert len(pd.read_csv(out / "features_video.csv")) == 192
+
+
+@pytest.mark.samples
+@pytest.mark.slow
+def test_stats_cli_on_sample_video_features(samples_dir, tmp_path):
+    """Features of the real face crops (random ViT-tiny): cropped01 (4 windows) vs cropped04
+    (1 window). The video level has one video per group and is skipped with a note."""
+    ckpt = _small_encoder_checkpoint(tmp_path / "tiny.pt", "analysis_stats_vit_tiny")
+    for g, name in (("pre", "cropped01"), ("post", "cropped04")):
+        _extract([samples_dir / f"{name}.mp4"], ckpt, "analysis_stats_vit_tiny", tmp_path / g)
+    out = tmp_path / "report"
+    assert stats_cli.main([
+        "--pre_dir", str(tmp_path / "pre"), "--post_dir", str(tmp_path / "post"),
+        "--output_dir", str(out), "--mmd_permutations", "50",
+    ]) == 0  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"]["pre"] == {"videos": 1, "clips": 4}
+    assert "clip" in summary["levels"] and "video" not in summary["levels"]
+    assert any("video level skipped" in n for n in summary["notes"])
+    assert (out / "plots" / "clip_top_features.png").exists()
