@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -252,11 +254,18 @@ def test_compare_cli_synthetic(small_checkpoint, synthetic_videos, tmp_path):
     for f in (7, 42):
         h, w = _png_size(out / f"compare_feature{f}.png")
         assert 1.5 < w / h < 2.5  # 4 rows x 8 frames
+    summary = tmp_path / "summary.json"  # as written by the statistics CLI
+    summary.write_text(json.dumps({"levels": {"clip": {"top_features": [9, 1, 4]},
+                                              "video": {"top_features": [7, 42, 3]}}}))
+    assert visualize.top_features_from_summary(summary, 2) == [7, 42]
     assert compare.main([
         "--checkpoint", str(small_checkpoint), "--model", CLI_MODEL,
         "--pre", str(synthetic_videos[0]), "--post", str(synthetic_videos[1]),
-        "--features", "7", "--output_dir", str(out), "--window", "5",
-    ]) == 1  # fmt: skip
+        "--top_features_from", str(summary), "--output_dir", str(out), "--window", "5",
+    ]) == 1  # fmt: skip  (the 72-frame videos have windows 0 and 1 only)
+    summary.write_text("{}")
+    with pytest.raises(ValueError, match="not a statistics summary"):
+        visualize.top_features_from_summary(summary, 2)
 
 
 @pytest.mark.samples

@@ -30,7 +30,7 @@ from marlin_jax.analysis.heatmap import (
     save_figure,
     upsample,
 )
-from marlin_jax.analysis.visualize import add_model_arguments, build_gradcam, check_features
+from marlin_jax.analysis.visualize import add_model_arguments, build_gradcam, resolve_features
 
 __all__ = ["compare_videos", "main", "window_clip"]
 
@@ -103,10 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         cam = build_gradcam(args.model, args.checkpoint, layer=args.layer, mode=args.mode)
     except (ValueError, OSError) as e:
         parser.error(f"cannot load the model: {e}")
-    check_features(parser, cam, args.features)
+    features = resolve_features(parser, args, cam)
     try:
         paths = compare_videos(
-            cam, args.pre, args.post, args.features, args.output_dir,
+            cam, args.pre, args.post, features, args.output_dir,
             labels=tuple(args.labels), window=args.window, shared_scale=not args.independent_scale,
             alpha=args.alpha, cmap=args.cmap, dpi=args.dpi, frames_shown=args.frames_shown,
             sample_rate=args.sample_rate, stride=args.stride, crop_face=args.crop_face,

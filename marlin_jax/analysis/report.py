@@ -116,6 +116,8 @@ def run_analysis(
                 level_notes += notes
                 if path is not None:
                     figures["embeddings"] = str(path.relative_to(out))
+        if res.mmd is None and mmd_permutations > 0:
+            level_notes.append("MMD test skipped: it needs at least 2 samples in each group")
         entry = res.summary()
         entry["csv"] = csv_path.name
         entry["figures"] = figures

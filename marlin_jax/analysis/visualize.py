@@ -34,7 +34,15 @@ from marlin_jax.analysis.heatmap import (
     upsample,
 )
 
-__all__ = ["add_model_arguments", "build_gradcam", "check_features", "clip_relevance", "main", "visualize_video"]
+__all__ = [
+    "add_model_arguments",
+    "build_gradcam",
+    "clip_relevance",
+    "main",
+    "resolve_features",
+    "top_features_from_summary",
+    "visualize_video",
+]
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,8 +50,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
                         help=".pt / .ckpt / VideoMAE checkpoint or marlin-jax checkpoint folder")
     parser.add_argument("--model", default="marlin_vit_base_ytf", help="registered model name")
-    parser.add_argument("--features", type=int, nargs="+", required=True,
-                        help="feature indices of the mean-pooled embedding, e.g. 397 231 490")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--features", type=int, nargs="+",
+                       help="feature indices of the mean-pooled embedding, e.g. 397 231 490")
+    which.add_argument("--top_features_from", metavar="SUMMARY_JSON",
+                       help="take the top features of a statistics report (its summary.json; "
+                            "video level if present, else clip level)")
+    parser.add_argument("--num_top", type=int, default=5,
+                        help="how many features --top_features_from takes")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--sample_rate", type=int, default=2, help="take every n-th frame")
     parser.add_argument("--stride", type=int, default=16, help="window stride in sampled frames")
@@ -61,13 +75,36 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch_size", type=int, default=4, help="clips per jitted call")
 
 
-def check_features(parser: argparse.ArgumentParser, cam: FeatureGradCam,
-                   features: Sequence[int]) -> None:
-    """Exits with a usage error when a feature index is outside the model's feature size."""
+def top_features_from_summary(path: str | os.PathLike, num: int) -> list[int]:
+    """The first ``num`` top features of a statistics report's ``summary.json`` (video level
+    when it was analysed, else clip level)."""
+    import json
+
+    path = Path(path)
+    try:
+        levels = json.loads(path.read_text())["levels"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a statistics summary.json ({e})") from e
+    for level in ("video", "clip"):
+        if level in levels:
+            return [int(f) for f in levels[level]["top_features"][:num]]
+    raise ValueError(f"{path}: the summary holds no analysed level")
+
+
+def resolve_features(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                     cam: FeatureGradCam) -> list[int]:
+    """The feature indices asked for (``--features`` or ``--top_features_from``); exits with a
+    usage error when one is outside the model's feature size."""
+    try:
+        features = (list(args.features) if args.features is not None
+                    else top_features_from_summary(args.top_features_from, args.num_top))
+    except ValueError as e:
+        parser.error(str(e))
     bad = [f for f in features if not 0 <= f < cam.feature_dim]
     if bad:
-        parser.error(f"--features {bad} out of range: {cam.feature_dim} features "
+        parser.error(f"features {bad} out of range: the model has {cam.feature_dim} features "
                      f"(0..{cam.feature_dim - 1})")
+    return features
 
 
 def build_gradcam(model_name: str, checkpoint: str | os.PathLike, *, layer: int = -1,
@@ -164,12 +201,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         cam = build_gradcam(args.model, args.checkpoint, layer=args.layer, mode=args.mode)
     except (ValueError, OSError) as e:
         parser.error(f"cannot load the model: {e}")
-    check_features(parser, cam, args.features)
+    features = resolve_features(parser, args, cam)
     failures = []
     for video in args.video:
         try:
             paths = visualize_video(
-                cam, video, args.features, args.output_dir, windows=args.windows,
+                cam, video, features, args.output_dir, windows=args.windows,
                 sample_rate=args.sample_rate, stride=args.stride, crop_face=args.crop_face,
                 save_video=args.save_video, fps=args.fps, alpha=args.alpha, cmap=args.cmap,
                 dpi=args.dpi, frames_shown=args.frames_shown, batch_size=args.batch_size,
