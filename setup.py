@@ -1,12 +1,14 @@
 """marlin-jax: MARLIN facial video masked autoencoder in JAX/Flax."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="marlin-jax",
     version="0.1.0",
     description="MARLIN (Masked Autoencoder for facial video Representation LearnINg) in JAX/Flax",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["marlin_jax", "marlin_jax.*", "convert", "convert.*", "configs"]),

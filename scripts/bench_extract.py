@@ -1,0 +1,100 @@
+"""Benchmark: MARLIN feature extraction, marlin-jax vs marlin-pytorch, same weights, same clips.
+
+    python scripts/bench_extract.py [--model marlin_vit_base_ytf] [--batch 4] [--repeats 5]
+
+Prints clips/s of each implementation and the ratio (jax / torch), for the fp32 jitted path and,
+with --dtype bfloat16, a bf16-compute path. Both run in this process on the same device kind
+(CPU here; with a GPU, torch runs on cuda and jax on the default backend).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def _stub_torchvision() -> None:
+    # marlin-pytorch imports torchvision only for read_video; the CPU torch here has no torchvision.
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        tv = types.ModuleType("torchvision")
+        tv.io = types.ModuleType("torchvision.io")
+        sys.modules["torchvision"], sys.modules["torchvision.io"] = tv, tv.io
+    try:
+        import ffmpeg  # noqa: F401
+    except ImportError:
+        sys.modules["ffmpeg"] = types.ModuleType("ffmpeg")
+
+
+def _time(fn, repeats: int) -> float:
+    fn()  # warm-up (compile / allocator)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="marlin_vit_base_ytf")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument("--attention", default=None, help="jax.nn.dot_product_attention implementation (GPU: cudnn)")
+    args = parser.parse_args()
+
+    _stub_torchvision()
+    import jax
+    import jax.numpy as jnp
+    import marlin_pytorch
+    import torch
+
+    from marlin_jax.extract import Marlin
+    from marlin_jax.interop import model_from_state_dict
+    from marlin_jax.models import get_config
+    from tests.oracle_utils import build_torch_marlin, to_numpy_state_dict
+
+    config = get_config(args.model)
+    torch.set_num_threads(os.cpu_count() or 1)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    reference = build_torch_marlin(marlin_pytorch, config, full=False).to(device)
+    state_dict = to_numpy_state_dict(("", reference))
+    clips = np.random.default_rng(0).random((args.batch, config.n_frames, config.img_size, config.img_size, 3),
+                                            dtype=np.float32)
+    clips_t = torch.from_numpy(clips).permute(0, 4, 1, 2, 3).contiguous().to(device)
+
+    def run_torch():
+        with torch.no_grad():
+            out = reference.extract_features(clips_t, keep_seq=False)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return out
+
+    torch_s = _time(run_torch, args.repeats)
+    expected = run_torch().float().cpu().numpy()
+    print(f"device: jax={jax.devices()[0].device_kind} torch={device} threads={torch.get_num_threads()} "
+          f"model={args.model} batch={args.batch}")
+    print(f"marlin-pytorch fp32: {args.batch / torch_s:8.2f} clips/s ({torch_s * 1e3:.0f} ms/batch)")
+    for dtype in args.dtype:
+        model = model_from_state_dict(config, state_dict, dtype=jnp.dtype(dtype), attention_impl=args.attention)
+        marlin = Marlin(model, batch_size=args.batch)
+        x = jax.device_put(clips)
+        jax_s = _time(lambda m=marlin, x=x: m.extract_features(x, keep_seq=False).block_until_ready(), args.repeats)
+        err = float(np.max(np.abs(np.asarray(marlin.extract_features(x, keep_seq=False)) - expected)))
+        print(f"marlin-jax {dtype:9s}: {args.batch / jax_s:8.2f} clips/s ({jax_s * 1e3:.0f} ms/batch)  "
+              f"ratio vs torch fp32: {torch_s / jax_s:5.2f}x  max-abs diff {err:.1e}")
+
+
+if __name__ == "__main__":
+    main()
