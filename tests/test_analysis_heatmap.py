@@ -202,7 +202,8 @@ def _png_size(path):
     return imread(path).shape[:2]
 
 
-def test_visualize_cli_synthetic_all_windows_with_video(small_checkpoint, synthetic_videos, tmp_path):
+def test_visualize_cli_synthetic_all_windows_with_video(small_checkpoint, synthetic_videos, tmp_path,
+                                                        capsys):
     video = synthetic_videos[0]  # 72 frames, sample rate 2: windows start at frames 0 and 32
     short = tmp_path / "short.mp4"  # 5 frames: padded to one clip
     write_video(short, read_frames(video, max_frames=5), fps=25)
@@ -213,6 +214,7 @@ def test_visualize_cli_synthetic_all_windows_with_video(small_checkpoint, synthe
         "--windows", "all", "--save_video", "--fps", "5", "--dpi", "60",
     ])  # fmt: skip
     assert rc == 0
+    assert "is 224x224; its frames are centre-cropped and resized to 112x112" in capsys.readouterr().err
     for stem, n_windows in ((video.stem, 2), (short.stem, 1)):
         rel = np.load(out / f"{stem}_relevance.npz")
         assert rel["relevance"].shape == (n_windows, 2, 8, 7, 7)

@@ -30,7 +30,12 @@ from marlin_jax.analysis.heatmap import (
     save_figure,
     upsample,
 )
-from marlin_jax.analysis.visualize import add_model_arguments, build_gradcam, resolve_features
+from marlin_jax.analysis.visualize import (
+    add_model_arguments,
+    build_gradcam,
+    frame_size_note,
+    resolve_features,
+)
 
 __all__ = ["compare_videos", "main", "window_clip"]
 
@@ -104,6 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         parser.error(f"cannot load the model: {e}")
     features = resolve_features(parser, args, cam)
+    for video in (args.pre, args.post):
+        note = frame_size_note(video, cam.config, args.crop_face)
+        if note:
+            print(note, file=sys.stderr)
     try:
         paths = compare_videos(
             cam, args.pre, args.post, features, args.output_dir,

@@ -38,6 +38,7 @@ __all__ = [
     "add_model_arguments",
     "build_gradcam",
     "clip_relevance",
+    "frame_size_note",
     "main",
     "resolve_features",
     "top_features_from_summary",
@@ -105,6 +106,24 @@ def resolve_features(parser: argparse.ArgumentParser, args: argparse.Namespace,
         parser.error(f"features {bad} out of range: the model has {cam.feature_dim} features "
                      f"(0..{cam.feature_dim - 1})")
     return features
+
+
+def frame_size_note(video: str | os.PathLike, config, crop_face: bool) -> str | None:
+    """A line telling the user that a video's frames will be centre-cropped and resized (they
+    are not ``img_size`` squares and no face cropping was asked for), else None."""
+    from marlin_jax.video_io import video_info
+
+    if crop_face:
+        return None
+    try:
+        info = video_info(video)
+    except ValueError:
+        return None  # unreadable: reported when the video is loaded
+    size = config.img_size
+    if (info["width"], info["height"]) == (size, size):
+        return None
+    return (f"note: {video} is {info['width']}x{info['height']}; its frames are centre-cropped "
+            f"and resized to {size}x{size} (pass --crop_face to crop the face instead)")
 
 
 def build_gradcam(model_name: str, checkpoint: str | os.PathLike, *, layer: int = -1,
@@ -204,6 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     features = resolve_features(parser, args, cam)
     failures = []
     for video in args.video:
+        note = frame_size_note(video, cam.config, args.crop_face)
+        if note:
+            print(note, file=sys.stderr)
         try:
             paths = visualize_video(
                 cam, video, features, args.output_dir, windows=args.windows,
