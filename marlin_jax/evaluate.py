@@ -212,14 +212,16 @@ def run_finetune(config, splits, workdir, log) -> dict:
     skipped = {}
     for s in SPLITS:
         splits[s], missing = splits[s].check_videos(config.on_error)
-        skipped.update({k: v for k, v in missing.items()})
+        if missing:
+            skipped[s] = missing
         _skip_report(f"{s} videos", missing, log)
     if config.marlin_ckpt:
         from marlin_jax.extract import Marlin
 
         encoder = Marlin.from_file(config.backbone, config.marlin_ckpt).model.encoder
-    elif config.allow_random_init:
-        log("WARNING: no marlin_ckpt: fine-tuning a randomly initialised encoder")
+    elif config.allow_random_init or config.skip_train:  # skip_train restores every weight
+        if not config.skip_train:
+            log("WARNING: no marlin_ckpt: fine-tuning a randomly initialised encoder")
         encoder = MarlinEncoder(get_config(config.backbone), rngs=nnx.Rngs(config.seed))
     else:
         raise ValueError("fine-tuning needs config.marlin_ckpt (a .pt / .ckpt / marlin-jax "
@@ -235,17 +237,14 @@ def run_finetune(config, splits, workdir, log) -> dict:
     mesh = make_mesh(dict(config.mesh))
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if config.skip_train:
-        from marlin_jax.evaluation.finetune import _Sharded, predict_clips
+        from marlin_jax.evaluation.finetune import make_predictor
         from marlin_jax.evaluation.training import load_params, split_model
 
         model = FineTuneClassifier(encoder, train.num_outputs, rngs=nnx.Rngs(0))
         load_params(model, restore_best(ckpt_dir, split_model(model)[1]))
-        sharded = _Sharded(model, train.task, fit_options(config), mesh)
-
-        def predict(ds):
-            return predict_clips(sharded.forward, sharded.params, sharded.rest, ds,
-                                 int(config.batch_size), 12345, sharded.put)
-
+        predict = make_predictor(model, train.task, mesh=mesh,
+                                 batch_size=int(config.batch_size),
+                                 num_threads=int(config.num_threads))
         fit_info = {"restored_from": ckpt_dir}
     else:
         _, result, predict = train_finetune(

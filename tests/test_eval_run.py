@@ -138,9 +138,12 @@ def test_finetune_missing_video_and_smoke_run(tmp_path):
         run(c, log=lambda s: None)
     c.allow_random_init = True
     results = run(c, log=lambda s: None)
-    assert list(results["skipped"]) == ["c1"]
+    assert list(results["skipped"]["train"]) == ["c1"]
     assert results["metrics"]["test"]["n"] == 2 and results["fit"]["epochs"] == 1
     assert os.path.isdir(tmp_path / "work" / "checkpoints")
+    c.skip_train, c.allow_random_init = True, False  # every weight comes from the checkpoint
+    again = run(c, log=lambda s: None)
+    assert again["metrics"]["test"] == pytest.approx(results["metrics"]["test"])
 
 
 @pytest.mark.slow

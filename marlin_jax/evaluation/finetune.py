@@ -131,6 +131,28 @@ def predict_clips(
     return np.concatenate(logits), np.concatenate(labels)
 
 
+def make_predictor(
+    model: FineTuneClassifier,
+    task: Task,
+    *,
+    mesh: Mesh | None = None,
+    batch_size: int = 32,
+    eval_seed: int = 12345,
+    num_threads: int = 4,
+) -> Callable[[ClipDataset], tuple[np.ndarray, np.ndarray]]:
+    """``predict(dataset) -> (logits (N, C), labels)`` with ``model``'s current parameters,
+    sharded over ``mesh`` (e.g. to evaluate a restored checkpoint)."""
+    mesh = mesh if mesh is not None else make_mesh({"data": -1})
+    sharded = _Sharded(model, task, FitOptions(), mesh)
+    batch = effective_batch_size(batch_size, batch_size, mesh)
+
+    def predict(dataset: ClipDataset) -> tuple[np.ndarray, np.ndarray]:
+        return predict_clips(sharded.forward, sharded.params, sharded.rest, dataset, batch,
+                             eval_seed, sharded.put, num_threads)
+
+    return predict
+
+
 def train_finetune(
     encoder: MarlinEncoder,
     train: ClipDataset,
