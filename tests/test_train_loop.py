@@ -1,0 +1,150 @@
+"""The trainer loop in-process: what the user sees (console, TensorBoard, validation, images),
+resume, NaN stop, configs, metric writers, reconstruction grids."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from configs import common, vit_base, vit_large, vit_small
+from marlin_jax.models import patchify
+from marlin_jax.train import metrics as mt
+from marlin_jax.train import reconstruction
+from marlin_jax.train.trainer import (
+    NonFiniteLossError,
+    make_schedule,
+    model_config,
+    train_and_evaluate,
+)
+
+
+def _tiny_config(**overrides):
+    c = vit_small.get_config("demo")
+    c.model.name = "marlin_vit_tiny"
+    c.model.encoder_depth = 1
+    c.model.decoder_depth = 1
+    c.data.update(img_size=32, clip_frames=4, mask_ratio=0.75, synthetic_num_videos=16,
+                  synthetic_num_frames=8, num_threads=1)
+    c.data.source = ""
+    c.global_batch_size = 4
+    c.log_every_steps = 2
+    c.eval_every_steps = 4
+    c.num_eval_batches = 1
+    c.checkpoint_every_steps = 2
+    c.num_train_steps = 4
+    for key, value in overrides.items():
+        target = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return c
+
+
+def test_recipe_configs_have_the_original_values():
+    for module, name, enc in ((vit_small, "marlin_vit_small_ytf", 384),
+                              (vit_base, "marlin_vit_base_ytf", 768),
+                              (vit_large, "marlin_vit_large_ytf", 1024)):
+        c = module.get_config()
+        assert c.model.name == name and model_config(c).encoder_embed_dim == enc
+        assert (c.data.mask_strategy, c.data.mask_ratio) == ("fasking", 0.9)
+        assert (c.data.clip_frames, c.data.temporal_sample_rate) == (16, 2)
+        assert (c.optimizer.b1, c.optimizer.b2, c.optimizer.eps) == (0.9, 0.95, 1e-8)
+        assert c.optimizer.weight_decay == 0.0
+        assert (c.lr.base, c.lr.min, c.lr.warmup_epochs, c.num_epochs) == (1.5e-4, 1e-5, 40, 2000)
+        assert (c.adv_weight, c.gp_weight, c.d_steps, c.g_steps) == (0.01, 0.0, 1, 1)
+    with pytest.raises(ValueError, match="unknown config variant"):
+        vit_base.get_config("huge")
+
+
+def test_schedule_scales_lr_with_the_global_batch():
+    c = vit_base.get_config()
+    c.global_batch_size = 512
+    c.steps_per_epoch = 100
+    s = make_schedule(c, c.data)
+    assert (s.base_lr, s.min_lr) == pytest.approx((3e-4, 2e-5))
+    assert (s.total_steps, s.warmup_steps) == (200_000, 4000)
+    demo = common.apply_demo(vit_base.get_config())
+    assert make_schedule(demo, demo.data).total_steps == 300
+
+
+def test_tensorboardx_writer_writes_event_files(tmp_path):
+    writer = mt.create_writer(tmp_path)
+    assert isinstance(writer, mt.MetricWriter)
+    writer.write_scalars(1, {"loss": 0.5})
+    writer.write_images(1, {"img": np.zeros((8, 8, 3), np.uint8)})
+    writer.flush()
+    writer.close()
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+
+
+def test_console_line_and_mfu():
+    line = mt.console_line(10, 100, {"rec_loss": 0.25, "adv_loss": -0.01, "d_loss": 0.3,
+                                     "gp": 0.0, "g_lr": 1e-4},
+                           clips_per_s=12.5, step_time_s=0.32, mfu_value=0.41, eta_s=3700)
+    for part in ("step 10/100", "rec 0.2500", "adv -0.0100", "d 0.3000", "gp 0.0000",
+                 "lr 1.000e-04", "12.5 clips/s", "320 ms/step", "MFU 41.0%", "ETA 1h01m"):
+        assert part in line
+    assert mt.mfu(1e12, 0.01, 1e15) == pytest.approx(0.1)
+    assert mt.mfu(None, 0.01, 1e15) is None
+
+
+def test_reconstruction_grid_layout():
+    rng = np.random.default_rng(0)
+    video = rng.integers(0, 256, (4, 32, 32, 3), np.uint8)
+    mask = np.array([True, False] * 4)
+    true = np.asarray(patchify(video[None].astype(np.float32) / 255, 16, 2))[0]
+    img = reconstruction.reconstruction_grid(video, mask, true[~mask], patch_size=16,
+                                             tubelet_size=2, num_frames=4)
+    assert img.shape == (4 * 32, 3 * 32, 3) and img.dtype == np.uint8
+    np.testing.assert_array_equal(img[:32, :32], video[0])  # original
+    np.testing.assert_array_equal(img[:32, 64:], video[0])  # perfect reconstruction
+    assert (img[:32, 32 + 16:64, :16] == 128).all()  # token 1 (masked) drawn grey
+    np.testing.assert_array_equal(img[:16, 32:48], video[0, :16, :16])  # token 0 visible
+    with pytest.raises(ValueError, match="do not match"):
+        reconstruction.reconstruction_grid(video, mask[:4], true[:2], patch_size=16,
+                                           tubelet_size=2)
+
+
+@pytest.mark.slow
+def test_trainer_runs_evaluates_writes_and_resumes(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    out = train_and_evaluate(_tiny_config(), str(workdir))
+    console = capsys.readouterr().out
+    assert "no dataset configured" in console
+    assert "step 4/4 | rec" in console and "clips/s" in console and "ETA" in console
+    assert out["step"] == 4 and np.isfinite(out["val_rec_loss"]) and np.isfinite(out["rec_loss"])
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [
+        "2", "4"]
+    png = workdir / "reconstructions" / "step_00000004.png"
+    assert cv2.imread(str(png)).shape == (4 * 32, 3 * 32, 3)
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "rec_loss" in r] == [2, 4]
+    assert any("val_rec_loss" in r for r in records)
+
+    more = train_and_evaluate(_tiny_config(num_train_steps=6), str(workdir))
+    console = capsys.readouterr().out
+    assert "resuming from" in console and "step 4" in console
+    assert more["step"] == 6
+    assert (workdir / "checkpoints" / "6").is_dir()
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    # warm-up: the first step has lr 0 (finite, saved), the second lr 5e29 (blows up)
+    cfg = _tiny_config(**{"lr.base": 1e30, "lr.warmup_steps": 3, "checkpoint_every_steps": 1,
+                          "num_train_steps": 10, "eval_every_steps": 0})
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss or gradient at step (\d+)"
+                                                 r".*last good checkpoint is step") as err:
+        train_and_evaluate(cfg, str(tmp_path / "run"))
+    bad = int(str(err.value).split("at step ")[1].split(":")[0])
+    good = int(str(err.value).split("last good checkpoint is step ")[1].split()[0])
+    assert good == bad - 1
+    steps = sorted(int(p.name) for p in (Path(tmp_path) / "run" / "checkpoints").iterdir()
+                   if p.name.isdigit())
+    assert steps[-1] == good
