@@ -271,3 +271,43 @@ def test_stats_cli_on_sample_video_features(samples_dir, tmp_path):
     assert "clip" in summary["levels"] and "video" not in summary["levels"]
     assert any("video level skipped" in n for n in summary["notes"])
     assert (out / "plots" / "clip_top_features.png").exists()
+
+
+def test_stats_cli_paired_level(tmp_path):
+    """Pre/post folders holding the same subjects: the paired level pairs them by id."""
+    rng = np.random.default_rng(3)
+    for g in ("pre", "post"):
+        (tmp_path / g).mkdir()
+    for i in range(10):
+        subject = rng.normal(0, 2.0, size=DIM)
+        for g in ("pre", "post"):
+            x = subject + 0.2 * rng.normal(size=(3, DIM))
+            if g == "post":
+                x[:, PLANTED] += 1.0
+            np.save(tmp_path / g / f"subject{i}.npy", x)
+    np.save(tmp_path / "post" / "unpaired.npy", rng.normal(size=(2, DIM)))
+    out = tmp_path / "out"
+    assert stats_cli.main([
+        "--pre_dir", str(tmp_path / "pre"), "--post_dir", str(tmp_path / "post"),
+        "--output_dir", str(out), "--levels", "video", "paired", "--embeddings", "pca",
+        "--mmd_permutations", "50", "--top_k", "5",
+    ]) == 0  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    paired = summary["levels"]["paired"]
+    assert paired["test"] == "wilcoxon_signed_rank" and paired["n_a"] == paired["n_b"] == 10
+    assert set(PLANTED) <= set(paired["top_features"][:3])
+    assert paired["significant_fdr_bh"] >= 3 > summary["levels"]["video"]["significant_fdr_bh"]
+    table = pd.read_csv(out / "features_paired.csv")
+    assert {"wilcoxon_signed_rank", "cohens_dz"} <= set(table.columns)
+    assert "Wilcoxon signed-rank" in (out / "report.md").read_text()
+
+    # no shared ids: the paired level is skipped with a note
+    (tmp_path / "other").mkdir()
+    for i in range(3):
+        np.save(tmp_path / "other" / f"x{i}.npy", rng.normal(size=(2, DIM)))
+    stats_cli.main([
+        "--group_dir", f"a={tmp_path / 'pre'}", "--group_dir", f"b={tmp_path / 'other'}",
+        "--output_dir", str(tmp_path / "out2"), "--levels", "paired", "--no_plots",
+    ])  # fmt: skip
+    notes = json.loads((tmp_path / "out2" / "summary.json").read_text())["notes"]
+    assert any("paired level skipped: 0 video id(s)" in n for n in notes)

@@ -15,12 +15,15 @@ from scipy.spatial.distance import pdist
 from marlin_jax.analysis.stats import (
     benjamini_hochberg,
     cohens_d,
+    cohens_dz,
     compare_groups,
+    compare_paired,
     effect_size_band_counts,
     mann_whitney_u,
     median_heuristic_bandwidth,
     mmd2_unbiased,
     mmd_permutation_test,
+    wilcoxon_signed_rank,
 )
 
 
@@ -209,3 +212,38 @@ def test_compare_groups_summary_and_top():
     # q ascending along top, |d| descending within equal q
     for i, j in itertools.pairwise(res.top):
         assert res.q[i] < res.q[j] or (res.q[i] == res.q[j] and abs(res.d[i]) >= abs(res.d[j]))
+
+
+@pytest.mark.parametrize("n", [9, 20])
+def test_wilcoxon_signed_rank_equals_scipy_per_feature(n):
+    """Per feature as scipy: exact without ties/zeros, permutation (n <= 13) or normal
+    approximation (n > 13) with them -- whatever the other features hold."""
+    rng = np.random.default_rng(n)
+    a = rng.normal(size=(n, 12))
+    b = a + rng.normal(0.3, 1.0, size=(n, 12))
+    a[:, :3], b[:, :3] = np.round(a[:, :3]), np.round(b[:, :3])  # ties and zero differences
+    a[:, 3], b[:, 3] = 1.0, 1.0  # no difference at all
+    w, p = wilcoxon_signed_rank(a, b)
+    assert (w[3], p[3]) == (0.0, 1.0)
+    for j in [0, 1, 2, *range(4, 12)]:
+        ref = ss.wilcoxon(a[:, j], b[:, j])
+        assert w[j] == pytest.approx(ref.statistic) and p[j] == pytest.approx(ref.pvalue, rel=1e-10)
+    diff = (a - b)[:, 4:]
+    np.testing.assert_allclose(cohens_dz(a, b)[4:], diff.mean(0) / diff.std(0, ddof=1))
+    assert cohens_dz(a, b)[3] == 0.0
+
+
+def test_paired_test_finds_a_within_subject_shift_the_unpaired_test_misses():
+    """Subjects differ a lot (sd 2) and move a little (0.8) from pre to post in planted dims:
+    the paired test sees the shift, the independent-samples test is swamped by subjects."""
+    rng = np.random.default_rng(5)
+    subjects = rng.normal(0, 2.0, size=(20, 40))
+    pre = subjects + 0.2 * rng.normal(size=(20, 40))
+    post = subjects + 0.2 * rng.normal(size=(20, 40))
+    post[:, :4] += 0.8
+    paired = compare_paired(post, pre, names=("post", "pre"), top_k=4)
+    unpaired = compare_groups(post, pre, names=("post", "pre"), mmd_permutations=0)
+    assert set(paired.top.tolist()) == {0, 1, 2, 3}
+    assert np.all(paired.q[:4] < 0.05) and paired.significant_fdr.sum() <= 5
+    assert unpaired.significant_fdr.sum() == 0
+    assert paired.summary()["test"] == "wilcoxon_signed_rank" and "cohens_dz" in paired.table()

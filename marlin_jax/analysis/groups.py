@@ -158,6 +158,21 @@ class FeatureGroups:
             return list(self.features[g])
         return [vid for vid, x in self.features[g].items() for _ in range(x.shape[0])]
 
+    def paired_ids(self) -> list[str]:
+        """Video ids present in both groups (in group a's order): the pairs of a paired test."""
+        other = self.features[self.names[1]]
+        return [vid for vid in self.features[self.names[0]] if vid in other]
+
+    def paired(self) -> tuple[np.ndarray, np.ndarray]:
+        """Video-level means of the paired ids: ``(a (n_pairs, D), b (n_pairs, D))``, row i of
+        both from the same id."""
+        ids = self.paired_ids()
+        if not ids:
+            empty = np.zeros((0, self.dim))
+            return empty, empty
+        a, b = (np.stack([self.features[g][v].mean(0) for v in ids]) for g in self.names)
+        return a, b
+
     def counts(self) -> dict[str, dict[str, int]]:
         return {
             g: {
@@ -179,8 +194,9 @@ def groups_from_dirs(dirs: Mapping[str, str | os.PathLike]) -> FeatureGroups:
     if shared:
         notes.append(
             f"{len(shared)} video id(s) appear in both groups (e.g. {shared[:3]}): if they are the "
-            "same subjects measured twice, the groups are paired and the independent-samples "
-            "tests here are conservative about pairing; a paired test would have more power."
+            "same subjects measured twice, the groups are paired; the independent-samples tests "
+            "ignore the pairing, and the paired level (--levels paired: Wilcoxon signed-rank "
+            "on each id's pre/post video means) usually has more power."
         )
     src = ", ".join(f"{g}={d}" for g, d in dirs.items())
     return FeatureGroups(names, feats, f"folders {src}", notes)  # type: ignore[arg-type]

@@ -19,7 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from marlin_jax.analysis.groups import FeatureGroups
-from marlin_jax.analysis.stats import EFFECT_BANDS, GroupComparison, compare_groups
+from marlin_jax.analysis.stats import (
+    EFFECT_BANDS,
+    GroupComparison,
+    compare_groups,
+    compare_paired,
+)
 
 __all__ = ["CLIP_LEVEL_WARNING", "run_analysis", "write_feature_csv"]
 
@@ -88,14 +93,30 @@ def run_analysis(
     }
     sections = []
     for level in levels:
-        a, b = groups.samples(names[0], level), groups.samples(names[1], level)
-        if a.shape[0] + b.shape[0] < 3:
-            summary["notes"].append(f"{level} level skipped: fewer than 3 samples in total")
-            continue
-        res = compare_groups(
-            a, b, names=names, alpha=alpha, top_k=top_k, mmd_permutations=mmd_permutations,
-            mmd_max_samples=mmd_max_samples, seed=seed,
-        )
+        if level == "paired":
+            a, b = groups.paired()
+            if a.shape[0] < 3:
+                summary["notes"].append(
+                    f"paired level skipped: {a.shape[0]} video id(s) are in both groups, "
+                    "a paired test needs at least 3"
+                )
+                continue
+            res = compare_paired(a, b, names=names, alpha=alpha, top_k=top_k)
+        else:
+            a, b = groups.samples(names[0], level), groups.samples(names[1], level)
+            if a.shape[0] + b.shape[0] < 3:
+                summary["notes"].append(f"{level} level skipped: fewer than 3 samples in total")
+                continue
+            res = compare_groups(
+                a,
+                b,
+                names=names,
+                alpha=alpha,
+                top_k=top_k,
+                mmd_permutations=mmd_permutations,
+                mmd_max_samples=mmd_max_samples,
+                seed=seed,
+            )
         csv_path = write_feature_csv(res, out / f"features_{level}.csv")
         figures: dict[str, str] = {}
         level_notes: list[str] = []
@@ -116,7 +137,7 @@ def run_analysis(
                 level_notes += notes
                 if path is not None:
                     figures["embeddings"] = str(path.relative_to(out))
-        if res.mmd is None and mmd_permutations > 0:
+        if res.mmd is None and mmd_permutations > 0 and level != "paired":
             level_notes.append("MMD test skipped: it needs at least 2 samples in each group")
         entry = res.summary()
         entry["csv"] = csv_path.name
@@ -127,7 +148,7 @@ def run_analysis(
                 "feature": int(i),
                 "mean_" + names[0]: float(res.mean_a[i]),
                 "mean_" + names[1]: float(res.mean_b[i]),
-                "cohens_d": float(res.d[i]),
+                "cohens_dz" if level == "paired" else "cohens_d": float(res.d[i]),
                 "p_value": float(res.p[i]),
                 "q_value_bh": float(res.q[i]),
             }
@@ -170,13 +191,26 @@ def _json_default(o):
 
 def _markdown_level(level: str, res: GroupComparison, entry: dict) -> str:
     a, b = res.group_a, res.group_b
-    unit = "clips" if level == "clip" else "videos (mean over each video's clips)"
+    paired = level == "paired"
+    d_name = "Cohen's d_z" if paired else "Cohen's d"
     lines = [f"## {level.capitalize()} level", ""]
     if level == "clip":
         lines += [f"> **Warning.** {CLIP_LEVEL_WARNING}", ""]
+    if paired:
+        lines += [
+            f"Samples: {res.n_a} pairs (the mean feature vector of each video id present in both "
+            f"{a} and {b}); {res.num_features} features. Test: two-sided Wilcoxon signed-rank "
+            f"on the paired differences; effect size {d_name} = mean({a} - {b}) / sd({a} - {b}).",
+            "",
+        ]
+    else:
+        unit = "clips" if level == "clip" else "videos (mean over each video's clips)"
+        lines += [
+            f"Samples: {res.n_a} {a} and {res.n_b} {b} {unit}; {res.num_features} features. "
+            f"Test: two-sided Mann-Whitney U.",
+            "",
+        ]
     lines += [
-        f"Samples: {res.n_a} {a} and {res.n_b} {b} {unit}; {res.num_features} features.",
-        "",
         "| | count |",
         "|---|---|",
         f"| significant, uncorrected (p < {res.alpha:g}) | {entry['significant_uncorrected']} |",
@@ -202,7 +236,7 @@ def _markdown_level(level: str, res: GroupComparison, entry: dict) -> str:
     lines += [
         f"Top {len(res.top)} features (smallest q, then largest |d|; d = {a} - {b}):",
         "",
-        f"| feature | mean {a} | mean {b} | Cohen's d | p | q (BH) |",
+        f"| feature | mean {a} | mean {b} | {d_name} | p | q (BH) |",
         "|---|---|---|---|---|---|",
     ]
     for i in res.top:

@@ -30,13 +30,16 @@ __all__ = [
     "MMDResult",
     "benjamini_hochberg",
     "cohens_d",
+    "cohens_dz",
     "compare_groups",
+    "compare_paired",
     "effect_size_band_counts",
     "mann_whitney_u",
     "median_heuristic_bandwidth",
     "mmd2_unbiased",
     "mmd_permutation_test",
     "rbf_kernel",
+    "wilcoxon_signed_rank",
 ]
 
 # Cohen's conventional bands on |d| (the issue's bins): > 0.8, (0.5, 0.8], <= 0.5.
@@ -150,6 +153,52 @@ def mann_whitney_u(
         tail = _exact_u_tail(n1, n2)
         p[exact] = 2.0 * tail[np.rint(u[exact]).astype(np.int64)]
     return u1, np.clip(p, 0.0, 1.0)
+
+
+def wilcoxon_signed_rank(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two-sided Wilcoxon signed-rank test of paired samples ``a[i]`` vs ``b[i]`` for every
+    feature: ``(W (D,), p (D,))``, equal to ``scipy.stats.wilcoxon(a[:, j], b[:, j])`` for each
+    ``j`` (zero differences dropped). A feature whose differences are all zero gets W = 0, p = 1.
+
+    scipy's ``method="auto"`` depends on ties and zero differences, which it looks for across
+    the whole array in a vectorised call; the features with and without them are therefore
+    tested in two separate (vectorised) calls so each gets the method a per-feature call would.
+    """
+    import warnings
+
+    from scipy import stats as sstats
+
+    a, b = _check_pair(a, b)
+    if a.shape != b.shape:
+        raise ValueError(f"paired samples need equal shapes, got {a.shape} and {b.shape}")
+    diff = a - b
+    absd = np.sort(np.abs(diff), axis=0)
+    tied = np.any((absd[1:] == absd[:-1]) & (absd[1:] != 0), axis=0) | np.any(diff == 0, axis=0)
+    none = np.all(diff == 0, axis=0)
+    w, p = np.zeros(a.shape[1]), np.ones(a.shape[1])
+    for subset in (~tied, tied & ~none):
+        if not subset.any():
+            continue
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)
+            res = sstats.wilcoxon(a[:, subset], b[:, subset], axis=0)
+        w[subset], p[subset] = res.statistic, res.pvalue
+    return w, p
+
+
+def cohens_dz(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Paired effect size ``d_z = mean(a - b) / sd(a - b)`` (unbiased sd) per feature: ``(D,)``.
+    Zero sd gives 0 for a zero mean difference, else +-inf."""
+    a, b = _check_pair(a, b)
+    if a.shape != b.shape or a.shape[0] < 2:
+        raise ValueError(f"d_z needs >= 2 pairs of equal shapes, got {a.shape} and {b.shape}")
+    diff = a - b
+    mean, sd = diff.mean(0), diff.std(0, ddof=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = mean / sd
+    zero = sd == 0
+    d[zero] = np.where(mean[zero] == 0, 0.0, np.copysign(np.inf, mean[zero]))
+    return d
 
 
 # ----------------------------------------------------------------------------- FDR
@@ -336,6 +385,7 @@ class GroupComparison:
     alpha: float
     top: np.ndarray
     mmd: MMDResult | None
+    test: str = "mann_whitney_u"  # or "wilcoxon_signed_rank" (paired; d is then Cohen's d_z)
 
     @property
     def num_features(self) -> int:
@@ -358,6 +408,7 @@ class GroupComparison:
             "n_b": self.n_b,
             "num_features": self.num_features,
             "alpha": self.alpha,
+            "test": self.test,
             "significant_uncorrected": int(self.significant_raw.sum()),
             "significant_fdr_bh": int(self.significant_fdr.sum()),
             "effect_size_bands_all": effect_size_band_counts(self.d),
@@ -376,8 +427,8 @@ class GroupComparison:
             "feature": np.arange(self.num_features),
             "mean_" + self.group_a: self.mean_a,
             "mean_" + self.group_b: self.mean_b,
-            "cohens_d": self.d,
-            "mann_whitney_u": self.u,
+            "cohens_dz" if self.test == "wilcoxon_signed_rank" else "cohens_d": self.d,
+            self.test: self.u,
             "p_value": self.p,
             "q_value_bh": self.q,
             "significant_uncorrected": self.significant_raw,
@@ -408,7 +459,7 @@ def compare_groups(
     u, p = mann_whitney_u(a, b)
     q = benjamini_hochberg(p)
     d = cohens_d(a, b)
-    top = np.lexsort((-np.abs(np.nan_to_num(d, posinf=1e300, neginf=1e300)), q))[:top_k]
+    top = _top(q, d, top_k)
     mmd = None
     if mmd_permutations > 0 and a.shape[0] >= 2 and b.shape[0] >= 2:
         ma, mb = a, b
@@ -434,6 +485,32 @@ def compare_groups(
         alpha=alpha,
         top=top,
         mmd=mmd,
+    )
+
+
+def _top(q: np.ndarray, d: np.ndarray, k: int) -> np.ndarray:
+    """Feature indices by ascending q, ties by descending |d| (infinite |d| first)."""
+    return np.lexsort((-np.abs(np.nan_to_num(d, posinf=1e300, neginf=1e300)), q))[:k]
+
+
+def compare_paired(
+    a: np.ndarray,
+    b: np.ndarray,
+    *,
+    names: tuple[str, str] = ("a", "b"),
+    alpha: float = 0.05,
+    top_k: int = 20,
+) -> GroupComparison:
+    """Paired comparison of ``a[i]`` vs ``b[i]`` (``(n, D)`` each; e.g. one subject's pre and
+    post video): Wilcoxon signed-rank + Benjamini-Hochberg, Cohen's d_z. No MMD test."""
+    a, b = _check_pair(a, b)
+    w, p = wilcoxon_signed_rank(a, b)
+    q = benjamini_hochberg(p)
+    d = cohens_dz(a, b)
+    return GroupComparison(
+        group_a=names[0], group_b=names[1], n_a=a.shape[0], n_b=b.shape[0], u=w, p=p, q=q, d=d,
+        mean_a=a.mean(0), mean_b=b.mean(0), alpha=alpha, top=_top(q, d, top_k), mmd=None,
+        test="wilcoxon_signed_rank",
     )
 
 
@@ -478,9 +555,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--levels",
         nargs="+",
-        choices=("clip", "video"),
+        choices=("clip", "video", "paired"),
         default=("clip", "video"),
-        help="analysis levels: clip (every clip a sample) and/or video (mean over its clips)",
+        help="analysis levels: clip (every clip a sample), video (mean over its clips), paired "
+        "(video means of the ids present in both groups, e.g. one subject pre and post: "
+        "Wilcoxon signed-rank test)",
     )
     parser.add_argument(
         "--embeddings",
