@@ -106,3 +106,17 @@ def test_extract_video_matches_marlin_pytorch_on_samples(marlin_pytorch, samples
     got = ours.extract_video(samples_dir / video)
     assert got.shape == expected.shape
     assert np.mean(np.abs(got - expected)) < 1.5e-4
+
+
+@pytest.mark.samples
+def test_extract_video_with_face_cropping_on_in_the_wild_video(tiny_marlin, samples_dir):
+    feats = tiny_marlin.extract_video(samples_dir / "video05.mp4", crop_face=True)  # 90 frames, fades in
+    assert feats.shape == (len(range(0, 90 - 32, 32)), 192)
+    assert np.isfinite(feats).all()
+
+
+def test_extract_video_with_face_cropping_reports_faceless_video(tiny_marlin, tmp_path):
+    blank = tmp_path / "blank.avi"
+    write_video(blank, np.zeros((20, 96, 128, 3), np.uint8))
+    with pytest.raises(VideoReadError, match="blank.avi.*no face"):
+        tiny_marlin.extract_video(blank, crop_face=True)
