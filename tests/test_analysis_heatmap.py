@@ -227,6 +227,27 @@ def test_visualize_cli_synthetic_all_windows_with_video(small_checkpoint, synthe
             assert (video_info(mp4)["width"], video_info(mp4)["height"]) == (224, 112)
 
 
+def test_visualize_video_streams_long_videos(small_checkpoint, synthetic_videos, tmp_path):
+    """Reading the windows a second time (a long video: clips not kept in memory) gives the
+    same relevance and the same movie as keeping them; --max_windows caps the windows."""
+    cam = visualize.build_gradcam(CLI_MODEL, small_checkpoint)
+    outputs = {}
+    for keep in (16, 0):
+        out = tmp_path / f"keep{keep}"
+        paths = visualize.visualize_video(cam, synthetic_videos[0], [11], out, windows="all",
+                                          save_png=False, save_video=True, keep_clips=keep)
+        assert sorted(p.name for p in paths) == [f"{synthetic_videos[0].stem}_feature11.mp4",
+                                                 f"{synthetic_videos[0].stem}_relevance.npz"]
+        outputs[keep] = (np.load(paths[0])["relevance"], read_frames(paths[1]))
+    np.testing.assert_array_equal(outputs[16][0], outputs[0][0])
+    np.testing.assert_array_equal(outputs[16][1], outputs[0][1])
+    assert outputs[0][1].shape[0] == 32  # 2 windows x 16 frames
+    paths = visualize.visualize_video(cam, synthetic_videos[0], [11], tmp_path / "cap",
+                                      windows="all", max_windows=1, dpi=40)
+    assert np.load(paths[0])["relevance"].shape[0] == 1
+    assert [p.name for p in paths[1:]] == [f"{synthetic_videos[0].stem}_feature11_window000.png"]
+
+
 def test_visualize_cli_errors(small_checkpoint, synthetic_videos, tmp_path, capsys):
     with pytest.raises(SystemExit):
         visualize.main(["--checkpoint", str(small_checkpoint), "--model", CLI_MODEL,

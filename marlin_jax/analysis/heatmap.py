@@ -83,8 +83,9 @@ class FeatureGradCam:
     -1 = the last block). mode: ``"gradcam"`` or ``"hires"`` (see the module docstring).
     """
 
-    def __init__(self, model: MarlinModel | MarlinEncoder, *, layer: int = -1,
-                 mode: str = "gradcam"):
+    def __init__(self, model, *, layer: int = -1, mode: str = "gradcam"):
+        """model: a MarlinModel, its MarlinEncoder, or a ``marlin_jax.extract.Marlin``."""
+        model = getattr(model, "model", model)  # marlin_jax.extract.Marlin holds `.model`
         encoder = model.encoder if isinstance(model, MarlinModel) else model
         if not isinstance(encoder, MarlinEncoder):
             raise TypeError(f"expected a MarlinModel or MarlinEncoder, got {type(model).__name__}")

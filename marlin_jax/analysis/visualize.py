@@ -4,8 +4,9 @@
         --video V.mp4 --features 397 231 490 482 456 --output_dir O [--windows all] [--save_video]
 
 Per video and feature: ``<video>_feature<f>.png`` (frames over heat-map overlays, 300 dpi; with
-``--windows all`` one PNG per window, ``..._window<k>.png``), optionally
-``<video>_feature<f>.mp4`` (frame | overlay side by side, every window in turn), and
+``--windows all`` one PNG per window, ``..._window<k>.png``, at most ``--max_windows``; none
+with ``--no_png``), optionally ``<video>_feature<f>.mp4`` (``--save_video``: frame | overlay
+side by side, every window in turn, at ``--fps``), and
 ``<video>_relevance.npz`` with the raw token relevance ``(windows, F, t, h, w)`` and the feature
 values ``(windows, F)``. Windows are the extraction windows (``--sample_rate``, ``--stride``);
 a video shorter than one clip is padded by repeating its last frame. Heat maps of one video and
@@ -15,9 +16,10 @@ feature share one scale over all its windows, so the windows can be compared.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -134,19 +136,57 @@ def build_gradcam(model_name: str, checkpoint: str | os.PathLike, *, layer: int 
     return FeatureGradCam(Marlin.from_file(model_name, checkpoint).model, layer=layer, mode=mode)
 
 
-def clip_relevance(cam: FeatureGradCam, clips: Sequence[np.ndarray], features: Sequence[int],
-                   batch_size: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """Relevance ``(n_clips, F, t, h, w)`` and values ``(n_clips, F)`` of uint8 clips, in batches
-    of a fixed size (the last one padded) so the jitted function compiles once."""
-    rels, vals = [], []
-    for start in range(0, len(clips), batch_size):
-        batch = list(clips[start : start + batch_size])
+def clip_relevance(cam: FeatureGradCam, clips: Iterable[np.ndarray], features: Sequence[int],
+                   batch_size: int = 4, keep: int = 0
+                   ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray] | None]:
+    """Relevance ``(n_clips, F, t, h, w)`` and values ``(n_clips, F)`` of a stream of uint8
+    clips, computed in batches of a fixed size (after the first batch, short batches are
+    padded) so the jitted function compiles at most twice. Also returns the clips themselves
+    when there are at most ``keep`` of them (else None: read them again to draw them), so a long
+    video never sits in memory."""
+    rels, vals, kept = [], [], []
+    stream = iter(clips)
+    first = True
+    while batch := list(itertools.islice(stream, batch_size)):
         n = len(batch)
-        padded = np.stack(batch + [batch[-1]] * (batch_size - n)) if len(clips) > n else np.stack(batch)
-        r, v = cam.relevance(padded, features)
+        if not first:
+            batch += [batch[-1]] * (batch_size - n)
+        first = False
+        r, v = cam.relevance(np.stack(batch), features)
         rels.append(r[:n])
         vals.append(v[:n])
-    return np.concatenate(rels), np.concatenate(vals)
+        if kept is not None:
+            kept += batch[:n]
+            if len(kept) > keep:
+                kept = None
+    if not rels:
+        raise ValueError("no clips to explain")
+    return np.concatenate(rels), np.concatenate(vals), kept
+
+
+class _VideoSink:
+    """Streams RGB uint8 frames into an mp4 (mp4v, as :func:`marlin_jax.video_io.write_video`),
+    so a long video's overlays never need to be held in memory at once."""
+
+    def __init__(self, path: Path, fps: float):
+        import cv2
+
+        self.path, self.fps, self._cv2, self._writer = path, fps, cv2, None
+
+    def write(self, frames: np.ndarray) -> None:
+        cv2 = self._cv2
+        if self._writer is None:
+            h, w = frames.shape[1:3]
+            self._writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"),
+                                           self.fps, (w, h))
+            if not self._writer.isOpened():
+                raise OSError(f"{self.path}: OpenCV cannot open a video writer for this path")
+        for frame in frames:
+            self._writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.release()
 
 
 def visualize_video(
@@ -156,9 +196,11 @@ def visualize_video(
     output_dir: str | os.PathLike,
     *,
     windows: str = "first",
+    max_windows: int | None = None,
     sample_rate: int = 2,
     stride: int = 16,
     crop_face: bool = False,
+    save_png: bool = True,
     save_video: bool = False,
     fps: float = 10.0,
     alpha: float = 0.5,
@@ -166,37 +208,52 @@ def visualize_video(
     dpi: int = 300,
     frames_shown: int | None = None,
     batch_size: int = 4,
+    keep_clips: int = 16,
 ) -> list[Path]:
     """Writes the heat-map PNGs (and optionally mp4s) of ``features`` for one video; returns the
-    written paths."""
-    from marlin_jax.video_io import write_video
+    written paths.
 
+    Two passes over the windows: the first computes every window's relevance (so one scale per
+    feature covers the whole video), the second draws; the clips are kept from the first pass
+    when there are few, else read again. ``max_windows`` caps the windows of ``windows="all"``.
+    """
     video = Path(video)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    clips = list(load_clips(video, cam.config, windows=windows, sample_rate=sample_rate,
-                            stride=stride, crop_face=crop_face))
-    rel, vals = clip_relevance(cam, clips, features, batch_size)
-    np.savez(out / f"{video.stem}_relevance.npz", relevance=rel, values=vals,
-             features=np.asarray(features))
-    written = [out / f"{video.stem}_relevance.npz"]
-    scale = rel.max(axis=(0, 2, 3, 4), keepdims=True)[0]  # (F, 1, 1, 1): one scale per feature
-    for fi, f in enumerate(features):
-        movie = []
-        for w, clip in enumerate(clips):
-            heat = upsample(normalise(rel[w, fi], scale[fi]), cam.config)
-            over = overlay(clip, heat, alpha=alpha, cmap=cmap)
-            suffix = f"_window{w:03d}" if windows == "all" else ""
-            title = (f"{video.name}  feature {f}  (value {vals[w, fi]:+.3f}"
-                     f"{f', window {w}' if windows == 'all' else ''}; {cam.mode}, block {cam.layer})")
-            fig = heatmap_grid_figure(clip, over, title, frames_shown=frames_shown)
-            written.append(save_figure(fig, out / f"{video.stem}_feature{f}{suffix}.png", dpi))
-            if save_video:
-                movie.append(side_by_side(clip, over))
-        if save_video:
-            path = out / f"{video.stem}_feature{f}.mp4"
-            write_video(path, np.concatenate(movie), fps=fps)
-            written.append(path)
+
+    def clips():
+        stream = load_clips(video, cam.config, windows=windows, sample_rate=sample_rate,
+                            stride=stride, crop_face=crop_face)
+        return itertools.islice(stream, max_windows)
+
+    rel, vals, kept = clip_relevance(cam, clips(), features, batch_size, keep=keep_clips)
+    npz = out / f"{video.stem}_relevance.npz"
+    np.savez(npz, relevance=rel, values=vals, features=np.asarray(features))
+    written = [npz]
+    scale = rel.max(axis=(0, 2, 3, 4))  # (F,): one scale per feature over the whole video
+    sinks = {f: _VideoSink(out / f"{video.stem}_feature{f}.mp4", fps) for f in features
+             } if save_video else {}
+    try:
+        for w, clip in enumerate(kept if kept is not None else clips()):
+            if w >= rel.shape[0]:
+                break  # the video changed between the passes
+            heat = upsample(normalise(rel[w], scale[:, None, None, None]), cam.config)  # (F,T,H,W)
+            for fi, f in enumerate(features):
+                over = overlay(clip, heat[fi], alpha=alpha, cmap=cmap)
+                if save_png:
+                    suffix = f"_window{w:03d}" if windows == "all" else ""
+                    title = (f"{video.name}  feature {f}  (value {vals[w, fi]:+.3f}"
+                             f"{f', window {w}' if windows == 'all' else ''}; {cam.mode}, "
+                             f"block {cam.layer})")
+                    fig = heatmap_grid_figure(clip, over, title, frames_shown=frames_shown)
+                    written.append(save_figure(fig, out / f"{video.stem}_feature{f}{suffix}.png",
+                                               dpi))
+                if save_video:
+                    sinks[f].write(side_by_side(clip, over))
+    finally:
+        for sink in sinks.values():
+            sink.close()
+    written += [sink.path for sink in sinks.values()]
     return written
 
 
@@ -209,8 +266,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_model_arguments(parser)
     parser.add_argument("--windows", choices=("first", "all"), default="first",
                         help="first: one clip per video (padded if short); all: every window")
+    parser.add_argument("--max_windows", type=int, default=None,
+                        help="with --windows all: at most this many windows per video")
     parser.add_argument("--save_video", action="store_true",
                         help="also write a side-by-side mp4 per feature")
+    parser.add_argument("--no_png", action="store_true",
+                        help="skip the PNG grids (e.g. a long video with --save_video)")
     parser.add_argument("--fps", type=float, default=10.0, help="frame rate of the mp4")
     args = parser.parse_args(argv)
 
@@ -221,6 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         parser.error(f"cannot load the model: {e}")
     features = resolve_features(parser, args, cam)
+    if args.max_windows is not None and args.max_windows < 1:
+        parser.error(f"--max_windows must be >= 1, got {args.max_windows}")
     failures = []
     for video in args.video:
         note = frame_size_note(video, cam.config, args.crop_face)
@@ -229,6 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             paths = visualize_video(
                 cam, video, features, args.output_dir, windows=args.windows,
+                max_windows=args.max_windows, save_png=not args.no_png,
                 sample_rate=args.sample_rate, stride=args.stride, crop_face=args.crop_face,
                 save_video=args.save_video, fps=args.fps, alpha=args.alpha, cmap=args.cmap,
                 dpi=args.dpi, frames_shown=args.frames_shown, batch_size=args.batch_size,
