@@ -1,0 +1,174 @@
+"""Benchmark of one MARLIN pretraining step (critic update + generator update, AdamW both):
+marlin-jax's jitted step vs the PyTorch reference step (marlin-pytorch modules + the original
+trainer's training_step), same machine, same run, same batch and mask.
+
+    python scripts/bench_train.py                        # ViT-S and ViT-B, batch 2, CPU
+    python scripts/bench_train.py --models base --batch 8 --steps 10 --dtype bfloat16   # GPU
+
+Prints step time and clips/s of both and the ratio (target >= 1.3x on CPU); on accelerators the
+MFU from XLA's FLOP count. ``--no-torch`` skips the reference (e.g. on a GPU host).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from marlin_jax.models import get_config  # noqa: E402
+from marlin_jax.train import metrics as mt  # noqa: E402
+from marlin_jax.train import state as st  # noqa: E402
+from marlin_jax.train import steps  # noqa: E402
+
+NAMES = {"small": "marlin_vit_small_ytf", "base": "marlin_vit_base_ytf",
+         "large": "marlin_vit_large_ytf", "tiny": "marlin_vit_tiny"}
+
+
+def _batch(cfg, batch: int, mask_ratio: float, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    n = cfg.num_tokens
+    k = int(n * (1 - mask_ratio))
+    mask = np.zeros((batch, n), bool)
+    for i in range(batch):
+        mask[i, rng.choice(n, k, replace=False)] = True
+    video = rng.integers(0, 256, (batch, cfg.n_frames, cfg.img_size, cfg.img_size, 3), np.uint8)
+    return {"video": video, "mask": mask}
+
+
+def bench_jax(cfg, batch: dict[str, np.ndarray], steps_n: int, dtype, remat: bool) -> dict:
+    k = int(batch["mask"][0].sum())
+    tx = st.make_optimizer()
+    sched = st.lr_schedule(1.5e-4, 1e-5, 10, 1000)
+    task = steps.Task(st.build_model_def(cfg, dtype=dtype, remat=remat), tx, tx, sched, sched,
+                      steps.StepConfig(num_visible=k))
+    state = jax.jit(lambda: st.init_train_state(cfg, tx, tx, 0))()
+    dev_batch = jax.device_put(batch)
+    t0 = time.perf_counter()
+    step = jax.jit(lambda s, b: steps.train_step(task, s, b), donate_argnums=0).lower(
+        state, dev_batch).compile()
+    compile_s = time.perf_counter() - t0
+    state, m = step(state, dev_batch)  # warm-up
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for _ in range(steps_n):
+        state, m = step(state, dev_batch)
+    jax.block_until_ready((state, m))
+    dt = (time.perf_counter() - t0) / steps_n
+    return {"step_s": dt, "compile_s": compile_s, "flops": mt.compiled_flops(step),
+            "rec_loss": float(m["rec_loss"])}
+
+
+def _torch_modules():
+    """marlin-pytorch's model modules, importable without torchvision / ffmpeg binaries."""
+    for name in ("torchvision", "torchvision.io", "ffmpeg"):
+        try:
+            __import__(name)
+        except ImportError:
+            sys.modules[name] = types.ModuleType(name)
+    sys.modules["torchvision"].io = sys.modules["torchvision.io"]
+    sys.modules["torchvision.io"].read_video = None
+    from marlin_pytorch.model.decoder import MarlinDecoder
+    from marlin_pytorch.model.encoder import MarlinEncoder
+    from marlin_pytorch.model.modules import MLP
+
+    return MarlinEncoder, MarlinDecoder, MLP
+
+
+def bench_torch(cfg, batch: dict[str, np.ndarray], steps_n: int) -> dict:
+    """The original `training_step` (d_steps = g_steps = 1, gp_weight 0, AdamW both)."""
+    import torch
+
+    MarlinEncoder, MarlinDecoder, MLP = _torch_modules()
+    c = cfg
+    common = dict(img_size=c.img_size, patch_size=c.patch_size, n_frames=c.n_frames,
+                  mlp_ratio=c.mlp_ratio, qkv_bias=c.qkv_bias, qk_scale=None, drop_rate=0.0,
+                  attn_drop_rate=0.0, norm_layer="LayerNorm", init_values=0.0,
+                  tubelet_size=c.tubelet_size)
+    enc = MarlinEncoder(embed_dim=c.encoder_embed_dim, depth=c.encoder_depth,
+                        num_heads=c.encoder_num_heads, **common)
+    dec = MarlinDecoder(embed_dim=c.decoder_embed_dim, depth=c.decoder_depth,
+                        num_heads=c.decoder_num_heads, **common)
+    proj = torch.nn.Linear(c.encoder_embed_dim, c.decoder_embed_dim, bias=False)
+    disc = MLP([c.patch_dim, c.discriminator_hidden, 1], build_activation=torch.nn.LeakyReLU)
+    g_params = [p for m in (enc, dec, proj) for p in m.parameters() if p.requires_grad]
+    g_opt = torch.optim.AdamW(g_params, lr=1.5e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0)
+    d_opt = torch.optim.AdamW(disc.parameters(), lr=1.5e-4, betas=(0.9, 0.95), eps=1e-8,
+                              weight_decay=0)
+    x = torch.from_numpy(batch["video"].astype(np.float32) / 255).permute(0, 4, 1, 2, 3)
+    x = x.contiguous()
+    mask = torch.from_numpy(batch["mask"])
+    pt, p = c.tubelet_size, c.patch_size
+
+    def forward():
+        pred = dec(proj(enc(x, mask)), mask)
+        y = x.unfold(2, pt, pt).unfold(3, p, p).unfold(4, p, p)
+        b = y.shape[0]
+        y = y.permute(0, 2, 3, 4, 1, 5, 6, 7).reshape(b, -1, 3 * pt * p * p)
+        return pred, y[~mask].view(b, -1, y.shape[-1])
+
+    def train_step():
+        d_opt.zero_grad()
+        pred, y = forward()
+        d_loss = disc(pred).mean() - disc(y).mean()
+        d_loss.backward()
+        d_opt.step()
+        g_opt.zero_grad()
+        pred, y = forward()
+        rec = torch.nn.functional.mse_loss(pred, y)
+        loss = rec + 0.01 * -disc(pred).mean()
+        loss.backward()
+        g_opt.step()
+        return float(rec.detach())
+
+    train_step()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(steps_n):
+        rec = train_step()
+    return {"step_s": (time.perf_counter() - t0) / steps_n, "rec_loss": rec,
+            "threads": torch.get_num_threads()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="small,base", help="comma list of tiny|small|base|large")
+    ap.add_argument("--batch", type=int, default=2, help="clips per step")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up)")
+    ap.add_argument("--mask-ratio", type=float, default=0.9)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--remat", action="store_true")
+    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    args = ap.parse_args()
+
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    dev = jax.devices()[0]
+    print(f"device: {dev.device_kind} x{jax.device_count()} ({jax.default_backend()}), "
+          f"batch {args.batch}, {args.dtype}, mask ratio {args.mask_ratio}, "
+          f"{os.cpu_count()} CPU cores", flush=True)
+    for name in args.models.split(","):
+        cfg = get_config(NAMES[name.strip()])
+        batch = _batch(cfg, args.batch, args.mask_ratio)
+        j = bench_jax(cfg, batch, args.steps, dtype, args.remat)
+        peak = mt.peak_flops_per_device(dev)
+        mfu = mt.mfu(j["flops"], j["step_s"], peak)
+        line = (f"{name:>5}: marlin-jax {1000 * j['step_s']:8.1f} ms/step "
+                f"{args.batch / j['step_s']:7.2f} clips/s (compile {j['compile_s']:.0f}s"
+                + (f", {j['flops'] / 1e9:.0f} GFLOP/step" if j["flops"] else "")
+                + (f", MFU {100 * mfu:.1f}%" if mfu is not None else "") + ")")
+        if not args.no_torch:
+            t = bench_torch(cfg, batch, args.steps)
+            line += (f" | pytorch {1000 * t['step_s']:8.1f} ms/step "
+                     f"{args.batch / t['step_s']:7.2f} clips/s ({t['threads']} threads) | "
+                     f"speed-up {t['step_s'] / j['step_s']:.2f}x")
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
