@@ -43,12 +43,13 @@ def _batch(cfg, batch: int, mask_ratio: float, seed: int = 0) -> dict[str, np.nd
     return {"video": video, "mask": mask}
 
 
-def bench_jax(cfg, batch: dict[str, np.ndarray], steps_n: int, dtype, remat: bool) -> dict:
+def bench_jax(cfg, batch: dict[str, np.ndarray], steps_n: int, dtype, remat: bool,
+              attention: str | None = None) -> dict:
     k = int(batch["mask"][0].sum())
     tx = st.make_optimizer()
     sched = st.lr_schedule(1.5e-4, 1e-5, 10, 1000)
-    task = steps.Task(st.build_model_def(cfg, dtype=dtype, remat=remat), tx, tx, sched, sched,
-                      steps.StepConfig(num_visible=k))
+    model = st.build_model_def(cfg, dtype=dtype, remat=remat, attention_impl=attention)
+    task = steps.Task(model, tx, tx, sched, sched, steps.StepConfig(num_visible=k))
     state = jax.jit(lambda: st.init_train_state(cfg, tx, tx, 0))()
     dev_batch = jax.device_put(batch)
     t0 = time.perf_counter()
@@ -136,6 +137,24 @@ def bench_torch(cfg, batch: dict[str, np.ndarray], steps_n: int) -> dict:
             "threads": torch.get_num_threads()}
 
 
+def find_max_batch(cfg, args, dtype) -> int:
+    """Largest batch (doubling from --batch) whose step compiles and runs in device memory."""
+    best, b = 0, args.batch
+    while b <= 4096:
+        try:
+            r = bench_jax(cfg, _batch(cfg, b, args.mask_ratio), 1, dtype, args.remat,
+                          args.attention or None)
+        except Exception as e:  # noqa: BLE001 - XLA reports OOM as several error types
+            if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
+                raise
+            print(f"  batch {b}: out of memory", flush=True)
+            break
+        print(f"  batch {b}: {1000 * r['step_s']:.0f} ms/step, {b / r['step_s']:.1f} clips/s",
+              flush=True)
+        best, b = b, 2 * b
+    return best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="small,base", help="comma list of tiny|small|base|large")
@@ -144,7 +163,11 @@ def main() -> None:
     ap.add_argument("--mask-ratio", type=float, default=0.9)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--remat", action="store_true")
+    ap.add_argument("--attention", default="", help="jax.nn.dot_product_attention "
+                    "implementation: '' (XLA) | cudnn")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    ap.add_argument("--find-max-batch", action="store_true",
+                    help="double the batch from --batch until the step runs out of memory")
     args = ap.parse_args()
 
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
@@ -154,8 +177,12 @@ def main() -> None:
           f"{os.cpu_count()} CPU cores", flush=True)
     for name in args.models.split(","):
         cfg = get_config(NAMES[name.strip()])
+        if args.find_max_batch:
+            print(f"{name}: max batch {find_max_batch(cfg, args, dtype)} "
+                  f"(remat={args.remat}, {args.dtype})", flush=True)
+            continue
         batch = _batch(cfg, args.batch, args.mask_ratio)
-        j = bench_jax(cfg, batch, args.steps, dtype, args.remat)
+        j = bench_jax(cfg, batch, args.steps, dtype, args.remat, args.attention or None)
         peak = mt.peak_flops_per_device(dev)
         mfu = mt.mfu(j["flops"], j["step_s"], peak)
         line = (f"{name:>5}: marlin-jax {1000 * j['step_s']:8.1f} ms/step "

@@ -148,3 +148,24 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     steps = sorted(int(p.name) for p in (Path(tmp_path) / "run" / "checkpoints").iterdir()
                    if p.name.isdigit())
     assert steps[-1] == good
+
+
+@pytest.mark.slow
+@pytest.mark.samples
+def test_demo_loss_falls_on_the_sample_face_videos(samples_dir, tmp_path):
+    """The `:demo` recipe on the real clips of ../shared/samples (plain video files)."""
+    c = vit_base.get_config("demo")
+    c.data.source = "videos"
+    c.data.root_dir = str(samples_dir)
+    c.data.val_split = "train"  # the folder has no split files: every video is "train"
+    c.data.mask_strategy = "random"  # no parsing maps beside the videos
+    c.global_batch_size = 4
+    c.num_train_steps = 60
+    c.log_every_steps = 5
+    c.eval_every_steps = 0
+    c.checkpoint_every_steps = 1000
+    out = train_and_evaluate(c, str(tmp_path / "run"))
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().split()]
+    rec = [r["rec_loss"] for r in records if "rec_loss" in r]
+    assert out["step"] == 60 and len(rec) == 12
+    assert np.mean(rec[-2:]) < 0.7 * rec[0], rec
