@@ -165,7 +165,8 @@ def test_demo_loss_falls_on_the_sample_face_videos(samples_dir, tmp_path):
     c.eval_every_steps = 0
     c.checkpoint_every_steps = 1000
     out = train_and_evaluate(c, str(tmp_path / "run"))
-    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(x) for x in lines]
     rec = [r["rec_loss"] for r in records if "rec_loss" in r]
     assert out["step"] == 60 and len(rec) == 12
     assert np.mean(rec[-2:]) < 0.7 * rec[0], rec
