@@ -211,8 +211,8 @@ def test_visualize_cli_synthetic_all_windows_with_video(small_checkpoint, synthe
     rc = visualize.main([
         "--checkpoint", str(small_checkpoint), "--model", CLI_MODEL,
         "--video", str(video), str(short), "--features", "3", "100", "--output_dir", str(out),
-        "--windows", "all", "--save_video", "--fps", "5", "--dpi", "60",
-    ])  # fmt: skip
+        "--windows", "all", "--save_video", "--fps", "5", "--dpi", "60", "--batch_size", "1",
+    ])  # fmt: skip  (batch size 1: one compiled shape for both videos)
     assert rc == 0
     assert "is 224x224; its frames are centre-cropped and resized to 112x112" in capsys.readouterr().err
     for stem, n_windows in ((video.stem, 2), (short.stem, 1)):
