@@ -39,6 +39,7 @@ __all__ = [
     "load_clips",
     "normalise",
     "overlay",
+    "save_figure",
     "side_by_side",
     "upsample",
 ]

@@ -34,6 +34,7 @@ __all__ = [
     "compare_groups",
     "compare_paired",
     "effect_size_band_counts",
+    "main",
     "mann_whitney_u",
     "median_heuristic_bandwidth",
     "mmd2_unbiased",
