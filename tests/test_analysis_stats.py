@@ -73,6 +73,18 @@ def test_mann_whitney_property_small_integer_samples(a, b):
     np.testing.assert_allclose(p, p_ref, rtol=1e-10)
 
 
+def test_mann_whitney_in_feature_blocks_equals_one_block(monkeypatch):
+    import marlin_jax.analysis.stats as stats_mod
+
+    rng = np.random.default_rng(8)
+    a, b = rng.normal(size=(20, 50)), np.round(rng.normal(size=(15, 50)), 1)
+    whole = mann_whitney_u(a, b)
+    monkeypatch.setattr(stats_mod, "_MWU_BLOCK_VALUES", 35 * 7)  # blocks of 7 features
+    blocked = mann_whitney_u(a, b)
+    np.testing.assert_array_equal(whole[0], blocked[0])
+    np.testing.assert_array_equal(whole[1], blocked[1])
+
+
 def test_mann_whitney_rejects_bad_input():
     with pytest.raises(ValueError, match="NaN"):
         mann_whitney_u(np.array([[np.nan]]), np.ones((3, 1)))

@@ -72,6 +72,8 @@ def _check_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------- Mann-Whitney U
+_MWU_BLOCK_VALUES = 1 << 22  # values per block of features (bounds the sort's temporaries)
+
 @functools.lru_cache(maxsize=64)
 def _exact_u_tail(n1: int, n2: int) -> np.ndarray:
     """``P(U >= u)`` for ``u = 0 .. n1*n2`` under H0 with no ties, exactly.
@@ -116,6 +118,18 @@ def mann_whitney_u(
     if method not in ("auto", "exact", "asymptotic"):
         raise ValueError(f"method must be 'auto', 'exact' or 'asymptotic', got {method!r}")
     a, b = _check_pair(a, b)
+    # features in blocks of about 4M values, so many clips never need many GB of temporaries
+    step = max(1, _MWU_BLOCK_VALUES // (a.shape[0] + b.shape[0]))
+    blocks = [
+        _mwu_block(a[:, j : j + step], b[:, j : j + step], use_continuity, method)
+        for j in range(0, a.shape[1], step)
+    ]
+    return np.concatenate([u for u, _ in blocks]), np.concatenate([p for _, p in blocks])
+
+
+def _mwu_block(
+    a: np.ndarray, b: np.ndarray, use_continuity: bool, method: str
+) -> tuple[np.ndarray, np.ndarray]:
     n1, n2 = a.shape[0], b.shape[0]
     n = n1 + n2
     d = a.shape[1]
