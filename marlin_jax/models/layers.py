@@ -26,6 +26,9 @@ class FixedEmbedding(nnx.Variable):
 def sincos_table(num_positions: int, dim: int) -> np.ndarray:
     """Fixed sinusoid position table ``(num_positions, dim)`` float32, as VideoMAE / MARLIN:
     angle(p, i) = p / 10000^(2*(i//2)/dim); sin on even, cos on odd channels."""
+    # Computed in float64, then rounded: the reference computes the angles in float32, so its
+    # late positions differ by up to ~2.5e-4. Converted checkpoints keep their own table
+    # (FixedEmbedding), so this only matters for freshly initialised models.
     exponent = 2 * (np.arange(dim) // 2) / dim
     angles = np.arange(num_positions, dtype=np.float64)[:, None] / np.power(10000.0, exponent)[None]
     table = np.empty_like(angles)

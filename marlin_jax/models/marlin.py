@@ -44,6 +44,12 @@ def _static_num_visible(mask: jax.Array, num_visible: int | None) -> int:
     return k
 
 
+def _check_remat(config: MarlinConfig, remat: bool) -> None:
+    if remat and (config.drop_rate > 0 or config.attn_drop_rate > 0):
+        raise ValueError("remat=True with dropout is not supported (the recomputed blocks would reuse one "
+                         "dropout mask); set drop_rate = attn_drop_rate = 0 or remat=False")
+
+
 def _make_blocks(n: int, dim: int, heads: int, config: MarlinConfig, init_values: float,
                  rngs: nnx.Rngs, **kw) -> nnx.List:
     return nnx.List([
@@ -61,9 +67,15 @@ class _Transformer(nnx.Module):
     remat: bool
 
     def run_blocks(self, tokens: jax.Array) -> jax.Array:
-        """``(B, n, D)`` through every block (no final norm)."""
+        """``(B, n, D)`` through every block (no final norm). With ``remat`` each block's
+        activations are recomputed in the backward pass (jax.checkpoint on a pure function of the
+        block's state, so it composes with any outer jax/nnx transform)."""
         for block in self.blocks:
-            tokens = nnx.remat(lambda b, x: b(x))(block, tokens) if self.remat else block(tokens)
+            if self.remat:
+                graphdef, state = nnx.split(block)
+                tokens = jax.checkpoint(lambda s, x, g=graphdef: nnx.merge(g, s)(x))(state, tokens)
+            else:
+                tokens = block(tokens)
         return tokens
 
 
@@ -72,6 +84,7 @@ class MarlinEncoder(_Transformer):
 
     def __init__(self, config: MarlinConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32, remat: bool = False, attention_impl: str | None = None):
+        _check_remat(config, remat)
         self.config, self.dtype, self.remat = config, dtype, remat
         d = config.encoder_embed_dim
         self.patch_embedding = PatchEmbedding3d(config.in_channels, d, config.patch_size,
@@ -120,6 +133,7 @@ class MarlinDecoder(_Transformer):
 
     def __init__(self, config: MarlinConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32, remat: bool = False, attention_impl: str | None = None):
+        _check_remat(config, remat)
         self.config, self.dtype, self.remat = config, dtype, remat
         d = config.decoder_embed_dim
         self.mask_token = nnx.Param(
