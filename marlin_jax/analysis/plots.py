@@ -41,13 +41,14 @@ def plot_top_feature_distributions(
     path: str | os.PathLike,
     *,
     title: str = "",
+    paired: bool = False,
     n_cols: int = 4,
     dpi: int = 150,
 ) -> Path:
     """Violin plots (with the samples as jittered dots) of ``features`` for both groups.
 
-    ``a (n1, D)``, ``b (n2, D)``; ``d``/``q`` (``(D,)``) label each panel with Cohen's d and the
-    FDR q-value.
+    ``a (n1, D)``, ``b (n2, D)``; ``d``/``q`` (``(D,)``) label each panel with the effect size
+    and the FDR q-value. ``paired``: row i of ``a`` and ``b`` are one subject, joined by a line.
     """
     features = [int(f) for f in features]
     if not features:
@@ -63,14 +64,16 @@ def plot_top_feature_distributions(
         for body, colour in zip(parts["bodies"], GROUP_COLOURS, strict=True):
             body.set_facecolor(colour)
             body.set_alpha(0.35)
+        if paired:
+            ax.plot([0, 1], np.stack(data), color="0.5", linewidth=0.6, alpha=0.6)
         for pos, (vals, colour) in enumerate(zip(data, GROUP_COLOURS, strict=True)):
             if vals.size > 400:  # dots stop being readable; keep a subset
                 vals = rng.choice(vals, 400, replace=False)
-            ax.scatter(
-                pos + rng.uniform(-0.12, 0.12, vals.size), vals, s=4, color=colour, alpha=0.6
-            )
+            jitter = np.zeros(vals.size) if paired else rng.uniform(-0.12, 0.12, vals.size)
+            ax.scatter(pos + jitter, vals, s=4, color=colour, alpha=0.6)
         ax.set_xticks([0, 1], list(names))
-        ax.set_title(f"feature {f}\nd = {d[f]:+.2f}, q = {q[f]:.2g}", fontsize=9)
+        d_name = "d_z" if paired else "d"
+        ax.set_title(f"feature {f}\n{d_name} = {d[f]:+.2f}, q = {q[f]:.2g}", fontsize=9)
         ax.tick_params(labelsize=8)
     if title:
         fig.suptitle(title)

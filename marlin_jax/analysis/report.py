@@ -167,7 +167,7 @@ def _plot_distributions(a, b, res: GroupComparison, shown, path: Path, title: st
     from marlin_jax.analysis.plots import plot_top_feature_distributions
 
     plot_top_feature_distributions(a, b, (res.group_a, res.group_b), shown, res.d, res.q, path,
-                                   title=title)
+                                   title=title, paired=res.test == "wilcoxon_signed_rank")
     return str(Path("plots") / path.name)
 
 
@@ -271,7 +271,8 @@ def _markdown(summary: dict, sections: list[str]) -> str:
         "correction, exact null distribution for small samples without ties), Benjamini-Hochberg "
         "false discovery rate over all features, Cohen's d with the pooled standard deviation. "
         "Whole feature vectors: kernel maximum mean discrepancy (MMD) test with a permutation "
-        "p-value.",
+        "p-value. The paired level (when analysed) uses the two-sided Wilcoxon signed-rank test "
+        "and Cohen's d_z instead.",
         "",
         "> **Clip level vs video level.** Clip-level p-values overstate significance when a "
         "video's clips are not independent (see the clip-level warning); the video-level "
