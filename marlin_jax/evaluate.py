@@ -34,7 +34,12 @@ from marlin_jax.evaluation.datasets import (
     load_features,
     load_label_file,
 )
-from marlin_jax.evaluation.metrics import classification_metrics, format_table, save_metrics
+from marlin_jax.evaluation.metrics import (
+    classification_metrics,
+    format_table,
+    per_label_auroc,
+    save_metrics,
+)
 from marlin_jax.evaluation.training import FitOptions, restore_best
 
 SPLITS = ("train", "val", "test")
@@ -50,6 +55,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.task = "appearance"  # celebvhq: appearance / action; labels: binary / multiclass / multilabel
     c.finetune = False  # False: linear probe on features; True: fine-tune encoder + head
     c.temporal_reduction = "mean"  # lp: mean / max / min over the windows of a video
+    c.standardize_features = False  # lp: z-score features with train statistics (not original)
     c.learning_rate = 1e-4
     c.batch_size = 32
     c.epochs = 2000  # max epochs; stops earlier when the lr decays to 1e-6 or by `patience`
@@ -171,7 +177,7 @@ def _skip_report(name: str, skipped: dict[str, str], log: Callable[[str], None])
 
 def run_linear_probe(config, splits, workdir, log) -> dict:
     """Linear probe on extracted features; returns the results dict."""
-    from marlin_jax.evaluation.probe import LinearHead, predict_logits, train_linear_probe
+    from marlin_jax.evaluation.probe import make_linear_head, predict_logits, train_linear_probe
     from marlin_jax.evaluation.training import load_params, split_model
 
     feature_dir = config.feature_dir or os.path.join(config.data_path, config.backbone)
@@ -184,21 +190,30 @@ def run_linear_probe(config, splits, workdir, log) -> dict:
     train = splits["train"]
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if config.skip_train:
-        from flax import nnx
-
-        model = LinearHead(feats["train"].x.shape[1], train.num_outputs, rngs=nnx.Rngs(0))
+        model = make_linear_head(feats["train"].x, train.num_outputs,
+                                 standardize=config.standardize_features)
         load_params(model, restore_best(ckpt_dir, split_model(model)[1]))
         fit_info = {"restored_from": ckpt_dir}
     else:
         model, result = train_linear_probe(
             feats["train"], feats["val"], task=train.task, num_outputs=train.num_outputs,
-            options=fit_options(config), checkpoint_dir=ckpt_dir, log=log)
+            options=fit_options(config), standardize=config.standardize_features,
+            checkpoint_dir=ckpt_dir, log=log)
         fit_info = {"best_epoch": result.best_epoch, "stop_reason": result.stop_reason,
                     "epochs": len(result.history)}
-    metrics = {s: classification_metrics(predict_logits(model, feats[s].x), feats[s].labels,
-                                         train.task) for s in ("val", "test")}
+    outputs = {s: (predict_logits(model, feats[s].x), feats[s].labels) for s in ("val", "test")}
     skipped = {s: fs.skipped for s, fs in feats.items() if fs.skipped}
-    return {"metrics": metrics, "fit": fit_info, "skipped": skipped}
+    return {**_metrics(outputs, train), "fit": fit_info, "skipped": skipped}
+
+
+def _metrics(outputs: dict[str, tuple[np.ndarray, np.ndarray]], train: LabelSet) -> dict:
+    """Averaged metrics per split, plus per-label AUROC for multilabel tasks."""
+    out = {"metrics": {s: classification_metrics(lg, y, train.task)
+                       for s, (lg, y) in outputs.items()}}
+    if train.task == "multilabel":
+        out["per_label_auroc"] = {s: per_label_auroc(lg, y, train.class_names)
+                                  for s, (lg, y) in outputs.items()}
+    return out
 
 
 def run_finetune(config, splits, workdir, log) -> dict:
@@ -253,11 +268,8 @@ def run_finetune(config, splits, workdir, log) -> dict:
             checkpoint_dir=ckpt_dir, num_threads=int(config.num_threads), log=log)
         fit_info = {"best_epoch": result.best_epoch, "stop_reason": result.stop_reason,
                     "epochs": len(result.history)}
-    metrics = {}
-    for s in ("val", "test"):
-        logits, labels = predict(clips[s])
-        metrics[s] = classification_metrics(logits, labels, train.task)
-    return {"metrics": metrics, "fit": fit_info, "skipped": skipped}
+    outputs = {s: predict(clips[s]) for s in ("val", "test")}
+    return {**_metrics(outputs, train), "fit": fit_info, "skipped": skipped}
 
 
 def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> dict:

@@ -61,6 +61,16 @@ def test_multilabel_auroc_and_accuracy_match_sklearn():
     assert out["n_labels_without_both_classes"] == 0
 
 
+def test_per_label_auroc():
+    rng = np.random.default_rng(5)
+    y = rng.random((40, 3)) < 0.5
+    s = rng.normal(size=y.shape) + y
+    y[:, 2] = True
+    out = M.per_label_auroc(s, y, ["a", "b", "c"])
+    assert list(out) == ["a", "b", "c"] and math.isnan(out["c"])
+    assert out["a"] == pytest.approx(roc_auc_score(y[:, 0], s[:, 0]))
+
+
 def test_multilabel_macro_skips_single_class_labels():
     rng = np.random.default_rng(2)
     y = rng.random((50, 3)) < 0.5

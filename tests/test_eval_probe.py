@@ -86,6 +86,21 @@ def test_linear_probe_learns_and_checkpoints_best(tmp_path, task):
                                   np.asarray(params["head"]["kernel"]))
 
 
+def test_standardised_head_is_linear_in_the_features():
+    from marlin_jax.evaluation.probe import make_linear_head
+
+    rng = np.random.default_rng(0)
+    x = (5.0 + 0.1 * rng.normal(size=(50, 6))).astype(np.float32)
+    head = make_linear_head(x, 2, standardize=True)
+    w, b = np.asarray(head.head.kernel[...]), np.asarray(head.head.bias[...])
+    z = (x - x.mean(0)) / x.std(0)
+    np.testing.assert_allclose(np.asarray(head(jnp.asarray(x))), z @ w + b, rtol=1e-4, atol=1e-4)
+    plain = make_linear_head(x, 2)
+    np.testing.assert_allclose(np.asarray(plain(jnp.asarray(x))),
+                               x @ np.asarray(plain.head.kernel[...]) + np.asarray(
+                                   plain.head.bias[...]), rtol=1e-4, atol=1e-5)
+
+
 def test_early_stopping_and_learning_rate_stop():
     train, val = features(64, "binary", 0), features(64, "binary", 1)
     # lr already at the stop threshold: stops before any epoch -> no best -> clear error

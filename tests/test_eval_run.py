@@ -72,6 +72,14 @@ def test_celebvhq_linear_probe_run_and_restore(tmp_path, capsys):
     config.skip_train = True
     again = run(config, log=lambda s: None)
     assert again["metrics"]["test"] == pytest.approx(results["metrics"]["test"])
+    # the standardised probe: trained, checkpointed and restored the same way
+    config.skip_train, config.standardize_features = False, True
+    config.workdir = str(tmp_path / "work_std")
+    std = run(config, log=lambda s: None)
+    assert std["metrics"]["test"]["auroc"] > 0.85
+    config.skip_train = True
+    again = run(config, log=lambda s: None)
+    assert again["metrics"]["test"] == pytest.approx(std["metrics"]["test"])
 
 
 def test_data_ratio_and_skips(tmp_path):

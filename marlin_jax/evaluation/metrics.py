@@ -112,6 +112,21 @@ def _per_label_auroc(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return out
 
 
+def per_label_auroc(logits: np.ndarray, labels: np.ndarray,
+                    names: Sequence[str] | None = None) -> dict[str, float]:
+    """``{label name: AUROC}`` of each column of multilabel ``(N, L)`` logits (NaN where a label
+    has a single class), for reports beyond the averaged number."""
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels).astype(bool)
+    if logits.ndim != 2 or logits.shape != labels.shape:
+        raise ValueError(f"need matching (N, L) logits and labels, got {logits.shape} "
+                         f"{labels.shape}")
+    names = list(names) if names is not None else [str(j) for j in range(logits.shape[1])]
+    if len(names) != logits.shape[1]:
+        raise ValueError(f"{len(names)} names for {logits.shape[1]} labels")
+    return dict(zip(names, _per_label_auroc(logits, labels).tolist(), strict=True))
+
+
 def binary_accuracy(probs: np.ndarray, labels: np.ndarray, threshold: float = 0.5) -> float:
     """Fraction of elements where ``probs > threshold`` equals the boolean label (any shape;
     for ``(N, L)`` multilabel input this is MARLIN's element-wise accuracy)."""

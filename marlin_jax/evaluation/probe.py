@@ -40,16 +40,43 @@ def torch_linear_init(fan_in: int) -> tuple[Callable, Callable]:
     return uniform, uniform
 
 
-class LinearHead(nnx.Module):
-    """``(B, D) -> (B, C)`` logits: the linear-probe classifier."""
+class FeatureStats(nnx.Variable):
+    """Fixed (not trained) feature statistics of a probe."""
 
-    def __init__(self, in_dim: int, num_outputs: int, *, rngs: nnx.Rngs):
+
+class LinearHead(nnx.Module):
+    """``(B, D) -> (B, C)`` logits: the linear-probe classifier.
+
+    With ``mean``/``std`` (``(D,)``, from the training features) the features are standardised
+    first, as MAE-style probes do with a non-affine BatchNorm: the classifier stays linear in the
+    features, only the optimisation is better conditioned. Without them (the original MARLIN
+    probe) the features go in as they are.
+    """
+
+    def __init__(self, in_dim: int, num_outputs: int, *, rngs: nnx.Rngs,
+                 mean: np.ndarray | None = None, std: np.ndarray | None = None):
         kernel_init, bias_init = torch_linear_init(in_dim)
         self.head = nnx.Linear(in_dim, num_outputs, kernel_init=kernel_init,
                                bias_init=bias_init, rngs=rngs)
+        self.standardize = mean is not None
+        if self.standardize:
+            if std is None or np.shape(mean) != (in_dim,) or np.shape(std) != (in_dim,):
+                raise ValueError(f"mean and std must both be ({in_dim},)")
+            self.mean = FeatureStats(jnp.asarray(mean, jnp.float32))
+            self.inv_std = FeatureStats(1.0 / jnp.maximum(jnp.asarray(std, jnp.float32), 1e-6))
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.standardize:
+            x = (x - self.mean[...]) * self.inv_std[...]
         return self.head(x)
+
+
+def make_linear_head(train_x: np.ndarray, num_outputs: int, *, standardize: bool = False,
+                     seed: int = 0) -> LinearHead:
+    """A fresh LinearHead for features like ``train_x`` ``(N, D)`` (standardised with their
+    statistics when ``standardize``)."""
+    stats = dict(mean=train_x.mean(0), std=train_x.std(0)) if standardize else {}
+    return LinearHead(train_x.shape[1], num_outputs, rngs=nnx.Rngs(seed), **stats)
 
 
 def _labels_array(labels: np.ndarray, task: Task) -> np.ndarray:
@@ -72,10 +99,12 @@ def train_linear_probe(
     task: Task,
     num_outputs: int,
     options: FitOptions = FitOptions(),
+    standardize: bool = False,
     checkpoint_dir: str | os.PathLike | None = None,
     log: Callable[[str], None] = print,
 ) -> tuple[LinearHead, FitResult]:
-    """Trains a LinearHead on ``train`` features, selecting the epoch by ``val``.
+    """Trains a LinearHead on ``train`` features, selecting the epoch by ``val``
+    (``standardize``: z-score the features with the training statistics first).
 
     Returns the head holding the best-validation parameters, and the fit record.
     """
@@ -84,7 +113,7 @@ def train_linear_probe(
         raise ValueError(f"train features are {dim}-d but val features {val.x.shape[1]}-d")
     batch = min(options.batch_size, n)
     num_batches = n // batch
-    model = LinearHead(dim, num_outputs, rngs=nnx.Rngs(options.seed))
+    model = make_linear_head(train.x, num_outputs, standardize=standardize, seed=options.seed)
     graphdef, params, rest = split_model(model)
     tx = make_optimizer(options)
     step = make_train_step(graphdef, task, tx)
