@@ -33,7 +33,7 @@ def get_config(arg: str | None = "lp"):
     config.labels.class_names = ("mouth_open", "eyes_closed", "smiling")
     config.feature_dir = f"{ROOT}/features"
     config.finetune = mode == "ft"
-    config.learning_rate = 1e-2 if mode == "lp" else 3e-4
+    config.learning_rate = 1e-2 if mode == "lp" else 1e-3
     config.standardize_features = mode == "lp"
     config.batch_size = 16
     config.epochs = 200
