@@ -130,10 +130,9 @@ def load_splits(config: ml_collections.ConfigDict) -> dict[str, LabelSet]:
     else:
         raise ValueError("labels: set labels.train/val/test, or labels.file (with a 'split' "
                          "column, or labels.split_fractions)")
-    tasks = {ls.task for ls in splits.values()}
-    widths = {ls.num_outputs for ls in splits.values()}
-    if len(tasks) > 1 or len(widths) > 1:
-        raise DatasetError(f"splits disagree on the task / number of classes: {tasks}, {widths}; "
+    heads = {(ls.task, ls.class_names) for ls in splits.values()}
+    if len(heads) > 1:
+        raise DatasetError(f"splits disagree on the task / classes: {sorted(heads)}; "
                            "set config.task and labels.class_names")
     return {s: (ls.take_ratio(ratio) if s != "test" and ratio < 1.0 else ls)
             for s, ls in splits.items()}

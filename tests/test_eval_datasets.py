@@ -110,6 +110,13 @@ def test_csv_binary_multiclass_multilabel(tmp_path):
     assert ml.labels.tolist() == [[True, False, False], [False, True, True]]
     with pytest.raises(DatasetError, match=r"unknown label column\(s\).*smiling"):
         load_label_file(tmp_path / "ml.csv", class_names=["mouth_open", "eyes_closed"])
+    with pytest.raises(DatasetError, match=r"label column\(s\) missing.*frowning"):
+        load_label_file(tmp_path / "ml.csv", class_names=["mouth_open", "eyes_closed",
+                                                          "smiling", "frowning"])
+    reordered = load_label_file(tmp_path / "ml.csv",
+                                class_names=["smiling", "mouth_open", "eyes_closed"])
+    assert reordered.class_names == ("smiling", "mouth_open", "eyes_closed")
+    assert reordered.labels.tolist() == [[False, True, False], [True, False, True]]
     (tmp_path / "bad.csv").write_text("path,a,b\nx.mp4,1,maybe\n")
     with pytest.raises(DatasetError, match="bad.csv: label columns must hold 0/1"):
         load_label_file(tmp_path / "bad.csv")

@@ -369,16 +369,21 @@ def _multiclass(path: str, values: list, class_names: Sequence[str] | None):
 def _multilabel(path: str, values: list, label_cols: list[str] | None,
                 class_names: Sequence[str] | None):
     if label_cols is not None:  # CSV: one 0/1 column per label
+        names = tuple(label_cols)
         if class_names is not None:
             unknown = [c for c in label_cols if c not in class_names]
             if unknown:
                 raise DatasetError(_listing(f"{path}: unknown label column(s)", unknown))
-        names = tuple(label_cols)
+            absent = [c for c in class_names if c not in label_cols]
+            if absent:
+                raise DatasetError(_listing(f"{path}: label column(s) missing", absent))
+            names = tuple(class_names)  # columns in the given order, whatever the file's
         bits = [[_as_bit(x) for x in v] for v in values]
         bad = [f"row {i + 1}" for i, b in enumerate(bits) if any(x is None for x in b)]
         if bad:
             raise DatasetError(_listing(f"{path}: label columns must hold 0/1/true/false", bad))
-        return np.asarray(bits, dtype=bool), names
+        order = [label_cols.index(c) for c in names]
+        return np.asarray(bits, dtype=bool)[:, order], names
     if not all(isinstance(v, list) for v in values):
         raise DatasetError(f"{path}: multilabel JSON labels must all be lists")
     if all(all(_as_bit(x) is not None and not isinstance(x, str) for x in v) for v in values):
