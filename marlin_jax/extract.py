@@ -203,13 +203,14 @@ class Marlin:
             raise ValueError(f"sample_rate and stride must be >= 1, got {sample_rate}, {stride}")
         path = os.fspath(video_path)
         size = self.config.img_size
-        features: list[np.ndarray] = []
+        features: list[jax.Array] = []
         batch: list[np.ndarray] = []
 
         def flush():
             n = len(batch)
             clips = np.stack(batch + [batch[-1]] * (self.batch_size - n))  # fixed shape: one compile
-            features.append(np.asarray(self.extract_features(clips, keep_seq=keep_seq))[:n])
+            # Dispatch is asynchronous: decoding the next windows overlaps with this computation.
+            features.append(self.extract_features(clips, keep_seq=keep_seq)[:n])
             batch.clear()
 
         windows = iter_windows(iter_frames(path), self.config.n_frames, sample_rate, stride)
@@ -232,7 +233,7 @@ class Marlin:
             flush()
         if not features:
             raise VideoReadError(f"{path}: video has no frames")
-        out = np.concatenate(features)
+        out = np.concatenate([np.asarray(f) for f in features])
         if reduction == "mean":
             return out.mean(axis=0)
         if reduction == "max":
