@@ -89,7 +89,7 @@ def apply_demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.lr.base = 1e-3
     c.lr.min = 1e-5
     c.lr.warmup_steps = 20
-    c.num_train_steps = 300
+    c.num_train_steps = 200
     c.log_every_steps = 10
     c.eval_every_steps = 100
     c.num_eval_batches = 2

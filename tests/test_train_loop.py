@@ -69,7 +69,7 @@ def test_schedule_scales_lr_with_the_global_batch():
     assert (s.base_lr, s.min_lr) == pytest.approx((3e-4, 2e-5))
     assert (s.total_steps, s.warmup_steps) == (200_000, 4000)
     demo = common.apply_demo(vit_base.get_config())
-    assert make_schedule(demo, demo.data).total_steps == 300
+    assert make_schedule(demo, demo.data).total_steps == 200
 
 
 def test_tensorboardx_writer_writes_event_files(tmp_path):

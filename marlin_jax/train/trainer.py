@@ -90,8 +90,7 @@ def make_schedule(config: ml_collections.ConfigDict, data: ml_collections.Config
     """Steps and learning rates of the run (epochs -> steps, lr scaled by global_batch / 256)."""
     batch = config.global_batch_size
     steps_per_epoch = int(config.steps_per_epoch)
-    if steps_per_epoch <= 0 and (config.num_train_steps <= 0 or config.lr.warmup_steps < 0
-                                 or config.lr.per_epoch):
+    if steps_per_epoch <= 0:
         steps_per_epoch = max(1, len(make_source(data, data.train_split)) // batch)
     total = int(config.num_train_steps)
     if total <= 0:
