@@ -374,6 +374,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 if config.eval_every_steps > 0 and (step % config.eval_every_steps == 0
                                                     or at_end):
                     val = evaluate(step)
+                    if interval_steps == 0:  # keep validation out of the step timing
+                        interval_t = time.perf_counter()
                 preempted = preempt.requested
                 if jax.process_count() > 1:  # every process must save at the same step
                     preempted = (step % config.log_every_steps == 0
