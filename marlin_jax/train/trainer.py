@@ -234,6 +234,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         step=steps.StepConfig(num_visible=k, adv_weight=config.adv_weight,
                               gp_weight=config.gp_weight, d_steps=config.d_steps,
                               g_steps=config.g_steps))
+
     def init_fn():
         return st.init_train_state(model_cfg, g_tx, d_tx, config.seed)
     abstract_state = jax.eval_shape(init_fn)
@@ -242,8 +243,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     repl = shd.replicated(mesh)
     batch_shardings = {"video": shd.batch_sharding(mesh, 5), "mask": shd.batch_sharding(mesh, 2)}
     say("parameters: generator %.1fM, critic %.1fM",
-             st.count_params(abstract_state.g_params) / 1e6,
-             st.count_params(abstract_state.d_params) / 1e6)
+        st.count_params(abstract_state.g_params) / 1e6,
+        st.count_params(abstract_state.d_params) / 1e6)
 
     # ---- data
     train_ds = make_dataset(data_cfg, split=data_cfg.train_split, global_batch_size=batch,
@@ -279,7 +280,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     flops = mt.compiled_flops(compiled)
     peak = mt.peak_flops_per_device(override=config.peak_flops_per_device)
     say("compiled the train step in %.1fs; %s GFLOP per device per step",
-             time.perf_counter() - t0, "?" if flops is None else f"{flops / 1e9:.1f}")
+        time.perf_counter() - t0, "?" if flops is None else f"{flops / 1e9:.1f}")
 
     @jax.jit  # outputs replicated below
     def recon_sample(s, b):  # sample 0, replicated so that the primary can draw it
@@ -289,7 +290,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     writer = mt.create_writer(os.path.join(workdir, "tensorboard"), active=primary)
     if primary and start_step == 0:
-        writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
+        writer.write_hparams(_flatten(config.to_dict()))
     collection = mt.average_collection(METRIC_NAMES)
 
     def evaluate(step: int) -> dict[str, float]:
@@ -318,7 +319,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             writer.write_scalars(step, val)
             _append_jsonl(os.path.join(workdir, "metrics.jsonl"), {"step": step, **val})
             say("step %d validation: %s (image %s)", step,
-                     " ".join(f"{k} {v:.4f}" for k, v in val.items()), path)
+                " ".join(f"{k} {v:.4f}" for k, v in val.items()), path)
         return val
 
     # ---- loop
