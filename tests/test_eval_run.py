@@ -35,8 +35,8 @@ def write_informative_features(root: Path, info_task: str = "appearance", dim: i
     return out
 
 
-def celebvhq_dataset(root: Path, n: int = 90) -> Path:
-    names = [f"clip{i:03d}" for i in range(n)]
+def celebvhq_dataset(root: Path) -> Path:
+    names = [f"clip{i:03d}" for i in range(90)]
     root.mkdir(parents=True, exist_ok=True)
     make_celebvhq(root, names=tuple(names), videos=False)
     (root / "train.txt").write_text("\n".join(names[:50]))
@@ -156,7 +156,7 @@ def test_finetune_missing_video_and_smoke_run(tmp_path):
 
 @pytest.mark.slow
 def test_cli_runs_a_shipped_config(tmp_path):
-    root = celebvhq_dataset(tmp_path / "celebvhq", n=60)
+    root = celebvhq_dataset(tmp_path / "celebvhq")
     cmd = [sys.executable, "-m", "marlin_jax.evaluate",
            f"--config={ROOT / 'configs' / 'celebvhq_appearance_lp.py'}",
            f"--config.data_path={root}", f"--config.workdir={tmp_path / 'work'}",
