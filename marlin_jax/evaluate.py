@@ -245,8 +245,13 @@ def run_finetune(config, splits, workdir, log) -> dict:
     clip_frames = int(config.clip_frames or bc.n_frames)
     if clip_frames != bc.n_frames:
         raise ValueError(f"clip_frames {clip_frames} != backbone n_frames {bc.n_frames}")
-    clips = {s: ClipDataset(ls, clip_frames, int(config.temporal_sample_rate), size)
-             for s, ls in splits.items()}
+    clips = {}
+    for s, ls in splits.items():
+        clips[s], unreadable = ClipDataset(ls, clip_frames, int(config.temporal_sample_rate),
+                                           size).validate(config.on_error)
+        if unreadable:
+            skipped.setdefault(s, {}).update(unreadable)
+        _skip_report(f"{s} unreadable videos", unreadable, log)
     train = splits["train"]
     mesh = make_mesh(dict(config.mesh))
     ckpt_dir = os.path.join(workdir, "checkpoints")

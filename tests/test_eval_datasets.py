@@ -206,3 +206,15 @@ def test_clip_dataset_batches(tmp_path):
         np.testing.assert_array_equal(x1, x2)
         np.testing.assert_array_equal(y1, y2)
     assert len(list(ds.batches(2, shuffle=False, seed=0, drop_last=True))) == 1
+
+
+def test_unreadable_video_fails_before_training_or_is_skipped(tmp_path):
+    make_celebvhq(tmp_path, frames=10, size=16)
+    (tmp_path / "cropped" / "b.mp4").write_bytes(b"garbage")
+    ds = ClipDataset(load_celebvhq(tmp_path, "train", "appearance"), 4, 2, 16)
+    with pytest.raises(DatasetError, match=r"train.txt: .*cropped/b.mp4: not a readable video"):
+        ds.validate("error")
+    kept, bad = ds.validate("skip")
+    assert kept.labelset.keys == ("a", "c") and list(bad) == ["b"]
+    assert [kept.num_frames(i) for i in range(2)] == [10, 10]  # counts carried over
+    np.testing.assert_array_equal(kept.labelset.labels, ds.labelset.labels[[0, 2]])

@@ -34,7 +34,7 @@ import cv2
 import numpy as np
 
 from marlin_jax.evaluation.metrics import TASKS, Task
-from marlin_jax.video_io import count_frames, read_frames
+from marlin_jax.video_io import VideoReadError, count_frames, read_frames
 
 CELEBVHQ_TASKS = {"appearance": 40, "action": 35}
 SPLITS = ("train", "val", "test")
@@ -557,6 +557,30 @@ class ClipDataset:
 
     def __len__(self) -> int:
         return len(self.labelset)
+
+    def validate(self, on_error: OnError = "error") -> tuple[ClipDataset, dict[str, str]]:
+        """Counts every video's frames once (cached for sampling), so that an unreadable or
+        empty video fails here, naming the file, rather than mid-training. With ``skip`` such
+        samples are dropped; returns the dataset to use and ``{key: reason}`` of those dropped.
+        """
+        bad: dict[str, str] = {}
+        for i, key in enumerate(self.labelset.keys):
+            try:
+                if self.num_frames(i) < 1:
+                    raise VideoReadError(f"{self.labelset.video_paths[i]}: video has no frames")
+            except VideoReadError as e:
+                if on_error == "error":
+                    raise DatasetError(f"{self.labelset.source}: {e}") from e
+                bad[key] = str(e)
+        if not bad:
+            return self, bad
+        keep = [i for i, k in enumerate(self.labelset.keys) if k not in bad]
+        if not keep:
+            raise DatasetError(f"{self.labelset.source}: no readable video")
+        out = ClipDataset(self.labelset.subset(keep), self.clip_frames, self.sample_rate,
+                          self.size)
+        out._num_frames = {j: self._num_frames[i] for j, i in enumerate(keep)}
+        return out, bad
 
     def num_frames(self, i: int) -> int:
         if i not in self._num_frames:
