@@ -18,6 +18,7 @@ from marlin_jax.train.trainer import (
     NonFiniteLossError,
     make_schedule,
     model_config,
+    resolve_data_config,
     train_and_evaluate,
 )
 
@@ -69,7 +70,8 @@ def test_schedule_scales_lr_with_the_global_batch():
     assert (s.base_lr, s.min_lr) == pytest.approx((3e-4, 2e-5))
     assert (s.total_steps, s.warmup_steps) == (200_000, 4000)
     demo = common.apply_demo(vit_base.get_config())
-    assert make_schedule(demo, demo.data).total_steps == 200
+    assert demo.data.source == ""  # unset: the trainer announces the synthetic dataset
+    assert make_schedule(demo, resolve_data_config(demo)).total_steps == 200
 
 
 def test_tensorboardx_writer_writes_event_files(tmp_path):
