@@ -75,11 +75,11 @@ def test_lr_schedule_matches_the_original_formula():
     assert float(per_epoch(7)) == pytest.approx(float(sched(5)))
 
 
-@pytest.mark.parametrize("d_steps, g_steps", [
-    (1, 1), pytest.param(2, 2, marks=pytest.mark.slow)])
-def test_train_step_updates_both_models_and_reports_metrics(d_steps, g_steps):
+@pytest.mark.parametrize("d_steps, g_steps, gp_weight", [
+    (1, 1, 0.0), pytest.param(2, 2, 1.0, marks=pytest.mark.slow)])
+def test_train_step_updates_both_models_and_reports_metrics(d_steps, g_steps, gp_weight):
     rng = np.random.default_rng(0)
-    task = _task(3, gp_weight=1.0, d_steps=d_steps, g_steps=g_steps)
+    task = _task(3, gp_weight=gp_weight, d_steps=d_steps, g_steps=g_steps)
     state = jax.jit(lambda: st.init_train_state(CFG, task.g_tx, task.d_tx, 0))()
     batch = {"video": rng.integers(0, 256, (2, 4, 32, 32, 3), np.uint8),
              "mask": _masks(rng, 2, CFG.num_tokens, 3)}

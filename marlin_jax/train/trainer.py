@@ -251,6 +251,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                             process_index=jax.process_index(),
                             process_count=jax.process_count(), seed=config.seed)
     train_iter = iter(train_ds)
+    eval_every = int(config.eval_every_steps)
+    if eval_every > 0:
+        try:
+            make_source(data_cfg, data_cfg.val_split)
+        except (OSError, ValueError) as e:
+            log.warning("validation disabled: %s", e)
+            say("WARNING: no validation split %r (%s): validation and reconstruction images "
+                "are off; set --config.data.val_split or --config.eval_every_steps=0",
+                data_cfg.val_split, e)
+            eval_every = 0
 
     # ---- checkpoint / init
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
@@ -372,8 +382,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         _append_jsonl(os.path.join(workdir, "metrics.jsonl"),
                                       {"step": step, **last, **perf})
                     acc, interval_steps, interval_t = None, 0, time.perf_counter()
-                if config.eval_every_steps > 0 and (step % config.eval_every_steps == 0
-                                                    or at_end):
+                if eval_every > 0 and (step % eval_every == 0 or at_end):
                     val = evaluate(step)
                     if interval_steps == 0:  # keep validation out of the step timing
                         interval_t = time.perf_counter()
