@@ -18,7 +18,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
@@ -80,12 +80,10 @@ def make_mesh(axes: Mapping[str, int] | None = None,
     devices = list(jax.devices() if devices is None else devices)
     sizes = resolve_mesh_shape(ordered, len(devices))
     shape = tuple(sizes[name] for name in MESH_AXES)
+    auto = (AxisType.Auto,) * len(MESH_AXES)  # GSPMD propagation (no sharding-in-types)
     if len(devices) == jax.device_count():
-        try:
-            return jax.make_mesh(shape, MESH_AXES, devices=devices)
-        except (TypeError, ValueError):
-            pass
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+        return jax.make_mesh(shape, MESH_AXES, devices=devices, axis_types=auto)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
 
 
 def path_str(path: Sequence[Any]) -> str:
