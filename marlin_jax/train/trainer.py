@@ -71,8 +71,10 @@ def resolve_data_config(config: ml_collections.ConfigDict) -> ml_collections.Con
                     "built-in synthetic face-video dataset. For real data set e.g. "
                     "--config.data.source=ytf --config.data.root_dir=/path/to/YouTubeFaces "
                     "(or tfds / videos).")
-        print("marlin-jax: no dataset configured -> using the built-in synthetic face videos "
-              "(set --config.data.source and --config.data.root_dir for real data)", flush=True)
+        if jax.process_index() == 0:
+            print("marlin-jax: no dataset configured -> using the built-in synthetic face "
+                  "videos (set --config.data.source and --config.data.root_dir for real data)",
+                  flush=True)
         data.source = "synthetic"
     return data
 
