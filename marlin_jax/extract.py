@@ -111,13 +111,11 @@ class Marlin:
     >>> seq = marlin.extract_features(clips)               # clips (B, 16, 224, 224, 3) in [0, 1]
     """
 
-    def __init__(self, model: MarlinModel, name: str | None = None, *, batch_size: int = 4,
-                 compute_dtype: jnp.dtype | None = None):
+    def __init__(self, model: MarlinModel, name: str | None = None, *, batch_size: int = 4):
         self.model = model
         self.config: MarlinConfig = model.config
         self.name = name
         self.batch_size = batch_size
-        self.compute_dtype = compute_dtype
         graphdef, state = nnx.split(model.encoder)
         self._encoder_state = state
 
@@ -125,8 +123,6 @@ class Marlin:
             encoder = nnx.merge(graphdef, state)
             x = clips_uint8_or_float
             x = x.astype(jnp.float32) / 255.0 if x.dtype == jnp.uint8 else x.astype(jnp.float32)
-            if compute_dtype is not None:
-                x = x.astype(compute_dtype)
             return encoder.extract_features(x, keep_seq=keep_seq).astype(jnp.float32)
 
         self._features = jax.jit(features, static_argnums=2)
@@ -134,16 +130,26 @@ class Marlin:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_file(cls, model_name: str, path: str | os.PathLike, **kwargs) -> Marlin:
+    def from_file(cls, model_name: str, path: str | os.PathLike, *, batch_size: int = 4,
+                  matmul_dtype: str | None = None, dtype: str = "float32",
+                  attention_impl: str | None = None) -> Marlin:
         """Loads `.pt` (encoder-only or full), Lightning `.ckpt`, a VideoMAE checkpoint or a
-        marlin-jax checkpoint directory. ``model_name`` picks the registered architecture."""
+        marlin-jax checkpoint directory. ``model_name`` picks the registered architecture.
+
+        ``matmul_dtype="bfloat16"`` runs every matmul on bf16 operands with float32 accumulation
+        (about 2x faster on CPUs with bf16 units; features differ by ~1e-2 relative);
+        ``dtype="bfloat16"`` keeps activations in bf16 too (GPU/TPU); ``attention_impl="cudnn"``
+        uses the fused GPU attention kernel.
+        """
         config = get_config(model_name)
+        model_kwargs = {"dtype": jnp.dtype(dtype), "attention_impl": attention_impl,
+                        "matmul_dtype": None if matmul_dtype is None else jnp.dtype(matmul_dtype)}
         if Path(path).is_dir():
             saved = read_config_file(path)
             if saved is not None and saved != config:
                 raise ValueError(f"{path}: checkpoint was saved for another architecture than "
                                  f"{model_name!r}: {saved}")
-        return cls(load_model(path, config), model_name, **kwargs)
+        return cls(load_model(path, config, **model_kwargs), model_name, batch_size=batch_size)
 
     @classmethod
     def from_online(cls, model_name: str, full_model: bool = False, *, cache_dir: str | os.PathLike | None = None,
@@ -256,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reduction", choices=REDUCTIONS, default="none")
     parser.add_argument("--keep_seq", action="store_true", help="keep the token sequence per window")
     parser.add_argument("--batch_size", type=int, default=4, help="windows per jitted call")
+    parser.add_argument("--matmul_dtype", choices=["bfloat16"], default=None,
+                        help="bf16 matmul operands with float32 accumulation (faster, ~1e-2 rel. error)")
+    parser.add_argument("--attention_impl", choices=["cudnn"], default=None, help="fused GPU attention")
     parser.add_argument("--overwrite", action="store_true", help="recompute existing .npy files")
     args = parser.parse_args(argv)
 
@@ -265,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     videos: list[Path] = []
     for item in map(Path, args.videos):
         videos.extend(sorted(p for p in item.rglob("*") if p.suffix.lower() in exts) if item.is_dir() else [item])
-    marlin = Marlin.from_file(args.model, args.checkpoint, batch_size=args.batch_size)
+    marlin = Marlin.from_file(args.model, args.checkpoint, batch_size=args.batch_size,
+                              matmul_dtype=args.matmul_dtype, attention_impl=args.attention_impl)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     failures: list[str] = []

@@ -140,3 +140,15 @@ def test_bf16_compute_and_remat_stay_close():
     nnx.update(remat, state)
     grads = [jax.grad(lambda v, m=m: m.extract_features(v, keep_seq=False).sum())(video) for m in (model, remat)]
     np.testing.assert_allclose(grads[0], grads[1], atol=1e-5)
+
+
+def test_bf16_matmul_mode_keeps_float32_activations():
+    model = MarlinModel(TINY, rngs=nnx.Rngs(0), with_discriminator=True)
+    fast = MarlinModel(TINY, rngs=nnx.Rngs(1), with_discriminator=True, matmul_dtype=jnp.bfloat16)
+    nnx.update(fast, nnx.state(model))
+    video = jnp.asarray(np.random.default_rng(0).random((1, 4, 32, 32, 3), np.float32))
+    ref, out = model.extract_features(video), fast.extract_features(video)
+    assert out.dtype == jnp.float32
+    assert 0 < float(jnp.max(jnp.abs(out - ref))) < 0.1
+    mask = jnp.asarray(np.arange(TINY.num_tokens)[None] < 3)
+    assert fast(video, mask, 3).dtype == jnp.float32

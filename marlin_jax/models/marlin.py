@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .config import MarlinConfig
-from .layers import Block, FixedEmbedding, PatchEmbedding3d, sincos_table, xavier_uniform, zeros
+from .layers import Block, FixedEmbedding, PatchEmbedding3d, linear, sincos_table, xavier_uniform
 
 
 def split_by_mask(mask: jax.Array, num_visible: int) -> tuple[jax.Array, jax.Array]:
@@ -83,16 +83,17 @@ class MarlinEncoder(_Transformer):
     """ViT encoder over tubelet tokens with a fixed sin-cos position table."""
 
     def __init__(self, config: MarlinConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32, remat: bool = False, attention_impl: str | None = None):
+                 param_dtype=jnp.float32, matmul_dtype=None, remat: bool = False,
+                 attention_impl: str | None = None):
         _check_remat(config, remat)
         self.config, self.dtype, self.remat = config, dtype, remat
         d = config.encoder_embed_dim
         self.patch_embedding = PatchEmbedding3d(config.in_channels, d, config.patch_size,
-                                                config.tubelet_size, dtype=dtype,
-                                                param_dtype=param_dtype, rngs=rngs)
+                                                config.tubelet_size, dtype=dtype, param_dtype=param_dtype,
+                                                matmul_dtype=matmul_dtype, rngs=rngs)
         self.blocks = _make_blocks(config.encoder_depth, d, config.encoder_num_heads, config,
                                    config.init_values, rngs, dtype=dtype, param_dtype=param_dtype,
-                                   attention_impl=attention_impl)
+                                   matmul_dtype=matmul_dtype, attention_impl=attention_impl)
         self.norm = nnx.LayerNorm(d, epsilon=config.layer_norm_eps, dtype=dtype,
                                   param_dtype=param_dtype, use_fast_variance=False, rngs=rngs)
         self.pos_embedding = FixedEmbedding(jnp.asarray(sincos_table(config.num_tokens, d))[None])
@@ -132,7 +133,8 @@ class MarlinDecoder(_Transformer):
     """Narrow transformer that predicts the pixels of the masked tokens."""
 
     def __init__(self, config: MarlinConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32, remat: bool = False, attention_impl: str | None = None):
+                 param_dtype=jnp.float32, matmul_dtype=None, remat: bool = False,
+                 attention_impl: str | None = None):
         _check_remat(config, remat)
         self.config, self.dtype, self.remat = config, dtype, remat
         d = config.decoder_embed_dim
@@ -140,12 +142,12 @@ class MarlinDecoder(_Transformer):
             0.02 * jax.random.truncated_normal(rngs.params(), -1.0, 1.0, (1, 1, d), param_dtype))
         self.blocks = _make_blocks(config.decoder_depth, d, config.decoder_num_heads, config,
                                    config.init_values, rngs, dtype=dtype, param_dtype=param_dtype,
-                                   attention_impl=attention_impl)
+                                   matmul_dtype=matmul_dtype, attention_impl=attention_impl)
         self.norm = nnx.LayerNorm(d, epsilon=config.layer_norm_eps, dtype=dtype,
                                   param_dtype=param_dtype, use_fast_variance=False, rngs=rngs)
         self.pos_embedding = FixedEmbedding(jnp.asarray(sincos_table(config.num_tokens, d))[None])
-        self.head = nnx.Linear(d, config.patch_dim, kernel_init=xavier_uniform, bias_init=zeros,
-                               dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.head = linear(d, config.patch_dim, kernel_init=xavier_uniform, dtype=dtype,
+                           matmul_dtype=matmul_dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, visible: jax.Array, mask: jax.Array, num_visible: int | None = None) -> jax.Array:
         """visible: ``(B, k, Dd)`` decoder-width tokens -> ``(B, N - k, patch_dim)`` pixels of the
@@ -165,10 +167,11 @@ class MarlinDiscriminator(nnx.Module):
     """Patch-level MLP critic ``[patch_dim -> 4 * decoder_dim -> 1]`` with LeakyReLU(0.01)."""
 
     def __init__(self, config: MarlinConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32):
-        linear = functools.partial(nnx.Linear, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.layers = nnx.List([linear(config.patch_dim, config.discriminator_hidden),
-                                linear(config.discriminator_hidden, 1)])
+                 param_dtype=jnp.float32, matmul_dtype=None):
+        dense = functools.partial(linear, dtype=dtype, matmul_dtype=matmul_dtype, param_dtype=param_dtype,
+                                  rngs=rngs)
+        self.layers = nnx.List([dense(config.patch_dim, config.discriminator_hidden),
+                                dense(config.discriminator_hidden, 1)])
 
     def __call__(self, patches: jax.Array) -> jax.Array:
         """``(..., patch_dim)`` -> ``(..., 1)`` critic scores."""
@@ -183,13 +186,13 @@ class MarlinModel(nnx.Module):
 
     def __init__(self, config: MarlinConfig, *, rngs: nnx.Rngs, with_decoder: bool = True,
                  with_discriminator: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
-                 remat: bool = False, attention_impl: str | None = None):
+                 matmul_dtype=None, remat: bool = False, attention_impl: str | None = None):
         self.config = config
-        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, matmul_dtype=matmul_dtype)
         self.encoder = MarlinEncoder(config, remat=remat, attention_impl=attention_impl, **kw)
         if with_decoder:
-            self.enc_dec_proj = nnx.Linear(config.encoder_embed_dim, config.decoder_embed_dim,
-                                           use_bias=False, kernel_init=xavier_uniform, **kw)
+            self.enc_dec_proj = linear(config.encoder_embed_dim, config.decoder_embed_dim,
+                                       use_bias=False, kernel_init=xavier_uniform, **kw)
             self.decoder = MarlinDecoder(config, remat=remat, attention_impl=attention_impl, **kw)
         else:
             self.enc_dec_proj = self.decoder = None
