@@ -93,20 +93,56 @@ def count_frames(path: str | os.PathLike) -> int:
     return n
 
 
+class VideoWriter:
+    """Streams RGB uint8 frames ``(H, W, 3)`` (or batches ``(T, H, W, 3)``) into an mp4 (mp4v) or
+    avi (MJPG) file, so long videos never need to be held in memory. The frame size is ``size``
+    (width, height) or that of the first frame. Use as a context manager, or call :meth:`close`."""
+
+    def __init__(self, path: str | os.PathLike, fps: float = 25.0, size: tuple[int, int] | None = None):
+        self.path, self.fps = os.fspath(path), fps
+        self._writer: cv2.VideoWriter | None = None
+        self._size: tuple[int, int] | None = None
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        if size is not None:
+            self._open(size)
+
+    def _open(self, size: tuple[int, int]) -> None:
+        self._size = size
+        fourcc = cv2.VideoWriter_fourcc(*("MJPG" if self.path.lower().endswith(".avi") else "mp4v"))
+        self._writer = cv2.VideoWriter(self.path, fourcc, self.fps, size)
+        if not self._writer.isOpened():
+            raise OSError(f"{self.path}: OpenCV cannot open a video writer for this path")
+
+    def write(self, frames: np.ndarray) -> None:
+        frames = np.asarray(frames)
+        if frames.ndim == 3:
+            frames = frames[None]
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise ValueError(f"{self.path}: frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
+        if self._writer is None:
+            self._open((frames.shape[2], frames.shape[1]))
+        elif (frames.shape[2], frames.shape[1]) != self._size:
+            raise ValueError(f"{self.path}: frame size {frames.shape[2]}x{frames.shape[1]} differs from the "
+                             f"video's {self._size[0]}x{self._size[1]}")
+        for frame in frames:
+            self._writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.release()
+            self._writer = None
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = 25.0) -> None:
     """Writes RGB uint8 frames ``(T, H, W, 3)`` to an mp4 (mp4v codec) or avi (MJPG) file."""
-    path = os.fspath(path)
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fourcc = cv2.VideoWriter_fourcc(*("MJPG" if path.lower().endswith(".avi") else "mp4v"))
-    height, width = frames.shape[1:3]
-    writer = cv2.VideoWriter(path, fourcc, fps, (width, height))
-    if not writer.isOpened():
-        raise OSError(f"{path}: OpenCV cannot open a video writer for this path")
-    try:
-        for frame in frames:
-            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-    finally:
-        writer.release()
+    with VideoWriter(path, fps, size=(frames.shape[2], frames.shape[1])) as writer:
+        writer.write(frames)

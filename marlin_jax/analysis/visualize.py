@@ -35,6 +35,7 @@ from marlin_jax.analysis.heatmap import (
     side_by_side,
     upsample,
 )
+from marlin_jax.video_io import VideoWriter
 
 __all__ = [
     "add_model_arguments",
@@ -164,31 +165,6 @@ def clip_relevance(cam: FeatureGradCam, clips: Iterable[np.ndarray], features: S
     return np.concatenate(rels), np.concatenate(vals), kept
 
 
-class _VideoSink:
-    """Streams RGB uint8 frames into an mp4 (mp4v, as :func:`marlin_jax.video_io.write_video`),
-    so a long video's overlays never need to be held in memory at once."""
-
-    def __init__(self, path: Path, fps: float):
-        import cv2
-
-        self.path, self.fps, self._cv2, self._writer = path, fps, cv2, None
-
-    def write(self, frames: np.ndarray) -> None:
-        cv2 = self._cv2
-        if self._writer is None:
-            h, w = frames.shape[1:3]
-            self._writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"),
-                                           self.fps, (w, h))
-            if not self._writer.isOpened():
-                raise OSError(f"{self.path}: OpenCV cannot open a video writer for this path")
-        for frame in frames:
-            self._writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.release()
-
-
 def visualize_video(
     cam: FeatureGradCam,
     video: str | os.PathLike,
@@ -231,7 +207,7 @@ def visualize_video(
     np.savez(npz, relevance=rel, values=vals, features=np.asarray(features))
     written = [npz]
     scale = rel.max(axis=(0, 2, 3, 4))  # (F,): one scale per feature over the whole video
-    sinks = {f: _VideoSink(out / f"{video.stem}_feature{f}.mp4", fps) for f in features
+    sinks = {f: VideoWriter(out / f"{video.stem}_feature{f}.mp4", fps) for f in features
              } if save_video else {}
     try:
         for w, clip in enumerate(kept if kept is not None else clips()):
@@ -253,7 +229,7 @@ def visualize_video(
     finally:
         for sink in sinks.values():
             sink.close()
-    written += [sink.path for sink in sinks.values()]
+    written += [Path(sink.path) for sink in sinks.values()]
     return written
 
 
