@@ -149,7 +149,9 @@ class Attention(nnx.Module):
         denominator = weights.sum(axis=-1, keepdims=True)
         if self.attn_drop is not None:
             weights = self.attn_drop(weights)  # == dropout on the probabilities (same denominator)
-        out = matmul(weights.astype(v.dtype), v, self.matmul_dtype, v.dtype) / denominator.astype(v.dtype)
+        # P @ V stays in the activation dtype: casting the (N, N) weights to bf16 costs more than
+        # the bf16 matmul saves (its contraction is long but its output is small).
+        out = (weights.astype(v.dtype) @ v) / denominator.astype(v.dtype)
         return out.transpose(0, 2, 1, 3)  # (B, N, H, hd)
 
     def __call__(self, x: jax.Array) -> jax.Array:
