@@ -36,21 +36,11 @@ def _stub_torchvision() -> None:
         sys.modules["ffmpeg"] = types.ModuleType("ffmpeg")
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up (compile / allocator)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="marlin_vit_base_ytf")
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--modes", nargs="+", default=["float32", "bf16-matmul"],
                         choices=["float32", "bf16-matmul", "bfloat16"],
                         help="float32; bf16-matmul: bf16 matmul operands, float32 accumulation and activations; "
@@ -85,21 +75,33 @@ def main() -> None:
                 torch.cuda.synchronize()
             return out
 
-    torch_s = _time(run_torch, args.repeats)
-    expected = run_torch().float().cpu().numpy()
-    print(f"device: jax={jax.devices()[0].device_kind} torch={device} threads={torch.get_num_threads()} "
-          f"model={args.model} batch={args.batch}")
-    print(f"marlin-pytorch fp32: {args.batch / torch_s:8.2f} clips/s ({torch_s * 1e3:.0f} ms/batch)")
+    expected = run_torch().float().cpu().numpy()  # also the warm-up
     mode_kwargs = {"float32": {}, "bf16-matmul": {"matmul_dtype": jnp.bfloat16}, "bfloat16": {"dtype": jnp.bfloat16}}
+    runners, errors = {}, {}
+    x = jax.device_put(clips)
     for mode in args.modes:
         model = model_from_state_dict(config, state_dict, attention_impl=args.attention, **mode_kwargs[mode])
         marlin = Marlin(model, batch_size=args.batch)
-        x = jax.device_put(clips)
-        jax_s = _time(lambda m=marlin, x=x: m.extract_features(x, keep_seq=False).block_until_ready(), args.repeats)
-        err = float(np.max(np.abs(np.asarray(marlin.extract_features(x, keep_seq=False)) - expected)))
-        print(f"marlin-jax {mode:11s}: {args.batch / jax_s:8.2f} clips/s ({jax_s * 1e3:.0f} ms/batch)  "
-              f"ratio vs torch fp32: {torch_s / jax_s:5.2f}x  max-abs diff {err:.1e}")
+        runners[mode] = lambda m=marlin: m.extract_features(x, keep_seq=False).block_until_ready()
+        errors[mode] = float(np.max(np.abs(np.asarray(runners[mode]()) - expected)))  # compiles too
 
+    # Interleaved rounds (torch, then each jax mode): machine noise hits both sides alike; the
+    # ratio is the median of the per-round ratios.
+    times: dict[str, list[float]] = {"torch": [], **{m: [] for m in args.modes}}
+    for _ in range(args.repeats):
+        for name, fn in (("torch", run_torch), *runners.items()):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    print(f"device: jax={jax.devices()[0].device_kind} torch={device} threads={torch.get_num_threads()} "
+          f"model={args.model} batch={args.batch} rounds={args.repeats}")
+    torch_s = float(np.median(times["torch"]))
+    print(f"marlin-pytorch fp32   : {args.batch / torch_s:8.2f} clips/s ({torch_s * 1e3:.0f} ms/batch, median)")
+    for mode in args.modes:
+        jax_s = float(np.median(times[mode]))
+        ratio = float(np.median(np.array(times["torch"]) / np.array(times[mode])))
+        print(f"marlin-jax {mode:11s}: {args.batch / jax_s:8.2f} clips/s ({jax_s * 1e3:.0f} ms/batch, median)  "
+              f"ratio vs torch fp32: {ratio:5.2f}x  max-abs diff {errors[mode]:.1e}")
 
 if __name__ == "__main__":
     main()
