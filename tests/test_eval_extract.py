@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,16 +12,9 @@ from flax import nnx
 from marlin_jax.evaluation.datasets import DatasetError, LabelSet, load_features
 from marlin_jax.models import MarlinModel, get_config
 from marlin_jax.video_io import write_video
+from tests.script_utils import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("extract_dataset",
-                                                  ROOT / "scripts" / "extract_dataset.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +27,7 @@ def marlin():
 
 
 def test_extract_dataset_matches_extract_video_and_resumes(tmp_path, marlin):
-    ext = _load_script()
+    ext = load_script("extract_dataset")
     rng = np.random.default_rng(0)
     videos = tmp_path / "videos"
     for name, t in [("a", 3), ("b", 20), ("sub/c", 9)]:  # 1, 2 and 1 windows (stride 4, rate 2)
@@ -91,7 +83,7 @@ def test_extract_dataset_matches_extract_video_and_resumes(tmp_path, marlin):
 
 
 def test_list_videos_errors(tmp_path):
-    ext = _load_script()
+    ext = load_script("extract_dataset")
     with pytest.raises(FileNotFoundError, match="video folder not found"):
         ext.list_videos(tmp_path / "none")
     (tmp_path / "x.mp4").write_bytes(b"")

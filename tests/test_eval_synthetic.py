@@ -14,7 +14,6 @@ evaluated and recorded per label, but are not learnt at this budget (AUROC about
 from __future__ import annotations
 
 import csv
-import importlib.util
 from pathlib import Path
 
 import jax
@@ -27,6 +26,7 @@ from flax import nnx
 from marlin_jax.evaluate import default_config, run
 from marlin_jax.interop import save_marlin_checkpoint
 from marlin_jax.models import MarlinModel, get_config, patchify, split_by_mask
+from tests.script_utils import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE, FRAMES, NUM_VIDEOS = 64, 8, 300
@@ -72,14 +72,6 @@ def pretrain(config, videos: np.ndarray, steps: int, batch: int = 8, seed: int =
     return model, losses
 
 
-def _extract_script():
-    spec = importlib.util.spec_from_file_location("extract_dataset",
-                                                  ROOT / "scripts" / "extract_dataset.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     """Videos + 4-label csv, a briefly pretrained ViT-tiny checkpoint, extracted features."""
@@ -112,7 +104,7 @@ def synthetic(tmp_path_factory):
     ckpt = save_marlin_checkpoint(root / "pretrained", model, overwrite=True)
 
     marlin = Marlin.from_file(BACKBONE, ckpt)
-    ext = _extract_script()
+    ext = load_script("extract_dataset")
     summary = ext.extract_dataset(
         lambda c: marlin.extract_features(c, keep_seq=False), ext.list_videos(root / "videos"),
         root / "features", clip_frames=FRAMES, size=SIZE, sample_rate=2, stride=FRAMES,

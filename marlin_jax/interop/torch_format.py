@@ -28,6 +28,7 @@ loads it.
 from __future__ import annotations
 
 import _compat_pickle
+import abc
 import codecs
 import collections
 import hashlib
@@ -433,13 +434,14 @@ class _Materializer(_TensorSink):
         return view
 
 
-class _StorageSource:
+class _StorageSource(abc.ABC):
     """Where storage bytes come from (a zip record or a region of a legacy file)."""
 
     byteorder = "little"
 
-    def read(self, key: str) -> bytearray:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def read(self, key: str) -> bytearray:
+        """The raw bytes of storage ``key``."""
 
 
 def _read_exactly(stream: BinaryIO, nbytes: int, what: str) -> bytearray:
