@@ -12,14 +12,29 @@ and ``cropped/``; ``task`` is "appearance" or "action"), or ``dataset="labels"``
 files, see :func:`marlin_jax.evaluation.datasets.load_label_file`; ``task`` is "binary",
 "multiclass", "multilabel" or "" to infer). Any config field can be overridden on the command
 line, e.g. ``--config.data_path=/data/CelebV-HQ --config.data_ratio=0.1``.
+
+Resuming: after every epoch the whole training state (parameters, optimiser state, epoch,
+plateau schedule, best metric and epoch, history) is saved under ``<workdir>/state``; rerunning
+the same command with the same workdir continues after the last completed epoch and ends with
+the same result as an uninterrupted run (an epoch's batches derive from ``seed`` and the epoch
+number). A run that already finished is not retrained: its saved ``metrics.json`` is reported.
+A workdir holding the checkpoint of a different run (other hyper-parameters, model shapes or
+data) is refused with an error naming it; ``--config.fresh_start=True`` deletes its checkpoints
+and starts over. Paths (``data_path``, ``feature_dir``, ``marlin_ckpt``, label files) and
+runtime knobs (``num_threads``, ``mesh``) may change between attempts; the data itself is
+identified by a digest of its keys, labels (and features). On SIGTERM (preemption) training
+stops at the end of the current epoch, after its checkpoint, and the process exits with status
+143 (128 + SIGTERM) without writing metrics; a SIGKILL loses at most the current epoch.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -40,9 +55,24 @@ from marlin_jax.evaluation.metrics import (
     per_label_auroc,
     save_metrics,
 )
-from marlin_jax.evaluation.training import FitOptions, restore_best
+from marlin_jax.evaluation.training import (
+    FitOptions,
+    FitResult,
+    Preempted,
+    array_digest,
+    check_identity,
+    read_training_state,
+    restore_best,
+)
 
 SPLITS = ("train", "val", "test")
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: the status of a process ended by SIGTERM
+
+# Config fields that do not define the run (locations and runtime knobs): they may change when
+# a run is resumed. The data is identified by content (see run_identity).
+NOT_IDENTITY = ("model_name", "workdir", "skip_train", "fresh_start", "num_threads", "mesh",
+                "on_error", "allow_random_init", "data_path", "feature_dir", "marlin_ckpt",
+                "labels.file", "labels.train", "labels.val", "labels.test", "labels.video_root")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -74,6 +104,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict({"data": -1})  # ft: data / fsdp / tensor axis sizes
     c.workdir = ""  # default ckpt/<model_name>
     c.skip_train = False  # evaluate the checkpoint in <workdir>/checkpoints only
+    c.fresh_start = False  # delete <workdir>'s checkpoints and start over (else: resume)
     c.labels = ml_collections.ConfigDict({
         "file": "",  # one label file with a `split` column (or use split_fractions)
         "train": "", "val": "", "test": "",  # or one label file per split
@@ -138,6 +169,24 @@ def load_splits(config: ml_collections.ConfigDict) -> dict[str, LabelSet]:
             for s, ls in splits.items()}
 
 
+def config_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config fields that define a run (all but :data:`NOT_IDENTITY`), JSON-normal."""
+    d = json.loads(config.to_json_best_effort())
+    for name in NOT_IDENTITY:
+        *parents, leaf = name.split(".")
+        node = d
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(leaf, None)
+    return d
+
+
+def _fit_info(result: FitResult) -> dict[str, Any]:
+    return {"best_epoch": result.best_epoch, "stop_reason": result.stop_reason,
+            "epochs": len(result.history), "resumed_from": result.resumed_from,
+            "history": result.history}
+
+
 def fit_options(config: ml_collections.ConfigDict) -> FitOptions:
     return FitOptions(
         learning_rate=float(config.learning_rate),
@@ -197,9 +246,10 @@ def run_linear_probe(config, splits, workdir, log) -> dict:
         model, result = train_linear_probe(
             feats["train"], feats["val"], task=train.task, num_outputs=train.num_outputs,
             options=fit_options(config), standardize=config.standardize_features,
-            checkpoint_dir=ckpt_dir, log=log)
-        fit_info = {"best_epoch": result.best_epoch, "stop_reason": result.stop_reason,
-                    "epochs": len(result.history)}
+            checkpoint_dir=ckpt_dir, state_dir=os.path.join(workdir, "state"),
+            fresh_start=bool(config.fresh_start), run_id={"config": config_identity(config)},
+            log=log)
+        fit_info = _fit_info(result)
     outputs = {s: (predict_logits(model, feats[s].x), feats[s].labels) for s in ("val", "test")}
     skipped = {s: fs.skipped for s, fs in feats.items() if fs.skipped}
     return {**_metrics(outputs, train), "fit": fit_info, "skipped": skipped}
@@ -269,24 +319,67 @@ def run_finetune(config, splits, workdir, log) -> dict:
         _, result, predict = train_finetune(
             encoder, clips["train"], clips["val"], task=train.task,
             num_outputs=train.num_outputs, options=fit_options(config), mesh=mesh,
-            checkpoint_dir=ckpt_dir, num_threads=int(config.num_threads), log=log)
-        fit_info = {"best_epoch": result.best_epoch, "stop_reason": result.stop_reason,
-                    "epochs": len(result.history)}
+            checkpoint_dir=ckpt_dir, state_dir=os.path.join(workdir, "state"),
+            fresh_start=bool(config.fresh_start), run_id={"config": config_identity(config)},
+            num_threads=int(config.num_threads), log=log)
+        fit_info = _fit_info(result)
     outputs = {s: predict(clips[s]) for s in ("val", "test")}
     return {**_metrics(outputs, train), "fit": fit_info, "skipped": skipped}
 
 
+def _state_digest(state: dict[str, Any]) -> str:
+    """Identifies one finished training state (run identity + where it stopped)."""
+    loop = state["loop"]
+    return array_digest(json.dumps([state["identity"], loop["next_epoch"], loop["best_epoch"],
+                                    loop["stop_reason"]], sort_keys=True))
+
+
+def _saved_results(config: ml_collections.ConfigDict, workdir: str,
+                   log: Callable[[str], None]) -> dict | None:
+    """The results in ``<workdir>/metrics.json`` when they belong to the finished training
+    state in ``<workdir>/state`` of this config (None: train / evaluate as usual)."""
+    state_dir = os.path.join(workdir, "state")
+    state = read_training_state(state_dir)
+    if state is None or state["loop"]["stop_reason"] is None:
+        return None
+    saved_config = state["identity"].get("run", {}).get("config")
+    check_identity(os.path.abspath(state_dir), {"config": saved_config},
+                   {"config": config_identity(config)})
+    path = os.path.join(workdir, "metrics.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            results = json.load(f)
+    except (OSError, ValueError):
+        return None  # finished but not evaluated yet: fit restores the best, no training
+    if results.get("fit", {}).get("state_digest") != _state_digest(state):
+        return None
+    log(f"{workdir}: this run already finished ({state['loop']['stop_reason']}); reporting "
+        f"the saved results of {path} (fresh_start=True retrains)")
+    return results
+
+
 def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> dict:
-    """Runs one evaluation as configured; returns (and writes) the results."""
+    """Runs one evaluation as configured (resuming an interrupted one in the same workdir);
+    returns (and writes) the results. Raises Preempted when stopped by SIGTERM."""
     _register_backbone(config)
     workdir = config.workdir or os.path.join("ckpt", config.model_name)
     os.makedirs(workdir, exist_ok=True)
+    if config.fresh_start and os.path.exists(os.path.join(workdir, "metrics.json")):
+        os.remove(os.path.join(workdir, "metrics.json"))
+    if not config.skip_train and not config.fresh_start:
+        saved = _saved_results(config, workdir, log)
+        if saved is not None:
+            log(format_table(saved["metrics"]))
+            return saved
     t0 = time.time()
     splits = load_splits(config)
     log(" ".join(f"{s}: {len(ls)}" for s, ls in splits.items()) +
         f" samples ({splits['train'].task}, {splits['train'].num_outputs} outputs)")
     runner = run_finetune if config.finetune else run_linear_probe
     results = runner(config, splits, workdir, log)
+    state = None if config.skip_train else read_training_state(os.path.join(workdir, "state"))
+    if state is not None:
+        results["fit"]["state_digest"] = _state_digest(state)
     results.update(model_name=config.model_name, task=splits["train"].task,
                    class_names=list(splits["train"].class_names),
                    seconds=time.time() - t0, config=config.to_dict())
@@ -297,7 +390,11 @@ def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -
 
 def main(argv: list[str]) -> None:
     del argv
-    results = run(_CONFIG.value)
+    try:
+        results = run(_CONFIG.value)
+    except Preempted as e:
+        print(f"marlin-jax evaluate: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_PREEMPTED)
     if not all(np.isfinite(m.get("auroc", np.nan)) for m in results["metrics"].values()):
         print("note: AUROC undefined on a split with a single class", file=sys.stderr)
 

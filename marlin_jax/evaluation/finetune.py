@@ -14,7 +14,8 @@ scaled to [0, 1] inside the jitted step.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,7 @@ from marlin_jax.evaluation.probe import torch_linear_init
 from marlin_jax.evaluation.training import (
     FitOptions,
     FitResult,
+    array_digest,
     fit,
     load_params,
     make_forward,
@@ -163,15 +165,23 @@ def train_finetune(
     options: FitOptions = FitOptions(batch_size=32),
     mesh: Mesh | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
+    state_dir: str | os.PathLike | None = None,
+    fresh_start: bool = False,
+    run_id: Mapping[str, Any] | None = None,
     eval_seed: int = 12345,
     num_threads: int = 4,
     log: Callable[[str], None] = print,
 ) -> tuple[FineTuneClassifier, FitResult, Callable[[ClipDataset], tuple[np.ndarray, np.ndarray]]]:
     """Fine-tunes ``encoder`` with a new linear head, selecting the epoch by ``val``.
 
-    Training clips are re-sampled every epoch (seed ``options.seed + epoch``); evaluation clips
-    are fixed by ``eval_seed``. Returns the classifier holding the best-validation parameters,
-    the fit record, and ``predict(dataset) -> (logits, labels)`` bound to the sharded forward.
+    Training clips are re-sampled every epoch (order and start frames from seed
+    ``options.seed + epoch`` only); evaluation clips are fixed by ``eval_seed``. With
+    ``state_dir`` every epoch is checkpointed and a rerun resumes (see
+    :func:`~marlin_jax.evaluation.training.fit`), onto any mesh; the run's identity includes
+    the train / val keys and labels and the clip sampling.
+
+    Returns the classifier holding the best-validation parameters, the fit record, and
+    ``predict(dataset) -> (logits, labels)`` bound to the sharded forward.
     """
     mesh = mesh if mesh is not None else make_mesh({"data": -1})
     model = FineTuneClassifier(encoder, num_outputs, rngs=nnx.Rngs(options.seed))
@@ -198,9 +208,16 @@ def train_finetune(
         logits, labels = predict(val, params)
         return classification_metrics(logits, labels, task)
 
+    identity = {"finetune": {
+        "task": task, "num_outputs": num_outputs, "batch": batch, "eval_seed": eval_seed,
+        "clips": [train.clip_frames, train.sample_rate, train.size],
+        "data": array_digest("\n".join(train.labelset.keys), train.labelset.labels,
+                             "\n".join(val.labelset.keys), val.labelset.labels)},
+        **dict(run_id or {})}
     result = fit(sharded.params, run_epoch=run_epoch, evaluate=evaluate,
                  init_opt_state=sharded.init_opt, options=options,
-                 checkpoint_dir=checkpoint_dir, log=log)
+                 checkpoint_dir=checkpoint_dir, state_dir=state_dir, run_id=identity,
+                 fresh_start=fresh_start, log=log)
     sharded.params = result.params
     load_params(model, result.params)
     return model, result, predict

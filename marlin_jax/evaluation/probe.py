@@ -9,7 +9,8 @@ the original's ``drop_last=True``) is one jitted ``lax.scan``.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,7 @@ from marlin_jax.evaluation.metrics import Task, classification_metrics
 from marlin_jax.evaluation.training import (
     FitOptions,
     FitResult,
+    array_digest,
     fit,
     load_params,
     make_forward,
@@ -101,10 +103,17 @@ def train_linear_probe(
     options: FitOptions = FitOptions(),
     standardize: bool = False,
     checkpoint_dir: str | os.PathLike | None = None,
+    state_dir: str | os.PathLike | None = None,
+    fresh_start: bool = False,
+    run_id: Mapping[str, Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> tuple[LinearHead, FitResult]:
     """Trains a LinearHead on ``train`` features, selecting the epoch by ``val``
     (``standardize``: z-score the features with the training statistics first).
+
+    With ``state_dir`` every epoch is checkpointed and a rerun resumes (see :func:`fit`); the
+    run's identity includes a digest of the train and val features and labels, so a checkpoint
+    made on other features is refused. Epoch ``e`` shuffles with ``fold_in(key(seed), e)``.
 
     Returns the head holding the best-validation parameters, and the fit record.
     """
@@ -143,8 +152,11 @@ def train_linear_probe(
     def run_epoch(p, o, lr, epoch):
         return epoch_fn(p, o, jnp.float32(lr), epoch)
 
+    identity = {"probe": {"task": task, "num_outputs": num_outputs, "standardize": standardize,
+                          "data": array_digest(train.x, train.labels, val.x, val.labels)},
+                **dict(run_id or {})}
     result = fit(params, run_epoch=run_epoch, evaluate=evaluate, init_opt_state=tx.init,
-                 options=options,
-                 checkpoint_dir=checkpoint_dir, log=log)
+                 options=options, checkpoint_dir=checkpoint_dir, state_dir=state_dir,
+                 run_id=identity, fresh_start=fresh_start, log=log)
     load_params(model, result.params)
     return model, result

@@ -16,13 +16,26 @@ a validation improvement, so short runs need not wait for the learning rate to d
 
 The model is any ``nnx.Module`` mapping a batch to logits; it is handled functionally
 (``nnx.split`` into graph, parameters and other state) so the step is a pure jitted function.
+
+Resuming (``fit(..., state_dir=...)``): after every epoch the whole loop state is checkpointed
+with orbax (parameters, optimiser state, and as JSON the epoch, plateau schedule, best metric and
+epoch, history, stop reason and the run identity). A rerun with the same ``state_dir`` continues
+after the last completed epoch and ends exactly as an uninterrupted run would, because an
+epoch's data order and randomness derive from ``(options.seed, epoch)`` only (the contract of
+``run_epoch``); a checkpoint of a different run (options, parameter shapes, data) is refused.
+SIGTERM makes the loop stop at the next epoch boundary, after that epoch's checkpoint, by raising
+:class:`Preempted`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import logging
 import math
 import os
+import signal
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -35,6 +48,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from marlin_jax.evaluation.metrics import Task
+
+logger = logging.getLogger(__name__)
 
 Params = Any  # a pure nested dict of arrays (``nnx.to_pure_dict``): paths match sharding rules
 
@@ -134,13 +149,42 @@ def make_forward(graphdef: nnx.GraphDef,
 
 @dataclasses.dataclass
 class FitResult:
-    """Outcome of :func:`fit`: the best parameters and the per-epoch history."""
+    """Outcome of :func:`fit`: the best parameters and the per-epoch history.
+
+    ``resumed_from`` is the last completed epoch restored from ``state_dir`` (None: a fresh
+    run); ``already_finished`` says that the restored run had finished, so nothing was trained.
+    """
 
     params: Params
     best_epoch: int
     best_metric: float
     history: list[dict[str, float]]
     stop_reason: str
+    resumed_from: int | None = None
+    already_finished: bool = False
+
+
+class Preempted(Exception):  # noqa: N818  (a signal, not an error of the run)
+    """SIGTERM arrived: epoch ``epoch`` was checkpointed in ``directory`` and training stopped.
+
+    Rerunning the same command with the same state directory resumes from there.
+    """
+
+    def __init__(self, directory: str, epoch: int):
+        self.directory, self.epoch = directory, epoch
+        super().__init__(f"SIGTERM: stopped after epoch {epoch}, saved in {directory}; rerun the "
+                         "same command to resume")
+
+
+class CheckpointMismatchError(ValueError):
+    """The state directory holds a checkpoint of a different run (config, shapes or data)."""
+
+
+def _abstract(tree: Any) -> Any:
+    """ShapeDtypeStructs (with the arrays' shardings) of a pytree: an orbax restore target."""
+    return jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
+        tree)
 
 
 class BestCheckpoint:
@@ -153,14 +197,29 @@ class BestCheckpoint:
             enable_async_checkpointing=False)
         self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
+    @property
+    def directory(self) -> str:
+        return os.fspath(self.manager.directory)
+
+    def steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
     def save(self, epoch: int, params: Params, metrics: Mapping[str, float]) -> None:
         self.manager.save(epoch, args=ocp.args.StandardSave(params),
                           metrics={k: float(v) for k, v in metrics.items()})
         self.manager.wait_until_finished()
 
-    def restore(self, params_like: Params) -> Params:
-        """The saved best parameters, in the structure (and shardings) of ``params_like``."""
-        return restore_best(self.manager.directory, params_like)
+    def restore(self, params_like: Params, step: int | None = None) -> Params:
+        """The saved parameters of ``step`` (default: the best), in the structure (and
+        shardings) of ``params_like``."""
+        if step is None:
+            return restore_best(self.manager.directory, params_like)
+        return self.manager.restore(step, args=ocp.args.StandardRestore(_abstract(params_like)))
+
+    def clear(self) -> None:
+        """Deletes every saved step (only orbax step folders are touched)."""
+        for step in self.steps():
+            self.manager.delete(step)
 
     def close(self) -> None:
         self.manager.close()
@@ -174,10 +233,197 @@ def restore_best(directory: str | os.PathLike, params_like: Params) -> Params:
         step = manager.best_step() if manager.best_step() is not None else manager.latest_step()
         if step is None:
             raise FileNotFoundError(f"{directory}: no checkpoint to restore")
-        target = jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
-            params_like)
-        return manager.restore(step, args=ocp.args.StandardRestore(target))
+        return manager.restore(step, args=ocp.args.StandardRestore(_abstract(params_like)))
+
+
+# ----------------------------------------------------------------------------- resumable state
+
+STATE_FORMAT = 1  # version of the JSON part of a training-state checkpoint
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopState:
+    """Host-side state of :func:`fit` after ``next_epoch`` epochs (JSON-serialisable).
+
+    The early-stopping counter is derived (``next_epoch - 1 - best_epoch``), and the data order
+    of epoch ``e`` is a function of ``(seed, e)``, so ``next_epoch`` is the data position.
+    ``stop_reason`` is set once the run has finished.
+    """
+
+    schedule: Plateau
+    next_epoch: int = 0
+    best_metric: float = -math.inf
+    best_epoch: int = -1
+    history: tuple[dict[str, float], ...] = ()
+    stop_reason: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"next_epoch": self.next_epoch, "schedule": self.schedule._asdict(),
+                "best_metric": self.best_metric, "best_epoch": self.best_epoch,
+                "history": list(self.history), "stop_reason": self.stop_reason}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> LoopState:
+        return cls(schedule=Plateau(**d["schedule"]), next_epoch=int(d["next_epoch"]),
+                   best_metric=float(d["best_metric"]), best_epoch=int(d["best_epoch"]),
+                   history=tuple(d["history"]), stop_reason=d["stop_reason"])
+
+
+def _plain(x: Any) -> Any:
+    """JSON-normal form (tuples -> lists, numpy scalars -> Python), for comparisons."""
+    return json.loads(json.dumps(x, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+def param_signature(params: Params) -> dict[str, str]:
+    """``{"a/b/kernel": "float32[192,3]"}``: the shapes and dtypes a checkpoint must match."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path):
+            f"{jnp.dtype(a.dtype).name}{list(a.shape)}" for path, a in flat}
+
+
+def array_digest(*arrays: Any) -> str:
+    """A short content hash of arrays / strings (the data identity of a run)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        if isinstance(a, str):
+            h.update(a.encode())
+        else:
+            a = np.ascontiguousarray(a)
+            h.update(f"{a.dtype}{a.shape}".encode())
+            h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def run_identity(options: FitOptions, params: Params,
+                 run_id: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What makes two runs the same run: the options, the parameter shapes and the caller's
+    ``run_id`` (e.g. the data digest and config fields), in JSON-normal form."""
+    return _plain({"options": dataclasses.asdict(options), "params": param_signature(params),
+                   "run": dict(run_id or {})})
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def identity_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """``"key: saved X, now Y"`` for every differing (dotted) key of two identities."""
+    a, b = _flat(_plain(dict(saved))), _flat(_plain(dict(current)))
+    missing = object()
+    return [f"{k}: saved {a.get(k, '(absent)')!r}, now {b.get(k, '(absent)')!r}"
+            for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
+
+
+def check_identity(directory: str, saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    """Raises CheckpointMismatchError naming ``directory`` when the identities differ."""
+    diffs = identity_differences(saved, current)
+    if diffs:
+        shown = "; ".join(diffs[:6]) + (f"; ... ({len(diffs)} differences)"
+                                        if len(diffs) > 6 else "")
+        raise CheckpointMismatchError(
+            f"{directory}: holds the checkpoint of a different run ({shown}). Use another "
+            "workdir, or start over with fresh_start=True (--config.fresh_start=True), which "
+            "deletes it.")
+
+
+class TrainingStateCheckpoint:
+    """The per-epoch checkpoint of :func:`fit` (orbax; the newest only, written atomically).
+
+    Items: ``state`` = ``{"params", "opt_state"}`` (arrays, any sharding) and ``meta`` (JSON:
+    the :class:`LoopState`, the run identity and the format version). Steps are epochs.
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = os.path.abspath(os.fspath(directory))
+        options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False,
+                                               create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return _check_format(self.directory, meta["meta"])
+
+    def save(self, epoch: int, params: Params, opt_state: Any, loop: LoopState,
+             identity: Mapping[str, Any]) -> None:
+        meta = {"format": STATE_FORMAT, "loop": loop.to_json(), "identity": dict(identity)}
+        self.manager.save(epoch, args=ocp.args.Composite(
+            state=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
+            meta=ocp.args.JsonSave(meta)), force=True)
+        self.manager.wait_until_finished()
+
+    def restore(self, step: int, params_like: Params, opt_like: Any) -> tuple[Params, Any]:
+        """Parameters and optimiser state of ``step``, laid out like the ``*_like`` trees."""
+        target = _abstract({"params": params_like, "opt_state": opt_like})
+        state = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target)))["state"]
+        return state["params"], state["opt_state"]
+
+    def clear(self) -> None:
+        for step in list(self.manager.all_steps()):
+            self.manager.delete(step)
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def _check_format(directory: str, meta: Mapping[str, Any] | None) -> dict[str, Any]:
+    if not isinstance(meta, Mapping) or meta.get("format") != STATE_FORMAT:
+        found = meta.get("format") if isinstance(meta, Mapping) else None
+        raise CheckpointMismatchError(
+            f"{directory}: not a training-state checkpoint of format {STATE_FORMAT} "
+            f"(found {found!r})")
+    return dict(meta)
+
+
+def read_training_state(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The JSON part (``{"format", "loop", "identity"}``) of the newest training-state checkpoint
+    in ``directory``, or None when there is none. Reads only; creates nothing."""
+    directory = os.path.abspath(os.fspath(directory))
+    if not os.path.isdir(directory):
+        return None
+    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                               item_names=("state", "meta")) as manager:
+        step = manager.latest_step()
+        if step is None:
+            return None
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return _check_format(directory, meta["meta"])
+
+
+class _SigtermFlag:
+    """Turns SIGTERM into a flag checked at epoch boundaries (only in the main thread).
+
+    The trainer's ``_Preemption`` does the same; both should move to one shared module."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _SigtermFlag:
+        if self.enabled:
+            try:
+                self._previous = signal.signal(signal.SIGTERM, self._handle)
+            except ValueError:  # not the main thread: leave SIGTERM alone
+                self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        logger.warning("SIGTERM received: stopping after this epoch's checkpoint")
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, Params, nnx.State]:
@@ -193,6 +439,41 @@ def load_params(model: nnx.Module, params: Params) -> None:
     nnx.update(model, state)
 
 
+def _stop_reason(loop: LoopState, options: FitOptions) -> str | None:
+    """Why training ends before epoch ``loop.next_epoch`` (None: it continues)."""
+    last = loop.next_epoch - 1
+    if options.patience is not None and last >= 0 and last - loop.best_epoch >= options.patience:
+        return f"no validation improvement for {options.patience} epochs"
+    if loop.schedule.lr <= options.stop_lr:
+        return f"learning rate {loop.schedule.lr:.2e} <= {options.stop_lr:.0e}"
+    if loop.next_epoch >= options.max_epochs:
+        return f"max_epochs ({options.max_epochs})"
+    return None
+
+
+def _restore_best_params(best: BestCheckpoint, loop: LoopState, state_epoch: int,
+                         params_like: Params, state_params: Callable[[], Params]
+                         ) -> Params | None:
+    """The best-epoch parameters of a restored run (``state_params()``: those of
+    ``state_epoch``, read only when needed).
+
+    The best checkpoint is written after the state checkpoint of the same epoch, so an
+    interruption between the two leaves it one improvement behind: then the best epoch is the
+    restored epoch itself and its parameters are re-saved from the state.
+    """
+    if loop.best_epoch < 0:
+        best.clear()
+        return None
+    if loop.best_epoch in best.steps():
+        return best.restore(params_like, step=loop.best_epoch)
+    if loop.best_epoch == state_epoch:
+        params = state_params()
+        best.save(state_epoch, params, {best.monitor: loop.best_metric})
+        return jax.tree.map(jnp.copy, params)
+    raise FileNotFoundError(f"{best.directory}: the best checkpoint (epoch {loop.best_epoch}) "
+                            "recorded by the training state is missing")
+
+
 def fit(
     params: Params,
     *,
@@ -201,6 +482,9 @@ def fit(
     init_opt_state: Callable[[Params], Any],
     options: FitOptions,
     checkpoint_dir: str | os.PathLike | None = None,
+    state_dir: str | os.PathLike | None = None,
+    run_id: Mapping[str, Any] | None = None,
+    fresh_start: bool = False,
     log: Callable[[str], None] = print,
 ) -> FitResult:
     """Trains until the learning rate decays to ``stop_lr``, ``patience`` epochs pass without a
@@ -208,57 +492,111 @@ def fit(
 
     Args:
       params: initial trainable parameters.
-      run_epoch: ``(params, opt_state, lr, epoch) -> (params, opt_state, mean train loss)``.
+      run_epoch: ``(params, opt_state, lr, epoch) -> (params, opt_state, mean train loss)``; its
+        data order and randomness must derive from ``(options.seed, epoch)`` only (so a resumed
+        epoch sees the same batches).
       evaluate: ``params -> validation metrics`` (must contain ``options.monitor``).
       init_opt_state: ``params -> optimiser state`` (e.g. ``tx.init``, or a sharded jitted init).
       checkpoint_dir: where the best parameters are saved (orbax); None keeps them in memory only.
+      state_dir: where the whole training state is saved after every epoch (needs
+        ``checkpoint_dir``). If it holds a checkpoint of this run, training continues after its
+        last epoch (a finished run returns its saved result without training); a checkpoint of
+        another run (options, parameter shapes, ``run_id``) raises CheckpointMismatchError.
+        SIGTERM then stops at the next epoch boundary, after the checkpoint, with Preempted.
+      run_id: JSON-able identity of the run beyond options and shapes (e.g. a data digest).
+      fresh_start: delete the checkpoints in ``state_dir`` and ``checkpoint_dir`` first.
     """
+    if state_dir is not None and checkpoint_dir is None:
+        raise ValueError("state_dir needs checkpoint_dir (the best parameters are kept there)")
+    identity = run_identity(options, params, run_id)
     opt_state = init_opt_state(params)
-    schedule = Plateau(lr=options.learning_rate)
-    best_metric, best_epoch, best_params = -math.inf, -1, None
-    history: list[dict[str, float]] = []
-    ckpt = BestCheckpoint(checkpoint_dir, options.monitor) if checkpoint_dir else None
-    stop_reason = f"max_epochs ({options.max_epochs})"
+    loop = LoopState(schedule=Plateau(lr=options.learning_rate))
+    best_params = None
+    resumed_from = None
+    best = BestCheckpoint(checkpoint_dir, options.monitor) if checkpoint_dir else None
+    store = TrainingStateCheckpoint(state_dir) if state_dir is not None else None
     try:
-        for epoch in range(options.max_epochs):
-            if schedule.lr <= options.stop_lr:
-                stop_reason = f"learning rate {schedule.lr:.2e} <= {options.stop_lr:.0e}"
-                break
-            t0 = time.perf_counter()
-            params, opt_state, train_loss = run_epoch(params, opt_state, schedule.lr, epoch)
-            train_loss = float(train_loss)
-            if not math.isfinite(train_loss):
-                raise FloatingPointError(f"epoch {epoch}: training loss is {train_loss}")
-            val = dict(evaluate(params))
-            if options.monitor not in val:
-                raise KeyError(f"validation metrics lack {options.monitor!r}: {sorted(val)}")
-            score = float(val[options.monitor])
-            record = {"epoch": epoch, "lr": schedule.lr, "train_loss": train_loss,
-                      **{f"val_{k}": float(v) for k, v in val.items()},
-                      "seconds": time.perf_counter() - t0}
-            history.append(record)
-            improved = math.isfinite(score) and score > best_metric
-            log(f"epoch {epoch:4d}  lr {schedule.lr:.2e}  train_loss {train_loss:.4f}  "
-                f"val_{options.monitor} {score:.4f}{'  *' if improved else ''}")
-            if improved:
-                best_metric, best_epoch = score, epoch
-                best_params = jax.tree.map(jnp.copy, params)
-                if ckpt is not None:
-                    ckpt.save(epoch, params, {options.monitor: score})
-            schedule = plateau_step(schedule, train_loss, factor=options.plateau_factor,
-                                    patience=options.plateau_patience, min_lr=options.min_lr)
-            if options.patience is not None and epoch - best_epoch >= options.patience:
-                stop_reason = f"no validation improvement for {options.patience} epochs"
-                break
+        if store is not None and best is not None:
+            if fresh_start:
+                log(f"fresh start: deleting the checkpoints in {store.directory} and "
+                    f"{best.directory}")
+                store.clear()
+                best.clear()
+            latest = store.latest_step()
+            if latest is None and best.steps():
+                raise FileExistsError(
+                    f"{best.directory}: holds best-parameter checkpoints (epochs "
+                    f"{best.steps()}) but {store.directory} has no training state to resume; "
+                    "use another workdir or fresh_start=True")
+            if latest is not None:
+                meta = store.read_meta(latest)
+                check_identity(store.directory, meta["identity"], identity)
+                loop = LoopState.from_json(meta["loop"])
+                resumed_from = latest
+                if loop.stop_reason is None:
+                    params, opt_state = store.restore(latest, params, opt_state)
+                    log(f"resuming from {store.directory}: epoch {latest} done, continuing at "
+                        f"epoch {loop.next_epoch} (lr {loop.schedule.lr:.2e}, best "
+                        f"val_{options.monitor} {loop.best_metric:.4f} at epoch "
+                        f"{loop.best_epoch})")
+                else:
+                    log(f"{store.directory}: this run already finished ({loop.stop_reason}); "
+                        "not training")
+                best_params = _restore_best_params(
+                    best, loop, latest, params,
+                    lambda: params if loop.stop_reason is None else store.restore(
+                        latest, params, opt_state)[0])
+        if resumed_from is None:
+            loop = dataclasses.replace(loop, stop_reason=_stop_reason(loop, options))
+        finished_before = loop.stop_reason is not None and resumed_from is not None
+        with _SigtermFlag(enabled=store is not None) as sigterm:
+            while loop.stop_reason is None:
+                epoch = loop.next_epoch
+                t0 = time.perf_counter()
+                lr = loop.schedule.lr
+                params, opt_state, train_loss = run_epoch(params, opt_state, lr, epoch)
+                train_loss = float(train_loss)
+                if not math.isfinite(train_loss):
+                    raise FloatingPointError(f"epoch {epoch}: training loss is {train_loss}")
+                val = dict(evaluate(params))
+                if options.monitor not in val:
+                    raise KeyError(f"validation metrics lack {options.monitor!r}: {sorted(val)}")
+                score = float(val[options.monitor])
+                record = {"epoch": epoch, "lr": lr, "train_loss": train_loss,
+                          **{f"val_{k}": float(v) for k, v in val.items()},
+                          "seconds": time.perf_counter() - t0}
+                improved = math.isfinite(score) and score > loop.best_metric
+                log(f"epoch {epoch:4d}  lr {lr:.2e}  train_loss {train_loss:.4f}  "
+                    f"val_{options.monitor} {score:.4f}{'  *' if improved else ''}")
+                loop = dataclasses.replace(
+                    loop, next_epoch=epoch + 1, history=(*loop.history, record),
+                    schedule=plateau_step(loop.schedule, train_loss,
+                                          factor=options.plateau_factor,
+                                          patience=options.plateau_patience,
+                                          min_lr=options.min_lr),
+                    **({"best_metric": score, "best_epoch": epoch} if improved else {}))
+                loop = dataclasses.replace(loop, stop_reason=_stop_reason(loop, options))
+                if improved:
+                    best_params = jax.tree.map(jnp.copy, params)
+                if store is not None:  # state first: see _restore_best_params
+                    store.save(epoch, params, opt_state, loop, identity)
+                if improved and best is not None:
+                    best.save(epoch, params, {options.monitor: score})
+                if sigterm.requested and loop.stop_reason is None:
+                    assert store is not None
+                    log(f"SIGTERM: saved epoch {epoch} to {store.directory}; exiting")
+                    raise Preempted(store.directory, epoch)
     finally:
-        if ckpt is not None:
-            ckpt.close()
+        for manager in (best, store):
+            if manager is not None:
+                manager.close()
     if best_params is None:
         raise RuntimeError(f"no epoch produced a finite validation {options.monitor}; "
                            "is a class missing from the validation split?")
-    log(f"stopped: {stop_reason}; best epoch {best_epoch} "
-        f"(val_{options.monitor} {best_metric:.4f})")
-    return FitResult(best_params, best_epoch, best_metric, history, stop_reason)
+    log(f"stopped: {loop.stop_reason}; best epoch {loop.best_epoch} "
+        f"(val_{options.monitor} {loop.best_metric:.4f})")
+    return FitResult(best_params, loop.best_epoch, loop.best_metric, list(loop.history),
+                     str(loop.stop_reason), resumed_from, finished_before)
 
 
 def batch_slices(n: int, batch_size: int) -> list[slice]:
