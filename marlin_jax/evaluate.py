@@ -13,8 +13,9 @@ files, see :func:`marlin_jax.evaluation.datasets.load_label_file`; ``task`` is "
 "multiclass", "multilabel" or "" to infer). Any config field can be overridden on the command
 line, e.g. ``--config.data_path=/data/CelebV-HQ --config.data_ratio=0.1``.
 
-Resuming: after every epoch the whole training state (parameters, optimiser state, epoch,
-plateau schedule, best metric and epoch, history) is saved under ``<workdir>/state``; rerunning
+Resuming: after an epoch the whole training state (parameters, optimiser state, epoch, plateau
+schedule, best metric and epoch, history) is saved under ``<workdir>/state`` (every epoch, or
+at most every ``checkpoint_every_s`` seconds: 30 by default, 0 = every epoch); rerunning
 the same command with the same workdir continues after the last completed epoch and ends with
 the same result as an uninterrupted run (an epoch's batches derive from ``seed`` and the epoch
 number). A run that already finished is not retrained: its saved ``metrics.json`` is reported.
@@ -24,7 +25,7 @@ and starts over. Paths (``data_path``, ``feature_dir``, ``marlin_ckpt``, label f
 runtime knobs (``num_threads``, ``mesh``) may change between attempts; the data itself is
 identified by a digest of its keys, labels (and features). On SIGTERM (preemption) training
 stops at the end of the current epoch, after its checkpoint, and the process exits with status
-143 (128 + SIGTERM) without writing metrics; a SIGKILL loses at most the current epoch.
+143 (128 + SIGTERM) without writing metrics; a SIGKILL loses the epochs since the last save.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ EXIT_PREEMPTED = 143  # 128 + SIGTERM: the status of a process ended by SIGTERM
 
 # Config fields that do not define the run (locations and runtime knobs): they may change when
 # a run is resumed. The data is identified by content (see run_identity).
-NOT_IDENTITY = ("model_name", "workdir", "skip_train", "fresh_start", "num_threads", "mesh",
+NOT_IDENTITY = ("model_name", "workdir", "skip_train", "fresh_start", "checkpoint_every_s",
+                "num_threads", "mesh",
                 "on_error", "allow_random_init", "data_path", "feature_dir", "marlin_ckpt",
                 "labels.file", "labels.train", "labels.val", "labels.test", "labels.video_root")
 
@@ -105,6 +107,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.workdir = ""  # default ckpt/<model_name>
     c.skip_train = False  # evaluate the checkpoint in <workdir>/checkpoints only
     c.fresh_start = False  # delete <workdir>'s checkpoints and start over (else: resume)
+    c.checkpoint_every_s = 30.0  # training state: after an epoch, if the last save is older
     c.labels = ml_collections.ConfigDict({
         "file": "",  # one label file with a `split` column (or use split_fractions)
         "train": "", "val": "", "test": "",  # or one label file per split
@@ -248,6 +251,7 @@ def run_linear_probe(config, splits, workdir, log) -> dict:
             options=fit_options(config), standardize=config.standardize_features,
             checkpoint_dir=ckpt_dir, state_dir=os.path.join(workdir, "state"),
             fresh_start=bool(config.fresh_start), run_id={"config": config_identity(config)},
+            save_every_s=float(config.checkpoint_every_s),
             log=log)
         fit_info = _fit_info(result)
     outputs = {s: (predict_logits(model, feats[s].x), feats[s].labels) for s in ("val", "test")}
@@ -321,6 +325,7 @@ def run_finetune(config, splits, workdir, log) -> dict:
             num_outputs=train.num_outputs, options=fit_options(config), mesh=mesh,
             checkpoint_dir=ckpt_dir, state_dir=os.path.join(workdir, "state"),
             fresh_start=bool(config.fresh_start), run_id={"config": config_identity(config)},
+            save_every_s=float(config.checkpoint_every_s),
             num_threads=int(config.num_threads), log=log)
         fit_info = _fit_info(result)
     outputs = {s: predict(clips[s]) for s in ("val", "test")}

@@ -167,6 +167,7 @@ def train_finetune(
     checkpoint_dir: str | os.PathLike | None = None,
     state_dir: str | os.PathLike | None = None,
     fresh_start: bool = False,
+    save_every_s: float = 0.0,
     run_id: Mapping[str, Any] | None = None,
     eval_seed: int = 12345,
     num_threads: int = 4,
@@ -217,7 +218,7 @@ def train_finetune(
     result = fit(sharded.params, run_epoch=run_epoch, evaluate=evaluate,
                  init_opt_state=sharded.init_opt, options=options,
                  checkpoint_dir=checkpoint_dir, state_dir=state_dir, run_id=identity,
-                 fresh_start=fresh_start, log=log)
+                 fresh_start=fresh_start, save_every_s=save_every_s, log=log)
     sharded.params = result.params
     load_params(model, result.params)
     return model, result, predict

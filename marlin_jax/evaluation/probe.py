@@ -105,6 +105,7 @@ def train_linear_probe(
     checkpoint_dir: str | os.PathLike | None = None,
     state_dir: str | os.PathLike | None = None,
     fresh_start: bool = False,
+    save_every_s: float = 0.0,
     run_id: Mapping[str, Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> tuple[LinearHead, FitResult]:
@@ -157,6 +158,7 @@ def train_linear_probe(
                 **dict(run_id or {})}
     result = fit(params, run_epoch=run_epoch, evaluate=evaluate, init_opt_state=tx.init,
                  options=options, checkpoint_dir=checkpoint_dir, state_dir=state_dir,
-                 run_id=identity, fresh_start=fresh_start, log=log)
+                 run_id=identity, fresh_start=fresh_start, save_every_s=save_every_s,
+                 log=log)
     load_params(model, result.params)
     return model, result

@@ -17,14 +17,15 @@ a validation improvement, so short runs need not wait for the learning rate to d
 The model is any ``nnx.Module`` mapping a batch to logits; it is handled functionally
 (``nnx.split`` into graph, parameters and other state) so the step is a pure jitted function.
 
-Resuming (``fit(..., state_dir=...)``): after every epoch the whole loop state is checkpointed
-with orbax (parameters, optimiser state, and as JSON the epoch, plateau schedule, best metric and
-epoch, history, stop reason and the run identity). A rerun with the same ``state_dir`` continues
-after the last completed epoch and ends exactly as an uninterrupted run would, because an
-epoch's data order and randomness derive from ``(options.seed, epoch)`` only (the contract of
+Resuming (``fit(..., state_dir=...)``): after every epoch (or the first epoch ending
+``save_every_s`` after the last save) the whole loop state is checkpointed with orbax:
+parameters, optimiser state, and as JSON the epoch, plateau schedule, best metric and epoch,
+history, stop reason and the run identity. A rerun with the same ``state_dir`` continues after
+the last saved epoch and ends exactly as an uninterrupted run would, because an epoch's data
+order and randomness derive from ``(options.seed, epoch)`` only (the contract of
 ``run_epoch``); a checkpoint of a different run (options, parameter shapes, data) is refused.
-SIGTERM makes the loop stop at the next epoch boundary, after that epoch's checkpoint, by raising
-:class:`Preempted`.
+SIGTERM makes the loop stop at the next epoch boundary, after that epoch's checkpoint, by
+raising :class:`Preempted`.
 """
 
 from __future__ import annotations
@@ -485,6 +486,7 @@ def fit(
     state_dir: str | os.PathLike | None = None,
     run_id: Mapping[str, Any] | None = None,
     fresh_start: bool = False,
+    save_every_s: float = 0.0,
     log: Callable[[str], None] = print,
 ) -> FitResult:
     """Trains until the learning rate decays to ``stop_lr``, ``patience`` epochs pass without a
@@ -505,6 +507,10 @@ def fit(
         SIGTERM then stops at the next epoch boundary, after the checkpoint, with Preempted.
       run_id: JSON-able identity of the run beyond options and shapes (e.g. a data digest).
       fresh_start: delete the checkpoints in ``state_dir`` and ``checkpoint_dir`` first.
+      save_every_s: with ``state_dir``, skip an epoch's checkpoint when the last one is younger
+        than this (0: every epoch; for epochs of milliseconds, as a linear probe's); the last
+        epoch, and the one SIGTERM stops at, are always saved. The best parameters are then
+        written with the state, so the two checkpoints always agree.
     """
     if state_dir is not None and checkpoint_dir is None:
         raise ValueError("state_dir needs checkpoint_dir (the best parameters are kept there)")
@@ -549,6 +555,7 @@ def fit(
         if resumed_from is None:
             loop = dataclasses.replace(loop, stop_reason=_stop_reason(loop, options))
         finished_before = loop.stop_reason is not None and resumed_from is not None
+        best_unsaved, last_save = False, time.monotonic()
         with _SigtermFlag(enabled=store is not None) as sigterm:
             while loop.stop_reason is None:
                 epoch = loop.next_epoch
@@ -578,10 +585,18 @@ def fit(
                 loop = dataclasses.replace(loop, stop_reason=_stop_reason(loop, options))
                 if improved:
                     best_params = jax.tree.map(jnp.copy, params)
-                if store is not None:  # state first: see _restore_best_params
+                    best_unsaved = True
+                if store is None:
+                    if improved and best is not None:
+                        best.save(epoch, params, {options.monitor: score})
+                elif (loop.stop_reason is not None or sigterm.requested
+                      or time.monotonic() - last_save >= save_every_s):
+                    # state first, then the best of epochs <= it: see _restore_best_params
                     store.save(epoch, params, opt_state, loop, identity)
-                if improved and best is not None:
-                    best.save(epoch, params, {options.monitor: score})
+                    if best_unsaved and best is not None:
+                        best.save(loop.best_epoch, best_params,
+                                  {options.monitor: loop.best_metric})
+                    best_unsaved, last_save = False, time.monotonic()
                 if sigterm.requested and loop.stop_reason is None:
                     assert store is not None
                     log(f"SIGTERM: saved epoch {epoch} to {store.directory}; exiting")

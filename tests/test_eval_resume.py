@@ -1,0 +1,314 @@
+"""Resuming interrupted evaluation runs: SIGTERM / crash / kill -9, then the same call again.
+
+An interrupted-then-resumed run must end exactly like an uninterrupted one (parameters, history,
+metrics); a finished run is not retrained; a checkpoint of another run is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from marlin_jax.evaluate import EXIT_PREEMPTED, default_config, run
+from marlin_jax.evaluation.probe import train_linear_probe
+from marlin_jax.evaluation.training import (
+    CheckpointMismatchError,
+    FitOptions,
+    Preempted,
+    read_training_state,
+    restore_best,
+    split_model,
+)
+
+from .test_eval_datasets import make_celebvhq
+from .test_eval_probe import features
+from .test_eval_run import celebvhq_dataset, lp_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# lr high enough for the plateau schedule to halve it, patience to stop early: the resumed
+# run must carry the schedule and the early-stopping counter over.
+OPTIONS = FitOptions(learning_rate=3.0, max_epochs=30, batch_size=32, patience=4,
+                     plateau_patience=1)
+
+
+class SimulatedCrashError(Exception):
+    """Stands for a crash (or kill -9) in the middle of an epoch."""
+
+
+def sigterm_at(epoch: int, lines: list[str] | None = None):
+    """A log callback that sends this process SIGTERM once epoch ``epoch`` is logged."""
+
+    def log(line: str) -> None:
+        if lines is not None:
+            lines.append(line)
+        if line.startswith(f"epoch {epoch:4d}"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return log
+
+
+def crash_at(epoch: int):
+    """A log callback that raises while epoch ``epoch`` is running (before its checkpoint)."""
+
+    def log(line: str) -> None:
+        if line.startswith(f"epoch {epoch:4d}"):
+            raise SimulatedCrashError(line)
+
+    return log
+
+
+def without_seconds(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in rec.items() if k != "seconds"} for rec in history]
+
+
+def assert_trees_equal(a, b) -> None:
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+@pytest.fixture(scope="module")
+def probe_data():
+    return features(256, "multilabel", 0), features(96, "multilabel", 1)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(probe_data):
+    train, val = probe_data
+    return train_linear_probe(train, val, task="multilabel", num_outputs=3, options=OPTIONS,
+                              log=lambda s: None)[1]
+
+
+def probe(probe_data, tmp_path, log, **kw):
+    train, val = probe_data
+    return train_linear_probe(train, val, task="multilabel", num_outputs=3,
+                              options=kw.pop("options", OPTIONS),
+                              checkpoint_dir=tmp_path / "best", state_dir=tmp_path / "state",
+                              log=log, **kw)
+
+
+def test_probe_interrupted_then_resumed_equals_uninterrupted(probe_data, uninterrupted,
+                                                             tmp_path):
+    ref = uninterrupted
+    lrs = [h["lr"] for h in ref.history]
+    assert len(set(lrs)) > 1 and ref.stop_reason.startswith("no validation improvement")
+    assert 6 < len(ref.history) < OPTIONS.max_epochs  # the schedule and the counter matter
+    # SIGTERM during epoch 2: that epoch completes, is saved, then the loop stops
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Preempted, match="after epoch 2"):
+        probe(probe_data, tmp_path, sigterm_at(2))
+    assert signal.getsignal(signal.SIGTERM) is handler  # the previous handler is back
+    state = read_training_state(tmp_path / "state")
+    assert state["loop"]["next_epoch"] == 3 and state["loop"]["stop_reason"] is None
+    # a crash in the middle of a later epoch loses only that epoch
+    crash_epoch = len(ref.history) - 2
+    with pytest.raises(SimulatedCrashError):
+        probe(probe_data, tmp_path, crash_at(crash_epoch))
+    assert read_training_state(tmp_path / "state")["loop"]["next_epoch"] == crash_epoch
+    lines: list[str] = []
+    model, result = probe(probe_data, tmp_path, lines.append)
+    assert result.resumed_from == crash_epoch - 1 and not result.already_finished
+    assert lines[0].startswith("resuming from") and lines[1].startswith(f"epoch {crash_epoch:4d}")
+    assert without_seconds(result.history) == without_seconds(ref.history)
+    assert (result.best_epoch, result.best_metric, result.stop_reason) == (
+        ref.best_epoch, ref.best_metric, ref.stop_reason)
+    assert_trees_equal(result.params, ref.params)
+    # the best-parameters checkpoint holds the same best epoch
+    assert_trees_equal(restore_best(tmp_path / "best", split_model(model)[1]), ref.params)
+
+
+def test_finished_run_is_not_retrained(probe_data, uninterrupted, tmp_path):
+    probe(probe_data, tmp_path, lambda s: None)
+    lines: list[str] = []
+    _, again = probe(probe_data, tmp_path, lines.append)
+    assert again.already_finished and again.resumed_from == len(uninterrupted.history) - 1
+    assert not [line for line in lines if line.startswith("epoch")]  # no epoch ran
+    assert without_seconds(again.history) == without_seconds(uninterrupted.history)
+    assert_trees_equal(again.params, uninterrupted.params)
+
+
+def test_best_checkpoint_behind_the_state_is_repaired(probe_data, uninterrupted, tmp_path):
+    """An interruption between the state and the best-parameters writes of one epoch."""
+    improved, best = [], -1.0
+    for h in uninterrupted.history:
+        if h["val_auroc"] > best:
+            improved.append(h["epoch"])
+            best = h["val_auroc"]
+    stop = improved[2]
+    with pytest.raises(Preempted):
+        probe(probe_data, tmp_path, sigterm_at(stop))
+    step_dir = tmp_path / "best" / str(stop)
+    assert step_dir.is_dir()
+    subprocess.run(["rm", "-r", str(step_dir)], check=True)  # as if killed before this write
+    _, result = probe(probe_data, tmp_path, lambda s: None)
+    assert_trees_equal(result.params, uninterrupted.params)
+    assert without_seconds(result.history) == without_seconds(uninterrupted.history)
+
+
+def test_other_run_in_the_state_dir_is_refused(probe_data, tmp_path):
+    short = FitOptions(learning_rate=3.0, max_epochs=2, batch_size=32)
+    probe(probe_data, tmp_path, lambda s: None, options=short)
+    other_lr = FitOptions(learning_rate=1.0, max_epochs=2, batch_size=32)
+    with pytest.raises(CheckpointMismatchError, match=rf"{tmp_path / 'state'}: holds the "
+                       r"checkpoint of a different run \(options.learning_rate: saved 3.0, "
+                       r"now 1.0\)"):
+        probe(probe_data, tmp_path, lambda s: None, options=other_lr)
+    train, val = probe_data
+    other_data = (features(256, "multilabel", 7), val)
+    with pytest.raises(CheckpointMismatchError, match=r"run.probe.data: saved"):
+        probe(other_data, tmp_path, lambda s: None, options=short)
+    with pytest.raises(CheckpointMismatchError, match=r"params.head/kernel: saved "
+                       r"'float32\[12, 3\]', now 'float32\[12, 1\]'"):
+        train_linear_probe(train, val, task="multilabel", num_outputs=1, options=short,
+                           checkpoint_dir=tmp_path / "best", state_dir=tmp_path / "state",
+                           log=lambda s: None)
+    # fresh_start deletes both checkpoints and trains the new run from epoch 0
+    lines: list[str] = []
+    _, result = probe(probe_data, tmp_path, lines.append, options=other_lr, fresh_start=True)
+    assert result.resumed_from is None and lines[0].startswith("fresh start: deleting")
+    assert [h["lr"] for h in result.history] == [1.0, 1.0]
+    # best parameters without a training state (e.g. an older run): refused, not mixed in
+    (tmp_path / "state").rename(tmp_path / "state_moved")
+    with pytest.raises(FileExistsError, match=rf"{tmp_path / 'best'}: holds best-parameter"):
+        probe(probe_data, tmp_path, lambda s: None, options=other_lr)
+
+
+def test_evaluate_run_resumes_reports_and_refuses(tmp_path):
+    """The CLI's run(): SIGTERM -> Preempted; rerun resumes to the uninterrupted result; a
+    finished workdir reports metrics.json without touching the data; config changes refused."""
+    root = celebvhq_dataset(tmp_path / "celebvhq")
+    config = lp_config(root, tmp_path / "ref")
+    config.epochs = 8
+    ref = run(config, log=lambda s: None)
+    config.workdir, config.checkpoint_every_s = str(tmp_path / "work"), 0.0
+    with pytest.raises(Preempted):
+        run(config, log=sigterm_at(4))
+    assert not (tmp_path / "work" / "metrics.json").exists()
+    resumed = run(config, log=lambda s: None)
+    assert resumed["fit"]["resumed_from"] == 4
+    assert without_seconds(resumed["fit"]["history"]) == without_seconds(ref["fit"]["history"])
+    assert resumed["metrics"] == ref["metrics"]
+    # finished: the saved results, without reading any data (the features are gone)
+    (root / "marlin_vit_base_ytf").rename(root / "features_moved")
+    lines: list[str] = []
+    again = run(config, log=lines.append)
+    assert "already finished" in lines[0] and again["metrics"] == json.loads(
+        (tmp_path / "work" / "metrics.json").read_text())["metrics"]
+    config.learning_rate = 0.5
+    with pytest.raises(CheckpointMismatchError, match=rf"{tmp_path / 'work' / 'state'}: .*"
+                       r"config.learning_rate: saved 0.01, now 0.5"):
+        run(config, log=lambda s: None)
+
+
+def finetune_config(root: Path, workdir: Path):
+    c = default_config()
+    c.finetune, c.allow_random_init = True, True
+    c.data_path, c.workdir = str(root), str(workdir)
+    c.backbone = "resume_test_tiny"
+    c.backbone_config = {"name": "marlin_vit_tiny", "img_size": 32, "n_frames": 4,
+                         "encoder_depth": 1}
+    c.epochs, c.batch_size, c.num_threads, c.learning_rate = 3, 2, 1, 1e-3
+    c.checkpoint_every_s = 0.0
+    return c
+
+
+@pytest.mark.slow
+def test_finetune_interrupted_then_resumed_equals_uninterrupted(tmp_path):
+    root = tmp_path / "celebvhq"
+    root.mkdir()
+    names = tuple(f"c{i}" for i in range(10))
+    make_celebvhq(root, names=names, frames=10, size=32)
+    (root / "train.txt").write_text("\n".join(names[:6]))
+    (root / "val.txt").write_text("\n".join(names[6:]))
+    (root / "test.txt").write_text("\n".join(names[6:]))
+    ref = run(finetune_config(root, tmp_path / "ref"), log=lambda s: None)
+    config = finetune_config(root, tmp_path / "work")
+    with pytest.raises(Preempted, match="after epoch 0"):
+        run(config, log=sigterm_at(0))
+    resumed = run(config, log=lambda s: None)
+    assert resumed["fit"]["resumed_from"] == 0 and resumed["fit"]["epochs"] == 3
+    assert without_seconds(resumed["fit"]["history"]) == without_seconds(ref["fit"]["history"])
+    assert resumed["metrics"] == ref["metrics"]
+    state = read_training_state(tmp_path / "work" / "state")
+    assert state["loop"]["best_epoch"] == ref["fit"]["best_epoch"]
+    # the best parameters on disk are identical
+    from flax import nnx
+
+    from marlin_jax.evaluation.finetune import FineTuneClassifier
+    from marlin_jax.models import MarlinEncoder, get_config
+
+    model = FineTuneClassifier(MarlinEncoder(get_config("resume_test_tiny"), rngs=nnx.Rngs(0)),
+                               40, rngs=nnx.Rngs(0))
+    like = split_model(model)[1]
+    assert_trees_equal(restore_best(tmp_path / "work" / "checkpoints", like),
+                       restore_best(tmp_path / "ref" / "checkpoints", like))
+
+
+def _state_epochs(state_dir: Path) -> list[int]:
+    if not state_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in state_dir.iterdir() if p.name.isdigit())
+
+
+def _wait_for_epoch(proc: subprocess.Popen, state_dir: Path, at_least: int,
+                    timeout: float = 240.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        epochs = _state_epochs(state_dir)
+        if epochs and epochs[-1] >= at_least:
+            return epochs[-1]
+        if proc.poll() is not None:
+            raise AssertionError(f"finished before epoch {at_least}: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"no checkpoint of epoch {at_least} within {timeout}s")
+
+
+@pytest.mark.slow
+def test_cli_killed_then_resumed(tmp_path):
+    """kill -9 a CLI run mid-training, SIGTERM the resumed one (exit 143, no metrics), then
+    finish: the result equals an uninterrupted run's."""
+    root = celebvhq_dataset(tmp_path / "celebvhq")
+    work = tmp_path / "work"
+    config = lp_config(root, tmp_path / "ref")
+    config.epochs, config.patience = 30, 0
+    ref = run(config, log=lambda s: None)
+    cmd = [sys.executable, "-m", "marlin_jax.evaluate",
+           f"--config={ROOT / 'configs' / 'celebvhq_appearance_lp.py'}",
+           f"--config.data_path={root}", f"--config.workdir={work}",
+           "--config.learning_rate=0.01", "--config.epochs=30", "--config.batch_size=16",
+           "--config.checkpoint_every_s=0"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+
+    def start():
+        return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    proc = start()
+    killed_after = _wait_for_epoch(proc, work / "state", 2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert killed_after < 29 and not (work / "metrics.json").exists()
+    proc = start()
+    _wait_for_epoch(proc, work / "state", killed_after + 2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
+    assert "SIGTERM: stopped after epoch" in err and "resuming from" in out
+    assert not (work / "metrics.json").exists()
+    proc = start()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    saved = json.loads((work / "metrics.json").read_text())
+    assert saved["fit"]["resumed_from"] > killed_after
+    assert without_seconds(saved["fit"]["history"]) == without_seconds(ref["fit"]["history"])
+    assert saved["metrics"]["test"] == pytest.approx(ref["metrics"]["test"], rel=0, abs=0)
