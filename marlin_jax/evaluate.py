@@ -14,18 +14,20 @@ files, see :func:`marlin_jax.evaluation.datasets.load_label_file`; ``task`` is "
 line, e.g. ``--config.data_path=/data/CelebV-HQ --config.data_ratio=0.1``.
 
 Resuming: after an epoch the whole training state (parameters, optimiser state, epoch, plateau
-schedule, best metric and epoch, history) is saved under ``<workdir>/state`` (every epoch, or
-at most every ``checkpoint_every_s`` seconds: 30 by default, 0 = every epoch); rerunning
-the same command with the same workdir continues after the last completed epoch and ends with
-the same result as an uninterrupted run (an epoch's batches derive from ``seed`` and the epoch
-number). A run that already finished is not retrained: its saved ``metrics.json`` is reported.
-A workdir holding the checkpoint of a different run (other hyper-parameters, model shapes or
-data) is refused with an error naming it; ``--config.fresh_start=True`` deletes its checkpoints
-and starts over. Paths (``data_path``, ``feature_dir``, ``marlin_ckpt``, label files) and
-runtime knobs (``num_threads``, ``mesh``) may change between attempts; the data itself is
-identified by a digest of its keys, labels (and features). On SIGTERM (preemption) training
-stops at the end of the current epoch, after its checkpoint, and the process exits with status
-143 (128 + SIGTERM) without writing metrics; a SIGKILL loses the epochs since the last save.
+schedule, best metric and epoch, history) is saved under ``<workdir>/state`` (after every epoch
+once ``checkpoint_every_s`` seconds have passed since the last save: 30 by default, 0 = every
+epoch). Rerunning the same command with the same workdir continues after the last saved epoch
+and ends with the same result as an uninterrupted run (an epoch's batches derive from ``seed``
+and the epoch number only). A run that already finished is not retrained: its saved
+``metrics.json`` is reported. A workdir holding the checkpoint of a different run (other
+hyper-parameters, model shapes or data) is refused with an error naming it;
+``--config.fresh_start=True`` deletes its checkpoints and starts over (pass it once, not in a
+requeued job's command). Paths (``data_path``, ``feature_dir``, ``marlin_ckpt``, label files)
+and runtime knobs (``num_threads``; ``mesh`` while the training batch stays the same) may
+change between attempts: the data is identified by a digest of its keys and labels (and of the
+features, for probes). On SIGTERM (preemption) training stops at the end of the current epoch,
+after saving it, and the process exits with status 143 (128 + SIGTERM) without writing
+metrics; a SIGKILL loses the epochs since the last save.
 """
 
 from __future__ import annotations
@@ -408,6 +410,7 @@ if __name__ == "__main__":
     from absl import app
     from ml_collections import config_flags
 
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "evaluation config file",
-                                              lock_config=True)
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", None, "evaluation config file; a rerun in the same workdir resumes from "
+        "<workdir>/state (--config.fresh_start=True starts over)", lock_config=True)
     app.run(main)

@@ -408,14 +408,16 @@ class _SigtermFlag:
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
         self.requested = False
+        self._installed = False
         self._previous: Any = None
 
     def __enter__(self) -> _SigtermFlag:
         if self.enabled:
             try:
                 self._previous = signal.signal(signal.SIGTERM, self._handle)
+                self._installed = True
             except ValueError:  # not the main thread: leave SIGTERM alone
-                self._previous = None
+                pass
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -423,8 +425,9 @@ class _SigtermFlag:
         self.requested = True
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        if self._installed:  # None: the previous handler was not set from Python
+            signal.signal(signal.SIGTERM,
+                          signal.SIG_DFL if self._previous is None else self._previous)
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, Params, nnx.State]:
@@ -548,10 +551,11 @@ def fit(
                 else:
                     log(f"{store.directory}: this run already finished ({loop.stop_reason}); "
                         "not training")
+                finished, state_params = loop.stop_reason is not None, params
                 best_params = _restore_best_params(
                     best, loop, latest, params,
-                    lambda: params if loop.stop_reason is None else store.restore(
-                        latest, params, opt_state)[0])
+                    lambda: store.restore(latest, params, opt_state)[0] if finished
+                    else state_params)
         if resumed_from is None:
             loop = dataclasses.replace(loop, stop_reason=_stop_reason(loop, options))
         finished_before = loop.stop_reason is not None and resumed_from is not None
