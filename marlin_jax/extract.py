@@ -132,16 +132,19 @@ class Marlin:
     @classmethod
     def from_file(cls, model_name: str, path: str | os.PathLike, *, batch_size: int = 4,
                   matmul_dtype: str | None = None, dtype: str = "float32",
-                  attention_impl: str | None = None) -> Marlin:
+                  attention_impl: str | None = "auto") -> Marlin:
         """Loads `.pt` (encoder-only or full), Lightning `.ckpt`, a VideoMAE checkpoint or a
         marlin-jax checkpoint directory. ``model_name`` picks the registered architecture.
 
         ``matmul_dtype="bfloat16"`` runs every matmul on bf16 operands with float32 accumulation
         (about 2x faster on CPUs with bf16 units; features differ by ~1e-2 relative);
-        ``dtype="bfloat16"`` keeps activations in bf16 too (GPU/TPU); ``attention_impl="cudnn"``
-        uses the fused GPU attention kernel.
+        ``dtype="bfloat16"`` keeps activations in bf16 too (GPU/TPU). ``attention_impl``: ``"auto"``
+        picks ``"per_head"`` on CPU (one head at a time, cache-resident scores: ~2x faster CPU
+        attention) and ``"xla"`` (batched) elsewhere; ``"cudnn"`` is the fused GPU kernel.
         """
         config = get_config(model_name)
+        if attention_impl == "auto":
+            attention_impl = "per_head" if jax.default_backend() == "cpu" else "xla"
         model_kwargs = {"dtype": jnp.dtype(dtype), "attention_impl": attention_impl,
                         "matmul_dtype": None if matmul_dtype is None else jnp.dtype(matmul_dtype)}
         if Path(path).is_dir():
@@ -264,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=4, help="windows per jitted call")
     parser.add_argument("--matmul_dtype", choices=["bfloat16"], default=None,
                         help="bf16 matmul operands with float32 accumulation (faster, ~1e-2 rel. error)")
-    parser.add_argument("--attention_impl", choices=["cudnn"], default=None, help="fused GPU attention")
+    parser.add_argument("--attention_impl", choices=["auto", "xla", "per_head", "cudnn"], default="auto",
+                        help="auto: per_head on CPU (cache-friendly), xla elsewhere; cudnn: fused GPU attention")
     parser.add_argument("--overwrite", action="store_true", help="recompute existing .npy files")
     args = parser.parse_args(argv)
 

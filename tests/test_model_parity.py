@@ -16,14 +16,14 @@ pytestmark = pytest.mark.oracle
 TOL = 1e-4
 
 
-def _run_parity(mp, name: str, batch: int = 2):
+def _run_parity(mp, name: str, batch: int = 2, attention_impl: str | None = None):
     import torch
 
     config = get_config(name)
     torch_model = build_torch_marlin(mp, config, full=True)
     torch_disc = build_torch_discriminator(config)
     state_dict = to_numpy_state_dict(("", torch_model), ("discriminator.", torch_disc))
-    model = model_from_state_dict(config, state_dict)
+    model = model_from_state_dict(config, state_dict, attention_impl=attention_impl)
 
     rng = np.random.default_rng(0)
     video = rng.random((batch, config.n_frames, config.img_size, config.img_size, 3), dtype=np.float32)
@@ -59,8 +59,9 @@ def _run_parity(mp, name: str, batch: int = 2):
         assert err <= TOL, f"{name} {key}: max-abs diff {err:.2e} > {TOL}"
 
 
-def test_parity_vit_small(marlin_pytorch):
-    _run_parity(marlin_pytorch, "marlin_vit_small_ytf")
+@pytest.mark.parametrize("attention_impl", [None, "per_head"])
+def test_parity_vit_small(marlin_pytorch, attention_impl):
+    _run_parity(marlin_pytorch, "marlin_vit_small_ytf", attention_impl=attention_impl)
 
 
 def test_parity_vit_base(marlin_pytorch):

@@ -152,3 +152,22 @@ def test_bf16_matmul_mode_keeps_float32_activations():
     assert 0 < float(jnp.max(jnp.abs(out - ref))) < 0.1
     mask = jnp.asarray(np.arange(TINY.num_tokens)[None] < 3)
     assert fast(video, mask, 3).dtype == jnp.float32
+
+
+def test_per_head_attention_equals_batched_attention_and_gradients():
+    model = MarlinModel(TINY, rngs=nnx.Rngs(0), with_discriminator=False)
+    looped = MarlinModel(TINY, rngs=nnx.Rngs(1), with_discriminator=False, attention_impl="per_head")
+    nnx.update(looped, nnx.state(model))
+    video = jnp.asarray(np.random.default_rng(0).random((2, 4, 32, 32, 3), np.float32))
+    mask = jnp.asarray(np.stack([np.arange(TINY.num_tokens) < 3, np.arange(TINY.num_tokens) >= TINY.num_tokens - 3]))
+    for m in (model, looped):
+        assert m(video, mask, 3).shape == (2, TINY.num_tokens - 3, TINY.patch_dim)
+    np.testing.assert_allclose(looped(video, mask, 3), model(video, mask, 3), atol=1e-6)
+    np.testing.assert_allclose(looped.extract_features(video), model.extract_features(video), atol=1e-6)
+    grads = [jax.grad(lambda v, m=m: (m(v, mask, 3) ** 2).sum())(video) for m in (model, looped)]
+    np.testing.assert_allclose(grads[1], grads[0], atol=1e-6)
+
+
+def test_unknown_attention_impl_is_refused():
+    with pytest.raises(ValueError, match="attention_impl"):
+        MarlinModel(TINY, rngs=nnx.Rngs(0), attention_impl="flash")

@@ -39,6 +39,13 @@ def linear(in_features: int, out_features: int, *, dtype, matmul_dtype, param_dt
                       preferred_element_type=dtype, param_dtype=param_dtype, rngs=rngs, **kwargs)
 
 
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU as PyTorch computes it, ``x/2 * (1 + erf(x/sqrt(2)))``: ~2x faster on CPU than
+    ``jax.nn.gelu(approximate=False)``, whose ``erfc`` form buys tail accuracy (< 1e-7 absolute
+    here) that float32 activations cannot use."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * np.asarray(np.sqrt(0.5), x.dtype)))
+
+
 class FixedEmbedding(nnx.Variable):
     """A non-trainable table (the sin-cos position table). Kept in the model state, not in the
     optimiser, so that converted checkpoints carry the exact values they were trained with."""
@@ -113,6 +120,11 @@ class PatchEmbedding3d(nnx.Module):
         return out + self.projection["bias"][...].astype(self.dtype)
 
 
+ATTENTION_IMPLS = (None, "xla", "per_head", "cudnn")
+"""None / "xla": batched softmax attention; "per_head": one (batch, head) at a time (CPU);
+"cudnn": ``jax.nn.dot_product_attention``'s fused GPU kernel."""
+
+
 class Attention(nnx.Module):
     """Multi-head self-attention with a bias-free qkv projection plus separate q/v biases."""
 
@@ -120,6 +132,8 @@ class Attention(nnx.Module):
                  qk_scale: float | None = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
                  dtype=jnp.float32, param_dtype=jnp.float32, matmul_dtype=None,
                  attention_impl: str | None = None, rngs: nnx.Rngs):
+        if attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
         self.num_heads = num_heads
         self.matmul_dtype = matmul_dtype
         self.head_dim = dim // num_heads
@@ -139,19 +153,33 @@ class Attention(nnx.Module):
         self.proj_drop = nnx.Dropout(proj_drop, rngs=rngs) if proj_drop > 0 else None
 
     def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-        """softmax(q k^T * scale) v with heads-major matmuls and the softmax normalisation applied
-        after the second matmul (N x hd divisions instead of N x N): on CPU this is ~2x faster
-        than a textbook softmax for N = 1568. Softmax statistics are kept in float32."""
+        """softmax(q k^T * scale) v for ``(B, N, H, hd)`` q, k, v -> ``(B, N, H, hd)``.
+
+        Heads-major matmuls, softmax statistics in float32, and the normalisation applied after
+        the second matmul (N x hd divisions instead of N x N). With ``attention_impl="per_head"``
+        the (batch, head) pairs run one after another (``lax.map``): each head's N x N scores
+        (9.4 MiB for N = 1568) stay in cache instead of streaming B*H of them through memory,
+        which makes CPU attention ~2x faster. Batched (``"xla"``) suits accelerators and sharded
+        training (the loop would serialise a sharded batch or head axis)."""
+        b, n, h, hd = q.shape
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, H, N, hd)
-        logits = matmul(q * jnp.asarray(self.scale, q.dtype), k.swapaxes(-1, -2), self.matmul_dtype, jnp.float32)
-        logits = logits.astype(jnp.float32)
-        weights = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
-        denominator = weights.sum(axis=-1, keepdims=True)
-        if self.attn_drop is not None:
-            weights = self.attn_drop(weights)  # == dropout on the probabilities (same denominator)
-        # P @ V stays in the activation dtype: casting the (N, N) weights to bf16 costs more than
-        # the bf16 matmul saves (its contraction is long but its output is small).
-        out = (weights.astype(v.dtype) @ v) / denominator.astype(v.dtype)
+        q = q * jnp.asarray(self.scale, q.dtype)
+
+        def attend(q, k, v):
+            logits = matmul(q, k.swapaxes(-1, -2), self.matmul_dtype, jnp.float32).astype(jnp.float32)
+            weights = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
+            denominator = weights.sum(axis=-1, keepdims=True)
+            if self.attn_drop is not None:
+                weights = self.attn_drop(weights)  # == dropout on the probabilities (same denominator)
+            # P @ V stays in the activation dtype: casting the (N, N) weights to bf16 costs more than
+            # the bf16 matmul saves (its contraction is long but its output is small).
+            return (weights.astype(v.dtype) @ v) / denominator.astype(v.dtype)
+
+        if self.attention_impl == "per_head" and self.attn_drop is None:
+            heads = (t.reshape(b * h, n, hd) for t in (q, k, v))
+            out = jax.lax.map(lambda qkv: attend(*qkv), tuple(heads)).reshape(b, h, n, hd)
+        else:
+            out = attend(q, k, v)
         return out.transpose(0, 2, 1, 3)  # (B, N, H, hd)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -162,7 +190,7 @@ class Attention(nnx.Module):
             qkv = qkv + bias.astype(qkv.dtype)
         qkv = qkv.reshape(b, n, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, H, hd)
-        if self.attention_impl is not None:  # e.g. "cudnn" (fused flash attention on GPU)
+        if self.attention_impl == "cudnn":  # fused flash attention on GPU
             out = jax.nn.dot_product_attention(q, k, v, scale=self.scale, implementation=self.attention_impl)
         else:
             out = self._attend(q, k, v)
@@ -182,7 +210,7 @@ class Mlp(nnx.Module):
         self.drop = nnx.Dropout(drop, rngs=rngs) if drop > 0 else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = jax.nn.gelu(self.fc1(x), approximate=False)
+        x = gelu(self.fc1(x))
         if self.drop is not None:
             x = self.drop(x)
         x = self.fc2(x)
