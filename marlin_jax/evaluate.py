@@ -27,7 +27,7 @@ and runtime knobs (``num_threads``; ``mesh`` while the training batch stays the 
 change between attempts: the data is identified by a digest of its keys and labels (and of the
 features, for probes). On SIGTERM (preemption) training stops at the end of the current epoch,
 after saving it, and the process exits with status 143 (128 + SIGTERM) without writing
-metrics; a SIGKILL loses the epochs since the last save.
+metrics; a SIGKILL loses the epochs since the last save. A refused workdir exits with status 2.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ from marlin_jax.evaluation.metrics import (
     save_metrics,
 )
 from marlin_jax.evaluation.training import (
+    CheckpointMismatchError,
     FitOptions,
     FitResult,
     Preempted,
@@ -397,11 +398,18 @@ def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -
 
 def main(argv: list[str]) -> None:
     del argv
+    from absl import flags, logging
+
+    if not flags.FLAGS["verbosity"].present:  # keep library INFO chatter (orbax) off the console
+        logging.set_verbosity(logging.WARNING)
     try:
         results = run(_CONFIG.value)
     except Preempted as e:
         print(f"marlin-jax evaluate: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_PREEMPTED)
+    except CheckpointMismatchError as e:
+        print(f"marlin-jax evaluate: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     if not all(np.isfinite(m.get("auroc", np.nan)) for m in results["metrics"].values()):
         print("note: AUROC undefined on a split with a single class", file=sys.stderr)
 

@@ -312,3 +312,11 @@ def test_cli_killed_then_resumed(tmp_path):
     assert saved["fit"]["resumed_from"] > killed_after
     assert without_seconds(saved["fit"]["history"]) == without_seconds(ref["fit"]["history"])
     assert saved["metrics"]["test"] == pytest.approx(ref["metrics"]["test"], rel=0, abs=0)
+    # a finished workdir reports; another config in it is refused (status 2, naming it)
+    proc = start()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "already finished" in out, err[-2000:]
+    cmd.append("--config.learning_rate=0.02")
+    proc = start()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and f"{work / 'state'}: holds the checkpoint of a different" in err

@@ -226,11 +226,15 @@ class BestCheckpoint:
         self.manager.close()
 
 
+# Opens existing checkpoints without creating or deleting anything (``read_only=True`` does the
+# same but warns about each option it overrides).
+_READER = ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=False)
+
+
 def restore_best(directory: str | os.PathLike, params_like: Params) -> Params:
     """Loads the best checkpoint in ``directory`` into the structure of ``params_like``."""
     directory = os.path.abspath(os.fspath(directory))
-    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-            read_only=True)) as manager:
+    with ocp.CheckpointManager(directory, options=_READER) as manager:
         step = manager.best_step() if manager.best_step() is not None else manager.latest_step()
         if step is None:
             raise FileNotFoundError(f"{directory}: no checkpoint to restore")
@@ -391,7 +395,7 @@ def read_training_state(directory: str | os.PathLike) -> dict[str, Any] | None:
     directory = os.path.abspath(os.fspath(directory))
     if not os.path.isdir(directory):
         return None
-    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+    with ocp.CheckpointManager(directory, options=_READER,
                                item_names=("state", "meta")) as manager:
         step = manager.latest_step()
         if step is None:
