@@ -103,6 +103,24 @@ def iter_windows(frames: Iterator[np.ndarray], clip_frames: int = 16, sample_rat
         yield np.stack(head[:clip_frames])
 
 
+def resolve_attention_impl(attention_impl: str | None) -> str | None:
+    """``"auto"`` -> ``"per_head"`` on CPU (cache-resident attention scores), ``"xla"`` elsewhere;
+    any other value passes through."""
+    if attention_impl == "auto":
+        return "per_head" if jax.default_backend() == "cpu" else "xla"
+    return attention_impl
+
+
+def _cast_kernels(state: nnx.State, dtype) -> nnx.State:
+    """The state with every ``kernel`` (the matmul weights) in ``dtype``; biases, norms and the
+    position table keep theirs."""
+    def cast(path, leaf):
+        is_kernel = any(getattr(key, "key", getattr(key, "name", None)) == "kernel" for key in path)
+        return leaf.astype(dtype) if is_kernel else leaf
+
+    return jax.tree_util.tree_map_with_path(cast, state)
+
+
 class Marlin:
     """A MARLIN encoder ready for feature extraction.
 
@@ -117,6 +135,8 @@ class Marlin:
         self.name = name
         self.batch_size = batch_size
         graphdef, state = nnx.split(model.encoder)
+        if model.encoder.matmul_dtype is not None:  # cast the matmul weights once, not per call
+            state = _cast_kernels(state, model.encoder.matmul_dtype)
         self._encoder_state = state
 
         def features(state, clips_uint8_or_float, keep_seq: bool):
@@ -143,9 +163,7 @@ class Marlin:
         attention) and ``"xla"`` (batched) elsewhere; ``"cudnn"`` is the fused GPU kernel.
         """
         config = get_config(model_name)
-        if attention_impl == "auto":
-            attention_impl = "per_head" if jax.default_backend() == "cpu" else "xla"
-        model_kwargs = {"dtype": jnp.dtype(dtype), "attention_impl": attention_impl,
+        model_kwargs = {"dtype": jnp.dtype(dtype), "attention_impl": resolve_attention_impl(attention_impl),
                         "matmul_dtype": None if matmul_dtype is None else jnp.dtype(matmul_dtype)}
         if Path(path).is_dir():
             saved = read_config_file(path)

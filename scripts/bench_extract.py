@@ -45,7 +45,9 @@ def main() -> None:
                         choices=["float32", "bf16-matmul", "bfloat16"],
                         help="float32; bf16-matmul: bf16 matmul operands, float32 accumulation and activations; "
                              "bfloat16: bf16 activations too")
-    parser.add_argument("--attention", default=None, help="jax.nn.dot_product_attention implementation (GPU: cudnn)")
+    parser.add_argument("--attention", default="auto", choices=["auto", "xla", "per_head", "cudnn"],
+                        help="marlin-jax attention: auto (per_head on CPU, xla elsewhere, as Marlin.from_file), "
+                             "or cudnn (fused GPU kernel)")
     args = parser.parse_args()
 
     _stub_torchvision()
@@ -54,7 +56,7 @@ def main() -> None:
     import marlin_pytorch
     import torch
 
-    from marlin_jax.extract import Marlin
+    from marlin_jax.extract import Marlin, resolve_attention_impl
     from marlin_jax.interop import model_from_state_dict
     from marlin_jax.models import get_config
     from tests.oracle_utils import build_torch_marlin, to_numpy_state_dict
@@ -80,7 +82,8 @@ def main() -> None:
     runners, errors = {}, {}
     x = jax.device_put(clips)
     for mode in args.modes:
-        model = model_from_state_dict(config, state_dict, attention_impl=args.attention, **mode_kwargs[mode])
+        model = model_from_state_dict(config, state_dict, attention_impl=resolve_attention_impl(args.attention),
+                                      **mode_kwargs[mode])
         marlin = Marlin(model, batch_size=args.batch)
         runners[mode] = lambda m=marlin: m.extract_features(x, keep_seq=False).block_until_ready()
         errors[mode] = float(np.max(np.abs(np.asarray(runners[mode]()) - expected)))  # compiles too
@@ -94,7 +97,8 @@ def main() -> None:
             fn()
             times[name].append(time.perf_counter() - start)
     print(f"device: jax={jax.devices()[0].device_kind} torch={device} threads={torch.get_num_threads()} "
-          f"model={args.model} batch={args.batch} rounds={args.repeats}")
+          f"model={args.model} batch={args.batch} rounds={args.repeats} "
+          f"attention={resolve_attention_impl(args.attention)}")
     torch_s = float(np.median(times["torch"]))
     print(f"marlin-pytorch fp32   : {args.batch / torch_s:8.2f} clips/s ({torch_s * 1e3:.0f} ms/batch, median)")
     for mode in args.modes:

@@ -87,6 +87,7 @@ class MarlinEncoder(_Transformer):
                  attention_impl: str | None = None):
         _check_remat(config, remat)
         self.config, self.dtype, self.remat = config, dtype, remat
+        self.matmul_dtype = matmul_dtype
         d = config.encoder_embed_dim
         self.patch_embedding = PatchEmbedding3d(config.in_channels, d, config.patch_size,
                                                 config.tubelet_size, dtype=dtype, param_dtype=param_dtype,
