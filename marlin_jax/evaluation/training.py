@@ -482,6 +482,40 @@ def _restore_best_params(best: BestCheckpoint, loop: LoopState, state_epoch: int
                             "recorded by the training state is missing")
 
 
+def _resume(store: TrainingStateCheckpoint, best: BestCheckpoint, identity: Mapping[str, Any],
+            params: Params, opt_state: Any, monitor: str, log: Callable[[str], None]
+            ) -> tuple[Params, Any, LoopState, Params | None, int] | None:
+    """``(params, opt_state, loop, best_params, epoch)`` of the newest checkpoint in ``store``
+    (None: there is none). A finished run's params and optimiser state are not read."""
+    latest = store.latest_step()
+    if latest is None:
+        if best.steps():
+            raise FileExistsError(
+                f"{best.directory}: holds best-parameter checkpoints (epochs {best.steps()}) but "
+                f"{store.directory} has no training state to resume; use another workdir or "
+                "fresh_start=True")
+        return None
+    meta = store.read_meta(latest)
+    check_identity(store.directory, meta["identity"], identity)
+    loop = LoopState.from_json(meta["loop"])
+    template = params
+    if loop.stop_reason is None:
+        params, opt_state = store.restore(latest, template, opt_state)
+        log(f"resuming from {store.directory}: epoch {latest} done, continuing at epoch "
+            f"{loop.next_epoch} (lr {loop.schedule.lr:.2e}, best val_{monitor} "
+            f"{loop.best_metric:.4f} at epoch {loop.best_epoch})")
+    else:
+        log(f"{store.directory}: this run already finished ({loop.stop_reason}); not training")
+
+    def state_params() -> Params:
+        if loop.stop_reason is None:
+            return params
+        return store.restore(latest, template, opt_state)[0]
+
+    best_params = _restore_best_params(best, loop, latest, template, state_params)
+    return params, opt_state, loop, best_params, latest
+
+
 def fit(
     params: Params,
     *,
@@ -535,31 +569,9 @@ def fit(
                     f"{best.directory}")
                 store.clear()
                 best.clear()
-            latest = store.latest_step()
-            if latest is None and best.steps():
-                raise FileExistsError(
-                    f"{best.directory}: holds best-parameter checkpoints (epochs "
-                    f"{best.steps()}) but {store.directory} has no training state to resume; "
-                    "use another workdir or fresh_start=True")
-            if latest is not None:
-                meta = store.read_meta(latest)
-                check_identity(store.directory, meta["identity"], identity)
-                loop = LoopState.from_json(meta["loop"])
-                resumed_from = latest
-                if loop.stop_reason is None:
-                    params, opt_state = store.restore(latest, params, opt_state)
-                    log(f"resuming from {store.directory}: epoch {latest} done, continuing at "
-                        f"epoch {loop.next_epoch} (lr {loop.schedule.lr:.2e}, best "
-                        f"val_{options.monitor} {loop.best_metric:.4f} at epoch "
-                        f"{loop.best_epoch})")
-                else:
-                    log(f"{store.directory}: this run already finished ({loop.stop_reason}); "
-                        "not training")
-                finished, state_params = loop.stop_reason is not None, params
-                best_params = _restore_best_params(
-                    best, loop, latest, params,
-                    lambda: store.restore(latest, params, opt_state)[0] if finished
-                    else state_params)
+            resumed = _resume(store, best, identity, params, opt_state, options.monitor, log)
+            if resumed is not None:
+                params, opt_state, loop, best_params, resumed_from = resumed
         if resumed_from is None:
             loop = dataclasses.replace(loop, stop_reason=_stop_reason(loop, options))
         finished_before = loop.stop_reason is not None and resumed_from is not None
