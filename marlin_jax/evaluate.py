@@ -73,11 +73,11 @@ SPLITS = ("train", "val", "test")
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: the status of a process ended by SIGTERM
 
 # Config fields that do not define the run (locations and runtime knobs): they may change when
-# a run is resumed. The data is identified by content (see run_identity).
+# a run is resumed. The data is identified by content instead (probe / finetune add a digest).
 NOT_IDENTITY = ("model_name", "workdir", "skip_train", "fresh_start", "checkpoint_every_s",
-                "num_threads", "mesh",
-                "on_error", "allow_random_init", "data_path", "feature_dir", "marlin_ckpt",
-                "labels.file", "labels.train", "labels.val", "labels.test", "labels.video_root")
+                "num_threads", "mesh", "on_error", "allow_random_init", "data_path",
+                "feature_dir", "marlin_ckpt", "labels.file", "labels.train", "labels.val",
+                "labels.test", "labels.video_root")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -110,7 +110,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.workdir = ""  # default ckpt/<model_name>
     c.skip_train = False  # evaluate the checkpoint in <workdir>/checkpoints only
     c.fresh_start = False  # delete <workdir>'s checkpoints and start over (else: resume)
-    c.checkpoint_every_s = 30.0  # training state: after an epoch, if the last save is older
+    c.checkpoint_every_s = 30.0  # min seconds between training-state saves (0: every epoch)
     c.labels = ml_collections.ConfigDict({
         "file": "",  # one label file with a `split` column (or use split_fractions)
         "train": "", "val": "", "test": "",  # or one label file per split
@@ -410,7 +410,8 @@ def main(argv: list[str]) -> None:
     except CheckpointMismatchError as e:
         print(f"marlin-jax evaluate: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    if not all(np.isfinite(m.get("auroc", np.nan)) for m in results["metrics"].values()):
+    aurocs = [m.get("auroc") for m in results["metrics"].values()]  # None: NaN in metrics.json
+    if not all(a is not None and np.isfinite(a) for a in aurocs):
         print("note: AUROC undefined on a split with a single class", file=sys.stderr)
 
 
