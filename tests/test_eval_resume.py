@@ -126,6 +126,26 @@ def test_probe_interrupted_then_resumed_equals_uninterrupted(probe_data, uninter
     assert_trees_equal(restore_best(tmp_path / "best", split_model(model)[1]), ref.params)
 
 
+def test_throttled_saves(probe_data, uninterrupted, tmp_path):
+    """save_every_s: epochs between saves are redone after a crash; SIGTERM and the last epoch
+    are always saved, with the best parameters of the epochs so far."""
+    rare = dict(save_every_s=1e9)
+    with pytest.raises(SimulatedCrashError):
+        probe(probe_data, tmp_path, crash_at(4), **rare)
+    assert read_training_state(tmp_path / "state") is None  # nothing saved yet
+    assert not [p for p in (tmp_path / "best").iterdir() if p.name.isdigit()]
+    with pytest.raises(Preempted, match="after epoch 2"):
+        probe(probe_data, tmp_path, sigterm_at(2), **rare)  # starts at epoch 0 again
+    best_so_far = max(uninterrupted.history[:3], key=lambda h: h["val_auroc"])["epoch"]
+    assert [int(p.name) for p in (tmp_path / "best").iterdir() if p.name.isdigit()] == [
+        best_so_far]
+    _, result = probe(probe_data, tmp_path, lambda s: None, **rare)
+    assert without_seconds(result.history) == without_seconds(uninterrupted.history)
+    assert_trees_equal(result.params, uninterrupted.params)
+    state = read_training_state(tmp_path / "state")
+    assert state["loop"]["next_epoch"] == len(uninterrupted.history)
+
+
 def test_finished_run_is_not_retrained(probe_data, uninterrupted, tmp_path):
     probe(probe_data, tmp_path, lambda s: None)
     lines: list[str] = []
