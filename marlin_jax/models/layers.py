@@ -165,17 +165,24 @@ class Attention(nnx.Module):
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, H, N, hd)
         q = q * jnp.asarray(self.scale, q.dtype)
 
+        looped = self.attention_impl == "per_head" and self.attn_drop is None
+
         def attend(q, k, v):
             logits = matmul(q, k.swapaxes(-1, -2), self.matmul_dtype, jnp.float32).astype(jnp.float32)
             weights = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
-            denominator = weights.sum(axis=-1, keepdims=True)
+            # One head at a time, P @ V runs in the matmul dtype too (the weights are rounded once
+            # and the denominator sums the rounded values). Batched, it stays in the activation
+            # dtype: casting B*H (N, N) weights in memory costs more than the bf16 matmul saves.
+            pv_dtype = self.matmul_dtype if looped else None
+            if pv_dtype is not None:
+                weights = weights.astype(pv_dtype)
+            denominator = weights.sum(axis=-1, keepdims=True, dtype=jnp.float32)
             if self.attn_drop is not None:
                 weights = self.attn_drop(weights)  # == dropout on the probabilities (same denominator)
-            # P @ V stays in the activation dtype: casting the (N, N) weights to bf16 costs more than
-            # the bf16 matmul saves (its contraction is long but its output is small).
-            return (weights.astype(v.dtype) @ v) / denominator.astype(v.dtype)
+            out = matmul(weights.astype(pv_dtype or v.dtype), v, pv_dtype, v.dtype)
+            return out / denominator.astype(v.dtype)
 
-        if self.attention_impl == "per_head" and self.attn_drop is None:
+        if looped:
             heads = (t.reshape(b * h, n, hd) for t in (q, k, v))
             out = jax.lax.map(lambda qkv: attend(*qkv), tuple(heads)).reshape(b, h, n, hd)
         else:
