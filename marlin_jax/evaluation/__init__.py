@@ -26,12 +26,22 @@ from .metrics import (
     per_label_auroc,
     save_metrics,
 )
-from .training import FitOptions, FitResult, classification_loss, fit, restore_best
+from .training import (
+    CheckpointMismatchError,
+    FitOptions,
+    FitResult,
+    Preempted,
+    classification_loss,
+    fit,
+    read_training_state,
+    restore_best,
+)
 
 __all__ = [
-    "ClipDataset", "DatasetError", "FeatureSet", "FitOptions", "FitResult", "LabelSet",
+    "CheckpointMismatchError", "ClipDataset", "DatasetError", "FeatureSet", "FitOptions", "FitResult", "LabelSet",
     "binary_auroc", "classification_loss", "classification_metrics", "fit", "format_table",
     "load_celebvhq", "load_features", "load_label_file", "multiclass_accuracy",
-    "multiclass_auroc", "multilabel_auroc", "per_label_auroc", "restore_best",
+    "multiclass_auroc", "multilabel_auroc", "per_label_auroc", "Preempted", "read_training_state",
+    "restore_best",
     "sample_clip_indices", "save_metrics",
 ]

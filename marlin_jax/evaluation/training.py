@@ -36,7 +36,6 @@ import json
 import logging
 import math
 import os
-import signal
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -49,6 +48,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from marlin_jax.evaluation.metrics import Task
+from marlin_jax.preemption import SigtermFlag
 
 logger = logging.getLogger(__name__)
 
@@ -404,36 +404,6 @@ def read_training_state(directory: str | os.PathLike) -> dict[str, Any] | None:
     return _check_format(directory, meta["meta"])
 
 
-class _SigtermFlag:
-    """Turns SIGTERM into a flag checked at epoch boundaries (only in the main thread).
-
-    The trainer's ``_Preemption`` does the same; both should move to one shared module."""
-
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
-        self.requested = False
-        self._installed = False
-        self._previous: Any = None
-
-    def __enter__(self) -> _SigtermFlag:
-        if self.enabled:
-            try:
-                self._previous = signal.signal(signal.SIGTERM, self._handle)
-                self._installed = True
-            except ValueError:  # not the main thread: leave SIGTERM alone
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        logger.warning("SIGTERM received: stopping after this epoch's checkpoint")
-        self.requested = True
-
-    def __exit__(self, *exc) -> None:
-        if self._installed:  # None: the previous handler was not set from Python
-            signal.signal(signal.SIGTERM,
-                          signal.SIG_DFL if self._previous is None else self._previous)
-
-
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, Params, nnx.State]:
     """``(graphdef, params as a pure dict, other state)`` of a module."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -576,7 +546,8 @@ def fit(
             loop = dataclasses.replace(loop, stop_reason=_stop_reason(loop, options))
         finished_before = loop.stop_reason is not None and resumed_from is not None
         best_unsaved, last_save = False, time.monotonic()
-        with _SigtermFlag(enabled=store is not None) as sigterm:
+        with SigtermFlag("SIGTERM received: stopping after this epoch's checkpoint",
+                         enabled=store is not None) as sigterm:
             while loop.stop_reason is None:
                 epoch = loop.next_epoch
                 t0 = time.perf_counter()

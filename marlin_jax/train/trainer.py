@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 import time
 from typing import Any
 
@@ -26,6 +25,7 @@ from jax.experimental import multihost_utils
 from marlin_jax import sharding as shd
 from marlin_jax.data import make_dataset, make_source
 from marlin_jax.models import MarlinConfig, MarlinModel, config_from_mapping
+from marlin_jax.preemption import SigtermFlag
 from marlin_jax.train import metrics as mt
 from marlin_jax.train import reconstruction, steps
 from marlin_jax.train import state as st
@@ -148,29 +148,6 @@ def load_init_params(path: str, model_cfg: MarlinConfig, g_params: st.Params,
 
 
 # ----------------------------------------------------------------------------- the loop
-
-
-class _Preemption:
-    """Turns SIGTERM into a flag the loop checks (save, then exit cleanly)."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self) -> _Preemption:
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        log.warning("SIGTERM received: saving a checkpoint before exiting")
-        self.requested = True
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
 
 
 def _device_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
@@ -344,7 +321,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     interval_t = time.perf_counter()
     interval_steps = 0
     checked_num_visible = False
-    with _Preemption() as preempt:
+    with SigtermFlag("SIGTERM received: saving a checkpoint before exiting") as preempt:
         try:
             while step < sched.total_steps:
                 local = next(train_iter)
