@@ -208,6 +208,29 @@ def test_clip_dataset_batches(tmp_path):
     assert len(list(ds.batches(2, shuffle=False, seed=0, drop_last=True))) == 1
 
 
+def test_clip_dataset_batches_resume_without_decoding_skipped(tmp_path, monkeypatch):
+    """start_batch=k yields exactly batches k.. of the whole pass and decodes only their clips."""
+    names = tuple("abcdefg")
+    make_celebvhq(tmp_path, names=names, frames=10, size=16)
+    (tmp_path / "train.txt").write_text("\n".join(names))
+    ds = ClipDataset(load_celebvhq(tmp_path, "train", "appearance"), 4, 2, 16)
+    whole = list(ds.batches(2, shuffle=True, seed=5, drop_last=True, num_threads=1))
+    chunks = ds.batch_indices(2, shuffle=True, seed=5, drop_last=True)
+    assert len(whole) == len(chunks) == 3
+    decoded: list[int] = []
+    clip = ds.clip
+    monkeypatch.setattr(ds, "clip", lambda i, rng: decoded.append(i) or clip(i, rng))
+    rest = list(ds.batches(2, shuffle=True, seed=5, drop_last=True, start_batch=2,
+                           num_threads=1))
+    assert sorted(decoded) == sorted(chunks[2].tolist())  # batches 0 and 1 never decoded
+    assert len(rest) == 1
+    np.testing.assert_array_equal(rest[0][0], whole[2][0])
+    np.testing.assert_array_equal(rest[0][1], whole[2][1])
+    assert list(ds.batches(2, shuffle=True, seed=5, drop_last=True, start_batch=3)) == []
+    with pytest.raises(ValueError, match=r"start_batch 4 outside \[0, 3\]"):
+        next(ds.batches(2, shuffle=True, seed=5, drop_last=True, start_batch=4))
+
+
 def test_unreadable_video_fails_before_training_or_is_skipped(tmp_path):
     make_celebvhq(tmp_path, frames=10, size=16)
     (tmp_path / "cropped" / "b.mp4").write_bytes(b"garbage")

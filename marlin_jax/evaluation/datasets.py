@@ -595,6 +595,17 @@ class ClipDataset:
         idx = np.minimum(idx, len(frames) - 1)  # container count may exceed decodable frames
         return resize_frames(frames[idx], self.size)
 
+    def batch_indices(self, batch_size: int, *, shuffle: bool, seed: int,
+                      drop_last: bool = False) -> list[np.ndarray]:
+        """The sample indices of every batch of one pass of :meth:`batches` (nothing decoded)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        order = np.arange(len(self))
+        if shuffle:
+            order = np.random.default_rng(seed).permutation(order)
+        stop = len(order) - len(order) % batch_size if drop_last else len(order)
+        return [order[s:s + batch_size] for s in range(0, stop, batch_size)]
+
     def batches(
         self,
         batch_size: int,
@@ -602,6 +613,7 @@ class ClipDataset:
         shuffle: bool,
         seed: int,
         drop_last: bool = False,
+        start_batch: int = 0,
         num_threads: int = 4,
         prefetch: int = 2,
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -609,13 +621,15 @@ class ClipDataset:
 
         The order (if ``shuffle``) and every clip's start frame derive from ``seed`` and the
         sample index only, so a pass is reproducible (use a new seed per epoch for training,
-        a fixed one for evaluation). Clips are decoded by a thread pool (OpenCV drops the GIL).
+        a fixed one for evaluation). ``start_batch`` resumes a pass: the first ``start_batch``
+        batches are skipped by index, without decoding their clips, and the rest are exactly
+        those of the whole pass. Clips are decoded by a thread pool (OpenCV drops the GIL).
         """
-        order = np.arange(len(self))
-        if shuffle:
-            order = np.random.default_rng(seed).permutation(order)
-        stop = len(order) - len(order) % batch_size if drop_last else len(order)
-        chunks = [order[s:s + batch_size] for s in range(0, stop, batch_size)]
+        chunks = self.batch_indices(batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        if not 0 <= start_batch <= len(chunks):
+            raise ValueError(f"start_batch {start_batch} outside [0, {len(chunks)}] "
+                             f"({len(self)} samples in batches of {batch_size})")
+        chunks = chunks[start_batch:]
 
         def load(i: int) -> np.ndarray:
             return self.clip(int(i), np.random.default_rng((seed, int(i))))
