@@ -13,21 +13,25 @@ files, see :func:`marlin_jax.evaluation.datasets.load_label_file`; ``task`` is "
 "multiclass", "multilabel" or "" to infer). Any config field can be overridden on the command
 line, e.g. ``--config.data_path=/data/CelebV-HQ --config.data_ratio=0.1``.
 
-Resuming: after an epoch the whole training state (parameters, optimiser state, epoch, plateau
-schedule, best metric and epoch, history) is saved under ``<workdir>/state`` (after every epoch
-once ``checkpoint_every_s`` seconds have passed since the last save: 30 by default, 0 = every
-epoch). Rerunning the same command with the same workdir continues after the last saved epoch
-and ends with the same result as an uninterrupted run (an epoch's batches derive from ``seed``
-and the epoch number only). A run that already finished is not retrained: its saved
+Resuming: the whole training state (parameters, optimiser state, position in the epoch, plateau
+schedule, best metric and epoch, history) is saved under ``<workdir>/state`` once
+``checkpoint_every_s`` seconds (300 by default) have passed since the last save: at the end of
+an epoch, and for fine-tuning also between two training steps, so a SIGKILL loses at most about
+that much training; 0 saves at every epoch end and never mid-epoch. Rerunning the same command
+with the same workdir continues at the saved batch (the skipped clips are not decoded) and ends
+bitwise as an uninterrupted run (an epoch's batches derive from ``seed``, the epoch number and
+the batch index only). A run that already finished is not retrained: its saved
 ``metrics.json`` is reported. A workdir holding the checkpoint of a different run (other
 hyper-parameters, model shapes or data) is refused with an error naming it;
 ``--config.fresh_start=True`` deletes its checkpoints and starts over (pass it once, not in a
 requeued job's command). Paths (``data_path``, ``feature_dir``, ``marlin_ckpt``, label files)
 and runtime knobs (``num_threads``; ``mesh`` while the training batch stays the same) may
 change between attempts: the data is identified by a digest of its keys and labels (and of the
-features, for probes). On SIGTERM (preemption) training stops at the end of the current epoch,
-after saving it, and the process exits with status 143 (128 + SIGTERM) without writing
-metrics; a SIGKILL loses the epochs since the last save. A refused workdir exits with status 2.
+features, for probes). On SIGTERM (preemption) fine-tuning finishes the current training step
+(or validation batch), saves, and the process exits with status 143 (128 + SIGTERM) without
+writing metrics; a linear probe (epochs of milliseconds) stops likewise at the end of the
+current epoch. One step plus one synchronous save must fit in the grace period (ViT-L: about
+3.6 GB of parameters and Adam moments). A refused workdir exits with status 2.
 """
 
 from __future__ import annotations
@@ -110,7 +114,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.workdir = ""  # default ckpt/<model_name>
     c.skip_train = False  # evaluate the checkpoint in <workdir>/checkpoints only
     c.fresh_start = False  # delete <workdir>'s checkpoints and start over (else: resume)
-    c.checkpoint_every_s = 30.0  # min seconds between training-state saves (0: every epoch)
+    c.checkpoint_every_s = 300.0  # seconds between training-state saves (0: every epoch end)
     c.labels = ml_collections.ConfigDict({
         "file": "",  # one label file with a `split` column (or use split_fractions)
         "train": "", "val": "", "test": "",  # or one label file per split
@@ -189,7 +193,8 @@ def config_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def _fit_info(result: FitResult) -> dict[str, Any]:
     return {"best_epoch": result.best_epoch, "stop_reason": result.stop_reason,
-            "epochs": len(result.history), "resumed_from": result.resumed_from,
+            "epochs": len(result.history),
+            "resumed_at": None if result.resumed_at is None else list(result.resumed_at),
             "history": result.history}
 
 
@@ -420,6 +425,8 @@ if __name__ == "__main__":
     from ml_collections import config_flags
 
     _CONFIG = config_flags.DEFINE_config_file(
-        "config", None, "evaluation config file; a rerun in the same workdir resumes from "
-        "<workdir>/state (--config.fresh_start=True starts over)", lock_config=True)
+        "config", None, "evaluation config file; training state is saved in <workdir>/state "
+        "every checkpoint_every_s seconds (mid-epoch for fine-tuning) and one step after "
+        "SIGTERM (exit 143); a rerun in the same workdir resumes at the saved batch "
+        "(--config.fresh_start=True starts over)", lock_config=True)
     app.run(main)

@@ -116,7 +116,7 @@ def test_probe_interrupted_then_resumed_equals_uninterrupted(probe_data, uninter
     assert read_training_state(tmp_path / "state")["loop"]["next_epoch"] == crash_epoch
     lines: list[str] = []
     model, result = probe(probe_data, tmp_path, lines.append)
-    assert result.resumed_from == crash_epoch - 1 and not result.already_finished
+    assert result.resumed_at == (crash_epoch, 0) and not result.already_finished
     assert lines[0].startswith("resuming from") and lines[1].startswith(f"epoch {crash_epoch:4d}")
     assert without_seconds(result.history) == without_seconds(ref.history)
     assert (result.best_epoch, result.best_metric, result.stop_reason) == (
@@ -150,7 +150,7 @@ def test_finished_run_is_not_retrained(probe_data, uninterrupted, tmp_path):
     probe(probe_data, tmp_path, lambda s: None)
     lines: list[str] = []
     _, again = probe(probe_data, tmp_path, lines.append)
-    assert again.already_finished and again.resumed_from == len(uninterrupted.history) - 1
+    assert again.already_finished and again.resumed_at == (len(uninterrupted.history), 0)
     assert not [line for line in lines if line.startswith("epoch")]  # no epoch ran
     assert without_seconds(again.history) == without_seconds(uninterrupted.history)
     assert_trees_equal(again.params, uninterrupted.params)
@@ -194,7 +194,7 @@ def test_other_run_in_the_state_dir_is_refused(probe_data, tmp_path):
     # fresh_start deletes both checkpoints and trains the new run from epoch 0
     lines: list[str] = []
     _, result = probe(probe_data, tmp_path, lines.append, options=other_lr, fresh_start=True)
-    assert result.resumed_from is None and lines[0].startswith("fresh start: deleting")
+    assert result.resumed_at is None and lines[0].startswith("fresh start: deleting")
     assert [h["lr"] for h in result.history] == [1.0, 1.0]
     # best parameters without a training state (e.g. an older run): refused, not mixed in
     (tmp_path / "state").rename(tmp_path / "state_moved")
@@ -214,7 +214,7 @@ def test_evaluate_run_resumes_reports_and_refuses(tmp_path):
         run(config, log=sigterm_at(4))
     assert not (tmp_path / "work" / "metrics.json").exists()
     resumed = run(config, log=lambda s: None)
-    assert resumed["fit"]["resumed_from"] == 4
+    assert resumed["fit"]["resumed_at"] == [5, 0]
     assert without_seconds(resumed["fit"]["history"]) == without_seconds(ref["fit"]["history"])
     assert resumed["metrics"] == ref["metrics"]
     # finished: the saved results, without reading any data (the features are gone)
@@ -255,7 +255,7 @@ def test_finetune_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     with pytest.raises(Preempted, match="after epoch 0"):
         run(config, log=sigterm_at(0))
     resumed = run(config, log=lambda s: None)
-    assert resumed["fit"]["resumed_from"] == 0 and resumed["fit"]["epochs"] == 3
+    assert resumed["fit"]["resumed_at"] == [1, 0] and resumed["fit"]["epochs"] == 3
     assert without_seconds(resumed["fit"]["history"]) == without_seconds(ref["fit"]["history"])
     assert resumed["metrics"] == ref["metrics"]
     state = read_training_state(tmp_path / "work" / "state")
@@ -273,19 +273,23 @@ def test_finetune_interrupted_then_resumed_equals_uninterrupted(tmp_path):
                        restore_best(tmp_path / "ref" / "checkpoints", like))
 
 
-def _state_epochs(state_dir: Path) -> list[int]:
-    if not state_dir.is_dir():
-        return []
-    return sorted(int(p.name) for p in state_dir.iterdir() if p.name.isdigit())
+def _saved_epochs(state_dir: Path) -> int:
+    """Completed epochs in the newest state checkpoint of a running process (0: none yet)."""
+    try:
+        state = read_training_state(state_dir)
+    except Exception:  # noqa: BLE001  (the step being read was just replaced by a newer one)
+        return 0
+    return 0 if state is None else state["loop"]["next_epoch"]
 
 
 def _wait_for_epoch(proc: subprocess.Popen, state_dir: Path, at_least: int,
                     timeout: float = 240.0) -> int:
+    """Waits until epoch ``at_least`` is saved; returns the last saved epoch."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        epochs = _state_epochs(state_dir)
-        if epochs and epochs[-1] >= at_least:
-            return epochs[-1]
+        done = _saved_epochs(state_dir)
+        if done > at_least:
+            return done - 1
         if proc.poll() is not None:
             raise AssertionError(f"finished before epoch {at_least}: {proc.stderr.read()[-2000:]}")
         time.sleep(0.05)
@@ -329,7 +333,7 @@ def test_cli_killed_then_resumed(tmp_path):
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
     saved = json.loads((work / "metrics.json").read_text())
-    assert saved["fit"]["resumed_from"] > killed_after
+    assert saved["fit"]["resumed_at"][0] > killed_after
     assert without_seconds(saved["fit"]["history"]) == without_seconds(ref["fit"]["history"])
     assert saved["metrics"]["test"] == pytest.approx(ref["metrics"]["test"], rel=0, abs=0)
     # a finished workdir reports; another config in it is refused (status 2, naming it)

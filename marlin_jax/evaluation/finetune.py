@@ -120,12 +120,16 @@ class _Sharded:
 def predict_clips(
     forward: Callable, params, rest, dataset: ClipDataset, batch_size: int, seed: int,
     put: Callable[[np.ndarray], jax.Array], num_threads: int = 4,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Logits ``(N, C)`` and labels of every sample, one clip each (start frames from ``seed``).
+    stop: Callable[[], bool] | None = None,
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Logits ``(N, C)`` and labels of every sample, one clip each (start frames from ``seed``);
+    None if ``stop()`` became true before the last batch (checked before each).
 
     The last batch is padded to ``batch_size`` (static shapes; the padding is dropped)."""
     logits, labels = [], []
     for x, y in dataset.batches(batch_size, shuffle=False, seed=seed, num_threads=num_threads):
+        if stop is not None and stop():
+            return None
         n = len(x)
         out = forward(params, rest, put(pad_batch(x, batch_size)))
         logits.append(np.asarray(out)[:n])
@@ -149,8 +153,10 @@ def make_predictor(
     batch = effective_batch_size(batch_size, batch_size, mesh)
 
     def predict(dataset: ClipDataset) -> tuple[np.ndarray, np.ndarray]:
-        return predict_clips(sharded.forward, sharded.params, sharded.rest, dataset, batch,
-                             eval_seed, sharded.put, num_threads)
+        out = predict_clips(sharded.forward, sharded.params, sharded.rest, dataset, batch,
+                            eval_seed, sharded.put, num_threads)
+        assert out is not None  # no stop
+        return out
 
     return predict
 
@@ -177,9 +183,11 @@ def train_finetune(
 
     Training clips are re-sampled every epoch (order and start frames from seed
     ``options.seed + epoch`` only); evaluation clips are fixed by ``eval_seed``. With
-    ``state_dir`` every epoch is checkpointed and a rerun resumes (see
-    :func:`~marlin_jax.evaluation.training.fit`), onto any mesh; the run's identity includes
-    the train / val keys and labels and the clip sampling.
+    ``state_dir`` the run is checkpointed (at epoch ends, every ``save_every_s`` between two
+    steps, and one step after SIGTERM) and a rerun resumes at the saved batch (see
+    :func:`~marlin_jax.evaluation.training.fit`), onto any mesh, without decoding the batches
+    before it; the run's identity includes the train / val keys and labels and the clip
+    sampling.
 
     Returns the classifier holding the best-validation parameters, the fit record, and
     ``predict(dataset) -> (logits, labels)`` bound to the sharded forward.
@@ -190,24 +198,25 @@ def train_finetune(
     batch = effective_batch_size(options.batch_size, len(train), mesh)
     eval_batch = batch
 
-    def run_epoch(params, opt_state, lr, epoch):
-        losses = []
-        for x, y in train.batches(batch, shuffle=True, seed=options.seed + epoch, drop_last=True,
-                                  num_threads=num_threads):
-            xs, ys = sharded.put(x, _labels_array(y, task))
-            params, opt_state, loss = sharded.step(params, opt_state, sharded.rest, xs, ys,
-                                                   jnp.float32(lr))
-            losses.append(loss)
-        return params, opt_state, float(np.mean(jax.device_get(losses)))
+    steps_per_epoch = len(train) // batch
 
-    def predict(dataset: ClipDataset, params=None) -> tuple[np.ndarray, np.ndarray]:
+    def run_epoch(params, opt_state, lr, epoch, start_batch):
+        """Yields the state after each step (asynchronously dispatched: no host sync)."""
+        lr = jnp.float32(lr)
+        for x, y in train.batches(batch, shuffle=True, seed=options.seed + epoch, drop_last=True,
+                                  start_batch=start_batch, num_threads=num_threads):
+            xs, ys = sharded.put(x, _labels_array(y, task))
+            params, opt_state, loss = sharded.step(params, opt_state, sharded.rest, xs, ys, lr)
+            yield params, opt_state, loss[None]
+
+    def predict(dataset: ClipDataset, params=None, stop=None):
         p = sharded.params if params is None else params
         return predict_clips(sharded.forward, p, sharded.rest, dataset, eval_batch, eval_seed,
-                             sharded.put, num_threads)
+                             sharded.put, num_threads, stop)
 
-    def evaluate(params):
-        logits, labels = predict(val, params)
-        return classification_metrics(logits, labels, task)
+    def evaluate(params, stop):
+        out = predict(val, params, stop)
+        return None if out is None else classification_metrics(*out, task)
 
     identity = {"finetune": {
         "task": task, "num_outputs": num_outputs, "batch": batch, "eval_seed": eval_seed,
@@ -215,8 +224,8 @@ def train_finetune(
         "data": array_digest("\n".join(train.labelset.keys), train.labelset.labels,
                              "\n".join(val.labelset.keys), val.labelset.labels)},
         **dict(run_id or {})}
-    result = fit(sharded.params, run_epoch=run_epoch, evaluate=evaluate,
-                 init_opt_state=sharded.init_opt, options=options,
+    result = fit(sharded.params, run_epoch=run_epoch, steps_per_epoch=steps_per_epoch,
+                 evaluate=evaluate, init_opt_state=sharded.init_opt, options=options,
                  checkpoint_dir=checkpoint_dir, state_dir=state_dir, run_id=identity,
                  fresh_start=fresh_start, save_every_s=save_every_s, log=log)
     sharded.params = result.params

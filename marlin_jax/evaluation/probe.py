@@ -112,7 +112,8 @@ def train_linear_probe(
     """Trains a LinearHead on ``train`` features, selecting the epoch by ``val``
     (``standardize``: z-score the features with the training statistics first).
 
-    With ``state_dir`` every epoch is checkpointed and a rerun resumes (see :func:`fit`); the
+    With ``state_dir`` epochs are checkpointed (whole epochs: one is a single ``lax.scan`` of
+    milliseconds) and a rerun resumes (see :func:`fit`); the
     run's identity includes a digest of the train and val features and labels, so a checkpoint
     made on other features is refused. Epoch ``e`` shuffles with ``fold_in(key(seed), e)``.
 
@@ -142,23 +143,27 @@ def train_linear_probe(
             return (p, o), loss
 
         (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), order)
-        return params, opt_state, losses.mean()
+        return params, opt_state, losses
 
     forward = jax.jit(make_forward(graphdef))
     x_val = jnp.asarray(val.x)
 
-    def evaluate(p):
+    def evaluate(p, stop):
+        del stop  # milliseconds: not worth interrupting
         return classification_metrics(np.asarray(forward(p, rest, x_val)), val.labels, task)
 
-    def run_epoch(p, o, lr, epoch):
-        return epoch_fn(p, o, jnp.float32(lr), epoch)
+    def run_epoch(p, o, lr, epoch, start_batch):
+        # the whole epoch is one unit (one scan): fit only ever stops at epoch boundaries
+        if start_batch != 0:
+            raise ValueError(f"a probe epoch cannot start at batch {start_batch}")
+        yield epoch_fn(p, o, jnp.float32(lr), epoch)
 
     identity = {"probe": {"task": task, "num_outputs": num_outputs, "standardize": standardize,
                           "data": array_digest(train.x, train.labels, val.x, val.labels)},
                 **dict(run_id or {})}
-    result = fit(params, run_epoch=run_epoch, evaluate=evaluate, init_opt_state=tx.init,
-                 options=options, checkpoint_dir=checkpoint_dir, state_dir=state_dir,
-                 run_id=identity, fresh_start=fresh_start, save_every_s=save_every_s,
-                 log=log)
+    result = fit(params, run_epoch=run_epoch, steps_per_epoch=num_batches, evaluate=evaluate,
+                 init_opt_state=tx.init, options=options, checkpoint_dir=checkpoint_dir,
+                 state_dir=state_dir, run_id=identity, fresh_start=fresh_start,
+                 save_every_s=save_every_s, log=log)
     load_params(model, result.params)
     return model, result

@@ -17,19 +17,39 @@ a validation improvement, so short runs need not wait for the learning rate to d
 The model is any ``nnx.Module`` mapping a batch to logits; it is handled functionally
 (``nnx.split`` into graph, parameters and other state) so the step is a pure jitted function.
 
-Resuming (``fit(..., state_dir=...)``): after every epoch (or the first epoch ending
-``save_every_s`` after the last save) the whole loop state is checkpointed with orbax:
-parameters, optimiser state, and as JSON the epoch, plateau schedule, best metric and epoch,
-history, stop reason and the run identity. A rerun with the same ``state_dir`` continues after
-the last saved epoch and ends exactly as an uninterrupted run would, because an epoch's data
-order and randomness derive from ``(options.seed, epoch)`` only (the contract of
-``run_epoch``); a checkpoint of a different run (options, parameter shapes, data) is refused.
-SIGTERM makes the loop stop at the next epoch boundary, after that epoch's checkpoint, by
-raising :class:`Preempted`.
+Training is driven step by step: ``run_epoch(params, opt_state, lr, epoch, start_batch)`` is a
+generator that trains batches ``start_batch, start_batch + 1, ...`` of the epoch and yields the
+state after each unit of work (one batch for fine-tuning; the whole epoch, one ``lax.scan``,
+for a linear probe) with that unit's per-batch losses. Between yields :func:`fit` may
+checkpoint and stop, so the *position* inside an epoch is part of the loop state.
+
+Resuming (``fit(..., state_dir=...)``): the whole loop state is checkpointed with orbax:
+parameters, optimiser state, and as JSON the position (epoch, next batch, running sum of the
+epoch's train losses), plateau schedule, best metric and epoch, history, stop reason and the
+run identity. Saves happen at the end of an epoch once ``save_every_s`` have passed since the
+last one (0: every epoch), and, when ``save_every_s > 0``, also between two training steps once
+that time has passed. A rerun with the same ``state_dir`` continues from the saved position and
+ends bitwise as an uninterrupted run would, because an epoch's data order and randomness derive
+from ``(options.seed, epoch)`` only and a batch's from its index in the epoch (the contract of
+``run_epoch``; :meth:`~marlin_jax.evaluation.datasets.ClipDataset.batches` skips to a batch
+without decoding the ones before), and the train loss is a float64 sum of per-batch losses in
+batch order whichever save points interrupted it. A checkpoint of a different run (options,
+parameter shapes, data) is refused.
+
+SIGTERM (preemption) sets a flag; the loop checks it after every unit of work and during
+validation (``evaluate(params, stop)`` returns None once ``stop()``), so a fine-tuning run saves
+within one training step (or one validation batch) of the signal, then raises
+:class:`Preempted`. A save is synchronous: with a cluster's usual 30 s grace, one step plus one
+save of parameters and Adam moments must fit in it (ViT-L: 3 x 1.2 GB).
+
+The best parameters live in ``checkpoint_dir`` (the product of the run); the state checkpoint
+also carries them while they are newer than that directory's copy (written right after the
+state), so an interruption between the two writes loses nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -37,7 +57,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -152,8 +172,9 @@ def make_forward(graphdef: nnx.GraphDef,
 class FitResult:
     """Outcome of :func:`fit`: the best parameters and the per-epoch history.
 
-    ``resumed_from`` is the last completed epoch restored from ``state_dir`` (None: a fresh
-    run); ``already_finished`` says that the restored run had finished, so nothing was trained.
+    ``resumed_at`` is the ``(epoch, batch)`` position restored from ``state_dir`` (None: a
+    fresh run); ``already_finished`` says that the restored run had finished, so nothing was
+    trained.
     """
 
     params: Params
@@ -161,20 +182,28 @@ class FitResult:
     best_metric: float
     history: list[dict[str, float]]
     stop_reason: str
-    resumed_from: int | None = None
+    resumed_at: tuple[int, int] | None = None
     already_finished: bool = False
 
 
 class Preempted(Exception):  # noqa: N818  (a signal, not an error of the run)
-    """SIGTERM arrived: epoch ``epoch`` was checkpointed in ``directory`` and training stopped.
+    """SIGTERM arrived: the loop state was checkpointed in ``directory`` and training stopped.
 
-    Rerunning the same command with the same state directory resumes from there.
+    ``(epoch, batch)`` is where a rerun of the same command with the same state directory
+    continues: batch ``batch`` of epoch ``epoch`` (``batch == num_batches``: the epoch's
+    validation; ``batch == 0``: the epoch's start, i.e. it stopped after epoch ``epoch - 1``).
     """
 
-    def __init__(self, directory: str, epoch: int):
-        self.directory, self.epoch = directory, epoch
-        super().__init__(f"SIGTERM: stopped after epoch {epoch}, saved in {directory}; rerun the "
-                         "same command to resume")
+    def __init__(self, directory: str, epoch: int, batch: int = 0, num_batches: int = 0):
+        self.directory, self.epoch, self.batch = directory, epoch, batch
+        if batch == 0:
+            where = f"after epoch {epoch - 1}"
+        elif batch >= num_batches:
+            where = f"in epoch {epoch} before its validation"
+        else:
+            where = f"in epoch {epoch} after {batch} of {num_batches} batches"
+        super().__init__(f"SIGTERM: stopped {where}, saved in {directory}; rerun the same "
+                         "command to resume")
 
 
 class CheckpointMismatchError(ValueError):
@@ -243,35 +272,51 @@ def restore_best(directory: str | os.PathLike, params_like: Params) -> Params:
 
 # ----------------------------------------------------------------------------- resumable state
 
-STATE_FORMAT = 1  # version of the JSON part of a training-state checkpoint
+STATE_FORMAT = 2  # version of the JSON part of a training-state checkpoint (2: mid-epoch)
 
 
 @dataclasses.dataclass(frozen=True)
 class LoopState:
-    """Host-side state of :func:`fit` after ``next_epoch`` epochs (JSON-serialisable).
+    """Host-side state of :func:`fit` (JSON-serialisable): ``next_epoch`` epochs are complete
+    and the first ``next_batch`` batches of epoch ``next_epoch`` are trained, their losses
+    summing (float64, in batch order) to ``loss_sum``.
 
     The early-stopping counter is derived (``next_epoch - 1 - best_epoch``), and the data order
-    of epoch ``e`` is a function of ``(seed, e)``, so ``next_epoch`` is the data position.
-    ``stop_reason`` is set once the run has finished.
+    of epoch ``e`` is a function of ``(seed, e)``, so ``(next_epoch, next_batch)`` is the data
+    position. ``stop_reason`` is set once the run has finished.
     """
 
     schedule: Plateau
     next_epoch: int = 0
+    next_batch: int = 0
+    loss_sum: float = 0.0
     best_metric: float = -math.inf
     best_epoch: int = -1
     history: tuple[dict[str, float], ...] = ()
     stop_reason: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"next_epoch": self.next_epoch, "schedule": self.schedule._asdict(),
+        return {"next_epoch": self.next_epoch, "next_batch": self.next_batch,
+                "loss_sum": self.loss_sum, "schedule": self.schedule._asdict(),
                 "best_metric": self.best_metric, "best_epoch": self.best_epoch,
                 "history": list(self.history), "stop_reason": self.stop_reason}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> LoopState:
         return cls(schedule=Plateau(**d["schedule"]), next_epoch=int(d["next_epoch"]),
+                   next_batch=int(d["next_batch"]), loss_sum=float(d["loss_sum"]),
                    best_metric=float(d["best_metric"]), best_epoch=int(d["best_epoch"]),
                    history=tuple(d["history"]), stop_reason=d["stop_reason"])
+
+    def add_losses(self, losses: list[jax.Array]) -> LoopState:
+        """The state after the batches whose losses ``[(k,), ...]`` are given (in order);
+        fetches them from the device (one sync)."""
+        total, count = self.loss_sum, self.next_batch
+        for chunk in jax.device_get(losses):
+            for value in np.asarray(chunk, np.float64).ravel():
+                total += float(value)
+                count += 1
+        return dataclasses.replace(self, next_batch=count, loss_sum=total)
 
 
 def _plain(x: Any) -> Any:
@@ -336,11 +381,16 @@ def check_identity(directory: str, saved: Mapping[str, Any], current: Mapping[st
             "deletes it.")
 
 
-class TrainingStateCheckpoint:
-    """The per-epoch checkpoint of :func:`fit` (orbax; the newest only, written atomically).
+_STATE_ITEMS = ("state", "meta", "best")
 
-    Items: ``state`` = ``{"params", "opt_state"}`` (arrays, any sharding) and ``meta`` (JSON:
-    the :class:`LoopState`, the run identity and the format version). Steps are epochs.
+
+class TrainingStateCheckpoint:
+    """The loop-state checkpoint of :func:`fit` (orbax; the newest only, written atomically).
+
+    Items: ``state`` = ``{"params", "opt_state"}`` (arrays, any sharding), ``meta`` (JSON: the
+    :class:`LoopState`, the run identity, the format version and ``best_in_state``) and, when
+    ``best_in_state``, ``best`` (the best parameters, not yet in the best checkpoint). Steps
+    count the saves (the position is in ``meta``).
     """
 
     def __init__(self, directory: str | os.PathLike):
@@ -348,7 +398,7 @@ class TrainingStateCheckpoint:
         options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False,
                                                create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "meta"))
+                                             item_names=_STATE_ITEMS)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -357,12 +407,18 @@ class TrainingStateCheckpoint:
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return _check_format(self.directory, meta["meta"])
 
-    def save(self, epoch: int, params: Params, opt_state: Any, loop: LoopState,
-             identity: Mapping[str, Any]) -> None:
-        meta = {"format": STATE_FORMAT, "loop": loop.to_json(), "identity": dict(identity)}
-        self.manager.save(epoch, args=ocp.args.Composite(
-            state=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
-            meta=ocp.args.JsonSave(meta)), force=True)
+    def save(self, params: Params, opt_state: Any, loop: LoopState,
+             identity: Mapping[str, Any], best_params: Params | None = None) -> None:
+        """Writes a new step (the previous one is deleted once it is complete)."""
+        latest = self.manager.latest_step()
+        meta = {"format": STATE_FORMAT, "loop": loop.to_json(), "identity": dict(identity),
+                "best_in_state": best_params is not None}
+        items = {"state": ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
+                 "meta": ocp.args.JsonSave(meta)}
+        if best_params is not None:
+            items["best"] = ocp.args.StandardSave(best_params)
+        self.manager.save(0 if latest is None else latest + 1,
+                          args=ocp.args.Composite(**items), force=True)
         self.manager.wait_until_finished()
 
     def restore(self, step: int, params_like: Params, opt_like: Any) -> tuple[Params, Any]:
@@ -371,6 +427,11 @@ class TrainingStateCheckpoint:
         state = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target)))["state"]
         return state["params"], state["opt_state"]
+
+    def restore_best(self, step: int, params_like: Params) -> Params:
+        """The best parameters carried by ``step`` (its meta says ``best_in_state``)."""
+        return self.manager.restore(step, args=ocp.args.Composite(
+            best=ocp.args.StandardRestore(_abstract(params_like))))["best"]
 
     def clear(self) -> None:
         for step in list(self.manager.all_steps()):
@@ -396,7 +457,7 @@ def read_training_state(directory: str | os.PathLike) -> dict[str, Any] | None:
     if not os.path.isdir(directory):
         return None
     with ocp.CheckpointManager(directory, options=_READER,
-                               item_names=("state", "meta")) as manager:
+                               item_names=_STATE_ITEMS) as manager:
         step = manager.latest_step()
         if step is None:
             return None
@@ -429,34 +490,33 @@ def _stop_reason(loop: LoopState, options: FitOptions) -> str | None:
     return None
 
 
-def _restore_best_params(best: BestCheckpoint, loop: LoopState, state_epoch: int,
-                         params_like: Params, state_params: Callable[[], Params]
+def _restore_best_params(store: TrainingStateCheckpoint, best: BestCheckpoint, step: int,
+                         meta: Mapping[str, Any], loop: LoopState, params_like: Params
                          ) -> Params | None:
-    """The best-epoch parameters of a restored run (``state_params()``: those of
-    ``state_epoch``, read only when needed).
+    """The best-epoch parameters of the state saved at ``step`` (None: no best epoch yet).
 
-    The best checkpoint is written after the state checkpoint of the same epoch, so an
-    interruption between the two leaves it one improvement behind: then the best epoch is the
-    restored epoch itself and its parameters are re-saved from the state.
+    The state carries them while the best checkpoint may lag (see :func:`fit`); they are then
+    written there now, so the two agree again.
     """
     if loop.best_epoch < 0:
         best.clear()
         return None
+    if meta.get("best_in_state"):
+        params = store.restore_best(step, params_like)
+        if loop.best_epoch not in best.steps():
+            best.save(loop.best_epoch, params, {best.monitor: loop.best_metric})
+        return params
     if loop.best_epoch in best.steps():
         return best.restore(params_like, step=loop.best_epoch)
-    if loop.best_epoch == state_epoch:
-        params = state_params()
-        best.save(state_epoch, params, {best.monitor: loop.best_metric})
-        return jax.tree.map(jnp.copy, params)
     raise FileNotFoundError(f"{best.directory}: the best checkpoint (epoch {loop.best_epoch}) "
                             "recorded by the training state is missing")
 
 
 def _resume(store: TrainingStateCheckpoint, best: BestCheckpoint, identity: Mapping[str, Any],
             params: Params, opt_state: Any, monitor: str, log: Callable[[str], None]
-            ) -> tuple[Params, Any, LoopState, Params | None, int] | None:
-    """``(params, opt_state, loop, best_params, epoch)`` of the newest checkpoint in ``store``
-    (None: there is none). A finished run's params and optimiser state are not read."""
+            ) -> tuple[Params, Any, LoopState, Params | None] | None:
+    """``(params, opt_state, loop, best_params)`` of the newest checkpoint in ``store`` (None:
+    there is none). A finished run's params and optimiser state are not read."""
     latest = store.latest_step()
     if latest is None:
         if best.steps():
@@ -468,29 +528,23 @@ def _resume(store: TrainingStateCheckpoint, best: BestCheckpoint, identity: Mapp
     meta = store.read_meta(latest)
     check_identity(store.directory, meta["identity"], identity)
     loop = LoopState.from_json(meta["loop"])
-    template = params
+    best_params = _restore_best_params(store, best, latest, meta, loop, params)
     if loop.stop_reason is None:
-        params, opt_state = store.restore(latest, template, opt_state)
-        log(f"resuming from {store.directory}: epoch {latest} done, continuing at epoch "
-            f"{loop.next_epoch} (lr {loop.schedule.lr:.2e}, best val_{monitor} "
+        params, opt_state = store.restore(latest, params, opt_state)
+        log(f"resuming from {store.directory}: epoch {loop.next_epoch}, batch "
+            f"{loop.next_batch} (lr {loop.schedule.lr:.2e}, best val_{monitor} "
             f"{loop.best_metric:.4f} at epoch {loop.best_epoch})")
     else:
         log(f"{store.directory}: this run already finished ({loop.stop_reason}); not training")
-
-    def state_params() -> Params:
-        if loop.stop_reason is None:
-            return params
-        return store.restore(latest, template, opt_state)[0]
-
-    best_params = _restore_best_params(best, loop, latest, template, state_params)
-    return params, opt_state, loop, best_params, latest
+    return params, opt_state, loop, best_params
 
 
 def fit(
     params: Params,
     *,
-    run_epoch: Callable[[Params, Any, float, int], tuple[Params, Any, float]],
-    evaluate: Callable[[Params], Mapping[str, float]],
+    run_epoch: Callable[[Params, Any, float, int, int], Iterator[tuple[Params, Any, jax.Array]]],
+    steps_per_epoch: int,
+    evaluate: Callable[[Params, Callable[[], bool]], Mapping[str, float] | None],
     init_opt_state: Callable[[Params], Any],
     options: FitOptions,
     checkpoint_dir: str | os.PathLike | None = None,
@@ -505,33 +559,58 @@ def fit(
 
     Args:
       params: initial trainable parameters.
-      run_epoch: ``(params, opt_state, lr, epoch) -> (params, opt_state, mean train loss)``; its
-        data order and randomness must derive from ``(options.seed, epoch)`` only (so a resumed
-        epoch sees the same batches).
-      evaluate: ``params -> validation metrics`` (must contain ``options.monitor``).
+      run_epoch: ``(params, opt_state, lr, epoch, start_batch)`` -> a generator training
+        batches ``start_batch ..< steps_per_epoch`` of ``epoch`` and yielding
+        ``(params, opt_state, losses (k,))`` after every ``k`` of them (``k >= 1``; a yielded
+        state may be donated by the next step, so it is used before resuming the generator).
+        Batch ``b`` of epoch ``e`` and its randomness must derive from ``(options.seed, e, b)``
+        only, so that a resumed epoch sees the same batches.
+      steps_per_epoch: the number of batches of an epoch.
+      evaluate: ``(params, stop) -> validation metrics`` (containing ``options.monitor``), or
+        None when it gave up because ``stop()`` became true (SIGTERM); ``stop`` may be ignored.
       init_opt_state: ``params -> optimiser state`` (e.g. ``tx.init``, or a sharded jitted init).
       checkpoint_dir: where the best parameters are saved (orbax); None keeps them in memory only.
-      state_dir: where the whole training state is saved after every epoch (needs
-        ``checkpoint_dir``). If it holds a checkpoint of this run, training continues after its
-        last epoch (a finished run returns its saved result without training); a checkpoint of
-        another run (options, parameter shapes, ``run_id``) raises CheckpointMismatchError.
-        SIGTERM then stops at the next epoch boundary, after the checkpoint, with Preempted.
+      state_dir: where the whole training state is saved (needs ``checkpoint_dir``). If it holds
+        a checkpoint of this run, training continues from its position (a finished run returns
+        its saved result without training); a checkpoint of another run (options, parameter
+        shapes, ``run_id``) raises CheckpointMismatchError. SIGTERM then saves at the next
+        yield of ``run_epoch`` (or during validation) and raises Preempted.
       run_id: JSON-able identity of the run beyond options and shapes (e.g. a data digest).
       fresh_start: delete the checkpoints in ``state_dir`` and ``checkpoint_dir`` first.
-      save_every_s: with ``state_dir``, skip an epoch's checkpoint when the last one is younger
-        than this (0: every epoch; for epochs of milliseconds, as a linear probe's); the last
-        epoch, and the one SIGTERM stops at, are always saved. The best parameters are then
-        written with the state, so the two checkpoints always agree.
+      save_every_s: with ``state_dir``, the least time between two saves: 0 saves at the end
+        of every epoch (only), ``s > 0`` at the first epoch end or, inside an epoch, the first
+        yield of ``run_epoch`` ``s`` seconds after the last save (so a SIGKILL loses about that
+        much). The last epoch, and SIGTERM, are always saved.
     """
     if state_dir is not None and checkpoint_dir is None:
         raise ValueError("state_dir needs checkpoint_dir (the best parameters are kept there)")
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
     identity = run_identity(options, params, run_id)
     opt_state = init_opt_state(params)
     loop = LoopState(schedule=Plateau(lr=options.learning_rate))
     best_params = None
-    resumed_from = None
+    resumed_at = None
     best = BestCheckpoint(checkpoint_dir, options.monitor) if checkpoint_dir else None
     store = TrainingStateCheckpoint(state_dir) if state_dir is not None else None
+    best_unsaved, last_save = False, time.monotonic()
+
+    def save(params: Params, opt_state: Any, loop: LoopState) -> None:
+        """The loop state, then the best parameters if they changed since the last save (the
+        state carries them until then)."""
+        nonlocal best_unsaved, last_save
+        assert store is not None and best is not None
+        store.save(params, opt_state, loop, identity, best_params if best_unsaved else None)
+        if best_unsaved:
+            best.save(loop.best_epoch, best_params, {options.monitor: loop.best_metric})
+        best_unsaved, last_save = False, time.monotonic()
+
+    def preempted(loop: LoopState) -> Preempted:
+        assert store is not None
+        error = Preempted(store.directory, loop.next_epoch, loop.next_batch, steps_per_epoch)
+        log(str(error))
+        return error
+
     try:
         if store is not None and best is not None:
             if fresh_start:
@@ -541,22 +620,44 @@ def fit(
                 best.clear()
             resumed = _resume(store, best, identity, params, opt_state, options.monitor, log)
             if resumed is not None:
-                params, opt_state, loop, best_params, resumed_from = resumed
-        if resumed_from is None:
+                params, opt_state, loop, best_params = resumed
+                resumed_at = (loop.next_epoch, loop.next_batch)
+        if resumed_at is None:
             loop = dataclasses.replace(loop, stop_reason=_stop_reason(loop, options))
-        finished_before = loop.stop_reason is not None and resumed_from is not None
-        best_unsaved, last_save = False, time.monotonic()
-        with SigtermFlag("SIGTERM received: stopping after this epoch's checkpoint",
+        finished_before = loop.stop_reason is not None and resumed_at is not None
+        with SigtermFlag("SIGTERM received: saving after the current training step",
                          enabled=store is not None) as sigterm:
             while loop.stop_reason is None:
-                epoch = loop.next_epoch
+                epoch, lr = loop.next_epoch, loop.schedule.lr
                 t0 = time.perf_counter()
-                lr = loop.schedule.lr
-                params, opt_state, train_loss = run_epoch(params, opt_state, lr, epoch)
-                train_loss = float(train_loss)
+                losses: list[jax.Array] = []  # of batches not yet added to loop.loss_sum
+                done = loop.next_batch
+                with contextlib.closing(run_epoch(params, opt_state, lr, epoch, done)) as steps:
+                    for params, opt_state, step_losses in steps:
+                        losses.append(step_losses)
+                        done += len(step_losses)
+                        if done >= steps_per_epoch or store is None:
+                            continue
+                        if sigterm.requested or 0 < save_every_s <= time.monotonic() - last_save:
+                            loop = loop.add_losses(losses)
+                            losses = []
+                            save(params, opt_state, loop)
+                            if sigterm.requested:
+                                raise preempted(loop)
+                loop = loop.add_losses(losses)
+                if loop.next_batch != steps_per_epoch:
+                    raise RuntimeError(f"run_epoch trained {loop.next_batch} batches of epoch "
+                                       f"{epoch}, expected {steps_per_epoch}")
+                train_loss = loop.loss_sum / steps_per_epoch
                 if not math.isfinite(train_loss):
                     raise FloatingPointError(f"epoch {epoch}: training loss is {train_loss}")
-                val = dict(evaluate(params))
+                val = evaluate(params, lambda: sigterm.requested)
+                if val is None:
+                    if not sigterm.requested:
+                        raise RuntimeError("evaluate returned None without a stop request")
+                    save(params, opt_state, loop)  # trained, not validated: a rerun validates
+                    raise preempted(loop)
+                val = dict(val)
                 if options.monitor not in val:
                     raise KeyError(f"validation metrics lack {options.monitor!r}: {sorted(val)}")
                 score = float(val[options.monitor])
@@ -567,7 +668,8 @@ def fit(
                 log(f"epoch {epoch:4d}  lr {lr:.2e}  train_loss {train_loss:.4f}  "
                     f"val_{options.monitor} {score:.4f}{'  *' if improved else ''}")
                 loop = dataclasses.replace(
-                    loop, next_epoch=epoch + 1, history=(*loop.history, record),
+                    loop, next_epoch=epoch + 1, next_batch=0, loss_sum=0.0,
+                    history=(*loop.history, record),
                     schedule=plateau_step(loop.schedule, train_loss,
                                           factor=options.plateau_factor,
                                           patience=options.plateau_patience,
@@ -582,16 +684,9 @@ def fit(
                         best.save(epoch, params, {options.monitor: score})
                 elif (loop.stop_reason is not None or sigterm.requested
                       or time.monotonic() - last_save >= save_every_s):
-                    # state first, then the best of epochs <= it: see _restore_best_params
-                    store.save(epoch, params, opt_state, loop, identity)
-                    if best_unsaved and best is not None:
-                        best.save(loop.best_epoch, best_params,
-                                  {options.monitor: loop.best_metric})
-                    best_unsaved, last_save = False, time.monotonic()
+                    save(params, opt_state, loop)
                 if sigterm.requested and loop.stop_reason is None:
-                    assert store is not None
-                    log(f"SIGTERM: saved epoch {epoch} to {store.directory}; exiting")
-                    raise Preempted(store.directory, epoch)
+                    raise preempted(loop)
     finally:
         for manager in (best, store):
             if manager is not None:
@@ -602,7 +697,7 @@ def fit(
     log(f"stopped: {loop.stop_reason}; best epoch {loop.best_epoch} "
         f"(val_{options.monitor} {loop.best_metric:.4f})")
     return FitResult(best_params, loop.best_epoch, loop.best_metric, list(loop.history),
-                     str(loop.stop_reason), resumed_from, finished_before)
+                     str(loop.stop_reason), resumed_at, finished_before)
 
 
 def batch_slices(n: int, batch_size: int) -> list[slice]:
