@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from marlin_jax.evaluate import EXIT_PREEMPTED, default_config, run
+from marlin_jax.evaluation.datasets import ClipDataset, load_celebvhq
 from marlin_jax.evaluation.probe import train_linear_probe
 from marlin_jax.evaluation.training import (
     CheckpointMismatchError,
@@ -271,6 +272,144 @@ def test_finetune_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     like = split_model(model)[1]
     assert_trees_equal(restore_best(tmp_path / "work" / "checkpoints", like),
                        restore_best(tmp_path / "ref" / "checkpoints", like))
+
+
+# ----------------------------------------------------------------- fine-tuning: mid-epoch saves
+
+FT_OPTIONS = FitOptions(learning_rate=1e-3, max_epochs=2, batch_size=2)
+FT_STEPS = 4  # 8 training clips in batches of 2
+
+
+@pytest.fixture(scope="module")
+def ft_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("celebvhq_ft")
+    names = tuple(f"c{i}" for i in range(12))
+    make_celebvhq(root, names=names, frames=10, size=32)
+    (root / "train.txt").write_text("\n".join(names[:8]))
+    (root / "val.txt").write_text("\n".join(names[8:]))
+    return root
+
+
+def ft_data(root: Path) -> tuple[ClipDataset, ClipDataset]:
+    return tuple(ClipDataset(load_celebvhq(root, split, "appearance"), 4, 2, 32)
+                 for split in ("train", "val"))
+
+
+def finetune(root: Path, workdir: Path | None, train: ClipDataset | None = None,
+             val: ClipDataset | None = None, **kw):
+    """A fresh tiny ViT fine-tuned on ``root``'s clips (same initialisation every call)."""
+    from flax import nnx
+
+    from marlin_jax.evaluation.finetune import train_finetune
+    from marlin_jax.models import MarlinEncoder, get_config
+
+    cfg = get_config("marlin_vit_tiny").replace(img_size=32, n_frames=4, encoder_depth=1)
+    default_train, default_val = ft_data(root)
+    dirs = {} if workdir is None else {"checkpoint_dir": workdir / "best",
+                                       "state_dir": workdir / "state"}
+    return train_finetune(MarlinEncoder(cfg, rngs=nnx.Rngs(0)), train or default_train,
+                          val or default_val, task="multilabel", num_outputs=40,
+                          options=FT_OPTIONS, num_threads=1, log=lambda s: None,
+                          **dirs, **kw)[1]
+
+
+@pytest.fixture(scope="module")
+def ft_uninterrupted(ft_root):
+    return finetune(ft_root, None)
+
+
+def count_decodes(dataset: ClipDataset) -> list[int]:
+    """Records the sample index of every clip ``dataset`` decodes from now on."""
+    decoded: list[int] = []
+    clip = dataset.clip
+    dataset.clip = lambda i, rng: decoded.append(i) or clip(i, rng)
+    return decoded
+
+
+def on_batch(dataset: ClipDataset, seed: int, index: int, action) -> None:
+    """Runs ``action()`` as ``dataset.batches(seed=seed)`` hands out its ``index``-th batch
+    (counted from the batch it started at)."""
+    batches = dataset.batches
+
+    def wrapped(*args, **kw):
+        for i, batch in enumerate(batches(*args, **kw)):
+            if kw["seed"] == seed and i == index:
+                action()
+            yield batch
+
+    dataset.batches = wrapped
+
+
+def sigterm() -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def assert_same_run(result, ref) -> None:
+    assert without_seconds(result.history) == without_seconds(ref.history)
+    assert (result.best_epoch, result.best_metric, result.stop_reason) == (
+        ref.best_epoch, ref.best_metric, ref.stop_reason)
+    assert_trees_equal(result.params, ref.params)
+
+
+@pytest.mark.slow
+def test_finetune_sigterm_mid_epoch_saves_within_a_step_and_resumes_bitwise(
+        ft_root, ft_uninterrupted, tmp_path):
+    """SIGTERM while batch 1 of epoch 1 is handed out: that step finishes, the position (epoch
+    1, batch 2) is saved, Preempted; the rerun decodes only the batches after it and ends
+    bitwise equal to the uninterrupted run."""
+    train, val = ft_data(ft_root)
+    on_batch(train, FT_OPTIONS.seed + 1, 1, sigterm)
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Preempted, match="stopped in epoch 1 after 2 of 4 batches") as info:
+        finetune(ft_root, tmp_path, train, val)
+    assert (info.value.epoch, info.value.batch) == (1, 2)
+    assert signal.getsignal(signal.SIGTERM) is handler
+    loop = read_training_state(tmp_path / "state")["loop"]
+    assert (loop["next_epoch"], loop["next_batch"], len(loop["history"])) == (1, 2, 1)
+    assert loop["loss_sum"] > 0
+    train, val = ft_data(ft_root)
+    decoded = count_decodes(train)
+    result = finetune(ft_root, tmp_path, train, val)
+    assert result.resumed_at == (1, 2)
+    chunks = train.batch_indices(2, shuffle=True, seed=FT_OPTIONS.seed + 1, drop_last=True)
+    assert sorted(decoded) == sorted(np.concatenate(chunks[2:]).tolist())  # 0, 1: skipped
+    assert_same_run(result, ft_uninterrupted)
+
+
+@pytest.mark.slow
+def test_finetune_sigterm_during_validation_resumes_at_validation(ft_root, ft_uninterrupted,
+                                                                  tmp_path):
+    train, val = ft_data(ft_root)
+    on_batch(val, 12345, 0, sigterm)  # the first validation pass (the eval seed)
+    with pytest.raises(Preempted, match="stopped in epoch 0 before its validation"):
+        finetune(ft_root, tmp_path, train, val)
+    loop = read_training_state(tmp_path / "state")["loop"]
+    assert (loop["next_epoch"], loop["next_batch"], loop["history"]) == (0, FT_STEPS, [])
+    train, val = ft_data(ft_root)
+    decoded = count_decodes(train)
+    result = finetune(ft_root, tmp_path, train, val)
+    assert result.resumed_at == (0, FT_STEPS)
+    assert len(decoded) == FT_STEPS * 2  # epoch 1 only: epoch 0 is not retrained
+    assert_same_run(result, ft_uninterrupted)
+
+
+@pytest.mark.slow
+def test_finetune_timed_saves_mid_epoch_survive_a_crash(ft_root, ft_uninterrupted, tmp_path):
+    """save_every_s > 0 also saves between steps: a crash (as SIGKILL) loses at most the steps
+    since; the resumed run is still bitwise the uninterrupted one."""
+
+    def crash() -> None:
+        raise SimulatedCrashError("mid-epoch")
+
+    train, val = ft_data(ft_root)
+    on_batch(train, FT_OPTIONS.seed + 1, 3, crash)  # handing out batch 3 of epoch 1
+    with pytest.raises(SimulatedCrashError):
+        finetune(ft_root, tmp_path, train, val, save_every_s=1e-9)
+    loop = read_training_state(tmp_path / "state")["loop"]
+    assert (loop["next_epoch"], loop["next_batch"]) == (1, 3)
+    result = finetune(ft_root, tmp_path, save_every_s=1e-9)
+    assert result.resumed_at == (1, 3)
+    assert_same_run(result, ft_uninterrupted)
 
 
 def _saved_epochs(state_dir: Path) -> int:
