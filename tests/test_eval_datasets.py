@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -229,6 +230,31 @@ def test_clip_dataset_batches_resume_without_decoding_skipped(tmp_path, monkeypa
     assert list(ds.batches(2, shuffle=True, seed=5, drop_last=True, start_batch=3)) == []
     with pytest.raises(ValueError, match=r"start_batch 4 outside \[0, 3\]"):
         next(ds.batches(2, shuffle=True, seed=5, drop_last=True, start_batch=4))
+
+
+def test_closing_batches_early_cancels_pending_decodes(tmp_path, monkeypatch):
+    """A pass abandoned after one batch (preemption) does not decode the prefetched rest."""
+    names = tuple("abcdefg")
+    make_celebvhq(tmp_path, names=names, frames=10, size=16)
+    (tmp_path / "train.txt").write_text("\n".join(names))
+    ds = ClipDataset(load_celebvhq(tmp_path, "train", "appearance"), 4, 2, 16)
+    release, decoded = threading.Event(), []
+    clip = ds.clip
+
+    def slow_clip(i, rng):  # every clip after the first batch waits for `release`
+        if len(decoded) >= 2:
+            release.wait(timeout=30)
+        decoded.append(i)
+        return clip(i, rng)
+
+    monkeypatch.setattr(ds, "clip", slow_clip)
+    batches = ds.batches(2, shuffle=False, seed=0, num_threads=1, prefetch=2)
+    next(batches)  # 3 batches (6 clips) were submitted; the worker now waits in clip 3
+    timer = threading.Timer(0.3, release.set)
+    timer.start()
+    batches.close()  # cancels clips 4-6, waits for clip 3
+    timer.join()
+    assert len(decoded) == 3
 
 
 def test_unreadable_video_fails_before_training_or_is_skipped(tmp_path):

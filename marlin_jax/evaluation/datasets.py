@@ -634,7 +634,8 @@ class ClipDataset:
         def load(i: int) -> np.ndarray:
             return self.clip(int(i), np.random.default_rng((seed, int(i))))
 
-        with ThreadPoolExecutor(max_workers=num_threads) as pool:
+        pool = ThreadPoolExecutor(max_workers=num_threads)
+        try:
             pending: collections.deque = collections.deque()
             for chunk in chunks:  # keep at most `prefetch` batches in flight
                 pending.append((chunk, [pool.submit(load, i) for i in chunk]))
@@ -642,6 +643,8 @@ class ClipDataset:
                     yield self._collect(*pending.popleft())
             while pending:
                 yield self._collect(*pending.popleft())
+        finally:  # closed early (e.g. preemption): drop the decodes that have not started
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _collect(self, chunk: np.ndarray, futures: list) -> tuple[np.ndarray, np.ndarray]:
         return np.stack([f.result() for f in futures]), self.labelset.labels[chunk]

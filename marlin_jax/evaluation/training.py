@@ -444,9 +444,12 @@ class TrainingStateCheckpoint:
 def _check_format(directory: str, meta: Mapping[str, Any] | None) -> dict[str, Any]:
     if not isinstance(meta, Mapping) or meta.get("format") != STATE_FORMAT:
         found = meta.get("format") if isinstance(meta, Mapping) else None
+        hint = (" (epoch-level, written before mid-epoch resuming); finish that run with the "
+                "version that wrote it, or start over with fresh_start=True"
+                if found == 1 else "")
         raise CheckpointMismatchError(
             f"{directory}: not a training-state checkpoint of format {STATE_FORMAT} "
-            f"(found {found!r})")
+            f"(found {found!r}){hint}")
     return dict(meta)
 
 
