@@ -20,11 +20,16 @@ import pytest
 
 from marlin_jax.evaluate import EXIT_PREEMPTED, default_config, run
 from marlin_jax.evaluation.datasets import ClipDataset, load_celebvhq
-from marlin_jax.evaluation.probe import train_linear_probe
+from marlin_jax.evaluation.metrics import classification_metrics
+from marlin_jax.evaluation.probe import make_linear_head, train_linear_probe
 from marlin_jax.evaluation.training import (
     CheckpointMismatchError,
     FitOptions,
     Preempted,
+    fit,
+    make_forward,
+    make_optimizer,
+    make_train_step,
     read_training_state,
     restore_best,
     split_model,
@@ -274,6 +279,140 @@ def test_finetune_interrupted_then_resumed_equals_uninterrupted(tmp_path):
                        restore_best(tmp_path / "ref" / "checkpoints", like))
 
 
+# ------------------------------------------------- fit driven step by step: a toy linear model
+
+TOY_OPTIONS = FitOptions(learning_rate=0.1, max_epochs=3, batch_size=4)
+TOY_STEPS = 6  # 24 samples in batches of 4
+
+
+def toy_fit(workdir: Path | None, *, hook=None, save_every_s: float = 0.0,
+            trained: list | None = None):
+    """``fit`` of a linear head trained batch by batch (``run_epoch`` yields after each step).
+    ``hook(where)`` runs before batch ``where=(epoch, batch)`` and before validation
+    (``where=(epoch, "val")``); ``trained`` collects the ``(epoch, batch)`` pairs trained."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(24, 5)).astype(np.float32)
+    y = (x[:, 0] + 0.3 * x[:, 1] > 0).astype(np.float32)
+    x_val = rng.normal(size=(16, 5)).astype(np.float32)
+    y_val = x_val[:, 0] + 0.3 * x_val[:, 1] > 0
+    graphdef, params, rest = split_model(make_linear_head(x, 1, seed=0))
+    tx = make_optimizer(TOY_OPTIONS)
+    step = jax.jit(make_train_step(graphdef, "binary", tx))
+    forward = jax.jit(make_forward(graphdef))
+    hook = hook or (lambda where: None)
+    current = {"epoch": -1}
+
+    def run_epoch(params, opt_state, lr, epoch, start_batch):
+        current["epoch"] = epoch
+        order = np.random.default_rng((TOY_OPTIONS.seed, epoch)).permutation(24)
+        for b in range(start_batch, TOY_STEPS):
+            hook((epoch, b))
+            if trained is not None:
+                trained.append((epoch, b))
+            idx = order[4 * b:4 * b + 4]
+            params, opt_state, loss = step(params, opt_state, rest, x[idx], y[idx], lr)
+            yield params, opt_state, loss[None]
+
+    def evaluate(params, stop):
+        hook((current["epoch"], "val"))
+        if stop():
+            return None
+        return classification_metrics(np.asarray(forward(params, rest, x_val)), y_val,
+                                      "binary")
+
+    dirs = {} if workdir is None else {"checkpoint_dir": workdir / "best",
+                                       "state_dir": workdir / "state"}
+    return fit(params, run_epoch=run_epoch, steps_per_epoch=TOY_STEPS, evaluate=evaluate,
+               init_opt_state=tx.init, options=TOY_OPTIONS, save_every_s=save_every_s,
+               log=lambda s: None, **dirs)
+
+
+@pytest.fixture(scope="module")
+def toy_ref():
+    return toy_fit(None)
+
+
+def when(target, action):
+    """A toy_fit hook running ``action()`` at ``target``."""
+    return lambda where: action() if where == target else None
+
+
+def assert_same_run(result, ref) -> None:
+    assert without_seconds(result.history) == without_seconds(ref.history)
+    assert (result.best_epoch, result.best_metric, result.stop_reason) == (
+        ref.best_epoch, ref.best_metric, ref.stop_reason)
+    assert_trees_equal(result.params, ref.params)
+
+
+def sigterm() -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_fit_sigterm_mid_epoch_saves_after_the_step_and_resumes_bitwise(toy_ref, tmp_path):
+    ref = toy_ref
+    assert len(ref.history) == 3 and len({h["train_loss"] for h in ref.history}) == 3
+    with pytest.raises(Preempted, match=r"stopped in epoch 1 after 3 of 6 batches, saved in "
+                       rf"{tmp_path / 'state'}") as info:
+        toy_fit(tmp_path, hook=when((1, 2), sigterm))  # during batch 2: it still trains
+    assert (info.value.epoch, info.value.batch) == (1, 3)
+    loop = read_training_state(tmp_path / "state")["loop"]
+    assert (loop["next_epoch"], loop["next_batch"], len(loop["history"])) == (1, 3, 1)
+    trained: list = []
+    result = toy_fit(tmp_path, trained=trained)
+    assert result.resumed_at == (1, 3) and trained[:2] == [(1, 3), (1, 4)]
+    assert len(trained) == 3 + TOY_STEPS  # the rest of epoch 1, then epoch 2
+    assert_same_run(result, ref)
+
+
+def test_fit_sigterm_during_validation_saves_the_trained_epoch(toy_ref, tmp_path):
+    ref = toy_ref
+    with pytest.raises(Preempted, match="stopped in epoch 0 before its validation"):
+        toy_fit(tmp_path, hook=when((0, "val"), sigterm), trained=[])
+    loop = read_training_state(tmp_path / "state")["loop"]
+    assert (loop["next_epoch"], loop["next_batch"], loop["history"]) == (0, TOY_STEPS, [])
+    trained: list = []
+    result = toy_fit(tmp_path, trained=trained)
+    assert result.resumed_at == (0, TOY_STEPS) and trained[0] == (1, 0)  # epoch 0: validated
+    assert_same_run(result, ref)
+
+
+def test_fit_timed_saves_inside_epochs(toy_ref, tmp_path):
+    """save_every_s > 0 saves between steps too: a crash loses only the steps since."""
+    ref = toy_ref
+
+    def crash() -> None:
+        raise SimulatedCrashError
+
+    with pytest.raises(SimulatedCrashError):
+        toy_fit(tmp_path, hook=when((2, 4), crash), save_every_s=1e-9)
+    loop = read_training_state(tmp_path / "state")["loop"]
+    assert (loop["next_epoch"], loop["next_batch"]) == (2, 4)
+    trained: list = []
+    result = toy_fit(tmp_path, save_every_s=1e-9, trained=trained)
+    assert trained == [(2, 4), (2, 5)]
+    assert_same_run(result, ref)
+    # 0: saves at epoch ends only (a crash mid-epoch restarts the epoch)
+    with pytest.raises(SimulatedCrashError):
+        toy_fit(tmp_path / "zero", hook=when((2, 4), crash), save_every_s=0.0)
+    loop = read_training_state(tmp_path / "zero" / "state")["loop"]
+    assert (loop["next_epoch"], loop["next_batch"]) == (2, 0)
+
+
+def test_fit_best_params_travel_with_a_mid_epoch_state(toy_ref, tmp_path):
+    """Epoch 0's best parameters, unsaved (throttled), go into the mid-epoch SIGTERM state; a
+    kill before they reach the best checkpoint loses nothing."""
+    with pytest.raises(Preempted, match="stopped in epoch 1 after 2 of 6"):
+        toy_fit(tmp_path, hook=when((1, 1), sigterm), save_every_s=1e9)
+    assert read_training_state(tmp_path / "state")["best_in_state"]
+    best_dir = tmp_path / "best" / str(toy_ref.history[0]["epoch"])
+    assert best_dir.is_dir()
+    subprocess.run(["rm", "-r", str(best_dir)], check=True)  # as if killed before this write
+    result = toy_fit(tmp_path, save_every_s=1e9)
+    assert_same_run(result, toy_ref)
+    like = jax.tree.map(np.zeros_like, toy_ref.params)
+    assert_trees_equal(restore_best(tmp_path / "best", like), toy_ref.params)
+
+
 # ----------------------------------------------------------------- fine-tuning: mid-epoch saves
 
 FT_OPTIONS = FitOptions(learning_rate=1e-3, max_epochs=2, batch_size=2)
@@ -338,17 +477,6 @@ def on_batch(dataset: ClipDataset, seed: int, index: int, action) -> None:
             yield batch
 
     dataset.batches = wrapped
-
-
-def sigterm() -> None:
-    os.kill(os.getpid(), signal.SIGTERM)
-
-
-def assert_same_run(result, ref) -> None:
-    assert without_seconds(result.history) == without_seconds(ref.history)
-    assert (result.best_epoch, result.best_metric, result.stop_reason) == (
-        ref.best_epoch, ref.best_metric, ref.stop_reason)
-    assert_trees_equal(result.params, ref.params)
 
 
 @pytest.mark.slow
