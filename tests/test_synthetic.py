@@ -137,6 +137,21 @@ def test_the_head_moves() -> None:
     assert np.ptp(centres, axis=0).max() > 1.0
 
 
+def test_face_scale_frames_the_face_tighter() -> None:
+    """Same video (labels, timing, palette) with a bigger face: the inner parts (brows, eyes,
+    nose, lips, mouth) cover about face_scale**2 times the pixels, the background much less."""
+    inner = (2, 3, 4, 5, 6, 7, 8, 9)
+    for index in range(4):
+        base = render_video(index, 4, SIZE)
+        np.testing.assert_array_equal(render_video(index, 4, SIZE, face_scale=1.0)["frames"],
+                                      base["frames"])
+        tight = render_video(index, 4, SIZE, face_scale=1.5)
+        np.testing.assert_array_equal(tight["labels"], base["labels"])
+        ratio = np.isin(tight["parsing"], inner).sum() / np.isin(base["parsing"], inner).sum()
+        assert 1.7 < ratio < 2.6, ratio
+        assert (tight["parsing"] == 0).mean() < 0.5 * (base["parsing"] == 0).mean()
+
+
 def test_write_video_dataset_round_trip(tmp_path) -> None:
     root = write_video_dataset(tmp_path / "ds", num_videos=3, num_frames=8, size=64, seed=1)
     assert root == tmp_path / "ds"
@@ -155,6 +170,9 @@ def test_write_video_dataset_round_trip(tmp_path) -> None:
         np.testing.assert_array_equal(parsing, v["parsing"])
     no_maps = write_video_dataset(tmp_path / "nomaps", 1, num_frames=4, size=64, with_parsing=False)
     assert not (no_maps / "parsing").exists() and (no_maps / "videos" / "synth_000000.mp4").exists()
+    tight = write_video_dataset(tmp_path / "tight", 1, num_frames=4, size=64, face_scale=1.5)
+    np.testing.assert_array_equal(np.load(tight / "parsing" / "synth_000000.npy"),
+                                  render_video(0, 4, 64, face_scale=1.5)["parsing"])
 
 
 def test_write_ytf_layout_matches_the_original(tmp_path) -> None:
@@ -209,6 +227,8 @@ def test_bad_input(tmp_path) -> None:
         render_video(0, 0)
     with pytest.raises(ValueError, match="index and seed must be >= 0"):
         render_video(-1)
+    with pytest.raises(ValueError, match="face_scale must be in"):
+        render_video(0, 4, size=32, face_scale=0.0)
     with pytest.raises(ValueError, match="num_videos must be >= 1"):
         write_video_dataset(tmp_path, 0)
     with pytest.raises(ValueError, match="val_fraction"):
