@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,11 @@ from jax.experimental import multihost_utils
 
 from marlin_jax import sharding as shd
 from marlin_jax.data import make_dataset, make_source
+from marlin_jax.interop.optimizer_state import (
+    AdamMoments,
+    lightning_adam_moments,
+    read_lightning_checkpoint,
+)
 from marlin_jax.models import MarlinConfig, MarlinModel, config_from_mapping
 from marlin_jax.preemption import SigtermFlag
 from marlin_jax.train import metrics as mt
@@ -113,19 +118,35 @@ def num_visible_tokens(model_cfg: MarlinConfig, mask_ratio: float) -> int:
 # ----------------------------------------------------------------------------- initialisation
 
 
+class InitFrom(NamedTuple):
+    """What ``config.init_from`` provides: parameters over the fresh ones, the batch step, and
+    the AdamW moments of a Lightning ``.ckpt`` (None: fresh moments)."""
+
+    g_params: st.Params
+    d_params: st.Params
+    step: int
+    g_adam: AdamMoments | None = None
+    d_adam: AdamMoments | None = None
+
+
 def load_init_params(path: str, model_cfg: MarlinConfig, g_params: st.Params,
-                     d_params: st.Params, updates_per_batch: int = 2
-                     ) -> tuple[st.Params, st.Params, int]:
+                     d_params: st.Params, updates_per_batch: int = 2, *,
+                     adam: tuple[float, float, float] | None = None,
+                     weight_decay: float | None = None) -> InitFrom:
     """Parameters from a VideoMAE / MARLIN / Lightning checkpoint over the fresh ones (parts the
     checkpoint lacks, e.g. the critic of a VideoMAE model, stay freshly initialised).
 
-    Returns (g_params, d_params, step): for a Lightning ``.ckpt`` the batches it had trained,
+    For an original-trainer Lightning ``.ckpt``: ``step`` = the batches it had trained,
     ``global_step // updates_per_batch`` (manual optimisation counts every optimiser step,
-    ``d_steps + g_steps`` per batch); else 0.
+    ``d_steps + g_steps`` per batch), else 0; with ``adam = (b1, b2, eps)`` also its two AdamW
+    states (moments + step, mapped like the weights; refused with an error naming the file when
+    they do not fit the model or those hyper-parameters; a warning and fresh moments when the
+    file has none). Not restorable: the original data loader's position.
     """
     from marlin_jax.interop import read_state_dict, state_dict_to_model
 
-    state_dict = read_state_dict(path, model_cfg)
+    ckpt = read_lightning_checkpoint(path) if path.endswith(".ckpt") else None
+    state_dict = ckpt.state_dict if ckpt is not None else read_state_dict(path, model_cfg)
     has_decoder = any(k.startswith("decoder.") for k in state_dict)
     has_critic = any(k.startswith("discriminator.") for k in state_dict)
     model = MarlinModel(model_cfg, rngs=nnx.Rngs(0), with_decoder=has_decoder,
@@ -136,15 +157,22 @@ def load_init_params(path: str, model_cfg: MarlinConfig, g_params: st.Params,
     g_params = {**g_params, **g_loaded}
     d_params = {**d_params, **d_loaded}
     step = 0
-    if path.endswith(".ckpt"):
-        from marlin_jax.interop.torch_format import load_torch_file
-
-        raw = load_torch_file(path, allow_opaque=True)
-        if isinstance(raw, dict) and isinstance(raw.get("global_step"), (int, np.integer)):
-            step = int(raw["global_step"]) // max(1, updates_per_batch)
-    log.info("init_from %s: loaded %s (step %d)", path,
-             ", ".join(sorted(set(g_loaded) | set(d_loaded))), step)
-    return g_params, d_params, step
+    g_adam = d_adam = None
+    if ckpt is not None:
+        if ckpt.global_step is not None:
+            step = ckpt.global_step // max(1, updates_per_batch)
+        if adam is not None:
+            b1, b2, eps = adam
+            g_adam, d_adam = lightning_adam_moments(ckpt, g_params, d_params, b1=b1, b2=b2,
+                                                    eps=eps, weight_decay=weight_decay)
+            if not ckpt.optimizer_states:
+                log.warning("init_from %s: the checkpoint has no optimizer_states; AdamW "
+                            "moments start from zero", path)
+    log.info("init_from %s: loaded %s (step %d; AdamW moments: generator %s, critic %s)", path,
+             ", ".join(sorted(set(g_loaded) | set(d_loaded))), step,
+             "fresh" if g_adam is None else f"step {g_adam.count}",
+             "fresh" if d_adam is None else f"step {d_adam.count}")
+    return InitFrom(g_params, d_params, step, g_adam, d_adam)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -252,12 +280,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state = shd.sharded_init(init_fn, mesh)
         if config.init_from:
             g, d = jax.device_get((state.g_params, state.d_params))
-            g, d, step0 = load_init_params(config.init_from, model_cfg, g, d,
-                                           config.d_steps + config.g_steps)
-            placed = jax.device_put((g, d), (state_shardings.g_params, state_shardings.d_params))
+            with_adam = config.get("init_optimizer_from_checkpoint", True)
+            init = load_init_params(
+                config.init_from, model_cfg, g, d, config.d_steps + config.g_steps,
+                adam=(opt.b1, opt.b2, opt.eps) if with_adam else None,
+                weight_decay=opt.weight_decay)
+            placed = jax.device_put((init.g_params, init.d_params),
+                                    (state_shardings.g_params, state_shardings.d_params))
             state = state.replace(g_params=placed[0], d_params=placed[1])
-            if step0 and config.init_step_from_checkpoint:
-                state = state.replace(step=jax.device_put(jnp.int32(step0), repl))
+            if init.step and config.init_step_from_checkpoint:
+                state = state.replace(step=jax.device_put(jnp.int32(init.step), repl))
+            if init.g_adam is not None or init.d_adam is not None:
+                g_opt, d_opt = jax.device_get((state.g_opt_state, state.d_opt_state))
+                if init.g_adam is not None:
+                    g_opt = st.with_adam_moments(g_opt, init.g_adam.mu, init.g_adam.nu,
+                                                 init.g_adam.count)
+                if init.d_adam is not None:
+                    d_opt = st.with_adam_moments(d_opt, init.d_adam.mu, init.d_adam.nu,
+                                                 init.d_adam.count)
+                placed = jax.device_put((g_opt, d_opt), (state_shardings.g_opt_state,
+                                                         state_shardings.d_opt_state))
+                state = state.replace(g_opt_state=placed[0], d_opt_state=placed[1])
     start_step = int(jax.device_get(state.step))
 
     # ---- compiled steps
