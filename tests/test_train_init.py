@@ -162,12 +162,12 @@ def lightning_run(marlin_pytorch, tmp_path_factory):
             "moments": moments, "after": after}
 
 
-def _as_params(overrides, weights):
+def _as_params(model, overrides, weights):
     """A PyTorch-layout dict -> (generator, critic) pytrees through the WEIGHTS' loader (not
-    the code under test); entries it lacks (frozen tables) come from ``weights``."""
-    model = MarlinModel(CFG, rngs=nnx.Rngs(0), with_decoder=True, with_discriminator=True)
+    the code under test; loaded into ``model``); entries it lacks (frozen tables) come from
+    ``weights``."""
     state_dict_to_model(model, {**weights, **overrides}, source="test")
-    return _pure(model)
+    return jax.tree.map(np.array, _pure(model))  # copies: the model is reused
 
 
 def _adam_state(opt_state):
@@ -184,12 +184,13 @@ def test_lightning_adamw_state_continues_like_torch(lightning_run, source):
     init = load_init_params(str(run["path"]), CFG, fresh_g, fresh_d, updates_per_batch=2,
                             adam=BETAS + (EPS,), weight_decay=WD)
     assert init.step == 2
-    weights = _as_params({}, run["weights"])
-    grads = _as_params(run["grads"], run["weights"])
-    mu = _as_params(run["moments"]["exp_avg"], run["weights"])
-    nu = _as_params(run["moments"]["exp_avg_sq"], run["weights"])
-    after = _as_params(run["after"], run["weights"])
+    model = MarlinModel(CFG, rngs=nnx.Rngs(0), with_decoder=True, with_discriminator=True)
+    weights, grads, mu, nu, after = (
+        _as_params(model, sd, run["weights"])
+        for sd in ({}, run["grads"], run["moments"]["exp_avg"], run["moments"]["exp_avg_sq"],
+                   run["after"]))
     tx = st.make_optimizer(b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WD)
+    step = jax.jit(lambda g, o, p: optax.apply_updates(p, tx.update(g, o, p)[0]))
     for i, (params, adam) in enumerate(((init.g_params, init.g_adam),
                                         (init.d_params, init.d_adam))):
         _assert_tree_equal(params, weights[i])
@@ -200,8 +201,7 @@ def test_lightning_adamw_state_continues_like_torch(lightning_run, source):
         _assert_tree_equal(state.mu, mu[i])
         _assert_tree_equal(state.nu, nu[i])
 
-        updates, _ = tx.update(grads[i], st.set_learning_rate(opt, LR), params)
-        new = optax.apply_updates(params, updates)
+        new = step(grads[i], st.set_learning_rate(opt, LR), params)
         for (path, got), want, old in zip(jax.tree.leaves_with_path(new),
                                           jax.tree.leaves(after[i]), jax.tree.leaves(params),
                                           strict=True):
@@ -274,3 +274,51 @@ def test_lightning_ckpt_without_optimizer_states_warns_and_keeps_fresh_moments(
     assert init.g_adam is None and init.d_adam is None and init.step == 2
     assert any("weights_only.ckpt" in r.getMessage() and "no optimizer_states" in r.getMessage()
                for r in caplog.records)
+
+
+def test_with_adam_moments_replaces_the_one_adam_state_of_a_clipped_adamw():
+    params = {"w": np.ones((2, 3), np.float32), "b": np.zeros(3, np.float32)}
+    tx = st.make_optimizer(b1=0.9, b2=0.95, grad_clip=1.0)  # chain(clip, adamw)
+    mu = {"w": np.full((2, 3), 0.5), "b": np.arange(3.0)}
+    nu = {"w": np.full((2, 3), 0.25), "b": np.arange(3.0) ** 2}
+    opt = st.with_adam_moments(tx.init(params), mu, nu, 7)
+    adam = _adam_state(opt)
+    assert int(adam.count) == 7 and adam.mu["w"].dtype == np.float32
+    _assert_tree_equal(adam.nu, nu)
+    assert jax.tree.structure(opt) == jax.tree.structure(tx.init(params))
+    with pytest.raises(ValueError, match="shapes differ"):
+        st.with_adam_moments(opt, {**mu, "b": np.zeros(4)}, nu, 7)
+    with pytest.raises(ValueError, match="structure"):
+        st.with_adam_moments(opt, {"w": mu["w"]}, nu, 7)
+
+
+@pytest.mark.oracle
+def test_trainer_continues_a_lightning_ckpt_with_its_adam_state(lightning_run, tmp_path):
+    from configs import vit_small
+    from marlin_jax.train.checkpointing import Checkpointer
+    from marlin_jax.train.trainer import model_config, train_and_evaluate
+
+    c = vit_small.get_config("demo")
+    c.model.update(name="marlin_vit_tiny", encoder_depth=1, decoder_depth=1)
+    c.data.update(source="synthetic", img_size=CFG.img_size, clip_frames=CFG.n_frames,
+                  mask_ratio=0.75, synthetic_num_videos=8, synthetic_num_frames=8, num_threads=1)
+    c.optimizer.update(b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WD)
+    c.update(global_batch_size=2, num_train_steps=3, eval_every_steps=0, log_every_steps=1,
+             checkpoint_every_steps=100, async_checkpointing=False,
+             init_from=str(lightning_run["path"]))
+    train_and_evaluate(c, str(tmp_path))  # the .ckpt is at batch 2: one more step
+
+    tx = st.make_optimizer(b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WD)
+    abstract = jax.eval_shape(lambda: st.init_train_state(model_config(c), tx, tx, 0))
+    with Checkpointer(tmp_path / "checkpoints") as ckpt:
+        assert ckpt.all_steps() == [3]
+        state = ckpt.restore(3, abstract)
+    model = MarlinModel(CFG, rngs=nnx.Rngs(0), with_decoder=True, with_discriminator=True)
+    nu0 = _as_params(model, lightning_run["moments"]["exp_avg_sq"], lightning_run["weights"])
+    for opt, loaded in ((state.g_opt_state, nu0[0]), (state.d_opt_state, nu0[1])):
+        adam = _adam_state(opt)
+        assert int(adam.count) == 3  # torch's 2 updates + this run's 1
+        # nu' = b2 nu + (1 - b2) g^2 >= b2 nu: the loaded second moments were carried on
+        for got, old in zip(jax.tree.leaves(adam.nu), jax.tree.leaves(loaded), strict=True):
+            assert np.all(np.asarray(got) >= BETAS[1] * old * (1 - 1e-6))
+        assert sum(float(np.sum(x)) for x in jax.tree.leaves(loaded)) > 0
