@@ -88,6 +88,16 @@ def test_resume_from_a_lightning_ckpt_loads_both_models_and_the_step(source, tmp
     assert init.step == 10  # Lightning counted 2 optimiser steps per batch
 
 
+def test_a_plain_state_dict_named_ckpt_loads_without_step_or_moments(source, tmp_path):
+    model, fresh_g, fresh_d = source
+    path = tmp_path / "plain.ckpt"
+    save_torch_file(path, model_to_state_dict(model))
+    init = load_init_params(str(path), CFG, fresh_g, fresh_d, adam=BETAS + (EPS,))
+    want_g, want_d = _pure(model)
+    _assert_tree_equal((init.g_params, init.d_params), (want_g, want_d))
+    assert init.step == 0 and init.g_adam is None and init.d_adam is None
+
+
 def test_init_from_a_checkpoint_of_another_model_names_the_file(source, tmp_path):
     model, fresh_g, fresh_d = source
     other = get_config("marlin_vit_tiny").replace(img_size=32, n_frames=4)  # deeper

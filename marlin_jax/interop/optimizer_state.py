@@ -46,13 +46,14 @@ class OptimizerStateError(CheckpointError):
 class LightningCheckpoint:
     """The parts of a Lightning ``.ckpt`` the trainer uses (one read of the file).
 
-    state_dict: flat PyTorch-layout weights in the file's order; global_step: Lightning's count
-    of optimiser steps (None if absent); optimizer_states: the raw torch optimiser state_dicts
-    (None if the file has none).
+    state_dict: flat PyTorch-layout weights in the file's order (None: the file has no
+    ``state_dict`` entry, so it is no Lightning checkpoint: read it with
+    :func:`.checkpoints.read_state_dict`); global_step: Lightning's count of optimiser steps
+    (None if absent); optimizer_states: the raw torch optimiser state_dicts (None if absent).
     """
 
     path: str
-    state_dict: OrderedDict[str, np.ndarray]
+    state_dict: OrderedDict[str, np.ndarray] | None
     global_step: int | None
     optimizer_states: list[Any] | None
 
@@ -68,8 +69,7 @@ class AdamMoments:
 
 
 def read_lightning_checkpoint(path: str | os.PathLike) -> LightningCheckpoint:
-    """Reads a Lightning ``.ckpt`` once: weights, ``global_step`` and ``optimizer_states``
-    (a plain state_dict saved as ``.ckpt`` gives neither)."""
+    """Reads a Lightning ``.ckpt`` once: weights, ``global_step`` and ``optimizer_states``."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -77,8 +77,8 @@ def read_lightning_checkpoint(path: str | os.PathLike) -> LightningCheckpoint:
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: expected a Lightning checkpoint (a dict), got "
                               f"{type(raw).__name__}")
-    if "state_dict" not in raw:  # a plain state_dict saved as .ckpt
-        return LightningCheckpoint(path, _flat_arrays(raw, path), None, None)
+    if "state_dict" not in raw:  # not a Lightning file (e.g. a plain state_dict named .ckpt)
+        return LightningCheckpoint(path, None, None, None)
     step = raw.get("global_step")
     step = int(step) if isinstance(step, (int, np.integer)) and not isinstance(step, bool) else None
     opt = raw.get("optimizer_states")
@@ -218,7 +218,7 @@ def lightning_adam_moments(ckpt: LightningCheckpoint, g_like: Params, d_like: Pa
     :func:`torch_adam_moments`) or a trainable parameter has no state while others have.
     """
     states = ckpt.optimizer_states
-    if not states:
+    if not states or ckpt.state_dict is None:
         return None, None
     if len(states) != 2:
         raise OptimizerStateError(f"{ckpt.path}: {len(states)} optimiser states, expected 2 "

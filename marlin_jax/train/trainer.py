@@ -146,7 +146,9 @@ def load_init_params(path: str, model_cfg: MarlinConfig, g_params: st.Params,
     from marlin_jax.interop import read_state_dict, state_dict_to_model
 
     ckpt = read_lightning_checkpoint(path) if path.endswith(".ckpt") else None
-    state_dict = ckpt.state_dict if ckpt is not None else read_state_dict(path, model_cfg)
+    state_dict = ckpt.state_dict if ckpt is not None else None
+    if state_dict is None:  # not a Lightning file: every other format
+        state_dict = read_state_dict(path, model_cfg)
     has_decoder = any(k.startswith("decoder.") for k in state_dict)
     has_critic = any(k.startswith("discriminator.") for k in state_dict)
     model = MarlinModel(model_cfg, rngs=nnx.Rngs(0), with_decoder=has_decoder,
