@@ -71,6 +71,7 @@ def get_base_config(model_name: str) -> ml_collections.ConfigDict:
     # init_step_from_checkpoint).
     c.init_from = ""
     c.init_step_from_checkpoint = True  # Lightning .ckpt: continue from its global_step
+    c.init_optimizer_from_checkpoint = True  # Lightning .ckpt: continue its AdamW moments (when present)
     return c
 
 

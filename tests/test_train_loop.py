@@ -135,6 +135,21 @@ def test_trainer_runs_evaluates_writes_and_resumes(tmp_path, capsys):
     assert more["step"] == 6
     assert (workdir / "checkpoints" / "6").is_dir()
 
+    # the workdir is a checkpoint for extraction / conversion: its latest step's model weights
+    from marlin_jax.interop import load_model, read_config_file, read_state_dict, save_torch_checkpoint
+
+    saved = read_config_file(workdir)
+    assert (saved.img_size, saved.n_frames, saved.encoder_depth) == (32, 4, 1)
+    latest, step4 = read_state_dict(workdir), read_state_dict(workdir / "checkpoints" / "4")
+    assert latest.keys() == step4.keys() and any(k.startswith("discriminator.") for k in latest)
+    assert any(not np.array_equal(latest[k], step4[k]) for k in latest)
+    np.testing.assert_array_equal(read_state_dict(workdir / "checkpoints" / "6")["encoder.norm.weight"],
+                                  latest["encoder.norm.weight"])
+    model = load_model(workdir, saved)
+    exported = read_state_dict(save_torch_checkpoint(tmp_path / "run.full.pt", model))
+    for key, value in latest.items():
+        np.testing.assert_array_equal(exported[key], value, err_msg=key)
+
 
 @pytest.mark.slow
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -8,6 +8,7 @@ from .checkpoints import (
     read_torch_state_dict,
     save_marlin_checkpoint,
     save_torch_checkpoint,
+    write_config_file,
 )
 from .mapping import (
     StateDictMismatchError,
@@ -23,5 +24,6 @@ __all__ = [
     "CheckpointError", "StateDictMismatchError", "is_videomae_state_dict", "load_model",
     "model_from_state_dict", "model_to_state_dict", "read_config_file", "read_state_dict",
     "read_torch_state_dict", "save_marlin_checkpoint", "save_torch_checkpoint", "state_dict_to_model",
+    "write_config_file",
     "torch_key", "videomae_to_marlin",
 ]

@@ -4,8 +4,10 @@
   original trainer (``state_dict`` incl. ``discriminator.*``), VideoMAE pretraining checkpoints
   (``{"model": ...}`` with MCG-NJU names). Read without torch and without running pickled code.
 - marlin-jax: a directory with ``params/`` (an orbax checkpoint of the model variables, nested
-  by variable path) and ``marlin_config.json``; a trainer checkpoint directory (the latest step
-  of an orbax CheckpointManager whose items include ``params``) is accepted too.
+  by variable path) and ``marlin_config.json``; a trainer workdir, its ``checkpoints/`` or one
+  ``checkpoints/<step>/`` is accepted too (the latest step; its ``state`` item is the training
+  state, whose generator and critic parameters are the model; the trainer writes
+  ``marlin_config.json`` into its workdir).
 
 Everything funnels through one representation: a flat PyTorch-layout state_dict
 ``{marlin-pytorch key: np.ndarray}``, which :mod:`.mapping` loads into a model.
@@ -22,7 +24,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from marlin_jax.models import MarlinConfig, MarlinModel
+from marlin_jax.models import MarlinConfig, MarlinModel, sincos_table
 
 from .mapping import (
     _to_torch_layout,
@@ -36,6 +38,8 @@ from .torch_format import load_torch_file, save_torch_file
 
 CONFIG_FILE = "marlin_config.json"
 PARAMS_ITEM = "params"
+TRAINER_STATE_ITEM = "state"  # the trainer's TrainState: g_params / d_params / optimiser states
+MODEL_PARAM_GROUPS = ("g_params", "d_params")
 
 
 class CheckpointError(ValueError):
@@ -83,32 +87,46 @@ def read_torch_state_dict(path: str | os.PathLike, config: MarlinConfig | None =
     return state_dict
 
 
+def _holds_weights(directory: Path) -> bool:
+    return (directory / PARAMS_ITEM).is_dir() or (directory / TRAINER_STATE_ITEM).is_dir()
+
+
 def _latest_step_dir(directory: Path) -> Path | None:
-    steps = [p for p in directory.iterdir() if p.is_dir() and p.name.isdigit() and (p / PARAMS_ITEM).is_dir()]
+    steps = [p for p in directory.iterdir() if p.is_dir() and p.name.isdigit() and _holds_weights(p)]
     return max(steps, key=lambda p: int(p.name)) if steps else None
 
 
 def _resolve_marlin_dir(directory: Path) -> Path:
-    if (directory / PARAMS_ITEM).is_dir():
+    if _holds_weights(directory):
         return directory
     for candidate in (directory, directory / "checkpoints"):
         if candidate.is_dir():
             step = _latest_step_dir(candidate)
             if step is not None:
                 return step
-    raise CheckpointError(f"{directory}: not a marlin-jax checkpoint (no '{PARAMS_ITEM}/' item and no "
-                          f"numbered step directories holding one)")
+    raise CheckpointError(f"{directory}: not a marlin-jax checkpoint (no '{PARAMS_ITEM}/' or "
+                          f"'{TRAINER_STATE_ITEM}/' item and no numbered step directories holding one)")
 
 
-def read_marlin_state_dict(directory: str | os.PathLike) -> OrderedDict[str, np.ndarray]:
-    """Reads a marlin-jax checkpoint directory into a flat PyTorch-layout state_dict."""
+def read_marlin_state_dict(directory: str | os.PathLike,
+                           config: MarlinConfig | None = None) -> OrderedDict[str, np.ndarray]:
+    """Reads a marlin-jax checkpoint directory into a flat PyTorch-layout state_dict.
+
+    A trainer state holds trainable parameters only: the fixed sin-cos position tables are
+    recomputed from ``config`` (default: the ``marlin_config.json`` the trainer wrote)."""
     import orbax.checkpoint as ocp
 
     root = _resolve_marlin_dir(Path(directory))
+    item = root / (PARAMS_ITEM if (root / PARAMS_ITEM).is_dir() else TRAINER_STATE_ITEM)
     try:
-        tree = ocp.StandardCheckpointer().restore((root / PARAMS_ITEM).absolute())
+        tree = ocp.StandardCheckpointer().restore(item.absolute())
     except Exception as e:  # orbax raises many types for unreadable trees
-        raise CheckpointError(f"{root / PARAMS_ITEM}: cannot restore orbax checkpoint ({e})") from e
+        raise CheckpointError(f"{item}: cannot restore orbax checkpoint ({e})") from e
+    if item.name == TRAINER_STATE_ITEM:
+        if not isinstance(tree, dict) or not all(isinstance(tree.get(g), dict) for g in MODEL_PARAM_GROUPS):
+            raise CheckpointError(f"{item}: not a marlin-jax training state (expected "
+                                  f"{' and '.join(MODEL_PARAM_GROUPS)})")
+        tree = {k: v for group in MODEL_PARAM_GROUPS for k, v in tree[group].items()}
 
     out: OrderedDict[str, np.ndarray] = OrderedDict()
 
@@ -120,6 +138,16 @@ def read_marlin_state_dict(directory: str | os.PathLike) -> OrderedDict[str, np.
             out[torch_key(path)] = np.ascontiguousarray(_to_torch_layout(path, np.asarray(node)))
 
     visit(tree, ())
+    if item.name == TRAINER_STATE_ITEM:
+        config = config or read_config_file(root)
+        if config is None:
+            raise CheckpointError(f"{root}: a training state without {CONFIG_FILE} in its workdir; pass the "
+                                  "model config to rebuild the position tables")
+        tables = {"encoder": config.encoder_embed_dim, "decoder": config.decoder_embed_dim}
+        for part, dim in tables.items():
+            key = f"{part}.pos_embedding.emb"
+            if key not in out and any(k.startswith(f"{part}.") for k in out):
+                out[key] = sincos_table(config.num_tokens, dim)[None].astype(np.float32)
     return out
 
 
@@ -141,7 +169,7 @@ def read_state_dict(path: str | os.PathLike, config: MarlinConfig | None = None)
     if not p.exists():
         raise CheckpointError(f"{p}: no such checkpoint file or directory")
     if p.is_dir():
-        return read_marlin_state_dict(p)
+        return read_marlin_state_dict(p, config)
     if p.suffix not in (".pt", ".pth", ".ckpt", ".bin"):
         raise CheckpointError(f"{p}: unsupported checkpoint type '{p.suffix}' (expected .pt, .pth, .ckpt "
                               f"or a marlin-jax checkpoint directory)")
@@ -167,8 +195,15 @@ def save_marlin_checkpoint(directory: str | os.PathLike, model: MarlinModel, *, 
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(directory / PARAMS_ITEM, tree, force=overwrite)
     checkpointer.wait_until_finished()
-    (directory / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2))
+    write_config_file(directory, model.config)
     return directory
+
+
+def write_config_file(directory: str | os.PathLike, config: MarlinConfig) -> Path:
+    """Writes ``directory/marlin_config.json``, which :func:`read_config_file` reads back."""
+    path = Path(directory) / CONFIG_FILE
+    path.write_text(json.dumps(config.to_dict(), indent=2))
+    return path
 
 
 def _string_keys(tree: Any) -> Any:

@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 
 from marlin_jax import sharding as shd
 from marlin_jax.data import make_dataset, make_source
+from marlin_jax.interop.checkpoints import write_config_file
 from marlin_jax.interop.optimizer_state import (
     AdamMoments,
     lightning_adam_moments,
@@ -219,6 +220,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if primary:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
+        write_config_file(workdir, model_cfg)  # makes the workdir a checkpoint for Marlin.from_file / convert
     say = _Say(primary)
     say("model %s (%s compute, data %s), mesh %s, %d devices / %d processes, batch %d, "
         "%d steps (%d/epoch), warm-up %d, lr %.3g -> %.3g, %d of %d tokens visible",
@@ -282,7 +284,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state = shd.sharded_init(init_fn, mesh)
         if config.init_from:
             g, d = jax.device_get((state.g_params, state.d_params))
-            with_adam = config.get("init_optimizer_from_checkpoint", True)
+            with_adam = config.init_optimizer_from_checkpoint
             init = load_init_params(
                 config.init_from, model_cfg, g, d, config.d_steps + config.g_steps,
                 adam=(opt.b1, opt.b2, opt.eps) if with_adam else None,
