@@ -152,6 +152,24 @@ def test_face_scale_frames_the_face_tighter() -> None:
         assert (tight["parsing"] == 0).mean() < 0.5 * (base["parsing"] == 0).mean()
 
 
+def test_strong_cues_make_mouth_and_eye_labels_visible() -> None:
+    """Same labels and colours; a mouth_open video shows the inner mouth (LaPa 8) in most
+    frames and a closed one never; open eyes (LaPa 4/5) cover more pixels than by default."""
+    seen = set()
+    for index in range(12):
+        base = render_video(index, 25, SIZE)
+        strong = render_video(index, 25, SIZE, strong_cues=True)
+        np.testing.assert_array_equal(strong["labels"], base["labels"])
+        mouth_open, eyes_closed, _ = (bool(v) for v in strong["labels"])
+        seen.add(mouth_open)
+        mouth_frames = (strong["parsing"] == 8).any(axis=(1, 2)).mean()
+        assert mouth_frames > 0.8 if mouth_open else mouth_frames == 0, (index, mouth_frames)
+        if not eyes_closed:
+            eyes = lambda v: np.isin(v["parsing"], (4, 5)).sum()  # noqa: E731
+            assert eyes(strong) > 1.2 * eyes(base), index
+    assert seen == {True, False}
+
+
 def test_write_video_dataset_round_trip(tmp_path) -> None:
     root = write_video_dataset(tmp_path / "ds", num_videos=3, num_frames=8, size=64, seed=1)
     assert root == tmp_path / "ds"

@@ -25,6 +25,7 @@ original MARLIN YouTube-Faces layout: JPEG crops, per-frame int64 ``(1, H, W)`` 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -112,12 +113,12 @@ def _fringe(aspect: float, top: float, bottom: float) -> tuple[float, float]:
 
 
 def _sample_face(rng: np.random.Generator, labels: np.ndarray, size: int,
-                 face_scale: float = 1.0) -> _Face:
+                 face_scale: float = 1.0, strong_cues: bool = False) -> _Face:
     mouth_open, _, smiling = (bool(v) for v in labels)
     u = rng.uniform
     aspect = u(1.2, 1.4)
     mouth_w = u(0.28, 0.34) + (0.05 if smiling else 0.0)
-    return _Face(
+    face = _Face(
         a=size * u(0.26, 0.32) * face_scale,
         aspect=aspect,
         center=(size * (0.5 + u(-0.05, 0.05)), size * (0.53 + u(-0.04, 0.04))),
@@ -156,6 +157,11 @@ def _sample_face(rng: np.random.Generator, labels: np.ndarray, size: int,
         blink_phase=u(0, 1),
         gaze=u(-0.5, 0.5),
     )
+    if strong_cues:  # same draws, so the rest of the video is unchanged
+        face = dataclasses.replace(face, mouth_duty=1.0 if mouth_open else 0.0,
+                                   mouth_open_max=face.mouth_open_max * 1.6,
+                                   eye_h=face.eye_h * 1.3, eye_w=face.eye_w * 1.15)
+    return face
 
 
 def _sample_palette(rng: np.random.Generator) -> np.ndarray:
@@ -329,7 +335,7 @@ def video_name(index: int) -> str:
 
 
 def render_video(index: int, num_frames: int = 32, size: int = 224, seed: int = 0, *,
-                 face_scale: float = 1.0) -> dict:
+                 face_scale: float = 1.0, strong_cues: bool = False) -> dict:
     """Renders synthetic video ``index`` of dataset ``seed``.
 
     Returns ``{"frames": uint8 (T, size, size, 3) RGB, "parsing": uint8 (T, size, size) LaPa
@@ -341,6 +347,10 @@ def render_video(index: int, num_frames: int = 32, size: int = 224, seed: int = 
     width; 1.5: a tight face crop, hair and chin cut) and leaves the labels, palette, background
     and motion as they are: at a small ``size`` a tight crop shows the eyes and mouth with
     about ``face_scale ** 2`` times more pixels.
+
+    ``strong_cues`` makes two labels visible at low resolution: a ``mouth_open`` mouth is open
+    (1.6x wider opening) in every frame and a closed one never opens; eyes are 1.3x taller and
+    1.15x wider, so open vs closed eyes differ by more pixels. Same labels, palette and motion.
     """
     if index < 0 or seed < 0:
         raise ValueError(f"index and seed must be >= 0, got index={index}, seed={seed}")
@@ -352,7 +362,7 @@ def render_video(index: int, num_frames: int = 32, size: int = 224, seed: int = 
         raise ValueError(f"face_scale must be in [0.25, 4], got {face_scale}")
     rng = np.random.default_rng([seed, index])
     labels = _labels(rng)
-    face = _sample_face(rng, labels, size, face_scale)
+    face = _sample_face(rng, labels, size, face_scale, strong_cues)
     palette = _sample_palette(rng)
     margin = max(2, size // 16)
     scene = _background(rng, size, margin)
@@ -393,8 +403,10 @@ def write_video_dataset(
     with_parsing: bool = True,
     *,
     face_scale: float = 1.0,
+    strong_cues: bool = False,
 ) -> Path:
-    """Writes videos ``0 .. num_videos - 1`` (:func:`render_video` with ``face_scale``) as
+    """Writes videos ``0 .. num_videos - 1`` (:func:`render_video` with ``face_scale`` and
+    ``strong_cues``) as
     files; returns ``Path(out_dir)``.
 
     Layout: ``videos/<name>.mp4`` (mp4v, 25 fps), ``parsing/<name>.npy`` (uint8 (T, H, W), when
@@ -409,7 +421,7 @@ def write_video_dataset(
         (out / "parsing").mkdir(exist_ok=True)
     rows = []
     for index in range(num_videos):
-        video = render_video(index, num_frames, size, seed, face_scale=face_scale)
+        video = render_video(index, num_frames, size, seed, face_scale=face_scale, strong_cues=strong_cues)
         name = video["name"]
         write_video(out / "videos" / f"{name}.mp4", video["frames"], fps=FPS)
         if with_parsing:
