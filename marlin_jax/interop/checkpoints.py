@@ -108,6 +108,26 @@ def _resolve_marlin_dir(directory: Path) -> Path:
                           f"'{TRAINER_STATE_ITEM}/' item and no numbered step directories holding one)")
 
 
+def _restore_model_params(item: Path) -> dict:
+    """The generator + critic parameters of a trainer state, read without its optimiser moments
+    (orbax partial restore: a third of the bytes)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    checkpointer = ocp.PyTreeCheckpointer()
+    meta = checkpointer.metadata(item)
+    tree_meta = getattr(getattr(meta, "item_metadata", meta), "tree", None)
+    if not isinstance(tree_meta, dict) or not all(isinstance(tree_meta.get(g), dict) for g in MODEL_PARAM_GROUPS):
+        raise CheckpointError(f"{item}: not a marlin-jax training state (expected "
+                              f"{' and '.join(MODEL_PARAM_GROUPS)})")
+    wanted = {g: tree_meta[g] for g in MODEL_PARAM_GROUPS}
+    target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), wanted)
+    restore_args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+    tree = checkpointer.restore(item, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                                                   partial_restore=True))
+    return {k: v for group in MODEL_PARAM_GROUPS for k, v in tree[group].items()}
+
+
 def read_marlin_state_dict(directory: str | os.PathLike,
                            config: MarlinConfig | None = None) -> OrderedDict[str, np.ndarray]:
     """Reads a marlin-jax checkpoint directory into a flat PyTorch-layout state_dict.
@@ -119,14 +139,14 @@ def read_marlin_state_dict(directory: str | os.PathLike,
     root = _resolve_marlin_dir(Path(directory))
     item = root / (PARAMS_ITEM if (root / PARAMS_ITEM).is_dir() else TRAINER_STATE_ITEM)
     try:
-        tree = ocp.StandardCheckpointer().restore(item.absolute())
+        if item.name == PARAMS_ITEM:
+            tree = ocp.StandardCheckpointer().restore(item.absolute())
+        else:
+            tree = _restore_model_params(item.absolute())
+    except CheckpointError:
+        raise
     except Exception as e:  # orbax raises many types for unreadable trees
         raise CheckpointError(f"{item}: cannot restore orbax checkpoint ({e})") from e
-    if item.name == TRAINER_STATE_ITEM:
-        if not isinstance(tree, dict) or not all(isinstance(tree.get(g), dict) for g in MODEL_PARAM_GROUPS):
-            raise CheckpointError(f"{item}: not a marlin-jax training state (expected "
-                                  f"{' and '.join(MODEL_PARAM_GROUPS)})")
-        tree = {k: v for group in MODEL_PARAM_GROUPS for k, v in tree[group].items()}
 
     out: OrderedDict[str, np.ndarray] = OrderedDict()
 
