@@ -8,6 +8,9 @@
 Each video becomes ``<output_dir>/<key>.npy``: float32 ``(n_windows, D)`` features of its sliding
 16-frame windows (sample rate 2, stride 16, as ``Marlin.extract_video``), where ``key`` is the
 video path relative to the video folder without extension (the key the evaluation datasets use).
+With ``--keep_seq`` the files hold ``(n_windows, N, D)`` token features; the evaluation flattens
+them for a token-level linear probe. They are large (1568 x 768 floats per window for ViT-B at
+16x224x224): meant for small models, small inputs or few videos.
 
 * Batched: windows of several videos share one jitted encoder call (fixed batch shape).
 * Resumable: existing ``.npy`` files are kept (``--overwrite`` recomputes); files are written
@@ -221,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stride", type=int, default=None,
                         help="window stride in sampled frames (default: n_frames, 16)")
     parser.add_argument("--batch_size", type=int, default=16, help="windows per encoder call")
+    parser.add_argument("--keep_seq", action="store_true",
+                        help="write (T, N, D) token features instead of (T, D) pooled ones (a token-level probe)")
     parser.add_argument("--num_threads", type=int, default=4, help="video decoding threads")
     parser.add_argument("--overwrite", action="store_true", help="recompute existing features")
     parser.add_argument("--retry_failed", action="store_true", help="retry marked failures")
@@ -241,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     videos = list_videos(video_dir)
     print(f"{len(videos)} videos in {video_dir} -> {output_dir}")
     summary = extract_dataset(
-        lambda clips: marlin.extract_features(clips, keep_seq=False), videos, output_dir,
+        lambda clips: marlin.extract_features(clips, keep_seq=args.keep_seq), videos, output_dir,
         clip_frames=cfg.n_frames, size=cfg.img_size,
         sample_rate=args.sample_rate or cfg.tubelet_size, stride=args.stride or cfg.n_frames,
         batch_size=args.batch_size, overwrite=args.overwrite, retry_failed=args.retry_failed,

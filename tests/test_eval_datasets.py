@@ -172,8 +172,11 @@ def test_feature_reduction_and_bad_feature_files(tmp_path):
     assert fs.keys == ("a", "b") and sorted(fs.skipped) == ["empty", "failed", "gone"]
     assert fs.labels.tolist() == [True, True]  # labels follow the kept samples
     np.save(tmp_path / "wide.npy", np.ones((2, 9), np.float32))
-    with pytest.raises(DatasetError, match="wide.npy: feature width 9, expected 8"):
+    with pytest.raises(DatasetError, match=r"wide.npy: features of shape \(9,\) per window, expected \(8,\)"):
         load_features(tmp_path, _labelset(["a", "wide"]))
+    np.save(tmp_path / "rank4.npy", np.ones((2, 3, 4, 8), np.float32))
+    with pytest.raises(DatasetError, match=r"rank4.npy: expected \(T, D\) window or \(T, N, D\) token"):
+        load_features(tmp_path, _labelset(["rank4"]))
     np.save(tmp_path / "nan.npy", np.full((2, 8), np.nan, np.float32))
     with pytest.raises(DatasetError, match="nan.npy: features must be finite"):
         load_features(tmp_path, _labelset(["nan"]))
@@ -181,6 +184,19 @@ def test_feature_reduction_and_bad_feature_files(tmp_path):
         load_features(tmp_path, _labelset(["empty"]), on_error="skip")
     with pytest.raises(ValueError, match="reduction"):
         reduce_windows(feats["a"], "median")
+
+
+def test_token_features_are_reduced_over_windows_and_flattened(tmp_path):
+    rng = np.random.default_rng(1)
+    tokens = {k: rng.normal(size=(t, 5, 4)).astype(np.float32) for k, t in [("a", 3), ("b", 2)]}
+    for k, v in tokens.items():
+        np.save(tmp_path / f"{k}.npy", v)
+    fs = load_features(tmp_path, _labelset(["a", "b"]), "max")
+    assert fs.x.shape == (2, 20)
+    np.testing.assert_allclose(fs.x, np.stack([tokens[k].max(0).reshape(-1) for k in "ab"]))
+    np.save(tmp_path / "c.npy", np.ones((2, 6, 4), np.float32))  # another token count
+    with pytest.raises(DatasetError, match=r"c.npy: features of shape \(6, 4\) per window, expected \(5, 4\)"):
+        load_features(tmp_path, _labelset(["a", "c"]))
 
 
 def test_clip_index_sampling_matches_original_rules():

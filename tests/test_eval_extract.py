@@ -82,6 +82,28 @@ def test_extract_dataset_matches_extract_video_and_resumes(tmp_path, marlin):
     assert list(recorded["failed"]) == ["wrong_size"]
 
 
+def test_token_features_for_a_token_level_probe(tmp_path, marlin):
+    """``keep_seq`` extraction writes (T, N, D) files that load as flattened token features."""
+    ext = load_script("extract_dataset")
+    rng = np.random.default_rng(1)
+    videos = tmp_path / "videos"
+    for name, t in [("a", 3), ("b", 20)]:
+        write_video(videos / f"{name}.mp4", rng.integers(0, 255, (t, 32, 32, 3), dtype=np.uint8))
+    out = tmp_path / "tokens"
+    summary = ext.extract_dataset(lambda c: marlin.extract_features(c, keep_seq=True), ext.list_videos(videos),
+                                  out, clip_frames=4, size=32, sample_rate=2, stride=4, batch_size=3,
+                                  progress=False)
+    assert sorted(summary["written"]) == ["a", "b"]
+    n, d = marlin.config.num_tokens, marlin.config.encoder_embed_dim
+    seq = np.load(out / "b.npy")
+    assert seq.shape == (2, n, d)
+    labels = LabelSet(("a", "b"), np.array([True, False]), "binary", ("x",),
+                      tuple(str(videos / f"{k}.mp4") for k in "ab"), source="test")
+    fs = load_features(out, labels)
+    assert fs.x.shape == (2, n * d)
+    np.testing.assert_allclose(fs.x[1], seq.mean(0).reshape(-1), rtol=1e-6)
+
+
 def test_list_videos_errors(tmp_path):
     ext = load_script("extract_dataset")
     with pytest.raises(FileNotFoundError, match="video folder not found"):

@@ -417,7 +417,8 @@ class FeatureSet:
     """Window-reduced features of a LabelSet's samples.
 
     Attributes:
-      x: float32 ``(N, D)``; labels: as LabelSet.labels, ``(N, ...)``; keys: ``(N,)``.
+      x: float32 ``(N, D)`` (token features: ``D = tokens * width``); labels: as
+        LabelSet.labels, ``(N, ...)``; keys: ``(N,)``.
       skipped: ``{key: reason}`` of samples left out (with ``on_error="skip"``).
     """
 
@@ -441,9 +442,10 @@ def reduce_windows(features: np.ndarray, reduction: str) -> np.ndarray:
     raise ValueError(f"temporal reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def read_feature_file(path: str | os.PathLike, dim: int | None = None) -> np.ndarray:
-    """Loads one ``(T, D)`` feature file, raising DatasetError if it is missing, marked failed by
-    the extractor, empty, not 2-D, of the wrong width, or not finite."""
+def read_feature_file(path: str | os.PathLike, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Loads one feature file: ``(T, D)`` pooled window features or ``(T, N, D)`` token features
+    (``extract_dataset.py --keep_seq``). Raises DatasetError if it is missing, marked failed by
+    the extractor, empty, of another rank, of another per-window ``shape``, or not finite."""
     path = os.fspath(path)
     marker = os.path.splitext(path)[0] + ERROR_MARKER_SUFFIX
     if not os.path.isfile(path):
@@ -454,13 +456,13 @@ def read_feature_file(path: str | os.PathLike, dim: int | None = None) -> np.nda
         x = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise DatasetError(f"{path}: not a readable .npy file ({e})") from e
-    if x.ndim != 2:
-        raise DatasetError(f"{path}: expected (T, D) window features, got shape {x.shape}")
+    if x.ndim not in (2, 3):
+        raise DatasetError(f"{path}: expected (T, D) window or (T, N, D) token features, got shape {x.shape}")
     if x.shape[0] == 0:
         raise DatasetError(f"{path}: empty feature file (0 windows; the video was too short or "
                            "failed to extract)")
-    if dim is not None and x.shape[1] != dim:
-        raise DatasetError(f"{path}: feature width {x.shape[1]}, expected {dim}")
+    if shape is not None and x.shape[1:] != tuple(shape):
+        raise DatasetError(f"{path}: features of shape {x.shape[1:]} per window, expected {tuple(shape)}")
     if not np.issubdtype(x.dtype, np.floating) or not np.all(np.isfinite(x)):
         raise DatasetError(f"{path}: features must be finite floats, got {x.dtype}")
     return x
@@ -472,7 +474,9 @@ def load_features(
     reduction: str = "mean",
     on_error: OnError = "error",
 ) -> FeatureSet:
-    """Reads ``<feature_dir>/<key>.npy`` for every sample and reduces the windows.
+    """Reads ``<feature_dir>/<key>.npy`` for every sample and reduces the windows; token
+    features ``(T, N, D)`` are reduced over windows and flattened to ``N * D`` (a linear probe
+    on every token: spatially resolved, for cues that mean-pooling washes out).
 
     With ``on_error="error"`` the first bad file raises DatasetError; with ``"skip"`` bad files
     are left out and listed in ``skipped`` (the caller reports the count). Raises if nothing is
@@ -485,17 +489,17 @@ def load_features(
         raise DatasetError(f"{feature_dir}: feature folder not found "
                            "(run scripts/extract_dataset.py first)")
     rows, keep, skipped = [], [], {}
-    dim = None
+    shape = None
     for i, key in enumerate(labelset.keys):
         try:
-            x = read_feature_file(os.path.join(feature_dir, key + ".npy"), dim)
+            x = read_feature_file(os.path.join(feature_dir, key + ".npy"), shape)
         except DatasetError as e:
             if on_error == "error":
                 raise
             skipped[key] = str(e)
             continue
-        dim = x.shape[1]
-        rows.append(reduce_windows(x.astype(np.float32), reduction))
+        shape = x.shape[1:]
+        rows.append(reduce_windows(x.astype(np.float32), reduction).reshape(-1))
         keep.append(i)
     if not rows:
         raise DatasetError(_listing(f"{feature_dir}: no usable feature file for "
