@@ -62,6 +62,25 @@ def test_channels_first_input_mirrors_marlin_pytorch(tiny_marlin):
                                tiny_marlin.extract_features(u8.astype(np.float32) / 255, keep_seq=False), atol=1e-6)
 
 
+def test_from_file_speed_options(tiny_marlin, tmp_path):
+    """auto attention is per_head on CPU (same features); bf16 matmuls: kernels stored in bf16
+    once, everything else float32, features close to float32."""
+    import jax
+    import jax.numpy as jnp
+
+    path = save_torch_checkpoint(tmp_path / "tiny.encoder.pt", tiny_marlin.model, encoder_only=True)
+    clips = np.random.default_rng(0).random((2, 16, 224, 224, 3), dtype=np.float32)
+    ref = np.asarray(tiny_marlin.extract_features(clips, keep_seq=False))
+    auto = Marlin.from_file(TINY, path)
+    assert auto.model.encoder.blocks[0].attn.attention_impl == "per_head"
+    np.testing.assert_allclose(np.asarray(auto.extract_features(clips, keep_seq=False)), ref, atol=1e-5)
+    fast = Marlin.from_file(TINY, path, matmul_dtype="bfloat16")
+    dtypes = {(str(leaf.dtype), leaf.ndim) for leaf in jax.tree.leaves(fast._encoder_state)}
+    assert dtypes == {("bfloat16", 2), ("bfloat16", 5), ("float32", 1), ("float32", 3)}  # 3-D: positions
+    out = np.asarray(fast.extract_features(clips, keep_seq=False))
+    assert out.dtype == jnp.float32 and 0 < np.abs(out - ref).max() < 0.1
+
+
 def test_bad_inputs_are_clear_errors(tiny_marlin, videos, tmp_path):
     with pytest.raises(VideoReadError, match="no such file"):
         tiny_marlin.extract_video(tmp_path / "missing.mp4")
