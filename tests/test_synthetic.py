@@ -153,21 +153,28 @@ def test_face_scale_frames_the_face_tighter() -> None:
 
 
 def test_strong_cues_make_mouth_and_eye_labels_visible() -> None:
-    """Same labels and colours; a mouth_open video shows the inner mouth (LaPa 8) in most
-    frames and a closed one never; open eyes (LaPa 4/5) cover more pixels than by default."""
-    seen = set()
+    """Same labels and colours; a mouth_open video shows the inner mouth (LaPa 8) in every
+    frame and a closed one never; open eyes (LaPa 4/5) cover more pixels than by default; a
+    smile is broader (the lips span more columns), other mouths keep their width."""
+    seen, seen_smile = set(), set()
     for index in range(12):
         base = render_video(index, 25, SIZE)
         strong = render_video(index, 25, SIZE, strong_cues=True)
         np.testing.assert_array_equal(strong["labels"], base["labels"])
-        mouth_open, eyes_closed, _ = (bool(v) for v in strong["labels"])
+        mouth_open, eyes_closed, smiling = (bool(v) for v in strong["labels"])
         seen.add(mouth_open)
         mouth_frames = (strong["parsing"] == 8).any(axis=(1, 2)).mean()
-        assert mouth_frames > 0.8 if mouth_open else mouth_frames == 0, (index, mouth_frames)
+        assert mouth_frames == 1.0 if mouth_open else mouth_frames == 0, (index, mouth_frames)
         if not eyes_closed:
             eyes = lambda v: np.isin(v["parsing"], (4, 5)).sum()  # noqa: E731
-            assert eyes(strong) > 1.2 * eyes(base), index
-    assert seen == {True, False}
+            assert eyes(strong) > 1.4 * eyes(base), index
+        lip_columns = lambda v: np.isin(v["parsing"][0], (7, 9)).any(axis=0).sum()  # noqa: E731
+        if smiling:
+            assert lip_columns(strong) > lip_columns(base), index
+        else:
+            assert lip_columns(strong) == lip_columns(base), index
+        seen_smile.add(smiling)
+    assert seen == {True, False} and seen_smile == {True, False}
 
 
 def test_write_video_dataset_round_trip(tmp_path) -> None:

@@ -160,7 +160,10 @@ def _sample_face(rng: np.random.Generator, labels: np.ndarray, size: int,
     if strong_cues:  # same draws, so the rest of the video is unchanged
         face = dataclasses.replace(face, mouth_duty=1.0 if mouth_open else 0.0,
                                    mouth_open_max=face.mouth_open_max * 1.6,
-                                   eye_h=face.eye_h * 1.3, eye_w=face.eye_w * 1.15)
+                                   eye_h=face.eye_h * 1.6, eye_w=face.eye_w * 1.2)
+        if smiling:  # a broad smile: corners 2.2x higher, mouth wider
+            face = dataclasses.replace(face, mouth_curve=face.mouth_curve * 2.2,
+                                       mouth_w=face.mouth_w + 0.05)
     return face
 
 
@@ -264,6 +267,8 @@ class _Pose:
 def _mouth_opening(face: _Face, frame: int) -> float:
     """Inner-mouth height (units of a): open for a ``mouth_duty`` fraction of each period,
     opening and closing quickly."""
+    if face.mouth_duty >= 1.0:  # always open (``strong_cues``)
+        return face.mouth_open_max
     phase = (frame / FPS / face.mouth_period + face.mouth_phase) % 1.0
     if phase >= face.mouth_duty:
         return 0.0
@@ -349,8 +354,9 @@ def render_video(index: int, num_frames: int = 32, size: int = 224, seed: int = 
     about ``face_scale ** 2`` times more pixels.
 
     ``strong_cues`` makes two labels visible at low resolution: a ``mouth_open`` mouth is open
-    (1.6x wider opening) in every frame and a closed one never opens; eyes are 1.3x taller and
-    1.15x wider, so open vs closed eyes differ by more pixels. Same labels, palette and motion.
+    (1.6x wider opening) in every frame and a closed one never opens; eyes are 1.6x taller and
+    1.2x wider, so open vs closed eyes differ by more pixels; a smile is broad (corners 2.2x
+    higher, mouth 0.05 half-widths wider). Same labels, palette and motion.
     """
     if index < 0 or seed < 0:
         raise ValueError(f"index and seed must be >= 0, got index={index}, seed={seed}")
