@@ -164,7 +164,7 @@ def test_strong_cues_make_mouth_and_eye_labels_visible() -> None:
         mouth_open, eyes_closed, smiling = (bool(v) for v in strong["labels"])
         seen.add(mouth_open)
         mouth_frames = (strong["parsing"] == 8).any(axis=(1, 2)).mean()
-        assert mouth_frames == 1.0 if mouth_open else mouth_frames == 0, (index, mouth_frames)
+        assert mouth_frames == (1.0 if mouth_open else 0.0), (index, mouth_frames)
         if not eyes_closed:
             eyes = lambda v: np.isin(v["parsing"], (4, 5)).sum()  # noqa: E731
             assert eyes(strong) > 1.4 * eyes(base), index
