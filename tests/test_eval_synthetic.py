@@ -32,8 +32,8 @@ for fine-tuning. Measured (test AUROC mouth_open / eyes_closed / smiling):
     at the chance loss before it starts to fit; from a random encoder at lr 3e-4 it reaches
     0.59 / 0.85 / 0.46 after 30 epochs (6 CPU minutes; milder cues: eyes 1.3x taller). A head
     on the flattened tokens needs a learning rate of ~1e-5 under Adam (12288 inputs) and,
-    initialised from the probe (LP-FT),
-    keeps the probe's AUROC: the training loss is already ~0.1, so there is nothing left to fit.
+    initialised from the probe (LP-FT), keeps the probe's AUROC: the training loss is already
+    ~0.1, so there is nothing left to fit.
 Closing the gap needs pretraining long enough to make the pooled features local-cue aware
 (MARLIN's regime), or a fine-tuning budget beyond a CI test.
 """

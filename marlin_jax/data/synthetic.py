@@ -353,7 +353,7 @@ def render_video(index: int, num_frames: int = 32, size: int = 224, seed: int = 
     and motion as they are: at a small ``size`` a tight crop shows the eyes and mouth with
     about ``face_scale ** 2`` times more pixels.
 
-    ``strong_cues`` makes two labels visible at low resolution: a ``mouth_open`` mouth is open
+    ``strong_cues`` makes the three labels visible at low resolution: a ``mouth_open`` mouth is open
     (1.6x wider opening) in every frame and a closed one never opens; eyes are 1.6x taller and
     1.2x wider, so open vs closed eyes differ by more pixels; a smile is broad (corners 2.2x
     higher, mouth 0.05 half-widths wider). Same labels, palette and motion.
