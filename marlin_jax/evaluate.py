@@ -96,6 +96,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.temporal_reduction = "mean"  # lp: mean / max / min over the windows of a video
     c.standardize_features = False  # lp: z-score features with train statistics (not original)
     c.learning_rate = 1e-4
+    c.weight_decay = 0.0  # L2 penalty on the head's (and, ft, encoder's) weights (not original)
+    c.weight_decay_sweep = ()  # lp: train one probe per value, keep the best on val (not orig.)
     c.batch_size = 32
     c.epochs = 2000  # max epochs; stops earlier when the lr decays to 1e-6 or by `patience`
     c.patience = 0  # >0: stop after this many epochs without a validation improvement
@@ -201,6 +203,7 @@ def _fit_info(result: FitResult) -> dict[str, Any]:
 def fit_options(config: ml_collections.ConfigDict) -> FitOptions:
     return FitOptions(
         learning_rate=float(config.learning_rate),
+        weight_decay=float(config.weight_decay),
         max_epochs=int(config.epochs),
         batch_size=int(config.batch_size),
         monitor=config.monitor,
@@ -234,8 +237,32 @@ def _skip_report(name: str, skipped: dict[str, str], log: Callable[[str], None])
         log(f"{name}: skipped {len(skipped)} sample(s), e.g. {first}")
 
 
+def training_runs(config: ml_collections.ConfigDict,
+                  workdir: str) -> list[tuple[ml_collections.ConfigDict, str]]:
+    """``(config, run directory)`` of each model the config trains: the config itself in
+    ``workdir``, or for a linear probe with ``weight_decay_sweep`` one run per value, in
+    ``<workdir>/wd_<value>`` with ``weight_decay`` set to it (so a run's identity does not
+    depend on the other values: growing the sweep keeps the finished runs)."""
+    sweep = [float(v) for v in config.weight_decay_sweep]
+    if not sweep:
+        return [(config, workdir)]
+    if config.finetune:
+        raise ValueError("weight_decay_sweep is for linear probes; fine-tuning takes one "
+                         "weight_decay")
+    if len(set(sweep)) != len(sweep) or min(sweep) < 0:
+        raise ValueError(f"weight_decay_sweep must hold distinct values >= 0, got {sweep}")
+    runs = []
+    for wd in sweep:
+        member = ml_collections.ConfigDict(config.to_dict())
+        member.weight_decay, member.weight_decay_sweep = wd, ()
+        runs.append((member, os.path.join(workdir, f"wd_{wd:g}")))
+    return runs
+
+
 def run_linear_probe(config, splits, workdir, log) -> dict:
-    """Linear probe on extracted features; returns the results dict."""
+    """Linear probe(s) on extracted features; returns the results dict. With a
+    ``weight_decay_sweep`` every value is trained and the probe with the best validation
+    ``monitor`` is evaluated (the sweep's validation figures are reported too)."""
     from marlin_jax.evaluation.probe import make_linear_head, predict_logits, train_linear_probe
     from marlin_jax.evaluation.training import load_params, split_model
 
@@ -247,21 +274,34 @@ def run_linear_probe(config, splits, workdir, log) -> dict:
     for s, fs in feats.items():
         _skip_report(f"{s} features", fs.skipped, log)
     train = splits["train"]
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if config.skip_train:
-        model = make_linear_head(feats["train"].x, train.num_outputs,
-                                 standardize=config.standardize_features)
-        load_params(model, restore_best(ckpt_dir, split_model(model)[1]))
-        fit_info = {"restored_from": ckpt_dir}
-    else:
-        model, result = train_linear_probe(
-            feats["train"], feats["val"], task=train.task, num_outputs=train.num_outputs,
-            options=fit_options(config), standardize=config.standardize_features,
-            checkpoint_dir=ckpt_dir, state_dir=os.path.join(workdir, "state"),
-            fresh_start=bool(config.fresh_start), run_id={"config": config_identity(config)},
-            save_every_s=float(config.checkpoint_every_s),
-            log=log)
-        fit_info = _fit_info(result)
+    candidates = []  # (val metric, weight decay, model, fit info)
+    for member, run_dir in training_runs(config, workdir):
+        ckpt_dir = os.path.join(run_dir, "checkpoints")
+        if config.skip_train:
+            model = make_linear_head(feats["train"].x, train.num_outputs,
+                                     standardize=config.standardize_features)
+            load_params(model, restore_best(ckpt_dir, split_model(model)[1]))
+            fit_info: dict[str, Any] = {"restored_from": ckpt_dir}
+        else:
+            model, result = train_linear_probe(
+                feats["train"], feats["val"], task=train.task, num_outputs=train.num_outputs,
+                options=fit_options(member), standardize=config.standardize_features,
+                checkpoint_dir=ckpt_dir, state_dir=os.path.join(run_dir, "state"),
+                fresh_start=bool(config.fresh_start),
+                run_id={"config": config_identity(member)},
+                save_every_s=float(config.checkpoint_every_s), log=log)
+            fit_info = _fit_info(result)
+        val = classification_metrics(predict_logits(model, feats["val"].x), feats["val"].labels,
+                                     train.task)[config.monitor]
+        candidates.append((float(val), float(member.weight_decay), model, fit_info))
+    best = max(range(len(candidates)),
+               key=lambda i: (np.nan_to_num(candidates[i][0], nan=-np.inf), -i))
+    _, weight_decay, model, fit_info = candidates[best]
+    if len(candidates) > 1:
+        fit_info = {**fit_info, "weight_decay": weight_decay, "sweep": [
+            {"weight_decay": wd, f"val_{config.monitor}": v} for v, wd, _, _ in candidates]}
+        log("weight decay sweep (val " + config.monitor + "): " + ", ".join(
+            f"{wd:g}: {v:.4f}" for v, wd, _, _ in candidates) + f"; selected {weight_decay:g}")
     outputs = {s: (predict_logits(model, feats[s].x), feats[s].labels) for s in ("val", "test")}
     skipped = {s: fs.skipped for s, fs in feats.items() if fs.skipped}
     return {**_metrics(outputs, train), "fit": fit_info, "skipped": skipped}
@@ -340,33 +380,45 @@ def run_finetune(config, splits, workdir, log) -> dict:
     return {**_metrics(outputs, train), "fit": fit_info, "skipped": skipped}
 
 
-def _state_digest(state: dict[str, Any]) -> str:
-    """Identifies one finished training state (run identity + where it stopped)."""
-    loop = state["loop"]
-    return array_digest(json.dumps([state["identity"], loop["next_epoch"], loop["best_epoch"],
-                                    loop["stop_reason"]], sort_keys=True))
+def _state_digest(states: list[dict[str, Any]]) -> str:
+    """Identifies finished training states (run identities + where they stopped)."""
+    return array_digest(json.dumps(
+        [[s["identity"], s["loop"]["next_epoch"], s["loop"]["best_epoch"],
+          s["loop"]["stop_reason"]] for s in states], sort_keys=True))
+
+
+def _finished_states(config: ml_collections.ConfigDict, workdir: str) -> list[dict] | None:
+    """The training states of every run of the config (see :func:`training_runs`) when all
+    have finished (None otherwise); raises CheckpointMismatchError for a state of another run."""
+    states = []
+    for member, run_dir in training_runs(config, workdir):
+        state_dir = os.path.join(run_dir, "state")
+        state = read_training_state(state_dir)
+        if state is None or state["loop"]["stop_reason"] is None:
+            return None
+        saved_config = state["identity"].get("run", {}).get("config")
+        check_identity(os.path.abspath(state_dir), {"config": saved_config},
+                       {"config": config_identity(member)})
+        states.append(state)
+    return states
 
 
 def _saved_results(config: ml_collections.ConfigDict, workdir: str,
                    log: Callable[[str], None]) -> dict | None:
     """The results in ``<workdir>/metrics.json`` when they belong to the finished training
-    state in ``<workdir>/state`` of this config (None: train / evaluate as usual)."""
-    state_dir = os.path.join(workdir, "state")
-    state = read_training_state(state_dir)
-    if state is None or state["loop"]["stop_reason"] is None:
+    state(s) of this config (None: train / evaluate as usual)."""
+    states = _finished_states(config, workdir)
+    if states is None:
         return None
-    saved_config = state["identity"].get("run", {}).get("config")
-    check_identity(os.path.abspath(state_dir), {"config": saved_config},
-                   {"config": config_identity(config)})
     path = os.path.join(workdir, "metrics.json")
     try:
         with open(path, encoding="utf-8") as f:
             results = json.load(f)
     except (OSError, ValueError):
         return None  # finished but not evaluated yet: fit restores the best, no training
-    if results.get("fit", {}).get("state_digest") != _state_digest(state):
+    if results.get("fit", {}).get("state_digest") != _state_digest(states):
         return None
-    log(f"{workdir}: this run already finished ({state['loop']['stop_reason']}); reporting "
+    log(f"{workdir}: this run already finished ({states[0]['loop']['stop_reason']}); reporting "
         f"the saved results of {path} (fresh_start=True retrains)")
     return results
 
@@ -390,9 +442,9 @@ def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -
         f" samples ({splits['train'].task}, {splits['train'].num_outputs} outputs)")
     runner = run_finetune if config.finetune else run_linear_probe
     results = runner(config, splits, workdir, log)
-    state = None if config.skip_train else read_training_state(os.path.join(workdir, "state"))
-    if state is not None:
-        results["fit"]["state_digest"] = _state_digest(state)
+    states = None if config.skip_train else _finished_states(config, workdir)
+    if states is not None:
+        results["fit"]["state_digest"] = _state_digest(states)
     results.update(model_name=config.model_name, task=splits["train"].task,
                    class_names=list(splits["train"].class_names),
                    seconds=time.time() - t0, config=config.to_dict())

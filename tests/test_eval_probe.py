@@ -117,3 +117,48 @@ def test_early_stopping_and_learning_rate_stop():
                                                       patience=3), log=lambda s: None)
     assert result.stop_reason.startswith("no validation improvement for 3")
     assert len(result.history) == result.best_epoch + 4
+
+
+def test_weight_decay_objective_is_l2_logistic_regression():
+    """With ``weight_decay`` the probe minimises scikit-learn's L2 logistic regression objective
+    (``C = 1 / (weight_decay * N)``): full-batch Adam, decayed to 0, lands on its solution."""
+    import jax
+    from sklearn.linear_model import LogisticRegression
+
+    from marlin_jax.evaluation.probe import make_linear_head
+    from marlin_jax.evaluation.training import make_optimizer, make_train_step
+
+    data = features(96, "binary", 0, dim=8)
+    x, y = data.x, data.labels
+    wd, steps = 0.05, 3000
+    head = make_linear_head(x, 1, standardize=True)
+    graphdef, params, rest = split_model(head)
+    tx = make_optimizer(FitOptions())
+    step = make_train_step(graphdef, "binary", tx, weight_decay=wd)
+    xs, ys = jnp.asarray(x), jnp.asarray(y, jnp.float32)
+
+    @jax.jit
+    def train(params):
+        def body(carry, t):
+            p, o = carry
+            p, o, loss = step(p, o, rest, xs, ys, 0.05 * (1.0 - t / steps))
+            return (p, o), loss
+        return jax.lax.scan(body, (params, tx.init(params)), jnp.arange(steps))[0][0]
+
+    params = train(params)
+    z = (x - x.mean(0)) / x.std(0)
+    ref = LogisticRegression(C=1.0 / (wd * len(x)), tol=1e-10, max_iter=10_000).fit(z, y)
+    np.testing.assert_allclose(np.asarray(params["head"]["kernel"])[:, 0], ref.coef_[0],
+                               atol=2e-3)
+    np.testing.assert_allclose(np.asarray(params["head"]["bias"]), ref.intercept_, atol=2e-3)
+    # and the penalty is what changed the solution: unregularised weights are much larger
+    free = LogisticRegression(C=1e6, tol=1e-10, max_iter=10_000).fit(z, y)
+    assert np.linalg.norm(free.coef_) > 2 * np.linalg.norm(ref.coef_)
+
+
+def test_l2_penalty_skips_biases():
+    from marlin_jax.evaluation.training import l2_penalty
+
+    params = {"head": {"kernel": jnp.full((3, 2), 2.0), "bias": jnp.full((2,), 100.0)},
+              "norm": {"scale": jnp.ones(3)}}
+    assert float(l2_penalty(params)) == pytest.approx(0.5 * 6 * 4.0)

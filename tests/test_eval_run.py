@@ -82,6 +82,44 @@ def test_celebvhq_linear_probe_run_and_restore(tmp_path, capsys):
     assert again["metrics"]["test"] == pytest.approx(std["metrics"]["test"])
 
 
+def test_weight_decay_sweep_selects_on_validation(tmp_path):
+    """A probe per weight decay, each in its own run directory; the best validation AUROC is
+    the one evaluated; reruns report, and a grown sweep reuses the finished runs."""
+    root = celebvhq_dataset(tmp_path / "celebvhq")
+    config = lp_config(root, tmp_path / "work")
+    config.standardize_features = True
+    config.weight_decay_sweep = (0.0, 0.3, 30.0)
+    logs = []
+    results = run(config, log=logs.append)
+    sweep = results["fit"]["sweep"]
+    assert [s["weight_decay"] for s in sweep] == [0.0, 0.3, 30.0]
+    val = [s["val_auroc"] for s in sweep]
+    chosen = results["fit"]["weight_decay"]
+    assert chosen == sweep[int(np.argmax(val))]["weight_decay"]
+    assert results["metrics"]["val"]["auroc"] == pytest.approx(max(val))
+    assert any(line.startswith("weight decay sweep (val auroc): 0: ") for line in logs)
+    for wd in ("0", "0.3", "30"):
+        assert (tmp_path / "work" / f"wd_{wd}" / "checkpoints").is_dir()
+    # the selected run alone, restored from its directory, gives the reported test metrics
+    alone = lp_config(root, tmp_path / "work" / f"wd_{chosen:g}")
+    alone.standardize_features, alone.skip_train = True, True
+    restored = run(alone, log=lambda s: None)
+    assert restored["metrics"]["test"] == pytest.approx(results["metrics"]["test"])
+    # a finished sweep is reported, not retrained; one more value trains only that one
+    assert run(config, log=lambda s: None)["metrics"] == results["metrics"]
+    config.weight_decay_sweep = (0.0, 0.3, 30.0, 3.0)
+    logs = []
+    grown = run(config, log=logs.append)
+    assert sum("already finished" in line for line in logs) == 3
+    assert len(grown["fit"]["sweep"]) == 4
+    config.weight_decay_sweep = (0.3, 0.3)
+    with pytest.raises(ValueError, match="distinct values"):
+        run(config, log=lambda s: None)
+    config.weight_decay_sweep, config.finetune = (0.3,), True
+    with pytest.raises(ValueError, match="weight_decay_sweep is for linear probes"):
+        run(config, log=lambda s: None)
+
+
 def test_data_ratio_and_skips(tmp_path):
     root = celebvhq_dataset(tmp_path / "celebvhq")
     config = lp_config(root, tmp_path / "work")

@@ -97,7 +97,8 @@ class _Sharded:
         self.init_opt = jax.jit(self.tx.init, out_shardings=opt_sh)
         x_sh, y_sh = batch_sharding(mesh, 5), batch_sharding(mesh, 1)
         y_sh_ml = batch_sharding(mesh, 2)
-        step = make_train_step(self.graphdef, task, self.tx, preprocess=to_unit_float)
+        step = make_train_step(self.graphdef, task, self.tx, preprocess=to_unit_float,
+                               weight_decay=options.weight_decay)
         y_shard = y_sh_ml if task == "multilabel" else y_sh
         self.step = jax.jit(
             step,

@@ -127,7 +127,7 @@ def train_linear_probe(
     model = make_linear_head(train.x, num_outputs, standardize=standardize, seed=options.seed)
     graphdef, params, rest = split_model(model)
     tx = make_optimizer(options)
-    step = make_train_step(graphdef, task, tx)
+    step = make_train_step(graphdef, task, tx, weight_decay=options.weight_decay)
     x_train = jnp.asarray(train.x)
     y_train = jnp.asarray(_labels_array(train.labels, task))
     base_key = jax.random.key(options.seed)

@@ -4,7 +4,9 @@ It follows the original ``model/classifier.py`` + ``evaluate.py`` of MARLIN:
 
 * loss: binary cross-entropy with logits (binary; multilabel over every flattened
   (sample, label) pair) or softmax cross-entropy (multiclass);
-* optimiser: Adam with betas (0.5, 0.9), learning rate 1e-4, no weight decay;
+* optimiser: Adam with betas (0.5, 0.9), learning rate 1e-4, no weight decay (an optional L2
+  penalty, ``FitOptions.weight_decay``, is ours: linear probes on high-dimensional features,
+  e.g. every token of a clip, need it);
 * schedule: reduce-on-plateau of the *training* loss (factor 0.5, patience 7, min 1e-8), and
   training stops once the learning rate has fallen to 1e-6 (``EarlyStoppingLR``);
 * model selection: the epoch with the best validation metric (``val_auc``) is kept and
@@ -90,6 +92,7 @@ class FitOptions:
     plateau_factor: float = 0.5
     min_lr: float = 1e-8
     stop_lr: float = 1e-6
+    weight_decay: float = 0.0  # L2 penalty wd/2 * sum(kernel**2) added to the training loss
     seed: int = 0
 
 
@@ -126,6 +129,14 @@ def plateau_step(state: Plateau, value: float, *, factor: float, patience: int, 
     return Plateau(state.lr, state.best, num_bad)
 
 
+def l2_penalty(params: Params) -> jax.Array:
+    """``0.5 * sum(w**2)`` over the weight matrices / kernels (leaves of rank >= 2): biases and
+    normalisation scales are not decayed."""
+    squares = [jnp.sum(jnp.square(w.astype(jnp.float32)))
+               for w in jax.tree.leaves(params) if w.ndim >= 2]
+    return 0.5 * sum(squares, jnp.float32(0.0))
+
+
 def make_optimizer(options: FitOptions) -> optax.GradientTransformation:
     """Adam's moment estimates only; the (scheduled) learning rate is applied by the step."""
     return optax.scale_by_adam(b1=options.b1, b2=options.b2, eps=1e-8)
@@ -136,17 +147,24 @@ def make_train_step(
     task: Task,
     tx: optax.GradientTransformation,
     preprocess: Callable[[jax.Array], jax.Array] | None = None,
+    weight_decay: float = 0.0,
 ) -> Callable:
     """``step(params, opt_state, rest, x, y, lr) -> (params, opt_state, loss)``, unjitted.
 
     ``rest`` is the model's non-parameter state (e.g. fixed position tables); ``preprocess`` maps
-    the raw batch inside the step (e.g. uint8 clips to float [0, 1]).
+    the raw batch inside the step (e.g. uint8 clips to float [0, 1]). ``weight_decay`` adds
+    ``weight_decay * l2_penalty(params)`` to the loss (so the returned loss is the objective:
+    for a binary probe, scikit-learn's ``LogisticRegression(C=1 / (weight_decay * N))`` scaled
+    by ``1 / N``).
     """
 
     def loss_fn(params, rest, x, y):
         model = nnx.merge(graphdef, params, rest)
         logits = model(preprocess(x) if preprocess is not None else x)
-        return classification_loss(logits, y, task)
+        loss = classification_loss(logits, y, task)
+        if weight_decay:
+            loss = loss + weight_decay * l2_penalty(params)
+        return loss
 
     def step(params, opt_state, rest, x, y, lr):
         loss, grads = jax.value_and_grad(loss_fn)(params, rest, x, y)
