@@ -36,6 +36,7 @@ current epoch. One step plus one synchronous save must fit in the grace period (
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -109,6 +110,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.marlin_ckpt = ""  # ft: encoder checkpoint (.pt / .ckpt / marlin-jax checkpoint dir)
     c.allow_random_init = False  # ft without a checkpoint (tests only)
     c.on_error = "error"  # missing/empty inputs: "error", or "skip" and count them
+    c.head_pooling = "mean"  # ft: the head reads "mean" (original) or all "tokens" (flattened)
+    c.lp_ft = ml_collections.ConfigDict({  # ft: LP-FT, the head starts as a linear probe on
+        "enabled": False,                  # the initial encoder's (standardised) features
+        "learning_rate": 1e-2, "epochs": 200, "patience": 20, "weight_decay": 0.0})
     c.clip_frames = 0  # ft: 0 = the backbone's n_frames (16)
     c.temporal_sample_rate = 2  # ft
     c.num_threads = 8  # ft: video decoding threads
@@ -210,6 +215,16 @@ def fit_options(config: ml_collections.ConfigDict) -> FitOptions:
         patience=int(config.patience) if config.patience else None,
         seed=int(config.seed),
     )
+
+
+def _lp_ft_options(config: ml_collections.ConfigDict) -> FitOptions | None:
+    """The probe stage's options of an LP-FT run (None: the head starts random)."""
+    lp = config.lp_ft
+    if not lp.enabled:
+        return None
+    return dataclasses.replace(
+        fit_options(config), learning_rate=float(lp.learning_rate), max_epochs=int(lp.epochs),
+        patience=int(lp.patience) if lp.patience else None, weight_decay=float(lp.weight_decay))
 
 
 def _register_backbone(config: ml_collections.ConfigDict) -> None:
@@ -357,11 +372,13 @@ def run_finetune(config, splits, workdir, log) -> dict:
     train = splits["train"]
     mesh = make_mesh(dict(config.mesh))
     ckpt_dir = os.path.join(workdir, "checkpoints")
+    options = fit_options(config)
     if config.skip_train:
         from marlin_jax.evaluation.finetune import make_predictor
         from marlin_jax.evaluation.training import load_params, split_model
 
-        model = FineTuneClassifier(encoder, train.num_outputs, rngs=nnx.Rngs(0))
+        model = FineTuneClassifier(encoder, train.num_outputs, rngs=nnx.Rngs(0),
+                                   pooling=config.head_pooling)
         load_params(model, restore_best(ckpt_dir, split_model(model)[1]))
         predict = make_predictor(model, train.task, mesh=mesh,
                                  batch_size=int(config.batch_size),
@@ -370,11 +387,12 @@ def run_finetune(config, splits, workdir, log) -> dict:
     else:
         _, result, predict = train_finetune(
             encoder, clips["train"], clips["val"], task=train.task,
-            num_outputs=train.num_outputs, options=fit_options(config), mesh=mesh,
+            num_outputs=train.num_outputs, options=options, mesh=mesh,
             checkpoint_dir=ckpt_dir, state_dir=os.path.join(workdir, "state"),
             fresh_start=bool(config.fresh_start), run_id={"config": config_identity(config)},
             save_every_s=float(config.checkpoint_every_s),
-            num_threads=int(config.num_threads), log=log)
+            num_threads=int(config.num_threads), pooling=config.head_pooling,
+            lp_ft=_lp_ft_options(config), log=log)
         fit_info = _fit_info(result)
     outputs = {s: predict(clips[s]) for s in ("val", "test")}
     return {**_metrics(outputs, train), "fit": fit_info, "skipped": skipped}

@@ -85,3 +85,78 @@ def test_sharded_step_matches_single_device():
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SPEC fsdp" in proc.stdout  # the qkv kernel is FSDP-sharded by MARLIN_RULES
+
+
+def test_token_pooling_head_reads_every_token():
+    encoder = MarlinEncoder(tiny_config(), rngs=nnx.Rngs(0))
+    model = FineTuneClassifier(encoder, 3, rngs=nnx.Rngs(1), pooling="tokens")
+    x = jnp.asarray(np.random.default_rng(0).random((2, 4, 32, 32, 3)), jnp.float32)
+    tokens = encoder.extract_features(x, keep_seq=True)  # (B, N, D), each token normed
+    assert model.head.kernel.shape == (tokens.shape[1] * tokens.shape[2], 3)
+    want = tokens.reshape(2, -1) @ model.head.kernel[...] + model.head.bias[...]
+    np.testing.assert_allclose(np.asarray(model(x)), np.asarray(want), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="pooling must be"):
+        FineTuneClassifier(encoder, 3, rngs=nnx.Rngs(1), pooling="max")
+
+
+def test_folded_standardisation_is_the_same_linear_map():
+    from marlin_jax.evaluation.finetune import fold_standardization
+    from marlin_jax.evaluation.probe import make_linear_head
+
+    rng = np.random.default_rng(0)
+    x = (3.0 + 0.5 * rng.normal(size=(40, 6))).astype(np.float32)
+    head = make_linear_head(x, 2, standardize=True, seed=3)
+    kernel, bias = fold_standardization(head)
+    np.testing.assert_allclose(x @ kernel + bias, np.asarray(head(jnp.asarray(x))), rtol=1e-4,
+                               atol=1e-4)
+    plain = make_linear_head(x, 2)
+    np.testing.assert_array_equal(fold_standardization(plain)[0], np.asarray(plain.head.kernel))
+
+
+def _clip_split(root: Path, names, rng) -> "LabelSet":  # noqa: F821
+    from marlin_jax.evaluation.datasets import LabelSet
+    from marlin_jax.video_io import write_video
+
+    paths = []
+    for name in names:
+        path = root / f"{name}.mp4"
+        write_video(path, rng.integers(0, 255, (8, 32, 32, 3), dtype=np.uint8))
+        paths.append(str(path))
+    labels = np.arange(len(names)) % 2 == 0
+    return LabelSet(tuple(names), labels, "binary", ("y",), tuple(paths))
+
+
+@pytest.mark.slow
+def test_lp_ft_starts_fine_tuning_from_the_probe(tmp_path):
+    """LP-FT: the head begins as the linear probe of the initial features, so an epoch at
+    learning rate 0 validates exactly as the probe did; a resumed run does not probe again."""
+    from marlin_jax.evaluation.datasets import ClipDataset
+    from marlin_jax.evaluation.finetune import train_finetune
+    from marlin_jax.evaluation.training import FitOptions
+
+    rng = np.random.default_rng(0)
+    train = ClipDataset(_clip_split(tmp_path, [f"t{i}" for i in range(8)], rng), 4, 2, 32)
+    val = ClipDataset(_clip_split(tmp_path, [f"v{i}" for i in range(10)], rng), 4, 2, 32)
+    frozen = FitOptions(learning_rate=0.0, stop_lr=-1.0, max_epochs=1, batch_size=4)
+    probe = FitOptions(learning_rate=1e-2, max_epochs=30, batch_size=4)
+    for pooling in ("mean", "tokens"):
+        logs = []
+        encoder = MarlinEncoder(tiny_config(), rngs=nnx.Rngs(0))
+        work = tmp_path / pooling
+        _, result, _ = train_finetune(
+            encoder, train, val, task="binary", num_outputs=1, options=frozen,
+            checkpoint_dir=work / "best", state_dir=work / "state", pooling=pooling,
+            lp_ft=probe, num_threads=1, log=logs.append)
+        line = next(s for s in logs if s.startswith("LP-FT"))
+        dim = 192 * (tiny_config().num_tokens if pooling == "tokens" else 1)
+        assert f"({dim}-d;" in line
+        probe_auroc = float(line.rsplit("val_auroc ", 1)[1].rstrip(")"))
+        # (AUROCs of 5 + 5 samples are multiples of 1/25: 4 decimals agreeing is equality)
+        assert result.history[0]["val_auroc"] == pytest.approx(probe_auroc, abs=6e-5)
+        logs = []
+        again = train_finetune(
+            MarlinEncoder(tiny_config(), rngs=nnx.Rngs(0)), train, val, task="binary",
+            num_outputs=1, options=frozen, checkpoint_dir=work / "best",
+            state_dir=work / "state", pooling=pooling, lp_ft=probe, num_threads=1,
+            log=logs.append)[1]
+        assert again.already_finished and not any(s.startswith("LP-FT") for s in logs)

@@ -3,7 +3,8 @@
 As the original (``Classifier(finetune=True)``): a clip ``(B, 16, 224, 224, 3)`` (temporal sample
 rate 2, see :class:`~marlin_jax.evaluation.datasets.ClipDataset`) goes through
 ``encoder.extract_features(keep_seq=False)`` (mean-pool of the tokens, then the final norm) and
-one ``Linear(D, C)``; encoder and head share one Adam optimiser.
+one ``Linear(D, C)``; encoder and head share one Adam optimiser. Ours, as options: a head on
+every token (``pooling="tokens"``) and LP-FT (the head starts as a linear probe, ``lp_ft``).
 
 The step is sharded with the trainer's mesh helpers (:mod:`marlin_jax.sharding`): the batch over
 ``data x fsdp``, parameters and Adam moments by ``MARLIN_RULES`` (which include the ``head``
@@ -13,9 +14,10 @@ scaled to [0, 1] inside the jitted step.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -23,9 +25,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from marlin_jax.evaluation.datasets import ClipDataset
+from marlin_jax.evaluation.datasets import ClipDataset, FeatureSet
 from marlin_jax.evaluation.metrics import Task, classification_metrics
-from marlin_jax.evaluation.probe import torch_linear_init
+from marlin_jax.evaluation.probe import LinearHead, torch_linear_init, train_linear_probe
 from marlin_jax.evaluation.training import (
     FitOptions,
     FitResult,
@@ -36,6 +38,7 @@ from marlin_jax.evaluation.training import (
     make_optimizer,
     make_train_step,
     pad_batch,
+    read_training_state,
     split_model,
 )
 from marlin_jax.models import MarlinEncoder
@@ -47,19 +50,38 @@ from marlin_jax.sharding import (
     tree_shardings,
 )
 
+Pooling = Literal["mean", "tokens"]
+
 
 class FineTuneClassifier(nnx.Module):
-    """``(B, T, H, W, 3)`` float clips in [0, 1] -> ``(B, C)`` logits."""
+    """``(B, T, H, W, 3)`` float clips in [0, 1] -> ``(B, C)`` logits.
 
-    def __init__(self, encoder: MarlinEncoder, num_outputs: int, *, rngs: nnx.Rngs):
+    ``pooling="mean"`` (the original): the head reads the mean-pooled, normed ``(B, D)``
+    feature. ``"tokens"``: it reads every normed token, flattened ``(B, N * D)``: the fine-tuning
+    twin of a probe on ``extract_dataset --keep_seq`` features, for labels carried by a few
+    tokens (a mouth, an eye) that mean-pooling dilutes.
+    """
+
+    def __init__(self, encoder: MarlinEncoder, num_outputs: int, *, rngs: nnx.Rngs,
+                 pooling: Pooling = "mean"):
+        if pooling not in ("mean", "tokens"):
+            raise ValueError(f"pooling must be 'mean' or 'tokens', got {pooling!r}")
         self.encoder = encoder
+        self.pooling = pooling
         dim = encoder.config.encoder_embed_dim
+        if pooling == "tokens":
+            dim *= encoder.config.num_tokens
         kernel_init, bias_init = torch_linear_init(dim)
         self.head = nnx.Linear(dim, num_outputs, kernel_init=kernel_init, bias_init=bias_init,
                                rngs=rngs)
 
+    def features(self, video: jax.Array) -> jax.Array:
+        """What the head reads: ``(B, D)`` or ``(B, N * D)``."""
+        f = self.encoder.extract_features(video, keep_seq=self.pooling == "tokens")
+        return f.reshape(f.shape[0], -1)
+
     def __call__(self, video: jax.Array) -> jax.Array:
-        return self.head(self.encoder.extract_features(video, keep_seq=False))
+        return self.head(self.features(video))
 
 
 def to_unit_float(video: jax.Array) -> jax.Array:
@@ -111,6 +133,12 @@ class _Sharded:
             in_shardings=(self.param_sh, replicated(mesh), x_sh),
             out_shardings=replicated(mesh),
         )
+        self.features = jax.jit(
+            lambda params, rest, x: nnx.merge(self.graphdef, params, rest).features(
+                to_unit_float(x)).astype(jnp.float32),
+            in_shardings=(self.param_sh, replicated(mesh), x_sh),
+            out_shardings=replicated(mesh),
+        )
         self.x_sh, self.y_sh = x_sh, y_shard
 
     def put(self, x: np.ndarray, y: np.ndarray | None = None):
@@ -136,6 +164,44 @@ def predict_clips(
         logits.append(np.asarray(out)[:n])
         labels.append(y)
     return np.concatenate(logits), np.concatenate(labels)
+
+
+def fold_standardization(head: LinearHead) -> tuple[np.ndarray, np.ndarray]:
+    """``(kernel (D, C), bias (C,))`` of a plain linear layer equal to ``head`` (its feature
+    standardisation folded into the weights)."""
+    kernel = np.asarray(head.head.kernel[...], np.float64)
+    bias = np.asarray(head.head.bias[...], np.float64)
+    if head.standardize:
+        inv_std = np.asarray(head.inv_std[...], np.float64)
+        mean = np.asarray(head.mean[...], np.float64)
+        kernel = inv_std[:, None] * kernel
+        bias = bias - mean @ kernel
+    return kernel.astype(np.float32), bias.astype(np.float32)
+
+
+def _probe_head(sharded: _Sharded, train: ClipDataset, val: ClipDataset, *, task: Task,
+                num_outputs: int, options: FitOptions, batch: int, eval_seed: int,
+                num_threads: int, log: Callable[[str], None]) -> FitResult:
+    """LP-FT's first stage: a linear probe (standardised features) on the initial encoder's
+    features of one clip per training / validation video (start frames from ``eval_seed``),
+    written into the head of ``sharded.params``. Returns the probe's fit record."""
+    feats = {}
+    for name, dataset in (("train", train), ("val", val)):
+        out = predict_clips(sharded.features, sharded.params, sharded.rest, dataset, batch,
+                            eval_seed, sharded.put, num_threads)
+        assert out is not None  # no stop
+        feats[name] = FeatureSet(out[0], out[1], tuple(dataset.labelset.keys), {})
+    head, result = train_linear_probe(feats["train"], feats["val"], task=task,
+                                      num_outputs=num_outputs, options=options,
+                                      standardize=True, log=lambda line: None)
+    kernel, bias = fold_standardization(head)
+    shardings = sharded.param_sh["head"]
+    sharded.params["head"] = {"kernel": jax.device_put(kernel, shardings["kernel"]),
+                              "bias": jax.device_put(bias, shardings["bias"])}
+    log(f"LP-FT: head initialised by a linear probe on the initial features "
+        f"({feats['train'].x.shape[1]}-d; best epoch {result.best_epoch}, "
+        f"val_{options.monitor} {result.best_metric:.4f})")
+    return result
 
 
 def make_predictor(
@@ -178,9 +244,19 @@ def train_finetune(
     run_id: Mapping[str, Any] | None = None,
     eval_seed: int = 12345,
     num_threads: int = 4,
+    pooling: Pooling = "mean",
+    lp_ft: FitOptions | None = None,
     log: Callable[[str], None] = print,
 ) -> tuple[FineTuneClassifier, FitResult, Callable[[ClipDataset], tuple[np.ndarray, np.ndarray]]]:
-    """Fine-tunes ``encoder`` with a new linear head, selecting the epoch by ``val``.
+    """Fine-tunes ``encoder`` with a new linear head (reading ``pooling`` features, see
+    :class:`FineTuneClassifier`), selecting the epoch by ``val``.
+
+    With ``lp_ft`` (LP-FT, Kumar et al. 2022) the head does not start random: it starts as a
+    linear probe trained with these options on the initial encoder's features of the training
+    clips (selected on the validation clips), so fine-tuning begins from the probe's predictions
+    instead of first undoing a random head's gradients through the encoder. The probe runs only
+    when the run starts (not when it resumes); it holds the training features in memory
+    (``N x D``, or ``N x tokens x D`` with ``pooling="tokens"``).
 
     Training clips are re-sampled every epoch (order and start frames from seed
     ``options.seed + epoch`` only); evaluation clips are fixed by ``eval_seed``. With
@@ -194,10 +270,14 @@ def train_finetune(
     ``predict(dataset) -> (logits, labels)`` bound to the sharded forward.
     """
     mesh = mesh if mesh is not None else make_mesh({"data": -1})
-    model = FineTuneClassifier(encoder, num_outputs, rngs=nnx.Rngs(options.seed))
+    model = FineTuneClassifier(encoder, num_outputs, rngs=nnx.Rngs(options.seed), pooling=pooling)
     sharded = _Sharded(model, task, options, mesh)
     batch = effective_batch_size(options.batch_size, len(train), mesh)
     eval_batch = batch
+    starts = fresh_start or state_dir is None or read_training_state(state_dir) is None
+    if lp_ft is not None and starts:
+        _probe_head(sharded, train, val, task=task, num_outputs=num_outputs, options=lp_ft,
+                    batch=eval_batch, eval_seed=eval_seed, num_threads=num_threads, log=log)
 
     steps_per_epoch = len(train) // batch
 
@@ -221,6 +301,7 @@ def train_finetune(
 
     identity = {"finetune": {
         "task": task, "num_outputs": num_outputs, "batch": batch, "eval_seed": eval_seed,
+        "pooling": pooling, "lp_ft": None if lp_ft is None else dataclasses.asdict(lp_ft),
         "clips": [train.clip_frames, train.sample_rate, train.size],
         "data": array_digest("\n".join(train.labelset.keys), train.labelset.labels,
                              "\n".join(val.labelset.keys), val.labelset.labels)},
