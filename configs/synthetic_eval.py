@@ -17,7 +17,10 @@ pretrained for a CPU-sized budget (a few hundred steps) the mean-pooled features
 renderer's local labels near chance (test AUROC about 0.4-0.75, probe and fine-tuning alike),
 while the token features (``scripts/extract_dataset.py --keep_seq``, probed on every token) reach
 about 0.8-0.96 on mouth_open and eyes_closed; a global appearance label is learnt either way
-(AUROC > 0.9). tests/test_eval_synthetic.py asserts this and lists the measurements.
+(AUROC > 0.9). Fine-tuning reads the local labels likewise with a head on every token started
+as the token probe (``--config.head_pooling=tokens --config.lp_ft.enabled=True
+--config.learning_rate=1e-5``). tests/test_eval_synthetic.py asserts this and lists the
+measurements.
 """
 
 from marlin_jax.evaluate import default_config

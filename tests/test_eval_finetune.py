@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from marlin_jax.evaluation.datasets import LabelSet
 from marlin_jax.evaluation.finetune import FineTuneClassifier, effective_batch_size, to_unit_float
 from marlin_jax.models import MarlinEncoder, get_config
 from marlin_jax.sharding import make_mesh
+from marlin_jax.video_io import write_video
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -113,9 +115,8 @@ def test_folded_standardisation_is_the_same_linear_map():
     np.testing.assert_array_equal(fold_standardization(plain)[0], np.asarray(plain.head.kernel))
 
 
-def _clip_split(root: Path, names, rng) -> "LabelSet":  # noqa: F821
-    from marlin_jax.evaluation.datasets import LabelSet
-    from marlin_jax.video_io import write_video
+def _clip_split(root: Path, names, rng) -> LabelSet:
+    """Random 8-frame 32 px videos with alternating binary labels."""
 
     paths = []
     for name in names:
