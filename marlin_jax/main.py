@@ -14,54 +14,19 @@ other automatically; elsewhere pass ``--coordinator_address=host:port --num_proc
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from marlin_jax.distributed import define_flags, initialize_from_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "ml_collections config file, e.g. configs/vit_base.py or configs/vit_base.py:demo",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, TensorBoard events, "
                                "reconstruction images (resumed when it holds checkpoints)")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "multi-host: host:port of process 0's coordinator")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: index of this process")
-_LOCAL_DEVICES = flags.DEFINE_list("local_device_ids", None,
-                                   "multi-host: devices this process uses (default: all visible)")
-
-
-def _auto_cluster() -> bool:
-    """Whether the environment is a cluster jax.distributed can discover by itself."""
-    env = os.environ
-    if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in env:
-        return True
-    if "," in env.get("TPU_WORKER_HOSTNAMES", ""):
-        return True
-    return int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
-
-
-def initialize_distributed() -> None:
-    """``jax.distributed.initialize`` with the explicit flags, automatically on TPU pods / SLURM /
-    Open MPI, and not at all for a single process."""
-    import jax
-
-    explicit = [_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value]
-    if any(v is not None for v in explicit):
-        if any(v is None for v in explicit):
-            raise app.UsageError("multi-host needs all of --coordinator_address, "
-                                 "--num_processes and --process_id")
-        local = [int(i) for i in _LOCAL_DEVICES.value] if _LOCAL_DEVICES.value else None
-        jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                                   num_processes=_NUM_PROCESSES.value,
-                                   process_id=_PROCESS_ID.value, local_device_ids=local)
-    elif _auto_cluster():
-        jax.distributed.initialize()
-    logging.info("JAX process %d of %d, %d local / %d global devices (%s)", jax.process_index(),
-                 jax.process_count(), jax.local_device_count(), jax.device_count(),
-                 jax.default_backend())
+_DISTRIBUTED = define_flags()
 
 
 def main(argv: list[str]) -> None:
@@ -71,7 +36,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--config and --workdir are required")
     if not flags.FLAGS["verbosity"].present:  # keep library INFO chatter (orbax) off the console
         logging.set_verbosity(logging.WARNING)
-    initialize_distributed()
+    initialize_from_flags(_DISTRIBUTED)
     from marlin_jax.train.trainer import NonFiniteLossError, train_and_evaluate
 
     try:

@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from marlin_jax import sharding as shd
 from marlin_jax.data import make_dataset, make_source
+from marlin_jax.distributed import any_process
 from marlin_jax.interop.checkpoints import write_config_file
 from marlin_jax.interop.optimizer_state import (
     AdamMoments,
@@ -192,12 +192,6 @@ def _abstract_batch(model_cfg: MarlinConfig, batch_size: int, mesh) -> dict[str,
     mask = jax.ShapeDtypeStruct((batch_size, model_cfg.num_tokens), jnp.bool_,
                                 sharding=shd.batch_sharding(mesh, 2))
     return {"video": video, "mask": mask}
-
-
-def _any_process(flag: bool) -> bool:
-    if jax.process_count() == 1:
-        return flag
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -415,7 +409,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 preempted = preempt.requested
                 if jax.process_count() > 1:  # every process must save at the same step
                     preempted = (step % config.log_every_steps == 0
-                                 and _any_process(preempted))
+                                 and any_process(preempted)[0])
                 if step % config.checkpoint_every_steps == 0 or at_end or preempted:
                     _check_finite(*prev_metrics, ckpt, last_good)
                     if ckpt.save(step, state, train_iter, force=True):
