@@ -32,6 +32,12 @@ features, for probes). On SIGTERM (preemption) fine-tuning finishes the current 
 writing metrics; a linear probe (epochs of milliseconds) stops likewise at the end of the
 current epoch. One step plus one synchronous save must fit in the grace period (ViT-L: about
 3.6 GB of parameters and Adam moments). A refused workdir exits with status 2.
+
+Multi-host fine-tuning: start the same command in every process (``--coordinator_address=host:port
+--num_processes=N --process_id=i``, or automatically on TPU pods / SLURM / Open MPI, as the
+pretraining CLI); the mesh spans every process's devices, each process decodes only its rows of
+a batch, checkpoints are written together, a SIGTERM to any process stops all at the same step,
+and process 0 prints and writes ``metrics.json``. A linear probe runs in one process.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -281,6 +288,9 @@ def run_linear_probe(config, splits, workdir, log) -> dict:
     from marlin_jax.evaluation.probe import make_linear_head, predict_logits, train_linear_probe
     from marlin_jax.evaluation.training import load_params, split_model
 
+    if jax.process_count() > 1:
+        raise ValueError("a linear probe runs in one process (an epoch takes milliseconds); "
+                         "run it without --num_processes / outside the multi-host job")
     feature_dir = config.feature_dir or os.path.join(config.data_path, config.backbone)
     feats: dict[str, FeatureSet] = {
         s: load_features(feature_dir, ls, config.temporal_reduction, config.on_error)
@@ -447,7 +457,8 @@ def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -
     _register_backbone(config)
     workdir = config.workdir or os.path.join("ckpt", config.model_name)
     os.makedirs(workdir, exist_ok=True)
-    if config.fresh_start and os.path.exists(os.path.join(workdir, "metrics.json")):
+    primary = jax.process_index() == 0
+    if primary and config.fresh_start and os.path.exists(os.path.join(workdir, "metrics.json")):
         os.remove(os.path.join(workdir, "metrics.json"))
     if not config.skip_train and not config.fresh_start:
         saved = _saved_results(config, workdir, log)
@@ -467,7 +478,8 @@ def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -
                    class_names=list(splits["train"].class_names),
                    seconds=time.time() - t0, config=config.to_dict())
     log(format_table(results["metrics"]))
-    save_metrics(os.path.join(workdir, "metrics.json"), results)
+    if primary:
+        save_metrics(os.path.join(workdir, "metrics.json"), results)
     return results
 
 
@@ -477,8 +489,10 @@ def main(argv: list[str]) -> None:
 
     if not flags.FLAGS["verbosity"].present:  # keep library INFO chatter (orbax) off the console
         logging.set_verbosity(logging.WARNING)
+    initialize_from_flags(_DISTRIBUTED)
+    primary = jax.process_index() == 0
     try:
-        results = run(_CONFIG.value)
+        results = run(_CONFIG.value, log=print if primary else lambda line: None)
     except Preempted as e:
         print(f"marlin-jax evaluate: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_PREEMPTED)
@@ -494,6 +508,9 @@ if __name__ == "__main__":
     from absl import app
     from ml_collections import config_flags
 
+    from marlin_jax.distributed import define_flags, initialize_from_flags
+
+    _DISTRIBUTED = define_flags()
     _CONFIG = config_flags.DEFINE_config_file(
         "config", None, "evaluation config file; training state is saved in <workdir>/state "
         "every checkpoint_every_s seconds (mid-epoch for fine-tuning) and one step after "

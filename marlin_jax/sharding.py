@@ -181,6 +181,28 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
     return out
 
 
+def process_batch_rows(mesh: Mesh, batch: int) -> slice:
+    """The rows of a global batch of ``batch`` (sharded by :func:`batch_sharding`) that live on
+    this process's devices: what this process loads and passes to
+    ``jax.make_array_from_process_local_data``. All rows for a single process."""
+    index_map = batch_sharding(mesh, 1).addressable_devices_indices_map((batch,))
+    rows = sorted({r for (index,) in index_map.values() for r in range(*index.indices(batch))})
+    if rows != list(range(rows[0], rows[-1] + 1)):
+        raise ValueError(f"this process's batch rows {rows} are not contiguous: order the mesh "
+                         "devices by process")
+    return slice(rows[0], rows[-1] + 1)
+
+
+def host_to_global(tree: Any, shardings: Any) -> Any:
+    """Host-local arrays (the same values on every process, e.g. parameters restored from a
+    file) -> global jax Arrays with ``shardings``; each process copies in only its shards."""
+    def put(value, sharding):
+        value = np.asarray(value)
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+    return jax.tree.map(put, tree, shardings)
+
+
 def batch_divisor(mesh: Mesh) -> int:
     """The global batch must be a multiple of this (the number of batch shards)."""
     return _axis_size(mesh, BATCH_AXES)

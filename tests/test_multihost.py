@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -73,3 +74,118 @@ def test_two_processes_train_one_model_and_write_one_checkpoint(tmp_path):
         "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
     assert (ckpts / "3" / "state").is_dir()
     assert (tmp_path / "run" / "reconstructions" / "step_00000003.png").is_file()
+
+
+def _labelled_videos(root: Path, n: int = 48) -> Path:
+    """n random 8-frame 32 px videos with a binary label (a darker top half) and a CSV with a
+    2:1:1 train/val/test split column."""
+    import numpy as np
+
+    from marlin_jax.video_io import write_video
+
+    rng = np.random.default_rng(0)
+    labels = [(i // 4) % 2 for i in range(n)]  # both classes in every split
+    for i, label in enumerate(labels):
+        v = rng.integers(0, 255, (8, 32, 32, 3), dtype=np.uint8)
+        v[:, :16] //= 1 + label  # a learnable cue: a darker top half for label 1
+        write_video(root / f"v{i:02d}.mp4", v)
+    splits = ["train", "train", "val", "test"]
+    rows = ["path,label,split"] + [f"v{i:02d}.mp4,{y},{splits[i % 4]}"
+                                   for i, y in enumerate(labels)]
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root / "labels.csv"
+
+
+EVAL_CONFIG = """
+import ml_collections
+from marlin_jax.evaluate import default_config
+
+def get_config():
+    c = default_config()
+    c.model_name = "multihost_ft"
+    c.dataset, c.task, c.finetune = "labels", "binary", True
+    c.labels.file = "{labels}"
+    c.backbone = "mh_eval_tiny"
+    c.backbone_config = {{"name": "marlin_vit_tiny", "img_size": 32, "n_frames": 4,
+                          "encoder_depth": 1}}
+    c.allow_random_init = True
+    c.learning_rate, c.batch_size, c.epochs = 1e-3, 8, 3
+    c.mesh = ml_collections.ConfigDict({{"data": 4, "fsdp": 2}})
+    c.num_threads, c.checkpoint_every_s = 1, 0.0
+    return c
+"""
+
+
+def _evaluate_cmd(labels: Path, workdir: Path) -> list[str]:
+    config = labels.parent / "eval_config.py"
+    config.write_text(EVAL_CONFIG.format(labels=labels))
+    return [sys.executable, "-m", "marlin_jax.evaluate", f"--config={config}",
+            f"--config.workdir={workdir}"]
+
+
+def _launch(cmd: list[str], processes: int, devices: int) -> list[subprocess.Popen]:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
+           "PYTHONUNBUFFERED": "1", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    extra = [[]] if processes == 1 else [
+        [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}",
+         f"--process_id={i}"] for port in [_free_port()] for i in range(processes)]
+    return [subprocess.Popen(cmd + e, env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT) for e in extra]
+
+
+def _finish(procs: list[subprocess.Popen], first_out: str = "") -> list[tuple[int, str]]:
+    outs = []
+    try:
+        for i, p in enumerate(procs):
+            out, _ = p.communicate(timeout=600)
+            outs.append((p.returncode, (first_out if i == 0 else "") + out))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return outs
+
+
+@pytest.mark.slow
+def test_two_processes_fine_tune_and_agree_on_sigterm(tmp_path):
+    """Evaluation fine-tuning as 2 processes x 4 CPU devices (one data=4 x fsdp=2 mesh): equal
+    to the same mesh in one process; SIGTERM to ONE process stops both at the same step (exit
+    143), and the rerun resumes to the uninterrupted result. Only process 0 writes metrics."""
+    import json
+
+    labels = _labelled_videos(tmp_path)
+    (reference,) = _finish(_launch(_evaluate_cmd(labels, tmp_path / "one"), 1, 8))
+    assert reference[0] == 0, reference[1][-3000:]
+    want = json.loads((tmp_path / "one" / "metrics.json").read_text())
+
+    outs = _finish(_launch(_evaluate_cmd(labels, tmp_path / "two"), 2, 4))
+    for i, (code, out) in enumerate(outs):
+        assert code == 0, f"process {i}:\n{out[-3000:]}"
+    assert "test" in outs[0][1] and "auroc" in outs[0][1] and "auroc" not in outs[1][1]
+    got = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    for split in ("val", "test"):
+        assert got["metrics"][split] == pytest.approx(want["metrics"][split], abs=1e-4)
+    assert [h["train_loss"] for h in got["fit"]["history"]] == pytest.approx(
+        [h["train_loss"] for h in want["fit"]["history"]], rel=1e-4)
+
+    # SIGTERM to process 1 only, once process 0 has finished epoch 0
+    procs = _launch(_evaluate_cmd(labels, tmp_path / "term"), 2, 4)
+    seen = ""
+    for line in procs[0].stdout:
+        seen += line
+        if line.startswith("epoch    0"):
+            procs[1].send_signal(signal.SIGTERM)
+            break
+    outs = _finish(procs, seen)
+    assert [code for code, _ in outs] == [143, 143], [out[-2000:] for _, out in outs]
+    assert "SIGTERM: stopped" in outs[0][1] and "SIGTERM: stopped" in outs[1][1]
+    assert not (tmp_path / "term" / "metrics.json").exists()
+    outs = _finish(_launch(_evaluate_cmd(labels, tmp_path / "term"), 2, 4))
+    for i, (code, out) in enumerate(outs):
+        assert code == 0, f"process {i}:\n{out[-3000:]}"
+    assert "resuming from" in outs[0][1]
+    resumed = json.loads((tmp_path / "term" / "metrics.json").read_text())
+    for split in ("val", "test"):
+        assert resumed["metrics"][split] == pytest.approx(want["metrics"][split], abs=1e-4)
+    assert [h["train_loss"] for h in resumed["fit"]["history"]] == pytest.approx(
+        [h["train_loss"] for h in want["fit"]["history"]], rel=1e-4)

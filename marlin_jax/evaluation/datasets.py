@@ -620,6 +620,8 @@ class ClipDataset:
         start_batch: int = 0,
         num_threads: int = 4,
         prefetch: int = 2,
+        pad: bool = False,
+        rows: slice | None = None,
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yields ``(clips uint8 (B, T, S, S, 3), labels (B, ...))``.
 
@@ -627,13 +629,20 @@ class ClipDataset:
         sample index only, so a pass is reproducible (use a new seed per epoch for training,
         a fixed one for evaluation). ``start_batch`` resumes a pass: the first ``start_batch``
         batches are skipped by index, without decoding their clips, and the rest are exactly
-        those of the whole pass. Clips are decoded by a thread pool (OpenCV drops the GIL).
+        those of the whole pass. ``pad`` fills a short last batch to ``batch_size`` by repeating
+        its last sample (static shapes); ``rows`` keeps only those rows of every (padded) batch,
+        so that each process of a multi-host run decodes its own part of the global batch.
+        Clips are decoded by a thread pool (OpenCV drops the GIL).
         """
         chunks = self.batch_indices(batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
         if not 0 <= start_batch <= len(chunks):
             raise ValueError(f"start_batch {start_batch} outside [0, {len(chunks)}] "
                              f"({len(self)} samples in batches of {batch_size})")
         chunks = chunks[start_batch:]
+        if pad:
+            chunks = [np.concatenate([c, np.repeat(c[-1:], batch_size - len(c))]) for c in chunks]
+        if rows is not None:
+            chunks = [c[rows] for c in chunks]
 
         def load(i: int) -> np.ndarray:
             return self.clip(int(i), np.random.default_rng((seed, int(i))))

@@ -14,6 +14,7 @@ scaled to [0, 1] inside the jitted step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Callable, Mapping
@@ -25,6 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from marlin_jax.distributed import host_value
 from marlin_jax.evaluation.datasets import ClipDataset, FeatureSet
 from marlin_jax.evaluation.metrics import Task, classification_metrics
 from marlin_jax.evaluation.probe import LinearHead, torch_linear_init, train_linear_probe
@@ -37,7 +39,6 @@ from marlin_jax.evaluation.training import (
     make_forward,
     make_optimizer,
     make_train_step,
-    pad_batch,
     read_training_state,
     split_model,
 )
@@ -45,7 +46,9 @@ from marlin_jax.models import MarlinEncoder
 from marlin_jax.sharding import (
     batch_divisor,
     batch_sharding,
+    host_to_global,
     make_mesh,
+    process_batch_rows,
     replicated,
     tree_shardings,
 )
@@ -113,8 +116,8 @@ class _Sharded:
         self.graphdef, params, rest = split_model(model)
         self.tx = make_optimizer(options)
         self.param_sh = tree_shardings(params, mesh)
-        self.params = jax.device_put(params, self.param_sh)
-        self.rest = jax.device_put(rest, replicated(mesh))
+        self.params = host_to_global(params, self.param_sh)
+        self.rest = host_to_global(rest, jax.tree.map(lambda _: replicated(mesh), rest))
         opt_sh = tree_shardings(jax.eval_shape(self.tx.init, params), mesh)
         self.init_opt = jax.jit(self.tx.init, out_shardings=opt_sh)
         x_sh, y_sh = batch_sharding(mesh, 5), batch_sharding(mesh, 1)
@@ -141,29 +144,38 @@ class _Sharded:
         )
         self.x_sh, self.y_sh = x_sh, y_shard
 
-    def put(self, x: np.ndarray, y: np.ndarray | None = None):
-        xs = jax.device_put(x, self.x_sh)
-        return xs if y is None else (xs, jax.device_put(y, self.y_sh))
+    def rows(self, batch: int) -> slice:
+        """The rows of a global batch this process loads (all, for one process)."""
+        return process_batch_rows(self.mesh, batch)
+
+    def put(self, x: np.ndarray, y: np.ndarray | None = None, *, batch: int):
+        """This process's rows (:meth:`rows`) of a global batch of ``batch`` -> global arrays."""
+        xs = jax.make_array_from_process_local_data(self.x_sh, x, (batch, *x.shape[1:]))
+        if y is None:
+            return xs
+        return xs, jax.make_array_from_process_local_data(self.y_sh, y, (batch, *y.shape[1:]))
 
 
 def predict_clips(
     forward: Callable, params, rest, dataset: ClipDataset, batch_size: int, seed: int,
-    put: Callable[[np.ndarray], jax.Array], num_threads: int = 4,
-    stop: Callable[[], bool] | None = None,
+    sharded: _Sharded, num_threads: int = 4, stop: Callable[[], bool] | None = None,
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """Logits ``(N, C)`` and labels of every sample, one clip each (start frames from ``seed``);
     None if ``stop()`` became true before the last batch (checked before each).
 
-    The last batch is padded to ``batch_size`` (static shapes; the padding is dropped)."""
-    logits, labels = [], []
-    for x, y in dataset.batches(batch_size, shuffle=False, seed=seed, num_threads=num_threads):
-        if stop is not None and stop():
-            return None
-        n = len(x)
-        out = forward(params, rest, put(pad_batch(x, batch_size)))
-        logits.append(np.asarray(out)[:n])
-        labels.append(y)
-    return np.concatenate(logits), np.concatenate(labels)
+    ``forward`` returns replicated outputs; each process decodes only its rows of a batch. The
+    last batch is padded to ``batch_size`` (static shapes; the padding is dropped)."""
+    sizes = [len(c) for c in dataset.batch_indices(batch_size, shuffle=False, seed=seed)]
+    logits = []
+    batches = dataset.batches(batch_size, shuffle=False, seed=seed, num_threads=num_threads,
+                              pad=True, rows=sharded.rows(batch_size))
+    with contextlib.closing(batches):
+        for n, (x, _) in zip(sizes, batches, strict=True):
+            if stop is not None and stop():
+                return None
+            out = forward(params, rest, sharded.put(x, batch=batch_size))
+            logits.append(host_value(out)[:n])
+    return np.concatenate(logits), dataset.labelset.labels.copy()
 
 
 def fold_standardization(head: LinearHead) -> tuple[np.ndarray, np.ndarray]:
@@ -188,7 +200,7 @@ def _probe_head(sharded: _Sharded, train: ClipDataset, val: ClipDataset, *, task
     feats = {}
     for name, dataset in (("train", train), ("val", val)):
         out = predict_clips(sharded.features, sharded.params, sharded.rest, dataset, batch,
-                            eval_seed, sharded.put, num_threads)
+                            eval_seed, sharded, num_threads)
         assert out is not None  # no stop
         feats[name] = FeatureSet(out[0], out[1], tuple(dataset.labelset.keys), {})
     head, result = train_linear_probe(feats["train"], feats["val"], task=task,
@@ -196,8 +208,7 @@ def _probe_head(sharded: _Sharded, train: ClipDataset, val: ClipDataset, *, task
                                       standardize=True, log=lambda line: None)
     kernel, bias = fold_standardization(head)
     shardings = sharded.param_sh["head"]
-    sharded.params["head"] = {"kernel": jax.device_put(kernel, shardings["kernel"]),
-                              "bias": jax.device_put(bias, shardings["bias"])}
+    sharded.params["head"] = host_to_global({"kernel": kernel, "bias": bias}, shardings)
     log(f"LP-FT: head initialised by a linear probe on the initial features "
         f"({feats['train'].x.shape[1]}-d; best epoch {result.best_epoch}, "
         f"val_{options.monitor} {result.best_metric:.4f})")
@@ -221,7 +232,7 @@ def make_predictor(
 
     def predict(dataset: ClipDataset) -> tuple[np.ndarray, np.ndarray]:
         out = predict_clips(sharded.forward, sharded.params, sharded.rest, dataset, batch,
-                            eval_seed, sharded.put, num_threads)
+                            eval_seed, sharded, num_threads)
         assert out is not None  # no stop
         return out
 
@@ -285,15 +296,16 @@ def train_finetune(
         """Yields the state after each step (asynchronously dispatched: no host sync)."""
         lr = jnp.float32(lr)
         for x, y in train.batches(batch, shuffle=True, seed=options.seed + epoch, drop_last=True,
-                                  start_batch=start_batch, num_threads=num_threads):
-            xs, ys = sharded.put(x, _labels_array(y, task))
+                                  start_batch=start_batch, num_threads=num_threads,
+                                  rows=sharded.rows(batch)):
+            xs, ys = sharded.put(x, _labels_array(y, task), batch=batch)
             params, opt_state, loss = sharded.step(params, opt_state, sharded.rest, xs, ys, lr)
             yield params, opt_state, loss[None]
 
     def predict(dataset: ClipDataset, params=None, stop=None):
         p = sharded.params if params is None else params
         return predict_clips(sharded.forward, p, sharded.rest, dataset, eval_batch, eval_seed,
-                             sharded.put, num_threads, stop)
+                             sharded, num_threads, stop)
 
     def evaluate(params, stop):
         out = predict(val, params, stop)

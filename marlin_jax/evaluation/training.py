@@ -41,8 +41,10 @@ parameter shapes, data) is refused.
 SIGTERM (preemption) sets a flag; the loop checks it after every unit of work and during
 validation (``evaluate(params, stop)`` returns None once ``stop()``), so a fine-tuning run saves
 within one training step (or one validation batch) of the signal, then raises
-:class:`Preempted`. A save is synchronous: with a cluster's usual 30 s grace, one step plus one
-save of parameters and Adam moments must fit in it (ViT-L: 3 x 1.2 GB).
+:class:`Preempted`. With several processes a signal to any of them stops all: the flag and the
+time-based save decision are OR-ed across processes at each check, so all save together.
+A save is synchronous: with a cluster's usual 30 s grace, one step plus one save of parameters
+and Adam moments must fit in it (ViT-L: 3 x 1.2 GB).
 
 The best parameters live in ``checkpoint_dir`` (the product of the run); the state checkpoint
 also carries them while they are newer than that directory's copy (written right after the
@@ -69,6 +71,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from marlin_jax.distributed import any_process, host_value
 from marlin_jax.evaluation.metrics import Task
 from marlin_jax.preemption import SigtermFlag
 
@@ -330,8 +333,8 @@ class LoopState:
         """The state after the batches whose losses ``[(k,), ...]`` are given (in order);
         fetches them from the device (one sync)."""
         total, count = self.loss_sum, self.next_batch
-        for chunk in jax.device_get(losses):
-            for value in np.asarray(chunk, np.float64).ravel():
+        for chunk in losses:
+            for value in np.asarray(host_value(chunk), np.float64).ravel():
                 total += float(value)
                 count += 1
         return dataclasses.replace(self, next_batch=count, loss_sum=total)
@@ -659,11 +662,13 @@ def fit(
                         done += len(step_losses)
                         if done >= steps_per_epoch or store is None:
                             continue
-                        if sigterm.requested or 0 < save_every_s <= time.monotonic() - last_save:
+                        stop, due = any_process(
+                            sigterm.requested, 0 < save_every_s <= time.monotonic() - last_save)
+                        if stop or due:
                             loop = loop.add_losses(losses)
                             losses = []
                             save(params, opt_state, loop)
-                            if sigterm.requested:
+                            if stop:
                                 raise preempted(loop)
                 loop = loop.add_losses(losses)
                 if loop.next_batch != steps_per_epoch:
@@ -672,9 +677,9 @@ def fit(
                 train_loss = loop.loss_sum / steps_per_epoch
                 if not math.isfinite(train_loss):
                     raise FloatingPointError(f"epoch {epoch}: training loss is {train_loss}")
-                val = evaluate(params, lambda: sigterm.requested)
+                val = evaluate(params, lambda: any_process(sigterm.requested)[0])
                 if val is None:
-                    if not sigterm.requested:
+                    if not any_process(sigterm.requested)[0]:
                         raise RuntimeError("evaluate returned None without a stop request")
                     save(params, opt_state, loop)  # trained, not validated: a rerun validates
                     raise preempted(loop)
@@ -700,13 +705,14 @@ def fit(
                 if improved:
                     best_params = jax.tree.map(jnp.copy, params)
                     best_unsaved = True
+                stop, due = any_process(sigterm.requested,
+                                        time.monotonic() - last_save >= save_every_s)
                 if store is None:
                     if improved and best is not None:
                         best.save(epoch, params, {options.monitor: score})
-                elif (loop.stop_reason is not None or sigterm.requested
-                      or time.monotonic() - last_save >= save_every_s):
+                elif loop.stop_reason is not None or stop or due:
                     save(params, opt_state, loop)
-                if sigterm.requested and loop.stop_reason is None:
+                if stop and loop.stop_reason is None and store is not None:
                     raise preempted(loop)
     finally:
         for manager in (best, store):
@@ -720,15 +726,3 @@ def fit(
     return FitResult(best_params, loop.best_epoch, loop.best_metric, list(loop.history),
                      str(loop.stop_reason), resumed_at, finished_before)
 
-
-def batch_slices(n: int, batch_size: int) -> list[slice]:
-    """Consecutive slices covering ``range(n)`` (the last may be short)."""
-    return [slice(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
-
-
-def pad_batch(x: np.ndarray, size: int) -> np.ndarray:
-    """Pads the leading axis to ``size`` by repeating the last row (keeps jit shapes static)."""
-    if x.shape[0] == size:
-        return x
-    reps = np.repeat(x[-1:], size - x.shape[0], axis=0)
-    return np.concatenate([x, reps], axis=0)
