@@ -11,11 +11,13 @@ What is proven (asserted):
     CelebV-HQ's / CelebA's "pale skin") computed from the ground-truth LaPa parsing, mean skin
     intensity above 150 (the renderer's skin tones form clusters with a gap there);
   - a linear probe on the same encoder's TOKEN features (``extract_dataset --keep_seq``:
-    ``(T, N, D)``, flattened) reads the renderer's local labels: test AUROC > 0.8 on mouth_open
+    ``(T, N, D)``, flattened) reads the renderer's local labels: test AUROC > 0.9 on mouth_open
     and eyes_closed, and 0.15 above the mean-pooled probe (measured with this fixture: 0.96 /
     0.94, mean-pooled 0.61 / 0.59);
   - fine-tuning with a head on every token (``head_pooling="tokens"``) started as the token
-    probe (``lp_ft``): test AUROC > 0.8 on mouth_open and eyes_closed (measured 0.95 / 0.96).
+    probe (``lp_ft``): test AUROC > 0.9 on mouth_open and eyes_closed (measured 0.95 / 0.96).
+  The local-label bounds hold for this seeded fixture (300 videos, seed 0); other seeds of the
+  same recipe land between 0.84 and 0.96 (below).
 
 What is NOT proven: AUROC > 0.9 on the local labels for every seed, for mean-pooled features, or
 for fine-tuning with the original mean-pooled head. Measured (test AUROC mouth_open /
@@ -208,7 +210,7 @@ def test_linear_probe_on_pretrained_features(synthetic, tmp_path):
     print("token linear probe, face labels:", tokens["per_label_auroc"]["test"])
     for label in ("mouth_open", "eyes_closed"):
         auroc, pooled = (r["per_label_auroc"]["test"][label] for r in (tokens, face))
-        assert auroc > 0.8 and auroc > pooled + 0.15, (label, auroc, pooled)
+        assert auroc > 0.9 and auroc > pooled + 0.15, (label, auroc, pooled)
 
 
 @pytest.mark.slow
@@ -227,4 +229,4 @@ def test_finetune_from_pretrained_checkpoint(synthetic, tmp_path):
     print("fine-tuning (tokens, LP-FT), face labels:", face["per_label_auroc"]["test"])
     assert any(line.startswith("LP-FT: head initialised") for line in logs)
     for label in ("mouth_open", "eyes_closed"):
-        assert face["per_label_auroc"]["test"][label] > 0.8, label
+        assert face["per_label_auroc"]["test"][label] > 0.9, label
