@@ -382,7 +382,6 @@ def run_finetune(config, splits, workdir, log) -> dict:
     train = splits["train"]
     mesh = make_mesh(dict(config.mesh))
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    options = fit_options(config)
     if config.skip_train:
         from marlin_jax.evaluation.finetune import make_predictor
         from marlin_jax.evaluation.training import load_params, split_model
@@ -397,7 +396,7 @@ def run_finetune(config, splits, workdir, log) -> dict:
     else:
         _, result, predict = train_finetune(
             encoder, clips["train"], clips["val"], task=train.task,
-            num_outputs=train.num_outputs, options=options, mesh=mesh,
+            num_outputs=train.num_outputs, options=fit_options(config), mesh=mesh,
             checkpoint_dir=ckpt_dir, state_dir=os.path.join(workdir, "state"),
             fresh_start=bool(config.fresh_start), run_id={"config": config_identity(config)},
             save_every_s=float(config.checkpoint_every_s),

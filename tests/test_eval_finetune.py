@@ -65,7 +65,7 @@ SCRIPT = textwrap.dedent("""
         params, opt = s.params, s.init_opt(s.params)
         losses = []
         for _ in range(2):
-            xs, ys = s.put(x, y, batch=8)
+            xs, ys = s.put(x, y)
             params, opt, loss = s.step(params, opt, s.rest, xs, ys, jnp.float32(1e-3))
             losses.append(float(loss))
         qkv = params["encoder"]["blocks"][0]["attn"]["qkv"]["kernel"]

@@ -46,6 +46,7 @@ from marlin_jax.models import MarlinEncoder
 from marlin_jax.sharding import (
     batch_divisor,
     batch_sharding,
+    global_batch,
     host_to_global,
     make_mesh,
     process_batch_rows,
@@ -142,18 +143,15 @@ class _Sharded:
             in_shardings=(self.param_sh, replicated(mesh), x_sh),
             out_shardings=replicated(mesh),
         )
-        self.x_sh, self.y_sh = x_sh, y_shard
 
     def rows(self, batch: int) -> slice:
         """The rows of a global batch this process loads (all, for one process)."""
         return process_batch_rows(self.mesh, batch)
 
-    def put(self, x: np.ndarray, y: np.ndarray | None = None, *, batch: int):
-        """This process's rows (:meth:`rows`) of a global batch of ``batch`` -> global arrays."""
-        xs = jax.make_array_from_process_local_data(self.x_sh, x, (batch, *x.shape[1:]))
-        if y is None:
-            return xs
-        return xs, jax.make_array_from_process_local_data(self.y_sh, y, (batch, *y.shape[1:]))
+    def put(self, x: np.ndarray, y: np.ndarray | None = None):
+        """This process's rows (:meth:`rows`) of a global batch -> global arrays."""
+        arrays = global_batch({"x": x} if y is None else {"x": x, "y": y}, self.mesh)
+        return arrays["x"] if y is None else (arrays["x"], arrays["y"])
 
 
 def predict_clips(
@@ -173,7 +171,7 @@ def predict_clips(
         for n, (x, _) in zip(sizes, batches, strict=True):
             if stop is not None and stop():
                 return None
-            out = forward(params, rest, sharded.put(x, batch=batch_size))
+            out = forward(params, rest, sharded.put(x))
             logits.append(host_value(out)[:n])
     return np.concatenate(logits), dataset.labelset.labels.copy()
 
@@ -298,7 +296,7 @@ def train_finetune(
         for x, y in train.batches(batch, shuffle=True, seed=options.seed + epoch, drop_last=True,
                                   start_batch=start_batch, num_threads=num_threads,
                                   rows=sharded.rows(batch)):
-            xs, ys = sharded.put(x, _labels_array(y, task), batch=batch)
+            xs, ys = sharded.put(x, _labels_array(y, task))
             params, opt_state, loss = sharded.step(params, opt_state, sharded.rest, xs, ys, lr)
             yield params, opt_state, loss[None]
 
