@@ -40,6 +40,9 @@ setup(
         # with a local CPU wheel, install `torch==2.13.0` first (see README).
         "torch": ["torch>=2.0"],
         "analysis": ["umap-learn>=0.5", "openpyxl>=3.1"],
+        # libtpu for ahead-of-time TPU compiles on any host (`python -m marlin_jax.aot`) and for
+        # training on TPU VMs; the jax extra pins the libtpu release built for the installed jax.
+        "tpu": ["jax[tpu]"],
         "test": [
             "torch>=2.0",
             "einops>=0.6",

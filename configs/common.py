@@ -55,8 +55,12 @@ def get_base_config(model_name: str) -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1 = the rest
     c.compute_dtype = "auto"  # auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 | bfloat16
-    c.remat = False  # rematerialise transformer blocks in the backward pass
-    c.attention_impl = ""  # "" = XLA's choice; "cudnn" for flash attention on GPUs
+    # Rematerialisation of the transformer blocks in the backward pass: "none" | "full" (recompute
+    # everything, keep block inputs only) | "dots" (keep matmul outputs) | "dots_no_batch" (keep
+    # the projection matmuls, recompute attention). See marlin_jax.models.REMAT_POLICIES.
+    c.remat_policy = "none"
+    c.scan_layers = False  # True: the blocks run as one lax.scan over stacked weights (fast compiles)
+    c.attention_impl = ""  # "" = per platform: splash (Pallas) on TPU, cudnn on GPU, xla on CPU
 
     c.log_every_steps = 50
     c.eval_every_steps = 1000  # validation loss + reconstruction image

@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -103,11 +104,17 @@ def iter_windows(frames: Iterator[np.ndarray], clip_frames: int = 16, sample_rat
         yield np.stack(head[:clip_frames])
 
 
-def resolve_attention_impl(attention_impl: str | None) -> str | None:
-    """``"auto"`` -> ``"per_head"`` on CPU (cache-resident attention scores), ``"xla"`` elsewhere;
-    any other value passes through."""
+def resolve_attention_impl(attention_impl: str | None, dtype=None) -> str | None:
+    """``"auto"`` -> ``"splash"`` on TPU (fused Pallas kernel), ``"per_head"`` on CPU
+    (cache-resident attention scores), ``"cudnn"`` on GPU when the activation ``dtype`` is 16-bit
+    (cuDNN's fused attention has no float32 kernel), ``"xla"`` otherwise; any other value passes
+    through."""
     if attention_impl == "auto":
-        return "per_head" if jax.default_backend() == "cpu" else "xla"
+        backend = jax.default_backend()
+        if backend == "gpu":
+            half = dtype is not None and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+            return "cudnn" if half else "xla"
+        return {"tpu": "splash", "cpu": "per_head"}.get(backend, "xla")
     return attention_impl
 
 
@@ -196,6 +203,14 @@ class Marlin:
                 print(f"MARLIN checkpoint cache {path} cleaned.")
 
     # ------------------------------------------------------------------ features
+    def lower_features(self, clips: jax.ShapeDtypeStruct, keep_seq: bool = False,
+                       state: Any = None) -> jax.stages.Lowered:
+        """The jitted feature forward of :meth:`extract_features`, lowered for abstract ``clips``
+        (``(B, T, H, W, C)``, with a sharding) and encoder ``state`` (default: this model's),
+        for ahead-of-time compiles (``python -m marlin_jax.aot``)."""
+        return self._features.lower(self._encoder_state if state is None else state, clips,
+                                    keep_seq)
+
     def extract_features(self, x: jax.Array | np.ndarray, keep_seq: bool = True,
                          channels_first: bool = False) -> jax.Array:
         """Features of clips.

@@ -7,6 +7,11 @@ are FSDP-sharded over ``fsdp`` and tensor-parallel over ``tensor`` according to 
 ``encoder/blocks/3/attn/qkv/kernel``; optimizer states contain the same paths as suffixes, so one
 table shards both. A rule whose axes do not divide a dimension falls back to replicating that
 dimension, so the same table works for any model size and mesh.
+
+Rules are written for per-layer shapes. Stacked transformer blocks (``scan_layers``:
+``encoder/blocks/attn/qkv/kernel`` with a leading layer axis, no layer index; see
+:mod:`marlin_jax.models.marlin`) match :data:`STACKED_LAYERS`, and their rule's spec gets a
+leading ``None``: the layer axis is never sharded, the per-layer axes follow the rule.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ Rules = Sequence[tuple[str, P]]
 # row-parallel proj/fc2); the other big dimension of each matrix is FSDP-sharded.
 MARLIN_RULES: tuple[tuple[str, P], ...] = (
     (r"patch_embedding/projection/kernel$", P(None, None, None, None, "fsdp")),  # (pt,ph,pw,C,D)
-    (r"attn/qkv/kernel$", P("fsdp", "tensor")),
+    (r"attn/qkv/kernel$", P("fsdp", None, "tensor", None)),  # (D, 3, H, hd): whole heads
     (r"attn/(q_bias|v_bias)$", P("tensor")),
     (r"attn/proj/kernel$", P("tensor", "fsdp")),
     (r"mlp/fc1/kernel$", P("fsdp", "tensor")),
@@ -45,6 +50,11 @@ MARLIN_RULES: tuple[tuple[str, P], ...] = (
     (r"(fc_norm|head)/kernel$", P("fsdp", None)),  # classification heads (fine-tuning)
     (r".*", P()),  # norms, biases, mask token, scalars: replicated
 )
+
+
+STACKED_LAYERS = r"(^|/)blocks/(?!\d+(/|$))"
+"""Paths of stacked-layer parameters (and of their optimizer-state copies): a ``blocks/`` not
+followed by a layer index. Their arrays are ``(L, *per-layer shape)``."""
 
 
 def resolve_mesh_shape(axes: Mapping[str, int], num_devices: int) -> dict[str, int]:
@@ -120,20 +130,28 @@ def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
     return P(*fitted)
 
 
-def spec_for(path: str, shape: Sequence[int], mesh: Mesh, rules: Rules = MARLIN_RULES) -> P:
-    """The PartitionSpec of the first rule whose regex matches ``path`` (fitted to ``shape``)."""
+def spec_for(path: str, shape: Sequence[int], mesh: Mesh, rules: Rules = MARLIN_RULES,
+             stacked: str | None = STACKED_LAYERS) -> P:
+    """The PartitionSpec of the first rule whose regex matches ``path`` (fitted to ``shape``).
+
+    Paths matching the regex ``stacked`` (None: none) have a leading layer axis: the rule's spec
+    is prepended with ``None`` (a replicated layer axis)."""
     for pattern, spec in rules:
         if re.search(pattern, path):
+            if stacked is not None and re.search(stacked, path):
+                spec = P(None, *spec)
             return fit_spec(spec, shape, mesh)
     return P()
 
 
-def tree_shardings(tree: Any, mesh: Mesh, rules: Rules = MARLIN_RULES) -> Any:
-    """NamedShardings for every array leaf of ``tree`` (arrays, ShapeDtypeStructs, nnx.State)."""
+def tree_shardings(tree: Any, mesh: Mesh, rules: Rules = MARLIN_RULES,
+                   stacked: str | None = STACKED_LAYERS) -> Any:
+    """NamedShardings for every array leaf of ``tree`` (arrays, ShapeDtypeStructs, nnx.State);
+    ``stacked``: see :func:`spec_for`."""
 
     def one(path, leaf):
         shape = getattr(leaf, "shape", ())
-        return NamedSharding(mesh, spec_for(path_str(path), shape, mesh, rules))
+        return NamedSharding(mesh, spec_for(path_str(path), shape, mesh, rules, stacked))
 
     return jax.tree_util.tree_map_with_path(one, tree)
 

@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from marlin_jax.models import get_config  # noqa: E402
+from marlin_jax.models import REMAT_POLICIES, get_config  # noqa: E402
 from marlin_jax.train import metrics as mt  # noqa: E402
 from marlin_jax.train import state as st  # noqa: E402
 from marlin_jax.train import steps  # noqa: E402
@@ -43,14 +43,15 @@ def _batch(cfg, batch: int, mask_ratio: float, seed: int = 0) -> dict[str, np.nd
     return {"video": video, "mask": mask}
 
 
-def bench_jax(cfg, batch: dict[str, np.ndarray], steps_n: int, dtype, remat: bool,
-              attention: str | None = None) -> dict:
+def bench_jax(cfg, batch: dict[str, np.ndarray], steps_n: int, dtype, remat_policy: str = "none",
+              attention: str | None = None, scan_layers: bool = False) -> dict:
     k = int(batch["mask"][0].sum())
     tx = st.make_optimizer()
     sched = st.lr_schedule(1.5e-4, 1e-5, 10, 1000)
-    model = st.build_model_def(cfg, dtype=dtype, remat=remat, attention_impl=attention)
+    model = st.build_model_def(cfg, dtype=dtype, remat_policy=remat_policy, scan_layers=scan_layers,
+                               attention_impl=attention)
     task = steps.Task(model, tx, tx, sched, sched, steps.StepConfig(num_visible=k))
-    state = jax.jit(lambda: st.init_train_state(cfg, tx, tx, 0))()
+    state = jax.jit(lambda: st.init_train_state(cfg, tx, tx, 0, scan_layers=scan_layers))()
     dev_batch = jax.device_put(batch)
     t0 = time.perf_counter()
     step = jax.jit(lambda s, b: steps.train_step(task, s, b), donate_argnums=0).lower(
@@ -142,8 +143,8 @@ def find_max_batch(cfg, args, dtype) -> int:
     best, b = 0, args.batch
     while b <= 4096:
         try:
-            r = bench_jax(cfg, _batch(cfg, b, args.mask_ratio), 1, dtype, args.remat,
-                          args.attention or None)
+            r = bench_jax(cfg, _batch(cfg, b, args.mask_ratio), 1, dtype, args.remat_policy,
+                          args.attention or None, args.scan_layers)
         except Exception as e:  # noqa: BLE001 - XLA reports OOM as several error types
             if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
                 raise
@@ -162,7 +163,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up)")
     ap.add_argument("--mask-ratio", type=float, default=0.9)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--remat", action="store_true")
+    ap.add_argument("--remat-policy", default="none", choices=list(REMAT_POLICIES),
+                    help="rematerialisation of the transformer blocks in the backward pass")
+    ap.add_argument("--scan-layers", action="store_true", help="run the blocks as one lax.scan")
     ap.add_argument("--attention", default="", help="jax.nn.dot_product_attention "
                     "implementation: '' (XLA) | cudnn")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
@@ -179,10 +182,11 @@ def main() -> None:
         cfg = get_config(NAMES[name.strip()])
         if args.find_max_batch:
             print(f"{name}: max batch {find_max_batch(cfg, args, dtype)} "
-                  f"(remat={args.remat}, {args.dtype})", flush=True)
+                  f"(remat {args.remat_policy}, scan {args.scan_layers}, {args.dtype})", flush=True)
             continue
         batch = _batch(cfg, args.batch, args.mask_ratio)
-        j = bench_jax(cfg, batch, args.steps, dtype, args.remat, args.attention or None)
+        j = bench_jax(cfg, batch, args.steps, dtype, args.remat_policy, args.attention or None,
+                      args.scan_layers)
         peak = mt.peak_flops_per_device(dev)
         mfu = mt.mfu(j["flops"], j["step_s"], peak)
         line = (f"{name:>5}: marlin-jax {1000 * j['step_s']:8.1f} ms/step "

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import os
 import sys
 import types
 from pathlib import Path
 
 import pytest
+
+# libtpu (the `tpu` extra, for ahead-of-time TPU compiles) makes every JAX process on a machine
+# without TPUs try the TPU backend first and print initialisation errors; the tests run on the
+# host (and compile for TPUs through abstract topology devices, which do not need that backend).
+if ("JAX_PLATFORMS" not in os.environ and importlib.util.find_spec("libtpu") is not None
+        and not glob.glob("/dev/accel*") and not glob.glob("/dev/vfio/[0-9]*")):
+    os.environ["JAX_PLATFORMS"] = "cpu"
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES_DIR = ROOT.parent / "shared" / "samples"

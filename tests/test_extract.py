@@ -76,7 +76,8 @@ def test_from_file_speed_options(tiny_marlin, tmp_path):
     np.testing.assert_allclose(np.asarray(auto.extract_features(clips, keep_seq=False)), ref, atol=1e-5)
     fast = Marlin.from_file(TINY, path, matmul_dtype="bfloat16")
     dtypes = {(str(leaf.dtype), leaf.ndim) for leaf in jax.tree.leaves(fast._encoder_state)}
-    assert dtypes == {("bfloat16", 2), ("bfloat16", 5), ("float32", 1), ("float32", 3)}  # 3-D: positions
+    # kernels: 2-D Linear, 4-D per-head qkv, 5-D patch embedding; 3-D float32: positions
+    assert dtypes == {("bfloat16", 2), ("bfloat16", 4), ("bfloat16", 5), ("float32", 1), ("float32", 3)}
     out = np.asarray(fast.extract_features(clips, keep_seq=False))
     assert out.dtype == jnp.float32 and 0 < np.abs(out - ref).max() < 0.1
 

@@ -208,3 +208,52 @@ def test_from_online_downloads_caches_and_reports_offline(torch_small, tmp_path,
     with pytest.raises(ConnectionError, match="offline"):
         Marlin.from_online(SMALL, cache_dir=cache, url=url)
     assert not list(cache.glob("*"))
+
+
+def _flat_qkv(tree):
+    """A nested variable tree with every per-head qkv kernel ``(D, 3, H, hd)`` flattened to the
+    ``(D, 3D)`` layout marlin-jax wrote before."""
+    if isinstance(tree, dict):
+        return {str(k): (np.asarray(v).reshape(v.shape[0], -1) if k == "kernel" and np.ndim(v) == 4
+                         else _flat_qkv(v)) for k, v in tree.items()}
+    return np.asarray(tree)
+
+
+def test_checkpoints_with_the_old_flat_qkv_kernel_still_load(tmp_path):
+    """params dirs and trainer workdirs written with the (D, 3D) qkv kernel load into the
+    per-head (D, 3, H, hd) layout (through the PyTorch-layout state_dict)."""
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    from marlin_jax.interop import load_model, model_to_state_dict
+    from marlin_jax.interop.checkpoints import write_config_file
+    from marlin_jax.models import MarlinModel
+
+    config = get_config("marlin_vit_tiny")
+    model = MarlinModel(config, rngs=nnx.Rngs(3), with_discriminator=True)
+    want = model_to_state_dict(model)
+    qkv = model.encoder.blocks[0].attn.qkv.kernel
+    d, h = config.encoder_embed_dim, config.encoder_num_heads
+    assert qkv.shape == (d, 3, h, d // h)
+    np.testing.assert_array_equal(want["encoder.blocks.0.attn.qkv.weight"],
+                                  np.asarray(qkv[...]).reshape(d, 3 * d).T)
+
+    # a params dir
+    tree = _flat_qkv(nnx.to_pure_dict(nnx.state(model, nnx.Variable)))
+    assert tree["encoder"]["blocks"]["0"]["attn"]["qkv"]["kernel"].shape == (d, 3 * d)
+    ocp.StandardCheckpointer().save(tmp_path / "old" / "params", tree)
+    write_config_file(tmp_path / "old", config)
+    # a trainer workdir: checkpoints/<step>/state with generator and critic parameters
+    params = _flat_qkv(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    state = {"g_params": {k: v for k, v in params.items() if k != "discriminator"},
+             "d_params": {"discriminator": params["discriminator"]}, "step": np.int32(7)}
+    ocp.PyTreeCheckpointer().save(tmp_path / "work" / "checkpoints" / "7" / "state", state)
+    write_config_file(tmp_path / "work", config)
+
+    for source in (tmp_path / "old", tmp_path / "work"):
+        loaded = load_model(source, config)
+        assert loaded.encoder.blocks[0].attn.qkv.kernel.shape == (d, 3, h, d // h)
+        got = model_to_state_dict(loaded)
+        assert list(got) == list(want)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=f"{source}: {key}")

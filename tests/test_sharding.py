@@ -46,7 +46,8 @@ def test_make_mesh_on_available_devices():
 
 
 @pytest.mark.parametrize("path, shape, want", [
-    ("encoder/blocks/3/attn/qkv/kernel", (768, 2304), P("fsdp", "tensor")),
+    ("encoder/blocks/3/attn/qkv/kernel", (768, 3, 12, 64), P("fsdp", None, "tensor")),
+    ("encoder/blocks/3/attn/q_bias", (768,), P("tensor")),
     ("encoder/blocks/3/attn/proj/kernel", (768, 768), P("tensor", "fsdp")),
     ("decoder/blocks/0/mlp/fc1/kernel", (384, 1536), P("fsdp", "tensor")),
     ("decoder/blocks/0/mlp/fc1/bias", (1536,), P("tensor")),
@@ -58,8 +59,8 @@ def test_make_mesh_on_available_devices():
     ("discriminator/layers/0/kernel", (1536, 1536), P("fsdp", "tensor")),
     ("discriminator/layers/1/kernel", (1536, 1), P("tensor")),
     # optimizer states carry the parameter path as a suffix
-    ("g_opt_state/inner_state/0/mu/encoder/blocks/0/attn/qkv/kernel", (768, 2304),
-     P("fsdp", "tensor")),
+    ("g_opt_state/inner_state/0/mu/encoder/blocks/0/attn/qkv/kernel", (768, 3, 12, 64),
+     P("fsdp", None, "tensor")),
     ("g_opt_state/inner_state/0/count", (), P()),
 ])
 def test_partition_rules(path, shape, want):
@@ -68,11 +69,14 @@ def test_partition_rules(path, shape, want):
 
 def test_rules_fall_back_to_replication_when_axes_do_not_divide():
     mesh = _FakeMesh(fsdp=4, tensor=2)
-    assert shd.spec_for("encoder/blocks/0/attn/qkv/kernel", (6, 9), mesh) == P()
-    assert shd.spec_for("encoder/blocks/0/attn/qkv/kernel", (8, 9), mesh) == P("fsdp")
-    assert shd.spec_for("encoder/blocks/0/attn/qkv/kernel", (8,), mesh) == P()
+    qkv = "encoder/blocks/0/attn/qkv/kernel"
+    assert shd.spec_for(qkv, (6, 3, 3, 2), mesh) == P()
+    assert shd.spec_for(qkv, (8, 3, 3, 2), mesh) == P("fsdp")  # 3 heads: no tensor split
+    assert shd.spec_for(qkv, (6, 3, 4, 2), mesh) == P(None, None, "tensor")
+    assert shd.spec_for(qkv, (8,), mesh) == P()
+    assert shd.spec_for(qkv, (8, 24), mesh) == P()  # a flat (D, 3D) kernel is replicated
     # axes of size 1 are dropped so specs stay minimal
-    assert shd.spec_for("encoder/blocks/0/attn/qkv/kernel", (8, 8), _FakeMesh()) == P()
+    assert shd.spec_for(qkv, (8, 3, 4, 2), _FakeMesh()) == P()
 
 
 _EQUIVALENCE = textwrap.dedent("""
@@ -84,7 +88,8 @@ _EQUIVALENCE = textwrap.dedent("""
 
     assert jax.device_count() == 8, jax.devices()
     cfg = get_config("marlin_vit_tiny").replace(img_size=32, n_frames=4, encoder_depth=1,
-                                                decoder_depth=1)
+                                                decoder_depth=1, encoder_num_heads=2,
+                                                decoder_num_heads=2)
     tx = st.make_optimizer()
     sched = st.lr_schedule(1e-3, 1e-5, 1, 100)
     task = steps.Task(st.build_model_def(cfg), tx, tx, sched, sched,
@@ -137,6 +142,47 @@ def test_loss_is_the_same_on_1_device_data8_and_2x2x2_mesh():
         np.testing.assert_allclose(result[name]["losses"], ref, rtol=1e-5, atol=1e-5,
                                    err_msg=name)
     # the parameters really are sharded on the 3-axis mesh
-    assert result["2x2x2"]["qkv_spec"] == str(P("fsdp", "tensor"))
+    assert result["2x2x2"]["qkv_spec"] == str(P("fsdp", None, "tensor"))
     assert result["2x2x2"]["qkv_shards"] == 8
     assert result["data8"]["qkv_spec"] == str(P())
+
+
+_QKV_HEADS = textwrap.dedent("""
+    import jax, numpy as np
+    from flax import nnx
+    from jax.sharding import NamedSharding
+    from marlin_jax import sharding as shd
+    from marlin_jax.models.layers import Attention
+
+    d, h, hd = 16, 4, 4
+    mesh = shd.make_mesh({"tensor": 2})
+    attn = Attention(d, h, rngs=nnx.Rngs(0))
+    kernel = np.asarray(attn.qkv.kernel[...])
+    assert kernel.shape == (d, 3, h, hd), kernel.shape
+    flat = kernel.reshape(d, 3 * d)  # the (D, 3D) matrix: columns in (q|k|v, head, channel) order
+    spec = shd.spec_for("encoder/blocks/0/attn/qkv/kernel", kernel.shape, mesh)
+    sharded = jax.device_put(kernel, NamedSharding(mesh, spec))
+    bias_spec = shd.spec_for("encoder/blocks/0/attn/q_bias", (d,), mesh)
+    bias = jax.device_put(np.arange(d, dtype=np.float32), NamedSharding(mesh, bias_spec))
+    seen = []
+    for shard, bias_shard in zip(sharded.addressable_shards, bias.addressable_shards, strict=True):
+        assert shard.device == bias_shard.device
+        heads = list(range(h)[shard.index[2]])
+        assert len(heads) == h // 2 and shard.data.shape == (d, 3, h // 2, hd), (heads, shard.data.shape)
+        for part in range(3):  # whole heads of q, k and v
+            for i, head in enumerate(heads):
+                cols = flat[:, part * d + head * hd:part * d + (head + 1) * hd]
+                np.testing.assert_array_equal(np.asarray(shard.data)[:, part, i], cols)
+        # the q/v bias shard on that device holds the channels of the same heads
+        np.testing.assert_array_equal(np.asarray(bias_shard.data),
+                                      np.arange(heads[0] * hd, (heads[-1] + 1) * hd))
+        seen += heads
+    assert sorted(seen) == list(range(h)), seen
+    print("OK")
+""")
+
+
+def test_tensor_parallel_qkv_shards_hold_whole_heads():
+    """With tensor=2 each device's qkv kernel shard is H/2 whole heads of q, k and v (and the
+    matching q/v bias channels): attention needs no resharding."""
+    assert "OK" in _run_with_devices(_QKV_HEADS, 2, timeout=300)

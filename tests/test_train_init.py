@@ -306,7 +306,8 @@ def test_with_adam_moments_replaces_the_one_adam_state_of_a_clipped_adamw():
 def test_trainer_continues_a_lightning_ckpt_with_its_adam_state(lightning_run, tmp_path):
     from configs import vit_small
     from marlin_jax.train.checkpointing import Checkpointer
-    from marlin_jax.train.trainer import model_config, train_and_evaluate
+    from marlin_jax.train.program import model_config
+    from marlin_jax.train.trainer import train_and_evaluate
 
     c = vit_small.get_config("demo")
     c.model.update(name="marlin_vit_tiny", encoder_depth=1, decoder_depth=1)

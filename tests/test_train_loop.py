@@ -14,10 +14,10 @@ from configs import common, vit_base, vit_large, vit_small
 from marlin_jax.models import patchify
 from marlin_jax.train import metrics as mt
 from marlin_jax.train import reconstruction
+from marlin_jax.train.program import model_config
 from marlin_jax.train.trainer import (
     NonFiniteLossError,
     make_schedule,
-    model_config,
     resolve_data_config,
     train_and_evaluate,
 )

@@ -7,7 +7,9 @@
   by variable path) and ``marlin_config.json``; a trainer workdir, its ``checkpoints/`` or one
   ``checkpoints/<step>/`` is accepted too (the latest step; its ``state`` item is the training
   state, whose generator and critic parameters are the model; the trainer writes
-  ``marlin_config.json`` into its workdir).
+  ``marlin_config.json`` into its workdir). A state trained with ``scan_layers`` holds stacked
+  blocks (``encoder/blocks/attn/...`` with a leading layer axis): recognised by its structure
+  (a ``blocks`` dict without layer indices) and unstacked on reading.
 
 Everything funnels through one representation: a flat PyTorch-layout state_dict
 ``{marlin-pytorch key: np.ndarray}``, which :mod:`.mapping` loads into a model.
@@ -24,7 +26,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from marlin_jax.models import MarlinConfig, MarlinModel, sincos_table
+from marlin_jax.models import MarlinConfig, MarlinModel, sincos_table, unstack_layers
 
 from .mapping import (
     _to_torch_layout,
@@ -147,6 +149,10 @@ def read_marlin_state_dict(directory: str | os.PathLike,
         raise
     except Exception as e:  # orbax raises many types for unreadable trees
         raise CheckpointError(f"{item}: cannot restore orbax checkpoint ({e})") from e
+    try:
+        tree = unstack_layers(tree)  # scan_layers states -> the per-layer layout (else unchanged)
+    except ValueError as e:
+        raise CheckpointError(f"{item}: {e}") from e
 
     out: OrderedDict[str, np.ndarray] = OrderedDict()
 

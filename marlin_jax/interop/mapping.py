@@ -2,7 +2,10 @@
 
 PyTorch keys are those of marlin-pytorch 0.3.4 (`encoder.blocks.0.attn.qkv.weight`, ...) plus
 the original trainer's `discriminator.layers.{0,1}.linear.*`. Linear weights are transposed
-(``(out, in)`` <-> ``(in, out)``); the Conv3d weight ``(D, C, pt, ph, pw)`` <-> ``(pt, ph, pw, C, D)``.
+(``(out, in)`` <-> ``(in, out)``), the qkv weight ``(3D, D)`` <-> ``(D, 3, H, hd)`` (transposed and
+reshaped: per-head, for tensor parallelism); the Conv3d weight ``(D, C, pt, ph, pw)`` <->
+``(pt, ph, pw, C, D)``. marlin-jax checkpoints written with the earlier ``(D, 3D)`` qkv kernel read
+through the same PyTorch layout, so they load too.
 The VideoMAE pretraining checkpoint (MCG-NJU/VideoMAE names) is renamed into MARLIN names.
 """
 
@@ -41,18 +44,25 @@ def torch_key(path: tuple) -> str:
 
 
 def _to_torch_layout(path: tuple, value: np.ndarray) -> np.ndarray:
+    """A marlin-jax variable -> its PyTorch layout. Kernels are ``(in, *out)`` (the per-head qkv
+    kernel ``(D, 3, H, hd)``, or the ``(D, 3D)`` of checkpoints written before it) -> ``(out, in)``."""
     if path[-1] == "kernel":
         if value.ndim == 5:  # (pt, ph, pw, C, D) -> (D, C, pt, ph, pw)
             return value.transpose(4, 3, 0, 1, 2)
-        return value.T
+        return value.reshape(value.shape[0], -1).T
     return value
 
 
-def _from_torch_layout(path: tuple, value: np.ndarray) -> np.ndarray:
+def _from_torch_layout(path: tuple, value: np.ndarray, shape: tuple | None = None) -> np.ndarray:
+    """A PyTorch-layout tensor -> the marlin-jax layout; ``shape``: the variable's shape, which
+    splits a Linear's output dimension (``(3D, D)`` qkv weight -> ``(D, 3, H, hd)``)."""
     if path[-1] == "kernel":
         if value.ndim == 5:  # (D, C, pt, ph, pw) -> (pt, ph, pw, C, D)
             return value.transpose(2, 3, 4, 1, 0)
-        return value.T
+        value = value.T
+        if (shape is not None and value.ndim == 2 and len(shape) > 2 and shape[0] == value.shape[0]
+                and int(np.prod(shape)) == value.size):
+            return value.reshape(shape)
     return value
 
 
@@ -87,7 +97,7 @@ def state_dict_to_model(model: nnx.Module, state_dict: Mapping[str, np.ndarray],
     for key, (path, var) in expected.items():
         if key in state_dict:
             want = tuple(var.get_value().shape)
-            got = tuple(np.shape(_from_torch_layout(path, np.asarray(state_dict[key]))))
+            got = tuple(np.shape(_from_torch_layout(path, np.asarray(state_dict[key]), want)))
             if want != got:
                 mismatched.append(f"{key}: checkpoint {tuple(np.shape(state_dict[key]))} "
                                   f"-> {got}, model expects {want}")
@@ -101,7 +111,7 @@ def state_dict_to_model(model: nnx.Module, state_dict: Mapping[str, np.ndarray],
     if problems:
         raise StateDictMismatchError(f"{source} does not fit the model:\n  " + "\n  ".join(problems))
     for key, (path, var) in expected.items():
-        value = _from_torch_layout(path, np.asarray(state_dict[key]))
+        value = _from_torch_layout(path, np.asarray(state_dict[key]), tuple(var.get_value().shape))
         var.set_value(np.asarray(value, dtype=var.get_value().dtype))
 
 

@@ -192,7 +192,7 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], like: Params, *,
         if key not in state_dict:
             missing.append(key)
             return node
-        value = _from_torch_layout(path, np.asarray(state_dict[key]))
+        value = _from_torch_layout(path, np.asarray(state_dict[key]), tuple(np.shape(node)))
         if value.shape != tuple(np.shape(node)):
             mismatched.append(f"{key}: {tuple(np.shape(state_dict[key]))} -> {value.shape}, "
                               f"expected {tuple(np.shape(node))}")

@@ -120,29 +120,85 @@ class PatchEmbedding3d(nnx.Module):
         return out + self.projection["bias"][...].astype(self.dtype)
 
 
-ATTENTION_IMPLS = (None, "xla", "per_head", "cudnn")
+ATTENTION_IMPLS = (None, "xla", "per_head", "cudnn", "splash")
 """None / "xla": batched softmax attention; "per_head": one (batch, head) at a time (CPU);
-"cudnn": ``jax.nn.dot_product_attention``'s fused GPU kernel."""
+"cudnn": ``jax.nn.dot_product_attention``'s fused GPU kernel; "splash": the Pallas TPU splash
+attention kernel (interpreted, slowly but exactly, on other platforms: see ``SPLASH_INTERPRET``)."""
+
+SPLASH_INTERPRET: bool | None = None
+"""Whether ``attention_impl="splash"`` runs the Pallas kernel in interpret mode. None: when the
+target platform (the context mesh's devices, else ``jax.default_backend()``) is not a TPU."""
+
+SPLASH_LANES = 128  # splash tiles are multiples of 128 tokens
+
+
+def splash_block_size(length: int) -> int:
+    """The largest of 512 / 256 / 128 that divides the padded sequence ``length``."""
+    return next(b for b in (512, 256, SPLASH_LANES) if length % b == 0)
+
+
+def _splash_platform() -> str:
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return getattr(device, "platform", None) or jax.default_backend()
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool) -> jax.Array:
+    """Unscaled softmax(q k^T) v with the splash kernel, ``(B, H, N, hd)`` -> ``(B, H, N, hd)``.
+
+    Tokens are padded to a multiple of 128; padded keys are masked out (segment ids: real tokens
+    0, padding 1) and padded queries dropped. Computes in the input dtype with float32
+    accumulation; has its own VJP. One device: call it inside ``shard_map`` under a mesh."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    _, h, n, _ = q.shape
+    length = -(-n // SPLASH_LANES) * SPLASH_LANES
+    block = splash_block_size(length)
+    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
+                          block_kv_dq=block)
+    mask = sm.MultiHeadMask([sm.FullMask((length, length))] * h)
+    kernel = sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                interpret=interpret)
+    segments = (jnp.arange(length) >= n).astype(jnp.int32)
+    ids = sk.SegmentIds(q=segments, kv=segments)
+    q, k, v = (jnp.pad(t, ((0, 0), (0, 0), (0, length - n), (0, 0))) for t in (q, k, v))
+    out = jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=ids))(q, k, v)
+    return out[:, :, :n]
 
 
 class Attention(nnx.Module):
-    """Multi-head self-attention with a bias-free qkv projection plus separate q/v biases."""
+    """Multi-head self-attention with a bias-free qkv projection plus separate q/v biases.
+
+    The qkv kernel is ``(D, 3, H, hd)`` (the flat ``(D, 3D)`` matrix with its columns in
+    (q|k|v, head, channel) order), so that tensor parallelism can split it along heads.
+    ``batch_axes`` / ``head_axis``: the mesh axes the splash kernel's ``shard_map`` splits the
+    batch and the heads over (when a context mesh is set and has them)."""
 
     def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = True,
                  qk_scale: float | None = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
                  dtype=jnp.float32, param_dtype=jnp.float32, matmul_dtype=None,
-                 attention_impl: str | None = None, rngs: nnx.Rngs):
+                 attention_impl: str | None = None, batch_axes: tuple[str, ...] = ("data", "fsdp"),
+                 head_axis: str | None = "tensor", rngs: nnx.Rngs):
         if attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
+        if attention_impl == "splash" and attn_drop > 0:
+            raise ValueError(f"attention_impl='splash' has no attention dropout (attn_drop={attn_drop})")
         self.num_heads = num_heads
         self.matmul_dtype = matmul_dtype
         self.head_dim = dim // num_heads
         self.scale = qk_scale or self.head_dim**-0.5
         self.dtype = dtype
         self.attention_impl = attention_impl
+        self.batch_axes, self.head_axis = tuple(batch_axes), head_axis
         dense = functools.partial(linear, kernel_init=xavier_uniform, dtype=dtype, matmul_dtype=matmul_dtype,
                                   param_dtype=param_dtype, rngs=rngs)
-        self.qkv = dense(dim, 3 * dim, use_bias=False)
+        # LinearGeneral initialises the flat (D, 3D) matrix (xavier statistics), then reshapes.
+        self.qkv = nnx.LinearGeneral(dim, (3, num_heads, self.head_dim), use_bias=False,
+                                     kernel_init=xavier_uniform, param_dtype=param_dtype, rngs=rngs,
+                                     dtype=dtype if matmul_dtype is None else matmul_dtype,
+                                     preferred_element_type=None if matmul_dtype is None else dtype)
         if qkv_bias:
             self.q_bias = nnx.Param(jnp.zeros((dim,), param_dtype))
             self.v_bias = nnx.Param(jnp.zeros((dim,), param_dtype))
@@ -189,16 +245,46 @@ class Attention(nnx.Module):
             out = attend(q, k, v)
         return out.transpose(0, 2, 1, 3)  # (B, N, H, hd)
 
+    def _splash(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        """:func:`splash_attention` for ``(B, N, H, hd)`` q, k, v -> ``(B, N, H, hd)``; under a
+        context mesh, inside ``shard_map`` over the batch and head axes (a Pallas kernel cannot
+        be partitioned automatically)."""
+        b, _, h, _ = q.shape
+        out_dtype = v.dtype
+        q = q * jnp.asarray(self.scale, q.dtype)
+        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, H, N, hd)
+        if self.matmul_dtype is not None:
+            q, k, v = (t.astype(self.matmul_dtype) for t in (q, k, v))
+        interpret = SPLASH_INTERPRET if SPLASH_INTERPRET is not None else _splash_platform() != "tpu"
+        attend = functools.partial(splash_attention, interpret=interpret)
+        mesh = jax.sharding.get_abstract_mesh()
+        free = [] if mesh.empty else [a for a in mesh.axis_names
+                                      if a not in mesh.manual_axes and mesh.shape[a] > 1]
+        if free:  # else (no mesh, or only size-1 / manual axes) the kernel is called directly
+            batch_axes, size = [], 1
+            for axis in self.batch_axes:
+                if axis in free and b % (size * mesh.shape[axis]) == 0:
+                    batch_axes.append(axis)
+                    size *= mesh.shape[axis]
+            head_axis = self.head_axis if self.head_axis in free and h % mesh.shape[self.head_axis] == 0 else None
+            spec = jax.sharding.PartitionSpec(tuple(batch_axes) or None, head_axis)
+            if mesh.are_all_axes_explicit:  # sharding-in-types: shard_map wants matching inputs
+                q, k, v = (jax.sharding.reshard(t, spec) for t in (q, k, v))
+            attend = jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                                   check_vma=False)
+        return attend(q, k, v).transpose(0, 2, 1, 3).astype(out_dtype)
+
     def __call__(self, x: jax.Array) -> jax.Array:
         b, n, d = x.shape
-        qkv = self.qkv(x)
+        qkv = self.qkv(x)  # (B, N, 3, H, hd)
         if self.q_bias is not None:
-            bias = jnp.concatenate([self.q_bias[...], jnp.zeros_like(self.v_bias[...]), self.v_bias[...]])
-            qkv = qkv + bias.astype(qkv.dtype)
-        qkv = qkv.reshape(b, n, 3, self.num_heads, self.head_dim)
+            bias = jnp.stack([self.q_bias[...], jnp.zeros_like(self.v_bias[...]), self.v_bias[...]])
+            qkv = qkv + bias.reshape(qkv.shape[2:]).astype(qkv.dtype)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, H, hd)
         if self.attention_impl == "cudnn":  # fused flash attention on GPU
             out = jax.nn.dot_product_attention(q, k, v, scale=self.scale, implementation=self.attention_impl)
+        elif self.attention_impl == "splash":  # fused Pallas attention on TPU
+            out = self._splash(q, k, v)
         else:
             out = self._attend(q, k, v)
         out = self.proj(out.reshape(b, n, d))
@@ -222,6 +308,27 @@ class Mlp(nnx.Module):
             x = self.drop(x)
         x = self.fc2(x)
         return self.drop(x) if self.drop is not None else x
+
+
+def constrain_to_batch(x: jax.Array, batch_axes: tuple[str, ...] = ("data", "fsdp")) -> jax.Array:
+    """``x`` (batch first) split over the context mesh's ``batch_axes`` (those that divide the
+    batch) and replicated along every other dimension; unchanged without a mesh.
+
+    Under FSDP the weights are split along their feature dimensions, and XLA's propagation would
+    carry that split onto the activations (then reshard them all-to-all at every residual add);
+    pinning the residual stream to the batch split makes it all-gather the weights instead."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    axes, size = [], 1
+    for axis in batch_axes:
+        if axis in mesh.axis_names and axis not in mesh.manual_axes and mesh.shape[axis] > 1 \
+                and x.shape[0] % (size * mesh.shape[axis]) == 0:
+            axes.append(axis)
+            size *= mesh.shape[axis]
+    if not axes:
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(tuple(axes)))
 
 
 class Block(nnx.Module):
@@ -248,7 +355,8 @@ class Block(nnx.Module):
             self.gamma_1 = self.gamma_2 = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = self.attn(self.norm1(x))
+        x = constrain_to_batch(x)
+        h = constrain_to_batch(self.attn(self.norm1(x)))
         x = x + (h if self.gamma_1 is None else self.gamma_1[...].astype(h.dtype) * h)
-        h = self.mlp(self.norm2(x))
+        h = constrain_to_batch(self.mlp(self.norm2(x)))
         return x + (h if self.gamma_2 is None else self.gamma_2[...].astype(h.dtype) * h)

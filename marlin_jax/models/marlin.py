@@ -3,14 +3,24 @@
 Shapes for the released models: video ``(B, 16, 224, 224, 3)`` float in [0, 1]; ``N = 1568``
 tokens in (t, h, w) order; masks are boolean ``(B, N)`` with True = visible and the same number
 ``k`` of visible tokens in every sample.
+
+Block layouts. Per layer (the default, and THE layout of checkpoints, interop and PyTorch):
+``encoder/blocks/<i>/attn/proj/kernel`` ``(D, D)``, one entry per block. Stacked
+(``scan_layers=True``, for fast compiles: the blocks run as one ``lax.scan``): ONE block whose
+every variable has a leading layer axis, ``encoder/blocks/attn/proj/kernel`` ``(L, D, D)`` (no
+layer index). :func:`stack_layers` / :func:`unstack_layers` convert pure parameter dicts (and any
+pytree holding them, e.g. optimiser states) between the two.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from .config import MarlinConfig
@@ -44,36 +54,171 @@ def _static_num_visible(mask: jax.Array, num_visible: int | None) -> int:
     return k
 
 
-def _check_remat(config: MarlinConfig, remat: bool) -> None:
-    if remat and (config.drop_rate > 0 or config.attn_drop_rate > 0):
-        raise ValueError("remat=True with dropout is not supported (the recomputed blocks would reuse one "
-                         "dropout mask); set drop_rate = attn_drop_rate = 0 or remat=False")
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    "none": None,  # no rematerialisation: every activation is kept for the backward pass
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep block inputs only, recompute all
+    "dots": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs, recompute the rest
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # ... except
+    # batched matmuls (attention scores and p @ v): keeps the projections, recomputes attention
+}
+"""``remat_policy`` names -> ``jax.checkpoint`` policies applied to each transformer block (to
+the scan body with ``scan_layers``). ``"none"``: no ``jax.checkpoint`` at all."""
+
+
+def remat_policy_fn(name: str) -> Callable[..., bool] | None:
+    """The ``jax.checkpoint`` policy of a :data:`REMAT_POLICIES` name (None for ``"none"``)."""
+    if not isinstance(name, str) or name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat_policy {name!r}; choose one of {', '.join(REMAT_POLICIES)}")
+    return REMAT_POLICIES[name]
+
+
+def _check_remat(config: MarlinConfig, remat_policy: str) -> None:
+    remat_policy_fn(remat_policy)
+    if remat_policy != "none" and (config.drop_rate > 0 or config.attn_drop_rate > 0):
+        raise ValueError(f"remat_policy={remat_policy!r} with dropout is not supported (the recomputed "
+                         "blocks would reuse one dropout mask); set drop_rate = attn_drop_rate = 0 or "
+                         "remat_policy='none'")
+
+
+def _stack_arrays(*xs: Any) -> Any:
+    """Leaves of L layers -> one leaf with a leading layer axis (numpy stays on the host)."""
+    if all(isinstance(x, jax.ShapeDtypeStruct) for x in xs):
+        return jax.ShapeDtypeStruct((len(xs), *xs[0].shape), xs[0].dtype)
+    if all(isinstance(x, np.ndarray) for x in xs):
+        return np.stack(xs)
+    return jnp.stack(xs)
+
+
+def _stack_modules(modules: list[nnx.Module]) -> nnx.Module:
+    """L modules of one structure -> one module whose variables have a leading layer axis."""
+    graphdef, _ = nnx.split(modules[0])
+    states = [nnx.split(m)[1] for m in modules]
+    return nnx.merge(graphdef, jax.tree.map(_stack_arrays, *states))
 
 
 def _make_blocks(n: int, dim: int, heads: int, config: MarlinConfig, init_values: float,
-                 rngs: nnx.Rngs, **kw) -> nnx.List:
-    return nnx.List([
+                 rngs: nnx.Rngs, scan_layers: bool = False, **kw) -> nnx.List | Block:
+    """``n`` blocks: an ``nnx.List`` or, with ``scan_layers``, one stacked :class:`Block` (built
+    block by block, then stacked, so that both layouts draw the same initial weights)."""
+    blocks = [
         Block(dim, heads, mlp_ratio=config.mlp_ratio, qkv_bias=config.qkv_bias,
               qk_scale=config.qk_scale, drop=config.drop_rate, attn_drop=config.attn_drop_rate,
               init_values=init_values, eps=config.layer_norm_eps, rngs=rngs, **kw)
         for _ in range(n)
-    ])
+    ]
+    if not scan_layers:
+        return nnx.List(blocks)
+    if n < 1:
+        raise ValueError(f"scan_layers=True needs at least one block, got depth {n}")
+    return _stack_modules(blocks)
+
+
+LAYERS_KEY = "blocks"
+"""The pure-dict key whose value holds the transformer blocks: ``{0: {...}, 1: {...}}`` per layer,
+or ``{"attn": ..., "mlp": ...}`` with a leading layer axis when stacked."""
+
+
+def _is_per_layer(blocks: dict) -> bool:
+    return bool(blocks) and all(str(k).isdigit() for k in blocks)
+
+
+def _has_layers(node: Any) -> bool:
+    return isinstance(node, dict) and isinstance(node.get(LAYERS_KEY), dict)
+
+
+def stack_layers(tree: Any) -> Any:
+    """Per-layer -> stacked layout: every ``blocks`` dict ``{0: layer, ..., L-1: layer}`` in
+    ``tree`` becomes one layer dict whose leaves are ``(L, *per-layer shape)``.
+
+    ``tree``: pure nested dicts as ``nnx.to_pure_dict(nnx.state(model, nnx.Param))`` (the full
+    model, or the trainer's generator / critic groups), or any pytree holding them (optimiser
+    states, a TrainState). Integer or digit-string layer keys; stacked ``blocks`` pass unchanged.
+    Numpy leaves stay numpy; jit-able; ShapeDtypeStruct leaves give ShapeDtypeStructs.
+    """
+
+    def fix(node: Any) -> Any:
+        if not _has_layers(node) or not _is_per_layer(node[LAYERS_KEY]):
+            return node
+        blocks = node[LAYERS_KEY]
+        order = sorted(blocks, key=int)
+        if [int(k) for k in order] != list(range(len(order))):
+            raise ValueError(f"stack_layers: layer keys must be 0..L-1, got {order}")
+        layers = [blocks[k] for k in order]
+        ref = jax.tree.structure(layers[0])
+        for k, layer in zip(order, layers, strict=True):
+            if jax.tree.structure(layer) != ref:
+                raise ValueError(f"stack_layers: layer {k} differs in structure from layer {order[0]}")
+        return {**node, LAYERS_KEY: jax.tree.map(_stack_arrays, *layers)}
+
+    return jax.tree.map(fix, tree, is_leaf=_has_layers)
+
+
+def unstack_layers(tree: Any) -> Any:
+    """Stacked -> per-layer layout (inverse of :func:`stack_layers`): every stacked ``blocks``
+    dict with ``(L, ...)`` leaves becomes ``{0: ..., ..., L-1: ...}`` (int keys, as
+    ``nnx.to_pure_dict``). Per-layer ``blocks`` pass unchanged, so it is safe on either layout."""
+
+    def fix(node: Any) -> Any:
+        if not _has_layers(node) or not node[LAYERS_KEY] or _is_per_layer(node[LAYERS_KEY]):
+            return node
+        blocks = node[LAYERS_KEY]
+        lengths = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in jax.tree.leaves(blocks)}
+        if len(lengths) != 1 or None in lengths:
+            raise ValueError(f"unstack_layers: stacked block leaves need one leading layer axis, "
+                             f"got leading sizes {sorted(map(str, lengths))}")
+        (n,) = lengths
+        return {**node, LAYERS_KEY: {i: jax.tree.map(lambda x, i=i: x[i], blocks) for i in range(n)}}
+
+    return jax.tree.map(fix, tree, is_leaf=_has_layers)
+
+
+def is_stacked(tree: Any) -> bool:
+    """Whether ``tree`` holds a ``blocks`` dict in the stacked layout."""
+    found = []
+
+    def visit(node: Any) -> Any:
+        if _has_layers(node) and node[LAYERS_KEY] and not _is_per_layer(node[LAYERS_KEY]):
+            found.append(True)
+        return node
+
+    jax.tree.map(visit, tree, is_leaf=_has_layers)
+    return bool(found)
 
 
 class _Transformer(nnx.Module):
-    """Shared plumbing: a stack of blocks with optional rematerialisation."""
+    """Shared plumbing: a stack of blocks (looped or scanned) with optional rematerialisation."""
 
-    blocks: nnx.List
-    remat: bool
+    blocks: nnx.List | Block
+    remat_policy: str
+    scan_layers: bool
 
     def run_blocks(self, tokens: jax.Array) -> jax.Array:
-        """``(B, n, D)`` through every block (no final norm). With ``remat`` each block's
-        activations are recomputed in the backward pass (jax.checkpoint on a pure function of the
-        block's state, so it composes with any outer jax/nnx transform)."""
+        """``(B, n, D)`` through every block (no final norm).
+
+        Looped: one block after another. ``scan_layers``: one ``lax.scan`` over the stacked
+        block's state (split / merge per layer; non-parameter state such as dropout RNG counts
+        is carried out and written back). With a ``remat_policy`` other than ``"none"`` each block
+        (the scan body) runs under ``jax.checkpoint(policy=...)`` on a pure function of the
+        block's state, so it composes with any outer jax/nnx transform."""
+        policy = remat_policy_fn(self.remat_policy)
+        if self.scan_layers:
+            graphdef, params, rest = nnx.split(self.blocks, nnx.Param, ...)
+
+            def body(x, layer):
+                block = nnx.merge(graphdef, *layer)
+                y = block(x).astype(x.dtype)
+                return y, nnx.state(block, nnx.Not(nnx.Param))
+
+            if policy is not None:
+                body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+            tokens, rest = jax.lax.scan(body, tokens, (params, rest))
+            nnx.update(self.blocks, rest)
+            return tokens
         for block in self.blocks:
-            if self.remat:
+            if policy is not None:
                 graphdef, state = nnx.split(block)
-                tokens = jax.checkpoint(lambda s, x, g=graphdef: nnx.merge(g, s)(x))(state, tokens)
+                tokens = jax.checkpoint(lambda s, x, g=graphdef: nnx.merge(g, s)(x),
+                                        policy=policy)(state, tokens)
             else:
                 tokens = block(tokens)
         return tokens
@@ -83,17 +228,18 @@ class MarlinEncoder(_Transformer):
     """ViT encoder over tubelet tokens with a fixed sin-cos position table."""
 
     def __init__(self, config: MarlinConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32, matmul_dtype=None, remat: bool = False,
-                 attention_impl: str | None = None):
-        _check_remat(config, remat)
-        self.config, self.dtype, self.remat = config, dtype, remat
+                 param_dtype=jnp.float32, matmul_dtype=None, remat_policy: str = "none",
+                 scan_layers: bool = False, attention_impl: str | None = None):
+        _check_remat(config, remat_policy)
+        self.config, self.dtype = config, dtype
+        self.remat_policy, self.scan_layers = remat_policy, scan_layers
         self.matmul_dtype = matmul_dtype
         d = config.encoder_embed_dim
         self.patch_embedding = PatchEmbedding3d(config.in_channels, d, config.patch_size,
                                                 config.tubelet_size, dtype=dtype, param_dtype=param_dtype,
                                                 matmul_dtype=matmul_dtype, rngs=rngs)
         self.blocks = _make_blocks(config.encoder_depth, d, config.encoder_num_heads, config,
-                                   config.init_values, rngs, dtype=dtype, param_dtype=param_dtype,
+                                   config.init_values, rngs, scan_layers, dtype=dtype, param_dtype=param_dtype,
                                    matmul_dtype=matmul_dtype, attention_impl=attention_impl)
         self.norm = nnx.LayerNorm(d, epsilon=config.layer_norm_eps, dtype=dtype,
                                   param_dtype=param_dtype, use_fast_variance=False, rngs=rngs)
@@ -134,15 +280,16 @@ class MarlinDecoder(_Transformer):
     """Narrow transformer that predicts the pixels of the masked tokens."""
 
     def __init__(self, config: MarlinConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32, matmul_dtype=None, remat: bool = False,
-                 attention_impl: str | None = None):
-        _check_remat(config, remat)
-        self.config, self.dtype, self.remat = config, dtype, remat
+                 param_dtype=jnp.float32, matmul_dtype=None, remat_policy: str = "none",
+                 scan_layers: bool = False, attention_impl: str | None = None):
+        _check_remat(config, remat_policy)
+        self.config, self.dtype = config, dtype
+        self.remat_policy, self.scan_layers = remat_policy, scan_layers
         d = config.decoder_embed_dim
         self.mask_token = nnx.Param(
             0.02 * jax.random.truncated_normal(rngs.params(), -1.0, 1.0, (1, 1, d), param_dtype))
         self.blocks = _make_blocks(config.decoder_depth, d, config.decoder_num_heads, config,
-                                   config.init_values, rngs, dtype=dtype, param_dtype=param_dtype,
+                                   config.init_values, rngs, scan_layers, dtype=dtype, param_dtype=param_dtype,
                                    matmul_dtype=matmul_dtype, attention_impl=attention_impl)
         self.norm = nnx.LayerNorm(d, epsilon=config.layer_norm_eps, dtype=dtype,
                                   param_dtype=param_dtype, use_fast_variance=False, rngs=rngs)
@@ -183,18 +330,22 @@ class MarlinModel(nnx.Module):
     """The MARLIN masked autoencoder: encoder, projection, decoder and (optionally) the critic.
 
     ``with_decoder=False`` gives an encoder-only feature extractor (like a `.encoder.pt`).
+    ``remat_policy``: a :data:`REMAT_POLICIES` name; ``scan_layers``: the stacked block layout
+    (see the module doc), the blocks of the encoder and of the decoder each run as one scan.
     """
 
     def __init__(self, config: MarlinConfig, *, rngs: nnx.Rngs, with_decoder: bool = True,
                  with_discriminator: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
-                 matmul_dtype=None, remat: bool = False, attention_impl: str | None = None):
+                 matmul_dtype=None, remat_policy: str = "none", scan_layers: bool = False,
+                 attention_impl: str | None = None):
         self.config = config
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, matmul_dtype=matmul_dtype)
-        self.encoder = MarlinEncoder(config, remat=remat, attention_impl=attention_impl, **kw)
+        blocks_kw = dict(remat_policy=remat_policy, scan_layers=scan_layers, attention_impl=attention_impl)
+        self.encoder = MarlinEncoder(config, **blocks_kw, **kw)
         if with_decoder:
             self.enc_dec_proj = linear(config.encoder_embed_dim, config.decoder_embed_dim,
                                        use_bias=False, kernel_init=xavier_uniform, **kw)
-            self.decoder = MarlinDecoder(config, remat=remat, attention_impl=attention_impl, **kw)
+            self.decoder = MarlinDecoder(config, **blocks_kw, **kw)
         else:
             self.enc_dec_proj = self.decoder = None
         self.discriminator = MarlinDiscriminator(config, **kw) if with_discriminator else None

@@ -4,7 +4,9 @@ The state is a plain pytree (no graph objects) so that jit, sharding rules and o
 arrays: the generator's parameters (encoder + enc_dec_proj + decoder) and the critic's
 (discriminator) are pure nested dicts keyed like the nnx module tree
 (``encoder/blocks/0/attn/qkv/kernel``), each with its own AdamW state, as the original trainer
-has two optimisers.
+has two optimisers. With ``scan_layers`` the blocks are stacked (``encoder/blocks/attn/qkv/kernel``
+with a leading layer axis; :func:`marlin_jax.models.stack_layers`), in the parameters and in the
+optimiser states alike; checkpoint readers unstack them to the per-layer layout.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from marlin_jax.models import MarlinConfig, MarlinModel
+from marlin_jax.models import MarlinConfig, MarlinModel, stack_layers
 
 Params = dict[str, Any]
 GENERATOR_KEYS = ("encoder", "enc_dec_proj", "decoder")
@@ -57,27 +59,36 @@ class ModelDef:
         return nnx.merge(self.graphdef, {**g_params, **d_params}, self.rest)
 
 
-def build_model_def(config: MarlinConfig, *, dtype: Any = jnp.float32, remat: bool = False,
-                    attention_impl: str | None = None) -> ModelDef:
+def build_model_def(config: MarlinConfig, *, dtype: Any = jnp.float32, remat_policy: str = "none",
+                    scan_layers: bool = False, attention_impl: str | None = None) -> ModelDef:
     """The graph of a MarlinModel with decoder and discriminator, without materialising its
     parameters: the graph comes from an abstract build, the non-parameter state (fixed tables)
-    from a jitted build whose unused parameter initialisers XLA removes."""
+    from a jitted build whose unused parameter initialisers XLA removes.
+
+    ``remat_policy``: a :data:`marlin_jax.models.REMAT_POLICIES` name; ``scan_layers``: the
+    stacked block layout (the parameters must be stacked too: :func:`init_params`)."""
 
     def build():
         return MarlinModel(config, rngs=nnx.Rngs(0), with_decoder=True, with_discriminator=True,
-                           dtype=dtype, param_dtype=jnp.float32, remat=remat,
-                           attention_impl=attention_impl)
+                           dtype=dtype, param_dtype=jnp.float32, remat_policy=remat_policy,
+                           scan_layers=scan_layers, attention_impl=attention_impl)
 
     graphdef, _, _ = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
     rest = jax.jit(lambda: nnx.split(build(), nnx.Param, ...)[2])()
     return ModelDef(graphdef, rest, config)
 
 
-def init_params(config: MarlinConfig, rng: jax.Array) -> tuple[Params, Params]:
-    """Fresh (generator, critic) parameters with the original initialisers. Pure: jit-able."""
+def init_params(config: MarlinConfig, rng: jax.Array, *, scan_layers: bool = False
+                ) -> tuple[Params, Params]:
+    """Fresh (generator, critic) parameters with the original initialisers. Pure: jit-able.
+
+    ``scan_layers``: the stacked block layout, holding the same values as the per-layer one
+    (the same ``rng`` gives the same initial model in both layouts)."""
     model = MarlinModel(config, rngs=nnx.Rngs(rng), with_decoder=True,
                         with_discriminator=True)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    if scan_layers:
+        params = stack_layers(params)
     return split_params(params)
 
 
@@ -137,10 +148,12 @@ def set_learning_rate(opt_state: optax.OptState, lr: jax.Array) -> optax.OptStat
 
 
 def init_train_state(config: MarlinConfig, g_tx: optax.GradientTransformation,
-                     d_tx: optax.GradientTransformation, seed: int) -> TrainState:
-    """A fresh TrainState (pure; run under ``sharding.sharded_init`` for sharded creation)."""
+                     d_tx: optax.GradientTransformation, seed: int, *,
+                     scan_layers: bool = False) -> TrainState:
+    """A fresh TrainState (pure; run under ``sharding.sharded_init`` for sharded creation);
+    ``scan_layers``: stacked blocks (see :func:`init_params`)."""
     params_key, rng = jax.random.split(jax.random.PRNGKey(seed))
-    g_params, d_params = init_params(config, params_key)
+    g_params, d_params = init_params(config, params_key, scan_layers=scan_layers)
     return TrainState(step=jnp.zeros((), jnp.int32), g_params=g_params, d_params=d_params,
                       g_opt_state=g_tx.init(g_params), d_opt_state=d_tx.init(d_params), rng=rng)
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from marlin_jax.models.layers import constrain_to_batch
 from marlin_jax.train import losses
 from marlin_jax.train.state import ModelDef, Params, TrainState, set_learning_rate
 
@@ -49,6 +50,13 @@ class Task:
     g_schedule: Callable[[jax.Array], jax.Array]
     d_schedule: Callable[[jax.Array], jax.Array]
     step: StepConfig
+    grad_shardings: tuple[Any, Any] | None = None
+    """(generator, critic) parameter shardings: gradients are constrained to them, so that an
+    FSDP mesh reduce-scatters each gradient to its shard instead of all-reducing it whole."""
+
+
+def _shard_grads(grads: Any, shardings: Any) -> Any:
+    return grads if shardings is None else jax.lax.with_sharding_constraint(grads, shardings)
 
 
 def video_to_float(video: jax.Array) -> jax.Array:
@@ -73,7 +81,8 @@ def _critic(task: Task, g_params: Params, d_params: Params) -> Callable[[jax.Arr
 def _generator(task: Task, d_params: Params, video: jax.Array, mask: jax.Array
                ) -> Callable[[Params], jax.Array]:
     k = task.step.num_visible
-    return lambda g_params: task.model.merge(g_params, d_params)(video, mask, num_visible=k)
+    return lambda g_params: constrain_to_batch(
+        task.model.merge(g_params, d_params)(video, mask, num_visible=k))
 
 
 def _check_batch(task: Task, video: jax.Array, mask: jax.Array) -> None:
@@ -94,8 +103,8 @@ def _check_batch(task: Task, video: jax.Array, mask: jax.Array) -> None:
 def _targets(task: Task, video: jax.Array, mask: jax.Array) -> jax.Array:
     cfg = task.model.config
     _check_batch(task, video, mask)
-    return losses.masked_targets(video, mask, task.step.num_visible, cfg.patch_size,
-                                 cfg.tubelet_size)
+    return constrain_to_batch(losses.masked_targets(video, mask, task.step.num_visible,
+                                                    cfg.patch_size, cfg.tubelet_size))
 
 
 def train_step(task: Task, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
@@ -132,6 +141,7 @@ def train_step(task: Task, state: TrainState, batch: Batch) -> tuple[TrainState,
             return d0 + cfg.gp_weight * gp, {"d_loss0": d0, "gp": gp}
 
         (d_loss, aux), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(d_params)
+        d_grads = _shard_grads(d_grads, task.grad_shardings and task.grad_shardings[1])
         updates, d_opt = task.d_tx.update(d_grads, d_opt, d_params)
         d_params = optax.apply_updates(d_params, updates)
         d_metrics = {"d_loss": d_loss, **aux, "d_grad_norm": optax.global_norm(d_grads)}
@@ -149,6 +159,7 @@ def train_step(task: Task, state: TrainState, batch: Batch) -> tuple[TrainState,
 
         (g_loss, aux), d_pred = jax.value_and_grad(g_loss_of_pred, has_aux=True)(pred)
         (g_grads,) = g_vjp(d_pred.astype(pred.dtype))
+        g_grads = _shard_grads(g_grads, task.grad_shardings and task.grad_shardings[0])
         updates, g_opt = task.g_tx.update(g_grads, g_opt, g_params)
         g_params = optax.apply_updates(g_params, updates)
         g_metrics = {"g_loss": g_loss, **aux, "g_grad_norm": optax.global_norm(g_grads)}

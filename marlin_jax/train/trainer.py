@@ -30,12 +30,13 @@ from marlin_jax.interop.optimizer_state import (
     lightning_adam_moments,
     read_lightning_checkpoint,
 )
-from marlin_jax.models import MarlinConfig, MarlinModel, config_from_mapping
+from marlin_jax.models import MarlinConfig, MarlinModel, is_stacked, stack_layers, unstack_layers
 from marlin_jax.preemption import SigtermFlag
 from marlin_jax.train import metrics as mt
 from marlin_jax.train import reconstruction, steps
 from marlin_jax.train import state as st
 from marlin_jax.train.checkpointing import Checkpointer
+from marlin_jax.train.program import Schedule, build_program, schedule_from_config
 
 log = logging.getLogger(__name__)
 
@@ -48,25 +49,6 @@ class NonFiniteLossError(FloatingPointError):
 
 
 # ----------------------------------------------------------------------------- configuration
-
-
-def model_config(config: ml_collections.ConfigDict) -> MarlinConfig:
-    """The MarlinConfig: ``config.model.name`` + non-None overrides + the data's clip geometry."""
-    values = {k: v for k, v in config.model.to_dict().items() if v is not None}
-    d = config.data
-    values.update(img_size=d.img_size, n_frames=d.clip_frames, patch_size=d.patch_size,
-                  tubelet_size=d.tubelet_size)
-    return config_from_mapping(values)
-
-
-def compute_dtype(name: str) -> Any:
-    """``auto`` = bfloat16 on GPU/TPU, float32 on CPU."""
-    if name == "auto":
-        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-    try:
-        return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
-    except KeyError:
-        raise ValueError(f"config.compute_dtype must be auto|float32|bfloat16, got {name!r}") from None
 
 
 def resolve_data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -85,35 +67,13 @@ def resolve_data_config(config: ml_collections.ConfigDict) -> ml_collections.Con
     return data
 
 
-@dataclasses.dataclass(frozen=True)
-class Schedule:
-    steps_per_epoch: int
-    total_steps: int
-    warmup_steps: int
-    base_lr: float
-    min_lr: float
-
-
 def make_schedule(config: ml_collections.ConfigDict, data: ml_collections.ConfigDict) -> Schedule:
-    """Steps and learning rates of the run (epochs -> steps, lr scaled by global_batch / 256)."""
-    batch = config.global_batch_size
-    steps_per_epoch = int(config.steps_per_epoch)
-    if steps_per_epoch <= 0:
-        steps_per_epoch = max(1, len(make_source(data, data.train_split)) // batch)
-    total = int(config.num_train_steps)
-    if total <= 0:
-        total = int(config.num_epochs * steps_per_epoch)
-    warmup = int(config.lr.warmup_steps)
-    if warmup < 0:
-        warmup = int(round(config.lr.warmup_epochs * steps_per_epoch))
-    scale = batch / 256.0 if config.lr.scale_with_batch else 1.0
-    return Schedule(max(steps_per_epoch, 1), total, min(warmup, total), config.lr.base * scale,
-                    config.lr.min * scale)
-
-
-def num_visible_tokens(model_cfg: MarlinConfig, mask_ratio: float) -> int:
-    """Visible tokens per clip, as the masking code: ``int(N * (1 - mask_ratio))``."""
-    return int(model_cfg.num_tokens * (1 - mask_ratio))
+    """Steps and learning rates of the run; counts the train split only when
+    ``config.steps_per_epoch`` is not set."""
+    size = None
+    if int(config.steps_per_epoch) <= 0:
+        size = len(make_source(data, data.train_split))
+    return schedule_from_config(config, size)
 
 
 # ----------------------------------------------------------------------------- initialisation
@@ -143,9 +103,15 @@ def load_init_params(path: str, model_cfg: MarlinConfig, g_params: st.Params,
     states (moments + step, mapped like the weights; refused with an error naming the file when
     they do not fit the model or those hyper-parameters; a warning and fresh moments when the
     file has none). Not restorable: the original data loader's position.
+
+    Fresh parameters in the stacked layout (``scan_layers``) are merged in the per-layer layout
+    of checkpoints and returned stacked again, the AdamW moments too.
     """
     from marlin_jax.interop import read_state_dict, state_dict_to_model
 
+    stacked = is_stacked((g_params, d_params))
+    if stacked:
+        g_params, d_params = unstack_layers(g_params), unstack_layers(d_params)
     ckpt = read_lightning_checkpoint(path) if path.endswith(".ckpt") else None
     state_dict = ckpt.state_dict if ckpt is not None else None
     if state_dict is None:  # not a Lightning file: every other format
@@ -175,6 +141,10 @@ def load_init_params(path: str, model_cfg: MarlinConfig, g_params: st.Params,
              ", ".join(sorted(set(g_loaded) | set(d_loaded))), step,
              "fresh" if g_adam is None else f"step {g_adam.count}",
              "fresh" if d_adam is None else f"step {d_adam.count}")
+    if stacked:
+        g_params, d_params = stack_layers(g_params), stack_layers(d_params)
+        g_adam, d_adam = (None if a is None else dataclasses.replace(
+            a, mu=stack_layers(a.mu), nu=stack_layers(a.nu)) for a in (g_adam, d_adam))
     return InitFrom(g_params, d_params, step, g_adam, d_adam)
 
 
@@ -185,15 +155,6 @@ def _device_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
     return shd.global_batch({"video": local["video"], "mask": local["mask"]}, mesh)
 
 
-def _abstract_batch(model_cfg: MarlinConfig, batch_size: int, mesh) -> dict[str, Any]:
-    t, s = model_cfg.n_frames, model_cfg.img_size
-    video = jax.ShapeDtypeStruct((batch_size, t, s, s, 3), jnp.uint8,
-                                 sharding=shd.batch_sharding(mesh, 5))
-    mask = jax.ShapeDtypeStruct((batch_size, model_cfg.num_tokens), jnp.bool_,
-                                sharding=shd.batch_sharding(mesh, 2))
-    return {"video": video, "mask": mask}
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains (resuming from ``workdir`` when it holds checkpoints) and returns the last logged
     train metrics plus ``val_*`` metrics and ``step``."""
@@ -201,52 +162,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     primary = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     data_cfg = resolve_data_config(config)
-    model_cfg = model_config(ml_collections.ConfigDict({**config.to_dict(), "data": data_cfg}))
-    dtype = compute_dtype(config.compute_dtype)
     mesh = shd.make_mesh(config.mesh.to_dict())
-    batch = int(config.global_batch_size)
-    if batch % shd.batch_divisor(mesh) or batch % jax.process_count():
-        raise ValueError(f"global_batch_size {batch} must be divisible by the batch shards "
-                         f"{shd.batch_divisor(mesh)} (mesh {dict(mesh.shape)}) and by "
-                         f"{jax.process_count()} processes")
     sched = make_schedule(config, data_cfg)
-    k = num_visible_tokens(model_cfg, data_cfg.mask_ratio)
+    resolved = ml_collections.ConfigDict({**config.to_dict(), "data": data_cfg.to_dict()})
+    program = build_program(resolved, mesh, sched, process_count=jax.process_count())
+    model_cfg, task, k = program.model_cfg, program.task, program.num_visible
+    batch = program.global_batch
     if primary:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
         write_config_file(workdir, model_cfg)  # makes the workdir a checkpoint for Marlin.from_file / convert
     say = _Say(primary)
-    say("model %s (%s compute, data %s), mesh %s, %d devices / %d processes, batch %d, "
-        "%d steps (%d/epoch), warm-up %d, lr %.3g -> %.3g, %d of %d tokens visible",
-        config.model.name, jnp.dtype(dtype).name, data_cfg.source, dict(mesh.shape),
-        jax.device_count(), jax.process_count(), batch, sched.total_steps,
-        sched.steps_per_epoch, sched.warmup_steps, sched.base_lr, sched.min_lr, k,
-        model_cfg.num_tokens)
+    say("model %s (%s compute, %s attention, data %s), mesh %s, %d devices / %d processes, "
+        "batch %d, %d steps (%d/epoch), warm-up %d, lr %.3g -> %.3g, %d of %d tokens visible",
+        config.model.name, jnp.dtype(program.dtype).name, program.attention_impl or "xla",
+        data_cfg.source, dict(mesh.shape), jax.device_count(), jax.process_count(), batch,
+        sched.total_steps, sched.steps_per_epoch, sched.warmup_steps, sched.base_lr, sched.min_lr,
+        k, model_cfg.num_tokens)
 
-    # ---- task, state and shardings
-    opt = config.optimizer
-    g_tx = st.make_optimizer(b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
-                             grad_clip=opt.grad_clip)
-    d_tx = st.make_optimizer(b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
-                             grad_clip=opt.grad_clip)
-    per = sched.steps_per_epoch if config.lr.per_epoch else 1
-    schedule = st.lr_schedule(sched.base_lr, sched.min_lr, sched.warmup_steps, sched.total_steps,
-                              per)
-    task = steps.Task(
-        model=st.build_model_def(model_cfg, dtype=dtype, remat=config.remat,
-                                 attention_impl=config.attention_impl or None),
-        g_tx=g_tx, d_tx=d_tx, g_schedule=schedule, d_schedule=schedule,
-        step=steps.StepConfig(num_visible=k, adv_weight=config.adv_weight,
-                              gp_weight=config.gp_weight, d_steps=config.d_steps,
-                              g_steps=config.g_steps))
-
-    def init_fn():
-        return st.init_train_state(model_cfg, g_tx, d_tx, config.seed)
-    abstract_state = jax.eval_shape(init_fn)
-    state_shardings = shd.tree_shardings(abstract_state, mesh)
-    abstract_state = shd.abstract_with_shardings(abstract_state, mesh)
+    # ---- state and shardings
+    init_fn, state_shardings, opt = program.init_fn, program.state_shardings, config.optimizer
+    abstract_state = program.abstract_state
     repl = shd.replicated(mesh)
-    batch_shardings = {"video": shd.batch_sharding(mesh, 5), "mask": shd.batch_sharding(mesh, 2)}
     say("parameters: generator %.1fM, critic %.1fM",
         st.count_params(abstract_state.g_params) / 1e6,
         st.count_params(abstract_state.d_params) / 1e6)
@@ -302,15 +239,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     start_step = int(jax.device_get(state.step))
 
     # ---- compiled steps
-    train_step = steps.jit_train_step(task, state_shardings, batch_shardings, repl)
-    eval_step = steps.jit_eval_step(task, state_shardings, batch_shardings, repl)
-    abstract_batch = _abstract_batch(model_cfg, batch, mesh)
+    eval_step = program.eval_step
     t0 = time.perf_counter()
-    compiled = train_step.lower(abstract_state, abstract_batch).compile()
-    flops = mt.compiled_flops(compiled)
+    compiled = program.lower_train_step().compile()
+    flops = program.model_flops_per_step() / mesh.size
     peak = mt.peak_flops_per_device(override=config.peak_flops_per_device)
-    say("compiled the train step in %.1fs; %s GFLOP per device per step",
-        time.perf_counter() - t0, "?" if flops is None else f"{flops / 1e9:.1f}")
+    say("compiled the train step in %.1fs; %.1f model GFLOP per device per step",
+        time.perf_counter() - t0, flops / 1e9)
 
     @jax.jit  # outputs replicated below
     def recon_sample(s, b):  # sample 0, replicated so that the primary can draw it
@@ -362,7 +297,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     interval_t = time.perf_counter()
     interval_steps = 0
     checked_num_visible = False
-    with SigtermFlag("SIGTERM received: saving a checkpoint before exiting") as preempt:
+    with (SigtermFlag("SIGTERM received: saving a checkpoint before exiting") as preempt,
+          program.mesh_context()):
         try:
             while step < sched.total_steps:
                 local = next(train_iter)

@@ -1,0 +1,624 @@
+"""Ahead-of-time compile of the pretraining step and the feature forward for a TPU topology,
+on a CPU host: memory, cost, collectives and a roofline estimate per chip.
+
+    python -m marlin_jax.aot --config=configs/vit_base.py --topology=v5p:2x2x1
+    python -m marlin_jax.aot --config=configs/vit_large.py --topology=v5e:2x2 --max_batch \\
+        --config.mesh.fsdp=4 --config.remat_policy=full
+
+Compiles exactly what the trainer runs (:func:`marlin_jax.train.program.build_program`) with the
+real TPU compiler (libtpu: ``pip install -e ".[tpu]"``) against abstract devices of the named
+slice (``jax.experimental.topologies``). Figures are per device (one device per chip on v5e,
+v5p and v6e). Step times and MFU are ESTIMATES from XLA's cost model and the chip's data sheet
+(a roofline: the slowest of compute, HBM traffic and interconnect traffic), not measurements.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from marlin_jax import sharding as shd
+from marlin_jax.train import program as prog
+
+GiB = 1024**3
+
+
+@dataclasses.dataclass(frozen=True)
+class ChipSpec:
+    """Data-sheet figures of one accelerator chip (dense bf16 peak, HBM, bandwidths)."""
+
+    name: str
+    peak_flops: float  # bf16 FLOP/s
+    hbm_bytes: float
+    hbm_bandwidth: float  # bytes/s
+    interconnect_bandwidth: float  # bytes/s per chip (ICI), all links
+
+
+# Google Cloud TPU system-architecture pages (per chip). device_kind -> spec.
+TPU_CHIPS: dict[str, ChipSpec] = {
+    "TPU v4": ChipSpec("TPU v4", 275e12, 32 * GiB, 1228e9, 300e9),
+    "TPU v5 lite": ChipSpec("TPU v5e", 197e12, 16 * GiB, 819e9, 200e9),
+    "TPU v5": ChipSpec("TPU v5p", 459e12, 95 * GiB, 2765e9, 600e9),
+    "TPU v6 lite": ChipSpec("TPU v6e (Trillium)", 918e12, 32 * GiB, 1640e9, 448e9),
+}
+TOPOLOGY_EXAMPLES = "v4:2x2x1, v5e:2x2, v5e:4x4, v5p:2x2x1, v5p:4x4x4, v6e:2x2"
+
+
+class AotError(ValueError):
+    """A topology, batch or mesh that cannot be compiled; the message says what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Abstract devices of a named slice and the chip they sit on."""
+
+    topology: str
+    devices: tuple[Any, ...]
+    chip: ChipSpec
+    devices_per_chip: int
+
+    @property
+    def num_chips(self) -> int:
+        return len(self.devices) // self.devices_per_chip
+
+    @property
+    def device_hbm(self) -> float:
+        return self.chip.hbm_bytes / self.devices_per_chip
+
+    @property
+    def device_peak(self) -> float:
+        return self.chip.peak_flops / self.devices_per_chip
+
+
+def _require_libtpu() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("libtpu") is None:
+        raise AotError('compiling for TPUs needs libtpu: pip install -e ".[tpu]" '
+                       f'(or pip install "jax[tpu]=={jax.__version__}")')
+
+
+def tpu_target(topology: str) -> Target:
+    """The abstract devices of a TPU slice named like ``v5p:2x2x1`` (a one-chip slice too)."""
+    if not re.fullmatch(r"v\d+[a-z]*(-\w+)?:\d+(x\d+){1,2}", topology):
+        raise AotError(f"--topology {topology!r} is not a TPU slice name of the form "
+                       f"<generation>:<chips grid>, e.g. {TOPOLOGY_EXAMPLES}")
+    _require_libtpu()
+    # Compiling needs no chip: let several processes (test workers, a training job) load libtpu.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies
+
+    dims = [int(d) for d in topology.split(":")[1].split("x")]
+    kwargs = {}
+    if math.prod(dims) == 1:  # a single chip is its own host
+        kwargs["chips_per_host_bounds"] = (1, 1, 1)
+    try:
+        devices = topologies.get_topology_desc(platform="tpu", topology_name=topology,
+                                               **kwargs).devices
+    except Exception as e:  # noqa: BLE001 - libtpu's errors are JaxRuntimeErrors with long texts
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AotError(f"--topology {topology!r}: the TPU compiler does not know this slice "
+                       f"({first}); names look like {TOPOLOGY_EXAMPLES}") from None
+    kind = devices[0].device_kind
+    if kind not in TPU_CHIPS:
+        raise AotError(f"--topology {topology!r}: no data sheet for {kind!r}; known chips: "
+                       f"{', '.join(TPU_CHIPS)}")
+    per_chip = Counter(tuple(getattr(d, "coords", (i,))) for i, d in enumerate(devices))
+    return Target(topology, tuple(devices), TPU_CHIPS[kind], max(per_chip.values()))
+
+
+# ----------------------------------------------------------------------------- HLO collectives
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2,
+                "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8,
+                "c64": 8, "c128": 16}
+_ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
+_COLLECTIVE = re.compile(r"\s(" + "|".join(COLLECTIVES) + r")(-start|-done)?\(")
+_CALLEE = re.compile(r"\b(calls|body|condition|to_apply)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+def shape_bytes(shape_text: str) -> int:
+    """Bytes of the arrays in an HLO shape (``bf16[8,128]{1,0}`` or a tuple of them)."""
+    total = 0
+    for dtype, dims in _ARRAY.findall(shape_text):
+        total += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+    return total
+
+
+_NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while",
+               "conditional", "call", "after-all", "partition-id", "replica-id", "opt-barrier",
+               "copy-done", "all-gather-done", "all-reduce-done", "collective-permute-done",
+               "async-done", "send-done", "recv-done"}
+
+
+@dataclasses.dataclass
+class _Instruction:
+    name: str
+    shape: str
+    opcode: str
+    operands: list[str]
+    line: str
+    root: bool
+
+
+def _parse_instruction(line: str) -> _Instruction | None:
+    """``%name = <shape> <opcode>(<operands>), attrs`` (the shape may be a tuple)."""
+    text = line.strip()
+    root = text.startswith("ROOT ")
+    if root:
+        text = text[5:]
+    if not text.startswith("%") or " = " not in text:
+        return None
+    name, rhs = text[1:].split(" = ", 1)
+    if rhs.startswith("("):  # tuple shape: up to the matching parenthesis
+        depth, end = 0, 0
+        while end < len(rhs):
+            depth += (rhs[end] == "(") - (rhs[end] == ")")
+            if depth == 0:
+                break
+            end += 1
+        shape, rest = rhs[:end + 1], rhs[end + 1:].lstrip()
+    else:
+        shape, _, rest = rhs.partition(" ")
+    opcode, paren, rest = rest.partition("(")
+    if not paren:
+        return None
+    operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+    return _Instruction(name, shape, opcode.strip(), operands, line, root)
+
+
+@dataclasses.dataclass(frozen=True)
+class HloSummary:
+    """Per-step figures read from a compiled module's text, with loop bodies counted as often
+    as they run (XLA's own ``cost_analysis`` counts a ``while`` body once)."""
+
+    collectives: dict[str, dict[str, float]]
+    bytes_accessed: float  # operands read + results written by every executed instruction
+    bytes_accessed_once: float  # the same with every loop body counted once (as XLA does)
+    loops: list[int]  # trip counts of the top-level loops
+    traffic_by_op: dict[str, float] = dataclasses.field(default_factory=dict)  # source op -> bytes
+
+
+def analyse_hlo(hlo_text: str) -> HloSummary:
+    """Collectives (count, result bytes per device) and HBM traffic of a compiled module.
+
+    Traffic counts each executed top-level instruction's operands and results (a fusion's
+    inside stays on chip), the usual roofline convention and that of XLA's cost analysis; ops
+    in a ``while`` body count ``trip count`` times (``known_trip_count``, or the bound of the
+    loop condition's ``i < constant`` compare, as ``lax.scan`` emits).
+    """
+    computations: dict[str, list[_Instruction]] = {}
+    entry = None
+    current = None
+    for line in hlo_text.splitlines():
+        if line and not line[0].isspace() and line.rstrip().endswith("{"):
+            head = line.split()
+            is_entry = head[0] == "ENTRY"
+            current = (head[1] if is_entry else head[0]).lstrip("%")
+            computations[current] = []
+            entry = current if is_entry else entry
+        elif line.rstrip() == "}":
+            current = None
+        elif current is not None:
+            inst = _parse_instruction(line)
+            if inst is not None:
+                computations[current].append(inst)
+    if entry is None:
+        return HloSummary({}, 0.0, 0.0, [])
+
+    def trip_count(inst: _Instruction) -> int:
+        known = _TRIP.search(inst.line)
+        if known:
+            return int(known.group(1))
+        cond = re.search(r"\bcondition=%?([\w.\-]+)", inst.line)
+        body = computations.get(cond.group(1), []) if cond else []
+        consts = [int(m.group(1)) for i in body if i.opcode == "constant" and i.shape.startswith("s32[]")
+                  for m in [re.search(r"constant\((\d+)\)", i.line)] if m]
+        compares = [i for i in body if i.opcode == "compare" and "direction=LT" in i.line]
+        return consts[0] if len(consts) == 1 and compares else 1
+
+    def is_reduce_scatter(comp: str) -> bool:
+        """TPU XLA writes a reduce-scatter as a fusion of an all-reduce and a dynamic-slice."""
+        insts = computations.get(comp, ())
+        return any(i.opcode == "all-reduce" for i in insts) and (
+            comp.startswith("all-reduce-scatter")
+            or any(i.root and i.opcode == "dynamic-slice" for i in insts))
+
+    totals = {kind: {"count": 0.0, "bytes": 0.0} for kind in COLLECTIVES}
+    by_op: Counter[str] = Counter()
+    traffic = traffic_once = 0.0
+    loops: list[int] = []
+
+    def visit(name: str, times: int, control: bool, depth: int = 0) -> None:
+        nonlocal traffic, traffic_once
+        if depth > 64:
+            return
+        shapes = {i.name: i.shape for i in computations.get(name, ())}
+        for inst in computations.get(name, ()):
+            op = _COLLECTIVE.search(" " + inst.opcode + "(")
+            if op and op.group(2) != "-start":
+                kind = totals[op.group(1)]
+                kind["count"] += times
+                kind["bytes"] += times * shape_bytes(inst.shape)
+            if control and inst.opcode not in _NO_TRAFFIC:
+                nbytes = shape_bytes(inst.shape) + sum(shape_bytes(shapes.get(o, "")) for o in inst.operands)
+                traffic += times * nbytes
+                traffic_once += nbytes
+                by_op[_source_op(inst.line)] += times * nbytes
+            n = trip_count(inst) if inst.opcode == "while" else 1
+            if inst.opcode == "while" and depth == 0:
+                loops.append(n)
+            for role, callee in _CALLEE.findall(inst.line):
+                if inst.opcode == "fusion" and is_reduce_scatter(callee):
+                    totals["reduce-scatter"]["count"] += times
+                    totals["reduce-scatter"]["bytes"] += times * shape_bytes(inst.shape)
+                    continue
+                if callee in computations:
+                    # fused computations and reducers run on chip: collectives only
+                    inner = control and (role in ("body", "condition") or inst.opcode in ("call", "async-start"))
+                    visit(callee, times * (n if role in ("body", "condition") else 1), inner, depth + 1)
+            for group in _BRANCHES.findall(inst.line):
+                for callee in re.findall(r"%?([\w.\-]+)", group):
+                    if callee in computations:
+                        visit(callee, times, control, depth + 1)
+
+    visit(entry, 1, True)
+    return HloSummary({k: v for k, v in totals.items() if v["count"]}, traffic, traffic_once, loops,
+                      dict(by_op.most_common()))
+
+
+def _source_op(line: str) -> str:
+    """The JAX operation an HLO instruction came from (its ``op_name`` without the jit and
+    transform wrappers), e.g. ``decoder/.../dot_general``; ``?`` without metadata."""
+    m = re.search(r'op_name="([^"]*)"', line)
+    if not m:
+        return "?"
+    parts = [p for p in m.group(1).split("/") if not p.startswith(("jit(", "jvp(", "transpose(",
+                                                                   "checkpoint", "while", "body",
+                                                                   "shard_map", "vmap("))]
+    backward = "transpose(" in m.group(1)
+    return ("bwd " if backward else "fwd ") + "/".join(parts[-2:])
+
+
+def interconnect_bytes(collectives: dict[str, dict[str, float]]) -> float:
+    """Bytes one device sends per step, roughly: a ring all-reduce sends its array twice
+    (reduce-scatter + all-gather), the other collectives about their array once."""
+    return sum((2 if kind == "all-reduce" else 1) * c["bytes"] for kind, c in collectives.items())
+
+
+# ----------------------------------------------------------------------------- compile + report
+
+
+@dataclasses.dataclass
+class CompileReport:
+    """Per-device figures of one compiled program (JSON-serialisable via ``asdict``)."""
+
+    what: str
+    global_batch: int
+    batch_per_device: float
+    compile_s: float
+    argument_bytes: float
+    output_bytes: float
+    alias_bytes: float
+    temp_bytes: float
+    total_bytes: float
+    hbm_bytes: float
+    fits: bool
+    xla_flops: float | None  # XLA's cost analysis (a while body counted once)
+    xla_bytes_accessed: float | None  # likewise
+    bytes_accessed: float  # XLA's figure with loop bodies times their trip counts
+    loops: list[int]
+    model_flops: float
+    collectives: dict[str, dict[str, float]]
+    compute_s: float
+    memory_s: float
+    interconnect_s: float
+    estimated_step_s: float
+    estimated_mfu: float
+    bound: str
+
+
+def _cost(compiled: Any) -> dict[str, float]:
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - compile-only executables may not report costs
+        return {}
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return dict(cost or {})
+
+
+def analyse(compiled: Any, target: Target, *, what: str, global_batch: int, batch_shards: int,
+            model_flops_per_device: float, compile_s: float) -> CompileReport:
+    """Memory, cost, collectives and the roofline estimate of one compiled executable."""
+    mem = compiled.memory_analysis()
+    args, out = float(mem.argument_size_in_bytes), float(mem.output_size_in_bytes)
+    alias, temp = float(mem.alias_size_in_bytes), float(mem.temp_size_in_bytes)
+    total = args + out - alias + temp + float(mem.generated_code_size_in_bytes)
+    cost = _cost(compiled)
+    xla_flops = float(cost["flops"]) if cost.get("flops", 0) > 0 else None
+    accessed = float(cost["bytes accessed"]) if cost.get("bytes accessed", 0) > 0 else None
+    hlo = analyse_hlo(compiled.as_text())
+    collectives = hlo.collectives
+    chip = target.chip
+    compute_s = max(xla_flops or 0.0, model_flops_per_device) / target.device_peak
+    # XLA's cost model, with every loop body counted as often as it runs: its own figure
+    # scaled by the module text's ratio of executed to counted-once traffic (1 without loops).
+    traffic = hlo.bytes_accessed if accessed is None or not hlo.bytes_accessed_once else (
+        accessed * hlo.bytes_accessed / hlo.bytes_accessed_once)
+    memory_s = traffic / (chip.hbm_bandwidth / target.devices_per_chip)
+    ici_s = interconnect_bytes(collectives) / (chip.interconnect_bandwidth / target.devices_per_chip)
+    bounds = {"compute": compute_s, "HBM bandwidth": memory_s, "interconnect": ici_s}
+    bound = max(bounds, key=bounds.get)
+    step_s = bounds[bound]
+    return CompileReport(
+        what=what, global_batch=global_batch, batch_per_device=global_batch / batch_shards,
+        compile_s=compile_s, argument_bytes=args, output_bytes=out, alias_bytes=alias,
+        temp_bytes=temp, total_bytes=total, hbm_bytes=target.device_hbm,
+        fits=total <= target.device_hbm, xla_flops=xla_flops, xla_bytes_accessed=accessed,
+        bytes_accessed=traffic, loops=hlo.loops,
+        model_flops=model_flops_per_device, collectives=collectives, compute_s=compute_s,
+        memory_s=memory_s, interconnect_s=ici_s, estimated_step_s=step_s,
+        estimated_mfu=model_flops_per_device / target.device_peak / step_s if step_s else 0.0,
+        bound=bound)
+
+
+_OOM = re.compile(r"RESOURCE_EXHAUSTED|[Oo]ut of memory|exceeds the memory|Ran out of memory")
+
+
+class DoesNotFitError(Exception):
+    """The compiler refused the program for lack of device memory."""
+
+
+def with_batch(config: ml_collections.ConfigDict, global_batch: int) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.global_batch_size = int(global_batch)
+    return c
+
+
+def compile_train_step(config: ml_collections.ConfigDict, target: Target
+                       ) -> tuple[prog.TrainProgram, Any, float]:
+    """(program, compiled executable, compile seconds) of the trainer's step for ``target``."""
+    mesh = shd.make_mesh(config.mesh.to_dict(), devices=target.devices)
+    program = prog.build_program(config, mesh, prog.schedule_from_config(config, None))
+    t0 = time.perf_counter()
+    try:
+        compiled = program.lower_train_step().compile()
+    except Exception as e:  # noqa: BLE001 - XLA reports OOM as a generic runtime error
+        if _OOM.search(str(e)):
+            raise DoesNotFitError(str(e).strip().splitlines()[0]) from None
+        raise
+    return program, compiled, time.perf_counter() - t0
+
+
+def report_train_step(config: ml_collections.ConfigDict, target: Target) -> CompileReport:
+    program, compiled, seconds = compile_train_step(config, target)
+    return analyse(compiled, target, what="train step (G + D)", global_batch=program.global_batch,
+                   batch_shards=shd.batch_divisor(program.mesh),
+                   model_flops_per_device=program.model_flops_per_step() / len(target.devices),
+                   compile_s=seconds)
+
+
+def report_features(config: ml_collections.ConfigDict, target: Target) -> CompileReport:
+    """The feature-extraction forward (``Marlin.extract_features``, mean-pooled) at the
+    config's global batch, parameters replicated, clips split over the mesh's batch axes."""
+    from flax import nnx
+
+    from marlin_jax.extract import Marlin
+    from marlin_jax.models import MarlinModel
+
+    mesh = shd.make_mesh(config.mesh.to_dict(), devices=target.devices)
+    platform = prog.mesh_platform(mesh)
+    cfg = prog.model_config(config)
+    batch = int(config.global_batch_size)
+    prog.check_batch(batch, mesh)
+    model = nnx.eval_shape(lambda: MarlinModel(
+        cfg, rngs=nnx.Rngs(0), with_decoder=False, dtype=prog.compute_dtype(config.compute_dtype, platform),
+        attention_impl=prog.attention_impl(config.attention_impl, platform)))
+    marlin = Marlin(model)
+    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shd.replicated(mesh)),
+                         marlin._encoder_state)
+    clips = jax.ShapeDtypeStruct((batch, cfg.n_frames, cfg.img_size, cfg.img_size, cfg.in_channels),
+                                 jnp.uint8, sharding=shd.batch_sharding(mesh, 5))
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh):
+        compiled = marlin.lower_features(clips, keep_seq=False, state=state).compile()
+    seconds = time.perf_counter() - t0
+    flops = batch * prog.encoder_forward_flops(cfg) / len(target.devices)
+    return analyse(compiled, target, what="feature forward", global_batch=batch,
+                   batch_shards=shd.batch_divisor(mesh), model_flops_per_device=flops,
+                   compile_s=seconds)
+
+
+def find_max_batch(config: ml_collections.ConfigDict, target: Target, *, max_compiles: int = 8,
+                   log=print) -> tuple[int, CompileReport | None, list[tuple[int, float | None]]]:
+    """The largest batch per batch shard (clips per device on a data/fsdp mesh) whose train
+    step fits in HBM, starting from the config's batch.
+
+    Memory is about linear in the batch: with one measurement the next guess extrapolates from
+    the batch-independent arguments (parameters, optimiser state) through it; with more, from
+    the line through the two largest measurements; guesses stay inside the bracket
+    (largest that fits, smallest that does not). Returns (batch, report at it, history of
+    (batch, total bytes or None when the compiler refused it)).
+    """
+    mesh = shd.make_mesh(config.mesh.to_dict(), devices=target.devices)
+    shards = shd.batch_divisor(mesh)
+    hbm = target.device_hbm
+    tried: dict[int, CompileReport | None] = {}
+    lo, hi = 0, None  # largest batch that fits, smallest that does not
+    b = max(1, int(config.global_batch_size) // shards)
+    for _ in range(max_compiles):
+        try:
+            rep = report_train_step(with_batch(config, b * shards), target)
+            log(f"  batch {b}/shard: {_gib(rep.total_bytes)} of {_gib(hbm)} "
+                f"({'fits' if rep.fits else 'does not fit'}; compiled in {rep.compile_s:.0f}s)")
+        except DoesNotFitError as e:
+            rep = None
+            log(f"  batch {b}/shard: refused by the compiler ({e})")
+        tried[b] = rep
+        if rep is not None and rep.fits:
+            lo = max(lo, b)
+        else:
+            hi = b if hi is None else min(hi, b)
+        if hi is not None and hi <= lo + 1:
+            break
+        measured = sorted((x, r) for x, r in tried.items() if r is not None)
+        if len(measured) >= 2:
+            (b1, r1), (b2, r2) = measured[-2:]
+            slope = (r2.total_bytes - r1.total_bytes) / (b2 - b1)
+            guess = b2 + (hbm - r2.total_bytes) / slope if slope > 0 else 2 * b2
+        elif measured:
+            (b1, r1), = measured
+            per_clip = (r1.total_bytes - r1.argument_bytes) / b1
+            guess = (hbm - r1.argument_bytes) / per_clip if per_clip > 0 else 2 * b1
+        else:
+            guess = b // 2
+        guess = int(math.floor(guess))
+        upper = hi - 1 if hi is not None else max(guess, lo + 1)
+        guess = min(max(guess, lo + 1), upper)
+        if guess in tried:
+            guess = (lo + upper + 1) // 2
+        if guess in tried or guess < 1:
+            break
+        b = guess
+    history = [(x, None if r is None else r.total_bytes) for x, r in sorted(tried.items())]
+    return lo, tried.get(lo), history
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def _gib(x: float) -> str:
+    return f"{x / GiB:.2f} GiB"
+
+
+def format_report(rep: CompileReport, target: Target) -> str:
+    margin = rep.hbm_bytes - rep.total_bytes
+    lines = [
+        f"{rep.what}: global batch {rep.global_batch} ({rep.batch_per_device:g} clips per batch "
+        f"shard), compiled in {rep.compile_s:.1f}s",
+        f"  memory per device: arguments {_gib(rep.argument_bytes)}, temporaries "
+        f"{_gib(rep.temp_bytes)}, outputs {_gib(rep.output_bytes)} (aliased {_gib(rep.alias_bytes)})"
+        f" -> {_gib(rep.total_bytes)} of {_gib(rep.hbm_bytes)} HBM: "
+        + (f"fits, {_gib(margin)} to spare" if rep.fits else f"DOES NOT FIT by {_gib(-margin)}"),
+        f"  FLOPs per device: model {rep.model_flops / 1e12:.3f} T"
+        + (f", XLA cost analysis {rep.xla_flops / 1e12:.3f} T" if rep.xla_flops else "")
+        + f"; HBM traffic {_gib(rep.bytes_accessed)}"
+        + (f" (XLA cost analysis {_gib(rep.xla_bytes_accessed)} counts each of the "
+           f"{len(rep.loops)} loops' body once; scaled by the trip counts {rep.loops})"
+           if rep.loops and rep.xla_bytes_accessed else ""),
+        "  collectives per step: " + (", ".join(
+            f"{kind} x{c['count']:.0f} ({_gib(c['bytes'])})" for kind, c in rep.collectives.items())
+            or "none"),
+        f"  roofline (estimate from XLA's cost model and the {target.chip.name} data sheet): "
+        f"compute {1e3 * rep.compute_s:.1f} ms, HBM {1e3 * rep.memory_s:.1f} ms, interconnect "
+        f"{1e3 * rep.interconnect_s:.1f} ms -> {rep.bound}-bound, step >= "
+        f"{1e3 * rep.estimated_step_s:.1f} ms",
+        f"  estimated MFU: {100 * rep.estimated_mfu:.1f} %",
+    ]
+    return "\n".join(lines)
+
+
+def run(config: ml_collections.ConfigDict, topology: str, *, max_batch: bool = False,
+        features: bool = True, report_path: str | None = None, log=print) -> dict[str, Any]:
+    """Compiles and reports; returns the JSON-able report (also written to ``report_path``)."""
+    target = tpu_target(topology)
+    mesh = shd.make_mesh(config.mesh.to_dict(), devices=target.devices)
+    platform = prog.mesh_platform(mesh)
+    log(f"marlin-jax aot: {topology} = {target.num_chips} x {target.chip.name} "
+        f"({len(target.devices)} devices, {_gib(target.device_hbm)} HBM and "
+        f"{target.device_peak / 1e12:.0f} TFLOP/s bf16 each), mesh {dict(mesh.shape)}; model "
+        f"{config.model.name}, {config.data.clip_frames}x{config.data.img_size}^2 clips, "
+        f"{jnp.dtype(prog.compute_dtype(config.compute_dtype, platform)).name} compute, attention "
+        f"{prog.attention_impl(config.attention_impl, platform) or 'xla'}, scan_layers "
+        f"{config.scan_layers}, remat {config.remat_policy}")
+    out: dict[str, Any] = {
+        "topology": topology, "chip": dataclasses.asdict(target.chip),
+        "devices": len(target.devices), "devices_per_chip": target.devices_per_chip,
+        "mesh": dict(mesh.shape), "config": json.loads(config.to_json_best_effort()),
+        "jax": jax.__version__,
+    }
+    if max_batch:
+        log("searching the largest batch per device that fits:")
+        best, step, history = find_max_batch(config, target, log=log)
+        out["max_batch"] = {"batch_per_device": best, "tried": history}
+        if step is None:
+            raise AotError(f"not even 1 clip per batch shard fits on {topology} (mesh "
+                           f"{dict(mesh.shape)}): use remat, FSDP or a larger slice")
+        log(f"largest batch per device that fits: {best}")
+    else:
+        try:
+            step = report_train_step(config, target)
+        except DoesNotFitError as e:
+            raise AotError(f"the train step at global batch {config.global_batch_size} does not "
+                           f"fit {topology}: {e}; try --max_batch, remat or FSDP") from None
+    log(format_report(step, target))
+    out["train_step"] = dataclasses.asdict(step)
+    if features:
+        feat = report_features(with_batch(config, step.global_batch), target)
+        log(format_report(feat, target))
+        clips_s = feat.global_batch / len(target.devices) / feat.estimated_step_s
+        log(f"  estimated feature throughput: {clips_s:.0f} clips/s per device")
+        out["features"] = dataclasses.asdict(feat)
+    if report_path:
+        os.makedirs(os.path.dirname(os.path.abspath(report_path)), exist_ok=True)
+        with open(report_path, "w", encoding="utf-8") as f:
+            json.dump(out, f, indent=2, default=float)
+        log(f"report written to {report_path}")
+    return out
+
+
+def main(argv: Sequence[str]) -> None:
+    from absl import flags
+    from ml_collections import config_flags
+
+    if len(argv) > 1:
+        raise SystemExit(f"unexpected arguments: {' '.join(argv[1:])}")
+    f = flags.FLAGS
+    if f.config is None or not f.topology:
+        raise SystemExit("--config and --topology are required, e.g. python -m marlin_jax.aot "
+                         "--config=configs/vit_base.py --topology=v5p:2x2x1")
+    jax.config.update("jax_platforms", os.environ.get("JAX_PLATFORMS") or "cpu")  # host backend
+    name = os.path.splitext(os.path.basename(config_flags.get_config_filename(f["config"])))[0]
+    report = f.report or f"aot_{name}_{f.topology.replace(':', '_')}.json"
+    try:
+        run(f.config, f.topology, max_batch=f.max_batch, features=not f.skip_features,
+            report_path=report)
+    except AotError as e:
+        print(f"marlin-jax aot: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def _define_flags() -> None:
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "ml_collections config file, e.g. "
+                                    "configs/vit_base.py", lock_config=True)
+    flags.DEFINE_string("topology", None, f"TPU slice, e.g. {TOPOLOGY_EXAMPLES}")
+    flags.DEFINE_bool("max_batch", False, "find the largest batch per device that fits, and "
+                      "report at it")
+    flags.DEFINE_bool("skip_features", False, "do not compile the feature-extraction forward")
+    flags.DEFINE_string("report", None, "JSON report path (default aot_<config>_<topology>.json)")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)

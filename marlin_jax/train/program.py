@@ -1,0 +1,252 @@
+"""The compiled pretraining program: model graph, optimisers, shardings and the jitted steps.
+
+Built by ONE function, :func:`build_program`, for both the trainer (which runs it) and the
+ahead-of-time tool ``python -m marlin_jax.aot`` (which compiles it for a TPU/GPU topology on a
+CPU host and reports memory and cost): what the tool measures is what the trainer would run.
+Everything here depends only on the config, the mesh and the schedule, never on data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import Mesh
+
+from marlin_jax import sharding as shd
+from marlin_jax.models import MarlinConfig, config_from_mapping
+from marlin_jax.train import state as st
+from marlin_jax.train import steps
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """Steps and learning rates of a run (lr already scaled by the global batch)."""
+
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    base_lr: float
+    min_lr: float
+
+
+def schedule_from_config(config: ml_collections.ConfigDict, train_size: int | None) -> Schedule:
+    """Epochs -> steps and lr scaled by global_batch / 256. ``train_size``: clips in the train
+    split, needed only when ``config.steps_per_epoch <= 0`` (None there: one step per epoch, as
+    for an ahead-of-time compile, where the schedule's values do not change the program)."""
+    batch = int(config.global_batch_size)
+    steps_per_epoch = int(config.steps_per_epoch)
+    if steps_per_epoch <= 0:
+        steps_per_epoch = 1 if train_size is None else max(1, train_size // batch)
+    total = int(config.num_train_steps)
+    if total <= 0:
+        total = int(config.num_epochs * steps_per_epoch)
+    total = max(total, 1)
+    warmup = int(config.lr.warmup_steps)
+    if warmup < 0:
+        warmup = int(round(config.lr.warmup_epochs * steps_per_epoch))
+    scale = batch / 256.0 if config.lr.scale_with_batch else 1.0
+    return Schedule(steps_per_epoch, total, min(warmup, total), config.lr.base * scale,
+                    config.lr.min * scale)
+
+
+def model_config(config: ml_collections.ConfigDict) -> MarlinConfig:
+    """The MarlinConfig: ``config.model.name`` + non-None overrides + the data's clip geometry."""
+    values = {k: v for k, v in config.model.to_dict().items() if v is not None}
+    d = config.data
+    values.update(img_size=d.img_size, n_frames=d.clip_frames, patch_size=d.patch_size,
+                  tubelet_size=d.tubelet_size)
+    return config_from_mapping(values)
+
+
+def mesh_platform(mesh: Mesh) -> str:
+    """``cpu`` / ``gpu`` / ``tpu`` of the mesh's devices (abstract topology devices included)."""
+    platform = mesh.devices.flat[0].platform.lower()
+    return "gpu" if platform in ("cuda", "rocm", "gpu") else platform
+
+
+def compute_dtype(name: str, platform: str) -> Any:
+    """``auto`` = bfloat16 on GPU/TPU, float32 on CPU."""
+    if name == "auto":
+        return jnp.float32 if platform == "cpu" else jnp.bfloat16
+    try:
+        return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+    except KeyError:
+        raise ValueError(f"config.compute_dtype must be auto|float32|bfloat16, got {name!r}") from None
+
+
+def attention_impl(name: str, platform: str) -> str | None:
+    """``""`` / ``auto`` = splash (Pallas) on TPU, cuDNN flash attention on GPU, batched XLA
+    softmax on CPU; any other value is used as given."""
+    if name in ("", "auto"):
+        return {"tpu": "splash", "gpu": "cudnn"}.get(platform)
+    return name
+
+
+def num_visible_tokens(model_cfg: MarlinConfig, mask_ratio: float) -> int:
+    """Visible tokens per clip, as the masking code: ``int(N * (1 - mask_ratio))``."""
+    return int(model_cfg.num_tokens * (1 - mask_ratio))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainProgram:
+    """What the trainer runs: the task, the abstract sharded state and batch, the jitted steps.
+
+    ``abstract_state`` / ``abstract_batch`` are ``jax.ShapeDtypeStruct`` pytrees that carry their
+    shardings (restore targets and lowering arguments). Trace and lower inside
+    :meth:`mesh_context` (Pallas attention is wrapped in ``shard_map`` over the context mesh).
+    """
+
+    config: ml_collections.ConfigDict
+    model_cfg: MarlinConfig
+    mesh: Mesh
+    platform: str
+    dtype: Any
+    attention_impl: str | None
+    global_batch: int
+    num_visible: int
+    task: steps.Task
+    init_fn: Callable[[], st.TrainState]
+    abstract_state: st.TrainState
+    state_shardings: Any
+    batch_shardings: dict[str, Any]
+    abstract_batch: dict[str, jax.ShapeDtypeStruct]
+    train_step: Callable[..., Any]
+    eval_step: Callable[..., Any]
+
+    @contextlib.contextmanager
+    def mesh_context(self) -> Iterator[None]:
+        with jax.set_mesh(self.mesh):
+            yield
+
+    def lower_train_step(self) -> Any:
+        """``jax.stages.Lowered`` of the train step on the abstract state and batch."""
+        with self.mesh_context():
+            return self.train_step.lower(self.abstract_state, self.abstract_batch)
+
+    def model_flops_per_step(self) -> float:
+        """Model FLOPs of one train step over the global batch (see :func:`train_step_flops`)."""
+        return train_step_flops(self.model_cfg, self.global_batch, self.num_visible,
+                                d_steps=self.task.step.d_steps, g_steps=self.task.step.g_steps,
+                                gp=self.task.step.gp_weight > 0)
+
+
+def check_batch(global_batch: int, mesh: Mesh, process_count: int = 1) -> None:
+    """The global batch must split evenly over the mesh's batch shards and the processes."""
+    shards = shd.batch_divisor(mesh)
+    if global_batch <= 0 or global_batch % shards or global_batch % process_count:
+        raise ValueError(f"global_batch_size {global_batch} must be a positive multiple of the "
+                         f"batch shards {shards} (mesh {dict(mesh.shape)}: data x fsdp) and of "
+                         f"{process_count} processes")
+
+
+def build_program(config: ml_collections.ConfigDict, mesh: Mesh, schedule: Schedule,
+                  process_count: int = 1) -> TrainProgram:
+    """The pretraining program of ``config`` on ``mesh`` (real or abstract topology devices)."""
+    platform = mesh_platform(mesh)
+    model_cfg = model_config(config)
+    dtype = compute_dtype(config.compute_dtype, platform)
+    impl = attention_impl(config.attention_impl, platform)
+    batch = int(config.global_batch_size)
+    check_batch(batch, mesh, process_count)
+    k = num_visible_tokens(model_cfg, config.data.mask_ratio)
+
+    opt = config.optimizer
+    def optimizer():
+        return st.make_optimizer(b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+                                 grad_clip=opt.grad_clip)
+    g_tx, d_tx = optimizer(), optimizer()
+    per = schedule.steps_per_epoch if config.lr.per_epoch else 1
+    lr = st.lr_schedule(schedule.base_lr, schedule.min_lr, schedule.warmup_steps,
+                        schedule.total_steps, per)
+
+    def init_fn() -> st.TrainState:
+        return st.init_train_state(model_cfg, g_tx, d_tx, config.seed,
+                                   scan_layers=config.scan_layers)
+
+    abstract = jax.eval_shape(init_fn)
+    state_shardings = shd.tree_shardings(abstract, mesh)
+    task = steps.Task(
+        model=st.build_model_def(model_cfg, dtype=dtype, remat_policy=config.remat_policy,
+                                 scan_layers=config.scan_layers, attention_impl=impl),
+        g_tx=g_tx, d_tx=d_tx, g_schedule=lr, d_schedule=lr,
+        step=steps.StepConfig(num_visible=k, adv_weight=config.adv_weight,
+                              gp_weight=config.gp_weight, d_steps=config.d_steps,
+                              g_steps=config.g_steps),
+        grad_shardings=(state_shardings.g_params, state_shardings.d_params))
+    abstract_state = shd.abstract_with_shardings(abstract, mesh)
+    batch_shardings = {"video": shd.batch_sharding(mesh, 5), "mask": shd.batch_sharding(mesh, 2)}
+    t, s, c = model_cfg.n_frames, model_cfg.img_size, model_cfg.in_channels
+    abstract_batch = {
+        "video": jax.ShapeDtypeStruct((batch, t, s, s, c), jnp.uint8,
+                                      sharding=batch_shardings["video"]),
+        "mask": jax.ShapeDtypeStruct((batch, model_cfg.num_tokens), jnp.bool_,
+                                     sharding=batch_shardings["mask"]),
+    }
+    repl = shd.replicated(mesh)
+    return TrainProgram(
+        config=config, model_cfg=model_cfg, mesh=mesh, platform=platform, dtype=dtype,
+        attention_impl=impl, global_batch=batch, num_visible=k, task=task, init_fn=init_fn,
+        abstract_state=abstract_state, state_shardings=state_shardings,
+        batch_shardings=batch_shardings, abstract_batch=abstract_batch,
+        train_step=steps.jit_train_step(task, state_shardings, batch_shardings, repl),
+        eval_step=steps.jit_eval_step(task, state_shardings, batch_shardings, repl))
+
+
+# ----------------------------------------------------------------------------- model FLOPs
+
+
+def _transformer_flops(tokens: int, dim: int, depth: int, mlp_ratio: float) -> float:
+    """Forward matmul FLOPs of ``depth`` ViT blocks over ``tokens`` tokens of width ``dim``
+    (qkv, q k^T, p v, proj, fc1, fc2; one multiply-add = 2 FLOPs)."""
+    hidden = int(dim * mlp_ratio)
+    per_block = (2 * tokens * dim * 3 * dim + 2 * 2 * tokens * tokens * dim
+                 + 2 * tokens * dim * dim + 2 * 2 * tokens * dim * hidden)
+    return float(depth * per_block)
+
+
+def generator_forward_flops(cfg: MarlinConfig, num_visible: int) -> float:
+    """Forward FLOPs of encoder + projection + decoder for one clip with ``num_visible`` of
+    ``N`` tokens visible (the patch embedding runs on all ``N`` tokens, as in the model)."""
+    n, k, d, dd = cfg.num_tokens, num_visible, cfg.encoder_embed_dim, cfg.decoder_embed_dim
+    flops = 2.0 * n * cfg.patch_dim * d
+    flops += _transformer_flops(k, d, cfg.encoder_depth, cfg.mlp_ratio)
+    flops += 2.0 * k * d * dd
+    flops += _transformer_flops(n, dd, cfg.decoder_depth, cfg.mlp_ratio)
+    flops += 2.0 * (n - k) * dd * cfg.patch_dim
+    return flops
+
+
+def critic_forward_flops(cfg: MarlinConfig, tokens: int) -> float:
+    """Forward FLOPs of the patch critic over ``tokens`` patches."""
+    return 2.0 * tokens * (cfg.patch_dim * cfg.discriminator_hidden + cfg.discriminator_hidden)
+
+
+def train_step_flops(cfg: MarlinConfig, batch: int, num_visible: int, *, d_steps: int = 1,
+                     g_steps: int = 1, gp: bool = False) -> float:
+    """Model FLOPs of one train step (the MFU numerator; recomputation by remat not counted).
+
+    A backward pass costs 2x its forward. Per clip: each G update = generator forward +
+    backward (3x) + the critic on the prediction, forward and input-gradient (~3x, counted
+    like a full backward); each D update = critic on fake and real, forward + backward (2 x
+    3x), plus with the gradient penalty a double backward of the critic on the interpolates
+    (counted as 3 more critic passes). The step's first G forward is shared with the D
+    updates, as in :func:`steps.train_step`.
+    """
+    masked = cfg.num_tokens - num_visible
+    gen = generator_forward_flops(cfg, num_visible)
+    critic = critic_forward_flops(cfg, masked)
+    per_d = 2 * 3 * critic + (3 * 3 * critic if gp else 0)
+    per_g = 3 * gen + 3 * critic
+    return float(batch * (d_steps * per_d + g_steps * per_g))
+
+
+def encoder_forward_flops(cfg: MarlinConfig) -> float:
+    """Forward FLOPs of feature extraction for one clip (all ``N`` tokens through the encoder)."""
+    n, d = cfg.num_tokens, cfg.encoder_embed_dim
+    return 2.0 * n * cfg.patch_dim * d + _transformer_flops(n, d, cfg.encoder_depth, cfg.mlp_ratio)

@@ -1,0 +1,94 @@
+"""The README's accelerator table: ahead-of-time compiles of the pretraining step for TPU slices.
+
+    JAX_PLATFORMS=cpu python scripts/aot_table.py --models small,base,large \\
+        --topologies v5e:2x2,v5p:2x2x1 --variants after --out aot_table.md
+
+Each row is ``marlin_jax.aot.run(..., max_batch=True)`` for one model x slice x variant:
+``before`` = unrolled blocks, batched XLA attention, no remat (the trainer as of 2026-12-01);
+``after`` = scanned blocks and splash attention, with remat only where the model does not fit
+otherwise (``full``), FSDP over the slice when the parameters would not fit replicated. Step time
+and MFU are estimates from XLA's cost model (see marlin_jax/aot.py), not measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+from marlin_jax import aot  # noqa: E402
+
+VARIANTS = {
+    "before": {"scan_layers": False, "attention_impl": "xla", "remat_policy": "none"},
+    "after": {"scan_layers": True, "attention_impl": "", "remat_policy": "none"},
+    "after_remat": {"scan_layers": True, "attention_impl": "", "remat_policy": "full"},
+}
+
+
+def config_for(model: str, variant: str, topology: str, per_device_batch: int, fsdp: bool):
+    from configs import vit_base, vit_large, vit_small
+
+    module = {"small": vit_small, "base": vit_base, "large": vit_large}[model]
+    c = module.get_config()
+    c.compute_dtype = "bfloat16"
+    for key, value in VARIANTS[variant].items():
+        c[key] = value
+    target = aot.tpu_target(topology)
+    n = len(target.devices)
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = (1, n, 1) if fsdp else (n, 1, 1)
+    c.global_batch_size = per_device_batch * n
+    return c
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="small,base,large")
+    ap.add_argument("--topologies", default="v5e:2x2,v5p:2x2x1")
+    ap.add_argument("--variants", default="before,after")
+    ap.add_argument("--start_batch", type=int, default=16, help="first per-device batch tried")
+    ap.add_argument("--fsdp", action="store_true", help="shard parameters over the slice (FSDP)")
+    ap.add_argument("--out", default="aot_table.md")
+    ap.add_argument("--json", default="aot_table.json")
+    args = ap.parse_args()
+    jax.config.update("jax_platforms", "cpu")
+    rows, records = [], []
+    for model in args.models.split(","):
+        for topology in args.topologies.split(","):
+            for variant in args.variants.split(","):
+                config = config_for(model, variant, topology, args.start_batch, args.fsdp)
+                print(f"== ViT-{model[0].upper()} {topology} {variant}", flush=True)
+                t0 = time.perf_counter()
+                try:
+                    out = aot.run(config, topology, max_batch=True, features=False)
+                except aot.AotError as e:
+                    print(f"   {e}", flush=True)
+                    rows.append(f"| ViT-{model[0].upper()} | {topology} | {variant} | does not fit "
+                                "| | | | |")
+                    continue
+                step = out["train_step"]
+                records.append({"model": model, "topology": topology, "variant": variant, **out})
+                rows.append(
+                    f"| ViT-{model[0].upper()} | {topology} | {variant} "
+                    f"| {out['max_batch']['batch_per_device']} "
+                    f"| {step['total_bytes'] / aot.GiB:.1f} / {step['hbm_bytes'] / aot.GiB:.0f} "
+                    f"| {step['compile_s']:.0f} s | {1e3 * step['estimated_step_s']:.0f} ms "
+                    f"| {100 * step['estimated_mfu']:.1f} % |")
+                print(f"   {time.perf_counter() - t0:.0f} s for this row", flush=True)
+                with open(args.json, "w", encoding="utf-8") as f:
+                    json.dump(records, f, indent=1, default=float)
+    header = ("| model | slice | variant | max clips / chip | memory GiB (of HBM) | compile "
+              "| est. step | est. MFU |\n|---|---|---|---|---|---|---|---|")
+    table = header + "\n" + "\n".join(rows)
+    with open(args.out, "w", encoding="utf-8") as f:
+        f.write(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
