@@ -239,6 +239,28 @@ def analyse_hlo(hlo_text: str) -> HloSummary:
             comp.startswith("all-reduce-scatter")
             or any(i.root and i.opcode == "dynamic-slice" for i in insts))
 
+    def in_place_savings(inst: _Instruction, shapes: dict[str, str]) -> int:
+        """A dynamic-update-slice (alone, or as a fusion's root) updates its buffer in place:
+        only the update is read and written, not the whole buffer (e.g. a scan storing one
+        layer's activations into the stacked residuals)."""
+        if inst.opcode == "dynamic-update-slice" and len(inst.operands) > 1:
+            updates, scope = [inst], shapes
+        elif inst.opcode == "fusion":
+            callee = re.search(r"\bcalls=%?([\w.\-]+)", inst.line)
+            body = computations.get(callee.group(1), []) if callee else []
+            scope = {i.name: i.shape for i in body}
+            by_name = {i.name: i for i in body}
+            roots = [i for i in body if i.root]
+            updates = [i for i in roots if i.opcode == "dynamic-update-slice"]
+            for root in roots:
+                if root.opcode == "tuple":
+                    updates += [by_name[o] for o in root.operands
+                                if o in by_name and by_name[o].opcode == "dynamic-update-slice"]
+        else:
+            return 0
+        return sum(2 * (shape_bytes(u.shape) - shape_bytes(scope.get(u.operands[1], "")))
+                   for u in updates if len(u.operands) > 1)
+
     totals = {kind: {"count": 0.0, "bytes": 0.0} for kind in COLLECTIVES}
     by_op: Counter[str] = Counter()
     traffic = traffic_once = 0.0
@@ -257,6 +279,7 @@ def analyse_hlo(hlo_text: str) -> HloSummary:
                 kind["bytes"] += times * shape_bytes(inst.shape)
             if control and inst.opcode not in _NO_TRAFFIC:
                 nbytes = shape_bytes(inst.shape) + sum(shape_bytes(shapes.get(o, "")) for o in inst.operands)
+                nbytes -= in_place_savings(inst, shapes)
                 traffic += times * nbytes
                 traffic_once += nbytes
                 by_op[_source_op(inst.line)] += times * nbytes
@@ -323,6 +346,7 @@ class CompileReport:
     xla_bytes_accessed: float | None  # likewise
     bytes_accessed: float  # XLA's figure with loop bodies times their trip counts
     loops: list[int]
+    traffic_top: list[tuple[str, float]]  # the source ops moving the most bytes (executed)
     model_flops: float
     collectives: dict[str, dict[str, float]]
     compute_s: float
@@ -372,6 +396,7 @@ def analyse(compiled: Any, target: Target, *, what: str, global_batch: int, batc
         temp_bytes=temp, total_bytes=total, hbm_bytes=target.device_hbm,
         fits=total <= target.device_hbm, xla_flops=xla_flops, xla_bytes_accessed=accessed,
         bytes_accessed=traffic, loops=hlo.loops,
+        traffic_top=list(hlo.traffic_by_op.items())[:5],
         model_flops=model_flops_per_device, collectives=collectives, compute_s=compute_s,
         memory_s=memory_s, interconnect_s=ici_s, estimated_step_s=step_s,
         estimated_mfu=model_flops_per_device / target.device_peak / step_s if step_s else 0.0,
@@ -522,6 +547,8 @@ def format_report(rep: CompileReport, target: Target) -> str:
         + (f" (XLA cost analysis {_gib(rep.xla_bytes_accessed)} counts each of the "
            f"{len(rep.loops)} loops' body once; scaled by the trip counts {rep.loops})"
            if rep.loops and rep.xla_bytes_accessed else ""),
+        "  largest HBM traffic (module text): " + ", ".join(
+            f"{name} {_gib(b)}" for name, b in rep.traffic_top[:3]),
         "  collectives per step: " + (", ".join(
             f"{kind} x{c['count']:.0f} ({_gib(c['bytes'])})" for kind, c in rep.collectives.items())
             or "none"),

@@ -81,6 +81,7 @@ def test_analyse_hlo_counts_loop_bodies_and_tpu_reduce_scatters():
     # condition compares two s32 into a pred.
     per_iteration = 4 * (4 * 128 + 8 * 128) * 2 + 9
     assert summary.bytes_accessed == 2 * (8 * 128 + 4 * 128) + 12 * per_iteration
+    assert summary.bytes_accessed_once == 2 * (8 * 128 + 4 * 128) + per_iteration  # as XLA counts
     assert aot.shape_bytes("(bf16[2,3]{1,0:T(8,128)(2,1)}, f32[4]{0}, pred[])") == 12 + 16 + 1
 
 
@@ -101,7 +102,8 @@ def test_max_batch_search_brackets_the_largest_fitting_batch(monkeypatch):
             what="step", global_batch=b, batch_per_device=b, compile_s=0.0,
             argument_bytes=2 * aot.GiB, output_bytes=0.0, alias_bytes=0.0, temp_bytes=total - 2 * aot.GiB,
             total_bytes=total, hbm_bytes=target.device_hbm, fits=total <= target.device_hbm,
-            xla_flops=None, xla_bytes_accessed=None, bytes_accessed=0.0, loops=[], model_flops=1.0,
+            xla_flops=None, xla_bytes_accessed=None, bytes_accessed=0.0, loops=[], traffic_top=[],
+            model_flops=1.0,
             collectives={}, compute_s=1.0, memory_s=0.0, interconnect_s=0.0, estimated_step_s=1.0,
             estimated_mfu=0.5, bound="compute")
 
