@@ -167,10 +167,11 @@ class Marlin:
         (about 2x faster on CPUs with bf16 units; features differ by ~1e-2 relative);
         ``dtype="bfloat16"`` keeps activations in bf16 too (GPU/TPU). ``attention_impl``: ``"auto"``
         picks ``"per_head"`` on CPU (one head at a time, cache-resident scores: ~2x faster CPU
-        attention) and ``"xla"`` (batched) elsewhere; ``"cudnn"`` is the fused GPU kernel.
+        attention), ``"splash"`` on TPU, ``"cudnn"`` on GPU with 16-bit ``dtype`` and ``"xla"``
+        (batched) otherwise (see :func:`resolve_attention_impl`).
         """
         config = get_config(model_name)
-        model_kwargs = {"dtype": jnp.dtype(dtype), "attention_impl": resolve_attention_impl(attention_impl),
+        model_kwargs = {"dtype": jnp.dtype(dtype), "attention_impl": resolve_attention_impl(attention_impl, dtype),
                         "matmul_dtype": None if matmul_dtype is None else jnp.dtype(matmul_dtype)}
         if Path(path).is_dir():
             saved = read_config_file(path)
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=4, help="windows per jitted call")
     parser.add_argument("--matmul_dtype", choices=["bfloat16"], default=None,
                         help="bf16 matmul operands with float32 accumulation (faster, ~1e-2 rel. error)")
-    parser.add_argument("--attention_impl", choices=["auto", "xla", "per_head", "cudnn"], default="auto",
+    parser.add_argument("--attention_impl", choices=["auto", "xla", "per_head", "cudnn", "splash"], default="auto",
                         help="auto: per_head on CPU (cache-friendly), xla elsewhere; cudnn: fused GPU attention")
     parser.add_argument("--overwrite", action="store_true", help="recompute existing .npy files")
     args = parser.parse_args(argv)
