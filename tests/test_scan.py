@@ -306,6 +306,8 @@ def test_scanned_trainer_run_resumes_and_its_workdir_is_a_checkpoint(tmp_path, c
     assert {k for k in state_dict if k.startswith("encoder.blocks.")} >= {
         "encoder.blocks.0.norm1.weight", "encoder.blocks.1.norm1.weight"}
     assert not any(re.match(r"encoder\.blocks\.[a-z]", k) for k in state_dict)
+    with pytest.raises(ValueError, match="does not fit this run's train state .scan_layers=False"):
+        train_and_evaluate(_trainer_config(num_epochs=3, scan_layers=False), str(workdir))
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["looped", "scanned"])

@@ -210,7 +210,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     latest = ckpt.latest_step()
     if latest is not None:
         say("resuming from %s step %d", ckpt.directory, latest)
-        state = ckpt.restore(latest, abstract_state, train_iter)
+        try:
+            state = ckpt.restore(latest, abstract_state, train_iter)
+        except ValueError as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise ValueError(
+                f"{ckpt.directory}: step {latest} does not fit this run's train state "
+                f"(scan_layers={config.scan_layers}, model {config.model.name}). It was written "
+                "with another layout: another scan_layers, or before the per-head (D, 3, H, hd) "
+                "qkv kernel (read such a workdir as weights with init_from=<workdir> in a new "
+                f"workdir), or another model. Orbax said: {first}") from e
     else:
         state = shd.sharded_init(init_fn, mesh)
         if config.init_from:
