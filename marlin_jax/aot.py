@@ -503,17 +503,25 @@ def find_max_batch(config: ml_collections.ConfigDict, target: Target, *, max_com
         if hi is not None and hi <= lo + 1:
             break
         measured = sorted((x, r) for x, r in tried.items() if r is not None)
-        if len(measured) >= 2:
-            (b1, r1), (b2, r2) = measured[-2:]
-            slope = (r2.total_bytes - r1.total_bytes) / (b2 - b1)
-            guess = b2 + (hbm - r2.total_bytes) / slope if slope > 0 else 2 * b2
+        guess = None
+        if len(measured) >= 2:  # least squares: XLA's layouts make memory slightly non-monotonic
+            xs = [float(x) for x, _ in measured]
+            ys = [r.total_bytes for _, r in measured]
+            mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+            sxx = sum((x - mx) ** 2 for x in xs)
+            slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx else 0.0
+            if slope > 0:
+                guess = mx + (hbm - my) / slope
         elif measured:
             (b1, r1), = measured
             per_clip = (r1.total_bytes - r1.argument_bytes) / b1
-            guess = (hbm - r1.argument_bytes) / per_clip if per_clip > 0 else 2 * b1
-        else:
-            guess = b // 2
+            if per_clip > 0:
+                guess = (hbm - r1.argument_bytes) / per_clip
+        if guess is None:  # no usable fit: halve the bracket (or double / halve without one)
+            guess = (lo + hi) / 2 if hi is not None else (2 * lo if lo else b / 2)
         guess = int(math.floor(guess))
+        if hi is not None and guess >= hi - 1 and hi - lo > 2:  # the fit overshoots: bisect
+            guess = (lo + hi) // 2
         upper = hi - 1 if hi is not None else max(guess, lo + 1)
         guess = min(max(guess, lo + 1), upper)
         if guess in tried:

@@ -115,6 +115,18 @@ def test_max_batch_search_brackets_the_largest_fitting_batch(monkeypatch):
     assert 47 in compiled and len(compiled) <= 4
     assert [b for b, _ in history] == sorted(set(compiled))
 
+    # The compiler refusing far below the linear prediction (its own HBM accounting): bisection.
+    def refusing_above_30(config, target):
+        if int(config.global_batch_size) > 30:
+            compiled.append(int(config.global_batch_size))
+            raise aot.DoesNotFitError("RESOURCE_EXHAUSTED: out of memory")
+        return fake_report(config, target)
+
+    monkeypatch.setattr(aot, "report_train_step", refusing_above_30)
+    compiled.clear()
+    best, report, _ = aot.find_max_batch(config, target, log=lambda *_: None)
+    assert best == 30 and 31 in compiled and len(compiled) <= 8
+
 
 def _tiny_config(**overrides):
     """ViT-tiny (2 + 1 blocks) on 4 x 64 x 64 clips: 32 tokens, 3 visible."""

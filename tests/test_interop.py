@@ -241,7 +241,9 @@ def test_checkpoints_with_the_old_flat_qkv_kernel_still_load(tmp_path):
     # a params dir
     tree = _flat_qkv(nnx.to_pure_dict(nnx.state(model, nnx.Variable)))
     assert tree["encoder"]["blocks"]["0"]["attn"]["qkv"]["kernel"].shape == (d, 3 * d)
-    ocp.StandardCheckpointer().save(tmp_path / "old" / "params", tree)
+    with ocp.StandardCheckpointer() as checkpointer:  # asynchronous: wait for the commit
+        checkpointer.save(tmp_path / "old" / "params", tree)
+        checkpointer.wait_until_finished()
     write_config_file(tmp_path / "old", config)
     # a trainer workdir: checkpoints/<step>/state with generator and critic parameters
     params = _flat_qkv(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
