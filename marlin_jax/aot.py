@@ -456,13 +456,12 @@ def report_features(config: ml_collections.ConfigDict, target: Target) -> Compil
         cfg, rngs=nnx.Rngs(0), with_decoder=False, dtype=prog.compute_dtype(config.compute_dtype, platform),
         attention_impl=prog.attention_impl(config.attention_impl, platform)))
     marlin = Marlin(model)
-    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shd.replicated(mesh)),
-                         marlin._encoder_state)
     clips = jax.ShapeDtypeStruct((batch, cfg.n_frames, cfg.img_size, cfg.img_size, cfg.in_channels),
                                  jnp.uint8, sharding=shd.batch_sharding(mesh, 5))
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
-        compiled = marlin.lower_features(clips, keep_seq=False, state=state).compile()
+        compiled = marlin.lower_features(clips, keep_seq=False,
+                                          state_sharding=shd.replicated(mesh)).compile()
     seconds = time.perf_counter() - t0
     flops = batch * prog.encoder_forward_flops(cfg) / len(target.devices)
     return analyse(compiled, target, what="feature forward", global_batch=batch,

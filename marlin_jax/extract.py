@@ -205,12 +205,16 @@ class Marlin:
 
     # ------------------------------------------------------------------ features
     def lower_features(self, clips: jax.ShapeDtypeStruct, keep_seq: bool = False,
-                       state: Any = None) -> jax.stages.Lowered:
+                       state_sharding: Any = None) -> jax.stages.Lowered:
         """The jitted feature forward of :meth:`extract_features`, lowered for abstract ``clips``
-        (``(B, T, H, W, C)``, with a sharding) and encoder ``state`` (default: this model's),
-        for ahead-of-time compiles (``python -m marlin_jax.aot``)."""
-        return self._features.lower(self._encoder_state if state is None else state, clips,
-                                    keep_seq)
+        (``(B, T, H, W, C)`` with a sharding) and the encoder weights placed by
+        ``state_sharding`` (e.g. replicated on a mesh), for ahead-of-time compiles
+        (``python -m marlin_jax.aot``)."""
+        state = self._encoder_state
+        if state_sharding is not None:
+            state = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=state_sharding), state)
+        return self._features.lower(state, clips, keep_seq)
 
     def extract_features(self, x: jax.Array | np.ndarray, keep_seq: bool = True,
                          channels_first: bool = False) -> jax.Array:

@@ -139,12 +139,7 @@ def _tiny_config(**overrides):
     c.global_batch_size = 8
     c.compute_dtype = "bfloat16"
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 1
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    c.update_from_flattened_dict(overrides)
     return c
 
 

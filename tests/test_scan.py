@@ -270,25 +270,13 @@ def test_init_from_a_lightning_ckpt_stacks_its_adam_moments(monkeypatch):
 
 
 def _trainer_config(**overrides):
-    from configs import vit_small
+    """The trainer tests' tiny run, scanned: 2 encoder blocks, two steps per epoch, no validation."""
+    from tests.test_train_loop import _tiny_config
 
-    c = vit_small.get_config("demo")
-    c.model.name = "marlin_vit_tiny"
-    c.model.encoder_depth = 2
-    c.model.decoder_depth = 1
-    c.data.update(img_size=32, clip_frames=4, mask_ratio=0.75, synthetic_num_videos=8,
-                  synthetic_num_frames=8, num_threads=1)
-    c.data.source = ""
-    c.global_batch_size = 4
-    c.steps_per_epoch = 2
-    c.num_epochs = 1
-    c.num_train_steps = -1
-    c.log_every_steps = 1
-    c.eval_every_steps = 0
-    c.checkpoint_every_steps = 2
-    c.scan_layers = True
-    c.update(overrides)
-    return c
+    return _tiny_config(**{"model.encoder_depth": 2, "data.synthetic_num_videos": 8,
+                           "steps_per_epoch": 2, "num_epochs": 1, "num_train_steps": -1,
+                           "log_every_steps": 1, "eval_every_steps": 0, "scan_layers": True,
+                           **overrides})
 
 
 @pytest.mark.slow

@@ -37,12 +37,7 @@ def _tiny_config(**overrides):
     c.num_eval_batches = 1
     c.checkpoint_every_steps = 2
     c.num_train_steps = 4
-    for key, value in overrides.items():
-        target = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
+    c.update_from_flattened_dict(overrides)
     return c
 
 
