@@ -43,6 +43,10 @@ setup(
         # libtpu for ahead-of-time TPU compiles on any host (`python -m marlin_jax.aot`) and for
         # training on TPU VMs; the jax extra pins the libtpu release built for the installed jax.
         "tpu": ["jax[tpu]"],
+        # Ahead-of-time GPU compiles on a CPU host (`python -m marlin_jax.aot --topology=h100:8`):
+        # the CUDA PJRT plugin without the CUDA runtime wheels (~0.2 GB) plus cuDNN, which the
+        # fused-attention lowering checks for (~1 GB). Training on GPUs wants `jax[cuda12]`.
+        "gpu-aot": ["jax[cuda12-local]", "nvidia-cudnn-cu12>=9.8,<10"],
         "test": [
             "torch>=2.0",
             "einops>=0.6",

@@ -62,12 +62,20 @@ class AotError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """Abstract devices of a named slice and the chip they sit on."""
+    """Abstract devices of a named slice (TPU) or GPU cluster and the chip they sit on."""
 
     topology: str
     devices: tuple[Any, ...]
     chip: ChipSpec
     devices_per_chip: int
+    hosts: int = 1
+    # Passed to ``Lowered.compile``: only for compile-only GPU targets (see GPU_COMPILE_OPTIONS).
+    compiler_options: tuple[tuple[str, Any], ...] = ()
+    interconnect_name: str = "ICI"
+    # The share of a device's memory a step may use: all of a TPU's HBM; on GPUs JAX's default
+    # memory pool (XLA_PYTHON_CLIENT_MEM_FRACTION), which is also about where XLA's GPU
+    # scheduler starts rematerialising on its own (80 % of memory less inputs, x 0.95).
+    usable_fraction: float = 1.0
 
     @property
     def num_chips(self) -> int:
@@ -78,8 +86,16 @@ class Target:
         return self.chip.hbm_bytes / self.devices_per_chip
 
     @property
+    def usable_bytes(self) -> float:
+        return self.device_hbm * self.usable_fraction
+
+    @property
     def device_peak(self) -> float:
         return self.chip.peak_flops / self.devices_per_chip
+
+    @property
+    def platform(self) -> str:
+        return "gpu" if self.devices[0].platform.lower() in ("gpu", "cuda", "rocm") else "tpu"
 
 
 def _require_libtpu() -> None:
@@ -117,6 +133,124 @@ def tpu_target(topology: str) -> Target:
                        f"{', '.join(TPU_CHIPS)}")
     per_chip = Counter(tuple(getattr(d, "coords", (i,))) for i, d in enumerate(devices))
     return Target(topology, tuple(devices), TPU_CHIPS[kind], max(per_chip.values()))
+
+
+# ----------------------------------------------------------------------------- GPU targets
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuSpec:
+    """A GPU's data-sheet figures: the roofline's (``chip``) and what XLA's compiler needs to
+    target it without the device (``stream_executor.GpuTargetConfigProto``)."""
+
+    chip: ChipSpec  # dense bf16 tensor-core peak, memory as CUDA reports it, HBM, NVLink
+    description: str  # the device_kind CUDA reports
+    sm_count: int
+    boost_clock_ghz: float
+    compute_capability: tuple[int, int]
+    l2_cache_bytes: int
+    shared_memory_per_sm: int
+    shared_memory_per_block_optin: int
+    fp32_lanes_per_sm: int
+    network_bandwidth: float  # bytes/s per GPU between hosts (one 400 Gb/s NIC per GPU)
+
+    def target_config(self) -> str:
+        """The text-format ``GpuTargetConfigProto`` for ``topologies.get_topology_desc``."""
+        major, minor = self.compute_capability
+        return "\n".join([
+            "gpu_device_info {",
+            "  threads_per_block_limit: 1024", "  threads_per_warp: 32",
+            "  shared_memory_per_block: 49152",
+            f"  shared_memory_per_core: {self.shared_memory_per_sm}",
+            "  threads_per_core_limit: 2048",
+            f"  core_count: {self.sm_count}", f"  fpus_per_core: {self.fp32_lanes_per_sm}",
+            "  block_dim_limit_x: 2147483647", "  block_dim_limit_y: 65535",
+            "  block_dim_limit_z: 65535",
+            f"  memory_bandwidth: {int(self.chip.hbm_bandwidth)}",
+            f"  l2_cache_size: {self.l2_cache_bytes}",
+            f"  clock_rate_ghz: {self.boost_clock_ghz}",
+            f"  device_memory_size: {int(self.chip.hbm_bytes)}",
+            f"  shared_memory_per_block_optin: {self.shared_memory_per_block_optin}",
+            f"  cuda_compute_capability {{ major: {major} minor: {minor} }}",
+            "  registers_per_core_limit: 65536", "  registers_per_block_limit: 65536",
+            "}",
+            'platform_name: "CUDA"',
+            "dnn_version_info { major: 9 minor: 8 patch: 0 }",  # the cuDNN jax[cuda12] needs
+            f'device_description_str: "{self.description}"',
+        ])
+
+
+# NVIDIA data sheets (SXM parts; dense bf16 tensor-core peak, i.e. half the "with sparsity"
+# figure; NVLink bandwidth per direction, half the bidirectional figure). Memory is the total
+# CUDA reports for the device (slightly under the marketing size).
+GPU_CHIPS: dict[str, GpuSpec] = {
+    "h100": GpuSpec(ChipSpec("H100 SXM 80GB", 989.4e12, 84_942_979_072, 3.35e12, 450e9),
+                    "NVIDIA H100 80GB HBM3", 132, 1.98, (9, 0), 50 * 2**20, 228 * 1024,
+                    227 * 1024, 128, 50e9),
+    "h200": GpuSpec(ChipSpec("H200 SXM 141GB", 989.4e12, 151_397_597_184, 4.8e12, 450e9),
+                    "NVIDIA H200", 132, 1.98, (9, 0), 50 * 2**20, 228 * 1024, 227 * 1024, 128,
+                    50e9),
+    "a100": GpuSpec(ChipSpec("A100 SXM 80GB", 312e12, 85_100_068_864, 2.039e12, 300e9),
+                    "NVIDIA A100-SXM4-80GB", 108, 1.41, (8, 0), 40 * 2**20, 164 * 1024,
+                    163 * 1024, 64, 25e9),
+}
+# Compile-only GPU targets have no device to autotune on, and XLA's Triton GEMM emitter then
+# finds no tile sizes ("Couldn't find output tile sizes"): use cuBLAS GEMMs, no autotuning.
+GPU_COMPILE_OPTIONS = (("xla_gpu_autotune_level", 0), ("xla_gpu_enable_triton_gemm", False))
+# JAX's default GPU memory pool (XLA_PYTHON_CLIENT_MEM_FRACTION).
+JAX_GPU_POOL_FRACTION = 0.75
+GPU_EXAMPLES = "h100:8 (one host of 8), h100:4x8 (4 hosts of 8), h200:8, a100:8"
+
+
+def _require_cuda_plugin() -> None:
+    import importlib.util
+
+    missing = [m for m in ("jax_cuda12_plugin", "nvidia.cudnn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise AotError(f'compiling for GPUs needs the CUDA plugin and cuDNN ({", ".join(missing)} '
+                       'missing): pip install -e ".[gpu-aot]"')
+
+
+def gpu_target(topology: str) -> Target:
+    """Compile-only devices of ``<gpu>:<per host>`` or ``<gpu>:<hosts>x<per host>`` GPUs."""
+    m = re.fullmatch(r"([a-z]\d+):(?:(\d+)x)?(\d+)", topology)
+    if not m or m.group(1) not in GPU_CHIPS:
+        raise AotError(f"--topology {topology!r} is not a GPU target of the form "
+                       f"<gpu>:[<hosts>x]<gpus per host> with <gpu> one of "
+                       f"{', '.join(GPU_CHIPS)}, e.g. {GPU_EXAMPLES}")
+    spec = GPU_CHIPS[m.group(1)]
+    hosts, per_host = int(m.group(2) or 1), int(m.group(3))
+    if hosts < 1 or per_host < 1:
+        raise AotError(f"--topology {topology!r}: hosts and GPUs per host must be >= 1")
+    _require_cuda_plugin()
+    from jax.experimental import topologies
+
+    try:
+        devices = topologies.get_topology_desc(
+            topology_name="", platform="cuda", target_config=spec.target_config(),
+            topology=f"1x{hosts}x{per_host}").devices
+    except Exception as e:  # noqa: BLE001 - the plugin's errors are JaxRuntimeErrors
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AotError(f"--topology {topology!r}: the CUDA plugin cannot make this target "
+                       f"({first})") from None
+    chip = spec.chip
+    if hosts > 1:  # collectives cross the hosts' network: its per-GPU bandwidth bounds them
+        chip = dataclasses.replace(chip, interconnect_bandwidth=min(chip.interconnect_bandwidth,
+                                                                    spec.network_bandwidth))
+    return Target(topology, tuple(devices), chip, 1, hosts=hosts,
+                  compiler_options=GPU_COMPILE_OPTIONS,
+                  interconnect_name="network" if hosts > 1 else "NVLink",
+                  usable_fraction=JAX_GPU_POOL_FRACTION)
+
+
+def make_target(topology: str) -> Target:
+    """A TPU slice (``v5p:2x2x1``) or a GPU target (``h100:8``)."""
+    if re.match(r"v\d", topology):
+        return tpu_target(topology)
+    if re.match(r"[a-z]\d+:", topology):
+        return gpu_target(topology)
+    raise AotError(f"--topology {topology!r}: name a TPU slice ({TOPOLOGY_EXAMPLES}) or GPUs "
+                   f"({GPU_EXAMPLES})")
 
 
 # ----------------------------------------------------------------------------- HLO collectives
@@ -340,7 +474,8 @@ class CompileReport:
     alias_bytes: float
     temp_bytes: float
     total_bytes: float
-    hbm_bytes: float
+    hbm_bytes: float  # the device's memory
+    usable_bytes: float  # what a step may use of it (GPUs: JAX's default pool)
     fits: bool
     xla_flops: float | None  # XLA's cost analysis (a while body counted once)
     xla_bytes_accessed: float | None  # likewise
@@ -355,6 +490,7 @@ class CompileReport:
     estimated_step_s: float
     estimated_mfu: float
     bound: str
+    traffic_source: str = "XLA's cost model"
 
 
 def _cost(compiled: Any) -> dict[str, float]:
@@ -387,6 +523,9 @@ def analyse(compiled: Any, target: Target, *, what: str, global_batch: int, batc
         accessed * hlo.bytes_accessed / hlo.bytes_accessed_once)
     memory_s = traffic / (chip.hbm_bandwidth / target.devices_per_chip)
     ici_s = interconnect_bytes(collectives) / (chip.interconnect_bandwidth / target.devices_per_chip)
+    source = ("XLA's cost model" if accessed is not None else
+              "the compiled module's text (operands + results of each kernel; XLA reports no costs "
+              "for this target)")
     bounds = {"compute": compute_s, "HBM bandwidth": memory_s, "interconnect": ici_s}
     bound = max(bounds, key=bounds.get)
     step_s = bounds[bound]
@@ -394,13 +533,14 @@ def analyse(compiled: Any, target: Target, *, what: str, global_batch: int, batc
         what=what, global_batch=global_batch, batch_per_device=global_batch / batch_shards,
         compile_s=compile_s, argument_bytes=args, output_bytes=out, alias_bytes=alias,
         temp_bytes=temp, total_bytes=total, hbm_bytes=target.device_hbm,
-        fits=total <= target.device_hbm, xla_flops=xla_flops, xla_bytes_accessed=accessed,
+        usable_bytes=target.usable_bytes, fits=total <= target.usable_bytes, xla_flops=xla_flops,
+        xla_bytes_accessed=accessed,
         bytes_accessed=traffic, loops=hlo.loops,
         traffic_top=list(hlo.traffic_by_op.items())[:5],
         model_flops=model_flops_per_device, collectives=collectives, compute_s=compute_s,
         memory_s=memory_s, interconnect_s=ici_s, estimated_step_s=step_s,
         estimated_mfu=model_flops_per_device / target.device_peak / step_s if step_s else 0.0,
-        bound=bound)
+        bound=bound, traffic_source=source)
 
 
 _OOM = re.compile(r"RESOURCE_EXHAUSTED|[Oo]ut of memory|exceeds the memory|Ran out of memory")
@@ -416,6 +556,10 @@ def with_batch(config: ml_collections.ConfigDict, global_batch: int) -> ml_colle
     return c
 
 
+def _options(target: Target) -> dict[str, Any] | None:
+    return dict(target.compiler_options) or None
+
+
 def compile_train_step(config: ml_collections.ConfigDict, target: Target
                        ) -> tuple[prog.TrainProgram, Any, float]:
     """(program, compiled executable, compile seconds) of the trainer's step for ``target``."""
@@ -423,7 +567,7 @@ def compile_train_step(config: ml_collections.ConfigDict, target: Target
     program = prog.build_program(config, mesh, prog.schedule_from_config(config, None))
     t0 = time.perf_counter()
     try:
-        compiled = program.lower_train_step().compile()
+        compiled = program.lower_train_step().compile(compiler_options=_options(target))
     except Exception as e:  # noqa: BLE001 - XLA reports OOM as a generic runtime error
         if _OOM.search(str(e)):
             raise DoesNotFitError(str(e).strip().splitlines()[0]) from None
@@ -460,8 +604,8 @@ def report_features(config: ml_collections.ConfigDict, target: Target) -> Compil
                                  jnp.uint8, sharding=shd.batch_sharding(mesh, 5))
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
-        compiled = marlin.lower_features(clips, keep_seq=False,
-                                          state_sharding=shd.replicated(mesh)).compile()
+        compiled = marlin.lower_features(clips, keep_seq=False, state_sharding=shd.replicated(mesh)
+                                         ).compile(compiler_options=_options(target))
     seconds = time.perf_counter() - t0
     flops = batch * prog.encoder_forward_flops(cfg) / len(target.devices)
     return analyse(compiled, target, what="feature forward", global_batch=batch,
@@ -482,7 +626,7 @@ def find_max_batch(config: ml_collections.ConfigDict, target: Target, *, max_com
     """
     mesh = shd.make_mesh(config.mesh.to_dict(), devices=target.devices)
     shards = shd.batch_divisor(mesh)
-    hbm = target.device_hbm
+    hbm = target.usable_bytes
     tried: dict[int, CompileReport | None] = {}
     lo, hi = 0, None  # largest batch that fits, smallest that does not
     b = max(1, int(config.global_batch_size) // shards)
@@ -540,13 +684,16 @@ def _gib(x: float) -> str:
 
 
 def format_report(rep: CompileReport, target: Target) -> str:
-    margin = rep.hbm_bytes - rep.total_bytes
+    margin = rep.usable_bytes - rep.total_bytes
+    of = (f"{_gib(rep.hbm_bytes)} HBM" if rep.usable_bytes >= rep.hbm_bytes else
+          f"{_gib(rep.usable_bytes)} usable ({100 * rep.usable_bytes / rep.hbm_bytes:.0f} % of "
+          f"{_gib(rep.hbm_bytes)}: JAX's default GPU memory pool)")
     lines = [
         f"{rep.what}: global batch {rep.global_batch} ({rep.batch_per_device:g} clips per batch "
         f"shard), compiled in {rep.compile_s:.1f}s",
         f"  memory per device: arguments {_gib(rep.argument_bytes)}, temporaries "
         f"{_gib(rep.temp_bytes)}, outputs {_gib(rep.output_bytes)} (aliased {_gib(rep.alias_bytes)})"
-        f" -> {_gib(rep.total_bytes)} of {_gib(rep.hbm_bytes)} HBM: "
+        f" -> {_gib(rep.total_bytes)} of {of}: "
         + (f"fits, {_gib(margin)} to spare" if rep.fits else f"DOES NOT FIT by {_gib(-margin)}"),
         f"  FLOPs per device: model {rep.model_flops / 1e12:.3f} T"
         + (f", XLA cost analysis {rep.xla_flops / 1e12:.3f} T" if rep.xla_flops else "")
@@ -559,19 +706,24 @@ def format_report(rep: CompileReport, target: Target) -> str:
         "  collectives per step: " + (", ".join(
             f"{kind} x{c['count']:.0f} ({_gib(c['bytes'])})" for kind, c in rep.collectives.items())
             or "none"),
-        f"  roofline (estimate from XLA's cost model and the {target.chip.name} data sheet): "
-        f"compute {1e3 * rep.compute_s:.1f} ms, HBM {1e3 * rep.memory_s:.1f} ms, interconnect "
-        f"{1e3 * rep.interconnect_s:.1f} ms -> {rep.bound}-bound, step >= "
-        f"{1e3 * rep.estimated_step_s:.1f} ms",
+        f"  roofline (estimate: traffic from {rep.traffic_source}; peaks from the "
+        f"{target.chip.name} data sheet): compute {1e3 * rep.compute_s:.1f} ms, HBM "
+        f"{1e3 * rep.memory_s:.1f} ms, {target.interconnect_name} {1e3 * rep.interconnect_s:.1f} ms"
+        f" -> {rep.bound}-bound, step >= {1e3 * rep.estimated_step_s:.1f} ms",
         f"  estimated MFU: {100 * rep.estimated_mfu:.1f} %",
     ]
+    if not rep.fits and rep.total_bytes <= rep.hbm_bytes:
+        lines.insert(2, "  with XLA_PYTHON_CLIENT_MEM_FRACTION="
+                        f"{min(0.99, rep.total_bytes / rep.hbm_bytes + 0.02):.2f} and "
+                        "--xla_gpu_memory_limit_slop_factor raised to match it may run; XLA's "
+                        "GPU scheduler otherwise rematerialises to its limit (more FLOPs than counted)")
     return "\n".join(lines)
 
 
 def run(config: ml_collections.ConfigDict, topology: str, *, max_batch: bool = False,
         features: bool = True, report_path: str | None = None, log=print) -> dict[str, Any]:
     """Compiles and reports; returns the JSON-able report (also written to ``report_path``)."""
-    target = tpu_target(topology)
+    target = make_target(topology)
     mesh = shd.make_mesh(config.mesh.to_dict(), devices=target.devices)
     platform = prog.mesh_platform(mesh)
     log(f"marlin-jax aot: {topology} = {target.num_chips} x {target.chip.name} "
@@ -585,7 +737,7 @@ def run(config: ml_collections.ConfigDict, topology: str, *, max_batch: bool = F
         "topology": topology, "chip": dataclasses.asdict(target.chip),
         "devices": len(target.devices), "devices_per_chip": target.devices_per_chip,
         "mesh": dict(mesh.shape), "config": json.loads(config.to_json_best_effort()),
-        "jax": jax.__version__,
+        "jax": jax.__version__, "compiler_options": dict(target.compiler_options),
     }
     if max_batch:
         log("searching the largest batch per device that fits:")

@@ -1,13 +1,18 @@
-"""The README's accelerator table: ahead-of-time compiles of the pretraining step for TPU slices.
+"""The README's accelerator tables: ahead-of-time compiles of the pretraining step for TPU
+slices and GPUs.
 
     JAX_PLATFORMS=cpu python scripts/aot_table.py --models small,base,large \\
         --topologies v5e:2x2,v5p:2x2x1 --variants after --out aot_table.md
+    JAX_PLATFORMS=cpu python scripts/aot_table.py --topologies h100:8,h200:8 \\
+        --variants xla,xla_remat,fused,fused_remat --out aot_gpu.md --json aot_gpu.json
 
 Each row is ``marlin_jax.aot.run(..., max_batch=True)`` for one model x slice x variant:
 ``before`` = unrolled blocks, batched XLA attention, no remat (the trainer as of 2026-12-01);
 ``after`` = scanned blocks and splash attention, with remat only where the model does not fit
-otherwise (``full``), FSDP over the slice when the parameters would not fit replicated. Step time
-and MFU are estimates from XLA's cost model (see marlin_jax/aot.py), not measurements.
+otherwise (``full``), FSDP over the slice when the parameters would not fit replicated;
+``xla`` / ``fused`` = unrolled blocks with batched XLA attention / the platform's fused attention
+(splash on TPU, cuDNN on GPU), ``*_remat`` the same with full remat. Step time and MFU are
+estimates from XLA's cost model or the module text (see marlin_jax/aot.py), not measurements.
 """
 
 from __future__ import annotations
@@ -28,6 +33,10 @@ VARIANTS = {
     "before": {"scan_layers": False, "attention_impl": "xla", "remat_policy": "none"},
     "after": {"scan_layers": True, "attention_impl": "", "remat_policy": "none"},
     "after_remat": {"scan_layers": True, "attention_impl": "", "remat_policy": "full"},
+    "xla": {"scan_layers": False, "attention_impl": "xla", "remat_policy": "none"},
+    "xla_remat": {"scan_layers": False, "attention_impl": "xla", "remat_policy": "full"},
+    "fused": {"scan_layers": False, "attention_impl": "", "remat_policy": "none"},
+    "fused_remat": {"scan_layers": False, "attention_impl": "", "remat_policy": "full"},
 }
 
 
@@ -39,7 +48,7 @@ def config_for(model: str, variant: str, topology: str, per_device_batch: int, f
     c.compute_dtype = "bfloat16"
     for key, value in VARIANTS[variant].items():
         c[key] = value
-    target = aot.tpu_target(topology)
+    target = aot.make_target(topology)
     n = len(target.devices)
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = (1, n, 1) if fsdp else (n, 1, 1)
     c.global_batch_size = per_device_batch * n
@@ -76,7 +85,7 @@ def main() -> None:
                 rows.append(
                     f"| ViT-{model[0].upper()} | {topology} | {variant} "
                     f"| {out['max_batch']['batch_per_device']} "
-                    f"| {step['total_bytes'] / aot.GiB:.1f} / {step['hbm_bytes'] / aot.GiB:.0f} "
+                    f"| {step['total_bytes'] / aot.GiB:.1f} / {step['usable_bytes'] / aot.GiB:.0f} "
                     f"| {step['compile_s']:.0f} s | {1e3 * step['estimated_step_s']:.0f} ms "
                     f"| {100 * step['estimated_mfu']:.1f} % |")
                 print(f"   {time.perf_counter() - t0:.0f} s for this row", flush=True)

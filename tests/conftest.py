@@ -11,11 +11,14 @@ from pathlib import Path
 
 import pytest
 
-# libtpu (the `tpu` extra, for ahead-of-time TPU compiles) makes every JAX process on a machine
-# without TPUs try the TPU backend first and print initialisation errors; the tests run on the
-# host (and compile for TPUs through abstract topology devices, which do not need that backend).
-if ("JAX_PLATFORMS" not in os.environ and importlib.util.find_spec("libtpu") is not None
-        and not glob.glob("/dev/accel*") and not glob.glob("/dev/vfio/[0-9]*")):
+# libtpu (the `tpu` extra) and the CUDA plugin (the `gpu-aot` extra), there for ahead-of-time
+# compiles, make every JAX process on a machine without those accelerators try their backends
+# first and print initialisation errors; the tests run on the host (and compile for TPUs and GPUs
+# through abstract topology devices, which do not need those backends).
+_NO_TPU = importlib.util.find_spec("libtpu") is not None and not glob.glob("/dev/accel*") \
+    and not glob.glob("/dev/vfio/[0-9]*")
+_NO_GPU = importlib.util.find_spec("jax_cuda12_plugin") is not None and not glob.glob("/dev/nvidia[0-9]*")
+if "JAX_PLATFORMS" not in os.environ and (_NO_TPU or _NO_GPU):
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -101,7 +101,8 @@ def test_max_batch_search_brackets_the_largest_fitting_batch(monkeypatch):
         return aot.CompileReport(
             what="step", global_batch=b, batch_per_device=b, compile_s=0.0,
             argument_bytes=2 * aot.GiB, output_bytes=0.0, alias_bytes=0.0, temp_bytes=total - 2 * aot.GiB,
-            total_bytes=total, hbm_bytes=target.device_hbm, fits=total <= target.device_hbm,
+            total_bytes=total, hbm_bytes=target.device_hbm, usable_bytes=target.usable_bytes,
+            fits=total <= target.usable_bytes,
             xla_flops=None, xla_bytes_accessed=None, bytes_accessed=0.0, loops=[], traffic_top=[],
             model_flops=1.0,
             collectives={}, compute_s=1.0, memory_s=0.0, interconnect_s=0.0, estimated_step_s=1.0,

@@ -168,6 +168,24 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: boo
     return out[:, :, :n]
 
 
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
+                    implementation: str = "cudnn") -> jax.Array:
+    """softmax(q k^T * scale) v with ``jax.nn.dot_product_attention``, ``(B, N, H, hd)`` in/out.
+
+    cuDNN's training kernels need an even sequence length: an odd one (e.g. 3 visible tokens of
+    a small clip) is padded by one token whose key is masked out (``key_value_seq_lengths``)
+    and whose query row is dropped. ``implementation="xla"`` runs the same padding on any
+    platform (what the tests compare)."""
+    b, n = q.shape[:2]
+    if n % 2 == 0:
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+    q, k, v = (jnp.pad(t, ((0, 0), (0, 1), (0, 0), (0, 0))) for t in (q, k, v))
+    lengths = jnp.full((b,), n, jnp.int32)
+    out = jax.nn.dot_product_attention(q, k, v, scale=scale, query_seq_lengths=lengths + 1,
+                                       key_value_seq_lengths=lengths, implementation=implementation)
+    return out[:, :n]
+
+
 class Attention(nnx.Module):
     """Multi-head self-attention with a bias-free qkv projection plus separate q/v biases.
 
@@ -282,7 +300,7 @@ class Attention(nnx.Module):
             qkv = qkv + bias.reshape(qkv.shape[2:]).astype(qkv.dtype)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, H, hd)
         if self.attention_impl == "cudnn":  # fused flash attention on GPU
-            out = jax.nn.dot_product_attention(q, k, v, scale=self.scale, implementation=self.attention_impl)
+            out = fused_attention(q, k, v, scale=self.scale)
         elif self.attention_impl == "splash":  # fused Pallas attention on TPU
             out = self._splash(q, k, v)
         else:
