@@ -326,6 +326,53 @@ class HloSummary:
     bytes_accessed_once: float  # the same with every loop body counted once (as XLA does)
     loops: list[int]  # trip counts of the top-level loops
     traffic_by_op: dict[str, float] = dataclasses.field(default_factory=dict)  # source op -> bytes
+    # (times executed, matmul FLOPs, bytes) of every executed kernel, for a per-kernel roofline
+    kernels: list[tuple[int, float, float]] = dataclasses.field(default_factory=list)
+    uncounted_kernels: int = 0  # kernels whose FLOPs the text does not give (e.g. Pallas calls)
+
+    @property
+    def kernel_flops(self) -> float:
+        return sum(t * f for t, f, _ in self.kernels)
+
+    def kernel_time(self, peak_flops: float, bandwidth: float) -> float:
+        """Sum over kernels of the slower of their matmul FLOPs at peak and their traffic at
+        the memory bandwidth: kernels run one after another, and a memory-bound kernel cannot
+        hide behind a compute-bound one."""
+        return sum(t * max(f / peak_flops, b / bandwidth) for t, f, b in self.kernels)
+
+
+_DIMS = re.compile(r"\[([\d,]*)\]")
+
+
+def _dims(shape_text: str) -> list[int]:
+    """The dimensions of the first array in an HLO shape."""
+    m = _DIMS.search(shape_text)
+    return [int(d) for d in m.group(1).split(",") if d] if m else []
+
+
+def _dot_flops(inst: _Instruction, shapes: dict[str, str]) -> float:
+    """2 x output elements x contracted size of an HLO ``dot`` or a cuBLAS GEMM custom call."""
+    m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", inst.line) or re.search(
+        r'"lhs_contracting_dimensions":\[([^\]]*)\]', inst.line)
+    if not m or not inst.operands:
+        return 0.0
+    lhs = _dims(shapes.get(inst.operands[0], ""))
+    contracted = [int(d.strip('" ')) for d in m.group(1).split(",") if d.strip('" ')]
+    if not lhs or any(d >= len(lhs) for d in contracted):
+        return 0.0
+    return 2.0 * math.prod(_dims(inst.shape)) * math.prod(lhs[d] for d in contracted)
+
+
+def _fmha_flops(inst: _Instruction, shapes: dict[str, str]) -> float:
+    """cuDNN fused attention: 4 B H T S hd forward (two matmuls), 2.5x that backward."""
+    m = re.search(r'"intermediate_tensor_shape":\{"element_type":"?\w+"?,\s*"dimensions":\[([^\]]*)\]',
+                  inst.line.replace(" ", ""))
+    if not m or not inst.operands:
+        return 0.0
+    b, h, t, k = (int(d.strip('"')) for d in m.group(1).split(","))
+    head_dim = _dims(shapes.get(inst.operands[0], ""))[-1:] or [0]
+    forward = 4.0 * b * h * t * k * head_dim[0]
+    return 2.5 * forward if "Backward" in inst.line else forward
 
 
 def analyse_hlo(hlo_text: str) -> HloSummary:
@@ -395,13 +442,36 @@ def analyse_hlo(hlo_text: str) -> HloSummary:
         return sum(2 * (shape_bytes(u.shape) - shape_bytes(scope.get(u.operands[1], "")))
                    for u in updates if len(u.operands) > 1)
 
+    def kernel_flops(inst: _Instruction, shapes: dict[str, str]) -> float | None:
+        """Matmul FLOPs of one top-level instruction; None when they cannot be read."""
+        if inst.opcode == "dot":
+            return _dot_flops(inst, shapes)
+        if inst.opcode == "custom-call":
+            if "fmha" in inst.line:
+                return _fmha_flops(inst, shapes)
+            if "gemm" in inst.line or "matmul" in inst.line.split("custom_call_target=")[-1][:40]:
+                return _dot_flops(inst, shapes)
+            return None if "tpu_custom_call" in inst.line or "__cudnn" in inst.line else 0.0
+        if inst.opcode == "convolution":
+            return None
+        if inst.opcode == "fusion":
+            callee = re.search(r"\bcalls=%?([\w.\-]+)", inst.line)
+            body = computations.get(callee.group(1), []) if callee else []
+            inner = {i.name: i.shape for i in body}
+            if any(i.opcode == "convolution" for i in body):
+                return None
+            return sum(_dot_flops(i, inner) for i in body if i.opcode == "dot")
+        return 0.0
+
     totals = {kind: {"count": 0.0, "bytes": 0.0} for kind in COLLECTIVES}
     by_op: Counter[str] = Counter()
+    kernels: list[tuple[int, float, float]] = []
+    uncounted = 0
     traffic = traffic_once = 0.0
     loops: list[int] = []
 
     def visit(name: str, times: int, control: bool, depth: int = 0) -> None:
-        nonlocal traffic, traffic_once
+        nonlocal traffic, traffic_once, uncounted
         if depth > 64:
             return
         shapes = {i.name: i.shape for i in computations.get(name, ())}
@@ -417,6 +487,9 @@ def analyse_hlo(hlo_text: str) -> HloSummary:
                 traffic += times * nbytes
                 traffic_once += nbytes
                 by_op[_source_op(inst.line)] += times * nbytes
+                flops = kernel_flops(inst, shapes)
+                uncounted += flops is None
+                kernels.append((times, flops or 0.0, float(nbytes)))
             n = trip_count(inst) if inst.opcode == "while" else 1
             if inst.opcode == "while" and depth == 0:
                 loops.append(n)
@@ -436,7 +509,7 @@ def analyse_hlo(hlo_text: str) -> HloSummary:
 
     visit(entry, 1, True)
     return HloSummary({k: v for k, v in totals.items() if v["count"]}, traffic, traffic_once, loops,
-                      dict(by_op.most_common()))
+                      dict(by_op.most_common()), kernels, uncounted)
 
 
 def _source_op(line: str) -> str:
@@ -491,6 +564,8 @@ class CompileReport:
     estimated_mfu: float
     bound: str
     traffic_source: str = "XLA's cost model"
+    kernel_flops: float = 0.0  # matmul FLOPs read from the module's kernels (0: unreadable)
+    kernel_s: float | None = None  # per-kernel roofline: sum of max(FLOPs / peak, bytes / bandwidth)
 
 
 def _cost(compiled: Any) -> dict[str, float]:
@@ -527,6 +602,12 @@ def analyse(compiled: Any, target: Target, *, what: str, global_batch: int, batc
               "the compiled module's text (operands + results of each kernel; XLA reports no costs "
               "for this target)")
     bounds = {"compute": compute_s, "HBM bandwidth": memory_s, "interconnect": ici_s}
+    kernel_s = None
+    if hlo.kernels and not hlo.uncounted_kernels and hlo.kernel_flops > 0:
+        # every kernel's matmul FLOPs are readable (GPU: cuBLAS / cuDNN calls and dots): the
+        # tighter per-kernel roofline replaces the aggregate compute and memory bounds
+        kernel_s = hlo.kernel_time(target.device_peak, chip.hbm_bandwidth / target.devices_per_chip)
+        bounds = {"per-kernel compute / HBM": kernel_s, "interconnect": ici_s}
     bound = max(bounds, key=bounds.get)
     step_s = bounds[bound]
     return CompileReport(
@@ -540,7 +621,8 @@ def analyse(compiled: Any, target: Target, *, what: str, global_batch: int, batc
         model_flops=model_flops_per_device, collectives=collectives, compute_s=compute_s,
         memory_s=memory_s, interconnect_s=ici_s, estimated_step_s=step_s,
         estimated_mfu=model_flops_per_device / target.device_peak / step_s if step_s else 0.0,
-        bound=bound, traffic_source=source)
+        bound=bound, traffic_source=source,
+        kernel_flops=0.0 if hlo.uncounted_kernels else hlo.kernel_flops, kernel_s=kernel_s)
 
 
 _OOM = re.compile(r"RESOURCE_EXHAUSTED|[Oo]ut of memory|exceeds the memory|Ran out of memory")
@@ -630,6 +712,7 @@ def find_max_batch(config: ml_collections.ConfigDict, target: Target, *, max_com
     tried: dict[int, CompileReport | None] = {}
     lo, hi = 0, None  # largest batch that fits, smallest that does not
     b = max(1, int(config.global_batch_size) // shards)
+    widths: list[int] = []  # bracket width after each compile (once there is a bracket)
     for _ in range(max_compiles):
         try:
             rep = report_train_step(with_batch(config, b * shards), target)
@@ -645,6 +728,8 @@ def find_max_batch(config: ml_collections.ConfigDict, target: Target, *, max_com
             hi = b if hi is None else min(hi, b)
         if hi is not None and hi <= lo + 1:
             break
+        if hi is not None:
+            widths.append(hi - lo)
         measured = sorted((x, r) for x, r in tried.items() if r is not None)
         guess = None
         if len(measured) >= 2:  # least squares: XLA's layouts make memory slightly non-monotonic
@@ -660,9 +745,14 @@ def find_max_batch(config: ml_collections.ConfigDict, target: Target, *, max_com
             per_clip = (r1.total_bytes - r1.argument_bytes) / b1
             if per_clip > 0:
                 guess = (hbm - r1.argument_bytes) / per_clip
-        if guess is None:  # no usable fit: halve the bracket (or double / halve without one)
+        # Near the limit memory bends (XLA's GPU scheduler rematerialises on its own; TPU
+        # layouts jump): when the last fitted guess did not halve the bracket, bisect instead.
+        stalled = len(widths) >= 2 and widths[-1] > widths[-2] / 2
+        if guess is None or stalled:
             guess = (lo + hi) / 2 if hi is not None else (2 * lo if lo else b / 2)
         guess = int(math.floor(guess))
+        if hi is None and guess <= lo + max(1, lo // 8):  # fits, yet the fit says stop: grow
+            guess = 2 * lo
         if hi is not None and guess >= hi - 1 and hi - lo > 2:  # the fit overshoots: bisect
             guess = (lo + hi) // 2
         upper = hi - 1 if hi is not None else max(guess, lo + 1)
@@ -708,7 +798,11 @@ def format_report(rep: CompileReport, target: Target) -> str:
             or "none"),
         f"  roofline (estimate: traffic from {rep.traffic_source}; peaks from the "
         f"{target.chip.name} data sheet): compute {1e3 * rep.compute_s:.1f} ms, HBM "
-        f"{1e3 * rep.memory_s:.1f} ms, {target.interconnect_name} {1e3 * rep.interconnect_s:.1f} ms"
+        f"{1e3 * rep.memory_s:.1f} ms, "
+        + (f"per kernel (sum of each kernel's max(matmul FLOPs / peak, bytes / bandwidth); "
+           f"{rep.kernel_flops / 1e12:.3f} T matmul FLOPs in the kernels) {1e3 * rep.kernel_s:.1f} ms, "
+           if rep.kernel_s is not None else "")
+        + f"{target.interconnect_name} {1e3 * rep.interconnect_s:.1f} ms"
         f" -> {rep.bound}-bound, step >= {1e3 * rep.estimated_step_s:.1f} ms",
         f"  estimated MFU: {100 * rep.estimated_mfu:.1f} %",
     ]

@@ -216,3 +216,29 @@ def test_cli_report_json_and_errors(tmp_path):
     bad = subprocess.run(cmd[:4] + ["--topology=v5e:3x3"], cwd=ROOT, capture_output=True,
                          text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert bad.returncode == 2 and "does not know this slice" in bad.stderr
+
+
+def test_max_batch_search_bisects_when_memory_bends(monkeypatch):
+    """XLA's GPU scheduler rematerialises near its limit, so memory flattens there (0.3 GiB per
+    clip up to 40 clips, 0.02 after): linear fits keep landing just under the bracket's top, and
+    the search must bisect instead of creeping down one fit at a time."""
+    chip = aot.ChipSpec("test chip", 1e14, 16 * aot.GiB, 1e12, 1e11)
+    target = aot.Target("test", tuple(jax.devices()[:1]), chip, 1)
+
+    def bent_report(config, target):
+        b = int(config.global_batch_size)
+        total = (2 + 0.3 * min(b, 40) + 0.02 * max(b - 40, 0)) * aot.GiB  # 16 GiB at 140
+        return aot.CompileReport(
+            what="step", global_batch=b, batch_per_device=b, compile_s=0.0, argument_bytes=2 * aot.GiB,
+            output_bytes=0.0, alias_bytes=0.0, temp_bytes=total - 2 * aot.GiB, total_bytes=total,
+            hbm_bytes=target.device_hbm, usable_bytes=target.usable_bytes,
+            fits=total <= target.usable_bytes, xla_flops=None, xla_bytes_accessed=None,
+            bytes_accessed=0.0, loops=[], traffic_top=[], model_flops=1.0, collectives={},
+            compute_s=1.0, memory_s=0.0, interconnect_s=0.0, estimated_step_s=1.0,
+            estimated_mfu=0.5, bound="compute")
+
+    monkeypatch.setattr(aot, "report_train_step", bent_report)
+    config = _tiny_config(global_batch_size=4)
+    config.mesh.data, config.mesh.fsdp = 1, 1
+    best, _, history = aot.find_max_batch(config, target, max_compiles=12, log=lambda *_: None)
+    assert best == 140 and len(history) <= 12

@@ -82,6 +82,11 @@ def test_h100_train_step_data_parallel(attention):
     assert report.collectives["all-reduce"]["count"] >= 1
     assert set(report.collectives) == {"all-reduce"}  # pure data parallelism
     assert "compiled module's text" in report.traffic_source
+    # every kernel's matmul FLOPs are read from the module (cuBLAS GEMMs, cuDNN attention, dots):
+    # they match the model's count, and the per-kernel roofline sets the step estimate
+    assert 0.9 < report.kernel_flops / report.model_flops < 1.1, (report.kernel_flops, report.model_flops)
+    assert report.bound.startswith("per-kernel") and report.kernel_s == report.estimated_step_s
+    assert report.kernel_s >= 0.999 * max(report.compute_s, report.memory_s)
     text = aot.format_report(report, target)
     assert "usable (75 % of 79.11 GiB: JAX's default GPU memory pool)" in text and "NVLink" in text
     assert report.usable_bytes == 0.75 * report.hbm_bytes
