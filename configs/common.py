@@ -67,6 +67,11 @@ def get_base_config(model_name: str) -> ml_collections.ConfigDict:
     c.num_eval_batches = 8
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
+    # Start over in a workdir that holds a run (another model, clip geometry, scan_layers or
+    # optimiser layout is refused without it): its contents are moved, not deleted, to
+    # <workdir>/previous-<YYYYmmdd-HHMMSS>/. Pass it once, not in a command a scheduler repeats
+    # (every restart would start over again).
+    c.fresh_start = False
     c.async_checkpointing = True
     c.peak_flops_per_device = 0.0  # > 0 overrides the built-in table for the MFU figure
 

@@ -7,7 +7,13 @@
         --config.global_batch_size=1024 --config.mesh.fsdp=8
 
 Any config field can be overridden with ``--config.x.y=value``. Re-running with the same workdir
-resumes from its newest checkpoint. Multi-host: on TPU pods and SLURM the processes find each
+resumes from its newest checkpoint (a damaged newest step is renamed to ``<step>.damaged`` and the
+one before it is used); a workdir holding another run is refused (``--config.fresh_start=True``
+moves its contents aside to ``<workdir>/previous-<time>/`` and starts over).
+
+Exit status: 0 finished; 2 the workdir holds another run (or its metadata is damaged); 3 NaN/Inf
+loss; 4 disk full while checkpointing (the previous step is kept); 143 preempted by SIGTERM after
+saving a checkpoint (rerun to resume). Multi-host: on TPU pods and SLURM the processes find each
 other automatically; elsewhere pass ``--coordinator_address=host:port --num_processes=N
 --process_id=i`` to every process.
 """
@@ -28,6 +34,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, Tens
                                "reconstruction images (resumed when it holds checkpoints)")
 _DISTRIBUTED = define_flags()
 
+EXIT_MISMATCH = 2  # the workdir holds another run, or its metadata is damaged; nothing written
+EXIT_NON_FINITE = 3  # NaN/Inf loss; the last good checkpoint is kept
+EXIT_DISK_FULL = 4  # no space left while checkpointing; the previous checkpoint is kept
+
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
@@ -37,14 +47,31 @@ def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:  # keep library INFO chatter (orbax) off the console
         logging.set_verbosity(logging.WARNING)
     initialize_from_flags(_DISTRIBUTED)
-    from marlin_jax.train.trainer import NonFiniteLossError, train_and_evaluate
+    from marlin_jax.preemption import EXIT_PREEMPTED, PreemptedError
+    from marlin_jax.train.trainer import (
+        CheckpointDiskFullError,
+        NonFiniteLossError,
+        RunMismatchError,
+        train_and_evaluate,
+    )
+
+    def fail(error: BaseException, status: int) -> None:
+        logging.error("%s", error)
+        print(f"marlin-jax: {error}", file=sys.stderr, flush=True)
+        sys.exit(status)
 
     try:
         result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except PreemptedError as e:
+        logging.warning("%s", e)
+        print(f"marlin-jax: {e}", flush=True)
+        sys.exit(EXIT_PREEMPTED)
+    except RunMismatchError as e:
+        fail(e, EXIT_MISMATCH)
     except NonFiniteLossError as e:
-        logging.error("%s", e)
-        print(f"marlin-jax: {e}", file=sys.stderr, flush=True)
-        sys.exit(3)
+        fail(e, EXIT_NON_FINITE)
+    except CheckpointDiskFullError as e:
+        fail(e, EXIT_DISK_FULL)
     logging.info("done: %s", result)
 
 

@@ -9,6 +9,22 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: what schedulers expect of a process ended by SIGTERM
+
+
+class PreemptedError(Exception):
+    """A loop stopped at a safe point after SIGTERM, its state saved (not a finished run).
+
+    CLIs exit with :data:`EXIT_PREEMPTED` on it so that schedulers requeue the job; a rerun of the
+    same command resumes at ``step``.
+    """
+
+    def __init__(self, step: int, directory: str):
+        self.step = step
+        self.directory = directory
+        super().__init__(f"preempted at step {step}, saved to {directory}; rerun the same command "
+                         "to resume")
+
 
 class SigtermFlag:
     """Context manager: while active, SIGTERM sets ``requested`` instead of killing the process.

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from marlin_jax.data import default_data_config, make_dataset
-from marlin_jax.train.checkpointing import Checkpointer
+from marlin_jax.train.checkpointing import Checkpointer, CheckpointLayoutError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,12 +81,58 @@ def test_restore_of_a_missing_step_names_the_directory(tmp_path):
             ckpt.restore(7, {"w": jax.ShapeDtypeStruct((2,), jnp.float32)})
 
 
+def _two_steps(directory: Path) -> dict:
+    state = {"w": jnp.arange(300.0), "b": {"c": jnp.ones(3)}}
+    with Checkpointer(directory) as ckpt:
+        ckpt.save(1, state)
+        ckpt.save(2, jax.tree.map(lambda x: x + 1, state))
+        ckpt.wait()
+    return state
+
+
+def test_a_truncated_newest_step_is_renamed_aside_and_the_previous_one_restored(tmp_path, caplog):
+    state = _two_steps(tmp_path / "ck")
+    data = [p for p in (tmp_path / "ck" / "2" / "state").rglob("*") if p.parent.name == "d"]
+    assert data
+    for f in data:  # a copy or a crash cut the data files short
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with Checkpointer(tmp_path / "ck") as ckpt, caplog.at_level("WARNING"):
+        step, restored, skipped = ckpt.restore_newest(jax.eval_shape(lambda: state))
+        assert ckpt.all_steps() == [1]
+        assert ckpt.save(2, state)  # the step number is free again
+    assert step == 1 and [s.step for s in skipped] == [2]
+    np.testing.assert_array_equal(restored["w"], state["w"])
+    assert (tmp_path / "ck" / "2.damaged" / "state").is_dir()
+    lines = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    assert len(lines) == 1 and "skipped damaged step 2" in lines[0] and "\n" not in lines[0]
+
+
+def test_no_readable_step_and_a_checkpoint_of_another_layout(tmp_path):
+    state = _two_steps(tmp_path / "ck")
+    for step in (1, 2):
+        (tmp_path / "ck" / str(step) / "state" / "_METADATA").unlink()
+    with Checkpointer(tmp_path / "ck") as ckpt:
+        step, restored, skipped = ckpt.restore_newest(jax.eval_shape(lambda: state))
+    assert step is None and restored is None
+    assert [(s.step, s.reason) for s in skipped] == [(2, "state/_METADATA is missing"),
+                                                     (1, "state/_METADATA is missing")]
+
+    _two_steps(tmp_path / "other")
+    wrong = {"w": jax.ShapeDtypeStruct((200,), jnp.float32),
+             "b": {"c": jax.ShapeDtypeStruct((3,), jnp.float32)}}
+    fits_not = r"other/2: the checkpoint's arrays do not fit .*\(300,\)"
+    with Checkpointer(tmp_path / "other") as ckpt, pytest.raises(CheckpointLayoutError,
+                                                                 match=fits_not):
+        ckpt.restore_newest(wrong)
+    assert sorted(os.listdir(tmp_path / "other")) == ["1", "2"]  # not damage: left in place
+
+
 _OTHER_MESH = textwrap.dedent("""
     import sys, jax, numpy as np
     from marlin_jax import sharding as shd
     from marlin_jax.models import get_config
     from marlin_jax.train import state as st
-    from marlin_jax.train.checkpointing import Checkpointer
+    from marlin_jax.train.checkpointing import Checkpointer, CheckpointLayoutError
 
     cfg = get_config("marlin_vit_tiny").replace(img_size=32, n_frames=4, encoder_depth=1,
                                                 decoder_depth=1)
@@ -182,7 +228,7 @@ def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_losses(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits_143_not_finished(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(_cli(run_dir, "--config.num_train_steps=2000",
                                  "--config.checkpoint_every_steps=5"),
@@ -191,8 +237,10 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     _wait_for(run_dir / "checkpoints" / "5", proc)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-3000:]
+    assert proc.returncode == 143, out[-3000:]  # 128 + SIGTERM: schedulers requeue, not "done"
     assert "preempted (SIGTERM): saved step" in out
     stopped = int(out.split("preempted (SIGTERM): saved step ")[1].split()[0])
     assert 5 <= stopped < 2000
+    assert f"marlin-jax: preempted at step {stopped}, saved to {run_dir / 'checkpoints'}" in out
+    assert "finished at step" not in out and "Traceback" not in out
     assert (run_dir / "checkpoints" / str(stopped) / "state").is_dir()

@@ -212,6 +212,50 @@ def test_bad_records_are_replaced_counted_logged_and_budgeted(caplog):
         take(it, 4)
 
 
+class CountingSource(IdSource):
+    """IdSource that counts how often each record is opened."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.opened: dict[int, int] = {}
+
+    def __getitem__(self, i):
+        self.opened[i] = self.opened.get(i, 0) + 1
+        return super().__getitem__(i)
+
+
+def test_error_budget_counts_distinct_bad_records_and_skips_known_ones_unread(caplog):
+    src = CountingSource(8, bad={3})
+    ds = make_dataset(small_config(error_budget=1), split="train", global_batch_size=4, source=src)
+    it = iter(ds)
+    with caplog.at_level(logging.WARNING, logger="marlin_jax.data.pipeline"):
+        batches = take(it, 12)  # 6 epochs, each meeting video 3
+    assert 3 not in {i for b in batches for i in ids_of(b)}
+    assert src.opened[3] == 1  # read once, then skipped without reading
+    assert it.stats["skipped"] >= 6 and it.bad_records == {3: "/data/video_3.mp4: corrupt"}
+    assert caplog.text.count("video_3.mp4") == 1
+
+    # the bad records are part of the iterator state: a resumed iterator skips them unread and
+    # yields exactly what the uninterrupted one does
+    state = it.get_state()
+    assert json.loads(json.dumps(state))["bad_records"] == {"3": "/data/video_3.mp4: corrupt"}
+    expected = take(it, 4)
+    src2 = CountingSource(8, bad={3})
+    resumed = iter(make_dataset(small_config(error_budget=1), split="train", global_batch_size=4,
+                                source=src2))
+    resumed.set_state(state)
+    for a, b in zip(take(resumed, 4), expected, strict=True):
+        np.testing.assert_array_equal(a["video"], b["video"])
+        np.testing.assert_array_equal(a["mask"], b["mask"])
+    assert 3 not in src2.opened and resumed.bad_records == it.bad_records
+
+    # a second distinct bad record is over a budget of 1
+    it = iter(make_dataset(small_config(error_budget=1), split="train", global_batch_size=4,
+                           source=CountingSource(8, bad={3, 6})))
+    with pytest.raises(ErrorBudgetError, match="2 distinct bad records skipped"):
+        take(it, 4)
+
+
 def test_unreadable_everything_fails_clearly():
     it = iter(make_dataset(small_config(max_retries=3), split="train", global_batch_size=2,
                            source=IdSource(4, bad=range(4))))

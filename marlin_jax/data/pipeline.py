@@ -17,8 +17,11 @@ iterator is a grain ``DatasetIterator``: ``get_state``/``set_state`` (or orbax w
 
 Bad records (missing/corrupt JPEG, npy, video) are replaced by another record of the same shard
 drawn from the element's own RNG, so batches keep their size and the pipeline stays
-deterministic; each replacement is logged with the file name and counted, and the iterator raises
-:class:`ErrorBudgetError` once more than ``error_budget`` records were skipped.
+deterministic; each replacement is counted, a newly found bad record is logged with the file name,
+and the iterator raises :class:`ErrorBudgetError` once more than ``error_budget`` *distinct* bad
+records were found (re-visits of a known one in later epochs do not count again). Known bad records
+are remembered (``AccountingIterator.bad_records``, part of the iterator state, so across epochs
+and resumes) and skipped without being read again.
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.worker_buffer_size = 2  # batches buffered per worker process
     c.prefetch = 4  # batches buffered ahead of the consumer (per process)
     c.seed = 0  # data seed (shuffle order, temporal starts, masks); combined with make_dataset's
-    c.error_budget = 100  # skipped bad records tolerated per process before failing
+    c.error_budget = 100  # distinct bad records tolerated per process before failing
     c.max_retries = 16  # replacement records tried for one bad record before failing
     # repeat=False only: drop the last partial batch and make all process shards equal (at most
     # process_count - 1 videos dropped) so that every process runs the same number of steps
@@ -133,8 +136,11 @@ class LoadClip:
     """grain random map: global source index -> one clip, its mask and its issues.
 
     Returns ``{"video": uint8 (T, S, S, 3), "mask": bool (N,), ["labels": int32 (L,)],
-    "_issues": [(kind, message), ...]}``. A bad record is replaced by a random record of the same
-    shard (``shard_offset + shard_stride * k``), at most ``max_retries`` times.
+    "_issues": [(kind, message[, index]), ...]}`` (skips carry the bad record's source index). A
+    bad record is replaced by a random record of the same shard (``shard_offset + shard_stride *
+    k``), at most ``max_retries`` times; the replacement depends only on the element's RNG, not on
+    how far the failed read got, so records in ``known_bad`` (index -> message) are skipped
+    without reading, with the same result.
     """
 
     def __init__(self, source: VideoSource, *, clip_frames: int, temporal_sample_rate: int,
@@ -161,16 +167,25 @@ class LoadClip:
         self.shard_len = len(range(shard_offset, len(source), shard_stride))
         self.max_retries = max_retries
         self.with_labels = bool(getattr(source, "has_labels", False))
+        self.known_bad: dict[int, str] = {}  # source index -> why it cannot be read
 
     def __call__(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
-        skipped: list[tuple[str, str]] = []
+        skipped: list[tuple[Any, ...]] = []
         index = int(index)
         for _ in range(self.max_retries + 1):
-            notes: list[tuple[str, str]] = []  # kept only if this record loads
+            known = self.known_bad.get(index)
+            if known is not None:  # skipped without reading
+                skipped.append((SKIPPED, known, index))
+                index = self.shard_offset + self.shard_stride * int(rng.integers(self.shard_len))
+                continue
+            notes: list[tuple[Any, ...]] = []  # kept only if this record loads
+            before = rng.bit_generator.state
             try:
                 element = self._load(self.source[index], rng, notes)
             except _READ_ERRORS as e:
-                skipped.append((SKIPPED, str(e)))
+                rng.bit_generator.state = before  # as if skipped without reading
+                self.known_bad[index] = str(e)
+                skipped.append((SKIPPED, str(e), index))
                 index = self.shard_offset + self.shard_stride * int(rng.integers(self.shard_len))
                 continue
             element["_issues"] = skipped + notes
@@ -226,68 +241,96 @@ def collate(elements: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 class _IssueLog:
-    """Logs the first few issues of each kind, then every 1000th (skips: always)."""
+    """Logs the first few issues of each kind, then every 1000th (newly found bad records:
+    always; re-visits of known ones: debug)."""
 
     first = 5
 
     @staticmethod
     def emit(kind: str, count: int, message: str) -> None:
-        if kind == SKIPPED:
-            log.warning("data: skipped bad record (%d so far): %s", count, message)
-        elif count <= _IssueLog.first or count % 1000 == 0:
+        if count <= _IssueLog.first or count % 1000 == 0:
             log.info("data: %s #%d: %s", kind, count, message)
 
 
 class AccountingIterator(grain.DatasetIterator):
-    """Pops ``_issues`` from each batch, counts and logs them, enforces the error budget.
+    """Pops ``_issues`` from each batch, counts and logs them, enforces the error budget on the
+    number of distinct bad records.
 
-    The counts are part of the iterator state, so a restored run keeps its budget. ``stats``
-    returns them: ``{kind: count}`` for :data:`ISSUE_KINDS`.
+    The counts and the bad records are part of the iterator state, so a restored run keeps its
+    budget and skips the known bad records. ``stats`` returns the counts: ``{kind: count}`` for
+    :data:`ISSUE_KINDS` (``skipped``: every replacement, re-visits included); ``bad_records``
+    the distinct bad records ``{source index: message}``.
     """
 
     def __init__(self, parent: grain.DatasetIterator, error_budget: int,
-                 copy_arrays: bool = False):
+                 copy_arrays: bool = False, known_bad: dict[int, str] | None = None):
         super().__init__(parent)
         self._budget = error_budget
         self._copy = copy_arrays
         self._counts = dict.fromkeys(ISSUE_KINDS, 0)
+        self._bad: dict[int, str] = {}
+        # the transform's table (same process: threads) to skip known bad records unread
+        self._known_bad = known_bad if known_bad is not None else {}
 
     @property
     def stats(self) -> dict[str, int]:
         return dict(self._counts)
 
+    @property
+    def bad_records(self) -> dict[int, str]:
+        return dict(self._bad)
+
+    def _bad_record(self, index: int | None, message: str) -> None:
+        if index is None or index in self._bad:
+            log.debug("data: skipped known bad record: %s", message)
+            return
+        self._bad[index] = message
+        self._known_bad.setdefault(index, message)
+        log.warning("data: bad record %d of the error budget %d skipped (from now on without "
+                    "reading it): %s", len(self._bad), self._budget, message)
+        if len(self._bad) > self._budget:
+            raise ErrorBudgetError(
+                f"{len(self._bad)} distinct bad records skipped, more than the error budget of "
+                f"{self._budget} (data_config.error_budget); last: {message}")
+
     def __next__(self) -> dict[str, Any]:
         batch = dict(next(self._parent))
         if self._copy:  # out of worker shared memory: valid after close(), owned by the caller
             batch = {k: np.array(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
-        for kind, message in batch.pop("_issues", ()):
+        for kind, message, *index in batch.pop("_issues", ()):
             self._counts[kind] = self._counts.get(kind, 0) + 1
-            _IssueLog.emit(kind, self._counts[kind], message)
-            if kind == SKIPPED and self._counts[kind] > self._budget:
-                raise ErrorBudgetError(
-                    f"{self._counts[kind]} bad records skipped, more than the error budget of "
-                    f"{self._budget} (data_config.error_budget); last: {message}")
+            if kind == SKIPPED:
+                self._bad_record(index[0] if index else None, message)
+            else:
+                _IssueLog.emit(kind, self._counts[kind], message)
         return batch
 
     def get_state(self) -> dict[str, Any]:
-        return {"parent": self._parent.get_state(), "issues": dict(self._counts)}
+        return {"parent": self._parent.get_state(), "issues": dict(self._counts),
+                "bad_records": {str(k): v for k, v in sorted(self._bad.items())}}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["parent"])
         self._counts = {**dict.fromkeys(ISSUE_KINDS, 0),
                         **{k: int(v) for k, v in state["issues"].items()}}
+        self._bad = {int(k): str(v) for k, v in state.get("bad_records", {}).items()}
+        for index, message in self._bad.items():
+            self._known_bad.setdefault(index, message)
 
 
 class AccountingIterDataset(grain.IterDataset):
     """IterDataset whose iterator is an :class:`AccountingIterator`."""
 
-    def __init__(self, parent: grain.IterDataset, error_budget: int, copy_arrays: bool = False):
+    def __init__(self, parent: grain.IterDataset, error_budget: int, copy_arrays: bool = False,
+                 known_bad: dict[int, str] | None = None):
         super().__init__(parent)
         self._error_budget = error_budget
         self._copy_arrays = copy_arrays
+        self._known_bad = known_bad
 
     def __iter__(self) -> AccountingIterator:
-        return AccountingIterator(self._parent.__iter__(), self._error_budget, self._copy_arrays)
+        return AccountingIterator(self._parent.__iter__(), self._error_budget, self._copy_arrays,
+                                  self._known_bad)
 
     def __str__(self) -> str:
         return f"AccountingIterDataset(error_budget={self._error_budget})"
@@ -361,4 +404,4 @@ def make_dataset(data_config: ml_collections.ConfigDict, *, split: str, global_b
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=c.num_workers, per_worker_buffer_size=max(1, c.worker_buffer_size)))
     return AccountingIterDataset(it_ds, error_budget=c.error_budget,
-                                 copy_arrays=c.num_workers > 0)
+                                 copy_arrays=c.num_workers > 0, known_bad=transform.known_bad)

@@ -6,6 +6,7 @@ The released models (`marlin_vit_{small,base,large}_ytf`) use the values of marl
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -141,6 +142,31 @@ def config_from_yaml(path: str | os.PathLike) -> MarlinConfig:
         )
     except KeyError as e:
         raise ValueError(f"{path}: missing key {e.args[0]!r} in MARLIN model config") from None
+
+
+def config_from_json_file(path: str | os.PathLike) -> MarlinConfig:
+    """Reads a ``marlin_config.json`` (``MarlinConfig.to_dict()`` as JSON; unknown keys ignored).
+
+    Raises ValueError naming the file when it cannot be read, is not valid JSON (e.g. truncated
+    by a full disk), is not an object or holds invalid values.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read model config ({e.strerror})") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: damaged model config, not valid JSON ({e}); restore it, or "
+                         "delete it to rewrite it from the run's config") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: damaged model config, expected a JSON object, got "
+                         f"{type(raw).__name__}")
+    fields = {f.name for f in dataclasses.fields(MarlinConfig)}
+    try:
+        return MarlinConfig(**{k: v for k, v in raw.items() if k in fields})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: invalid model config ({e})") from None
 
 
 def register_model_from_yaml(name: str, path: str | os.PathLike) -> MarlinConfig:

@@ -6,21 +6,72 @@ asynchronously, sharded arrays written by their owners) and ``data_iter`` (one J
 with the grain iterator position, so a resumed run sees exactly the batches it would have seen).
 Orbax writes into a temporary directory and renames it when complete (atomic), keeps the last
 ``max_to_keep`` checkpoints, and restores onto any mesh given an abstract target with shardings.
+
+A step that cannot be read back (files deleted or truncated: a crash, a full disk, a bad copy) is
+renamed aside to ``<step>.damaged`` by :meth:`Checkpointer.restore_newest`, which then restores
+the newest readable step, so that such damage costs one checkpoint interval, not the run.
 """
 
 from __future__ import annotations
 
+import collections
+import errno
 import logging
 import os
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
 
 STATE = "state"
 DATA_ITER = "data_iter"
+DAMAGED_SUFFIX = ".damaged"
+
+
+class CheckpointLayoutError(ValueError):
+    """A readable checkpoint whose arrays do not fit the run's train state (another model or
+    layout): not damage, so it is left in place and the run stops."""
+
+
+class SkippedStep(NamedTuple):
+    """A damaged step that :meth:`Checkpointer.restore_newest` renamed aside."""
+
+    step: int
+    reason: str
+    moved_to: str
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` or anything it wraps (cause, context, exception group) is ENOSPC."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(e):
+            return True
+        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+    return False
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """A one-line summary of ``exc`` (tensorstore specs and tracebacks cut off)."""
+    text = (str(exc).strip().splitlines() or [""])[0].split(" [tensorstore_spec")[0]
+    text = text or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _shape_multiset(tree: Any) -> collections.Counter:
+    return collections.Counter(tuple(x.shape) for x in jax.tree.leaves(tree)
+                               if hasattr(x, "shape"))
 
 
 class Checkpointer:
@@ -72,6 +123,65 @@ class Checkpointer:
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{self.directory}: no checkpoint for step {step}") from e
         return restored[STATE]
+
+    def step_path(self, step: int) -> str:
+        """The folder of checkpoint ``step``."""
+        return os.path.join(self.directory, str(step))
+
+    def restore_newest(self, abstract_state: Any, data_iter: Any | None = None, *,
+                       rename: bool = True) -> tuple[int | None, Any, list[SkippedStep]]:
+        """Restores the newest step that reads back: ``(step, state, skipped)``; ``(None, None,
+        skipped)`` when there is no readable step.
+
+        A step whose files are missing or truncated is logged (one line), renamed aside to
+        ``<step>.damaged`` (by the caller's choice ``rename``: the primary process) and skipped.
+        A readable step whose arrays do not fit ``abstract_state`` raises
+        :class:`CheckpointLayoutError` (left in place).
+        """
+        skipped: list[SkippedStep] = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                return step, self.restore(step, abstract_state, data_iter), skipped
+            except Exception as e:  # noqa: BLE001  (any read failure: classified below)
+                reason = self._diagnose(step, abstract_state, e)
+                moved = self._move_aside(step) if rename else self.step_path(step)
+                self._manager.reload()  # forget the step (else a new save of it is refused)
+                log.warning("checkpoint: skipped damaged step %d of %s (%s); renamed it to %s",
+                            step, self.directory, reason, moved)
+                skipped.append(SkippedStep(step, reason, moved))
+        return None, None, skipped
+
+    def _diagnose(self, step: int, abstract_state: Any, error: BaseException) -> str:
+        """Why step failed to restore, in a few words; raises CheckpointLayoutError when its
+        metadata reads and its array shapes differ from ``abstract_state``'s (another run)."""
+        folder = Path(self.step_path(step))
+        for name in (STATE, f"{STATE}/_METADATA"):
+            if not (folder / name).exists():
+                return f"{name} is missing"
+        try:
+            meta = ocp.StandardCheckpointHandler().metadata(folder / STATE)
+            saved = _shape_multiset(getattr(meta, "tree", meta))
+        except Exception as e:  # noqa: BLE001  (unreadable metadata: damage)
+            return f"{STATE}/_METADATA unreadable: {first_line(e)}"
+        wanted = _shape_multiset(abstract_state)
+        if saved and saved != wanted:
+            extra = sorted((saved - wanted).elements())[:3]
+            missing = sorted((wanted - saved).elements())[:3]
+            raise CheckpointLayoutError(
+                f"{folder}: the checkpoint's arrays do not fit this run's train state (saved "
+                f"shapes not wanted: {extra}; wanted shapes not saved: {missing}): it holds "
+                f"another model or layout. Orbax said: {first_line(error)}") from error
+        wrapped = isinstance(error, FileNotFoundError) and error.__cause__ is not None
+        return first_line(error.__cause__ if wrapped else error)
+
+    def _move_aside(self, step: int) -> str:
+        src = self.step_path(step)
+        dst = src + DAMAGED_SUFFIX
+        n = 1
+        while os.path.exists(dst):
+            dst, n = f"{src}{DAMAGED_SUFFIX}.{n}", n + 1
+        os.rename(src, dst)
+        return dst
 
     def wait(self) -> None:
         """Blocks until background writes are finished (and committed)."""

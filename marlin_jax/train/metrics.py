@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -222,3 +223,32 @@ def console_line(step: int, total_steps: int, scalars: Mapping[str, float], *,
             f"d {g('d_loss')} gp {g('gp')} | lr {float(scalars.get('g_lr', 0.0)):.3e} | "
             f"{clips_per_s:.1f} clips/s {1000 * step_time_s:.0f} ms/step | MFU {mfu_txt} | "
             f"ETA {format_duration(eta_s)}")
+
+
+def drop_rows_after(path: str | os.PathLike, step: int) -> int:
+    """Removes the rows of a ``metrics.jsonl`` whose ``"step"`` is after ``step`` (a resumed run
+    writes them again) and returns how many; rewritten atomically, so each step appears once.
+    Lines that are not JSON objects with a step (e.g. cut short by a crash) are dropped too."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    kept = []
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            keep = isinstance(row, dict) and int(row["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+    dropped = len([x for x in lines if x.strip()]) - len(kept)
+    if dropped:
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("".join(x + "\n" for x in kept))
+        os.replace(tmp, path)
+    return dropped

@@ -8,11 +8,14 @@ over ``data x fsdp``, parameters and optimiser states follow :data:`marlin_jax.s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -24,18 +27,19 @@ from flax import nnx
 from marlin_jax import sharding as shd
 from marlin_jax.data import make_dataset, make_source
 from marlin_jax.distributed import any_process
-from marlin_jax.interop.checkpoints import write_config_file
+from marlin_jax.interop.checkpoints import CONFIG_FILE, write_config_file
 from marlin_jax.interop.optimizer_state import (
     AdamMoments,
     lightning_adam_moments,
     read_lightning_checkpoint,
 )
 from marlin_jax.models import MarlinConfig, MarlinModel, is_stacked, stack_layers, unstack_layers
-from marlin_jax.preemption import SigtermFlag
+from marlin_jax.models.config import config_from_json_file
+from marlin_jax.preemption import PreemptedError, SigtermFlag
 from marlin_jax.train import metrics as mt
 from marlin_jax.train import reconstruction, steps
 from marlin_jax.train import state as st
-from marlin_jax.train.checkpointing import Checkpointer
+from marlin_jax.train.checkpointing import Checkpointer, CheckpointLayoutError, is_disk_full
 from marlin_jax.train.program import Schedule, build_program, schedule_from_config
 
 log = logging.getLogger(__name__)
@@ -44,8 +48,28 @@ METRIC_NAMES = ("rec_loss", "adv_loss", "g_loss", "d_loss", "d_loss0", "gp", "g_
                 "g_grad_norm", "d_grad_norm")
 
 
+RUN_CONFIG_FILE = "config.json"
+PREVIOUS_PREFIX = "previous-"  # fresh_start moves a workdir's contents to previous-<time>/
+# MarlinConfig fields that change neither the parameters nor their meaning for a restore
+_NOT_IDENTITY_MODEL_FIELDS = ("downloadable", "drop_rate", "attn_drop_rate")
+
+
 class NonFiniteLossError(FloatingPointError):
     """A loss or gradient became NaN/Inf; the last good checkpoint is kept."""
+
+
+class RunMismatchError(ValueError):
+    """The workdir holds the checkpoints of another run (model shape, clip geometry, layout)."""
+
+
+class CheckpointDiskFullError(OSError):
+    """The disk filled up while a checkpoint was written; the previous checkpoint is kept."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return self.strerror
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -148,6 +172,101 @@ def load_init_params(path: str, model_cfg: MarlinConfig, g_params: st.Params,
     return InitFrom(g_params, d_params, step, g_adam, d_adam)
 
 
+# ----------------------------------------------------------------------------- run identity
+
+
+def run_identity(model_cfg: MarlinConfig, config: Mapping[str, Any]) -> dict[str, Any]:
+    """What a restore depends on, as flat ``{field: value}``: the model's shape and clip geometry
+    (``model.*``, from the resolved MarlinConfig), the block layout (``scan_layers``) and the
+    optimiser-state layout (``optimizer.grad_clip > 0`` adds a clipping stage)."""
+    ident: dict[str, Any] = {f"model.{k}": v for k, v in model_cfg.to_dict().items()
+                             if k not in _NOT_IDENTITY_MODEL_FIELDS}
+    if "scan_layers" in config:
+        ident["scan_layers"] = bool(config["scan_layers"])
+    grad_clip = (config.get("optimizer") or {}).get("grad_clip")
+    if grad_clip is not None:
+        ident["optimizer.grad_clip > 0"] = float(grad_clip) > 0
+    return ident
+
+
+def saved_identity(workdir: str) -> dict[str, Any]:
+    """The identity of the run that wrote ``workdir`` (from its ``marlin_config.json`` and
+    ``config.json``; fields of an absent file are absent). Errors name a damaged file."""
+    model_path = os.path.join(workdir, CONFIG_FILE)
+    run_path = os.path.join(workdir, RUN_CONFIG_FILE)
+    config: dict[str, Any] = {}
+    if os.path.isfile(run_path):
+        try:
+            with open(run_path, encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, ValueError) as e:
+            raise RunMismatchError(f"{run_path}: damaged run config, not readable JSON ({e}); "
+                                   "restore it, or delete it to resume without checking the "
+                                   "optimiser and scan_layers layout") from None
+        if not isinstance(config, dict):
+            raise RunMismatchError(f"{run_path}: damaged run config, expected a JSON object")
+    ident = {}
+    if os.path.isfile(model_path):
+        try:
+            model_cfg = config_from_json_file(model_path)
+        except ValueError as e:
+            raise RunMismatchError(str(e)) from None
+        ident = run_identity(model_cfg, config)
+    else:
+        ident = {k: v for k, v in run_identity(MarlinConfig(), config).items()
+                 if not k.startswith("model.")}
+    return ident
+
+
+def _has_checkpoints(workdir: str) -> bool:
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
+
+
+def check_run_identity(workdir: str, current: Mapping[str, Any], this_run: str = "") -> None:
+    """Refuses (RunMismatchError naming the workdir and every differing field, old vs new) to
+    train in a workdir whose checkpoints belong to another run. Reads only. ``this_run``: a short
+    description of the current run for the message."""
+    if not _has_checkpoints(workdir):
+        return
+    saved = saved_identity(workdir)
+    diffs = [f"{k}: saved {saved[k]!r}, now {current[k]!r}"
+             for k in sorted(set(saved) & set(current)) if saved[k] != current[k]]
+    if diffs:
+        which = f" ({this_run})" if this_run else ""
+        raise RunMismatchError(
+            f"{workdir}: holds the checkpoints of a different run, which does not fit this run's "
+            f"train state{which}: {'; '.join(diffs)}; nothing was written. Use another --workdir, "
+            "or pass --config.fresh_start=True once to move its contents aside (to "
+            f"{workdir}/{PREVIOUS_PREFIX}<time>/) and start over.")
+
+
+def move_aside(workdir: str) -> str | None:
+    """``config.fresh_start``: moves everything in ``workdir`` (but earlier ``previous-*``
+    folders) into a new ``workdir/previous-<YYYYmmdd-HHMMSS>/``; returns it (None: nothing to
+    move). Nothing is deleted; the moved folder stays a readable checkpoint."""
+    if not os.path.isdir(workdir):
+        return None
+    entries = [n for n in os.listdir(workdir) if not n.startswith(PREVIOUS_PREFIX)]
+    if not entries:
+        return None
+    base = os.path.join(workdir, PREVIOUS_PREFIX + time.strftime("%Y%m%d-%H%M%S"))
+    dest, n = base, 1
+    while os.path.exists(dest):
+        dest, n = f"{base}-{n}", n + 1
+    os.makedirs(dest)
+    for name in entries:
+        os.rename(os.path.join(workdir, name), os.path.join(dest, name))
+    return dest
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -160,7 +279,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train metrics plus ``val_*`` metrics and ``step``."""
     workdir = os.path.abspath(workdir)
     primary = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
+    say = _Say(primary)
     data_cfg = resolve_data_config(config)
     mesh = shd.make_mesh(config.mesh.to_dict())
     sched = make_schedule(config, data_cfg)
@@ -168,11 +287,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     program = build_program(resolved, mesh, sched, process_count=jax.process_count())
     model_cfg, task, k = program.model_cfg, program.task, program.num_visible
     batch = program.global_batch
+    # ---- the workdir: start over (moving the old run aside) or check that it holds this run
+    if config.get("fresh_start", False):
+        moved = move_aside(workdir) if primary else None
+        _sync("marlin_fresh_start")
+        if moved:
+            say("fresh_start: moved the previous contents of %s to %s; starting over", workdir,
+                moved)
+    check_run_identity(workdir, run_identity(model_cfg, resolved.to_dict()),
+                       f"scan_layers={config.scan_layers}, model {config.model.name}")
+    os.makedirs(workdir, exist_ok=True)
     if primary:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
         write_config_file(workdir, model_cfg)  # makes the workdir a checkpoint for Marlin.from_file / convert
-    say = _Say(primary)
     say("model %s (%s compute, %s attention, data %s), mesh %s, %d devices / %d processes, "
         "batch %d, %d steps (%d/epoch), warm-up %d, lr %.3g -> %.3g, %d of %d tokens visible",
         config.model.name, jnp.dtype(program.dtype).name, program.attention_impl or "xla",
@@ -207,19 +335,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # ---- checkpoint / init
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
                         async_save=config.async_checkpointing)
-    latest = ckpt.latest_step()
+    try:
+        latest, state, skipped = ckpt.restore_newest(abstract_state, train_iter, rename=primary)
+    except CheckpointLayoutError as e:
+        ckpt.close()
+        raise RunMismatchError(
+            f"{e} (this run: scan_layers={config.scan_layers}, model {config.model.name}). It "
+            "was written with another layout: another scan_layers, or before the per-head "
+            "(D, 3, H, hd) qkv kernel (read such a workdir as weights with init_from=<workdir> in "
+            "a new workdir), or another model.") from e
+    _sync("marlin_restore")  # (each skipped step was logged as one warning line)
+    if skipped and latest is None:
+        ckpt.close()
+        raise RunMismatchError(
+            f"{ckpt.directory}: no readable checkpoint (damaged steps "
+            f"{', '.join(str(x.step) for x in skipped)} renamed aside to <step>.damaged); rerun "
+            "the same command to start from step 0 (or config.init_from).")
     if latest is not None:
         say("resuming from %s step %d", ckpt.directory, latest)
-        try:
-            state = ckpt.restore(latest, abstract_state, train_iter)
-        except ValueError as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            raise ValueError(
-                f"{ckpt.directory}: step {latest} does not fit this run's train state "
-                f"(scan_layers={config.scan_layers}, model {config.model.name}). It was written "
-                "with another layout: another scan_layers, or before the per-head (D, 3, H, hd) "
-                "qkv kernel (read such a workdir as weights with init_from=<workdir> in a new "
-                f"workdir), or another model. Orbax said: {first}") from e
     else:
         state = shd.sharded_init(init_fn, mesh)
         if config.init_from:
@@ -246,6 +379,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                                          state_shardings.d_opt_state))
                 state = state.replace(g_opt_state=placed[0], d_opt_state=placed[1])
     start_step = int(jax.device_get(state.step))
+    if primary:  # rows of steps after the restored one are rerun: keep every step once
+        dropped = mt.drop_rows_after(os.path.join(workdir, "metrics.jsonl"), start_step)
+        if dropped:
+            log.info("metrics.jsonl: dropped %d rows after step %d (rerun from it)", dropped,
+                     start_step)
 
     # ---- compiled steps
     eval_step = program.eval_step
@@ -306,6 +444,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     interval_t = time.perf_counter()
     interval_steps = 0
     checked_num_visible = False
+    preempted_at: int | None = None
+    failed = False
     with (SigtermFlag("SIGTERM received: saving a checkpoint before exiting") as preempt,
           program.mesh_context()):
         try:
@@ -357,22 +497,86 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                  and any_process(preempted)[0])
                 if step % config.checkpoint_every_steps == 0 or at_end or preempted:
                     _check_finite(*prev_metrics, ckpt, last_good)
-                    if ckpt.save(step, state, train_iter, force=True):
-                        last_good = step
+                    with _disk_full_guard(ckpt, step):
+                        if ckpt.save(step, state, train_iter, force=True):
+                            last_good = step
+                        _write_bad_records(workdir, train_iter, primary)
                 if preempted:
-                    ckpt.wait()
+                    with _disk_full_guard(ckpt, step):
+                        ckpt.wait()
                     say("preempted (SIGTERM): saved step %d to %s; exiting", step,
                         ckpt.directory)
+                    preempted_at = step
                     break
+            with _disk_full_guard(ckpt, step):
+                ckpt.wait()
+        except BaseException:
+            failed = True
+            raise
         finally:
-            ckpt.close()
+            try:
+                ckpt.close()
+            except Exception as e:  # noqa: BLE001
+                if not failed:  # else the error already propagating is the one to report
+                    if is_disk_full(e):
+                        raise _disk_full_error(ckpt, step) from None
+                    raise
+                log.debug("checkpoint close after an error: %s", e)
             writer.flush()
             writer.close()
+    if preempted_at is not None:
+        raise PreemptedError(preempted_at, ckpt.directory)
     summary = {**last, **val, "step": float(step)}
     print(f"marlin-jax: process {jax.process_index()} finished at step {step}: "
           + " ".join(f"{k}={v:.6g}" for k, v in sorted(summary.items()) if k != "step"),
           flush=True)
     return summary
+
+
+def _disk_full_error(ckpt: Checkpointer, step: int) -> CheckpointDiskFullError:
+    """The one-line error of a full disk at checkpoint ``step`` (names the step kept)."""
+    try:  # earlier saves still in flight finish (or fail) first
+        ckpt.wait()
+    except Exception as e:  # noqa: BLE001
+        log.debug("checkpoint wait after a full disk: %s", e)
+    try:
+        done = [int(n) for n in os.listdir(ckpt.directory) if n.isdigit() and int(n) != step]
+    except OSError:
+        done = []
+    kept = (f"kept step {max(done)} (the newest complete checkpoint)" if done
+            else "no complete checkpoint is kept")
+    return CheckpointDiskFullError(
+        f"disk full (No space left on device) while writing checkpoint step {step} to "
+        f"{ckpt.directory}; {kept}. Free space (or lower config.keep_checkpoints), then rerun "
+        "the same command to resume.")
+
+
+@contextlib.contextmanager
+def _disk_full_guard(ckpt: Checkpointer, step: int) -> Iterator[None]:
+    """Turns an ENOSPC anywhere in an exception (orbax wraps them) into one clear error."""
+    try:
+        yield
+    except CheckpointDiskFullError:
+        raise
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        error = _disk_full_error(ckpt, step)
+        log.error("%s", error)
+        raise error from None
+
+
+def _write_bad_records(workdir: str, data_iter: Any, primary: bool) -> None:
+    """``<workdir>/bad_records.json``: the unreadable records the data pipeline skips (also in
+    each checkpoint's iterator state), for the user to fix or remove."""
+    bad = getattr(data_iter, "bad_records", None)
+    if not primary or not bad:
+        return
+    path = os.path.join(workdir, "bad_records.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({str(k): v for k, v in sorted(bad.items())}, f, indent=1)
+    os.replace(tmp, path)
 
 
 def _append_jsonl(path: str, record: dict[str, float]) -> None:
