@@ -1,14 +1,19 @@
-"""Feature files, group assignment, plots, the report and the statistics CLI."""
+"""Feature files, group assignment, plots, the report and the statistics CLI
+(``python -m marlin_jax.analysis``, also run as ``python -m marlin_jax.analysis.stats``)."""
 
 from __future__ import annotations
 
+import ast
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from marlin_jax.analysis import stats as stats_cli
+import marlin_jax.analysis.__main__ as analysis_cli
 from marlin_jax.analysis.groups import (
     groups_from_dirs,
     groups_from_metadata,
@@ -135,7 +140,7 @@ def test_stats_cli_metadata_end_to_end(tmp_path, capsys):
     meta = _write_groups(tmp_path)
     meta.to_csv(tmp_path / "meta.csv", index=False)
     out = tmp_path / "out"
-    rc = stats_cli.main([
+    rc = analysis_cli.main([
         "--features_dir", str(tmp_path / "feats"), "--meta", str(tmp_path / "meta.csv"),
         "--group_column", "outcome", "--output_dir", str(out), "--top_k", "10",
         "--embeddings", "pca", "--mmd_permutations", "200",
@@ -179,10 +184,10 @@ def test_clip_level_overstates_significance_with_correlated_clips(tmp_path):
 
 def test_stats_cli_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        stats_cli.main(["--output_dir", str(tmp_path)])
+        analysis_cli.main(["--output_dir", str(tmp_path)])
     assert "--features_dir" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        stats_cli.main(["--group_dir", "pre", "--output_dir", str(tmp_path)])
+        analysis_cli.main(["--group_dir", "pre", "--output_dir", str(tmp_path)])
     assert "NAME=DIR" in capsys.readouterr().err
 
 
@@ -196,7 +201,7 @@ def test_stats_cli_pre_post_dirs_all_embeddings(tmp_path):
         for f in files:
             f.rename(tmp_path / g / f.name)
     out = tmp_path / "out"
-    stats_cli.main([
+    analysis_cli.main([
         "--pre_dir", str(tmp_path / "pre"), "--post_dir", str(tmp_path / "post"),
         "--output_dir", str(out), "--mmd_permutations", "100",
     ])  # fmt: skip
@@ -240,7 +245,7 @@ def test_stats_cli_on_features_extracted_from_synthetic_videos(tmp_path):
     labels["arm"] = ["treated" if i % 2 else "control" for i in range(len(labels))]
     labels.to_csv(tmp_path / "meta.csv", index=False)
     out = tmp_path / "report"
-    assert stats_cli.main([
+    assert analysis_cli.main([
         "--features_dir", str(feats), "--meta", str(tmp_path / "meta.csv"), "--id_column", "path",
         "--group_column", "arm", "--output_dir", str(out), "--embeddings", "pca",
         "--mmd_permutations", "50",
@@ -262,7 +267,7 @@ def test_stats_cli_on_sample_video_features(samples_dir, tmp_path):
     for g, name in (("pre", "cropped01"), ("post", "cropped04")):
         _extract([samples_dir / f"{name}.mp4"], ckpt, "analysis_stats_vit_tiny", tmp_path / g)
     out = tmp_path / "report"
-    assert stats_cli.main([
+    assert analysis_cli.main([
         "--pre_dir", str(tmp_path / "pre"), "--post_dir", str(tmp_path / "post"),
         "--output_dir", str(out), "--mmd_permutations", "50",
     ]) == 0  # fmt: skip
@@ -287,7 +292,7 @@ def test_stats_cli_paired_level(tmp_path):
             np.save(tmp_path / g / f"subject{i}.npy", x)
     np.save(tmp_path / "post" / "unpaired.npy", rng.normal(size=(2, DIM)))
     out = tmp_path / "out"
-    assert stats_cli.main([
+    assert analysis_cli.main([
         "--pre_dir", str(tmp_path / "pre"), "--post_dir", str(tmp_path / "post"),
         "--output_dir", str(out), "--levels", "video", "paired", "--embeddings", "pca",
         "--mmd_permutations", "50", "--top_k", "5",
@@ -305,9 +310,58 @@ def test_stats_cli_paired_level(tmp_path):
     (tmp_path / "other").mkdir()
     for i in range(3):
         np.save(tmp_path / "other" / f"x{i}.npy", rng.normal(size=(2, DIM)))
-    stats_cli.main([
+    analysis_cli.main([
         "--group_dir", f"a={tmp_path / 'pre'}", "--group_dir", f"b={tmp_path / 'other'}",
         "--output_dir", str(tmp_path / "out2"), "--levels", "paired", "--no_plots",
     ])  # fmt: skip
     notes = json.loads((tmp_path / "out2" / "summary.json").read_text())["notes"]
     assert any("paired level skipped: 0 video id(s)" in n for n in notes)
+
+
+def _run(*args, cwd=None):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def test_cli_entry_points_give_the_same_report(tmp_path):
+    """`python -m marlin_jax.analysis` and the older `python -m marlin_jax.analysis.stats`."""
+    _write_groups(tmp_path, n_videos=5)
+    feats = sorted((tmp_path / "feats").glob("*.npy"))
+    for g, files in (("pre", feats[:5]), ("post", feats[5:])):
+        (tmp_path / g).mkdir()
+        for f in files:
+            f.rename(tmp_path / g / f.name)
+    summaries = []
+    for module in ("marlin_jax.analysis", "marlin_jax.analysis.stats"):
+        out = tmp_path / module
+        res = _run("-m", module, "--pre_dir", str(tmp_path / "pre"), "--post_dir",
+                   str(tmp_path / "post"), "--output_dir", str(out), "--no_plots",
+                   "--mmd_permutations", "20")
+        assert res.returncode == 0, res.stderr
+        assert "report.md" in res.stdout and "RuntimeWarning" not in res.stderr
+        summaries.append(json.loads((out / "summary.json").read_text()))
+    assert summaries[0] == summaries[1] and summaries[0]["groups"] == ["pre", "post"]
+
+
+def test_analysis_modules_import_alone_without_a_cycle():
+    """Each module imports by itself in a fresh interpreter; stats loads neither the report nor
+    the CLI (imports flow __main__ -> report -> stats), and no statistics module loads JAX."""
+    code = (
+        "import importlib, sys; m = sys.argv[1]; importlib.import_module(m); "
+        "print(' '.join(sorted(k for k in sys.modules if k.startswith('marlin_jax.analysis.')))); "
+        "assert 'jax' not in sys.modules, m"
+    )
+    loaded = {}
+    for module in ("stats", "groups", "report", "__main__"):
+        res = _run("-c", code, f"marlin_jax.analysis.{module}")
+        assert res.returncode == 0, res.stderr
+        loaded[module] = set(res.stdout.split())
+    assert loaded["stats"] == {"marlin_jax.analysis.stats"}
+    # not even a lazy (function-level) import of another analysis module in stats
+    import marlin_jax.analysis.stats as stats_mod
+
+    tree = ast.parse(Path(stats_mod.__file__).read_text(encoding="utf-8"))
+    assert not [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                and (n.level or (n.module or "").startswith("marlin_jax"))]
+    assert "marlin_jax.analysis.__main__" not in loaded["report"]
+    assert {"marlin_jax.analysis.report", "marlin_jax.analysis.stats"} <= loaded["__main__"]

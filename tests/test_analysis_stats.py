@@ -259,3 +259,50 @@ def test_paired_test_finds_a_within_subject_shift_the_unpaired_test_misses():
     assert np.all(paired.q[:4] < 0.05) and paired.significant_fdr.sum() <= 5
     assert unpaired.significant_fdr.sum() == 0
     assert paired.summary()["test"] == "wilcoxon_signed_rank" and "cohens_dz" in paired.table()
+
+
+# ----------------------------------------------------------------------------- scipy calls
+@pytest.mark.parametrize("method", ["auto", "exact", "asymptotic"])
+@pytest.mark.parametrize("use_continuity", [True, False])
+@pytest.mark.parametrize("n1,n2", [(1, 2), (4, 6), (8, 12), (12, 9)])
+def test_mann_whitney_equals_per_feature_scipy_with_ties_and_constant_features(
+    monkeypatch, method, use_continuity, n1, n2
+):
+    """Vectorised calls split by method give what one scipy call per feature gives: tied,
+    untied, constant (zero variance: p = 1, or NaN without continuity correction) and
+    one-group-constant features, in blocks so small that some hold only one kind."""
+    import marlin_jax.analysis.stats as stats_mod
+
+    rng = np.random.default_rng(n1 * 10 + n2)
+    a, b = rng.normal(size=(n1, 30)), rng.normal(size=(n2, 30)) + 0.5
+    a[:, :10], b[:, :10] = np.round(a[:, :10]), np.round(b[:, :10])  # ties
+    a[:, 10:13], b[:, 10:13] = 2.0, 2.0  # constant
+    a[:, 13] = -1.0  # one group constant
+    monkeypatch.setattr(stats_mod, "_MWU_BLOCK_VALUES", 4 * (n1 + n2))  # blocks of 4 features
+    u, p = mann_whitney_u(a, b, method=method, use_continuity=use_continuity)
+    u_ref, p_ref = _scipy_mwu(a, b, method=method, use_continuity=use_continuity)
+    np.testing.assert_array_equal(u, u_ref)
+    np.testing.assert_allclose(p, p_ref, rtol=1e-12, atol=0)  # NaN only where scipy's is NaN
+    if use_continuity or method == "exact":  # exact: U = n1 n2 / 2, p = 1
+        assert np.all(p[10:13] == 1.0)
+    else:  # 0 / 0 in the normal approximation, as scipy
+        assert np.all(np.isnan(p[10:13]))
+    a[0, 5] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        mann_whitney_u(a, b, method=method, use_continuity=use_continuity)
+
+
+@pytest.mark.parametrize("method", ["bh", "by"])
+def test_benjamini_hochberg_is_scipy_exactly(method):
+    rng = np.random.default_rng(4)
+    p = rng.uniform(size=1000) ** 4
+    p[:50] = p[50]  # a block of ties
+    p[100], p[101] = 0.0, 1.0
+    np.testing.assert_array_equal(
+        benjamini_hochberg(p, method), ss.false_discovery_control(p, method=method)
+    )
+    np.testing.assert_array_equal(benjamini_hochberg(np.array([]), method), np.array([]))
+    with pytest.raises(ValueError, match="1-D"):
+        benjamini_hochberg(p.reshape(10, 100), method)
+    with pytest.raises(ValueError, match="method"):
+        benjamini_hochberg(p, "holm")

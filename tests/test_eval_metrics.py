@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -28,6 +29,22 @@ def test_binary_auroc_matches_sklearn(ties):
         assert M.binary_auroc(s, y) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
 
 
+def test_binary_auroc_equals_the_mann_whitney_identity():
+    """The former implementation (U / (n_pos n_neg) with mid-ranks) and scikit-learn's trapezoid
+    agree to 1e-12, with ties, (N, 1) inputs and 0/1 integer labels."""
+    from scipy.stats import rankdata
+
+    rng = np.random.default_rng(6)
+    for n, ties in itertools.product((2, 7, 300, 4000), (False, True)):
+        s, y = _binary(rng, n=n, ties=ties)
+        y[:2] = [True, False]
+        ranks = rankdata(s)
+        n_pos, n_neg = int(y.sum()), int((~y).sum())
+        mwu = (ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+        assert M.binary_auroc(s, y) == pytest.approx(mwu, rel=0, abs=1e-12)
+        assert M.binary_auroc(s[:, None], y.astype(int)[:, None]) == M.binary_auroc(s, y)
+
+
 def test_binary_auroc_extremes_and_constant_scores():
     y = np.array([0, 0, 1, 1], bool)
     assert M.binary_auroc(np.array([0.1, 0.2, 0.3, 0.4]), y) == 1.0
@@ -38,6 +55,10 @@ def test_binary_auroc_extremes_and_constant_scores():
 def test_auroc_single_class_is_an_error_not_a_number():
     with pytest.raises(ValueError, match="undefined"):
         M.binary_auroc(np.arange(3.0), np.ones(3, bool))
+    with pytest.raises(ValueError, match=r"undefined.*0 positive"):
+        M.binary_auroc(np.arange(3.0), np.zeros(3, bool))
+    with pytest.raises(ValueError, match=r"undefined.*0 positive, 0 negative"):
+        M.binary_auroc(np.zeros(0), np.zeros(0, bool))
     out = M.classification_metrics(np.arange(3.0), np.ones(3, bool), "binary")
     assert math.isnan(out["auroc"]) and out["acc"] == pytest.approx(2 / 3)
 

@@ -1,28 +1,23 @@
-"""Two-group statistics over feature dimensions (pure numpy/scipy), and the statistics CLI.
+"""Two-group statistics over feature dimensions (pure numpy/scipy).
 
-Everything is vectorised over the ``D`` feature dimensions: one sort gives the Mann-Whitney
-ranks and tie counts of every feature; one kernel matrix gives every permutation of the MMD test.
+Everything is vectorised over the ``D`` feature dimensions: Mann-Whitney U and Wilcoxon are
+vectorised ``scipy.stats`` calls (features split so each gets the method a per-feature call
+would), Benjamini-Hochberg is ``scipy.stats.false_discovery_control``, and one kernel matrix
+gives every permutation of the MMD test. Arrays are ``(n_samples, D)``: rows are clips or
+videos, columns are features.
 
-The functions equal their scipy counterparts (``scipy.stats.mannwhitneyu`` two-sided with
-``method="auto"`` applied per feature, ``scipy.stats.false_discovery_control``) and are tested
-against them. Arrays are ``(n_samples, D)``: rows are clips or videos, columns are features.
-
-CLI (see :func:`main`)::
-
-    python -m marlin_jax.analysis.stats --features_dir F --meta M.csv --group_column G \
-        --output_dir O
-    python -m marlin_jax.analysis.stats --group_dir pre=F1 --group_dir post=F2 --output_dir O
+The command line lives in :mod:`marlin_jax.analysis.__main__` (``python -m marlin_jax.analysis``);
+``python -m marlin_jax.analysis.stats`` still runs it. This module imports nothing of the
+report, so report -> stats is the only direction.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import functools
-from collections.abc import Sequence
+import warnings
 
 import numpy as np
-from scipy import special
+from scipy import stats as sstats
 
 __all__ = [
     "EFFECT_BANDS",
@@ -34,7 +29,6 @@ __all__ = [
     "compare_groups",
     "compare_paired",
     "effect_size_band_counts",
-    "main",
     "mann_whitney_u",
     "median_heuristic_bandwidth",
     "mmd2_unbiased",
@@ -72,32 +66,7 @@ def _check_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------- Mann-Whitney U
-_MWU_BLOCK_VALUES = 1 << 22  # values per block of features (bounds the sort's temporaries)
-
-@functools.lru_cache(maxsize=64)
-def _exact_u_tail(n1: int, n2: int) -> np.ndarray:
-    """``P(U >= u)`` for ``u = 0 .. n1*n2`` under H0 with no ties, exactly.
-
-    The counts of U are the coefficients of the Gaussian binomial
-    ``[n1+n2 choose n1]_q = prod_{i=1..n1} (1 - q^(n2+i)) / (1 - q^i)``; they are built with
-    Python integers (object arrays), so they are exact for any size, and divided once at the end.
-    """
-    n1, n2 = min(n1, n2), max(n1, n2)
-    size = n1 * n2 + n1 + 1
-    c = np.zeros(size, dtype=object)
-    c[:] = 0
-    c[0] = 1
-    for i in range(1, n1 + 1):
-        shift = n2 + i
-        c[shift:] = c[shift:] - c[:-shift]  # multiply by (1 - q^shift)
-        # divide by (1 - q^i): running sums along each residue class mod i
-        pad = (-size) % i
-        block = np.concatenate([c, np.zeros(pad, dtype=object)]).reshape(-1, i)
-        c = np.cumsum(block, axis=0).reshape(-1)[:size]
-    counts = c[: n1 * n2 + 1]
-    total = sum(counts)
-    tail = np.cumsum(counts[::-1])[::-1]  # counts of U >= u
-    return np.array([t / total for t in tail], dtype=np.float64)
+_MWU_BLOCK_VALUES = 1 << 22  # values per block of features (bounds scipy's ranking temporaries)
 
 
 def mann_whitney_u(
@@ -114,6 +83,12 @@ def mann_whitney_u(
     sample has at most 8 values and that feature has no ties, and otherwise the normal
     approximation with tie correction and (optionally) continuity correction; this equals
     ``scipy.stats.mannwhitneyu(a[:, j], b[:, j])`` for every ``j``.
+
+    scipy's vectorised ``method="auto"`` looks for ties across the whole array, so the features
+    are split into an exact and an asymptotic set first and each set is one vectorised
+    ``scipy.stats.mannwhitneyu(..., axis=0)`` call. A constant feature (one tie group) has zero
+    variance: p = 1 with the continuity correction, NaN without (as scipy). An explicit
+    ``method="exact"`` ignores ties and, as scipy, reads the no-ties null at ``floor(U)``.
     """
     if method not in ("auto", "exact", "asymptotic"):
         raise ValueError(f"method must be 'auto', 'exact' or 'asymptotic', got {method!r}")
@@ -130,44 +105,25 @@ def mann_whitney_u(
 def _mwu_block(
     a: np.ndarray, b: np.ndarray, use_continuity: bool, method: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    n1, n2 = a.shape[0], b.shape[0]
-    n = n1 + n2
-    d = a.shape[1]
-    xy = np.concatenate([a, b], axis=0)  # (n, D)
-
-    # One sort per feature gives average ranks and tie-group sizes.
-    order = np.argsort(xy, axis=0, kind="stable")
-    s = np.take_along_axis(xy, order, axis=0)
-    starts = np.ones((n, d), dtype=bool)
-    starts[1:] = s[1:] != s[:-1]
-    flat_starts = np.flatnonzero(starts.T.ravel())  # run starts in feature-major order
-    lengths = np.diff(np.append(flat_starts, n * d))
-    feature_of_run = flat_starts // n
-    first_rank = flat_starts % n + 1
-    avg_rank_of_run = first_rank + (lengths - 1) / 2.0
-    ranks_sorted = np.repeat(avg_rank_of_run, lengths).reshape(d, n).T  # (n, D)
-    r1 = np.sum(np.where(order < n1, ranks_sorted, 0.0), axis=0)
-    u1 = r1 - n1 * (n1 + 1) / 2.0
-    u2 = n1 * n2 - u1
-    u = np.maximum(u1, u2)
-    tie_term = np.bincount(
-        feature_of_run, weights=lengths.astype(np.float64) ** 3 - lengths, minlength=d
-    )
-
-    auto_exact = (min(n1, n2) <= 8) & (tie_term == 0)
-    exact = auto_exact if method == "auto" else np.full(d, method == "exact")
-
-    p = np.empty(d, dtype=np.float64)
-    if np.any(~exact):
-        sigma = np.sqrt(n1 * n2 / 12.0 * ((n + 1) - tie_term[~exact] / (n * (n - 1))))
-        num = u[~exact] - n1 * n2 / 2.0 - (0.5 if use_continuity else 0.0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            z = num / sigma
-        p[~exact] = 2.0 * special.ndtr(-z)
-    if np.any(exact):
-        tail = _exact_u_tail(n1, n2)
-        p[exact] = 2.0 * tail[np.rint(u[exact]).astype(np.int64)]
-    return u1, np.clip(p, 0.0, 1.0)
+    """:func:`mann_whitney_u` of ``(n1, d)`` and ``(n2, d)``: at most two scipy calls."""
+    n1, n2, d = a.shape[0], b.shape[0], a.shape[1]
+    if method == "auto":  # scipy's per-call rule, applied per feature
+        if min(n1, n2) <= 8:
+            s = np.sort(np.concatenate([a, b], axis=0), axis=0)
+            exact = ~np.any(s[1:] == s[:-1], axis=0)
+        else:
+            exact = np.zeros(d, dtype=bool)
+    else:
+        exact = np.full(d, method == "exact")
+    u, p = np.empty(d), np.empty(d)
+    for subset, sub_method in ((exact, "exact"), (~exact, "asymptotic")):
+        if not subset.any():
+            continue
+        res = sstats.mannwhitneyu(
+            a[:, subset], b[:, subset], use_continuity=use_continuity, method=sub_method, axis=0
+        )
+        u[subset], p[subset] = res.statistic, res.pvalue
+    return u, p
 
 
 def wilcoxon_signed_rank(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -179,10 +135,6 @@ def wilcoxon_signed_rank(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.n
     the whole array in a vectorised call; the features with and without them are therefore
     tested in two separate (vectorised) calls so each gets the method a per-feature call would.
     """
-    import warnings
-
-    from scipy import stats as sstats
-
     a, b = _check_pair(a, b)
     if a.shape != b.shape:
         raise ValueError(f"paired samples need equal shapes, got {a.shape} and {b.shape}")
@@ -219,7 +171,8 @@ def cohens_dz(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- FDR
 def benjamini_hochberg(p: np.ndarray, method: str = "bh") -> np.ndarray:
     """FDR-adjusted p-values (q-values) of a 1-D array, Benjamini-Hochberg (``"bh"``) or
-    Benjamini-Yekutieli (``"by"``); equals ``scipy.stats.false_discovery_control``.
+    Benjamini-Yekutieli (``"by"``): ``scipy.stats.false_discovery_control(p, method=method)``
+    after checking the input (an empty array gives an empty array).
 
     Rejecting ``q <= alpha`` controls the false discovery rate at ``alpha`` (``"bh"``: for
     independent or positively dependent tests; ``"by"``: under any dependence).
@@ -231,18 +184,9 @@ def benjamini_hochberg(p: np.ndarray, method: str = "bh") -> np.ndarray:
         raise ValueError("p-values must be numbers in [0, 1]")
     if method not in ("bh", "by"):
         raise ValueError(f"method must be 'bh' or 'by', got {method!r}")
-    m = p.size
-    if m <= 1:
+    if p.size == 0:
         return p.copy()
-    order = np.argsort(p)
-    i = np.arange(1, m + 1, dtype=np.float64)
-    q = p[order] * (m / i)
-    if method == "by":
-        q *= np.sum(1.0 / i)
-    q = np.minimum(np.minimum.accumulate(q[::-1])[::-1], 1.0)
-    out = np.empty_like(q)
-    out[order] = q
-    return out
+    return np.asarray(sstats.false_discovery_control(p, method=method), dtype=np.float64)
 
 
 # ----------------------------------------------------------------------------- effect size
@@ -529,91 +473,10 @@ def compare_paired(
     )
 
 
-# ----------------------------------------------------------------------------- CLI
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m marlin_jax.analysis.stats",
-        description=(
-            "Compare two groups of MARLIN feature files (.npy per video, (n_clips, D) or (D,)) "
-            "at clip and video level: Mann-Whitney U + Benjamini-Hochberg FDR, Cohen's d, "
-            "kernel MMD, plots and a Markdown/CSV/JSON report."
-        ),
-    )
-    src = parser.add_argument_group("groups (a metadata table, or one folder per group)")
-    src.add_argument("--features_dir", help="folder of .npy feature files (searched recursively)")
-    src.add_argument("--meta", help="metadata table (.csv, .tsv, .xlsx) with one row per video")
-    src.add_argument("--group_column", help="metadata column holding the group of each video")
-    src.add_argument(
-        "--id_column",
-        help="metadata column naming the video (file name with or without extension); "
-        "default: the first of video/video_id/filename/file/name/id/path present",
-    )
-    src.add_argument(
-        "--groups",
-        nargs=2,
-        metavar=("A", "B"),
-        help="the two group values to compare (required when the column has more than two)",
-    )
-    src.add_argument(
-        "--group_dir",
-        action="append",
-        metavar="NAME=DIR",
-        help="a group as a folder of .npy files, e.g. --group_dir pre=F1 --group_dir post=F2",
-    )
-    src.add_argument("--pre_dir", help="shorthand for --group_dir pre=DIR")
-    src.add_argument("--post_dir", help="shorthand for --group_dir post=DIR")
-    parser.add_argument("--output_dir", required=True, help="where the report and plots go")
-    parser.add_argument("--alpha", type=float, default=0.05, help="FDR / significance level")
-    parser.add_argument("--top_k", type=int, default=20, help="number of top features reported")
-    parser.add_argument("--mmd_permutations", type=int, default=1000)
-    parser.add_argument("--mmd_max_samples", type=int, default=2000)
-    parser.add_argument(
-        "--levels",
-        nargs="+",
-        choices=("clip", "video", "paired"),
-        default=("clip", "video"),
-        help="analysis levels: clip (every clip a sample), video (mean over its clips), paired "
-        "(video means of the ids present in both groups, e.g. one subject pre and post: "
-        "Wilcoxon signed-rank test)",
-    )
-    parser.add_argument(
-        "--embeddings",
-        nargs="*",
-        choices=("pca", "umap", "tsne"),
-        default=("pca", "umap", "tsne"),
-        help="2-D embeddings to plot (none: no embedding plot)",
-    )
-    parser.add_argument("--no_plots", action="store_true", help="write the tables only")
-    parser.add_argument("--seed", type=int, default=0)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the process exit code."""
-    from marlin_jax.analysis.groups import groups_from_args
-    from marlin_jax.analysis.report import run_analysis
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        groups = groups_from_args(args)
-    except ValueError as e:
-        parser.error(str(e))
-    report = run_analysis(
-        groups,
-        args.output_dir,
-        alpha=args.alpha,
-        top_k=args.top_k,
-        levels=tuple(args.levels),
-        mmd_permutations=args.mmd_permutations,
-        mmd_max_samples=args.mmd_max_samples,
-        embeddings=() if args.no_plots else tuple(args.embeddings),
-        plots=not args.no_plots,
-        seed=args.seed,
-    )
-    print(f"report: {report}")
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # The older entry point `python -m marlin_jax.analysis.stats` runs the package's CLI
+    # (`python -m marlin_jax.analysis`); runpy keeps even this script path free of an import of
+    # the CLI, so stats never depends on report.
+    import runpy
+
+    runpy.run_module("marlin_jax.analysis", run_name="__main__", alter_sys=True)

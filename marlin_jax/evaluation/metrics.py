@@ -8,7 +8,9 @@ for a multilabel task such as CelebV-HQ appearance (40 attributes) or action (35
 
 Here we also give the per-label (macro) average, subset accuracy, and the multiclass variants
 (argmax accuracy, one-vs-rest macro AUROC). Every function agrees with scikit-learn on the same
-predictions (see ``tests/test_eval_metrics.py``); scikit-learn is not imported here.
+predictions (see ``tests/test_eval_metrics.py``); the AUROC itself is scikit-learn's
+``roc_auc_score`` (imported on first use), wrapped with input checks and an explicit error for a
+single class.
 """
 
 from __future__ import annotations
@@ -43,24 +45,16 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return z / z.sum(axis=axis, keepdims=True)
 
 
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks of ``x`` (1-D), ties sharing their mean rank (as Mann-Whitney needs)."""
-    order = np.argsort(x, kind="mergesort")
-    _, inverse, counts = np.unique(x[order], return_inverse=True, return_counts=True)
-    last = np.cumsum(counts)  # 1-based rank of each tie group's last member
-    mean_rank = last - (counts - 1) / 2.0
-    ranks = np.empty(x.shape[0], dtype=np.float64)
-    ranks[order] = mean_rank[inverse]
-    return ranks
-
-
 def binary_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve of scores ``(N,)`` against boolean labels ``(N,)``.
+    """Area under the ROC curve of scores ``(N,)`` against boolean labels ``(N,)``:
+    ``sklearn.metrics.roc_auc_score(labels, scores)`` (trapezoidal area; tied scores count half).
 
-    Uses the Mann-Whitney identity with mid-ranks for ties, which equals the trapezoidal ROC area
-    (scikit-learn's ``roc_auc_score``). Raises ValueError when only one class is present, since
-    the AUROC is then undefined (never silently 0 or 0.5).
+    Raises ValueError (message containing "undefined") when only one class is present, since the
+    AUROC is then undefined (never silently 0, 0.5 or NaN; :func:`classification_metrics`
+    reports NaN). Also raises on mismatched sizes and on NaN/inf scores.
     """
+    from sklearn.metrics import roc_auc_score  # lazily: importing sklearn takes about a second
+
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     labels = np.asarray(labels).reshape(-1).astype(bool)
     if scores.shape != labels.shape:
@@ -73,8 +67,7 @@ def binary_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
         raise ValueError(
             f"AUROC is undefined with only one class present ({n_pos} positive, {n_neg} negative)"
         )
-    ranks = _average_ranks(scores)
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    return float(roc_auc_score(labels, scores))
 
 
 def multilabel_auroc(
