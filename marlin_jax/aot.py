@@ -815,7 +815,8 @@ def format_report(rep: CompileReport, target: Target) -> str:
 
 
 def run(config: ml_collections.ConfigDict, topology: str, *, max_batch: bool = False,
-        features: bool = True, report_path: str | None = None, log=print) -> dict[str, Any]:
+        features: bool = True, report_path: str | None = None, max_compiles: int = 8,
+        log=print) -> dict[str, Any]:
     """Compiles and reports; returns the JSON-able report (also written to ``report_path``)."""
     target = make_target(topology)
     mesh = shd.make_mesh(config.mesh.to_dict(), devices=target.devices)
@@ -835,7 +836,7 @@ def run(config: ml_collections.ConfigDict, topology: str, *, max_batch: bool = F
     }
     if max_batch:
         log("searching the largest batch per device that fits:")
-        best, step, history = find_max_batch(config, target, log=log)
+        best, step, history = find_max_batch(config, target, max_compiles=max_compiles, log=log)
         out["max_batch"] = {"batch_per_device": best, "tried": history}
         if step is None:
             raise AotError(f"not even 1 clip per batch shard fits on {topology} (mesh "

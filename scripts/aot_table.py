@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--topologies", default="v5e:2x2,v5p:2x2x1")
     ap.add_argument("--variants", default="before,after")
     ap.add_argument("--start_batch", type=int, default=16, help="first per-device batch tried")
+    ap.add_argument("--max_compiles", type=int, default=8, help="compiles per --max_batch search")
     ap.add_argument("--fsdp", action="store_true", help="shard parameters over the slice (FSDP)")
     ap.add_argument("--out", default="aot_table.md")
     ap.add_argument("--json", default="aot_table.json")
@@ -74,7 +75,8 @@ def main() -> None:
                 print(f"== ViT-{model[0].upper()} {topology} {variant}", flush=True)
                 t0 = time.perf_counter()
                 try:
-                    out = aot.run(config, topology, max_batch=True, features=False)
+                    out = aot.run(config, topology, max_batch=True, features=False,
+                                  max_compiles=args.max_compiles)
                 except aot.AotError as e:
                     print(f"   {e}", flush=True)
                     rows.append(f"| ViT-{model[0].upper()} | {topology} | {variant} | does not fit "
