@@ -3,6 +3,11 @@
 Mirrors marlin-pytorch's `Marlin` (from_file / from_online / clean_cache / extract_features /
 extract_video) with the same sliding windows and padding rules, but batches the windows of a
 video through one jitted call and reads frames with OpenCV (no ffmpeg binary needed).
+
+The CLI writes one ``.npy`` per video under ``--output_dir``, mirroring the input folders
+(:func:`plan_outputs`), skips outputs that existed before the run (resuming) and prints how many
+videos were written, skipped and failed, and which were only partly decodable (``--strict``
+fails those).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +30,7 @@ from flax import nnx
 
 from marlin_jax.interop import load_model, read_config_file
 from marlin_jax.models import RELEASE_URL, MarlinConfig, MarlinModel, get_config
-from marlin_jax.video_io import VideoReadError, iter_frames
+from marlin_jax.video_io import IncompleteDecode, VideoReadError, iter_frames
 
 REDUCTIONS = ("none", "mean", "max")
 
@@ -236,13 +241,58 @@ class Marlin:
             self._cropper = FaceCropper(size=self.config.img_size)
         return self._cropper
 
+    def _face_windows(self, path: str, sample_rate: int, stride: int, strict: bool,
+                      on_incomplete: Callable[[IncompleteDecode], None] | None) -> Iterator[np.ndarray]:
+        """Face-cropped windows of a video, in two passes: detect faces in every frame a window
+        can use (every ``sample_rate``-th, plus the first ``n_frames``) over the whole video, then
+        crop each window with the track's boxes (frames without a face take the box of the
+        nearest frame with one, so a window of a fade-in from black is kept, as in the original).
+        """
+        from marlin_jax.face import NoFaceError
+
+        clip_frames = self.config.n_frames
+        cropper = self._face_cropper()
+        try:
+            track = cropper.track_stream(
+                iter_frames(path, strict=strict, on_incomplete=on_incomplete), name=path,
+                search=lambda i: i % sample_rate == 0 or i < clip_frames)
+        except NoFaceError as e:
+            raise VideoReadError(str(e)) from e
+        total = track.num_frames
+        seen = 0
+
+        def frames() -> Iterator[np.ndarray]:  # the second pass, checked against the first
+            nonlocal seen
+            for frame in iter_frames(path, check=False):
+                if seen == total:
+                    break
+                seen += 1
+                yield frame
+
+        numbers = iter_windows((np.int64(i) for i in range(total)), clip_frames, sample_rate, stride)
+        for clip, index in zip(iter_windows(frames(), clip_frames, sample_rate, stride), numbers,
+                               strict=False):
+            yield cropper.crop_frames(clip, track.squares_at(index))
+        if seen != total:
+            raise VideoReadError(f"{path}: decoded {total} frames, then {seen} when read again")
+
     def extract_video(self, video_path: str | os.PathLike, crop_face: bool = False, sample_rate: int = 2,
-                      stride: int = 16, reduction: str = "none", keep_seq: bool = False) -> np.ndarray:
+                      stride: int = 16, reduction: str = "none", keep_seq: bool = False, *,
+                      strict: bool = False,
+                      on_incomplete: Callable[[IncompleteDecode], None] | None = None) -> np.ndarray:
         """Features of a video file with marlin-pytorch's sliding windows.
 
         Returns ``(n_windows, D)`` (or ``(n_windows, N, D)`` with keep_seq); ``reduction`` "mean" or
-        "max" reduces over windows. ``crop_face=True`` detects and crops the face in every sampled
-        frame first; otherwise frames must already be ``img_size`` x ``img_size`` face crops.
+        "max" reduces over windows. ``crop_face=True`` detects faces over the whole video first
+        (every sampled frame) and crops every window with them; frames without a face take the box
+        of the nearest frame with one, and a video with no face at all raises VideoReadError saying
+        how many frames were searched. Otherwise frames must already be ``img_size`` x ``img_size``
+        face crops.
+
+        A video whose container declares more frames than decode (a truncated file) gives features
+        of the decodable frames and a logged warning passed to ``on_incomplete``
+        (:class:`~marlin_jax.video_io.IncompleteDecode`); with ``strict=True`` it raises
+        :class:`~marlin_jax.video_io.IncompleteVideoError` naming the file and both counts.
         """
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -260,16 +310,13 @@ class Marlin:
             features.append(self.extract_features(clips, keep_seq=keep_seq)[:n])
             batch.clear()
 
-        windows = iter_windows(iter_frames(path), self.config.n_frames, sample_rate, stride)
+        if crop_face:
+            windows = self._face_windows(path, sample_rate, stride, strict, on_incomplete)
+        else:
+            windows = iter_windows(iter_frames(path, strict=strict, on_incomplete=on_incomplete),
+                                   self.config.n_frames, sample_rate, stride)
         for clip in windows:
-            if crop_face:
-                from marlin_jax.face import NoFaceError
-
-                try:
-                    clip = self._face_cropper().crop_video(clip)
-                except NoFaceError as e:
-                    raise VideoReadError(f"{path}: {e}") from e
-            elif clip.shape[1:3] != (size, size):
+            if clip.shape[1:3] != (size, size):
                 raise VideoReadError(
                     f"{path}: frames are {clip.shape[2]}x{clip.shape[1]} but the model needs {size}x{size} "
                     f"face crops; pass crop_face=True or crop the video first")
@@ -288,15 +335,83 @@ class Marlin:
         return out
 
 
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
+
+
+def plan_outputs(inputs: list[str | os.PathLike], out_dir: str | os.PathLike
+                 ) -> tuple[list[tuple[Path, Path]], list[tuple[Path, Path]]]:
+    """Where the CLI writes each video's features: ``(plan, renamed)``, lists of
+    ``(video, target .npy)``.
+
+    Videos found in a folder argument keep their path relative to it (``F/sub/x.mp4`` ->
+    ``out/sub/x.npy``); file arguments go to the top of ``out_dir``. Videos whose outputs would
+    share a name (``x.mp4`` and ``x.avi`` in one folder) keep their extension (``x.mp4.npy``,
+    ``x.avi.npy``) and are listed in ``renamed``. A file reached twice is planned once. Raises
+    ValueError naming the videos if two outputs still coincide (the same relative path under two
+    folder arguments, or same-named file arguments from different folders).
+    """
+    out = Path(out_dir)
+    found: list[tuple[Path, Path]] = []  # (video, path relative to the output folder)
+    seen: set[Path] = set()
+    for item in map(Path, inputs):
+        if item.is_dir():
+            pairs = [(p, p.relative_to(item)) for p in sorted(item.rglob("*"))
+                     if p.suffix.lower() in VIDEO_EXTENSIONS and not p.is_dir()]
+        else:
+            pairs = [(item, Path(item.name))]
+        for video, rel in pairs:
+            key = video.resolve()
+            if key not in seen:
+                seen.add(key)
+                found.append((video, rel))
+    by_stem: dict[Path, set[Path]] = {}
+    for _, rel in found:
+        by_stem.setdefault(rel.with_suffix(""), set()).add(rel)
+    plan, renamed = [], []
+    for video, rel in found:
+        if len(by_stem[rel.with_suffix("")]) > 1:  # x.mp4 + x.avi: keep the extension
+            target = out / rel.parent / f"{rel.name}.npy"
+            renamed.append((video, target))
+        else:
+            target = out / rel.with_suffix(".npy")
+        plan.append((video, target))
+    by_target: dict[Path, list[Path]] = {}
+    for video, target in plan:
+        by_target.setdefault(target, []).append(video)
+    clashes = [f"{', '.join(map(str, v))} -> {t}" for t, v in by_target.items() if len(v) > 1]
+    if clashes:
+        raise ValueError("these videos would write the same output file: " + "; ".join(clashes)
+                         + ". Pass their common parent folder instead, or use separate --output_dir")
+    return plan, renamed
+
+
+def _save_atomic(target: Path, array: np.ndarray) -> None:
+    """Writes ``target`` via a temporary file in its folder, so a partial file never has its name."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The CLI; exit status 0 when every video was written or skipped, 1 if any failed, 2 for
+    unusable arguments (e.g. two videos that would write the same output)."""
     parser = argparse.ArgumentParser(
         prog="python -m marlin_jax.extract",
-        description="Extract MARLIN features from videos: one .npy per video in --output_dir.")
+        description="Extract MARLIN features from videos: one .npy per video in --output_dir, which "
+                    "mirrors the input folders (F/sub/x.mp4 -> OUT/sub/x.npy; x.mp4 and x.avi in "
+                    "one folder -> x.mp4.npy and x.avi.npy).")
     parser.add_argument("videos", nargs="+", help="video files (or directories of videos)")
     parser.add_argument("--model", default="marlin_vit_base_ytf", help="registered model name")
     parser.add_argument("--checkpoint", required=True,
                         help=".pt / .ckpt / VideoMAE checkpoint or marlin-jax checkpoint directory")
-    parser.add_argument("--output_dir", default="features", help="where <video stem>.npy files go")
+    parser.add_argument("--output_dir", default="features",
+                        help="where the .npy files go (paths relative to each input folder are kept)")
     parser.add_argument("--crop_face", action="store_true", help="detect and crop faces first")
     parser.add_argument("--sample_rate", type=int, default=2)
     parser.add_argument("--stride", type=int, default=16)
@@ -307,34 +422,53 @@ def main(argv: list[str] | None = None) -> int:
                         help="bf16 matmul operands with float32 accumulation (faster, ~1e-2 rel. error)")
     parser.add_argument("--attention_impl", choices=["auto", "xla", "per_head", "cudnn", "splash"], default="auto",
                         help="auto: per_head on CPU (cache-friendly), xla elsewhere; cudnn: fused GPU attention")
-    parser.add_argument("--overwrite", action="store_true", help="recompute existing .npy files")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="recompute .npy files that existed before this run (default: skip them)")
+    parser.add_argument("--strict", action="store_true",
+                        help="fail a video whose container declares more frames than decode (a truncated "
+                             "file) instead of writing features of its decodable frames with a warning")
     args = parser.parse_args(argv)
 
     from tqdm.auto import tqdm
 
-    exts = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
-    videos: list[Path] = []
-    for item in map(Path, args.videos):
-        videos.extend(sorted(p for p in item.rglob("*") if p.suffix.lower() in exts) if item.is_dir() else [item])
+    out_dir = Path(args.output_dir)
+    try:
+        plan, renamed = plan_outputs(args.videos, out_dir)
+    except ValueError as e:
+        print(f"marlin-jax extract: {e}", file=sys.stderr)
+        return 2
     marlin = Marlin.from_file(args.model, args.checkpoint, batch_size=args.batch_size,
                               matmul_dtype=args.matmul_dtype, attention_impl=args.attention_impl)
-    out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Only outputs that existed before this run are skipped (resuming); never one written by it.
+    existed = set() if args.overwrite else {target for _, target in plan if target.exists()}
+    written, skipped = 0, 0
     failures: list[str] = []
-    for video in tqdm(videos, desc="videos", unit="video"):
-        target = out_dir / f"{video.stem}.npy"
-        if target.exists() and not args.overwrite:
+    incomplete: list[IncompleteDecode] = []
+    for video, target in tqdm(plan, desc="videos", unit="video"):
+        if target in existed:
+            skipped += 1
             continue
+        issues: list[IncompleteDecode] = []
         try:
             feats = marlin.extract_video(video, crop_face=args.crop_face, sample_rate=args.sample_rate,
-                                         stride=args.stride, reduction=args.reduction, keep_seq=args.keep_seq)
+                                         stride=args.stride, reduction=args.reduction, keep_seq=args.keep_seq,
+                                         strict=args.strict, on_incomplete=issues.append)
+            _save_atomic(target, feats)
         except (VideoReadError, ValueError, OSError) as e:
-            failures.append(f"{video}: {e}")
+            failures.append(str(e) if str(video) in str(e) else f"{video}: {e}")
             continue
-        tmp = target.with_suffix(".tmp.npy")
-        np.save(tmp, feats)
-        os.replace(tmp, target)
-    print(f"{len(videos) - len(failures)} of {len(videos)} videos -> {out_dir}")
+        written += 1
+        incomplete += issues[:1]
+    partly = f" ({len(incomplete)} of them partly decodable)" if incomplete else ""
+    print(f"{written} written{partly}, {skipped} skipped (output existed before this run), "
+          f"{len(failures)} failed, of {len(plan)} videos -> {out_dir}")
+    if renamed:
+        print(f"{len(renamed)} videos share a name with another video in their folder; their outputs keep "
+              "the extension:", *(f"{v} -> {t}" for v, t in renamed), sep="\n  ")
+    if incomplete:
+        print(f"{len(incomplete)} written from partly decodable videos (features of the decodable frames "
+              "only; --strict makes this an error):", *map(str, incomplete), sep="\n  ", file=sys.stderr)
     if failures:
         print(f"{len(failures)} failed:", *failures, sep="\n  ", file=sys.stderr)
         return 1

@@ -2,19 +2,67 @@
 
 Frames are returned RGB, uint8, channels-last: ``(T, H, W, 3)``. Every failure raises
 :class:`VideoReadError` naming the file and the problem.
+
+Partly decodable files (a truncated download or copy whose header still declares every frame)
+are never read silently: a full read compares the frames decoded with the container's frame count
+(:func:`check_decoded`, the one place of that rule) and logs a warning naming the file and both
+counts, or raises :class:`IncompleteVideoError` when reading with ``strict=True``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 
 class VideoReadError(ValueError):
     """A video file is missing, unreadable, or has no frames."""
+
+
+class IncompleteVideoError(VideoReadError):
+    """Strict reading: the container declares more frames than could be decoded."""
+
+
+@dataclass(frozen=True)
+class IncompleteDecode:
+    """A video whose container declares more frames than decode (truncated or damaged file)."""
+
+    path: str
+    declared: int
+    decoded: int
+
+    def __str__(self) -> str:
+        return (f"{self.path}: the container declares {self.declared} frames but only {self.decoded} "
+                f"could be decoded (truncated or damaged file)")
+
+
+def check_decoded(path: str | os.PathLike, declared: int, decoded: int, *, strict: bool = False
+                  ) -> IncompleteDecode | None:
+    """Compares the frames ``decoded`` by a full read with the count the container ``declared``
+    (``CAP_PROP_FRAME_COUNT``; <= 0 means unknown and is not checked).
+
+    Returns None when every declared frame decoded. Otherwise logs a warning naming the file and
+    both counts and returns the :class:`IncompleteDecode`, or raises :class:`IncompleteVideoError`
+    when ``strict``.
+    """
+    if declared <= 0 or decoded >= declared:
+        return None
+    issue = IncompleteDecode(os.fspath(path), int(declared), int(decoded))
+    if strict:
+        raise IncompleteVideoError(f"{issue} [strict]")
+    log.warning("%s; using the %d decodable frames", issue, decoded)
+    return issue
+
+
+def _declared_frames(cap: cv2.VideoCapture) -> int:
+    return int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
 
 
 def _open(path: str | os.PathLike) -> cv2.VideoCapture:
@@ -30,15 +78,20 @@ def _open(path: str | os.PathLike) -> cv2.VideoCapture:
     return cap
 
 
-def iter_frames(path: str | os.PathLike, step: int = 1) -> Iterator[np.ndarray]:
+def iter_frames(path: str | os.PathLike, step: int = 1, *, strict: bool = False, check: bool = True,
+                on_incomplete: Callable[[IncompleteDecode], None] | None = None) -> Iterator[np.ndarray]:
     """Yields every ``step``-th frame of a video as RGB uint8 ``(H, W, 3)``.
 
     Skipped frames are grabbed but not decoded to RGB, so a step of 2 costs about half.
-    Raises VideoReadError if the file cannot be opened or yields no frame at all.
+    Raises VideoReadError if the file cannot be opened or yields no frame at all. When the stream
+    is read to its end (and ``check``), fewer frames than the container declares are a logged
+    warning passed to ``on_incomplete``, or an :class:`IncompleteVideoError` when ``strict``
+    (raised after the last frame; see :func:`check_decoded`).
     """
     if step < 1:
         raise ValueError(f"step must be >= 1, got {step}")
     cap = _open(path)
+    declared = _declared_frames(cap)
     index = 0
     try:
         while True:
@@ -53,7 +106,12 @@ def iter_frames(path: str | os.PathLike, step: int = 1) -> Iterator[np.ndarray]:
     finally:
         cap.release()
     if index == 0:
-        raise VideoReadError(f"{os.fspath(path)}: video has no decodable frames")
+        said = f" (the container declares {declared})" if declared > 0 else ""
+        raise VideoReadError(f"{os.fspath(path)}: video has no decodable frames{said}")
+    if check:
+        issue = check_decoded(path, declared, index, strict=strict)
+        if issue is not None and on_incomplete is not None:
+            on_incomplete(issue)
 
 
 def read_frames(path: str | os.PathLike, step: int = 1, max_frames: int | None = None) -> np.ndarray:
@@ -81,15 +139,25 @@ def video_info(path: str | os.PathLike) -> dict:
         cap.release()
 
 
-def count_frames(path: str | os.PathLike) -> int:
-    """Exact number of frames, counted by demuxing (grab without decoding to RGB)."""
+def count_frames(path: str | os.PathLike, *, strict: bool = False,
+                 on_incomplete: Callable[[IncompleteDecode], None] | None = None) -> int:
+    """Exact number of frames, counted by demuxing (grab without decoding to RGB).
+
+    Fewer frames than the container declares: a logged warning passed to ``on_incomplete``, or an
+    :class:`IncompleteVideoError` when ``strict`` (see :func:`check_decoded`).
+    """
     cap = _open(path)
     n = 0
     try:
+        declared = _declared_frames(cap)
         while cap.grab():
             n += 1
     finally:
         cap.release()
+    if n:
+        issue = check_decoded(path, declared, n, strict=strict)
+        if issue is not None and on_incomplete is not None:
+            on_incomplete(issue)
     return n
 
 

@@ -3,6 +3,7 @@ and the sample videos; plus temporal sampling and the record helpers."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -272,6 +273,58 @@ def test_video_file_source_bad_files_name_the_file(tmp_path):
     np.save(root / "parsing" / "a.npy", np.zeros((3, 32, 32), np.uint8))  # wrong length
     with pytest.raises(BadRecordError, match=r"a.npy: parsing maps must be \(T=10"):
         src[0].read_parsing([0])
+
+
+def test_video_file_source_skips_a_video_without_its_parsing_map_like_ytf(tmp_path, caplog):
+    """The ytf rule: a dataset with parsing maps skips (BadRecordError where maps are read) a video
+    whose map is missing, with a WARNING naming it and a counter; it never falls back silently."""
+    root = _write_videos(tmp_path / "vids", {"a": 10, "b": 10, "c": 10})
+    (root / "parsing" / "b.npy").unlink()
+    with caplog.at_level(logging.WARNING, logger="marlin_jax.data.videos"):
+        src = VideoFileSource(str(root), "all")
+    assert src.missing_parsing == ["b.mp4"] and src.num_missing_parsing == 1
+    assert "b.mp4: no parsing map" in caplog.text and "a.mp4" not in caplog.text
+    np.testing.assert_array_equal(src[0].read_parsing([4])[0], parsing_map(32, 4))
+    with pytest.raises(BadRecordError, match=r"videos/b.mp4: no parsing map \(.*parsing/b.npy or .*videos/b.npy "
+                                             r"not found\); the video is skipped"):
+        src[1].read_parsing([0])
+    # through the pipeline with fasking: skipped and counted like any bad record, never a random mask
+    from marlin_jax.data import default_data_config, make_dataset
+
+    c = default_data_config()
+    c.update(source="videos", root_dir=str(root), clip_frames=4, img_size=32, patch_size=16, tubelet_size=2,
+             mask_ratio=0.5, num_threads=1, prefetch=2, mask_strategy="fasking", error_budget=10)
+    it = iter(make_dataset(c, split="all", global_batch_size=2, shuffle=False, repeat=False))
+    batches = list(it)
+    assert sum(len(b["video"]) for b in batches) == 2
+    assert it.stats["no_parsing"] == 0 and it.stats["skipped"] == 1
+    assert list(it.bad_records) == [1] and "b.mp4: no parsing map" in it.bad_records[1]
+    # without any parsing maps there is nothing missing: read_parsing is None (random masks)
+    for f in (root / "parsing").glob("*.npy"):
+        f.unlink()
+    (root / "parsing").rmdir()
+    bare = VideoFileSource(str(root), "all")
+    assert bare.missing_parsing == [] and bare[0].read_parsing is None
+    with pytest.raises(FileNotFoundError, match="nowhere: parsing map folder not found"):
+        VideoFileSource(str(root), "all", parsing_dir=str(tmp_path / "nowhere"))
+
+
+def test_video_file_source_reports_a_truncated_video_and_strict_skips_it(tmp_path, caplog):
+    from tests.test_faults_extract import flat_frames, write_truncated_mp4
+
+    (tmp_path / "vids").mkdir()
+    path = write_truncated_mp4(tmp_path / "vids" / "cut.mp4", flat_frames(48, 64))
+    decoded = len(read_frames(path))
+    assert 0 < decoded < 48
+    with caplog.at_level(logging.WARNING, logger="marlin_jax.video_io"):
+        rec = VideoFileSource(str(tmp_path / "vids"), "all")[0]
+    assert rec.num_frames == decoded  # sampling stays within the decodable frames
+    assert f"cut.mp4: the container declares 48 frames but only {decoded} could be decoded" in caplog.text
+    src = VideoFileSource(str(tmp_path / "vids"), "all")
+    src[0]
+    assert {k: (v.declared, v.decoded) for k, v in src.incomplete.items()} == {"cut.mp4": (48, decoded)}
+    with pytest.raises(BadRecordError, match=f"cut.mp4: the container declares 48 frames but only {decoded}"):
+        VideoFileSource(str(tmp_path / "vids"), "all", strict=True)[0]
 
 
 @pytest.mark.samples

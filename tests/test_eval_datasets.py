@@ -283,3 +283,65 @@ def test_unreadable_video_fails_before_training_or_is_skipped(tmp_path):
     assert kept.labelset.keys == ("a", "c") and list(bad) == ["b"]
     assert [kept.num_frames(i) for i in range(2)] == [10, 10]  # counts carried over
     np.testing.assert_array_equal(kept.labelset.labels, ds.labelset.labels[[0, 2]])
+
+
+def test_csv_row_problems_are_errors_naming_the_file_and_line(tmp_path):
+    cases = {
+        # a trailing comma on a row (was: AttributeError 'list' object has no attribute 'strip')
+        "path,label\nx.mp4,1,\ny.mp4,0\n": r"rows must have the header's 2 cells.*line 2: 3 cells",
+        "path,label,\nx.mp4,1,\n": r"line 1: empty column name in the header.*trailing comma",
+        # a row without its split cell (was: dropped silently)
+        "path,label,split\nx.mp4,1,train\ny.mp4,0\n": r"line 3: 2 cells",
+        "path,label,split\nx.mp4,1,train\ny.mp4,0,\n": r"empty cell\(s\): line 3: split",
+        "path,label,split\nx.mp4,,train\n": r"empty cell\(s\): line 2: label",
+        "path,label,split\nx.mp4,1,train\ny.mp4,0,tset\n": r"split values must be one of.*"
+                                                          r"line 3: 'tset'",
+        "path,label,label\nx.mp4,1,0\n": r"line 1: repeated header column\(s\) \['label'\]",
+        "": r"empty CSV file",
+    }
+    for i, (text, message) in enumerate(cases.items()):
+        (tmp_path / f"c{i}.csv").write_text(text)
+        with pytest.raises(DatasetError, match=rf"c{i}\.csv: .*{message}"):
+            load_label_file(tmp_path / f"c{i}.csv", split="train")
+    (tmp_path / "ok.csv").write_text("path,label,split\n\nx.mp4,1,train\n\ny.mp4,0,test\n")
+    assert load_label_file(tmp_path / "ok.csv", split="train").keys == ("x",)  # blank lines
+    (tmp_path / "bin.csv").write_text("path,label\nx.mp4,1\ny.mp4,maybe\n")
+    with pytest.raises(DatasetError, match=r"bin\.csv: binary labels.*line 3: 'maybe'"):
+        load_label_file(tmp_path / "bin.csv", task="binary")
+
+
+def test_a_mistyped_label_in_every_split_does_not_make_an_extra_class(tmp_path, caplog):
+    def write(name, labels):
+        rows = ["path,label,split"] + [f"v{i}.mp4,{y},{('train', 'val', 'test')[i % 3]}"
+                                       for i, y in enumerate(labels)]
+        (tmp_path / name).write_text("\n".join(rows) + "\n")
+        return tmp_path / name
+
+    # binary 0/1 with an `l` typed for `1` once in every split: was a silent 3-class task
+    typo = write("typo.csv", ["0", "1", "0", "1", "l", "l", "l", "0", "1"])
+    for split in ("train", "val", "test"):
+        with pytest.raises(DatasetError, match=r"typo\.csv: labels mix class indices \['0', '1'\] "
+                                               r"and class names \['l'\].*'l': 3 row\(s\) "
+                                               r"\(line 6; line 7; line 8\)"):
+            load_label_file(typo, split=split)
+    gap = write("gap.csv", ["0", "1", "2", "11", "0", "1"])
+    with pytest.raises(DatasetError, match=r"gap\.csv: class indices 3, 4, .* have no rows.*"
+                                           r"'11': 1 row\(s\) \(line 5\)"):
+        load_label_file(gap)
+    case = write("case.csv", ["happy", "sad", "Happy", "sad"])
+    with pytest.raises(DatasetError, match=r"case\.csv: class names differ only in case.*"
+                                           r"'Happy': 1 row\(s\) \(line 4\)"):
+        load_label_file(case)
+    with pytest.raises(DatasetError, match=r"case\.csv: unknown class name\(s\).*'Happy' "
+                                           r"\(1 row\(s\): line 4\)"):
+        load_label_file(case, class_names=["happy", "sad"])
+
+    # the classes come from the whole file (every split gets the same head) and are logged
+    names = write("names.csv", ["happy", "sad", "angry", "happy", "sad", "sad"])
+    with caplog.at_level("INFO", logger="marlin_jax.evaluation.datasets"):
+        val = load_label_file(names, split="val")  # rows 1 and 4: only "sad"
+    assert val.class_names == ("angry", "happy", "sad") and val.labels.tolist() == [2, 2]
+    assert "3 classes inferred from the labels: 'angry' (1 rows), 'happy' (2 rows), " \
+           "'sad' (3 rows)" in caplog.text
+    ints = write("ints.csv", ["0", "2", "1", "01"])
+    assert load_label_file(ints).labels.tolist() == [0, 2, 1, 1]

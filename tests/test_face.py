@@ -9,9 +9,11 @@ from marlin_jax.face import (
     LAPA_LABELS,
     MESH_INSTALL,
     MESH_METHOD,
+    MIN_FRAME_SIDE,
     PARSER_METHOD,
     FaceCropper,
     FaceParser,
+    FrameTooSmallError,
     NoFaceError,
     available_methods,
     crop_square,
@@ -102,9 +104,51 @@ def test_template_layout_of_a_canonical_face():
     assert c[10][1] < c[2][1]
 
 
+def test_fill_missing_takes_the_nearest_found_row():
+    values = np.arange(9, dtype=np.float32)
+    found = np.array([False, True, False, False, False, False, True, False, False])
+    # row 3 is nearer row 1, rows 4-5 nearer row 6, trailing rows take the last found one
+    np.testing.assert_array_equal(fill_missing(values, found), [1, 1, 1, 1, 6, 6, 6, 6, 6])
+
+
 def test_no_face_raises_naming_the_frame_count():
-    with pytest.raises(NoFaceError, match="clip.mp4: no face found in any of 4 frames"):
+    with pytest.raises(NoFaceError, match="clip.mp4: no face found in any of 4 frames searched"):
         FaceCropper().crop_video(np.zeros((4, 120, 160, 3), np.uint8), name="clip.mp4")
+    with pytest.raises(NoFaceError, match=r"clip.mp4: no face found in any of 3 frames searched "
+                                          r"\(of the 5 in the video\)"):
+        FaceCropper().track_stream(iter(np.zeros((5, 64, 64, 3), np.uint8)), "clip.mp4",
+                                   search=lambda i: i % 2 == 0)
+
+
+def _fade_in(black: int, face: int, size: int = 64) -> np.ndarray:
+    """``black`` black frames, then ``face`` frames of a synthetic face: uint8 (T, size, size, 3)."""
+    from marlin_jax.data.synthetic import render_video
+
+    faces = render_video(1, num_frames=face, size=size)["frames"]
+    return np.concatenate([np.zeros((black, size, size, 3), np.uint8), faces])
+
+
+def test_track_stream_tracks_the_whole_video_and_fills_a_fade_in_with_the_first_face():
+    frames = _fade_in(black=20, face=12)
+    track = FaceCropper(smoothing=0).track_stream(iter(frames), "fade.mp4", search=lambda i: i % 2 == 0,
+                                                   batch_size=4)  # batches straddle the fade
+    assert track.num_frames == 32
+    np.testing.assert_array_equal(track.indices, np.arange(0, 32, 2))
+    assert not track.found[:10].any() and track.found[10:].all()
+    first = track.squares_at([20])
+    np.testing.assert_array_equal(track.squares_at(range(20)), np.repeat(first, 20, 0))
+    np.testing.assert_array_equal(track.squares_at([23]), track.squares_at([22]))  # nearest searched
+    # the same boxes as tracking the searched frames in memory
+    whole = FaceCropper(smoothing=0).track(frames[::2], "fade.mp4")
+    np.testing.assert_allclose(track.squares, whole.squares, atol=1e-4)
+
+
+def test_frames_too_small_for_a_face_name_the_video_and_the_minimum():
+    with pytest.raises(FrameTooSmallError, match=rf"dot.mp4: frames are 1x1 pixels, too small to hold a "
+                                                 rf"face \(face detection needs at least {MIN_FRAME_SIDE}x"):
+        FaceCropper().crop_video(np.zeros((3, 1, 1, 3), np.uint8), name="dot.mp4")
+    with pytest.raises(NoFaceError, match="frames are 64x4 pixels"):  # a NoFaceError: callers skip it
+        detect_faces(np.zeros((1, 4, 64, 3), np.uint8))
 
 
 def test_bad_frames_raise_a_clear_error():

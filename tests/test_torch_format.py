@@ -139,6 +139,36 @@ def test_views_offsets_strides_and_shared_storage(tmp_path, legacy):
     assert not out["expanded"].flags.writeable and out["expanded"].strides[0] == 0
 
 
+def test_conj_and_neg_bits_match_torch_and_expanded_ones_stay_views(tmp_path):
+    z = torch.tensor([1 + 2j, 3 - 1j], dtype=torch.complex64)
+    obj = {
+        "conj": z.conj(),  # torch saves the conj / neg bits as metadata, not resolved values
+        "neg": torch.arange(3.0)._neg_view(),
+        "expanded_neg": torch.full((1,), 1.5)._neg_view().expand(2_000_000),
+        "expanded_conj": z.conj().expand(4, 2),
+    }
+    out = load_torch_file(save(tmp_path, obj))
+    for key, t in obj.items():
+        assert_same_tensor(out[key], t.resolve_conj().resolve_neg())
+    assert out["conj"].flags.writeable and out["neg"].flags.writeable
+    # the sign is applied to the one stored element: still a read-only stride-0 view
+    assert out["expanded_neg"].strides == (0,) and not out["expanded_neg"].flags.writeable
+    assert out["expanded_conj"].strides == (0, 8)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_array_data_beyond_max_bytes_is_refused_in_both_formats(tmp_path, legacy):
+    huge = {"w": torch.ones(1).expand(10**12), "b": torch.zeros(3)}  # 4 TB described by 4 bytes
+    path = save(tmp_path, huge, _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(CheckpointFormatError, match=r"ckpt\.pt: .*3\.64 TiB.*more than the limit"):
+        load_torch_file(path)
+    small = save(tmp_path, {"w": torch.ones(1).expand(8)}, "small.pt",
+                 _use_new_zipfile_serialization=not legacy)
+    assert load_torch_file(small, max_bytes=32)["w"].shape == (8,)
+    with pytest.raises(CheckpointFormatError, match=r"small\.pt: .*32 bytes.*limit of 31 bytes"):
+        load_torch_file(small, max_bytes=31)
+
+
 def test_nested_containers_and_python_values(tmp_path):
     obj = {
         "list": [1, -7, 2**40, -(2**70), 1.5, float("inf"), "text", "ünïcode", None, True],

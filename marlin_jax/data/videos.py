@@ -8,12 +8,25 @@ For datasets such as CelebV-HQ or VoxCeleb after face cropping. Layout::
     root/<split>.txt                        optional: one <rel> per line selects the split
 
 Without a split file every video belongs to split ``train`` (and ``all``).
+
+Missing parsing maps follow the ytf source's rule: when the dataset has parsing maps (a parsing
+folder, or any ``.npy`` beside a video), a video without its own map is *skipped* where its maps
+are read (fasking): its ``read_parsing`` raises :class:`BadRecordError`, which the pipeline counts
+and logs as a bad record within ``data.error_budget``. Each such video is named in a WARNING when
+the source is built and listed in ``VideoFileSource.missing_parsing``. A dataset without any
+parsing maps gives ``read_parsing=None`` (fasking then uses random masks, counted as
+``no_parsing``).
+
+A video whose container declares more frames than decode (a truncated file) is read as far as it
+decodes, with a WARNING naming it and both counts (listed in ``VideoFileSource.incomplete``), or
+skipped as a bad record with ``strict=True``.
 """
 
 from __future__ import annotations
 
 import csv
 import functools
+import logging
 import os
 from collections.abc import Sequence
 
@@ -21,7 +34,10 @@ import cv2
 import numpy as np
 
 from marlin_jax.data.records import BadRecordError, VideoRecord, load_parsing_npy
-from marlin_jax.video_io import VideoReadError, count_frames
+from marlin_jax.video_io import IncompleteDecode, VideoReadError, count_frames
+
+log = logging.getLogger(__name__)
+_NAMED_WARNINGS = 20  # missing parsing maps named one WARNING each; the rest in one summary
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 
@@ -76,6 +92,12 @@ def _read_parsing(path: str, num_frames: int, indices: Sequence[int]) -> list[np
     return [maps[int(i)] for i in indices]
 
 
+def _missing_parsing(video_path: str, candidates: Sequence[str], indices: Sequence[int]
+                     ) -> list[np.ndarray]:
+    raise BadRecordError(f"{video_path}: no parsing map ({' or '.join(candidates)} not found); the "
+                         f"video is skipped, as the ytf source skips videos without parsing maps")
+
+
 def read_labels_csv(path: str) -> dict[str, np.ndarray]:
     """``labels.csv`` (``name`` + integer columns) -> {name: int32 (L,)}; ValueError naming it."""
     with open(path, newline="", encoding="utf-8") as f:
@@ -94,16 +116,28 @@ def read_labels_csv(path: str) -> dict[str, np.ndarray]:
 
 
 class VideoFileSource:
-    """grain random-access source over a folder of video files (see the module docstring)."""
+    """grain random-access source over a folder of video files (see the module docstring).
+
+    ``parsing_dir``: folder of ``<rel stem>.npy`` maps (default ``root/parsing`` when it exists;
+    a given folder that does not exist is an error). ``strict``: skip (BadRecordError) videos that
+    decode fewer frames than their container declares instead of reading what decodes.
+
+    Counters for the run's report: ``missing_parsing`` (names of videos skipped for want of a
+    parsing map when maps are read; ``num_missing_parsing``) and ``incomplete`` (name ->
+    :class:`~marlin_jax.video_io.IncompleteDecode` of videos read so far in this process).
+    """
 
     def __init__(self, root_dir: str, split: str = "train", parsing_dir: str | None = None,
-                 take_num: int | None = None):
+                 take_num: int | None = None, *, strict: bool = False):
         self.root_dir = os.fspath(root_dir)
         self.split = split
+        self.strict = strict
         vdir = os.path.join(self.root_dir, "videos")
         self.video_dir = vdir if os.path.isdir(vdir) else self.root_dir
         if not os.path.isdir(self.video_dir):
             raise FileNotFoundError(f"{self.video_dir}: video folder not found")
+        if parsing_dir is not None and not os.path.isdir(parsing_dir):
+            raise FileNotFoundError(f"{parsing_dir}: parsing map folder not found (parsing_dir)")
         pdir = parsing_dir or os.path.join(self.root_dir, "parsing")
         self.parsing_dir = pdir if os.path.isdir(pdir) else None
         videos = find_videos(self.video_dir)
@@ -124,16 +158,38 @@ class VideoFileSource:
         self.has_labels = self._labels is not None
         self._num_labels = len(next(iter(self._labels.values()))) if self._labels else 0
         self._frame_counts: dict[int, int] = {}
+        self.incomplete: dict[str, IncompleteDecode] = {}
+        self._parsing = [self._parsing_path(rel) for rel in self._videos]
+        self.has_parsing = self.parsing_dir is not None or any(p is not None for p in self._parsing)
+        self.missing_parsing: list[str] = []
+        if self.has_parsing:
+            self.missing_parsing = [rel for rel, p in zip(self._videos, self._parsing, strict=True) if p is None]
+        for rel in self.missing_parsing[:_NAMED_WARNINGS]:
+            log.warning("%s: no parsing map (%s); the video will be skipped where parsing maps are "
+                        "read (fasking), as the ytf source does", os.path.join(self.video_dir, rel),
+                        " or ".join(self._parsing_candidates(rel)))
+        if len(self.missing_parsing) > _NAMED_WARNINGS:
+            log.warning("%s: %d more videos have no parsing map and will be skipped (%d in all; "
+                        "listed in missing_parsing)", self.video_dir,
+                        len(self.missing_parsing) - _NAMED_WARNINGS, len(self.missing_parsing))
+
+    @property
+    def num_missing_parsing(self) -> int:
+        """How many videos of this split are skipped for want of a parsing map."""
+        return len(self.missing_parsing)
 
     def __len__(self) -> int:
         return len(self._videos)
 
-    def _parsing_path(self, rel: str) -> str | None:
+    def _parsing_candidates(self, rel: str) -> list[str]:
         stem = os.path.splitext(rel)[0]
         candidates = [os.path.join(self.video_dir, stem + ".npy")]
         if self.parsing_dir:
             candidates.insert(0, os.path.join(self.parsing_dir, stem + ".npy"))
-        return next((p for p in candidates if os.path.isfile(p)), None)
+        return candidates
+
+    def _parsing_path(self, rel: str) -> str | None:
+        return next((p for p in self._parsing_candidates(rel) if os.path.isfile(p)), None)
 
     def __getitem__(self, index: int) -> VideoRecord:
         rel = self._videos[index]
@@ -141,13 +197,19 @@ class VideoFileSource:
         n = self._frame_counts.get(index)
         if n is None:
             try:
-                n = count_frames(path)
+                n = count_frames(path, strict=self.strict,
+                                 on_incomplete=functools.partial(self.incomplete.__setitem__, rel))
             except VideoReadError as e:
                 raise BadRecordError(str(e)) from e
             if n == 0:
                 raise BadRecordError(f"{path}: video has no frames")
             self._frame_counts[index] = n
-        parsing = self._parsing_path(rel)
+        parsing = self._parsing[index]
+        read_parsing = None
+        if parsing is not None:
+            read_parsing = functools.partial(_read_parsing, parsing, n)
+        elif self.has_parsing:
+            read_parsing = functools.partial(_missing_parsing, path, self._parsing_candidates(rel))
         labels = None
         if self._labels is not None:
             labels = self._labels.get(os.path.splitext(rel)[0],
@@ -156,7 +218,7 @@ class VideoFileSource:
             name=rel,
             num_frames=n,
             read_frames=functools.partial(read_video_frames, path),
-            read_parsing=functools.partial(_read_parsing, parsing, n) if parsing else None,
+            read_parsing=read_parsing,
             labels=labels,
         )
 

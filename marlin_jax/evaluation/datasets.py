@@ -25,6 +25,7 @@ import collections
 import csv
 import dataclasses
 import json
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +42,7 @@ SPLITS = ("train", "val", "test")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 REDUCTIONS = ("mean", "max", "min")
 OnError = Literal["error", "skip"]
+log = logging.getLogger(__name__)
 # scripts/extract_dataset.py leaves ``<key>.error.json`` beside a video whose extraction failed.
 ERROR_MARKER_SUFFIX = ".error.json"
 
@@ -120,8 +122,12 @@ class LabelSet:
 
 
 def _listing(head: str, items: Sequence[str], limit: int = 5) -> str:
+    return f"{head}: " + _joined(items, limit)
+
+
+def _joined(items: Sequence[str], limit: int = 5) -> str:
     more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
-    return f"{head}: " + "; ".join(items[:limit]) + more
+    return "; ".join(items[:limit]) + more
 
 
 def _read_json(path: str) -> object:
@@ -225,6 +231,8 @@ def load_label_file(
     CSV: a header naming the path column (``path``/``video``/``file``/``name``), then either one
     ``label`` column (binary 0/1, or multiclass integers / class names) or several 0/1 columns
     (multilabel, one per label name); an optional ``split`` column selects rows with ``split``.
+    Every row has exactly the header's cells (a trailing comma or a missing cell is an error
+    naming the file and line), and no empty ``label`` / ``split`` cell.
     JSON: a list of ``{"path": ..., "label": ..., "split": ...}`` records (``label`` a scalar, a
     0/1 list, or a list of label names for multilabel) or a ``{path: label}`` mapping.
 
@@ -232,9 +240,16 @@ def load_label_file(
       path: the label file (.csv or .json).
       task: forces the task; otherwise inferred (several columns / lists -> multilabel; values all
         0/1 -> binary; else multiclass).
-      split: keep only rows whose ``split`` equals this (the file needs a ``split`` column then).
+      split: keep only rows whose ``split`` equals this (the file needs a ``split`` column then,
+        with a value on every row; for train/val/test, every value must be one of those). The
+        task and the classes are still inferred from all rows, so every split gets one head.
       class_names: the allowed class (multiclass) or label (multilabel) names, in head order; a
-        value outside it raises DatasetError. Inferred (sorted) when omitted.
+        value outside it raises DatasetError naming the value and its rows. When omitted, they
+        are inferred from the whole file: multiclass values must be all integer indices (classes
+        ``0..max``, each with a row) or all names (sorted; none equal to another up to case,
+        spaces and punctuation), else DatasetError lists each value with its row count and rows
+        (a mistyped label must not make an extra class); the classes found are logged with
+        their row counts.
       video_root: where relative video paths start; defaults to the label file's folder.
 
     Returns:
@@ -252,36 +267,38 @@ def load_label_file(
         records, label_cols = _read_json_records(path)
     else:
         raise DatasetError(f"{path}: label file must be .csv or .json")
-    if split is not None:
-        if any("split" not in r for r in records):
-            raise DatasetError(f"{path}: split {split!r} requested but rows have no 'split' field")
-        records = [r for r in records if r["split"] == split]
-        if not records:
-            raise DatasetError(f"{path}: no rows with split {split!r}")
     if not records:
         raise DatasetError(f"{path}: no samples")
+    file_records = records  # the task and the classes come from the whole file, every split
+    if split is not None:
+        records = _select_split(path, records, split)
 
     values = [r["label"] for r in records]
-    multilabel_rows = label_cols is not None or any(isinstance(v, list) for v in values)
+    wheres = [r.get("where", f"row {i + 1}") for i, r in enumerate(records)]
+    file_values = [r["label"] for r in file_records]
+    multilabel_rows = label_cols is not None or any(isinstance(v, list) for v in file_values)
     if task is None:
         task = "multilabel" if multilabel_rows else (
-            "binary" if all(_as_bit(v) is not None for v in values) else "multiclass")
+            "binary" if all(_as_bit(v) is not None for v in file_values) else "multiclass")
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
 
     if task == "multilabel":
-        labels, names = _multilabel(path, values, label_cols, class_names)
+        labels, names = _multilabel(path, values, label_cols, class_names, wheres)
     elif multilabel_rows:
         raise DatasetError(f"{path}: several label columns / lists given but task is {task!r}")
     elif task == "binary":
         bits = [_as_bit(v) for v in values]
-        bad = [f"row {i + 1}: {values[i]!r}" for i, b in enumerate(bits) if b is None]
+        bad = [f"{wheres[i]}: {values[i]!r}" for i, b in enumerate(bits) if b is None]
         if bad:
             raise DatasetError(_listing(f"{path}: binary labels must be 0/1/true/false", bad))
         labels = np.asarray(bits, dtype=bool)
         names = tuple(class_names) if class_names else ("label",)
+    elif class_names is None:
+        inferred = _infer_classes(path, file_records)
+        labels, names = _multiclass(path, [_label_text(v) for v in values], inferred, wheres)
     else:
-        labels, names = _multiclass(path, values, class_names)
+        labels, names = _multiclass(path, values, class_names, wheres)
 
     keys, video_paths = [], []
     for r in records:
@@ -298,10 +315,27 @@ def load_label_file(
 
 
 def _read_csv_records(path: str) -> tuple[list[dict], list[str] | None]:
+    """CSV rows as records ``{"path", "label", ["split"], "where": "line N"}``.
+
+    Every row must have exactly the header's cells (a trailing comma or a missing cell is an
+    error naming the lines), the header no empty or repeated names, and the ``split`` and
+    single ``label`` cells must not be empty. Blank lines are skipped.
+    """
     with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+        reader = csv.reader(f)
+        try:
+            header = [h.strip() for h in next(reader)]
+        except StopIteration:
+            raise DatasetError(f"{path}: empty CSV file (no header)") from None
+        header_line = reader.line_num
+        rows: list[tuple[int, list[str]]] = [(reader.line_num, cells) for cells in reader if cells]
+    empty = [i + 1 for i, h in enumerate(header) if not h]
+    if empty:
+        raise DatasetError(f"{path}: line {header_line}: empty column name in the header "
+                           f"(column {empty[0]} of {len(header)}; a trailing comma?)")
+    repeated = sorted({h for h in header if header.count(h) > 1})
+    if repeated:
+        raise DatasetError(f"{path}: line {header_line}: repeated header column(s) {repeated}")
     path_col = next((c for c in PATH_COLUMNS if c in header), None)
     if path_col is None:
         raise DatasetError(f"{path}: CSV header needs a path column (one of {PATH_COLUMNS}), "
@@ -310,20 +344,33 @@ def _read_csv_records(path: str) -> tuple[list[dict], list[str] | None]:
     if not rest:
         raise DatasetError(f"{path}: CSV has no label column")
     label_cols = None if rest == ["label"] else rest
+    bad = [f"line {line}: {len(cells)} cells" for line, cells in rows if len(cells) != len(header)]
+    if bad:
+        raise DatasetError(_listing(
+            f"{path}: rows must have the header's {len(header)} cells ({','.join(header)}); a "
+            "trailing comma or a missing cell", bad))
     records = []
-    for row in rows:
-        rec = {"path": row[path_col]}
+    empty_cells = []
+    for line, cells in rows:
+        row = dict(zip(header, (c.strip() for c in cells), strict=True))
+        rec = {"path": row[path_col], "where": f"line {line}"}
         if "split" in row:
             rec["split"] = row["split"]
+            if not row["split"]:
+                empty_cells.append(f"line {line}: split")
         rec["label"] = row["label"] if label_cols is None else [row[c] for c in label_cols]
+        if label_cols is None and not row["label"]:
+            empty_cells.append(f"line {line}: label")
         records.append(rec)
+    if empty_cells:
+        raise DatasetError(_listing(f"{path}: empty cell(s)", empty_cells))
     return records, label_cols
 
 
 def _read_json_records(path: str) -> tuple[list[dict], None]:
     data = _read_json(path)
     if isinstance(data, dict):
-        return [{"path": k, "label": v} for k, v in data.items()], None
+        return [{"path": k, "label": v, "where": f"entry {k!r}"} for k, v in data.items()], None
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise DatasetError(f"{path}: expected a list of records or a {{path: label}} mapping")
     records = []
@@ -331,11 +378,89 @@ def _read_json_records(path: str) -> tuple[list[dict], None]:
         p = next((r[c] for c in PATH_COLUMNS if c in r), None)
         if p is None or "label" not in r and "labels" not in r:
             raise DatasetError(f"{path}: record {i} needs a path and a 'label' / 'labels' field")
-        rec = {"path": p, "label": r.get("label", r.get("labels"))}
+        rec = {"path": p, "label": r.get("label", r.get("labels")), "where": f"record {i}"}
         if "split" in r:
             rec["split"] = r["split"]
         records.append(rec)
     return records, None
+
+
+def _select_split(path: str, records: list[dict], split: str) -> list[dict]:
+    """The records of ``split``. Every record needs a non-empty split value; when ``split`` is
+    one of train/val/test, every value must be one of those (a mistyped split is an error, not
+    a row dropped silently)."""
+    missing = [r["where"] for r in records if r.get("split") in (None, "")]
+    if missing:
+        raise DatasetError(_listing(f"{path}: split {split!r} requested but rows have no "
+                                    "'split' value", missing))
+    if split in SPLITS:
+        odd = [f"{r['where']}: {r['split']!r}" for r in records if r["split"] not in SPLITS]
+        if odd:
+            raise DatasetError(_listing(f"{path}: split values must be one of {SPLITS}", odd))
+    selected = [r for r in records if r["split"] == split]
+    if not selected:
+        raise DatasetError(f"{path}: no rows with split {split!r}")
+    return selected
+
+
+def _label_text(v: object) -> str:
+    """A single label as text; integer class indices in canonical form ("01" -> "1")."""
+    text = str(v).strip()
+    return str(int(text)) if _is_index(text) else text
+
+
+def _is_index(text: str) -> bool:
+    return text.lstrip("-").isdigit()
+
+
+def _infer_classes(path: str, records: list[dict]) -> tuple[str, ...]:
+    """The classes of a multiclass label file without ``class_names``, from all its rows.
+
+    The rule: the values must be all class indices (integers; the classes are ``0..max``, each
+    with at least one row) or all class names (the sorted distinct names, no two equal up to
+    case, spaces and punctuation). A mix (e.g. ``0``, ``1`` and a mistyped ``l``), an index
+    without rows (e.g. a mistyped ``11`` among ``0``-``2``) or such near-duplicate names raise
+    DatasetError listing each value with its row count and rows; pass ``class_names`` to fix
+    the class set instead. The classes found are logged with their row counts.
+    """
+    rows: dict[str, list[str]] = collections.defaultdict(list)
+    for r in records:
+        rows[_label_text(r["label"])].append(r["where"])
+
+    def show(values: Sequence[str]) -> str:
+        return "; ".join(f"{v!r}: {len(rows[v])} row(s) ({_joined(rows[v], 3)})"
+                         for v in values)
+
+    indices = sorted((v for v in rows if _is_index(v)), key=int)
+    names = sorted(v for v in rows if not _is_index(v))
+    if indices and names:
+        fewer = names if sum(len(rows[v]) for v in names) <= sum(len(rows[v]) for v in indices) \
+            else indices
+        raise DatasetError(
+            f"{path}: labels mix class indices {indices} and class names {names} (a typo?); "
+            f"the rarer kind: {show(fewer)}; pass class_names to fix the classes")
+    if indices:
+        if int(indices[0]) < 0:
+            raise DatasetError(f"{path}: negative class index: {show(indices[:1])}")
+        classes = tuple(str(c) for c in range(int(indices[-1]) + 1))
+        empty = [c for c in classes if c not in rows]
+        if empty:
+            raise DatasetError(
+                f"{path}: class indices {', '.join(empty[:10])} have no rows, so the "
+                f"{len(classes)} classes 0..{indices[-1]} come from: {show(indices)} (a typo?); "
+                "pass class_names to fix the classes")
+    else:
+        groups: dict[str, list[str]] = collections.defaultdict(list)
+        for v in names:
+            groups["".join(ch for ch in v.casefold() if ch.isalnum())].append(v)
+        clashes = [v for group in groups.values() if len(group) > 1 for v in group]
+        if clashes:
+            raise DatasetError(f"{path}: class names differ only in case, spaces or punctuation: "
+                               f"{show(clashes)}; pass class_names to fix the classes")
+        classes = tuple(names)
+    log.info("%s: %d classes inferred from the labels: %s", path, len(classes),
+             ", ".join(f"{c!r} ({len(rows[c])} rows)" for c in classes))
+    return classes
 
 
 def _as_bit(v: object) -> int | None:
@@ -348,26 +473,25 @@ def _as_bit(v: object) -> int | None:
     return None
 
 
-def _multiclass(path: str, values: list, class_names: Sequence[str] | None):
+def _multiclass(path: str, values: list, class_names: Sequence[str], wheres: Sequence[str]):
+    """Class indices of ``values`` in ``class_names``; a value outside them is an error naming
+    the value and its rows."""
     as_str = [str(v).strip() for v in values]
-    if class_names is None:
-        if all(s.lstrip("-").isdigit() for s in as_str):
-            ints = np.asarray([int(s) for s in as_str], dtype=np.int64)
-            if ints.min() < 0:
-                raise DatasetError(f"{path}: negative class index {int(ints.min())}")
-            return ints, tuple(str(c) for c in range(int(ints.max()) + 1))
-        class_names = sorted(set(as_str))
     index = {str(c): i for i, c in enumerate(class_names)}
-    unknown = sorted({s for s in as_str if s not in index})
+    unknown: dict[str, list[str]] = {}
+    for s, where in zip(as_str, wheres, strict=True):
+        if s not in index:
+            unknown.setdefault(s, []).append(where)
     if unknown:
-        raise DatasetError(_listing(f"{path}: unknown class name(s) (known: {list(index)})",
-                                    unknown))
+        raise DatasetError(_listing(
+            f"{path}: unknown class name(s) (known: {list(index)})",
+            [f"{v!r} ({len(w)} row(s): {_joined(w, 3)})" for v, w in sorted(unknown.items())]))
     return np.asarray([index[s] for s in as_str], dtype=np.int64), tuple(str(c) for c in
                                                                          class_names)
 
 
 def _multilabel(path: str, values: list, label_cols: list[str] | None,
-                class_names: Sequence[str] | None):
+                class_names: Sequence[str] | None, wheres: Sequence[str]):
     if label_cols is not None:  # CSV: one 0/1 column per label
         names = tuple(label_cols)
         if class_names is not None:
@@ -379,7 +503,7 @@ def _multilabel(path: str, values: list, label_cols: list[str] | None,
                 raise DatasetError(_listing(f"{path}: label column(s) missing", absent))
             names = tuple(class_names)  # columns in the given order, whatever the file's
         bits = [[_as_bit(x) for x in v] for v in values]
-        bad = [f"row {i + 1}" for i, b in enumerate(bits) if any(x is None for x in b)]
+        bad = [wheres[i] for i, b in enumerate(bits) if any(x is None for x in b)]
         if bad:
             raise DatasetError(_listing(f"{path}: label columns must hold 0/1/true/false", bad))
         order = [label_cols.index(c) for c in names]

@@ -6,12 +6,15 @@ Typical use::
     crops = FaceCropper(size=224).crop_video(frames)   # uint8 (T, H, W, 3) -> (T, 224, 224, 3)
     maps = parse_faces(crops)                          # -> uint8 (T, 224, 224) LaPa labels
 
+A video with no face raises :class:`NoFaceError` (:class:`FrameTooSmallError` when its frames
+are under ``MIN_FRAME_SIDE`` pixels), naming the video and how many frames were searched.
+
 Parsing uses the best parser installed (``FaceParser().method`` says which): ``template-5pt``
 with the default install, ``mediapipe-mesh`` after ``MESH_INSTALL``'s pip commands.
 """
 
 from marlin_jax.face.crop import FaceCropper, FaceTrack, NoFaceError, crop_square, square_from_box
-from marlin_jax.face.detect import Detections, detect_faces
+from marlin_jax.face.detect import MIN_FRAME_SIDE, Detections, FrameTooSmallError, detect_faces
 from marlin_jax.face.labels import LAPA_LABELS
 from marlin_jax.face.mesh import MESH_METHOD, mesh_available
 from marlin_jax.face.parse import (
@@ -28,11 +31,13 @@ __all__ = [
     "LAPA_LABELS",
     "MESH_INSTALL",
     "MESH_METHOD",
+    "MIN_FRAME_SIDE",
     "PARSER_METHOD",
     "Detections",
     "FaceCropper",
     "FaceParser",
     "FaceTrack",
+    "FrameTooSmallError",
     "NoFaceError",
     "ParseResult",
     "available_methods",

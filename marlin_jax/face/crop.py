@@ -6,25 +6,36 @@ it leaves the frame, resized to ``size`` x ``size``. On top of that:
 
 - the per-frame boxes of a video are smoothed over time (median, then Gaussian), so crops do not
   jitter with the detector's frame-to-frame noise;
-- a frame with no face reuses the last good box (leading frames without a face, e.g. a fade-in
-  from black, use the first good box); a video with no face at all raises :class:`NoFaceError`;
-- with several faces in a frame the largest is taken (see :func:`detect_faces`).
+- a frame with no face reuses the box of the nearest frame with a face (before it on a tie), so
+  a fade-in from black takes the first good box and a fade-out the last; a video with no face at
+  all raises :class:`NoFaceError` saying how many frames were searched;
+- with several faces in a frame the largest is taken (see :func:`detect_faces`);
+- :meth:`FaceCropper.track_stream` tracks a whole video holding one batch of frames at a time, so
+  windows of a long video are cropped with boxes found anywhere in it (``Marlin.extract_video``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 from scipy.ndimage import gaussian_filter1d, median_filter
 
-from marlin_jax.face.detect import SCORE_THRESHOLD, Detections, detect_faces, primary_faces
+from marlin_jax.face.detect import (
+    SCORE_THRESHOLD,
+    Detections,
+    FrameTooSmallError,
+    NoFaceError,
+    detect_faces,
+    primary_faces,
+)
 
-
-class NoFaceError(ValueError):
-    """No face was found in any frame of a video (or image)."""
+__all__ = [
+    "FaceCropper", "FaceTrack", "FrameTooSmallError", "NoFaceError", "crop_square", "fill_missing",
+    "landmarks_to_crop", "smooth_squares", "square_from_box",
+]
 
 
 @dataclass(frozen=True)
@@ -33,12 +44,27 @@ class FaceTrack:
 
     squares: float32 ``(T, 3)`` as ``(centre_x, centre_y, side)`` in frame pixels (smoothed);
     landmarks: float32 ``(T, 5, 2)`` detector landmarks in frame pixels, NaN where no face;
-    found: bool ``(T,)``, True where the detector found a face in that frame.
+    found: bool ``(T,)``, True where the detector found a face in that frame;
+    indices: int64 ``(T,)`` frame number of each row (None: rows are frames ``0 .. T-1``);
+    num_frames: frames in the video, searched or not (None: ``T``).
     """
 
     squares: np.ndarray
     landmarks: np.ndarray
     found: np.ndarray
+    indices: np.ndarray | None = None
+    num_frames: int | None = None
+
+    def squares_at(self, frames: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Squares ``(k, 3)`` for frame numbers ``frames``: each that of the nearest tracked frame
+        (the frame itself when it was searched)."""
+        frames = np.asarray(frames, np.int64)
+        if self.indices is None:
+            return self.squares[np.clip(frames, 0, len(self.squares) - 1)]
+        right = np.clip(np.searchsorted(self.indices, frames), 0, len(self.indices) - 1)
+        left = np.clip(right - 1, 0, len(self.indices) - 1)
+        closer_left = np.abs(frames - self.indices[left]) <= np.abs(self.indices[right] - frames)
+        return self.squares[np.where(closer_left, left, right)]
 
 
 def square_from_box(boxes: np.ndarray, margin: float = 0.0) -> np.ndarray:
@@ -52,12 +78,17 @@ def square_from_box(boxes: np.ndarray, margin: float = 0.0) -> np.ndarray:
 
 
 def fill_missing(values: np.ndarray, found: np.ndarray) -> np.ndarray:
-    """Forward-fills rows where ``found`` is False with the last found row; leading misses take
-    the first found row. ``values`` ``(T, ...)``, ``found`` bool ``(T,)`` with at least one True."""
-    idx = np.where(found, np.arange(len(found)), -1)
-    idx = np.maximum.accumulate(idx)
-    idx[idx < 0] = int(np.argmax(found))
-    return values[idx]
+    """Fills rows where ``found`` is False with the nearest found row (the earlier one on a tie):
+    leading misses take the first found row, trailing misses the last. ``values`` ``(T, ...)``,
+    ``found`` bool ``(T,)`` with at least one True."""
+    hits = np.flatnonzero(found)
+    rows = np.arange(len(found))
+    pos = np.searchsorted(hits, rows)  # hits[pos] is the first hit at or after each row
+    before = hits[np.maximum(pos - 1, 0)]
+    after = hits[np.minimum(pos, len(hits) - 1)]
+    has_before, has_after = pos > 0, pos < len(hits)
+    use_before = has_before & (~has_after | (rows - before <= after - rows))
+    return values[np.where(found, rows, np.where(use_before, before, after))]
 
 
 def smooth_squares(squares: np.ndarray, sigma: float, median: int = 5) -> np.ndarray:
@@ -118,17 +149,50 @@ class FaceCropper:
 
     def track(self, frames: np.ndarray, name: str = "video") -> FaceTrack:
         """Detects the face in every frame ``(T, H, W, 3)`` and returns the smoothed box track.
-        Raises NoFaceError naming ``name`` if no frame holds a face."""
-        dets = detect_faces(frames, self.score_threshold, num_threads=self.num_threads)
+        Raises NoFaceError naming ``name`` if no frame holds a face (FrameTooSmallError, a
+        NoFaceError, if the frames are too small to hold one)."""
+        dets = detect_faces(frames, self.score_threshold, num_threads=self.num_threads, name=name)
         return self.track_detections(dets, name)
 
-    def track_detections(self, dets: Sequence[Detections], name: str = "video") -> FaceTrack:
-        """The smoothed box track of per-frame detections (from :func:`detect_faces`)."""
+    def track_stream(self, frames: Iterable[np.ndarray], name: str = "video",
+                     search: Callable[[int], bool] | None = None, batch_size: int = 16) -> FaceTrack:
+        """The smoothed box track of a whole video given as a stream of RGB uint8 ``(H, W, 3)``
+        frames, detecting in batches of ``batch_size`` (memory holds one batch, never the video).
+
+        Only frames whose number passes ``search`` are searched (all when None); the track's rows
+        are those frames (``indices``) and ``num_frames`` counts the whole stream. Raises
+        NoFaceError naming ``name`` and how many frames were searched if none holds a face.
+        """
+        dets: list[Detections] = []
+        indices: list[int] = []
+        batch: list[np.ndarray] = []
+        total = 0
+        for i, frame in enumerate(frames):
+            total = i + 1
+            if search is not None and not search(i):
+                continue
+            batch.append(frame)
+            indices.append(i)
+            if len(batch) == batch_size:
+                dets += detect_faces(np.stack(batch), self.score_threshold, num_threads=self.num_threads,
+                                     name=name)
+                batch = []
+        if batch:
+            dets += detect_faces(np.stack(batch), self.score_threshold, num_threads=self.num_threads, name=name)
+        if not dets:
+            raise NoFaceError(f"{name}: no frames to search for a face ({total} frames in the video)")
+        return self.track_detections(dets, name, indices=np.asarray(indices, np.int64), num_frames=total)
+
+    def track_detections(self, dets: Sequence[Detections], name: str = "video",
+                         indices: np.ndarray | None = None, num_frames: int | None = None) -> FaceTrack:
+        """The smoothed box track of per-frame detections (from :func:`detect_faces`); ``indices``
+        and ``num_frames`` as in :class:`FaceTrack`."""
         boxes, landmarks, found = primary_faces(dets)
         if not found.any():
-            raise NoFaceError(f"{name}: no face found in any of {len(found)} frames")
+            of = f" (of the {num_frames} in the video)" if num_frames not in (None, len(found)) else ""
+            raise NoFaceError(f"{name}: no face found in any of {len(found)} frames searched{of}")
         squares = square_from_box(fill_missing(boxes, found), self.margin)
-        return FaceTrack(smooth_squares(squares, self.smoothing), landmarks, found)
+        return FaceTrack(smooth_squares(squares, self.smoothing), landmarks, found, indices, num_frames)
 
     def crop_frames(self, frames: np.ndarray, squares: np.ndarray) -> np.ndarray:
         """Crops ``(T, H, W, 3)`` frames with ``(T, 3)`` squares -> uint8 ``(T, size, size, 3)``."""

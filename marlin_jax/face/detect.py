@@ -24,11 +24,22 @@ import numpy as np
 DET_MAX_SIDE = 640
 # Frames whose longer side is below this are upscaled first, so tiny frames still give a face.
 DET_MIN_SIDE = 160
+# Frames narrower or lower than this cannot hold a detectable face (synthetic faces are still
+# found in 12-16 px frames, never in 8 px ones): detect_faces refuses them.
+MIN_FRAME_SIDE = 8
 SCORE_THRESHOLD = 0.9
 
 _BGR_MEAN = np.array([104, 117, 127], np.float32)  # RetinaFace's input normalisation
 _SESSIONS: dict[int, object] = {}
 _LOCK = threading.Lock()
+
+
+class NoFaceError(ValueError):
+    """No face was found in any frame of a video (or image); the message names it."""
+
+
+class FrameTooSmallError(NoFaceError):
+    """Frames are smaller than :data:`MIN_FRAME_SIDE` pixels: no face can be found in them."""
 
 
 @dataclass(frozen=True)
@@ -80,16 +91,18 @@ def detection_scale(height: int, width: int) -> float:
     return 1.0
 
 
-def _check_frames(frames: np.ndarray) -> np.ndarray:
+def _check_frames(frames: np.ndarray, name: str = "frames") -> np.ndarray:
     frames = np.asarray(frames)
     if frames.ndim == 3:
         frames = frames[None]
     if frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"frames must be RGB (T, H, W, 3) or (H, W, 3), got shape {frames.shape}")
+        raise ValueError(f"{name}: frames must be RGB (T, H, W, 3) or (H, W, 3), got shape {frames.shape}")
     if frames.dtype != np.uint8:
-        raise ValueError(f"frames must be uint8, got {frames.dtype}")
-    if frames.shape[1] < 2 or frames.shape[2] < 2:
-        raise ValueError(f"frames are too small to hold a face: {frames.shape[1:3]}")
+        raise ValueError(f"{name}: frames must be uint8, got {frames.dtype}")
+    if frames.shape[1] < MIN_FRAME_SIDE or frames.shape[2] < MIN_FRAME_SIDE:
+        raise FrameTooSmallError(
+            f"{name}: frames are {frames.shape[2]}x{frames.shape[1]} pixels, too small to hold a face "
+            f"(face detection needs at least {MIN_FRAME_SIDE}x{MIN_FRAME_SIDE})")
     return frames
 
 
@@ -104,6 +117,7 @@ def detect_faces(
     score_threshold: float = SCORE_THRESHOLD,
     batch_size: int = 16,
     num_threads: int = 0,
+    name: str = "frames",
 ) -> list[Detections]:
     """Detects faces in RGB uint8 frames ``(T, H, W, 3)`` (or one ``(H, W, 3)`` frame).
 
@@ -112,12 +126,14 @@ def detect_faces(
     element 0: the largest face is the subject in talking-head and interview footage, where a
     smaller confident face is usually a bystander or a picture in the background.
     ``num_threads`` 0 lets onnxruntime use every core; preprocessing workers pass 1.
+    Errors name ``name`` (the video); frames under :data:`MIN_FRAME_SIDE` pixels raise
+    :class:`FrameTooSmallError`.
     """
     # `retinaface.postprocess` the module is shadowed by the function of that name in the
     # package namespace, so fetch the module itself.
     rpost = importlib.import_module("retinaface.postprocess")
 
-    frames = _check_frames(frames)
+    frames = _check_frames(frames, name)
     _, height, width, _ = frames.shape
     scale = detection_scale(height, width)
     session = _session(num_threads)

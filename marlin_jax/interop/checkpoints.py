@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from marlin_jax.models import MarlinConfig, MarlinModel, sincos_table, unstack_layers
+from marlin_jax.models.config import config_from_json_file
 
 from .mapping import (
     _to_torch_layout,
@@ -183,9 +184,10 @@ def read_config_file(directory: str | os.PathLike) -> MarlinConfig | None:
     for candidate in (d, d.parent, d.parent.parent):
         f = candidate / CONFIG_FILE
         if f.is_file():
-            raw = json.loads(f.read_text())
-            fields = MarlinConfig.__dataclass_fields__
-            return MarlinConfig(**{k: v for k, v in raw.items() if k in fields})
+            try:
+                return config_from_json_file(f)
+            except ValueError as e:  # names the file: damaged JSON, invalid values
+                raise CheckpointError(str(e)) from None
     return None
 
 

@@ -20,6 +20,8 @@ from flax import nnx
 
 from marlin_jax.models import MarlinConfig, MarlinModel
 
+from .torch_format import cast_bounded
+
 
 class StateDictMismatchError(ValueError):
     """A state_dict does not fit a model: missing, unexpected or mis-shaped keys (all listed)."""
@@ -146,7 +148,9 @@ def videomae_to_marlin(state_dict: Mapping[str, np.ndarray], config: MarlinConfi
 
     VideoMAE keeps its sin-cos tables out of the state_dict (or in an unused ``pos_embed``), so
     the MARLIN tables are added; the identity classification head is dropped. Values are cast to
-    float32 (VideoMAE releases may hold float16).
+    float32 (VideoMAE releases may hold float16); the cast allocates no more than the memory a
+    value reads (`cast_bounded`: an expanded, stride-0 tensor stays a read-only view), so the
+    bound of `load_torch_file` holds through it.
     """
     from marlin_jax.models import sincos_table
 
@@ -156,7 +160,7 @@ def videomae_to_marlin(state_dict: Mapping[str, np.ndarray], config: MarlinConfi
             continue
         for pattern, repl in _VIDEOMAE_RENAMES:
             key = pattern.sub(repl, key)
-        out[key] = np.asarray(value, dtype=np.float32)
+        out[key] = cast_bounded(value, np.float32)  # an expanded view stays a view
     out["encoder.pos_embedding.emb"] = sincos_table(config.num_tokens, config.encoder_embed_dim)[None]
     if any(k.startswith("decoder.") for k in out):
         out["decoder.pos_embedding.emb"] = sincos_table(config.num_tokens, config.decoder_embed_dim)[None]

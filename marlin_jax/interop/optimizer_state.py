@@ -28,7 +28,7 @@ import numpy as np
 
 from .checkpoints import CheckpointError, _flat_arrays
 from .mapping import _from_torch_layout, torch_key
-from .torch_format import load_torch_file
+from .torch_format import cast_bounded, load_torch_file
 
 Params = dict[str, Any]
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ def torch_adam_moments(opt_state: Any, names: Sequence[str],
                                 f"{getattr(value, 'shape', type(value).__name__)}, the "
                                 f"parameter is {want}")
             else:
-                out[name] = np.asarray(value, np.float32)
+                out[name] = cast_bounded(value, np.float32)  # views stay views
         steps[name] = int(np.asarray(entry["step"]).item())
     unknown = sorted(set(opt_state["state"]) - set(indices), key=str)
     if unknown:

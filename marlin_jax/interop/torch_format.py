@@ -37,9 +37,9 @@ import lzma
 import math
 import os
 import pickle
+import secrets
 import struct
 import sys
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Callable, Mapping
@@ -50,10 +50,12 @@ import ml_dtypes
 import numpy as np
 
 __all__ = [
+    "DEFAULT_MAX_BYTES",
     "CheckpointFormatError",
     "OpaqueGlobal",
     "OpaqueObject",
     "UnsafeCheckpointError",
+    "cast_bounded",
     "load_torch_file",
     "save_torch_file",
 ]
@@ -63,6 +65,7 @@ _LEGACY_PROTOCOL = 1001
 _ALIGNMENT = 64
 _READ_CHUNK = 1 << 24
 _MAX_LINE = 1 << 20  # longest text-opcode line accepted (protocol 0 GLOBAL/INT/STRING ...)
+DEFAULT_MAX_BYTES = 4 << 30  # array data a file may describe by default (or twice its size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,14 +365,39 @@ def _resolve_value_global(dotted: str) -> Any:
 # ----------------------------------------------------------------------------------------------
 
 
-class _TensorSink:
-    """Builds an array for `_rebuild_tensor*`; pass 1 only counts uses of each storage."""
+def _human(nbytes: int) -> str:
+    """A byte count for messages: "3.64 TiB (4000000000000 bytes)"."""
+    value, unit = float(nbytes), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if value < 1024 or unit == "EiB":
+            break
+        value /= 1024
+    return f"{nbytes} bytes" if unit == "B" else f"{value:.2f} {unit} ({nbytes} bytes)"
 
-    def __init__(self) -> None:
+
+class _TensorSink:
+    """Builds an array for `_rebuild_tensor*`; pass 1 only counts uses of each storage and
+    adds up the tensors' logical sizes against the reader's byte budget (`limit`), so a file
+    that describes more array data than allowed is refused before any storage is read."""
+
+    def __init__(self, limit: int | None = None, file_size: int = 0) -> None:
         self.uses: collections.Counter[str] = collections.Counter()
+        self.limit = limit
+        self.file_size = file_size
+        self.total = 0  # logical bytes (elements x itemsize) of the tensors built so far
 
     def build(self, ref: _StorageRef, dtype: np.dtype, offset: int, size, stride) -> np.ndarray:
         self.uses[ref.key] += 1
+        nbytes = math.prod(size) * dtype.itemsize
+        self.total += nbytes
+        if self.limit is not None and self.total > self.limit:
+            raise _CorruptError(
+                f"a tensor of size {tuple(size)} and stride {tuple(stride)} ({_human(nbytes)} of "
+                f"{dtype}, from storage {ref.key!r} of {_human(ref.numel * _itemsize(ref.stype))}) "
+                f"brings the tensors to {_human(self.total)}, more than the limit of "
+                f"{_human(self.limit)} for a file of {_human(self.file_size)} (load_torch_file's "
+                "max_bytes; raise it only for a trusted file)"
+            )
         return np.zeros((0,), dtype)
 
 
@@ -379,7 +407,9 @@ class _Materializer(_TensorSink):
     A storage used by exactly one tensor that covers it contiguously is returned without a
     copy. Other views are copied (bounded by the storage size), except views whose elements
     overlap (stride 0, as left by ``expand``): those come back as read-only strided views, like
-    ``np.broadcast_to``, so a tiny file cannot demand an enormous allocation.
+    ``np.broadcast_to``, so a tiny file cannot demand an enormous allocation (a neg / conj
+    bit is then applied to the elements the view spans, never to every element). Pass 1
+    (`_TensorSink`) has already bounded the total the tensors describe.
     """
 
     def __init__(self, source: _StorageSource, uses: Mapping[str, int]) -> None:
@@ -387,16 +417,16 @@ class _Materializer(_TensorSink):
         self._source = source
         self._uses = uses
         self._raw: dict[str, bytearray] = {}
-        self._swapped: dict[tuple[str, str], bytearray] = {}
+        self._swapped: dict[tuple[str, int], bytearray] = {}
 
     def _bytes(self, ref: _StorageRef, dtype: np.dtype) -> memoryview:
         if ref.key not in self._raw:
             self._raw[ref.key] = self._source.read(ref.key)
         raw = self._raw[ref.key]
         if self._source.byteorder == "big" and dtype.itemsize > 1:
-            cache = (ref.key, dtype.str)
+            unit = dtype.itemsize // 2 if dtype.kind == "c" else dtype.itemsize
+            cache = (ref.key, unit)  # at most one swapped copy per word size
             if cache not in self._swapped:
-                unit = dtype.itemsize // 2 if dtype.kind == "c" else dtype.itemsize
                 n = len(raw) // unit * unit
                 words = np.frombuffer(raw, dtype=f"<u{unit}", count=n // unit)
                 self._swapped[cache] = bytearray(words.byteswap().tobytes())
@@ -432,6 +462,59 @@ class _Materializer(_TensorSink):
             return np.array(view, order="C")
         view.flags.writeable = False
         return view
+
+
+def _overlap_span(arr: np.ndarray) -> int | None:
+    """How many elements of memory `arr` spans when its elements overlap (stride 0, as left
+    by ``expand``: fewer than ``arr.size``); None when they do not (or strides are odd)."""
+    if arr.ndim == 0 or arr.size == 0:
+        return None
+    item = arr.itemsize
+    if any(s < 0 or s % item for s in arr.strides):
+        return None
+    span = 1 + sum((n - 1) * (s // item) for n, s in zip(arr.shape, arr.strides, strict=True))
+    return span if span < arr.size else None
+
+
+def _map_span(arr: np.ndarray, span: int, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """``fn`` (elementwise, may change the dtype) applied to the `span` elements `arr` reads
+    (its strides non-negative), returned as a read-only view with `arr`'s shape and strides."""
+    flat = np.lib.stride_tricks.as_strided(arr, (span,), (arr.itemsize,), writeable=False)
+    out = np.ascontiguousarray(fn(flat))
+    strides = tuple(s // arr.itemsize * out.itemsize for s in arr.strides)
+    return np.lib.stride_tricks.as_strided(out, arr.shape, strides, writeable=False)
+
+
+def _apply_elementwise(arr: np.ndarray, fn: Callable[..., np.ndarray]) -> np.ndarray:
+    """``fn`` (a ufunc such as np.negative) on a freshly built tensor: in place when `arr` is
+    its own writable buffer, else (an expanded, read-only view) on the memory it spans only."""
+    span = _overlap_span(arr)
+    if span is not None:
+        return _map_span(arr, span, fn)
+    if arr.flags.writeable:
+        return fn(arr, out=arr)
+    return fn(arr)
+
+
+def cast_bounded(value: Any, dtype: Any) -> np.ndarray:
+    """``np.asarray(value, dtype)`` that never allocates more than the memory `value` reads.
+
+    An array whose elements overlap in memory (an expanded / stride-0 tensor from
+    `load_torch_file`, which stays a view) is cast as the memory it spans and comes back as a
+    read-only view with the same shape, instead of materialising every element; any other
+    input is cast as ``np.asarray`` does (its size is what it holds).
+    """
+    dtype = np.dtype(dtype)
+    arr = np.asarray(value)
+    if arr.dtype == dtype:
+        return arr
+    flipped = tuple(i for i, s in enumerate(arr.strides) if s < 0)
+    base = np.flip(arr, flipped) if flipped else arr  # non-negative strides, same memory
+    span = _overlap_span(base)
+    if span is None:
+        return arr.astype(dtype)
+    out = _map_span(base, span, lambda flat: flat.astype(dtype))
+    return np.flip(out, flipped) if flipped else out
 
 
 class _StorageSource(abc.ABC):
@@ -583,11 +666,12 @@ class _Machine:
         _require(meta is None or isinstance(meta, dict), "bad tensor metadata")
         meta = meta or {}
         _require(set(meta) <= {"conj", "neg"}, f"unsupported tensor metadata {sorted(meta)}")
+        _require(not (meta.get("neg") and dtype.kind == "b"), "negated (neg bit) bool tensor")
         out = self._sink.build(storage, dtype, offset, size, stride)
-        if meta.get("conj"):
-            out = np.conj(out)
+        if meta.get("conj") and dtype.kind == "c":  # the conj bit of a real tensor is a no-op
+            out = _apply_elementwise(out, np.conjugate)
         if meta.get("neg"):
-            out = np.negative(out)
+            out = _apply_elementwise(out, np.negative)
         return out
 
     def _typed_dtype(self, storage: Any) -> np.dtype | None:
@@ -877,9 +961,22 @@ class _Machine:
         target = self._stack[-1]
         if isinstance(target, OpaqueObject):
             target.state = state
-        elif type(target) is collections.OrderedDict and isinstance(state, dict):
+        elif type(target) is collections.OrderedDict:
             # attributes of a state_dict (its `_metadata`), as torch's weights_only loader allows
+            _require(
+                isinstance(state, dict),
+                f"BUILD on an OrderedDict with a {type(state).__name__} state (torch writes a "
+                "dict of attributes such as _metadata)",
+            )
             _require(all(isinstance(k, str) for k in state), "OrderedDict state keys not str")
+            # an attribute named like a dict method or a dunder would shadow it (`items`
+            # becoming an int breaks every reader of the state_dict): never torch's output
+            shadowing = sorted(k for k in state if k.startswith("__") or hasattr(type(target), k))
+            _require(
+                not shadowing,
+                f"BUILD on an OrderedDict sets attribute(s) {shadowing[:5]} that would shadow "
+                "its methods (torch only writes attributes such as _metadata)",
+            )
             target.__dict__.update(state)
         else:
             raise _RefusedError(f"BUILD (__setstate__) on a {type(target).__name__}")
@@ -1009,7 +1106,7 @@ class _ZipSource(_StorageSource):
         return self.read_record(f"data/{key}")
 
 
-def _load_zip(path: str, fh: BinaryIO, size: int, allow_opaque: bool) -> Any:
+def _load_zip(path: str, fh: BinaryIO, size: int, allow_opaque: bool, limit: int) -> Any:
     zf = zipfile.ZipFile(fh)
     names = zf.namelist()
     _require(bool(names), "empty zip archive, not a torch checkpoint")
@@ -1041,7 +1138,7 @@ def _load_zip(path: str, fh: BinaryIO, size: int, allow_opaque: bool) -> Any:
         )
         return machine.load()
 
-    counter = _TensorSink()
+    counter = _TensorSink(limit, size)
     run(counter)
     return run(_Materializer(source, counter.uses))
 
@@ -1067,7 +1164,7 @@ class _LegacySource(_StorageSource):
             self._fh.seek(here)
 
 
-def _load_pickle_stream(path: str, fh: BinaryIO, size: int, allow_opaque: bool) -> Any:
+def _load_pickle_stream(path: str, fh: BinaryIO, size: int, allow_opaque: bool, limit: int) -> Any:
     def machine(persistent_load: Callable[[Any], Any], sink: _TensorSink) -> _Machine:
         return _Machine(
             fh,
@@ -1098,7 +1195,7 @@ def _load_pickle_stream(path: str, fh: BinaryIO, size: int, allow_opaque: bool) 
         return ref
 
     body = fh.tell()
-    counter = _TensorSink()
+    counter = _TensorSink(limit, size)
     machine(persistent_load, counter).load()
     keys = machine(_no_pids, _TensorSink()).load()
     _require(isinstance(keys, list) and all(isinstance(k, str) for k in keys), "bad storage key list")
@@ -1122,35 +1219,51 @@ def _load_pickle_stream(path: str, fh: BinaryIO, size: int, allow_opaque: bool) 
 # ----------------------------------------------------------------------------------------------
 
 
-def load_torch_file(path: str | os.PathLike, *, allow_opaque: bool = False) -> Any:
+def load_torch_file(
+    path: str | os.PathLike, *, allow_opaque: bool = False, max_bytes: int | None = None
+) -> Any:
     """Reads a ``torch.save`` file (zip or legacy format) without torch and without running code.
 
     Returns the saved object as nested dict/OrderedDict/list/tuple/set/scalars/str/bytes/None
     with ``np.ndarray`` leaves for tensors (``torch.Size`` becomes a tuple, ``nn.Parameter`` an
     array, ``torch.device`` its string). Distinct tensors never share memory, even where they
     shared a storage in torch (one tensor object saved twice is one array); expanded (stride-0)
-    tensors come back as read-only views. With ``allow_opaque`` any global outside the
-    allow-list becomes an inert `OpaqueGlobal`/`OpaqueObject` instead of an error.
+    tensors come back as read-only views (negated / conjugated ones too: the sign is applied to
+    the stored elements only). With ``allow_opaque`` any global outside the allow-list becomes
+    an inert `OpaqueGlobal`/`OpaqueObject` instead of an error.
+
+    Memory is bounded: nothing is materialised beyond the bytes the file holds, except copies
+    of tensors that share a storage, and the tensors together may describe at most
+    ``max_bytes`` of array data, counting each at its full size (elements x itemsize, an
+    expanded view too, since a consumer may materialise it). ``None`` (the default) allows
+    ``max(DEFAULT_MAX_BYTES, 2 x the file size)``: 4 GiB or twice the file, whichever is more.
+    A file that describes more is refused (before any storage is read) with a
+    CheckpointFormatError naming both sizes.
 
     Raises:
       FileNotFoundError: `path` does not exist.
       UnsafeCheckpointError: the file asks for a global or opcode outside the allow-list.
-      CheckpointFormatError: the file is corrupt, truncated, or not a torch checkpoint.
+      CheckpointFormatError: the file is corrupt, truncated, not a torch checkpoint, or
+        describes more array data than ``max_bytes``.
+      MemoryError: the host ran out of memory for a file within the limit (the message names it).
     """
     path = os.fspath(path)
+    if max_bytes is not None and (not _is_int(max_bytes) or max_bytes < 0):
+        raise ValueError(f"max_bytes must be a non-negative int or None, got {max_bytes!r}")
     with open(path, "rb") as fh:
         size = os.fstat(fh.fileno()).st_size
+        limit = max(DEFAULT_MAX_BYTES, 2 * size) if max_bytes is None else max_bytes
         head = fh.read(512)
         fh.seek(0)
         try:
             if not head:
                 raise _CorruptError("empty file, not a torch checkpoint")
             if head[:2] == b"PK":
-                return _load_zip(path, fh, size, allow_opaque)
+                return _load_zip(path, fh, size, allow_opaque, limit)
             if len(head) >= 262 and head[257:262] == b"ustar":
                 raise _CorruptError("legacy tar checkpoint (torch < 0.4) is not supported")
             try:
-                return _load_pickle_stream(path, fh, size, allow_opaque)
+                return _load_pickle_stream(path, fh, size, allow_opaque, limit)
             except _CorruptError as e:
                 if head[0] == pickle.PROTO[0]:
                     raise
@@ -1168,6 +1281,11 @@ def load_torch_file(path: str | os.PathLike, *, allow_opaque: bool = False) -> A
             raise
         except _ZIP_ERRORS as e:
             raise CheckpointFormatError(path, f"corrupt or truncated checkpoint ({type(e).__name__}: {e})") from e
+        except MemoryError as e:
+            raise MemoryError(
+                f"{path}: out of memory reading a checkpoint of {_human(size)} (within the limit "
+                f"of {_human(limit)} of array data)"
+            ) from e
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1349,6 +1467,18 @@ def _aligned_extra(offset: int, name: str, zip64: bool) -> bytes:
     return struct.pack("<HH", 0x4246, pad) + b"\0" * pad  # id "FB", ignored by readers
 
 
+def _create_temp(directory: str, name: str) -> tuple[int, str]:
+    """A new file beside the target, created like any file (mode 0666 less the umask: typically
+    0644), unlike ``tempfile.mkstemp``'s 0600, so that the renamed result is readable as usual."""
+    for _ in range(100):
+        tmp = os.path.join(directory, f".tmp-{secrets.token_hex(8)}.pt")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{directory}: cannot create a temporary file for {name}")
+
+
 def save_torch_file(path: str | os.PathLike, obj: Any) -> None:
     """Writes `obj` in torch's zip checkpoint format (what ``torch.save`` writes).
 
@@ -1357,7 +1487,8 @@ def save_torch_file(path: str | os.PathLike, obj: Any) -> None:
     top-level mapping is written as an ``OrderedDict`` (as ``state_dict()`` returns). Arrays
     are written C-contiguous in their own dtype (bfloat16/float8 via ml_dtypes), so
     ``torch.load(path, weights_only=True)`` gives bit-identical tensors. The same array object
-    appearing twice becomes one shared tensor. The file is written atomically.
+    appearing twice becomes one shared tensor. The file is written atomically (a temporary file
+    beside it, renamed) with the mode of any newly created file (0666 less the umask).
     """
     path = os.fspath(path)
     emitter = _Emitter()
@@ -1382,7 +1513,7 @@ def save_torch_file(path: str | os.PathLike, obj: Any) -> None:
     records += [("version", b"3\n", 2), (".data/serialization_id", serialization_id.encode(), 40)]
 
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
+    fd, tmp = _create_temp(directory, os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as fh, zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED) as zf:
             for name, payload, nbytes in records:
