@@ -325,6 +325,15 @@ def test_video_file_source_reports_a_truncated_video_and_strict_skips_it(tmp_pat
     assert {k: (v.declared, v.decoded) for k, v in src.incomplete.items()} == {"cut.mp4": (48, decoded)}
     with pytest.raises(BadRecordError, match=f"cut.mp4: the container declares 48 frames but only {decoded}"):
         VideoFileSource(str(tmp_path / "vids"), "all", strict=True)[0]
+    # the training config reaches it: data.strict_videos
+    from marlin_jax.data.pipeline import default_data_config, make_source
+
+    config = default_data_config()
+    config.source, config.root_dir = "videos", str(tmp_path / "vids")
+    assert not make_source(config, "all").strict
+    config.strict_videos = True
+    with pytest.raises(BadRecordError, match="cut.mp4"):
+        make_source(config, "all")[0]
 
 
 @pytest.mark.samples

@@ -94,6 +94,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.seed = 0  # data seed (shuffle order, temporal starts, masks); combined with make_dataset's
     c.error_budget = 100  # distinct bad records tolerated per process before failing
     c.max_retries = 16  # replacement records tried for one bad record before failing
+    # videos source: a video that decodes fewer frames than its container declares (truncated)
+    # is a bad record (True) or read as far as it decodes with a warning naming it (False)
+    c.strict_videos = False
     # repeat=False only: drop the last partial batch and make all process shards equal (at most
     # process_count - 1 videos dropped) so that every process runs the same number of steps
     c.drop_remainder = True
@@ -128,7 +131,7 @@ def make_source(data_config: ml_collections.ConfigDict, split: str) -> VideoSour
         from marlin_jax.data.videos import VideoFileSource
 
         return VideoFileSource(c.root_dir, split=split, parsing_dir=c.parsing_dir or None,
-                               take_num=take)
+                               take_num=take, strict=bool(c.get("strict_videos", False)))
     raise ValueError(f"unknown data source {c.source!r}; expected one of {SOURCES}")
 
 

@@ -369,7 +369,8 @@ def process_celebvhq_video(
     if batch:
         dets += detect_faces(np.stack(batch), cropper.score_threshold, num_threads=cropper.num_threads)
     track = cropper.track_detections(dets, name=src)
-    crops = [crop_square(f, s, cropper.size) for f, s in zip(iter_frames(src), track.squares, strict=False)]
+    crops = [crop_square(f, s, cropper.size)  # the first read already checked the decode
+             for f, s in zip(iter_frames(src, check=False), track.squares, strict=False)]
     if len(crops) != len(dets):
         raise VideoReadError(f"{src}: decoded {len(dets)} frames, then {len(crops)} on a re-read")
     fps = video_info(src)["fps"] or 25.0
