@@ -29,10 +29,14 @@ import numpy as np
 from flax import nnx
 
 from marlin_jax.interop import load_model, read_config_file
+from marlin_jax.interop.checkpoints import CONFIG_FILE
 from marlin_jax.models import RELEASE_URL, MarlinConfig, MarlinModel, get_config
 from marlin_jax.video_io import IncompleteDecode, VideoReadError, iter_frames
 
 REDUCTIONS = ("none", "mean", "max")
+
+
+DEFAULT_MODEL = "marlin_vit_base_ytf"  # the architecture of checkpoints that do not name theirs
 
 
 def default_cache_dir() -> Path:
@@ -162,11 +166,13 @@ class Marlin:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_file(cls, model_name: str, path: str | os.PathLike, *, batch_size: int = 4,
+    def from_file(cls, model_name: str | None, path: str | os.PathLike, *, batch_size: int = 4,
                   matmul_dtype: str | None = None, dtype: str = "float32",
                   attention_impl: str | None = "auto") -> Marlin:
         """Loads `.pt` (encoder-only or full), Lightning `.ckpt`, a VideoMAE checkpoint or a
-        marlin-jax checkpoint directory. ``model_name`` picks the registered architecture.
+        marlin-jax checkpoint directory. ``model_name`` picks the registered architecture; None
+        takes it from the ``marlin_config.json`` a marlin-jax checkpoint (a trainer workdir, or a
+        step folder in it) carries, else :data:`DEFAULT_MODEL`.
 
         ``matmul_dtype="bfloat16"`` runs every matmul on bf16 operands with float32 accumulation
         (about 2x faster on CPUs with bf16 units; features differ by ~1e-2 relative);
@@ -175,14 +181,18 @@ class Marlin:
         attention), ``"splash"`` on TPU, ``"cudnn"`` on GPU with 16-bit ``dtype`` and ``"xla"``
         (batched) otherwise (see :func:`resolve_attention_impl`).
         """
-        config = get_config(model_name)
         model_kwargs = {"dtype": jnp.dtype(dtype), "attention_impl": resolve_attention_impl(attention_impl, dtype),
                         "matmul_dtype": None if matmul_dtype is None else jnp.dtype(matmul_dtype)}
-        if Path(path).is_dir():
-            saved = read_config_file(path)
+        saved = read_config_file(path) if Path(path).is_dir() else None
+        if model_name is None:
+            config = saved or get_config(DEFAULT_MODEL)
+            model_name = f"{CONFIG_FILE} of {path}" if saved else DEFAULT_MODEL
+        else:
+            config = get_config(model_name)
             if saved is not None and saved != config:
                 raise ValueError(f"{path}: checkpoint was saved for another architecture than "
-                                 f"{model_name!r}: {saved}")
+                                 f"{model_name!r} (its {CONFIG_FILE}: {saved}); leave the model "
+                                 "name out (None / no --model) to use the checkpoint's own")
         return cls(load_model(path, config, **model_kwargs), model_name, batch_size=batch_size)
 
     @classmethod
@@ -407,7 +417,9 @@ def main(argv: list[str] | None = None) -> int:
                     "mirrors the input folders (F/sub/x.mp4 -> OUT/sub/x.npy; x.mp4 and x.avi in "
                     "one folder -> x.mp4.npy and x.avi.npy).")
     parser.add_argument("videos", nargs="+", help="video files (or directories of videos)")
-    parser.add_argument("--model", default="marlin_vit_base_ytf", help="registered model name")
+    parser.add_argument("--model", default=None,
+                        help=f"registered model name (default: the architecture in a marlin-jax "
+                             f"checkpoint's {CONFIG_FILE}, else {DEFAULT_MODEL})")
     parser.add_argument("--checkpoint", required=True,
                         help=".pt / .ckpt / VideoMAE checkpoint or marlin-jax checkpoint directory")
     parser.add_argument("--output_dir", default="features",

@@ -216,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
                         "<data_dir>/<model>/ (the layout configs/celebvhq_*_lp.py read)")
     parser.add_argument("--video_dir", help="folder of videos (searched recursively)")
     parser.add_argument("--output_dir", help="feature folder")
-    parser.add_argument("--model", default="marlin_vit_base_ytf", help="registered model name")
+    parser.add_argument("--model", default=None, help="registered model name (default: the "
+                        "architecture in a marlin-jax checkpoint's marlin_config.json, else "
+                        "marlin_vit_base_ytf)")
     parser.add_argument("--checkpoint", required=True,
                         help=".pt / .ckpt / VideoMAE checkpoint or marlin-jax checkpoint dir")
     parser.add_argument("--sample_rate", type=int, default=None,
@@ -230,6 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="recompute existing features")
     parser.add_argument("--retry_failed", action="store_true", help="retry marked failures")
     args = parser.parse_args(argv)
+    if args.model is None:  # a marlin-jax checkpoint names its architecture; else the released one
+        from marlin_jax.extract import DEFAULT_MODEL
+        from marlin_jax.interop import read_config_file
+
+        own = Path(args.checkpoint).is_dir() and read_config_file(args.checkpoint) is not None
+        args.model = Path(args.checkpoint).resolve().name if own else DEFAULT_MODEL
     if args.data_dir:
         video_dir = args.video_dir or os.path.join(args.data_dir, "cropped")
         output_dir = args.output_dir or os.path.join(args.data_dir, args.model)

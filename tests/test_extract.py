@@ -140,3 +140,29 @@ def test_extract_video_with_face_cropping_reports_faceless_video(tiny_marlin, tm
     write_video(blank, np.zeros((20, 96, 128, 3), np.uint8))
     with pytest.raises(VideoReadError, match="blank.avi.*no face"):
         tiny_marlin.extract_video(blank, crop_face=True)
+
+
+def test_a_checkpoint_with_its_own_architecture_is_used_as_saved(tmp_path, videos, capsys):
+    """A marlin-jax checkpoint carries its marlin_config.json (as a trainer workdir does): the
+    API without a model name and the CLI without --model use that architecture; naming another
+    model is an error that says how to use the checkpoint's own."""
+    import dataclasses
+
+    from marlin_jax.interop import save_marlin_checkpoint
+
+    custom = dataclasses.replace(get_config(TINY), encoder_embed_dim=96, encoder_num_heads=2,
+                                 encoder_depth=1)  # registered under no name
+    model = MarlinModel(custom, rngs=nnx.Rngs(1), with_decoder=False)
+    ckpt = save_marlin_checkpoint(tmp_path / "run", model)
+    marlin = Marlin.from_file(None, ckpt)
+    assert marlin.config == custom and "marlin_config.json" in marlin.name
+    clips = np.random.default_rng(0).random((1, 16, 224, 224, 3), dtype=np.float32)
+    want = Marlin(model, "custom").extract_features(clips, keep_seq=False)
+    np.testing.assert_allclose(np.asarray(marlin.extract_features(clips, keep_seq=False)),
+                               np.asarray(want), atol=1e-5)
+    with pytest.raises(ValueError, match="another architecture than 'marlin_vit_tiny'.*leave the model name out"):
+        Marlin.from_file(TINY, ckpt)
+
+    out = tmp_path / "features"
+    assert main(["--checkpoint", str(ckpt), "--output_dir", str(out), str(videos["mid"])]) == 0
+    assert np.load(out / "mid.npy").shape[-1] == 96
