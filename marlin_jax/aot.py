@@ -680,7 +680,8 @@ def report_features(config: ml_collections.ConfigDict, target: Target) -> Compil
     prog.check_batch(batch, mesh)
     model = nnx.eval_shape(lambda: MarlinModel(
         cfg, rngs=nnx.Rngs(0), with_decoder=False, dtype=prog.compute_dtype(config.compute_dtype, platform),
-        attention_impl=prog.attention_impl(config.attention_impl, platform)))
+        attention_impl=prog.attention_impl(config.attention_impl, platform,
+                                           prog.compute_dtype(config.compute_dtype, platform))))
     marlin = Marlin(model)
     clips = jax.ShapeDtypeStruct((batch, cfg.n_frames, cfg.img_size, cfg.img_size, cfg.in_channels),
                                  jnp.uint8, sharding=shd.batch_sharding(mesh, 5))
@@ -821,12 +822,13 @@ def run(config: ml_collections.ConfigDict, topology: str, *, max_batch: bool = F
     target = make_target(topology)
     mesh = shd.make_mesh(config.mesh.to_dict(), devices=target.devices)
     platform = prog.mesh_platform(mesh)
+    dtype = prog.compute_dtype(config.compute_dtype, platform)
     log(f"marlin-jax aot: {topology} = {target.num_chips} x {target.chip.name} "
         f"({len(target.devices)} devices, {_gib(target.device_hbm)} HBM and "
         f"{target.device_peak / 1e12:.0f} TFLOP/s bf16 each), mesh {dict(mesh.shape)}; model "
         f"{config.model.name}, {config.data.clip_frames}x{config.data.img_size}^2 clips, "
-        f"{jnp.dtype(prog.compute_dtype(config.compute_dtype, platform)).name} compute, attention "
-        f"{prog.attention_impl(config.attention_impl, platform) or 'xla'}, scan_layers "
+        f"{jnp.dtype(dtype).name} compute, attention "
+        f"{prog.attention_impl(config.attention_impl, platform, dtype) or 'xla'}, scan_layers "
         f"{config.scan_layers}, remat {config.remat_policy}")
     out: dict[str, Any] = {
         "topology": topology, "chip": dataclasses.asdict(target.chip),

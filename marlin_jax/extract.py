@@ -31,6 +31,7 @@ from flax import nnx
 from marlin_jax.interop import load_model, read_config_file
 from marlin_jax.interop.checkpoints import CONFIG_FILE
 from marlin_jax.models import RELEASE_URL, MarlinConfig, MarlinModel, get_config
+from marlin_jax.models.layers import default_attention_impl
 from marlin_jax.video_io import IncompleteDecode, VideoReadError, iter_frames
 
 REDUCTIONS = ("none", "mean", "max")
@@ -114,16 +115,12 @@ def iter_windows(frames: Iterator[np.ndarray], clip_frames: int = 16, sample_rat
 
 
 def resolve_attention_impl(attention_impl: str | None, dtype=None) -> str | None:
-    """``"auto"`` -> ``"splash"`` on TPU (fused Pallas kernel), ``"per_head"`` on CPU
-    (cache-resident attention scores), ``"cudnn"`` on GPU when the activation ``dtype`` is 16-bit
-    (cuDNN's fused attention has no float32 kernel), ``"xla"`` otherwise; any other value passes
-    through."""
+    """``"auto"`` -> :func:`models.layers.default_attention_impl` for inference on JAX's default
+    backend (``"per_head"`` on CPU, ``"splash"`` on TPU, ``"cudnn"`` on GPU for a 16-bit
+    ``dtype``, ``"xla"`` otherwise); any other value passes through."""
     if attention_impl == "auto":
-        backend = jax.default_backend()
-        if backend == "gpu":
-            half = dtype is not None and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-            return "cudnn" if half else "xla"
-        return {"tpu": "splash", "cpu": "per_head"}.get(backend, "xla")
+        return default_attention_impl(jax.default_backend(), jnp.float32 if dtype is None else dtype,
+                                      training=False)
     return attention_impl
 
 

@@ -11,7 +11,9 @@ Each row is ``marlin_jax.aot.run(..., max_batch=True)`` for one model x slice x 
 ``after`` = scanned blocks and splash attention, with remat only where the model does not fit
 otherwise (``full``), FSDP over the slice when the parameters would not fit replicated;
 ``xla`` / ``fused`` = unrolled blocks with batched XLA attention / the platform's fused attention
-(splash on TPU, cuDNN on GPU), ``*_remat`` the same with full remat. Step time and MFU are
+(splash on TPU, cuDNN on GPU), ``*_remat`` the same with full remat, ``xla_scan_remat`` scanned
+blocks, XLA attention, full remat (on GPUs under data parallelism remat only holds with scanned
+blocks: see the README). Step time and MFU are
 estimates from XLA's cost model or the module text (see marlin_jax/aot.py), not measurements.
 """
 
@@ -37,6 +39,7 @@ VARIANTS = {
     "xla_remat": {"scan_layers": False, "attention_impl": "xla", "remat_policy": "full"},
     "fused": {"scan_layers": False, "attention_impl": "", "remat_policy": "none"},
     "fused_remat": {"scan_layers": False, "attention_impl": "", "remat_policy": "full"},
+    "xla_scan_remat": {"scan_layers": True, "attention_impl": "xla", "remat_policy": "full"},
 }
 
 

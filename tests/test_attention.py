@@ -188,6 +188,14 @@ def test_auto_attention_impl_per_backend(monkeypatch):
                                  ("rocm", None, "xla")]:
         monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
         assert resolve_attention_impl("auto", dtype) == want, backend
+    # training picks through the same rule: batched XLA on CPU, no cuDNN for float32 activations
+    from marlin_jax.train.program import attention_impl
+
+    assert attention_impl("", "cpu", jnp.float32) is None
+    assert attention_impl("", "tpu", jnp.bfloat16) == "splash"
+    assert attention_impl("", "gpu", jnp.bfloat16) == "cudnn"
+    assert attention_impl("", "gpu", jnp.float32) == "xla"
+    assert attention_impl("per_head", "gpu", jnp.bfloat16) == "per_head"
 
 
 @pytest.mark.slow  # ~8 s: libtpu topology + two TPU compiles

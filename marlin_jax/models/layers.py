@@ -7,6 +7,7 @@ Layouts: tokens are ``(B, N, D)``; videos are channels-last ``(B, T, H, W, C)``.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -124,6 +125,21 @@ ATTENTION_IMPLS = (None, "xla", "per_head", "cudnn", "splash")
 """None / "xla": batched softmax attention; "per_head": one (batch, head) at a time (CPU);
 "cudnn": ``jax.nn.dot_product_attention``'s fused GPU kernel; "splash": the Pallas TPU splash
 attention kernel (interpreted, slowly but exactly, on other platforms: see ``SPLASH_INTERPRET``)."""
+
+def default_attention_impl(platform: str, dtype: Any, *, training: bool) -> str | None:
+    """The attention implementation for a platform (``cpu`` / ``gpu`` / ``tpu``) and activation
+    ``dtype``: splash (Pallas) on TPU; cuDNN flash attention on GPU for 16-bit activations (it
+    has no float32 kernel), batched XLA otherwise; on CPU batched XLA (None) for training and
+    one head at a time (``per_head``: cache-resident scores, ~2x faster) for inference; batched
+    XLA on any other platform."""
+    if platform == "tpu":
+        return "splash"
+    if platform == "gpu":
+        return "cudnn" if jnp.dtype(dtype).itemsize == 2 else "xla"
+    if platform == "cpu" and not training:
+        return "per_head"
+    return None if training else "xla"
+
 
 SPLASH_INTERPRET: bool | None = None
 """Whether ``attention_impl="splash"`` runs the Pallas kernel in interpret mode. None: when the

@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 
 from marlin_jax import sharding as shd
 from marlin_jax.models import MarlinConfig, config_from_mapping
+from marlin_jax.models.layers import default_attention_impl
 from marlin_jax.train import state as st
 from marlin_jax.train import steps
 
@@ -80,11 +81,12 @@ def compute_dtype(name: str, platform: str) -> Any:
         raise ValueError(f"config.compute_dtype must be auto|float32|bfloat16, got {name!r}") from None
 
 
-def attention_impl(name: str, platform: str) -> str | None:
-    """``""`` / ``auto`` = splash (Pallas) on TPU, cuDNN flash attention on GPU, batched XLA
-    softmax on CPU; any other value is used as given."""
+def attention_impl(name: str, platform: str, dtype: Any = jnp.bfloat16) -> str | None:
+    """``""`` / ``auto`` = :func:`models.layers.default_attention_impl` for training (splash on
+    TPU, cuDNN on GPU with 16-bit activations, batched XLA otherwise); any other value is used
+    as given."""
     if name in ("", "auto"):
-        return {"tpu": "splash", "gpu": "cudnn"}.get(platform)
+        return default_attention_impl(platform, dtype, training=True)
     return name
 
 
@@ -151,7 +153,7 @@ def build_program(config: ml_collections.ConfigDict, mesh: Mesh, schedule: Sched
     platform = mesh_platform(mesh)
     model_cfg = model_config(config)
     dtype = compute_dtype(config.compute_dtype, platform)
-    impl = attention_impl(config.attention_impl, platform)
+    impl = attention_impl(config.attention_impl, platform, dtype)
     batch = int(config.global_batch_size)
     check_batch(batch, mesh, process_count)
     k = num_visible_tokens(model_cfg, config.data.mask_ratio)
