@@ -830,6 +830,9 @@ def run(config: ml_collections.ConfigDict, topology: str, *, max_batch: bool = F
         f"{jnp.dtype(dtype).name} compute, attention "
         f"{prog.attention_impl(config.attention_impl, platform, dtype) or 'xla'}, scan_layers "
         f"{config.scan_layers}, remat {config.remat_policy}")
+    if target.compiler_options:
+        log("compile-only GPU target (no device to autotune on): compiled with "
+            + ", ".join(f"{k}={v}" for k, v in target.compiler_options))
     out: dict[str, Any] = {
         "topology": topology, "chip": dataclasses.asdict(target.chip),
         "devices": len(target.devices), "devices_per_chip": target.devices_per_chip,

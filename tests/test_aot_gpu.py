@@ -108,6 +108,7 @@ def test_cli_gpu_report(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "h100:2 = 2 x H100 SXM 80GB" in out.stdout
     assert "compiled module's text" in out.stdout and "estimated MFU: " in out.stdout
+    assert "compiled with xla_gpu_autotune_level=0, xla_gpu_enable_triton_gemm=False" in out.stdout
     data = json.loads(report.read_text())
     assert data["compiler_options"] == {"xla_gpu_autotune_level": 0, "xla_gpu_enable_triton_gemm": False}
     assert data["train_step"]["fits"] and data["features"]["fits"]

@@ -74,6 +74,31 @@ def test_celebvhq_unknown_names_and_bad_labels(tmp_path):
         read_split_file(tmp_path / "test.txt")
 
 
+def test_celebvhq_values_outside_the_label_set_and_bad_mappings_are_named(tmp_path):
+    make_celebvhq(tmp_path)
+    info = json.loads((tmp_path / "celebvhq_info.json").read_text())
+    info["clips"]["b"]["attributes"]["appearance"][3] = 2  # a typo: not a binary label
+    info["clips"]["c"]["attributes"]["appearance"][0] = "1"
+    (tmp_path / "celebvhq_info.json").write_text(json.dumps(info))
+    with pytest.raises(DatasetError, match=r"celebvhq_info.json: attributes/appearance values "
+                                           r"outside \{0, 1\}.* 2 clip\(s\): clip 'b': \[3\]=2; "
+                                           r"clip 'c': \[0\]='1'"):
+        load_celebvhq(tmp_path, "train", "appearance")
+    assert load_celebvhq(tmp_path, "train", "action").num_outputs == 35  # other task intact
+    info["clips"]["a"]["attributes"]["appearance"] = "1" * 40
+    (tmp_path / "celebvhq_info.json").write_text(json.dumps(info))
+    with pytest.raises(DatasetError, match=r"clip 'a' attributes/appearance must be 40 values .*"
+                                           r"got a str"):
+        load_celebvhq(tmp_path, "train", "appearance")
+    make_celebvhq(tmp_path, videos=False)  # valid labels again
+    info = json.loads((tmp_path / "celebvhq_info.json").read_text())
+    info["meta_info"]["appearance_mapping"] = [f"app{j}" for j in range(39)]  # one name short
+    (tmp_path / "celebvhq_info.json").write_text(json.dumps(info))
+    with pytest.raises(DatasetError, match=r"meta_info/appearance_mapping must list the 40 "
+                                           r"appearance label names, got 39 entries"):
+        load_celebvhq(tmp_path, "train", "appearance")
+
+
 def test_missing_video_is_an_error_or_a_counted_skip(tmp_path):
     make_celebvhq(tmp_path)
     (tmp_path / "cropped" / "b.mp4").unlink()
@@ -343,5 +368,6 @@ def test_a_mistyped_label_in_every_split_does_not_make_an_extra_class(tmp_path, 
     assert val.class_names == ("angry", "happy", "sad") and val.labels.tolist() == [2, 2]
     assert "3 classes inferred from the labels: 'angry' (1 rows), 'happy' (2 rows), " \
            "'sad' (3 rows)" in caplog.text
+    assert {r.levelname for r in caplog.records} == {"WARNING"}  # shown by the evaluate CLI too
     ints = write("ints.csv", ["0", "2", "1", "01"])
     assert load_label_file(ints).labels.tolist() == [0, 2, 1, 1]

@@ -229,3 +229,28 @@ def test_a_damaged_marlin_config_json_is_an_error_naming_it(tmp_path):
     (tmp_path / CONFIG_FILE).write_text('{"encoder_embed_dim": 7')
     with pytest.raises(CheckpointError, match=rf"{CONFIG_FILE}: damaged model config, not valid JSON"):
         read_config_file(tmp_path / "checkpoints" / "10")
+
+
+def test_zero_adam_moments_are_not_sized_by_the_checkpoints_own_tensors():
+    """A Lightning state saved before the first step gives zero moments; they are built at the
+    model's shapes only, never as one float32 array per (possibly expanded) checkpoint tensor."""
+    from marlin_jax.interop.optimizer_state import LightningCheckpoint, lightning_adam_moments
+
+    huge = np.broadcast_to(np.float16(1), (250_000_000,))  # what an expanded tensor loads as
+    state_dict = OrderedDict([("encoder.w", np.ones((2, 3), np.float32)), ("encoder.big", huge)])
+
+    def entry(shape: tuple[int, ...]) -> dict:  # torch's Adam state of one parameter at step 0
+        zeros = np.broadcast_to(np.float32(0), shape)
+        return {"step": 0, "exp_avg": zeros, "exp_avg_sq": zeros}
+
+    g_state = {"state": {0: entry((2, 3)), 1: entry(huge.shape)},
+               "param_groups": [{"params": [0, 1], "betas": (0.9, 0.95), "eps": 1e-8}]}
+    ckpt = LightningCheckpoint("g.ckpt", state_dict, 0, [g_state, {}])
+    g_like = {"encoder": {"w": np.zeros((2, 3), np.float32)}}
+    out, peak = peak_bytes(lambda: lightning_adam_moments(ckpt, g_like, {}, b1=0.9, b2=0.95,
+                                                          eps=1e-8))
+    assert not isinstance(out, Exception), out
+    assert peak < 64 * MIB, f"zero moments allocated {peak} bytes"
+    mu = out[0].mu["encoder"]["w"]
+    assert out[0].count == 0 and out[1] is None
+    assert mu.shape == (2, 3) and mu.dtype == np.float32 and not mu.any() and mu.flags.writeable

@@ -166,7 +166,10 @@ def load_celebvhq(
 
     ``data_ratio`` keeps the first fraction of the list (the original applies it to train and
     val only; pass 1.0 for test). Every listed name must be in ``celebvhq_info.json`` with a label
-    vector of the right length; unknown names raise DatasetError listing them.
+    vector of the right length; unknown names raise DatasetError listing them, and so do label
+    values outside the known set {0, 1} (naming each clip and value). The label names come
+    from ``meta_info/<task>_mapping`` (``<task>_<j>`` without one; one of another length is an
+    error).
     """
     root = os.fspath(root)
     if task not in CELEBVHQ_TASKS:
@@ -186,20 +189,27 @@ def load_celebvhq(
                                     unknown))
     width = CELEBVHQ_TASKS[task]
     labels = np.zeros((len(names), width), dtype=bool)
+    outside: list[str] = []  # clips with values outside the known label set {0, 1}
     for i, name in enumerate(names):
         try:
-            y = np.asarray(clips[name]["attributes"][task])
+            y = clips[name]["attributes"][task]
         except (KeyError, TypeError) as e:
             raise DatasetError(f"{info_path}: clip {name!r} has no attributes/{task}") from e
-        if y.shape != (width,) or not np.isin(y, (0, 1)).all():
-            raise DatasetError(
-                f"{info_path}: clip {name!r} attributes/{task} must be {width} values in {{0, 1}},"
-                f" got shape {y.shape}"
-            )
-        labels[i] = y.astype(bool)
-    mapping = (info.get("meta_info") or {}).get(f"{task}_mapping")
-    class_names = tuple(mapping) if mapping and len(mapping) == width else tuple(
-        f"{task}_{j}" for j in range(width))
+        if not isinstance(y, list) or len(y) != width:
+            got = f"{len(y)} values" if isinstance(y, list) else f"a {type(y).__name__}"
+            raise DatasetError(f"{info_path}: clip {name!r} attributes/{task} must be {width} "
+                               f"values in {{0, 1}}, got {got}")
+        odd = [f"[{j}]={v!r}" for j, v in enumerate(y)
+               if not (isinstance(v, int | float) and v in (0, 1))]
+        if odd:
+            outside.append(f"clip {name!r}: {_joined(odd, 3)}")
+            continue
+        labels[i] = np.asarray(y, dtype=bool)
+    if outside:
+        raise DatasetError(_listing(f"{info_path}: attributes/{task} values outside {{0, 1}} "
+                                    f"(the {width} CelebV-HQ {task} labels are binary) in "
+                                    f"{len(outside)} clip(s)", outside))
+    class_names = _celebvhq_label_names(info_path, info, task, width)
     video_root = os.path.join(os.path.abspath(root), "cropped")
     labelset = LabelSet(
         keys=tuple(names),
@@ -210,6 +220,22 @@ def load_celebvhq(
         source=split_path,
     )
     return labelset.take_ratio(data_ratio) if data_ratio < 1.0 else labelset
+
+
+def _celebvhq_label_names(info_path: str, info: dict, task: str, width: int) -> tuple[str, ...]:
+    """``meta_info/<task>_mapping`` of ``celebvhq_info.json`` (the ``width`` label names), or
+    ``<task>_<j>`` when the file has none; a mapping of another length is an error (it would
+    name the wrong heads), not silently replaced."""
+    meta = info.get("meta_info")
+    mapping = meta.get(f"{task}_mapping") if isinstance(meta, dict) else None
+    if mapping is None:
+        return tuple(f"{task}_{j}" for j in range(width))
+    if not (isinstance(mapping, list) and len(mapping) == width
+            and all(isinstance(m, str) for m in mapping)):
+        got = f"{len(mapping)} entries" if isinstance(mapping, list) else f"a {type(mapping).__name__}"
+        raise DatasetError(f"{info_path}: meta_info/{task}_mapping must list the {width} {task} "
+                           f"label names, got {got}")
+    return tuple(mapping)
 
 
 # --------------------------------------------------------------------------- generic labels
@@ -248,7 +274,7 @@ def load_label_file(
         are inferred from the whole file: multiclass values must be all integer indices (classes
         ``0..max``, each with a row) or all names (sorted; none equal to another up to case,
         spaces and punctuation), else DatasetError lists each value with its row count and rows
-        (a mistyped label must not make an extra class); the classes found are logged with
+        (a mistyped label must not make an extra class); the classes found are logged (a warning) with
         their row counts.
       video_root: where relative video paths start; defaults to the label file's folder.
 
@@ -421,7 +447,7 @@ def _infer_classes(path: str, records: list[dict]) -> tuple[str, ...]:
     case, spaces and punctuation). A mix (e.g. ``0``, ``1`` and a mistyped ``l``), an index
     without rows (e.g. a mistyped ``11`` among ``0``-``2``) or such near-duplicate names raise
     DatasetError listing each value with its row count and rows; pass ``class_names`` to fix
-    the class set instead. The classes found are logged with their row counts.
+    the class set instead. The classes found are logged (a warning) with their row counts.
     """
     rows: dict[str, list[str]] = collections.defaultdict(list)
     for r in records:
@@ -458,8 +484,11 @@ def _infer_classes(path: str, records: list[dict]) -> tuple[str, ...]:
             raise DatasetError(f"{path}: class names differ only in case, spaces or punctuation: "
                                f"{show(clashes)}; pass class_names to fix the classes")
         classes = tuple(names)
-    log.info("%s: %d classes inferred from the labels: %s", path, len(classes),
-             ", ".join(f"{c!r} ({len(rows[c])} rows)" for c in classes))
+    # a warning, not info: the evaluate CLI shows warnings only, and an inferred class set is
+    # exactly where a mistyped value would hide
+    log.warning("%s: %d classes inferred from the labels: %s (set class_names, "
+                "labels.class_names in a config, to fix the set)", path, len(classes),
+                ", ".join(f"{c!r} ({len(rows[c])} rows)" for c in classes))
     return classes
 
 

@@ -197,7 +197,9 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], like: Params, *,
             mismatched.append(f"{key}: {tuple(np.shape(state_dict[key]))} -> {value.shape}, "
                               f"expected {tuple(np.shape(node))}")
             return node
-        return np.asarray(value, dtype=getattr(node, "dtype", np.float32))
+        # the shape is the model's now, so this copy (of a view, e.g. the zero moments) is bounded
+        out = np.asarray(value, dtype=getattr(node, "dtype", np.float32))
+        return out if out.flags.c_contiguous and out.flags.writeable else np.array(out, order="C")
 
     out = visit(like, ())
     if missing or mismatched:
@@ -234,7 +236,10 @@ def lightning_adam_moments(ckpt: LightningCheckpoint, g_like: Params, d_like: Pa
                                                  b2=b2, eps=eps, source=ckpt.path, which=which,
                                                  weight_decay=weight_decay)
         if count == 0:  # saved before the first update: torch would start from zeros too
-            zeros = {k: np.zeros(np.shape(v), np.float32) for k, v in ckpt.state_dict.items()}
+            # zero-strided views, materialised only at the model's shapes (state_dict_to_params):
+            # never an allocation sized by the checkpoint's own (possibly expanded) tensors
+            zeros = {k: np.broadcast_to(np.float32(0), np.shape(v))
+                     for k, v in ckpt.state_dict.items()}
             mu_sd = nu_sd = zeros
         source = f"{ckpt.path}: {which} optimiser state"
         out.append(AdamMoments(state_dict_to_params(mu_sd, like, source=source),
