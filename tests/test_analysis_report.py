@@ -365,3 +365,30 @@ def test_analysis_modules_import_alone_without_a_cycle():
                 and (n.level or (n.module or "").startswith("marlin_jax"))]
     assert "marlin_jax.analysis.__main__" not in loaded["report"]
     assert {"marlin_jax.analysis.report", "marlin_jax.analysis.stats"} <= loaded["__main__"]
+
+
+def test_ranked_table_and_mmd_linear_share():
+    """The ranked table orders every feature as the top list does; the MMD share is the
+    linear-kernel MMD² split over standardised features."""
+    from marlin_jax.analysis.report import mmd_linear_share, ranked_table
+    from marlin_jax.analysis.stats import compare_groups
+
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(30, DIM)), rng.normal(size=(25, DIM))
+    b[:, PLANTED] += 2.0
+    share = mmd_linear_share(a, b)
+    both = np.concatenate([a, b])
+    delta = (a.mean(0) - b.mean(0)) / both.std(0)
+    np.testing.assert_allclose(share * (delta**2).sum(), delta**2)  # shares of ||delta||²
+    assert set(np.argsort(share)[-3:]) == set(PLANTED)
+    np.testing.assert_array_equal(mmd_linear_share(a, a), np.zeros(DIM))
+
+    res = compare_groups(a, b, names=("x", "y"), top_k=7, mmd_permutations=0)
+    table = ranked_table(res, share)
+    np.testing.assert_array_equal(table["feature"][:7], res.top)
+    assert sorted(table["feature"].tolist()) == list(range(DIM))
+    np.testing.assert_array_equal(table["rank"], np.arange(1, DIM + 1))
+    np.testing.assert_array_equal(table["cohens_d"], res.d[table["feature"]])
+    np.testing.assert_array_equal(table["mmd_linear_share"], share[table["feature"]])
+    assert np.all(np.diff(table["q_value_bh"]) >= 0)
+    assert "mmd_linear_share" not in ranked_table(res)

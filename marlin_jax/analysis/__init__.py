@@ -22,7 +22,7 @@ difference heat maps, PCA/UMAP/t-SNE).
 Grad-CAM heat maps of feature dimensions (:mod:`.heatmap`; JAX)::
 
     python -m marlin_jax.analysis.visualize --checkpoint C --model marlin_vit_base_ytf \
-        --video V.mp4 --features 397 231 490 --output_dir O [--windows all] [--save_video --fps 10]
+        --video V.mp4 --features 397 231 490 --output_dir O [--windows all] [--skip_comparison_video] [--fps 30]
     python -m marlin_jax.analysis.compare --checkpoint C --pre A.mp4 --post B.mp4 \
         --features 397 231 --output_dir O      # four rows: pre/post frames and heat maps
     # --top_features_from report/summary.json takes the features a statistics report ranked

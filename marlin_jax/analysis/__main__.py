@@ -5,6 +5,8 @@ and writes a report (:func:`marlin_jax.analysis.report.run_analysis`)::
 
     python -m marlin_jax.analysis --features_dir F --meta M.csv --group_column G --output_dir O
     python -m marlin_jax.analysis --group_dir pre=F1 --group_dir post=F2 --output_dir O
+    # the feature-analysis fork's spelling (group column "outcome" unless --group_column):
+    python -m marlin_jax.analysis --features_dir F --meta_path meta.xlsx --output_dir O
 
 ``python -m marlin_jax.analysis.stats`` (the older spelling) runs the same :func:`main`.
 Dependencies flow one way: this module -> report -> stats (stats imports neither).
@@ -28,13 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Compare two groups of MARLIN feature files (.npy per video, (n_clips, D) or (D,)) "
             "at clip and video level: Mann-Whitney U + Benjamini-Hochberg FDR, Cohen's d, "
-            "kernel MMD, plots and a Markdown/CSV/JSON report."
+            "kernel MMD, plots and a Markdown/CSV/Excel/JSON report."
         ),
     )
     src = parser.add_argument_group("groups (a metadata table, or one folder per group)")
     src.add_argument("--features_dir", help="folder of .npy feature files (searched recursively)")
-    src.add_argument("--meta", help="metadata table (.csv, .tsv, .xlsx) with one row per video")
-    src.add_argument("--group_column", help="metadata column holding the group of each video")
+    src.add_argument("--meta", "--meta_path", dest="meta",
+                     help="metadata table (.csv, .tsv, .xlsx) with one row per video")
+    src.add_argument("--group_column",
+                     help="metadata column holding the group of each video (default: outcome)")
     src.add_argument(
         "--id_column",
         help="metadata column naming the video (file name with or without extension); "
@@ -77,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no_plots", action="store_true", help="write the tables only")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no_progress", action="store_true", help="no progress bars")
     return parser
 
 
@@ -99,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         embeddings=() if args.no_plots else tuple(args.embeddings),
         plots=not args.no_plots,
         seed=args.seed,
+        progress=not args.no_progress,
     )
     print(f"report: {report}")
     return 0

@@ -2,12 +2,16 @@
 
     python -m marlin_jax.analysis.compare --checkpoint C --model marlin_vit_base_ytf \
         --pre pre.mp4 --post post.mp4 --features 397 231 490 --output_dir O
+    # the feature-analysis fork's spelling runs too (default features 397 231 490 482 456):
+    python -m marlin_jax.analysis.compare --checkpoint_path C --model_name marlin_vit_base_ytf \
+        --pre_video pre.mp4 --post_video post.mp4 --output_dir O
 
 Per feature: ``compare_feature<f>.png`` (300 dpi) with four rows -- pre frames, pre heat maps,
 post frames, post heat maps -- and ``compare_relevance.npz`` with the raw token relevance and
 feature values of both clips. The two heat maps of a feature share one scale (the larger
 maximum of the two) so their intensities are comparable; ``--independent_scale`` normalises
 each clip on its own instead. ``--window k`` picks the k-th extraction window of each video.
+A progress bar (tqdm, stderr) counts the features drawn.
 """
 
 from __future__ import annotations
@@ -65,9 +69,13 @@ def compare_videos(
     cmap: str = "jet",
     dpi: int = 300,
     frames_shown: int | None = None,
+    progress: bool = False,
     **clip_kwargs,
 ) -> list[Path]:
-    """Writes one four-row comparison PNG per feature; returns the written paths."""
+    """Writes one four-row comparison PNG per feature; returns the written paths.
+    ``progress``: a tqdm bar (stderr) over the features."""
+    from tqdm.auto import tqdm
+
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     clips = np.stack([window_clip(v, cam.config, window, **clip_kwargs) for v in (pre, post)])
@@ -75,7 +83,8 @@ def compare_videos(
     np.savez(out / "compare_relevance.npz", relevance=rel, values=vals,
              features=np.asarray(features), videos=np.asarray([str(pre), str(post)]))
     written = [out / "compare_relevance.npz"]
-    for fi, f in enumerate(features):
+    for fi, f in enumerate(tqdm(features, desc="features", unit="feature",
+                                disable=not progress)):
         scale = rel[:, fi].max() if shared_scale else None
         heat = upsample(normalise(rel[:, fi], scale), cam.config)  # (2, T, H, W)
         overlays = [overlay(clips[i], heat[i], alpha=alpha, cmap=cmap) for i in range(2)]
@@ -93,8 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m marlin_jax.analysis.compare",
         description="Pre vs post Grad-CAM heat maps of MARLIN feature dimensions (4-row PNGs).",
     )
-    parser.add_argument("--pre", required=True, help="the 'pre' video")
-    parser.add_argument("--post", required=True, help="the 'post' video")
+    parser.add_argument("--pre", "--pre_video", dest="pre", required=True, help="the 'pre' video")
+    parser.add_argument("--post", "--post_video", dest="post", required=True,
+                        help="the 'post' video")
     add_model_arguments(parser)
     parser.add_argument("--labels", nargs=2, default=("pre", "post"), metavar=("PRE", "POST"))
     parser.add_argument("--window", type=int, default=0, help="which extraction window of each video")
@@ -118,7 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cam, args.pre, args.post, features, args.output_dir,
             labels=tuple(args.labels), window=args.window, shared_scale=not args.independent_scale,
             alpha=args.alpha, cmap=args.cmap, dpi=args.dpi, frames_shown=args.frames_shown,
-            sample_rate=args.sample_rate, stride=args.stride, crop_face=args.crop_face,
+            progress=not args.no_progress, sample_rate=args.sample_rate, stride=args.stride,
+            crop_face=args.crop_face,
         )
     except (VideoReadError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

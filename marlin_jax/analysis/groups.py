@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
+    "DEFAULT_GROUP_COLUMN",
     "FeatureGroups",
     "groups_from_args",
     "groups_from_dirs",
@@ -28,6 +29,7 @@ __all__ = [
 ]
 
 _STRIP_SUFFIXES = {".npy", ".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
+DEFAULT_GROUP_COLUMN = "outcome"  # the feature-analysis fork's metadata column
 _ID_COLUMNS = ("video", "video_id", "filename", "file", "name", "id", "path")
 
 
@@ -287,7 +289,8 @@ def _group_value(v) -> str:
 
 
 def groups_from_args(args: argparse.Namespace) -> FeatureGroups:
-    """Builds the groups from the statistics CLI's arguments (metadata table or folders)."""
+    """Builds the groups from the statistics CLI's arguments (metadata table or folders); the
+    group column defaults to :data:`DEFAULT_GROUP_COLUMN`."""
     dirs: dict[str, str] = {}
     for spec in args.group_dir or []:
         name, sep, d = spec.partition("=")
@@ -302,17 +305,23 @@ def groups_from_args(args: argparse.Namespace) -> FeatureGroups:
         if args.meta or args.features_dir:
             raise ValueError("give either group folders or --features_dir with --meta, not both")
         return groups_from_dirs(dirs)
-    if not (args.features_dir and args.meta and args.group_column):
+    if not (args.features_dir and args.meta):
         raise ValueError(
-            "give --features_dir, --meta and --group_column, or two group folders "
-            "(--group_dir NAME=DIR twice, or --pre_dir and --post_dir)"
+            "give --features_dir and --meta (with --group_column; default: outcome), or two "
+            "group folders (--group_dir NAME=DIR twice, or --pre_dir and --post_dir)"
         )
     features = load_feature_dir(args.features_dir)
     meta = read_metadata(args.meta)
+    group_column = args.group_column or DEFAULT_GROUP_COLUMN
+    if not args.group_column and DEFAULT_GROUP_COLUMN not in [str(c) for c in meta.columns]:
+        raise ValueError(
+            f"{args.meta}: no --group_column given and no column {DEFAULT_GROUP_COLUMN!r} (the "
+            f"default); columns are {[str(c) for c in meta.columns]}"
+        )
     return groups_from_metadata(
         features,
         meta,
-        args.group_column,
+        group_column,
         id_column=args.id_column,
         groups=args.groups,
         meta_name=str(args.meta),

@@ -16,8 +16,10 @@ from matplotlib.figure import Figure
 __all__ = [
     "GROUP_COLOURS",
     "embed_2d",
+    "pca_2d",
     "plot_embeddings",
     "plot_feature_differences",
+    "plot_feature_importance",
     "plot_top_feature_distributions",
 ]
 
@@ -92,11 +94,12 @@ def plot_feature_differences(
     *,
     title: str = "",
     row_width: int = 32,
+    paired: bool = False,
     dpi: int = 150,
 ) -> Path:
     """Two heatmaps of the group differences.
 
-    Left: Cohen's d of every feature laid out in rows of ``row_width`` (feature ``i`` at row
+    Left: Cohen's d (``paired``: Cohen's d_z) of every feature laid out in rows of ``row_width`` (feature ``i`` at row
     ``i // row_width``), FDR-significant features outlined. Right: the ``top`` features of every
     sample (rows, group a then group b), z-scored per feature over both groups.
     """
@@ -117,10 +120,11 @@ def plot_feature_differences(
     ax1.set_yticks(range(0, n_rows, step), [str(r * row_width) for r in range(0, n_rows, step)])
     ax1.set_xlabel(f"feature index - row start (rows of {row_width})")
     ax1.set_ylabel("row start (feature index)")
-    ax1.set_title(f"Cohen's d ({names[0]} - {names[1]}), {sig.size} FDR-significant")
+    d_name = "d_z" if paired else "d"
+    ax1.set_title(f"Cohen's {d_name} ({names[0]} - {names[1]}), {sig.size} FDR-significant")
     if sig.size:
         ax1.legend(loc="upper right", fontsize=8, framealpha=0.8)
-    fig.colorbar(im, ax=ax1, shrink=0.8, label="d")
+    fig.colorbar(im, ax=ax1, shrink=0.8, label=d_name)
 
     top = [int(t) for t in top]
     both = np.concatenate([a[:, top], b[:, top]], axis=0)
@@ -139,6 +143,66 @@ def plot_feature_differences(
     return _save(fig, path, dpi)
 
 
+def plot_feature_importance(
+    features: Sequence[int],
+    d: np.ndarray,
+    q: np.ndarray,
+    path: str | os.PathLike,
+    *,
+    names: tuple[str, str] = ("a", "b"),
+    alpha: float = 0.05,
+    paired: bool = False,
+    title: str = "",
+    dpi: int = 150,
+) -> Path:
+    """Horizontal bar chart of |Cohen's d| (``paired``: d_z) of the ranked ``features`` (best
+    at the top), coloured by the sign of d (``names[0]`` higher: group a's colour), FDR-
+    significant bars (q < ``alpha``) solid and the others hatched, each labelled with its q."""
+    features = [int(f) for f in features]
+    if not features:
+        raise ValueError("no features to plot")
+    eff = np.nan_to_num(d[features], posinf=5.0, neginf=-5.0)
+    fig = Figure(figsize=(6.5, 1.2 + 0.32 * len(features)), layout="constrained")
+    ax = fig.add_subplot()
+    pos = np.arange(len(features))[::-1]
+    colours = [GROUP_COLOURS[0] if e >= 0 else GROUP_COLOURS[1] for e in eff]
+    bars = ax.barh(pos, np.abs(eff), color=colours, alpha=0.8)
+    for bar, f in zip(bars, features, strict=True):
+        if not q[f] < alpha:
+            bar.set_hatch("//")
+            bar.set_alpha(0.45)
+        ax.annotate(f" q = {q[f]:.2g}", (bar.get_width(), bar.get_y() + bar.get_height() / 2),
+                    va="center", fontsize=7)
+    ax.set_yticks(pos, [f"feature {f}" for f in features], fontsize=8)
+    d_name = "d_z" if paired else "d"
+    ax.set_xlabel(f"|Cohen's {d_name}|  (hatched: q >= {alpha:g})", fontsize=8)
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color=GROUP_COLOURS[0], label=f"{names[0]} higher"),
+                       Patch(color=GROUP_COLOURS[1], label=f"{names[1]} higher")],
+              loc="lower right", fontsize=7, framealpha=0.8)
+    ax.set_xlim(0, max(0.5, float(np.abs(eff).max())) * 1.3)
+    ax.set_title(title or f"feature importance: top {len(features)} features", fontsize=10)
+    return _save(fig, path, dpi)
+
+
+def pca_2d(x: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """PCA of standardised rows of ``x (n, D)``: coordinates ``(n, 2)`` and the explained
+    variance ratio of the two components ``(2,)`` (0 for a component that does not exist)."""
+    n = x.shape[0]
+    if n < 2:
+        raise ValueError("PCA needs at least 2 samples")
+    from sklearn.decomposition import PCA
+
+    sd = x.std(0)
+    x = (x - x.mean(0)) / np.where(sd > 0, sd, 1.0)
+    k = min(2, n, x.shape[1])
+    pca = PCA(n_components=k, random_state=seed)
+    y = pca.fit_transform(x)
+    ratio = np.nan_to_num(np.asarray(pca.explained_variance_ratio_, dtype=np.float64))
+    return np.pad(y, ((0, 0), (0, 2 - k))), np.pad(ratio, (0, 2 - k))
+
+
 def embed_2d(x: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
     """2-D embedding of standardised rows of ``x (n, D)``: ``"pca"``, ``"umap"`` or ``"tsne"``.
 
@@ -148,13 +212,7 @@ def embed_2d(x: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
     sd = x.std(0)
     x = (x - x.mean(0)) / np.where(sd > 0, sd, 1.0)
     if method == "pca":
-        if n < 2:
-            raise ValueError("PCA needs at least 2 samples")
-        from sklearn.decomposition import PCA
-
-        k = min(2, n, x.shape[1])
-        y = PCA(n_components=k, random_state=seed).fit_transform(x)
-        return np.pad(y, ((0, 0), (0, 2 - k)))
+        return pca_2d(x, seed)[0]
     if method == "tsne":
         if n < 5:
             raise ValueError(f"t-SNE needs at least 5 samples, got {n}")
@@ -189,7 +247,8 @@ def plot_embeddings(
     """Scatter of the 2-D embeddings (one panel per method) coloured by group.
 
     At most ``max_points`` samples (a seeded random subset, in group proportion) are embedded.
-    Returns the PNG path (None when no method could run) and notes on skipped methods.
+    Returns the PNG path (None when no method could run) and notes on skipped methods. The PCA
+    panel's axes name the components and the share of variance each explains.
     """
     rng = np.random.default_rng(seed)
     n = a.shape[0] + b.shape[0]
@@ -202,9 +261,14 @@ def plot_embeddings(
     x = np.concatenate([a, b], axis=0)
     label = np.r_[np.zeros(a.shape[0], int), np.ones(b.shape[0], int)]
     results = []
+    explained = None
     for m in methods:
         try:
-            results.append((m, embed_2d(x, m, seed)))
+            if m == "pca":
+                y, explained = pca_2d(x, seed)
+            else:
+                y = embed_2d(x, m, seed)
+            results.append((m, y))
         except (ValueError, ImportError) as e:
             notes.append(f"{m.upper()} skipped: {e}")
     if not results:
@@ -217,8 +281,15 @@ def plot_embeddings(
             ax.scatter(y[label == g, 0], y[label == g, 1], s=12, alpha=0.7,
                        color=GROUP_COLOURS[g], label=f"{names[g]} (n={int(np.sum(label == g))})")
         ax.set_title(pretty[m])
-        ax.set_xticks([])
-        ax.set_yticks([])
+        if m == "pca" and explained is not None:
+            ax.set_xlabel(f"PC1 ({100 * explained[0]:.1f}% of variance)")
+            ax.set_ylabel(f"PC2 ({100 * explained[1]:.1f}% of variance)")
+            ax.tick_params(labelsize=7)
+        else:
+            ax.set_xlabel(f"{pretty[m]} 1")
+            ax.set_ylabel(f"{pretty[m]} 2")
+            ax.set_xticks([])
+            ax.set_yticks([])
     axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title)

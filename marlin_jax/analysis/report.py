@@ -5,7 +5,15 @@ Output folder::
     report.md                  human-readable summary, with the figures linked
     summary.json               every count, the MMD tests and the top features, per level
     features_<level>.csv       per-feature means, Cohen's d, U, p, q, significance flags
-    plots/<level>_*.png        distributions, difference heatmaps, PCA/UMAP/t-SNE
+    ranked_<level>.csv         every feature ranked (q, then |d|): rank, p, q, d, MMD share
+    ranked_features.xlsx       the ranked tables, one Excel sheet per level (openpyxl)
+    plots/<level>_*.png        distributions, difference heatmaps, feature importance,
+                               PCA (axes with explained variance)/UMAP/t-SNE
+
+The MMD share of a feature (unpaired levels) is its part of the linear-kernel MMD², i.e. of the
+squared distance between the group means on standardised features:
+``(mean_a - mean_b)_j² / sd_j²`` over its sum across features (sd pooled over both groups).
+Progress bars (tqdm, stderr) follow the levels.
 """
 
 from __future__ import annotations
@@ -26,7 +34,14 @@ from marlin_jax.analysis.stats import (
     compare_paired,
 )
 
-__all__ = ["CLIP_LEVEL_WARNING", "run_analysis", "write_feature_csv"]
+__all__ = [
+    "CLIP_LEVEL_WARNING",
+    "mmd_linear_share",
+    "ranked_table",
+    "run_analysis",
+    "write_feature_csv",
+    "write_ranked_tables",
+]
 
 CLIP_LEVEL_WARNING = (
     "Clip-level tests treat every clip as an independent sample. Clips of one video share the "
@@ -48,6 +63,85 @@ def write_feature_csv(result: GroupComparison, path: str | os.PathLike) -> Path:
         for i in range(result.num_features):
             w.writerow([_csv_value(table[c][i]) for c in cols])
     return path
+
+
+def mmd_linear_share(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Each feature's share ``(D,)`` of the linear-kernel MMD² between ``a (n1, D)`` and
+    ``b (n2, D)`` standardised per feature (pooled over both groups): ``delta_j² / sum delta²``
+    with ``delta = (mean_a - mean_b) / sd``. Sums to 1 (all 0 when the means agree)."""
+    both = np.concatenate([a, b], axis=0)
+    sd = both.std(0)
+    delta = (a.mean(0) - b.mean(0)) / np.where(sd > 0, sd, 1.0)
+    sq = delta**2
+    total = sq.sum()
+    return sq / total if total > 0 else np.zeros_like(sq)
+
+
+def ranked_table(res: GroupComparison, mmd_share: np.ndarray | None = None
+                 ) -> dict[str, np.ndarray]:
+    """Every feature ranked as the report ranks its top features (ascending q, then descending
+    |d|): columns rank, feature, means, p, q, d (d_z when paired), significance flag and, when
+    given, the MMD share; row i is rank i + 1."""
+    order = np.lexsort((-np.abs(np.nan_to_num(res.d, posinf=1e300, neginf=1e300)), res.q))
+    d_name = "cohens_dz" if res.test == "wilcoxon_signed_rank" else "cohens_d"
+    table = {
+        "rank": np.arange(1, order.size + 1),
+        "feature": order,
+        "p_value": res.p[order],
+        "q_value_bh": res.q[order],
+        d_name: res.d[order],
+        "mean_" + res.group_a: res.mean_a[order],
+        "mean_" + res.group_b: res.mean_b[order],
+        "significant_fdr": res.significant_fdr[order],
+    }
+    if mmd_share is not None:
+        table["mmd_linear_share"] = mmd_share[order]
+    return table
+
+
+def write_ranked_tables(tables: dict[str, dict[str, np.ndarray]], output_dir: str | os.PathLike
+                        ) -> tuple[list[Path], str | None]:
+    """Writes ``ranked_<level>.csv`` per level and ``ranked_features.xlsx`` (one sheet per
+    level). Returns the written paths and a note when openpyxl is missing (no workbook)."""
+    out = Path(output_dir)
+    written = []
+    for level, table in tables.items():
+        path = out / f"ranked_{level}.csv"
+        cols = list(table)
+        with path.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(cols)
+            for i in range(len(table["rank"])):
+                w.writerow([_csv_value(table[c][i]) for c in cols])
+        written.append(path)
+    if not tables:
+        return written, None
+    try:
+        from openpyxl import Workbook
+    except ImportError:
+        return written, "ranked_features.xlsx not written: openpyxl is not installed"
+    wb = Workbook()
+    wb.remove(wb.active)
+    for level, table in tables.items():
+        ws = wb.create_sheet(level)
+        cols = list(table)
+        ws.append(cols)
+        for i in range(len(table["rank"])):
+            ws.append([_excel_value(table[c][i]) for c in cols])
+        ws.freeze_panes = "A2"
+    path = out / "ranked_features.xlsx"
+    wb.save(path)
+    written.append(path)
+    return written, None
+
+
+def _excel_value(v):
+    if isinstance(v, np.bool_ | bool):
+        return bool(v)
+    if isinstance(v, np.integer):
+        return int(v)
+    v = float(v)
+    return v if np.isfinite(v) else str(v)  # Excel has no NaN / inf
 
 
 def _csv_value(v):
@@ -76,9 +170,12 @@ def run_analysis(
     embeddings: Sequence[str] = ("pca", "umap", "tsne"),
     plots: bool = True,
     seed: int = 0,
+    progress: bool = True,
 ) -> Path:
     """Compares the two groups at each level, writes tables, plots and ``report.md``; returns
-    the report path."""
+    the report path. ``progress``: a tqdm bar (stderr) over the levels and their steps."""
+    from tqdm.auto import tqdm
+
     out = Path(output_dir)
     (out / "plots").mkdir(parents=True, exist_ok=True)
     names = groups.names
@@ -92,7 +189,10 @@ def run_analysis(
         "levels": {},
     }
     sections = []
+    ranked: dict[str, dict[str, np.ndarray]] = {}
+    bar = tqdm(total=len(levels), desc="analysis", unit="level", disable=not progress)
     for level in levels:
+        bar.set_postfix_str(f"{level}: tests")
         if level == "paired":
             a, b = groups.paired()
             if a.shape[0] < 3:
@@ -100,12 +200,14 @@ def run_analysis(
                     f"paired level skipped: {a.shape[0]} video id(s) are in both groups, "
                     "a paired test needs at least 3"
                 )
+                bar.update()
                 continue
             res = compare_paired(a, b, names=names, alpha=alpha, top_k=top_k)
         else:
             a, b = groups.samples(names[0], level), groups.samples(names[1], level)
             if a.shape[0] + b.shape[0] < 3:
                 summary["notes"].append(f"{level} level skipped: fewer than 3 samples in total")
+                bar.update()
                 continue
             res = compare_groups(
                 a,
@@ -118,15 +220,20 @@ def run_analysis(
                 seed=seed,
             )
         csv_path = write_feature_csv(res, out / f"features_{level}.csv")
+        paired = level == "paired"
+        ranked[level] = ranked_table(res, None if paired else mmd_linear_share(a, b))
         figures: dict[str, str] = {}
         level_notes: list[str] = []
         if plots:
+            bar.set_postfix_str(f"{level}: plots")
             shown = res.top[: min(12, len(res.top))]
             t = f"{level} level: {names[0]} vs {names[1]}"
             p = _plot_distributions(a, b, res, shown, out / "plots" / f"{level}_top_features.png", t)
             figures["top feature distributions"] = p
             p = _plot_differences(a, b, res, out / "plots" / f"{level}_feature_differences.png", t)
             figures["feature differences"] = p
+            p = _plot_importance(res, out / "plots" / f"{level}_feature_importance.png", t)
+            figures["feature importance"] = p
             if embeddings:
                 from marlin_jax.analysis.plots import plot_embeddings
 
@@ -141,6 +248,7 @@ def run_analysis(
             level_notes.append("MMD test skipped: it needs at least 2 samples in each group")
         entry = res.summary()
         entry["csv"] = csv_path.name
+        entry["ranked_csv"] = f"ranked_{level}.csv"
         entry["figures"] = figures
         entry["notes"] = level_notes
         entry["top_table"] = [
@@ -154,9 +262,22 @@ def run_analysis(
             }
             for i in res.top
         ]
+        if not paired:
+            share = ranked[level]["mmd_linear_share"]
+            entry["top_table"] = [
+                dict(row, mmd_linear_share=float(share[k]))
+                for k, row in enumerate(entry["top_table"])
+            ]  # ranked order = top order
         summary["levels"][level] = entry
         sections.append(_markdown_level(level, res, entry))
+        bar.update()
+    bar.close()
 
+    _, excel_note = write_ranked_tables(ranked, out)
+    if excel_note:
+        summary["notes"].append(excel_note)
+    elif ranked:
+        summary["ranked_workbook"] = "ranked_features.xlsx"
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
     report = out / "report.md"
     report.write_text(_markdown(summary, sections))
@@ -175,7 +296,16 @@ def _plot_differences(a, b, res: GroupComparison, path: Path, title: str) -> str
     from marlin_jax.analysis.plots import plot_feature_differences
 
     plot_feature_differences(a, b, (res.group_a, res.group_b), res.d, res.q, res.alpha, res.top,
-                             path, title=title)
+                             path, title=title, paired=res.test == "wilcoxon_signed_rank")
+    return str(Path("plots") / path.name)
+
+
+def _plot_importance(res: GroupComparison, path: Path, title: str) -> str:
+    from marlin_jax.analysis.plots import plot_feature_importance
+
+    plot_feature_importance(res.top, res.d, res.q, path, names=(res.group_a, res.group_b),
+                            alpha=res.alpha, paired=res.test == "wilcoxon_signed_rank",
+                            title=f"{title}: top {len(res.top)} features by q, then |d|")
     return str(Path("plots") / path.name)
 
 
@@ -233,18 +363,29 @@ def _markdown_level(level: str, res: GroupComparison, entry: dict) -> str:
             f"MMD² = {_fmt(m.mmd2)}, permutation p = {_fmt(m.p_value)}.",
             "",
         ]
+    share_col = " MMD share |" if not paired else ""
     lines += [
-        f"Top {len(res.top)} features (smallest q, then largest |d|; d = {a} - {b}):",
+        f"Top {len(res.top)} features (smallest q, then largest |d|; d = {a} - {b}"
+        + ("; MMD share: the feature's part of the linear-kernel MMD² on standardised features"
+           if not paired else "") + "):",
         "",
-        f"| feature | mean {a} | mean {b} | {d_name} | p | q (BH) |",
-        "|---|---|---|---|---|---|",
+        f"| rank | feature | mean {a} | mean {b} | {d_name} | p | q (BH) |{share_col}",
+        "|---|---|---|---|---|---|---|" + ("---|" if not paired else ""),
     ]
-    for i in res.top:
+    for rank, row in enumerate(entry["top_table"], start=1):
+        i = row["feature"]
+        share = f" {row['mmd_linear_share']:.3f} |" if not paired else ""
         lines.append(
-            f"| {int(i)} | {_fmt(res.mean_a[i])} | {_fmt(res.mean_b[i])} | {res.d[i]:+.3f} | "
-            f"{_fmt(res.p[i])} | {_fmt(res.q[i])} |"
+            f"| {rank} | {int(i)} | {_fmt(res.mean_a[i])} | {_fmt(res.mean_b[i])} | "
+            f"{res.d[i]:+.3f} | {_fmt(res.p[i])} | {_fmt(res.q[i])} |{share}"
         )
-    lines += ["", f"Per-feature table: [{entry['csv']}]({entry['csv']})", ""]
+    lines += [
+        "",
+        f"Per-feature table: [{entry['csv']}]({entry['csv']}); every feature ranked: "
+        f"[{entry['ranked_csv']}]({entry['ranked_csv']}) (also a sheet of "
+        "[ranked_features.xlsx](ranked_features.xlsx))",
+        "",
+    ]
     for name, path in entry["figures"].items():
         lines += [f"![{level} level: {name}]({path})", ""]
     for note in entry["notes"]:

@@ -1,16 +1,21 @@
 """CLI: Grad-CAM heat maps of chosen MARLIN feature dimensions over a video.
 
     python -m marlin_jax.analysis.visualize --checkpoint C --model marlin_vit_base_ytf \
-        --video V.mp4 --features 397 231 490 482 456 --output_dir O [--windows all] [--save_video]
+        --video V.mp4 --features 397 231 490 482 456 --output_dir O [--windows all]
+    # the feature-analysis fork's spelling runs too:
+    python -m marlin_jax.analysis.visualize --checkpoint_path C --video_path V.mp4 --output_dir O
 
 Per video and feature: ``<video>_feature<f>.png`` (frames over heat-map overlays, 300 dpi; with
 ``--windows all`` one PNG per window, ``..._window<k>.png``, at most ``--max_windows``; none
-with ``--no_png``), optionally ``<video>_feature<f>.mp4`` (``--save_video``: frame | overlay
-side by side, every window in turn, at ``--fps``), and
+with ``--no_png``), the comparison video ``<video>_feature<f>.mp4`` (frame | overlay side by
+side, every window in turn, at ``--fps``, default 30; ``--skip_comparison_video`` leaves it
+out), and
 ``<video>_relevance.npz`` with the raw token relevance ``(windows, F, t, h, w)`` and the feature
 values ``(windows, F)``. Windows are the extraction windows (``--sample_rate``, ``--stride``);
 a video shorter than one clip is padded by repeating its last frame. Heat maps of one video and
-feature share one scale over all its windows, so the windows can be compared.
+feature share one scale over all its windows, so the windows can be compared. Without
+``--features`` (or ``--top_features_from``) the fork's features :data:`DEFAULT_FEATURES` are
+shown (they need a 768-wide model such as ViT-B). Progress bars (tqdm) go to stderr.
 """
 
 from __future__ import annotations
@@ -37,7 +42,10 @@ from marlin_jax.analysis.heatmap import (
 )
 from marlin_jax.video_io import VideoWriter
 
+DEFAULT_FEATURES = (397, 231, 490, 482, 456)  # the feature-analysis fork's defaults (ViT-B, 768)
+
 __all__ = [
+    "DEFAULT_FEATURES",
     "add_model_arguments",
     "build_gradcam",
     "clip_relevance",
@@ -50,13 +58,18 @@ __all__ = [
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments shared by the heat-map CLIs: model, checkpoint, windows, Grad-CAM, drawing."""
-    parser.add_argument("--checkpoint", required=True,
+    """Arguments shared by the heat-map CLIs: model, checkpoint, windows, Grad-CAM, drawing.
+
+    The feature-analysis fork's spellings ``--checkpoint_path`` and ``--model_name`` are
+    aliases of ``--checkpoint`` and ``--model``."""
+    parser.add_argument("--checkpoint", "--checkpoint_path", dest="checkpoint", required=True,
                         help=".pt / .ckpt / VideoMAE checkpoint or marlin-jax checkpoint folder")
-    parser.add_argument("--model", default="marlin_vit_base_ytf", help="registered model name")
-    which = parser.add_mutually_exclusive_group(required=True)
+    parser.add_argument("--model", "--model_name", dest="model", default="marlin_vit_base_ytf",
+                        help="registered model name")
+    which = parser.add_mutually_exclusive_group()
     which.add_argument("--features", type=int, nargs="+",
-                       help="feature indices of the mean-pooled embedding, e.g. 397 231 490")
+                       help="feature indices of the mean-pooled embedding (default: "
+                            f"{' '.join(map(str, DEFAULT_FEATURES))}, for a 768-wide model)")
     which.add_argument("--top_features_from", metavar="SUMMARY_JSON",
                        help="take the top features of a statistics report (its summary.json; "
                             "video level if present, else clip level)")
@@ -77,6 +90,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames_shown", type=int, default=None,
                         help="frames per PNG (evenly spaced; default: all of the clip)")
     parser.add_argument("--batch_size", type=int, default=4, help="clips per jitted call")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bars")
 
 
 def top_features_from_summary(path: str | os.PathLike, num: int) -> list[int]:
@@ -97,8 +111,18 @@ def top_features_from_summary(path: str | os.PathLike, num: int) -> list[int]:
 
 def resolve_features(parser: argparse.ArgumentParser, args: argparse.Namespace,
                      cam: FeatureGradCam) -> list[int]:
-    """The feature indices asked for (``--features`` or ``--top_features_from``); exits with a
-    usage error when one is outside the model's feature size."""
+    """The feature indices asked for (``--features`` or ``--top_features_from``; neither:
+    :data:`DEFAULT_FEATURES`); exits with a usage error when one is outside the model's
+    feature size."""
+    if args.features is None and args.top_features_from is None:
+        if max(DEFAULT_FEATURES) >= cam.feature_dim:
+            parser.error(
+                f"no --features given, and the default features "
+                f"{' '.join(map(str, DEFAULT_FEATURES))} (of a 768-wide model such as ViT-B) do "
+                f"not exist in model {args.model!r}, whose features are {cam.feature_dim} wide "
+                f"(0..{cam.feature_dim - 1}); pass --features or --top_features_from"
+            )
+        return list(DEFAULT_FEATURES)
     try:
         features = (list(args.features) if args.features is not None
                     else top_features_from_summary(args.top_features_from, args.num_top))
@@ -138,16 +162,20 @@ def build_gradcam(model_name: str, checkpoint: str | os.PathLike, *, layer: int 
 
 
 def clip_relevance(cam: FeatureGradCam, clips: Iterable[np.ndarray], features: Sequence[int],
-                   batch_size: int = 4, keep: int = 0
+                   batch_size: int = 4, keep: int = 0, *, progress: bool = False,
+                   desc: str = "relevance"
                    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray] | None]:
     """Relevance ``(n_clips, F, t, h, w)`` and values ``(n_clips, F)`` of a stream of uint8
     clips, computed in batches of a fixed size (after the first batch, short batches are
     padded) so the jitted function compiles at most twice. Also returns the clips themselves
     when there are at most ``keep`` of them (else None: read them again to draw them), so a long
-    video never sits in memory."""
+    video never sits in memory. ``progress``: a tqdm bar (stderr) counting the clips."""
+    from tqdm.auto import tqdm
+
     rels, vals, kept = [], [], []
     stream = iter(clips)
     first = True
+    bar = tqdm(desc=desc, unit="clip", disable=not progress, leave=False)
     while batch := list(itertools.islice(stream, batch_size)):
         n = len(batch)
         if not first:
@@ -160,6 +188,8 @@ def clip_relevance(cam: FeatureGradCam, clips: Iterable[np.ndarray], features: S
             kept += batch[:n]
             if len(kept) > keep:
                 kept = None
+        bar.update(n)
+    bar.close()
     if not rels:
         raise ValueError("no clips to explain")
     return np.concatenate(rels), np.concatenate(vals), kept
@@ -185,6 +215,7 @@ def visualize_video(
     frames_shown: int | None = None,
     batch_size: int = 4,
     keep_clips: int = 16,
+    progress: bool = False,
 ) -> list[Path]:
     """Writes the heat-map PNGs (and optionally mp4s) of ``features`` for one video; returns the
     written paths.
@@ -192,7 +223,10 @@ def visualize_video(
     Two passes over the windows: the first computes every window's relevance (so one scale per
     feature covers the whole video), the second draws; the clips are kept from the first pass
     when there are few, else read again. ``max_windows`` caps the windows of ``windows="all"``.
+    ``progress``: tqdm bars (stderr) over the windows of both passes.
     """
+    from tqdm.auto import tqdm
+
     video = Path(video)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -202,7 +236,8 @@ def visualize_video(
                             stride=stride, crop_face=crop_face)
         return itertools.islice(stream, max_windows)
 
-    rel, vals, kept = clip_relevance(cam, clips(), features, batch_size, keep=keep_clips)
+    rel, vals, kept = clip_relevance(cam, clips(), features, batch_size, keep=keep_clips,
+                                     progress=progress, desc=f"{video.name}: relevance")
     npz = out / f"{video.stem}_relevance.npz"
     np.savez(npz, relevance=rel, values=vals, features=np.asarray(features))
     written = [npz]
@@ -210,7 +245,9 @@ def visualize_video(
     sinks = {f: VideoWriter(out / f"{video.stem}_feature{f}.mp4", fps) for f in features
              } if save_video else {}
     try:
-        for w, clip in enumerate(kept if kept is not None else clips()):
+        drawn = tqdm(kept if kept is not None else clips(), total=rel.shape[0], unit="window",
+                     desc=f"{video.name}: drawing", disable=not progress, leave=False)
+        for w, clip in enumerate(drawn):
             if w >= rel.shape[0]:
                 break  # the video changed between the passes
             heat = upsample(normalise(rel[w], scale[:, None, None, None]), cam.config)  # (F,T,H,W)
@@ -238,17 +275,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m marlin_jax.analysis.visualize",
         description="Grad-CAM heat maps of MARLIN feature dimensions: PNG grids (and mp4s).",
     )
-    parser.add_argument("--video", nargs="+", required=True, help="video file(s)")
+    parser.add_argument("--video", "--video_path", dest="video", nargs="+", required=True,
+                        help="video file(s)")
     add_model_arguments(parser)
     parser.add_argument("--windows", choices=("first", "all"), default="first",
                         help="first: one clip per video (padded if short); all: every window")
     parser.add_argument("--max_windows", type=int, default=None,
                         help="with --windows all: at most this many windows per video")
-    parser.add_argument("--save_video", action="store_true",
-                        help="also write a side-by-side mp4 per feature")
+    video_opt = parser.add_mutually_exclusive_group()
+    video_opt.add_argument("--save_video", action="store_true",
+                           help="write the side-by-side comparison mp4 per feature (the default)")
+    video_opt.add_argument("--skip_comparison_video", action="store_true",
+                           help="do not write the comparison mp4s")
     parser.add_argument("--no_png", action="store_true",
-                        help="skip the PNG grids (e.g. a long video with --save_video)")
-    parser.add_argument("--fps", type=float, default=10.0, help="frame rate of the mp4")
+                        help="skip the PNG grids (e.g. a long video: the mp4s only)")
+    parser.add_argument("--fps", type=float, default=30.0,
+                        help="frame rate of the comparison mp4 (default 30)")
     args = parser.parse_args(argv)
 
     from marlin_jax.video_io import VideoReadError
@@ -260,8 +302,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     features = resolve_features(parser, args, cam)
     if args.max_windows is not None and args.max_windows < 1:
         parser.error(f"--max_windows must be >= 1, got {args.max_windows}")
+    if args.no_png and args.skip_comparison_video:
+        parser.error("--no_png with --skip_comparison_video leaves nothing to draw")
+    from tqdm.auto import tqdm
+
+    progress = not args.no_progress
     failures = []
-    for video in args.video:
+    for video in tqdm(args.video, desc="videos", unit="video",
+                      disable=not progress or len(args.video) < 2):
         note = frame_size_note(video, cam.config, args.crop_face)
         if note:
             print(note, file=sys.stderr)
@@ -270,8 +318,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cam, video, features, args.output_dir, windows=args.windows,
                 max_windows=args.max_windows, save_png=not args.no_png,
                 sample_rate=args.sample_rate, stride=args.stride, crop_face=args.crop_face,
-                save_video=args.save_video, fps=args.fps, alpha=args.alpha, cmap=args.cmap,
-                dpi=args.dpi, frames_shown=args.frames_shown, batch_size=args.batch_size,
+                save_video=not args.skip_comparison_video, fps=args.fps, alpha=args.alpha,
+                cmap=args.cmap, dpi=args.dpi, frames_shown=args.frames_shown,
+                batch_size=args.batch_size, progress=progress,
             )
         except (VideoReadError, ValueError, OSError) as e:
             failures.append(f"{video}: {e}")
