@@ -16,12 +16,14 @@ from marlin_jax.models import MarlinConfig
 from marlin_jax.models.config import config_from_json_file
 from marlin_jax.train import metrics as mt
 from marlin_jax.train.checkpointing import Checkpointer, is_disk_full
+from marlin_jax.train.program import model_config
 from marlin_jax.train.trainer import (
     CheckpointDiskFullError,
     RunMismatchError,
     check_run_identity,
     move_aside,
     run_identity,
+    saved_identity,
     train_and_evaluate,
 )
 from tests.test_checkpoint import ROOT, _cli, _env, _losses
@@ -67,6 +69,19 @@ def test_another_runs_workdir_is_refused_untouched_and_fresh_start_moves_it_asid
         assert (run / name).read_bytes() == content, f"{name} was rewritten"
     assert _steps(run) == ["2"]
 
+    # a workdir without metadata (as older versions left it): refused by the restore, and still
+    # nothing written (no marlin_config.json claiming the other model for these weights)
+    for name in ("config.json", "marlin_config.json"):
+        (run / name).unlink()
+    refused = _run(run, *other)
+    assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-3000:]
+    message = [line for line in refused.stderr.splitlines() if line.startswith("marlin-jax:")]
+    assert len(message) == 1 and "do not fit this run's train state" in message[0], message
+    assert "nothing was written" in message[0] and "fresh_start=True" in message[0]
+    assert not (run / "config.json").exists() and not (run / "marlin_config.json").exists()
+    for name in ("config.json", "marlin_config.json"):
+        (run / name).write_bytes(before[name])
+
     started_over = _run(run, *other, "--config.fresh_start=True")
     assert started_over.returncode == 0, started_over.stderr[-3000:]
     assert "fresh_start: moved the previous contents" in started_over.stdout
@@ -86,6 +101,26 @@ def test_identity_lists_what_a_restore_depends_on():
     assert "model.drop_rate" not in ident and "model.downloadable" not in ident
     c.scan_layers = True
     assert run_identity(cfg, c.to_dict())["scan_layers"] is True
+
+
+def test_identity_of_a_workdir_without_marlin_config_json_comes_from_its_config_json(tmp_path):
+    # written by a version before marlin_config.json: a 48 px run would restore its 32 px weights
+    # silently (position tables are not saved) and relabel them
+    (tmp_path / "checkpoints" / "2").mkdir(parents=True)
+    saved = _tiny_config()
+    (tmp_path / "config.json").write_text(saved.to_json_best_effort(indent=2))
+    assert saved_identity(str(tmp_path))["model.img_size"] == 32
+    now = _tiny_config()
+    now.data.img_size = 48
+    current = run_identity(model_config(now), now.to_dict())
+    with pytest.raises(RunMismatchError, match="model.img_size: saved 32, now 48"):
+        check_run_identity(str(tmp_path), current)
+    check_run_identity(str(tmp_path), run_identity(model_config(saved), saved.to_dict()))
+    # a config.json that does not tell the model: the fields it does tell are still checked
+    (tmp_path / "config.json").write_text(json.dumps({"scan_layers": True}))
+    assert "model.img_size" not in saved_identity(str(tmp_path))
+    with pytest.raises(RunMismatchError, match="scan_layers: saved True, now False"):
+        check_run_identity(str(tmp_path), current)
 
 
 def test_move_aside_keeps_everything(tmp_path):

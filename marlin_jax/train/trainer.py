@@ -40,7 +40,12 @@ from marlin_jax.train import metrics as mt
 from marlin_jax.train import reconstruction, steps
 from marlin_jax.train import state as st
 from marlin_jax.train.checkpointing import Checkpointer, CheckpointLayoutError, is_disk_full
-from marlin_jax.train.program import Schedule, build_program, schedule_from_config
+from marlin_jax.train.program import (
+    Schedule,
+    build_program,
+    model_config,
+    schedule_from_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -205,17 +210,28 @@ def saved_identity(workdir: str) -> dict[str, Any]:
                                    "optimiser and scan_layers layout") from None
         if not isinstance(config, dict):
             raise RunMismatchError(f"{run_path}: damaged run config, expected a JSON object")
-    ident = {}
     if os.path.isfile(model_path):
         try:
             model_cfg = config_from_json_file(model_path)
         except ValueError as e:
             raise RunMismatchError(str(e)) from None
-        ident = run_identity(model_cfg, config)
-    else:
-        ident = {k: v for k, v in run_identity(MarlinConfig(), config).items()
-                 if not k.startswith("model.")}
-    return ident
+        return run_identity(model_cfg, config)
+    model_cfg = _model_config_of(config)  # a workdir of a version without marlin_config.json
+    if model_cfg is not None:
+        return run_identity(model_cfg, config)
+    return {k: v for k, v in run_identity(MarlinConfig(), config).items()
+            if not k.startswith("model.")}
+
+
+def _model_config_of(config: Mapping[str, Any]) -> MarlinConfig | None:
+    """The MarlinConfig a saved run config (``config.json``) resolves to; None when it cannot
+    tell (no model or data section, a model name not registered here)."""
+    if not isinstance(config.get("model"), dict) or not isinstance(config.get("data"), dict):
+        return None
+    try:
+        return model_config(ml_collections.ConfigDict(config))
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _has_checkpoints(workdir: str) -> bool:
@@ -297,10 +313,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     check_run_identity(workdir, run_identity(model_cfg, resolved.to_dict()),
                        f"scan_layers={config.scan_layers}, model {config.model.name}")
     os.makedirs(workdir, exist_ok=True)
-    if primary:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-        write_config_file(workdir, model_cfg)  # makes the workdir a checkpoint for Marlin.from_file / convert
     say("model %s (%s compute, %s attention, data %s), mesh %s, %d devices / %d processes, "
         "batch %d, %d steps (%d/epoch), warm-up %d, lr %.3g -> %.3g, %d of %d tokens visible",
         config.model.name, jnp.dtype(program.dtype).name, program.attention_impl or "xla",
@@ -343,7 +355,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f"{e} (this run: scan_layers={config.scan_layers}, model {config.model.name}). It "
             "was written with another layout: another scan_layers, or before the per-head "
             "(D, 3, H, hd) qkv kernel (read such a workdir as weights with init_from=<workdir> in "
-            "a new workdir), or another model.") from e
+            "a new workdir), or another model; nothing was written. Use another --workdir, or "
+            "pass --config.fresh_start=True once to move its contents aside (to "
+            f"{workdir}/{PREVIOUS_PREFIX}<time>/) and start over.") from e
     _sync("marlin_restore")  # (each skipped step was logged as one warning line)
     if skipped and latest is None:
         ckpt.close()
@@ -378,6 +392,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 placed = jax.device_put((g_opt, d_opt), (state_shardings.g_opt_state,
                                                          state_shardings.d_opt_state))
                 state = state.replace(g_opt_state=placed[0], d_opt_state=placed[1])
+    if primary:  # only now that the workdir's checkpoints are known to fit this run
+        _write_run_metadata(workdir, config, model_cfg)
     start_step = int(jax.device_get(state.step))
     if primary:  # rows of steps after the restored one are rerun: keep every step once
         dropped = mt.drop_rows_after(os.path.join(workdir, "metrics.jsonl"), start_step)
@@ -564,6 +580,16 @@ def _disk_full_guard(ckpt: Checkpointer, step: int) -> Iterator[None]:
         error = _disk_full_error(ckpt, step)
         log.error("%s", error)
         raise error from None
+
+
+def _write_run_metadata(workdir: str, config: ml_collections.ConfigDict,
+                        model_cfg: MarlinConfig) -> None:
+    """``config.json`` (the run's config) and ``marlin_config.json`` (the model, which makes the
+    workdir a checkpoint for ``Marlin.from_file`` / convert). Written after the restore, so that a
+    refused or failed start leaves another run's metadata as it was."""
+    with open(os.path.join(workdir, RUN_CONFIG_FILE), "w", encoding="utf-8") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    write_config_file(workdir, model_cfg)
 
 
 def _write_bad_records(workdir: str, data_iter: Any, primary: bool) -> None:
