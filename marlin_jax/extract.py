@@ -114,6 +114,42 @@ def iter_windows(frames: Iterator[np.ndarray], clip_frames: int = 16, sample_rat
         yield np.stack(head[:clip_frames])
 
 
+def face_windows(path: str, cropper: Any, clip_frames: int = 16, sample_rate: int = 2,
+                 stride: int = 16, *, strict: bool = False,
+                 on_incomplete: Callable[[IncompleteDecode], None] | None = None) -> Iterator[np.ndarray]:
+    """Face-cropped windows ``(clip_frames, size, size, 3)`` of a video (a ``FaceCropper``'s
+    size), in two passes: detect faces in every frame a window can use (every ``sample_rate``-th,
+    plus the first ``clip_frames``) over the whole video, then crop each window with the track's
+    boxes (frames without a face take the box of the nearest frame with one, so a window of a
+    fade-in from black is kept, as in the original). Raises VideoReadError when no frame has a
+    face (the message says how many frames were searched)."""
+    from marlin_jax.face import NoFaceError
+
+    try:
+        track = cropper.track_stream(
+            iter_frames(path, strict=strict, on_incomplete=on_incomplete), name=path,
+            search=lambda i: i % sample_rate == 0 or i < clip_frames)
+    except NoFaceError as e:
+        raise VideoReadError(str(e)) from e
+    total = track.num_frames
+    seen = 0
+
+    def frames() -> Iterator[np.ndarray]:  # the second pass, checked against the first
+        nonlocal seen
+        for frame in iter_frames(path, check=False):
+            if seen == total:
+                break
+            seen += 1
+            yield frame
+
+    numbers = iter_windows((np.int64(i) for i in range(total)), clip_frames, sample_rate, stride)
+    for clip, index in zip(iter_windows(frames(), clip_frames, sample_rate, stride), numbers,
+                           strict=False):
+        yield cropper.crop_frames(clip, track.squares_at(index))
+    if seen != total:
+        raise VideoReadError(f"{path}: decoded {total} frames, then {seen} when read again")
+
+
 def resolve_attention_impl(attention_impl: str | None, dtype=None) -> str | None:
     """``"auto"`` -> :func:`models.layers.default_attention_impl` for inference on JAX's default
     backend (``"per_head"`` on CPU, ``"splash"`` on TPU, ``"cudnn"`` on GPU for a 16-bit
@@ -250,38 +286,9 @@ class Marlin:
 
     def _face_windows(self, path: str, sample_rate: int, stride: int, strict: bool,
                       on_incomplete: Callable[[IncompleteDecode], None] | None) -> Iterator[np.ndarray]:
-        """Face-cropped windows of a video, in two passes: detect faces in every frame a window
-        can use (every ``sample_rate``-th, plus the first ``n_frames``) over the whole video, then
-        crop each window with the track's boxes (frames without a face take the box of the
-        nearest frame with one, so a window of a fade-in from black is kept, as in the original).
-        """
-        from marlin_jax.face import NoFaceError
-
-        clip_frames = self.config.n_frames
-        cropper = self._face_cropper()
-        try:
-            track = cropper.track_stream(
-                iter_frames(path, strict=strict, on_incomplete=on_incomplete), name=path,
-                search=lambda i: i % sample_rate == 0 or i < clip_frames)
-        except NoFaceError as e:
-            raise VideoReadError(str(e)) from e
-        total = track.num_frames
-        seen = 0
-
-        def frames() -> Iterator[np.ndarray]:  # the second pass, checked against the first
-            nonlocal seen
-            for frame in iter_frames(path, check=False):
-                if seen == total:
-                    break
-                seen += 1
-                yield frame
-
-        numbers = iter_windows((np.int64(i) for i in range(total)), clip_frames, sample_rate, stride)
-        for clip, index in zip(iter_windows(frames(), clip_frames, sample_rate, stride), numbers,
-                               strict=False):
-            yield cropper.crop_frames(clip, track.squares_at(index))
-        if seen != total:
-            raise VideoReadError(f"{path}: decoded {total} frames, then {seen} when read again")
+        """:func:`face_windows` with this model's clip length and cached cropper."""
+        return face_windows(path, self._face_cropper(), self.config.n_frames, sample_rate, stride,
+                            strict=strict, on_incomplete=on_incomplete)
 
     def extract_video(self, video_path: str | os.PathLike, crop_face: bool = False, sample_rate: int = 2,
                       stride: int = 16, reduction: str = "none", keep_seq: bool = False, *,

@@ -250,3 +250,15 @@ def test_crop_face_on_a_one_pixel_video_names_the_file_and_the_minimum(tiny, tmp
     with pytest.raises(VideoReadError, match=r"dot.avi: frames are 1x1 pixels, too small to hold a face "
                                              r"\(face detection needs at least 8x8\)"):
         tiny.extract_video(dot, crop_face=True)
+
+
+def test_heatmap_clips_of_a_fade_in_are_face_cropped_like_extraction(tiny, tmp_path):
+    """Grad-CAM's clip loader crops faces through the same whole-video track as extraction: the
+    first window (40 black frames before the face) is kept, not refused."""
+    from marlin_jax.analysis.heatmap import load_clips
+
+    video = fade_in_video(tmp_path / "fade.avi", black=40, face=40)
+    clips = list(load_clips(video, tiny.config, windows="all", crop_face=True))
+    size = tiny.config.img_size
+    assert len(clips) == 2 and all(c.shape == (16, size, size, 3) for c in clips)
+    assert clips[0].max() == 0 and clips[1].max() > 0  # frames 0-30 black (kept); 32-62 the face

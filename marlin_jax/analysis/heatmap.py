@@ -208,22 +208,21 @@ def load_clips(
     frame). ``windows="first"`` yields only the first clip, ``"all"`` every window. Frames that
     are not ``img_size`` squares are face-cropped (``crop_face``) or centre-cropped and resized.
     """
-    from marlin_jax.extract import iter_windows
+    from marlin_jax.extract import face_windows, iter_windows
     from marlin_jax.video_io import iter_frames
 
     if windows not in ("first", "all"):
         raise ValueError(f"windows must be 'first' or 'all', got {windows!r}")
-    cropper = None
-    if crop_face:
+    if crop_face:  # faces tracked over the whole video, as extraction does (a fade-in keeps its windows)
         from marlin_jax.face import FaceCropper
 
-        cropper = FaceCropper(size=config.img_size)
-    gen = iter_windows(iter_frames(path), config.n_frames, sample_rate, stride)
+        gen = face_windows(os.fspath(path), FaceCropper(size=config.img_size), config.n_frames,
+                           sample_rate, stride)
+    else:
+        gen = (clip if clip.shape[1:3] == (config.img_size, config.img_size)
+               else _to_square(clip, config.img_size)
+               for clip in iter_windows(iter_frames(path), config.n_frames, sample_rate, stride))
     for clip in gen:
-        if cropper is not None:
-            clip = cropper.crop_video(clip, name=os.fspath(path))
-        elif clip.shape[1:3] != (config.img_size, config.img_size):
-            clip = _to_square(clip, config.img_size)
         yield clip
         if windows == "first":
             return
