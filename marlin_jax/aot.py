@@ -447,11 +447,13 @@ def analyse_hlo(hlo_text: str) -> HloSummary:
         if inst.opcode == "dot":
             return _dot_flops(inst, shapes)
         if inst.opcode == "custom-call":
-            if "fmha" in inst.line:
+            m = re.search(r'custom_call_target="([^"]*)"', inst.line)
+            target = m.group(1) if m else ""
+            if "fmha" in target:
                 return _fmha_flops(inst, shapes)
-            if "gemm" in inst.line or "matmul" in inst.line.split("custom_call_target=")[-1][:40]:
+            if "gemm" in target or "matmul" in target:  # cuBLAS / cuBLASLt
                 return _dot_flops(inst, shapes)
-            return None if "tpu_custom_call" in inst.line or "__cudnn" in inst.line else 0.0
+            return None if target == "tpu_custom_call" or target.startswith("__cudnn") else 0.0
         if inst.opcode == "convolution":
             return None
         if inst.opcode == "fusion":

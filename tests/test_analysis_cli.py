@@ -13,7 +13,7 @@ from flax import nnx
 
 import marlin_jax.analysis.__main__ as analysis_cli
 from marlin_jax.analysis import plots
-from tests.test_analysis_report import DIM, PLANTED, _write_groups
+from tests.test_analysis_report import DIM, PLANTED, _write_groups, _write_pairs
 
 # ----------------------------------------------------------------------------- statistics CLI
 
@@ -74,15 +74,7 @@ def test_stats_cli_default_group_column_missing(tmp_path, capsys):
 
 def test_paired_level_ranked_table_and_no_progress(tmp_path, capsys):
     """Paired level: d_z in the ranked table, no MMD share (no MMD there); --no_progress."""
-    rng = np.random.default_rng(5)
-    for g in ("pre", "post"):
-        (tmp_path / g).mkdir()
-    for i in range(6):
-        subject = rng.normal(0, 2.0, size=DIM)
-        for g in ("pre", "post"):
-            x = subject + 0.2 * rng.normal(size=(2, DIM))
-            x[:, PLANTED] += 1.0 if g == "post" else 0.0
-            np.save(tmp_path / g / f"s{i}.npy", x)
+    _write_pairs(tmp_path, n_subjects=6, clips=2, seed=5, name="s")
     out = tmp_path / "out"
     assert analysis_cli.main([
         "--pre_dir", str(tmp_path / "pre"), "--post_dir", str(tmp_path / "post"),

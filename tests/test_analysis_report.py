@@ -27,6 +27,22 @@ DIM = 48
 PLANTED = [5, 11, 30]
 
 
+def _write_pairs(root, n_subjects: int, clips: int, seed: int, name: str) -> np.random.Generator:
+    """``root/pre`` and ``root/post`` hold the same subjects' ``(clips, DIM)`` features, the
+    post ones shifted by 1 on PLANTED; returns the generator for more draws."""
+    rng = np.random.default_rng(seed)
+    for g in ("pre", "post"):
+        (root / g).mkdir()
+    for i in range(n_subjects):
+        subject = rng.normal(0, 2.0, size=DIM)
+        for g in ("pre", "post"):
+            x = subject + 0.2 * rng.normal(size=(clips, DIM))
+            if g == "post":
+                x[:, PLANTED] += 1.0
+            np.save(root / g / f"{name}{i}.npy", x)
+    return rng
+
+
 def _write_groups(root, n_videos=12, seed=0, shift=3.0):
     """Two groups of per-video feature files; group "poor" is shifted in PLANTED dims.
 
@@ -280,16 +296,7 @@ def test_stats_cli_on_sample_video_features(samples_dir, tmp_path):
 
 def test_stats_cli_paired_level(tmp_path):
     """Pre/post folders holding the same subjects: the paired level pairs them by id."""
-    rng = np.random.default_rng(3)
-    for g in ("pre", "post"):
-        (tmp_path / g).mkdir()
-    for i in range(10):
-        subject = rng.normal(0, 2.0, size=DIM)
-        for g in ("pre", "post"):
-            x = subject + 0.2 * rng.normal(size=(3, DIM))
-            if g == "post":
-                x[:, PLANTED] += 1.0
-            np.save(tmp_path / g / f"subject{i}.npy", x)
+    rng = _write_pairs(tmp_path, n_subjects=10, clips=3, seed=3, name="subject")
     np.save(tmp_path / "post" / "unpaired.npy", rng.normal(size=(2, DIM)))
     out = tmp_path / "out"
     assert analysis_cli.main([
