@@ -158,7 +158,7 @@ def test_out_of_memory_names_the_file(tmp_path, monkeypatch):
     def no_memory(*args, **kwargs):
         raise MemoryError()
 
-    monkeypatch.setattr(torch_format._Materializer, "build", no_memory)
+    monkeypatch.setattr(torch_format._Unpickler, "_tensor", no_memory)
     with pytest.raises(MemoryError, match=r"oom\.pt: out of memory"):
         load_torch_file(path)
 
@@ -195,11 +195,12 @@ def test_build_on_an_ordered_dict_is_an_error_naming_the_file(tmp_path):
         load_torch_file(shadowing)
     with pytest.raises(CheckpointFormatError, match=r"items\.pt"):  # was a bare TypeError
         read_torch_state_dict(shadowing)
-    not_a_dict = tmp_path / "tuple.pt"
-    not_a_dict.write_bytes(_ordered_dict_build(pickle.NONE + pickle.EMPTY_DICT + pickle.TUPLE2))
-    with pytest.raises(CheckpointFormatError, match=r"tuple\.pt: BUILD on an OrderedDict with a "
-                                                     r"tuple state"):
-        load_torch_file(not_a_dict)
+    # the same through a (None, slot state) BUILD, which sets attributes one by one
+    slots = tmp_path / "slots.pt"
+    slots.write_bytes(_ordered_dict_build(pickle.NONE + pickle.EMPTY_DICT + _str("keys") + _int(1)
+                                          + pickle.SETITEM + pickle.TUPLE2))
+    with pytest.raises(CheckpointFormatError, match=r"slots\.pt: .*\['keys'\].*shadow"):
+        load_torch_file(slots)
 
 
 def test_state_dict_metadata_as_torch_writes_it_still_loads(tmp_path):

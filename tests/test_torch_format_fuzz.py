@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import io
 import signal
 import struct
 import zipfile
@@ -26,8 +27,8 @@ SECONDS_PER_LOAD = 5  # a valid few-KB file loads in milliseconds; more than thi
 
 
 def _sample_checkpoints(root: Path) -> dict[str, bytes]:
-    """Small valid files of each format: torch zip (views, shared storage, Parameter, Size,
-    bfloat16, 0-d), legacy, our own writer, and a zip carrying opaque metadata."""
+    """Small valid files: torch zip (views, shared storage, Parameter, Size, bfloat16, 0-d), our
+    own writer, a zip carrying opaque metadata, and a legacy file (refused; mutated, a bare pickle)."""
     base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
     obj = collections.OrderedDict(
         w=base,
@@ -55,7 +56,7 @@ def samples(tmp_path_factory) -> dict[str, bytes]:
 
 def _pickle_span(data: bytes) -> tuple[int, int]:
     """Byte range of data.pkl inside a zip checkpoint (where mutations matter most)."""
-    with zipfile.ZipFile(__import__("io").BytesIO(data)) as zf:
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
         info = next(i for i in zf.infolist() if i.filename.endswith("/data.pkl"))
     n, e = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
     start = info.header_offset + 30 + n + e
@@ -72,6 +73,19 @@ MUTATION = st.tuples(
     st.integers(0, 255),  # byte value / bit index / run length
     st.binary(min_size=1, max_size=8),  # inserted bytes
 )
+
+
+def mutate_pickle(data: bytes, ops: list[tuple]) -> bytes:
+    """Applies `ops` to the zip's data.pkl and writes the archive again with valid CRCs, so the
+    mutations reach the unpickler rather than the zip checksum."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as zin, zipfile.ZipFile(out, "w") as zout:
+        for info in zin.infolist():
+            record = zin.read(info)
+            if info.filename.endswith("/data.pkl"):
+                record = mutate(record, False, ops)
+            zout.writestr(info.filename, record)
+    return out.getvalue()
 
 
 def mutate(data: bytes, in_pickle: bool, ops: list[tuple]) -> bytes:
@@ -108,11 +122,16 @@ def test_mutated_checkpoints_only_raise_reader_errors(samples, tmp_path_factory)
     )
     @given(
         st.sampled_from(sorted(samples)),
-        st.booleans(),
+        st.sampled_from(["file", "pickle bytes", "pickle content"]),
         st.lists(MUTATION, min_size=1, max_size=4),
     )
-    def check(name, in_pickle, ops):
-        data = mutate(samples[name], in_pickle and name != "legacy.pt", ops)
+    def check(name, where, ops):
+        if name == "legacy.pt" or where == "file":
+            data = mutate(samples[name], False, ops)
+        elif where == "pickle bytes":  # the zip CRC catches most of these
+            data = mutate(samples[name], True, ops)
+        else:
+            data = mutate_pickle(samples[name], ops)
         path = work / name
         path.write_bytes(data)
         previous = signal.signal(signal.SIGALRM, _timeout)
@@ -123,12 +142,14 @@ def test_mutated_checkpoints_only_raise_reader_errors(samples, tmp_path_factory)
         except (CheckpointFormatError, UnsafeCheckpointError) as e:
             assert str(path) in str(e)
             counts[type(e).__name__] += 1
+            counts["reached the unpickler"] += "corrupt pickle" in str(e) or isinstance(e, UnsafeCheckpointError)
         finally:
             signal.alarm(0)
             signal.signal(signal.SIGALRM, previous)
 
     check()
     assert counts["CheckpointFormatError"] > 0, counts  # the mutations did reach the parser
+    assert counts["reached the unpickler"] > 0, counts
 
 
 def test_quick_mutation_smoke(samples, tmp_path):
