@@ -11,12 +11,8 @@ from marlin_jax.evaluate import default_config
 
 def get_config(arg: str | None = None):
     del arg
-    config = default_config()
+    config = default_config()  # the original recipe; only the run differs
     config.model_name = "celebvhq_marlin_action_ft"
-    config.backbone = "marlin_vit_base_ytf"
-    config.dataset = "celebvhq"
     config.task = "action"
-    config.temporal_reduction = "mean"
-    config.learning_rate = 1.0e-4
     config.finetune = True
     return config

@@ -6,13 +6,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from marlin_jax.interop import load_model, save_torch_checkpoint
-from marlin_jax.models import get_config, model_names
+from marlin_jax.interop import load_checkpoint, resolve_checkpoint_config, save_torch_checkpoint
+from marlin_jax.models import model_names
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help=f"registered architecture: {', '.join(model_names())}")
-    parser.add_argument("--input", required=True, help="marlin-jax checkpoint directory (or trainer workdir)")
+    parser.add_argument("--model", default=None,
+                        help=f"registered architecture: {', '.join(model_names())} (default: the one the "
+                             "input's marlin_config.json or Hugging Face config.json names)")
+    parser.add_argument("--input", required=True,
+                        help="marlin-jax checkpoint directory (or trainer workdir), or any checkpoint "
+                             "`convert to-flax` reads")
     parser.add_argument("--output", required=True, help="the .pt file to write")
     parser.add_argument("--encoder_only", action="store_true", help="write the *.encoder.pt form")
     parser.add_argument("--with_discriminator", action="store_true",
@@ -20,10 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model = load_model(args.input, get_config(args.model))
+    config, name = resolve_checkpoint_config(args.model, args.input)
+    model = load_checkpoint(args.input, config)
     path = save_torch_checkpoint(args.output, model, encoder_only=args.encoder_only,
                                  with_discriminator=args.with_discriminator)
-    print(f"{args.input} -> {path} ({args.model}, {'encoder only' if args.encoder_only else 'full'})")
+    print(f"{args.input} -> {path} ({name}, {'encoder only' if args.encoder_only else 'full'})")
     return 0
 
 

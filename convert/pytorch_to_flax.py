@@ -1,4 +1,5 @@
-"""PyTorch MARLIN checkpoint (.pt / Lightning .ckpt / VideoMAE) -> marlin-jax checkpoint directory."""
+"""PyTorch MARLIN checkpoint (.pt / Lightning .ckpt / VideoMAE) or Hugging Face folder -> marlin-jax
+checkpoint directory."""
 
 from __future__ import annotations
 
@@ -9,13 +10,18 @@ from pathlib import Path
 import numpy as np
 from flax import nnx, serialization
 
-from marlin_jax.interop import model_from_state_dict, read_state_dict, save_marlin_checkpoint
-from marlin_jax.models import get_config, model_names
+from marlin_jax.interop import model_from_state_dict, read_weights, resolve_checkpoint_config, save_marlin_checkpoint
+from marlin_jax.interop.hf import weights_source
+from marlin_jax.models import model_names
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help=f"registered architecture: {', '.join(model_names())}")
-    parser.add_argument("--input", required=True, help="*.encoder.pt, *.full.pt, Lightning *.ckpt or VideoMAE .pth")
+    parser.add_argument("--model", default=None,
+                        help=f"registered architecture: {', '.join(model_names())} (default: the one a "
+                             "Hugging Face config.json or marlin_config.json of the input names)")
+    parser.add_argument("--input", required=True,
+                        help="*.encoder.pt, *.full.pt, Lightning *.ckpt, VideoMAE .pth, or a Hugging Face "
+                             "folder (config.json + model.safetensors) / model.safetensors")
     parser.add_argument("--output", required=True, help="marlin-jax checkpoint directory to create (orbax)")
     parser.add_argument("--npz", help="also write the variables to this .npz (keys: variable paths with '/')")
     parser.add_argument("--msgpack", help="also write the variables to this flax msgpack file")
@@ -24,11 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = get_config(args.model)
-    state_dict = read_state_dict(args.input, config)
+    config, name = resolve_checkpoint_config(args.model, args.input)
+    state_dict = read_weights(args.input, config)
     if args.no_discriminator:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("discriminator.")}
-    model = model_from_state_dict(config, state_dict, source=args.input)
+    model = model_from_state_dict(config, state_dict, source=weights_source(args.input))
     out = save_marlin_checkpoint(args.output, model, overwrite=args.overwrite)
     tree = nnx.to_pure_dict(nnx.state(model, nnx.Variable))
     if args.npz:
@@ -37,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     if args.msgpack:
         Path(args.msgpack).write_bytes(serialization.msgpack_serialize(_numpy_tree(tree)))
     parts = sorted({k.split(".")[0] for k in state_dict})
-    print(f"{args.input} -> {out} ({args.model}; {len(state_dict)} tensors; parts: {', '.join(parts)})")
+    print(f"{args.input} -> {out} ({name}; {len(state_dict)} tensors; parts: {', '.join(parts)})")
     return 0
 
 

@@ -13,31 +13,21 @@ files, see :func:`marlin_jax.evaluation.datasets.load_label_file`; ``task`` is "
 "multiclass", "multilabel" or "" to infer). Any config field can be overridden on the command
 line, e.g. ``--config.data_path=/data/CelebV-HQ --config.data_ratio=0.1``.
 
-Resuming: the whole training state (parameters, optimiser state, position in the epoch, plateau
-schedule, best metric and epoch, history) is saved under ``<workdir>/state`` once
-``checkpoint_every_s`` seconds (300 by default) have passed since the last save: at the end of
-an epoch, and for fine-tuning also between two training steps, so a SIGKILL loses at most about
-that much training; 0 saves at every epoch end and never mid-epoch. Rerunning the same command
-with the same workdir continues at the saved batch (the skipped clips are not decoded) and ends
-bitwise as an uninterrupted run (an epoch's batches derive from ``seed``, the epoch number and
-the batch index only). A run that already finished is not retrained: its saved
-``metrics.json`` is reported. A workdir holding the checkpoint of a different run (other
-hyper-parameters, model shapes or data) is refused with an error naming it;
-``--config.fresh_start=True`` deletes its checkpoints and starts over (pass it once, not in a
-requeued job's command). Paths (``data_path``, ``feature_dir``, ``marlin_ckpt``, label files)
-and runtime knobs (``num_threads``; ``mesh`` while the training batch stays the same) may
-change between attempts: the data is identified by a digest of its keys and labels (and of the
-features, for probes). On SIGTERM (preemption) fine-tuning finishes the current training step
-(or validation batch), saves, and the process exits with status 143 (128 + SIGTERM) without
-writing metrics; a linear probe (epochs of milliseconds) stops likewise at the end of the
-current epoch. One step plus one synchronous save must fit in the grace period (ViT-L: about
-3.6 GB of parameters and Adam moments). A refused workdir exits with status 2.
+Resuming (README, "Evaluation and analysis"; mechanism in :mod:`marlin_jax.evaluation.training`):
+the training state is saved under ``<workdir>/state`` every ``checkpoint_every_s`` seconds (at
+epoch ends, and for fine-tuning between steps; 0: every epoch end only). The same command in the
+same workdir continues at the saved batch and ends bitwise as an uninterrupted run; a finished
+run reports its ``metrics.json``; another run's workdir (hyper-parameters, model shapes or data:
+a digest of keys, labels and probe features) is refused, exit status 2, until
+``--config.fresh_start=True``. Paths and runtime knobs (``num_threads``, ``mesh`` at the same
+batch) may change between attempts. SIGTERM saves within one training step (a probe: at the
+epoch's end) and exits with status 143 without writing metrics; one step plus one synchronous
+save must fit in the grace period (ViT-L: about 3.6 GB of parameters and Adam moments).
 
-Multi-host fine-tuning: start the same command in every process (``--coordinator_address=host:port
---num_processes=N --process_id=i``, or automatically on TPU pods / SLURM / Open MPI, as the
-pretraining CLI); the mesh spans every process's devices, each process decodes only its rows of
-a batch, checkpoints are written together, a SIGTERM to any process stops all at the same step,
-and process 0 prints and writes ``metrics.json``. A linear probe runs in one process.
+Multi-host fine-tuning: the same command in every process (``--coordinator_address=host:port
+--num_processes=N --process_id=i``, or automatic on TPU pods / SLURM / Open MPI); each process
+decodes only its rows of a batch, a SIGTERM to any process stops all at the same step, and
+process 0 writes ``metrics.json``. A linear probe runs in one process.
 """
 
 from __future__ import annotations
@@ -56,6 +46,7 @@ import numpy as np
 
 from marlin_jax.evaluation.datasets import (
     CELEBVHQ_TASKS,
+    SPLITS,
     ClipDataset,
     DatasetError,
     FeatureSet,
@@ -64,7 +55,7 @@ from marlin_jax.evaluation.datasets import (
     load_features,
     load_label_file,
 )
-from marlin_jax.evaluation.metrics import (
+from marlin_jax.evaluation.scores import (
     classification_metrics,
     format_table,
     per_label_auroc,
@@ -81,7 +72,6 @@ from marlin_jax.evaluation.training import (
     restore_best,
 )
 
-SPLITS = ("train", "val", "test")
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: the status of a process ended by SIGTERM
 
 # Config fields that do not define the run (locations and runtime knobs): they may change when
@@ -93,7 +83,12 @@ NOT_IDENTITY = ("model_name", "workdir", "skip_train", "fresh_start", "checkpoin
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """Every field of an evaluation config, with the original CelebV-HQ defaults."""
+    """Every field of an evaluation config, with the original CelebV-HQ defaults (those of the
+    supervised run come from :class:`FitOptions`, the clip sampling from pretraining's data
+    config: one place each)."""
+    from marlin_jax.data.pipeline import default_data_config
+
+    fit, data = FitOptions(), default_data_config()
     c = ml_collections.ConfigDict()
     c.model_name = "celebvhq_marlin_appearance_lp"  # names the workdir: ckpt/<model_name>
     c.backbone = "marlin_vit_base_ytf"  # registered model name (architecture of marlin_ckpt)
@@ -103,15 +98,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.finetune = False  # False: linear probe on features; True: fine-tune encoder + head
     c.temporal_reduction = "mean"  # lp: mean / max / min over the windows of a video
     c.standardize_features = False  # lp: z-score features with train statistics (not original)
-    c.learning_rate = 1e-4
-    c.weight_decay = 0.0  # L2 penalty on the head's (and, ft, encoder's) weights (not original)
+    c.learning_rate = fit.learning_rate
+    c.weight_decay = fit.weight_decay  # L2 penalty on the head's (and, ft, encoder's) weights (not original)
     c.weight_decay_sweep = ()  # lp: train one probe per value, keep the best on val (not orig.)
-    c.batch_size = 32
-    c.epochs = 2000  # max epochs; stops earlier when the lr decays to 1e-6 or by `patience`
+    c.batch_size = fit.batch_size
+    c.epochs = fit.max_epochs  # max epochs; stops earlier when the lr decays to 1e-6 or by `patience`
     c.patience = 0  # >0: stop after this many epochs without a validation improvement
-    c.monitor = "auroc"  # validation metric selecting the checkpoint
+    c.monitor = fit.monitor  # validation metric selecting the checkpoint
     c.data_ratio = 1.0  # few-shot: first fraction of train and val lists (0.01, 0.1, 0.5, 1)
-    c.seed = 0
+    c.seed = fit.seed
     c.data_path = ""  # CelebV-HQ root (celebvhq_info.json, {train,val,test}.txt, cropped/)
     c.feature_dir = ""  # lp: default <data_path>/<backbone>, as scripts/extract_dataset.py
     c.marlin_ckpt = ""  # ft: encoder checkpoint (.pt / .ckpt / marlin-jax checkpoint dir)
@@ -122,7 +117,7 @@ def default_config() -> ml_collections.ConfigDict:
         "enabled": False,                  # the initial encoder's (standardised) features
         "learning_rate": 1e-2, "epochs": 200, "patience": 20, "weight_decay": 0.0})
     c.clip_frames = 0  # ft: 0 = the backbone's n_frames (16)
-    c.temporal_sample_rate = 2  # ft
+    c.temporal_sample_rate = data.temporal_sample_rate  # ft
     c.num_threads = 8  # ft: video decoding threads
     c.mesh = ml_collections.ConfigDict({"data": -1})  # ft: data / fsdp / tensor axis sizes
     c.workdir = ""  # default ckpt/<model_name>
@@ -242,15 +237,15 @@ def _register_backbone(config: ml_collections.ConfigDict) -> None:
 
     if len(config.backbone_config):
         register_model_from_config(config.backbone, config.backbone_config)
-    elif config.backbone not in model_names() and config.marlin_ckpt and os.path.isdir(
+    elif config.backbone not in model_names() and config.marlin_ckpt and os.path.exists(
             config.marlin_ckpt):
-        from marlin_jax.interop import read_config_file
+        from marlin_jax.interop.hf import checkpoint_config
 
-        saved = read_config_file(config.marlin_ckpt)
+        saved = checkpoint_config(config.marlin_ckpt)
         if saved is None:
             raise ValueError(f"backbone {config.backbone!r} is not registered and "
-                             f"{config.marlin_ckpt} has no saved config")
-        register_model(config.backbone, saved)
+                             f"{config.marlin_ckpt} names no architecture")
+        register_model(config.backbone, saved[0])
 
 
 def _skip_report(name: str, skipped: dict[str, str], log: Callable[[str], None]) -> None:
@@ -286,7 +281,7 @@ def run_linear_probe(config, splits, workdir, log) -> dict:
     ``weight_decay_sweep`` every value is trained and the probe with the best validation
     ``monitor`` is evaluated (the sweep's validation figures are reported too)."""
     from marlin_jax.evaluation.probe import make_linear_head, predict_logits, train_linear_probe
-    from marlin_jax.evaluation.training import load_params, split_model
+    from marlin_jax.evaluation.training import set_model_params, split_model
 
     if jax.process_count() > 1:
         raise ValueError("a linear probe runs in one process (an epoch takes milliseconds); "
@@ -305,7 +300,7 @@ def run_linear_probe(config, splits, workdir, log) -> dict:
         if config.skip_train:
             model = make_linear_head(feats["train"].x, train.num_outputs,
                                      standardize=config.standardize_features)
-            load_params(model, restore_best(ckpt_dir, split_model(model)[1]))
+            set_model_params(model, restore_best(ckpt_dir, split_model(model)[1]))
             fit_info: dict[str, Any] = {"restored_from": ckpt_dir}
         else:
             model, result = train_linear_probe(
@@ -358,8 +353,13 @@ def run_finetune(config, splits, workdir, log) -> dict:
         _skip_report(f"{s} videos", missing, log)
     if config.marlin_ckpt:
         from marlin_jax.extract import Marlin
+        from marlin_jax.interop.hf import checkpoint_config
 
-        encoder = Marlin.from_file(config.backbone, config.marlin_ckpt).model.encoder
+        # A checkpoint that carries its architecture (a trainer workdir's marlin_config.json, a
+        # Hugging Face config.json) is loaded as saved, unless backbone_config sets one.
+        own = not len(config.backbone_config) and checkpoint_config(config.marlin_ckpt) is not None
+        encoder = Marlin.from_file(None if own else config.backbone,
+                                   config.marlin_ckpt).model.encoder
     elif config.allow_random_init or config.skip_train:  # skip_train restores every weight
         if not config.skip_train:
             log("WARNING: no marlin_ckpt: fine-tuning a randomly initialised encoder")
@@ -384,11 +384,11 @@ def run_finetune(config, splits, workdir, log) -> dict:
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if config.skip_train:
         from marlin_jax.evaluation.finetune import make_predictor
-        from marlin_jax.evaluation.training import load_params, split_model
+        from marlin_jax.evaluation.training import set_model_params, split_model
 
         model = FineTuneClassifier(encoder, train.num_outputs, rngs=nnx.Rngs(0),
                                    pooling=config.head_pooling)
-        load_params(model, restore_best(ckpt_dir, split_model(model)[1]))
+        set_model_params(model, restore_best(ckpt_dir, split_model(model)[1]))
         predict = make_predictor(model, train.task, mesh=mesh,
                                  batch_size=int(config.batch_size),
                                  num_threads=int(config.num_threads))

@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from marlin_jax.interop import load_model, read_config_file
 from marlin_jax.interop.checkpoints import CONFIG_FILE
-from marlin_jax.models import RELEASE_URL, MarlinConfig, MarlinModel, get_config
+from marlin_jax.interop.hf import download_hf_checkpoint, load_checkpoint, resolve_checkpoint_config
+from marlin_jax.models import RELEASE_URL, MarlinConfig, MarlinModel, get_config, video_to_float
 from marlin_jax.models.layers import default_attention_impl
 from marlin_jax.video_io import IncompleteDecode, VideoReadError, iter_frames
 
@@ -191,7 +191,7 @@ class Marlin:
         def features(state, clips_uint8_or_float, keep_seq: bool):
             encoder = nnx.merge(graphdef, state)
             x = clips_uint8_or_float
-            x = x.astype(jnp.float32) / 255.0 if x.dtype == jnp.uint8 else x.astype(jnp.float32)
+            x = video_to_float(x)
             return encoder.extract_features(x, keep_seq=keep_seq).astype(jnp.float32)
 
         self._features = jax.jit(features, static_argnums=2)
@@ -202,10 +202,13 @@ class Marlin:
     def from_file(cls, model_name: str | None, path: str | os.PathLike, *, batch_size: int = 4,
                   matmul_dtype: str | None = None, dtype: str = "float32",
                   attention_impl: str | None = "auto") -> Marlin:
-        """Loads `.pt` (encoder-only or full), Lightning `.ckpt`, a VideoMAE checkpoint or a
-        marlin-jax checkpoint directory. ``model_name`` picks the registered architecture; None
-        takes it from the ``marlin_config.json`` a marlin-jax checkpoint (a trainer workdir, or a
-        step folder in it) carries, else :data:`DEFAULT_MODEL`.
+        """Loads `.pt` (encoder-only or full), Lightning `.ckpt`, a VideoMAE checkpoint, a
+        marlin-jax checkpoint directory or a Hugging Face folder (``config.json`` +
+        ``model.safetensors``, or the ``.safetensors`` file). ``model_name`` picks the registered
+        architecture; None takes the one the checkpoint carries (a Hugging Face ``config.json``,
+        or the ``marlin_config.json`` of a marlin-jax checkpoint: a trainer workdir, or a step
+        folder in it), else :data:`DEFAULT_MODEL`. A name that disagrees with the checkpoint's
+        own architecture is a ValueError.
 
         ``matmul_dtype="bfloat16"`` runs every matmul on bf16 operands with float32 accumulation
         (about 2x faster on CPUs with bf16 units; features differ by ~1e-2 relative);
@@ -216,17 +219,19 @@ class Marlin:
         """
         model_kwargs = {"dtype": jnp.dtype(dtype), "attention_impl": resolve_attention_impl(attention_impl, dtype),
                         "matmul_dtype": None if matmul_dtype is None else jnp.dtype(matmul_dtype)}
-        saved = read_config_file(path) if Path(path).is_dir() else None
-        if model_name is None:
-            config = saved or get_config(DEFAULT_MODEL)
-            model_name = f"{CONFIG_FILE} of {path}" if saved else DEFAULT_MODEL
-        else:
-            config = get_config(model_name)
-            if saved is not None and saved != config:
-                raise ValueError(f"{path}: checkpoint was saved for another architecture than "
-                                 f"{model_name!r} (its {CONFIG_FILE}: {saved}); leave the model "
-                                 "name out (None / no --model) to use the checkpoint's own")
-        return cls(load_model(path, config, **model_kwargs), model_name, batch_size=batch_size)
+        config, name = resolve_checkpoint_config(model_name, path, default=DEFAULT_MODEL)
+        return cls(load_checkpoint(path, config, **model_kwargs), name, batch_size=batch_size)
+
+    @classmethod
+    def from_pretrained(cls, repo_id: str, model_name: str | None = None, *, revision: str | None = None,
+                        cache_dir: str | os.PathLike | None = None, **kwargs) -> Marlin:
+        """Loads the Hugging Face port of a MARLIN checkpoint (a hub repo with ``config.json`` +
+        ``model.safetensors``) through ``huggingface_hub``: its cache (``cache_dir``, else
+        ``HF_HUB_CACHE``), ``HF_HUB_OFFLINE`` and ``revision`` (branch, tag or commit). The
+        architecture comes from the repo's ``config.json``; ``model_name`` only checks it.
+        ``kwargs``: those of :meth:`from_file`. Needs the ``hf`` extra, not torch."""
+        folder = download_hf_checkpoint(repo_id, revision=revision, cache_dir=cache_dir)
+        return cls.from_file(model_name, folder, **kwargs)
 
     @classmethod
     def from_online(cls, model_name: str, full_model: bool = False, *, cache_dir: str | os.PathLike | None = None,
@@ -414,7 +419,8 @@ def _save_atomic(target: Path, array: np.ndarray) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """The CLI; exit status 0 when every video was written or skipped, 1 if any failed, 2 for
-    unusable arguments (e.g. two videos that would write the same output)."""
+    unusable arguments (e.g. two videos that would write the same output, or a checkpoint that cannot
+    be loaded)."""
     parser = argparse.ArgumentParser(
         prog="python -m marlin_jax.extract",
         description="Extract MARLIN features from videos: one .npy per video in --output_dir, which "
@@ -422,10 +428,11 @@ def main(argv: list[str] | None = None) -> int:
                     "one folder -> x.mp4.npy and x.avi.npy).")
     parser.add_argument("videos", nargs="+", help="video files (or directories of videos)")
     parser.add_argument("--model", default=None,
-                        help=f"registered model name (default: the architecture in a marlin-jax "
-                             f"checkpoint's {CONFIG_FILE}, else {DEFAULT_MODEL})")
+                        help=f"registered model name (default: the architecture the checkpoint carries, "
+                             f"a marlin-jax {CONFIG_FILE} or Hugging Face config.json, else {DEFAULT_MODEL})")
     parser.add_argument("--checkpoint", required=True,
-                        help=".pt / .ckpt / VideoMAE checkpoint or marlin-jax checkpoint directory")
+                        help=".pt / .ckpt / VideoMAE checkpoint, marlin-jax checkpoint directory (or trainer "
+                             "workdir) or Hugging Face folder (config.json + model.safetensors)")
     parser.add_argument("--output_dir", default="features",
                         help="where the .npy files go (paths relative to each input folder are kept)")
     parser.add_argument("--crop_face", action="store_true", help="detect and crop faces first")
@@ -453,8 +460,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"marlin-jax extract: {e}", file=sys.stderr)
         return 2
-    marlin = Marlin.from_file(args.model, args.checkpoint, batch_size=args.batch_size,
-                              matmul_dtype=args.matmul_dtype, attention_impl=args.attention_impl)
+    try:
+        marlin = Marlin.from_file(args.model, args.checkpoint, batch_size=args.batch_size,
+                                  matmul_dtype=args.matmul_dtype, attention_impl=args.attention_impl)
+    except ValueError as e:  # CheckpointError, StateDictMismatchError, unknown or mismatched model
+        print(f"marlin-jax extract: cannot load the model: {e}", file=sys.stderr)
+        return 2
     out_dir.mkdir(parents=True, exist_ok=True)
     # Only outputs that existed before this run are skipped (resuming); never one written by it.
     existed = set() if args.overwrite else {target for _, target in plan if target.exists()}

@@ -197,17 +197,18 @@ def _bounded(pool: ThreadPoolExecutor, fn, items, ahead: int) -> Iterator[Future
 
 
 def register_from_checkpoint(name: str, checkpoint: str | os.PathLike) -> None:
-    """Registers ``name`` with the architecture saved beside a marlin-jax checkpoint directory
-    when ``name`` is not a registered model (e.g. a custom ViT-tiny trained by the trainer)."""
-    from marlin_jax.interop import read_config_file
+    """Registers ``name`` with the architecture a checkpoint carries (a marlin-jax directory's
+    marlin_config.json or a Hugging Face config.json) when ``name`` is not a registered model
+    (e.g. a custom ViT-tiny trained by the trainer)."""
+    from marlin_jax.interop.hf import checkpoint_config
     from marlin_jax.models import model_names, register_model
 
-    if name in model_names() or not Path(checkpoint).is_dir():
+    if name in model_names():
         return
-    saved = read_config_file(checkpoint)
+    saved = checkpoint_config(checkpoint)
     if saved is None:
-        raise ValueError(f"model {name!r} is not registered and {checkpoint} has no saved config")
-    register_model(name, saved)
+        raise ValueError(f"model {name!r} is not registered and {checkpoint} names no architecture")
+    register_model(name, saved[0])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,10 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--video_dir", help="folder of videos (searched recursively)")
     parser.add_argument("--output_dir", help="feature folder")
     parser.add_argument("--model", default=None, help="registered model name (default: the "
-                        "architecture in a marlin-jax checkpoint's marlin_config.json, else "
+                        "architecture the checkpoint carries (marlin_config.json / config.json), else "
                         "marlin_vit_base_ytf)")
     parser.add_argument("--checkpoint", required=True,
-                        help=".pt / .ckpt / VideoMAE checkpoint or marlin-jax checkpoint dir")
+                        help=".pt / .ckpt / VideoMAE checkpoint, marlin-jax checkpoint dir or Hugging Face "
+                        "folder (config.json + model.safetensors)")
     parser.add_argument("--sample_rate", type=int, default=None,
                         help="temporal sample rate (default: the model's tubelet size, 2)")
     parser.add_argument("--stride", type=int, default=None,
@@ -232,12 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="recompute existing features")
     parser.add_argument("--retry_failed", action="store_true", help="retry marked failures")
     args = parser.parse_args(argv)
-    if args.model is None:  # a marlin-jax checkpoint names its architecture; else the released one
+    if args.model is None:  # a checkpoint may name its architecture; else the released one
         from marlin_jax.extract import DEFAULT_MODEL
-        from marlin_jax.interop import read_config_file
+        from marlin_jax.interop.hf import checkpoint_config, registered_name
 
-        own = Path(args.checkpoint).is_dir() and read_config_file(args.checkpoint) is not None
-        args.model = Path(args.checkpoint).resolve().name if own else DEFAULT_MODEL
+        saved = checkpoint_config(args.checkpoint)
+        args.model = (DEFAULT_MODEL if saved is None
+                      else registered_name(saved[0]) or Path(args.checkpoint).resolve().name)
     if args.data_dir:
         video_dir = args.video_dir or os.path.join(args.data_dir, "cropped")
         output_dir = args.output_dir or os.path.join(args.data_dir, args.model)

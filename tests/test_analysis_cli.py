@@ -253,3 +253,31 @@ def test_default_features_need_a_768_wide_model(tiny_videos, tmp_path, capsys):
         err = capsys.readouterr().err
         assert "397 231 490 482 456" in err and "192 wide (0..191)" in err
         assert "--features" in err
+
+
+def test_heatmap_clis_use_the_checkpoints_own_architecture(tiny_videos, tmp_path):
+    """Issue 16 item 3: without --model, a marlin-jax checkpoint (its marlin_config.json, as a
+    trainer workdir carries) or a Hugging Face folder (its config.json) of an architecture
+    registered under no name is loaded as saved; a --model that disagrees is a usage error."""
+    from marlin_jax.analysis import compare, visualize
+    from marlin_jax.interop import save_hf_checkpoint, save_marlin_checkpoint
+    from marlin_jax.models import MarlinModel, get_config
+
+    cfg = get_config("marlin_vit_tiny").replace(encoder_embed_dim=48, encoder_depth=1, encoder_num_heads=2,
+                                                img_size=32, n_frames=4)
+    model = MarlinModel(cfg, rngs=nnx.Rngs(0), with_decoder=False, with_discriminator=False)
+    workdir = save_marlin_checkpoint(tmp_path / "run", model)
+    out = tmp_path / "vis"
+    assert visualize.main(["--checkpoint", str(workdir), "--video", str(tiny_videos[0]), "--features", "47",
+                           "--output_dir", str(out), "--dpi", "30", "--skip_comparison_video",
+                           "--no_progress"]) == 0
+    assert np.load(out / f"{tiny_videos[0].stem}_relevance.npz")["values"].shape[-1] == 1
+    with pytest.raises(SystemExit):  # a model name that disagrees with the checkpoint's own
+        visualize.main(["--checkpoint", str(workdir), "--model", "marlin_vit_tiny",
+                        "--video", str(tiny_videos[0]), "--features", "1"])
+    pytest.importorskip("safetensors")
+    hf = save_hf_checkpoint(tmp_path / "hf", model)
+    assert compare.main(["--checkpoint", str(hf), "--pre", str(tiny_videos[0]), "--post",
+                         str(tiny_videos[1]), "--features", "47", "--output_dir", str(tmp_path / "cmp"),
+                         "--dpi", "30", "--no_progress"]) == 0
+    assert (tmp_path / "cmp" / "compare_feature47.png").exists()

@@ -14,8 +14,8 @@ import pytest
 from flax import nnx
 
 from marlin_jax.evaluation.datasets import LabelSet
-from marlin_jax.evaluation.finetune import FineTuneClassifier, effective_batch_size, to_unit_float
-from marlin_jax.models import MarlinEncoder, get_config
+from marlin_jax.evaluation.finetune import FineTuneClassifier, effective_batch_size
+from marlin_jax.models import MarlinEncoder, get_config, video_to_float
 from marlin_jax.sharding import make_mesh
 from marlin_jax.video_io import write_video
 
@@ -40,7 +40,7 @@ def test_classifier_is_head_on_pooled_normed_features():
 
 def test_uint8_scaling_and_batch_size():
     x = jnp.asarray([[0, 255]], jnp.uint8)
-    np.testing.assert_allclose(np.asarray(to_unit_float(x)), [[0.0, 1.0]])
+    np.testing.assert_allclose(np.asarray(video_to_float(x)), [[0.0, 1.0]])
     mesh = make_mesh({"data": -1})
     assert effective_batch_size(32, 10, mesh) == 10 // mesh.size * mesh.size
 
@@ -50,7 +50,7 @@ SCRIPT = textwrap.dedent("""
     from flax import nnx
     from marlin_jax.evaluation.finetune import FineTuneClassifier, _Sharded
     from marlin_jax.evaluation.training import FitOptions
-    from marlin_jax.models import MarlinEncoder, get_config
+    from marlin_jax.models import MarlinEncoder, get_config, video_to_float
     from marlin_jax.sharding import make_mesh
 
     cfg = get_config("marlin_vit_tiny").replace(img_size=32, n_frames=4, encoder_depth=1)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, roc_auc_score
 
-from marlin_jax.evaluation import metrics as M
+from marlin_jax.evaluation import scores as M
 
 
 def _binary(rng, n=200, ties=False):

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from marlin_jax.evaluation.datasets import FeatureSet
-from marlin_jax.evaluation.metrics import classification_metrics
 from marlin_jax.evaluation.probe import predict_logits, train_linear_probe
+from marlin_jax.evaluation.scores import classification_metrics
 from marlin_jax.evaluation.training import (
     FitOptions,
     Plateau,
@@ -126,14 +126,14 @@ def test_weight_decay_objective_is_l2_logistic_regression():
     from sklearn.linear_model import LogisticRegression
 
     from marlin_jax.evaluation.probe import make_linear_head
-    from marlin_jax.evaluation.training import make_optimizer, make_train_step
+    from marlin_jax.evaluation.training import make_train_step
 
     data = features(96, "binary", 0, dim=8)
     x, y = data.x, data.labels
     wd, steps = 0.05, 3000
     head = make_linear_head(x, 1, standardize=True)
     graphdef, params, rest = split_model(head)
-    tx = make_optimizer(FitOptions())
+    tx = FitOptions().optimizer()
     step = make_train_step(graphdef, "binary", tx, weight_decay=wd)
     xs, ys = jnp.asarray(x), jnp.asarray(y, jnp.float32)
 

@@ -20,15 +20,14 @@ import pytest
 
 from marlin_jax.evaluate import EXIT_PREEMPTED, default_config, run
 from marlin_jax.evaluation.datasets import ClipDataset, load_celebvhq
-from marlin_jax.evaluation.metrics import classification_metrics
 from marlin_jax.evaluation.probe import make_linear_head, train_linear_probe
+from marlin_jax.evaluation.scores import classification_metrics
 from marlin_jax.evaluation.training import (
     CheckpointMismatchError,
     FitOptions,
     Preempted,
     fit,
     make_forward,
-    make_optimizer,
     make_train_step,
     read_training_state,
     restore_best,
@@ -208,6 +207,19 @@ def test_other_run_in_the_state_dir_is_refused(probe_data, tmp_path):
         probe(probe_data, tmp_path, lambda s: None, options=other_lr)
 
 
+def test_a_state_dir_without_a_loop_state_is_refused(probe_data, tmp_path):
+    """A checkpoint in the state dir that is not an evaluation loop state (another program's,
+    an older format, or its JSON lost) is refused with an error naming it, never trained over."""
+    short = FitOptions(learning_rate=3.0, max_epochs=2, batch_size=32)
+    probe(probe_data, tmp_path, lambda s: None, options=short)
+    (step,) = [p for p in (tmp_path / "state").iterdir() if p.name.isdigit()]
+    subprocess.run(["rm", "-r", str(step / "data_iter")], check=True)
+    with pytest.raises(CheckpointMismatchError, match=rf"{tmp_path / 'state'}: not a "
+                       r"training-state checkpoint of format \d+ \(found None\)"):
+        probe(probe_data, tmp_path, lambda s: None, options=short)
+    assert (step / "state").is_dir()  # left in place
+
+
 def test_evaluate_run_resumes_reports_and_refuses(tmp_path):
     """The CLI's run(): SIGTERM -> Preempted; rerun resumes to the uninterrupted result; a
     finished workdir reports metrics.json without touching the data; config changes refused."""
@@ -296,7 +308,7 @@ def toy_fit(workdir: Path | None, *, hook=None, save_every_s: float = 0.0,
     x_val = rng.normal(size=(16, 5)).astype(np.float32)
     y_val = x_val[:, 0] + 0.3 * x_val[:, 1] > 0
     graphdef, params, rest = split_model(make_linear_head(x, 1, seed=0))
-    tx = make_optimizer(TOY_OPTIONS)
+    tx = TOY_OPTIONS.optimizer()
     step = jax.jit(make_train_step(graphdef, "binary", tx))
     forward = jax.jit(make_forward(graphdef))
     hook = hook or (lambda where: None)
@@ -322,7 +334,7 @@ def toy_fit(workdir: Path | None, *, hook=None, save_every_s: float = 0.0,
 
     dirs = {} if workdir is None else {"checkpoint_dir": workdir / "best",
                                        "state_dir": workdir / "state"}
-    return fit(params, run_epoch=run_epoch, steps_per_epoch=TOY_STEPS, evaluate=evaluate,
+    return fit(params, run_epoch=run_epoch, steps_per_epoch=TOY_STEPS, validate=evaluate,
                init_opt_state=tx.init, options=TOY_OPTIONS, save_every_s=save_every_s,
                log=lambda s: None, **dirs)
 

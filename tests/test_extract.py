@@ -166,3 +166,7 @@ def test_a_checkpoint_with_its_own_architecture_is_used_as_saved(tmp_path, video
     out = tmp_path / "features"
     assert main(["--checkpoint", str(ckpt), "--output_dir", str(out), str(videos["mid"])]) == 0
     assert np.load(out / "mid.npy").shape[-1] == 96
+    capsys.readouterr()
+    # A --model that disagrees: exit status 2 and the reason, not a traceback.
+    assert main(["--checkpoint", str(ckpt), "--model", TINY, "--output_dir", str(out), str(videos["mid"])]) == 2
+    assert "cannot load the model" in capsys.readouterr().err

@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 from matplotlib.figure import Figure
 
-from marlin_jax.models import MarlinEncoder, MarlinModel
+from marlin_jax.models import MarlinEncoder, MarlinModel, video_to_float
 
 __all__ = [
     "MODES",
@@ -129,9 +129,7 @@ class FeatureGradCam:
                 f"feature indices {bad.tolist()} out of range: the model's features have "
                 f"{self.feature_dim} dimensions (0..{self.feature_dim - 1})"
             )
-        x = jnp.asarray(clips)
-        if x.dtype == jnp.uint8:
-            x = x.astype(jnp.float32) / 255.0
+        x = video_to_float(jnp.asarray(clips))
         rel, vals = self._fn(self._state, x, jnp.asarray(idx))
         rel = np.asarray(rel).reshape(rel.shape[:2] + self.config.grid)
         return (rel if signed else np.maximum(rel, 0.0)), np.asarray(vals)

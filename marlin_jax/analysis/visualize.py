@@ -63,9 +63,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     The feature-analysis fork's spellings ``--checkpoint_path`` and ``--model_name`` are
     aliases of ``--checkpoint`` and ``--model``."""
     parser.add_argument("--checkpoint", "--checkpoint_path", dest="checkpoint", required=True,
-                        help=".pt / .ckpt / VideoMAE checkpoint or marlin-jax checkpoint folder")
-    parser.add_argument("--model", "--model_name", dest="model", default="marlin_vit_base_ytf",
-                        help="registered model name")
+                        help=".pt / .ckpt / VideoMAE checkpoint, marlin-jax checkpoint folder (or trainer "
+                             "workdir) or Hugging Face folder (config.json + model.safetensors)")
+    parser.add_argument("--model", "--model_name", dest="model", default=None,
+                        help="registered model name (default: the architecture the checkpoint carries, "
+                             "a marlin_config.json or Hugging Face config.json, else marlin_vit_base_ytf)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--features", type=int, nargs="+",
                        help="feature indices of the mean-pooled embedding (default: "
@@ -119,7 +121,8 @@ def resolve_features(parser: argparse.ArgumentParser, args: argparse.Namespace,
             parser.error(
                 f"no --features given, and the default features "
                 f"{' '.join(map(str, DEFAULT_FEATURES))} (of a 768-wide model such as ViT-B) do "
-                f"not exist in model {args.model!r}, whose features are {cam.feature_dim} wide "
+                f"not exist in {f'model {args.model!r}' if args.model else 'the model'}, whose features "
+                f"are {cam.feature_dim} wide "
                 f"(0..{cam.feature_dim - 1}); pass --features or --top_features_from"
             )
         return list(DEFAULT_FEATURES)
@@ -153,9 +156,10 @@ def frame_size_note(video: str | os.PathLike, config, crop_face: bool) -> str | 
             f"and resized to {size}x{size} (pass --crop_face to crop the face instead)")
 
 
-def build_gradcam(model_name: str, checkpoint: str | os.PathLike, *, layer: int = -1,
+def build_gradcam(model_name: str | None, checkpoint: str | os.PathLike, *, layer: int = -1,
                   mode: str = "gradcam") -> FeatureGradCam:
-    """Loads a checkpoint with :meth:`marlin_jax.extract.Marlin.from_file` and wraps its encoder."""
+    """Loads a checkpoint with :meth:`marlin_jax.extract.Marlin.from_file` (``model_name`` None:
+    the architecture the checkpoint carries) and wraps its encoder."""
     from marlin_jax.extract import Marlin
 
     return FeatureGradCam(Marlin.from_file(model_name, checkpoint).model, layer=layer, mode=mode)

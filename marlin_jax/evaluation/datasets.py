@@ -12,7 +12,8 @@ Three layers, each a pure function of files on disk:
   (written by ``scripts/extract_dataset.py``), reduced over windows (mean / max / min) to
   ``(N, D)``, as the original's linear probe.
 * **Clips** (:class:`ClipDataset`): raw 16-frame clips at temporal sample rate 2 for fine-tuning,
-  sampled exactly as the original's ``CelebvHq`` dataset.
+  sampled and resized by :mod:`marlin_jax.data.records` exactly as pretraining's clips (the
+  original's ``CelebvHq`` rules).
 
 A sample's *key* is its video path relative to the video root, without extension; a feature file
 lives at ``<feature_dir>/<key>.npy``. Missing or broken inputs raise :class:`DatasetError` naming
@@ -24,22 +25,23 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
+import functools
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from typing import Literal
 
-import cv2
+import grain
 import numpy as np
 
-from marlin_jax.evaluation.metrics import TASKS, Task
-from marlin_jax.video_io import VideoReadError, count_frames, read_frames
+from marlin_jax.data.records import VideoRecord, resize_frames, sample_frame_indices
+from marlin_jax.data.videos import VIDEO_EXTENSIONS, read_video_frames  # noqa: F401 (re-exported)
+from marlin_jax.evaluation.scores import LABEL_KINDS, LabelKind
+from marlin_jax.video_io import VideoReadError, count_frames
 
 CELEBVHQ_TASKS = {"appearance": 40, "action": 35}
 SPLITS = ("train", "val", "test")
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 REDUCTIONS = ("mean", "max", "min")
 OnError = Literal["error", "skip"]
 log = logging.getLogger(__name__)
@@ -66,14 +68,14 @@ class LabelSet:
 
     keys: tuple[str, ...]
     labels: np.ndarray
-    task: Task
+    task: LabelKind
     class_names: tuple[str, ...]
     video_paths: tuple[str, ...]
     source: str = ""
 
     def __post_init__(self):
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.task not in LABEL_KINDS:
+            raise ValueError(f"task must be one of {LABEL_KINDS}, got {self.task!r}")
         n = len(self.keys)
         if len(self.video_paths) != n or self.labels.shape[:1] != (n,):
             raise ValueError("keys, labels and video_paths differ in length")
@@ -247,7 +249,7 @@ PATH_COLUMNS = ("path", "video", "file", "name")
 def load_label_file(
     path: str | os.PathLike,
     *,
-    task: Task | None = None,
+    task: LabelKind | None = None,
     split: str | None = None,
     class_names: Sequence[str] | None = None,
     video_root: str | os.PathLike | None = None,
@@ -306,8 +308,8 @@ def load_label_file(
     if task is None:
         task = "multilabel" if multilabel_rows else (
             "binary" if all(_as_bit(v) is not None for v in file_values) else "multiclass")
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if task not in LABEL_KINDS:
+        raise ValueError(f"task must be one of {LABEL_KINDS}, got {task!r}")
 
     if task == "multilabel":
         labels, names = _multilabel(path, values, label_cols, class_names, wheres)
@@ -586,13 +588,9 @@ class FeatureSet:
 
 def reduce_windows(features: np.ndarray, reduction: str) -> np.ndarray:
     """Temporal reduction of window features ``(T, D) -> (D,)``: mean, max or min."""
-    if reduction == "mean":
-        return features.mean(axis=0)
-    if reduction == "max":
-        return features.max(axis=0)
-    if reduction == "min":
-        return features.min(axis=0)
-    raise ValueError(f"temporal reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"temporal reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return getattr(features, reduction)(axis=0)
 
 
 def read_feature_file(path: str | os.PathLike, shape: tuple[int, ...] | None = None) -> np.ndarray:
@@ -668,41 +666,17 @@ def load_features(
 # --------------------------------------------------------------------------- clips
 
 
-def sample_clip_indices(
-    num_frames: int, clip_frames: int, sample_rate: int, rng: np.random.Generator
-) -> np.ndarray:
-    """Frame indices ``(clip_frames,)`` of one training clip, as the original ``CelebvHq``:
-
-    * a video of at most ``clip_frames`` frames is used whole, padded by repeating its last frame;
-    * one shorter than ``clip_frames * sample_rate`` uses the largest rate that fits
-      (``num_frames // clip_frames``);
-    * otherwise a uniformly random start, then every ``sample_rate``-th frame.
-    """
-    if num_frames < 1:
-        raise ValueError(f"need at least one frame, got {num_frames}")
-    if num_frames <= clip_frames:
-        idx = np.arange(clip_frames)
-        return np.minimum(idx, num_frames - 1)
-    rate = sample_rate if num_frames > clip_frames * sample_rate else num_frames // clip_frames
-    start = int(rng.integers(0, num_frames - clip_frames * rate + 1))
-    return start + np.arange(clip_frames) * rate
-
-
-def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
-    """Resizes uint8 ``(T, H, W, 3)`` frames to ``(T, size, size, 3)`` (area interpolation);
-    a no-op when they already are."""
-    if frames.shape[1:3] == (size, size):
-        return frames
-    return np.stack([cv2.resize(f, (size, size), interpolation=cv2.INTER_AREA) for f in frames])
-
-
 class ClipDataset:
-    """Raw clips of a LabelSet for fine-tuning: ``clip(i, rng)`` -> uint8 ``(T, S, S, 3)``.
+    """Raw clips of a LabelSet for fine-tuning, read as pretraining reads them.
 
-    Frame counts are read once (exact demux count) and cached. Videos are read from the start up
-    to the last sampled frame (OpenCV seeking is unreliable on mp4v), then resized to ``size`` if
-    they are not already square at that size.
+    A grain random-access source of :class:`~marlin_jax.data.records.VideoRecord` (one per
+    sample), so clips come from the one sampling rule and resize of
+    :mod:`marlin_jax.data.records`: ``clip(i, rng)`` is exactly the ``video`` that the
+    pretraining pipeline (:class:`~marlin_jax.data.pipeline.LoadClip`) makes of the same video
+    and RNG. Frame counts are read once (demux count) and cached; only sampled frames decode.
     """
+
+    has_labels = False  # VideoSource protocol: the labels live in ``labelset``
 
     def __init__(self, labelset: LabelSet, clip_frames: int = 16, sample_rate: int = 2,
                  size: int = 224):
@@ -744,13 +718,18 @@ class ClipDataset:
             self._num_frames[i] = count_frames(self.labelset.video_paths[i])
         return self._num_frames[i]
 
-    def clip(self, i: int, rng: np.random.Generator) -> np.ndarray:
-        """uint8 ``(clip_frames, size, size, 3)`` of sample ``i`` (VideoReadError if unreadable)."""
+    def __getitem__(self, i: int) -> VideoRecord:
         path = self.labelset.video_paths[i]
-        idx = sample_clip_indices(self.num_frames(i), self.clip_frames, self.sample_rate, rng)
-        frames = read_frames(path, max_frames=int(idx.max()) + 1)
-        idx = np.minimum(idx, len(frames) - 1)  # container count may exceed decodable frames
-        return resize_frames(frames[idx], self.size)
+        return VideoRecord(name=path, num_frames=self.num_frames(i),
+                           read_frames=functools.partial(read_video_frames, path))
+
+    def clip(self, i: int, rng: np.random.Generator) -> np.ndarray:
+        """uint8 ``(clip_frames, size, size, 3)`` of sample ``i``: frame indices from
+        :func:`~marlin_jax.data.records.sample_frame_indices`, frames resized by
+        :func:`~marlin_jax.data.records.resize_frames` (BadRecordError if unreadable)."""
+        record = self[i]
+        idx = sample_frame_indices(record.num_frames, self.clip_frames, self.sample_rate, rng)
+        return resize_frames(record.read_frames(idx), self.size)
 
     def batch_indices(self, batch_size: int, *, shuffle: bool, seed: int,
                       drop_last: bool = False) -> list[np.ndarray]:
@@ -775,42 +754,32 @@ class ClipDataset:
         prefetch: int = 2,
         pad: bool = False,
         rows: slice | None = None,
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yields ``(clips uint8 (B, T, S, S, 3), labels (B, ...))``.
+    ) -> grain.DatasetIterator:
+        """A grain iterator of ``(clips uint8 (B, T, S, S, 3), labels (B, ...))``.
 
         The order (if ``shuffle``) and every clip's start frame derive from ``seed`` and the
         sample index only, so a pass is reproducible (use a new seed per epoch for training,
-        a fixed one for evaluation). ``start_batch`` resumes a pass: the first ``start_batch``
-        batches are skipped by index, without decoding their clips, and the rest are exactly
-        those of the whole pass. ``pad`` fills a short last batch to ``batch_size`` by repeating
-        its last sample (static shapes); ``rows`` keeps only those rows of every (padded) batch,
-        so that each process of a multi-host run decodes its own part of the global batch.
-        Clips are decoded by a thread pool (OpenCV drops the GIL).
+        a fixed one for evaluation). The pass is a grain ``MapDataset`` of batches: random
+        access, so ``start_batch`` resumes it without decoding the batches before, and the rest
+        are exactly those of the whole pass. ``pad`` fills a short last batch to ``batch_size``
+        by repeating its last sample (static shapes); ``rows`` keeps only those rows of every
+        (padded) batch, so that each process of a multi-host run decodes its own part of the
+        global batch. ``num_threads`` batches decode in parallel (OpenCV drops the GIL),
+        ``prefetch`` ahead of the consumer.
         """
         chunks = self.batch_indices(batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
         if not 0 <= start_batch <= len(chunks):
             raise ValueError(f"start_batch {start_batch} outside [0, {len(chunks)}] "
                              f"({len(self)} samples in batches of {batch_size})")
-        chunks = chunks[start_batch:]
         if pad:
             chunks = [np.concatenate([c, np.repeat(c[-1:], batch_size - len(c))]) for c in chunks]
         if rows is not None:
             chunks = [c[rows] for c in chunks]
 
-        def load(i: int) -> np.ndarray:
-            return self.clip(int(i), np.random.default_rng((seed, int(i))))
+        def load(chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            clips = [self.clip(int(i), np.random.default_rng((seed, int(i)))) for i in chunk]
+            return np.stack(clips), self.labelset.labels[chunk]
 
-        pool = ThreadPoolExecutor(max_workers=num_threads)
-        try:
-            pending: collections.deque = collections.deque()
-            for chunk in chunks:  # keep at most `prefetch` batches in flight
-                pending.append((chunk, [pool.submit(load, i) for i in chunk]))
-                if len(pending) > prefetch:
-                    yield self._collect(*pending.popleft())
-            while pending:
-                yield self._collect(*pending.popleft())
-        finally:  # closed early (e.g. preemption): drop the decodes that have not started
-            pool.shutdown(wait=True, cancel_futures=True)
-
-    def _collect(self, chunk: np.ndarray, futures: list) -> tuple[np.ndarray, np.ndarray]:
-        return np.stack([f.result() for f in futures]), self.labelset.labels[chunk]
+        dataset = grain.MapDataset.source(chunks[start_batch:]).map(load)
+        options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+        return iter(dataset.to_iter_dataset(options))

@@ -9,13 +9,14 @@ every token (``pooling="tokens"``) and LP-FT (the head starts as a linear probe,
 The step is sharded with the trainer's mesh helpers (:mod:`marlin_jax.sharding`): the batch over
 ``data x fsdp``, parameters and Adam moments by ``MARLIN_RULES`` (which include the ``head``
 rule), so the same code runs on one CPU, a GPU, or a TPU slice. Clips travel as uint8 and are
-scaled to [0, 1] inside the jitted step.
+scaled to [0, 1] inside the jitted step (:func:`marlin_jax.models.video_to_float`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -28,21 +29,21 @@ from jax.sharding import Mesh
 
 from marlin_jax.distributed import host_value
 from marlin_jax.evaluation.datasets import ClipDataset, FeatureSet
-from marlin_jax.evaluation.metrics import Task, classification_metrics
 from marlin_jax.evaluation.probe import LinearHead, torch_linear_init, train_linear_probe
+from marlin_jax.evaluation.scores import LabelKind, classification_metrics
 from marlin_jax.evaluation.training import (
     FitOptions,
     FitResult,
     array_digest,
     fit,
-    load_params,
+    label_array,
     make_forward,
-    make_optimizer,
     make_train_step,
     read_training_state,
+    set_model_params,
     split_model,
 )
-from marlin_jax.models import MarlinEncoder
+from marlin_jax.models import MarlinEncoder, video_to_float
 from marlin_jax.sharding import (
     batch_divisor,
     batch_sharding,
@@ -55,6 +56,7 @@ from marlin_jax.sharding import (
 )
 
 Pooling = Literal["mean", "tokens"]
+EVAL_SEED = 12345  # the start frames of every evaluation clip
 
 
 class FineTuneClassifier(nnx.Module):
@@ -88,17 +90,6 @@ class FineTuneClassifier(nnx.Module):
         return self.head(self.features(video))
 
 
-def to_unit_float(video: jax.Array) -> jax.Array:
-    """uint8 clips -> float32 in [0, 1] (floats pass through)."""
-    if video.dtype == jnp.uint8:
-        return video.astype(jnp.float32) / 255.0
-    return video.astype(jnp.float32)
-
-
-def _labels_array(labels: np.ndarray, task: Task) -> np.ndarray:
-    return labels.astype(np.int32) if task == "multiclass" else labels.astype(np.float32)
-
-
 def effective_batch_size(requested: int, num_samples: int, mesh: Mesh) -> int:
     """The training batch: at most the data size, a multiple of the mesh's batch shards."""
     div = batch_divisor(mesh)
@@ -112,10 +103,11 @@ def effective_batch_size(requested: int, num_samples: int, mesh: Mesh) -> int:
 class _Sharded:
     """The jitted, sharded train step and forward of one model on one mesh."""
 
-    def __init__(self, model: FineTuneClassifier, task: Task, options: FitOptions, mesh: Mesh):
+    def __init__(self, model: FineTuneClassifier, task: LabelKind, options: FitOptions,
+                 mesh: Mesh):
         self.mesh = mesh
         self.graphdef, params, rest = split_model(model)
-        self.tx = make_optimizer(options)
+        self.tx = options.optimizer()
         self.param_sh = tree_shardings(params, mesh)
         self.params = host_to_global(params, self.param_sh)
         self.rest = host_to_global(rest, jax.tree.map(lambda _: replicated(mesh), rest))
@@ -123,7 +115,7 @@ class _Sharded:
         self.init_opt = jax.jit(self.tx.init, out_shardings=opt_sh)
         x_sh, y_sh = batch_sharding(mesh, 5), batch_sharding(mesh, 1)
         y_sh_ml = batch_sharding(mesh, 2)
-        step = make_train_step(self.graphdef, task, self.tx, preprocess=to_unit_float,
+        step = make_train_step(self.graphdef, task, self.tx, preprocess=video_to_float,
                                weight_decay=options.weight_decay)
         y_shard = y_sh_ml if task == "multilabel" else y_sh
         self.step = jax.jit(
@@ -133,13 +125,13 @@ class _Sharded:
             donate_argnums=(0, 1),
         )
         self.forward = jax.jit(
-            make_forward(self.graphdef, preprocess=to_unit_float),
+            make_forward(self.graphdef, preprocess=video_to_float),
             in_shardings=(self.param_sh, replicated(mesh), x_sh),
             out_shardings=replicated(mesh),
         )
         self.features = jax.jit(
             lambda params, rest, x: nnx.merge(self.graphdef, params, rest).features(
-                to_unit_float(x)).astype(jnp.float32),
+                video_to_float(x)).astype(jnp.float32),
             in_shardings=(self.param_sh, replicated(mesh), x_sh),
             out_shardings=replicated(mesh),
         )
@@ -153,27 +145,27 @@ class _Sharded:
         arrays = global_batch({"x": x} if y is None else {"x": x, "y": y}, self.mesh)
         return arrays["x"] if y is None else (arrays["x"], arrays["y"])
 
+    def predict(self, dataset: ClipDataset, batch: int, seed: int, num_threads: int, *,
+                params=None, features: bool = False, stop: Callable[[], bool] | None = None
+                ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Logits ``(N, C)`` (or the head's input features) and labels of every sample, one
+        clip each (start frames from ``seed``), with ``params`` (default: the current ones);
+        None if ``stop()`` became true before the last batch (checked before each).
 
-def predict_clips(
-    forward: Callable, params, rest, dataset: ClipDataset, batch_size: int, seed: int,
-    sharded: _Sharded, num_threads: int = 4, stop: Callable[[], bool] | None = None,
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """Logits ``(N, C)`` and labels of every sample, one clip each (start frames from ``seed``);
-    None if ``stop()`` became true before the last batch (checked before each).
-
-    ``forward`` returns replicated outputs; each process decodes only its rows of a batch. The
-    last batch is padded to ``batch_size`` (static shapes; the padding is dropped)."""
-    sizes = [len(c) for c in dataset.batch_indices(batch_size, shuffle=False, seed=seed)]
-    logits = []
-    batches = dataset.batches(batch_size, shuffle=False, seed=seed, num_threads=num_threads,
-                              pad=True, rows=sharded.rows(batch_size))
-    with contextlib.closing(batches):
-        for n, (x, _) in zip(sizes, batches, strict=True):
-            if stop is not None and stop():
-                return None
-            out = forward(params, rest, sharded.put(x))
-            logits.append(host_value(out)[:n])
-    return np.concatenate(logits), dataset.labelset.labels.copy()
+        Each process decodes only its rows of a batch; the last batch is padded to ``batch``
+        (static shapes; the padding is dropped)."""
+        fn = self.features if features else self.forward
+        params = self.params if params is None else params
+        sizes = [len(c) for c in dataset.batch_indices(batch, shuffle=False, seed=seed)]
+        batches = dataset.batches(batch, shuffle=False, seed=seed, num_threads=num_threads,
+                                  pad=True, rows=self.rows(batch))
+        outs = []
+        with contextlib.closing(batches):  # stopped early: no more prefetching
+            for n, (x, _) in zip(sizes, batches, strict=True):
+                if stop is not None and stop():
+                    return None
+                outs.append(host_value(fn(params, self.rest, self.put(x)))[:n])
+        return np.concatenate(outs), dataset.labelset.labels.copy()
 
 
 def fold_standardization(head: LinearHead) -> tuple[np.ndarray, np.ndarray]:
@@ -189,7 +181,7 @@ def fold_standardization(head: LinearHead) -> tuple[np.ndarray, np.ndarray]:
     return kernel.astype(np.float32), bias.astype(np.float32)
 
 
-def _probe_head(sharded: _Sharded, train: ClipDataset, val: ClipDataset, *, task: Task,
+def _probe_head(sharded: _Sharded, train: ClipDataset, val: ClipDataset, *, task: LabelKind,
                 num_outputs: int, options: FitOptions, batch: int, eval_seed: int,
                 num_threads: int, log: Callable[[str], None]) -> FitResult:
     """LP-FT's first stage: a linear probe (standardised features) on the initial encoder's
@@ -197,10 +189,8 @@ def _probe_head(sharded: _Sharded, train: ClipDataset, val: ClipDataset, *, task
     written into the head of ``sharded.params``. Returns the probe's fit record."""
     feats = {}
     for name, dataset in (("train", train), ("val", val)):
-        out = predict_clips(sharded.features, sharded.params, sharded.rest, dataset, batch,
-                            eval_seed, sharded, num_threads)
-        assert out is not None  # no stop
-        feats[name] = FeatureSet(out[0], out[1], tuple(dataset.labelset.keys), {})
+        x, y = sharded.predict(dataset, batch, eval_seed, num_threads, features=True)
+        feats[name] = FeatureSet(x, y, tuple(dataset.labelset.keys), {})
     head, result = train_linear_probe(feats["train"], feats["val"], task=task,
                                       num_outputs=num_outputs, options=options,
                                       standardize=True, log=lambda line: None)
@@ -215,11 +205,11 @@ def _probe_head(sharded: _Sharded, train: ClipDataset, val: ClipDataset, *, task
 
 def make_predictor(
     model: FineTuneClassifier,
-    task: Task,
+    task: LabelKind,
     *,
     mesh: Mesh | None = None,
-    batch_size: int = 32,
-    eval_seed: int = 12345,
+    batch_size: int = FitOptions.batch_size,
+    eval_seed: int = EVAL_SEED,
     num_threads: int = 4,
 ) -> Callable[[ClipDataset], tuple[np.ndarray, np.ndarray]]:
     """``predict(dataset) -> (logits (N, C), labels)`` with ``model``'s current parameters,
@@ -227,14 +217,8 @@ def make_predictor(
     mesh = mesh if mesh is not None else make_mesh({"data": -1})
     sharded = _Sharded(model, task, FitOptions(), mesh)
     batch = effective_batch_size(batch_size, batch_size, mesh)
-
-    def predict(dataset: ClipDataset) -> tuple[np.ndarray, np.ndarray]:
-        out = predict_clips(sharded.forward, sharded.params, sharded.rest, dataset, batch,
-                            eval_seed, sharded, num_threads)
-        assert out is not None  # no stop
-        return out
-
-    return predict
+    return functools.partial(sharded.predict, batch=batch, seed=eval_seed,
+                             num_threads=num_threads)
 
 
 def train_finetune(
@@ -242,16 +226,16 @@ def train_finetune(
     train: ClipDataset,
     val: ClipDataset,
     *,
-    task: Task,
+    task: LabelKind,
     num_outputs: int,
-    options: FitOptions = FitOptions(batch_size=32),
+    options: FitOptions = FitOptions(),
     mesh: Mesh | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     state_dir: str | os.PathLike | None = None,
     fresh_start: bool = False,
     save_every_s: float = 0.0,
     run_id: Mapping[str, Any] | None = None,
-    eval_seed: int = 12345,
+    eval_seed: int = EVAL_SEED,
     num_threads: int = 4,
     pooling: Pooling = "mean",
     lp_ft: FitOptions | None = None,
@@ -282,11 +266,10 @@ def train_finetune(
     model = FineTuneClassifier(encoder, num_outputs, rngs=nnx.Rngs(options.seed), pooling=pooling)
     sharded = _Sharded(model, task, options, mesh)
     batch = effective_batch_size(options.batch_size, len(train), mesh)
-    eval_batch = batch
     starts = fresh_start or state_dir is None or read_training_state(state_dir) is None
     if lp_ft is not None and starts:
         _probe_head(sharded, train, val, task=task, num_outputs=num_outputs, options=lp_ft,
-                    batch=eval_batch, eval_seed=eval_seed, num_threads=num_threads, log=log)
+                    batch=batch, eval_seed=eval_seed, num_threads=num_threads, log=log)
 
     steps_per_epoch = len(train) // batch
 
@@ -296,17 +279,15 @@ def train_finetune(
         for x, y in train.batches(batch, shuffle=True, seed=options.seed + epoch, drop_last=True,
                                   start_batch=start_batch, num_threads=num_threads,
                                   rows=sharded.rows(batch)):
-            xs, ys = sharded.put(x, _labels_array(y, task))
+            xs, ys = sharded.put(x, label_array(y, task))
             params, opt_state, loss = sharded.step(params, opt_state, sharded.rest, xs, ys, lr)
             yield params, opt_state, loss[None]
 
-    def predict(dataset: ClipDataset, params=None, stop=None):
-        p = sharded.params if params is None else params
-        return predict_clips(sharded.forward, p, sharded.rest, dataset, eval_batch, eval_seed,
-                             sharded, num_threads, stop)
+    predict = functools.partial(sharded.predict, batch=batch, seed=eval_seed,
+                                num_threads=num_threads)
 
-    def evaluate(params, stop):
-        out = predict(val, params, stop)
+    def validate(params, stop):
+        out = predict(val, params=params, stop=stop)
         return None if out is None else classification_metrics(*out, task)
 
     identity = {"finetune": {
@@ -317,9 +298,9 @@ def train_finetune(
                              "\n".join(val.labelset.keys), val.labelset.labels)},
         **dict(run_id or {})}
     result = fit(sharded.params, run_epoch=run_epoch, steps_per_epoch=steps_per_epoch,
-                 evaluate=evaluate, init_opt_state=sharded.init_opt, options=options,
+                 validate=validate, init_opt_state=sharded.init_opt, options=options,
                  checkpoint_dir=checkpoint_dir, state_dir=state_dir, run_id=identity,
                  fresh_start=fresh_start, save_every_s=save_every_s, log=log)
     sharded.params = result.params
-    load_params(model, result.params)
+    set_model_params(model, result.params)
     return model, result, predict

@@ -18,16 +18,16 @@ import numpy as np
 from flax import nnx
 
 from marlin_jax.evaluation.datasets import FeatureSet
-from marlin_jax.evaluation.metrics import Task, classification_metrics
+from marlin_jax.evaluation.scores import LabelKind, classification_metrics
 from marlin_jax.evaluation.training import (
     FitOptions,
     FitResult,
     array_digest,
     fit,
-    load_params,
+    label_array,
     make_forward,
-    make_optimizer,
     make_train_step,
+    set_model_params,
     split_model,
 )
 
@@ -81,10 +81,6 @@ def make_linear_head(train_x: np.ndarray, num_outputs: int, *, standardize: bool
     return LinearHead(train_x.shape[1], num_outputs, rngs=nnx.Rngs(seed), **stats)
 
 
-def _labels_array(labels: np.ndarray, task: Task) -> np.ndarray:
-    return labels.astype(np.int32) if task == "multiclass" else labels.astype(np.float32)
-
-
 def predict_logits(model: nnx.Module, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
     """Logits ``(N, C)`` of features ``(N, D)``."""
     graphdef, params, rest = split_model(model)
@@ -98,7 +94,7 @@ def train_linear_probe(
     train: FeatureSet,
     val: FeatureSet,
     *,
-    task: Task,
+    task: LabelKind,
     num_outputs: int,
     options: FitOptions = FitOptions(),
     standardize: bool = False,
@@ -126,10 +122,10 @@ def train_linear_probe(
     num_batches = n // batch
     model = make_linear_head(train.x, num_outputs, standardize=standardize, seed=options.seed)
     graphdef, params, rest = split_model(model)
-    tx = make_optimizer(options)
+    tx = options.optimizer()
     step = make_train_step(graphdef, task, tx, weight_decay=options.weight_decay)
     x_train = jnp.asarray(train.x)
-    y_train = jnp.asarray(_labels_array(train.labels, task))
+    y_train = jnp.asarray(label_array(train.labels, task))
     base_key = jax.random.key(options.seed)
 
     @jax.jit
@@ -148,7 +144,7 @@ def train_linear_probe(
     forward = jax.jit(make_forward(graphdef))
     x_val = jnp.asarray(val.x)
 
-    def evaluate(p, stop):
+    def validate(p, stop):
         del stop  # milliseconds: not worth interrupting
         return classification_metrics(np.asarray(forward(p, rest, x_val)), val.labels, task)
 
@@ -161,9 +157,9 @@ def train_linear_probe(
     identity = {"probe": {"task": task, "num_outputs": num_outputs, "standardize": standardize,
                           "data": array_digest(train.x, train.labels, val.x, val.labels)},
                 **dict(run_id or {})}
-    result = fit(params, run_epoch=run_epoch, steps_per_epoch=num_batches, evaluate=evaluate,
+    result = fit(params, run_epoch=run_epoch, steps_per_epoch=num_batches, validate=validate,
                  init_opt_state=tx.init, options=options, checkpoint_dir=checkpoint_dir,
                  state_dir=state_dir, run_id=identity, fresh_start=fresh_start,
                  save_every_s=save_every_s, log=log)
-    load_params(model, result.params)
+    set_model_params(model, result.params)
     return model, result

@@ -1,67 +1,41 @@
 """The supervised training loop shared by linear probing and fine-tuning.
 
-It follows the original ``model/classifier.py`` + ``evaluate.py`` of MARLIN:
+As the original ``model/classifier.py`` + ``evaluate.py`` of MARLIN: binary cross-entropy with
+logits (binary; multilabel over every (sample, label) pair) or softmax cross-entropy
+(multiclass); Adam (betas 0.5, 0.9, lr 1e-4: the trainer's
+:func:`~marlin_jax.train.state.make_optimizer`); reduce-on-plateau of the *training* loss
+(factor 0.5, patience 7, min 1e-8), stopping once the rate is 1e-6; the epoch with the best
+validation metric is kept and checkpointed. Ours, on purpose: the validation metric is computed
+on the whole split (the original averages per-batch AUROCs), an optional ``patience`` stops
+after that many epochs without improvement, and an optional L2 penalty (``weight_decay``).
 
-* loss: binary cross-entropy with logits (binary; multilabel over every flattened
-  (sample, label) pair) or softmax cross-entropy (multiclass);
-* optimiser: Adam with betas (0.5, 0.9), learning rate 1e-4, no weight decay (an optional L2
-  penalty, ``FitOptions.weight_decay``, is ours: linear probes on high-dimensional features,
-  e.g. every token of a clip, need it);
-* schedule: reduce-on-plateau of the *training* loss (factor 0.5, patience 7, min 1e-8), and
-  training stops once the learning rate has fallen to 1e-6 (``EarlyStoppingLR``);
-* model selection: the epoch with the best validation metric (``val_auc``) is kept and
-  checkpointed, then evaluated on the test split.
+A model is handled functionally (``nnx.split``), so the step is a pure jitted function.
+``run_epoch(params, opt_state, lr, epoch, start_batch)`` yields the state after each unit of
+work (a batch for fine-tuning; a whole ``lax.scan`` epoch for a probe); between yields
+:func:`fit` may save and stop, so the position inside an epoch is part of the loop state.
 
-Differences, on purpose: the validation metric is computed on the whole split (the original
-averages per-batch AUROCs), and an optional ``patience`` stops after that many epochs without
-a validation improvement, so short runs need not wait for the learning rate to decay.
-
-The model is any ``nnx.Module`` mapping a batch to logits; it is handled functionally
-(``nnx.split`` into graph, parameters and other state) so the step is a pure jitted function.
-
-Training is driven step by step: ``run_epoch(params, opt_state, lr, epoch, start_batch)`` is a
-generator that trains batches ``start_batch, start_batch + 1, ...`` of the epoch and yields the
-state after each unit of work (one batch for fine-tuning; the whole epoch, one ``lax.scan``,
-for a linear probe) with that unit's per-batch losses. Between yields :func:`fit` may
-checkpoint and stop, so the *position* inside an epoch is part of the loop state.
-
-Resuming (``fit(..., state_dir=...)``): the whole loop state is checkpointed with orbax:
-parameters, optimiser state, and as JSON the position (epoch, next batch, running sum of the
-epoch's train losses), plateau schedule, best metric and epoch, history, stop reason and the
-run identity. Saves happen at the end of an epoch once ``save_every_s`` have passed since the
-last one (0: every epoch), and, when ``save_every_s > 0``, also between two training steps once
-that time has passed. A rerun with the same ``state_dir`` continues from the saved position and
-ends bitwise as an uninterrupted run would, because an epoch's data order and randomness derive
-from ``(options.seed, epoch)`` only and a batch's from its index in the epoch (the contract of
-``run_epoch``; :meth:`~marlin_jax.evaluation.datasets.ClipDataset.batches` skips to a batch
-without decoding the ones before), and the train loss is a float64 sum of per-batch losses in
-batch order whichever save points interrupted it. A checkpoint of a different run (options,
-parameter shapes, data) is refused.
-
-SIGTERM (preemption) sets a flag; the loop checks it after every unit of work and during
-validation (``evaluate(params, stop)`` returns None once ``stop()``), so a fine-tuning run saves
-within one training step (or one validation batch) of the signal, then raises
-:class:`Preempted`. With several processes a signal to any of them stops all: the flag and the
-time-based save decision are OR-ed across processes at each check, so all save together.
-A save is synchronous: with a cluster's usual 30 s grace, one step plus one save of parameters
-and Adam moments must fit in it (ViT-L: 3 x 1.2 GB).
-
-The best parameters live in ``checkpoint_dir`` (the product of the run); the state checkpoint
-also carries them while they are newer than that directory's copy (written right after the
-state), so an interruption between the two writes loses nothing.
+Resuming (``state_dir``): the project's one :class:`~marlin_jax.train.checkpointing.Checkpointer`
+saves parameters and optimiser state (and the best parameters while they are newer than
+``checkpoint_dir``'s copy, written right after) as its ``state`` item and the JSON loop state
+(position, schedule, best epoch, history, run identity) as its ``data_iter`` item. A rerun
+continues at the saved batch and ends bitwise as an uninterrupted run: an epoch's data derive
+from ``(seed, epoch)`` and a batch's from its index, and the train loss is a float64 sum in
+batch order. A checkpoint of another run (options, shapes, data) is refused. SIGTERM is a flag
+checked after every unit of work and during validation (OR-ed across processes): the loop
+saves within one step and raises :class:`Preempted`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
-import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -72,17 +46,20 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from marlin_jax.distributed import any_process, host_value
-from marlin_jax.evaluation.metrics import Task
+from marlin_jax.evaluation.scores import LabelKind
 from marlin_jax.preemption import SigtermFlag
-
-logger = logging.getLogger(__name__)
+from marlin_jax.train.checkpointing import DATA_ITER, Checkpointer
+from marlin_jax.train.state import make_optimizer, set_learning_rate
 
 Params = Any  # a pure nested dict of arrays (``nnx.to_pure_dict``): paths match sharding rules
+
+STATE_FORMAT = 3  # version of the JSON part of a training-state checkpoint (3: Checkpointer)
 
 
 @dataclasses.dataclass(frozen=True)
 class FitOptions:
-    """Hyper-parameters of a supervised run (defaults: the original CelebV-HQ runs)."""
+    """Hyper-parameters of a supervised run: the one place of their defaults (the original
+    CelebV-HQ runs; ``marlin_jax.evaluate.default_config`` reads them from here)."""
 
     learning_rate: float = 1e-4
     b1: float = 0.5
@@ -98,8 +75,17 @@ class FitOptions:
     weight_decay: float = 0.0  # L2 penalty wd/2 * sum(kernel**2) added to the training loss
     seed: int = 0
 
+    def optimizer(self) -> optax.GradientTransformation:
+        """Adam with these betas (the trainer's factory; the step sets the learning rate)."""
+        return make_optimizer(b1=self.b1, b2=self.b2)
 
-def classification_loss(logits: jax.Array, labels: jax.Array, task: Task) -> jax.Array:
+
+def label_array(labels: np.ndarray, kind: LabelKind) -> np.ndarray:
+    """Labels as the loss takes them: int32 class indices (multiclass) or float32 0/1."""
+    return labels.astype(np.int32) if kind == "multiclass" else labels.astype(np.float32)
+
+
+def classification_loss(logits: jax.Array, labels: jax.Array, task: LabelKind) -> jax.Array:
     """Mean loss of logits ``(B, C)`` (``(B, 1)`` or ``(B,)`` for binary) against labels
     (bool ``(B,)`` / bool ``(B, L)`` / int ``(B,)``)."""
     if task == "multiclass":
@@ -140,25 +126,21 @@ def l2_penalty(params: Params) -> jax.Array:
     return 0.5 * sum(squares, jnp.float32(0.0))
 
 
-def make_optimizer(options: FitOptions) -> optax.GradientTransformation:
-    """Adam's moment estimates only; the (scheduled) learning rate is applied by the step."""
-    return optax.scale_by_adam(b1=options.b1, b2=options.b2, eps=1e-8)
-
-
 def make_train_step(
     graphdef: nnx.GraphDef,
-    task: Task,
+    task: LabelKind,
     tx: optax.GradientTransformation,
     preprocess: Callable[[jax.Array], jax.Array] | None = None,
     weight_decay: float = 0.0,
 ) -> Callable:
     """``step(params, opt_state, rest, x, y, lr) -> (params, opt_state, loss)``, unjitted.
 
-    ``rest`` is the model's non-parameter state (e.g. fixed position tables); ``preprocess`` maps
-    the raw batch inside the step (e.g. uint8 clips to float [0, 1]). ``weight_decay`` adds
-    ``weight_decay * l2_penalty(params)`` to the loss (so the returned loss is the objective:
-    for a binary probe, scikit-learn's ``LogisticRegression(C=1 / (weight_decay * N))`` scaled
-    by ``1 / N``).
+    ``tx`` is :meth:`FitOptions.optimizer` (its learning rate is set to ``lr`` each step);
+    ``rest`` is the model's non-parameter state (e.g. fixed position tables); ``preprocess``
+    maps the raw batch inside the step (e.g. :func:`marlin_jax.models.video_to_float`).
+    ``weight_decay`` adds ``weight_decay * l2_penalty(params)`` to the loss (so the returned
+    loss is the objective: for a binary probe, scikit-learn's ``LogisticRegression(C=1 /
+    (weight_decay * N))`` scaled by ``1 / N``).
     """
 
     def loss_fn(params, rest, x, y):
@@ -171,8 +153,7 @@ def make_train_step(
 
     def step(params, opt_state, rest, x, y, lr):
         loss, grads = jax.value_and_grad(loss_fn)(params, rest, x, y)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        updates = jax.tree.map(lambda u: (-lr * u).astype(u.dtype), updates)
+        updates, opt_state = tx.update(grads, set_learning_rate(opt_state, lr), params)
         return optax.apply_updates(params, updates), opt_state, loss
 
     return step
@@ -187,6 +168,19 @@ def make_forward(graphdef: nnx.GraphDef,
         return model(preprocess(x) if preprocess is not None else x).astype(jnp.float32)
 
     return forward
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, Params, nnx.State]:
+    """``(graphdef, params as a pure dict, other state)`` of a module."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return graphdef, nnx.to_pure_dict(params), rest
+
+
+def set_model_params(model: nnx.Module, params: Params) -> None:
+    """Writes pure-dict ``params`` into ``model``'s parameters (in place)."""
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(model, state)
 
 
 @dataclasses.dataclass
@@ -231,69 +225,7 @@ class CheckpointMismatchError(ValueError):
     """The state directory holds a checkpoint of a different run (config, shapes or data)."""
 
 
-def _abstract(tree: Any) -> Any:
-    """ShapeDtypeStructs (with the arrays' shardings) of a pytree: an orbax restore target."""
-    return jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
-        tree)
-
-
-class BestCheckpoint:
-    """Keeps the best parameters on disk (orbax, one checkpoint, chosen by the monitored metric)."""
-
-    def __init__(self, directory: str | os.PathLike, monitor: str):
-        self.monitor = monitor
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=1, best_fn=lambda m: m[monitor], best_mode="max",
-            enable_async_checkpointing=False)
-        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
-
-    @property
-    def directory(self) -> str:
-        return os.fspath(self.manager.directory)
-
-    def steps(self) -> list[int]:
-        return list(self.manager.all_steps())
-
-    def save(self, epoch: int, params: Params, metrics: Mapping[str, float]) -> None:
-        self.manager.save(epoch, args=ocp.args.StandardSave(params),
-                          metrics={k: float(v) for k, v in metrics.items()})
-        self.manager.wait_until_finished()
-
-    def restore(self, params_like: Params, step: int | None = None) -> Params:
-        """The saved parameters of ``step`` (default: the best), in the structure (and
-        shardings) of ``params_like``."""
-        if step is None:
-            return restore_best(self.manager.directory, params_like)
-        return self.manager.restore(step, args=ocp.args.StandardRestore(_abstract(params_like)))
-
-    def clear(self) -> None:
-        """Deletes every saved step (only orbax step folders are touched)."""
-        for step in self.steps():
-            self.manager.delete(step)
-
-    def close(self) -> None:
-        self.manager.close()
-
-
-# Opens existing checkpoints without creating or deleting anything (``read_only=True`` does the
-# same but warns about each option it overrides).
-_READER = ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=False)
-
-
-def restore_best(directory: str | os.PathLike, params_like: Params) -> Params:
-    """Loads the best checkpoint in ``directory`` into the structure of ``params_like``."""
-    directory = os.path.abspath(os.fspath(directory))
-    with ocp.CheckpointManager(directory, options=_READER) as manager:
-        step = manager.best_step() if manager.best_step() is not None else manager.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"{directory}: no checkpoint to restore")
-        return manager.restore(step, args=ocp.args.StandardRestore(_abstract(params_like)))
-
-
-# ----------------------------------------------------------------------------- resumable state
-
-STATE_FORMAT = 2  # version of the JSON part of a training-state checkpoint (2: mid-epoch)
+# ----------------------------------------------------------------------------- loop state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,17 +249,12 @@ class LoopState:
     stop_reason: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"next_epoch": self.next_epoch, "next_batch": self.next_batch,
-                "loss_sum": self.loss_sum, "schedule": self.schedule._asdict(),
-                "best_metric": self.best_metric, "best_epoch": self.best_epoch,
-                "history": list(self.history), "stop_reason": self.stop_reason}
+        d = dataclasses.asdict(self)
+        return {**d, "schedule": self.schedule._asdict(), "history": list(self.history)}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> LoopState:
-        return cls(schedule=Plateau(**d["schedule"]), next_epoch=int(d["next_epoch"]),
-                   next_batch=int(d["next_batch"]), loss_sum=float(d["loss_sum"]),
-                   best_metric=float(d["best_metric"]), best_epoch=int(d["best_epoch"]),
-                   history=tuple(d["history"]), stop_reason=d["stop_reason"])
+        return cls(**{**d, "schedule": Plateau(**d["schedule"]), "history": tuple(d["history"])})
 
     def add_losses(self, losses: list[jax.Array]) -> LoopState:
         """The state after the batches whose losses ``[(k,), ...]`` are given (in order);
@@ -338,6 +265,20 @@ class LoopState:
                 total += float(value)
                 count += 1
         return dataclasses.replace(self, next_batch=count, loss_sum=total)
+
+    def stop_reason_for(self, options: FitOptions) -> str | None:
+        """Why training ends before epoch ``next_epoch`` (None: it continues)."""
+        last = self.next_epoch - 1
+        if options.patience is not None and last >= 0 and last - self.best_epoch >= options.patience:
+            return f"no validation improvement for {options.patience} epochs"
+        if self.schedule.lr <= options.stop_lr:
+            return f"learning rate {self.schedule.lr:.2e} <= {options.stop_lr:.0e}"
+        if self.next_epoch >= options.max_epochs:
+            return f"max_epochs ({options.max_epochs})"
+        return None
+
+
+# ----------------------------------------------------------------------------- run identity
 
 
 def _plain(x: Any) -> Any:
@@ -402,165 +343,182 @@ def check_identity(directory: str, saved: Mapping[str, Any], current: Mapping[st
             "deletes it.")
 
 
-_STATE_ITEMS = ("state", "meta", "best")
+# ----------------------------------------------------------------------------- checkpoints
 
 
-class TrainingStateCheckpoint:
-    """The loop-state checkpoint of :func:`fit` (orbax; the newest only, written atomically).
+class _Json:
+    """A JSON document as the Checkpointer's ``data_iter`` item: grain's checkpoint handler
+    writes ``get_state()`` (one file per process). Here: the loop position, which fixes the
+    data position, and the rest of the loop state."""
 
-    Items: ``state`` = ``{"params", "opt_state"}`` (arrays, any sharding), ``meta`` (JSON: the
-    :class:`LoopState`, the run identity, the format version and ``best_in_state``) and, when
-    ``best_in_state``, ``best`` (the best parameters, not yet in the best checkpoint). Steps
-    count the saves (the position is in ``meta``).
-    """
+    def __init__(self, doc: Any):
+        self.doc = doc
 
-    def __init__(self, directory: str | os.PathLike):
-        self.directory = os.path.abspath(os.fspath(directory))
-        options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False,
-                                               create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=_STATE_ITEMS)
-
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
-    def read_meta(self, step: int) -> dict[str, Any]:
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return _check_format(self.directory, meta["meta"])
-
-    def save(self, params: Params, opt_state: Any, loop: LoopState,
-             identity: Mapping[str, Any], best_params: Params | None = None) -> None:
-        """Writes a new step (the previous one is deleted once it is complete)."""
-        latest = self.manager.latest_step()
-        meta = {"format": STATE_FORMAT, "loop": loop.to_json(), "identity": dict(identity),
-                "best_in_state": best_params is not None}
-        items = {"state": ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
-                 "meta": ocp.args.JsonSave(meta)}
-        if best_params is not None:
-            items["best"] = ocp.args.StandardSave(best_params)
-        self.manager.save(0 if latest is None else latest + 1,
-                          args=ocp.args.Composite(**items), force=True)
-        self.manager.wait_until_finished()
-
-    def restore(self, step: int, params_like: Params, opt_like: Any) -> tuple[Params, Any]:
-        """Parameters and optimiser state of ``step``, laid out like the ``*_like`` trees."""
-        target = _abstract({"params": params_like, "opt_state": opt_like})
-        state = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target)))["state"]
-        return state["params"], state["opt_state"]
-
-    def restore_best(self, step: int, params_like: Params) -> Params:
-        """The best parameters carried by ``step`` (its meta says ``best_in_state``)."""
-        return self.manager.restore(step, args=ocp.args.Composite(
-            best=ocp.args.StandardRestore(_abstract(params_like))))["best"]
-
-    def clear(self) -> None:
-        for step in list(self.manager.all_steps()):
-            self.manager.delete(step)
-
-    def close(self) -> None:
-        self.manager.close()
+    def get_state(self) -> bytes:
+        return json.dumps(self.doc).encode()
 
 
-def _check_format(directory: str, meta: Mapping[str, Any] | None) -> dict[str, Any]:
+def _abstract(tree: Any) -> Any:
+    """ShapeDtypeStructs (with the arrays' shardings) of a pytree: a restore target."""
+    return jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
+        tree)
+
+
+# Lists steps without creating, cleaning or deleting anything (a reader beside a running writer).
+_READER = ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=False)
+
+
+def _latest_step(directory: str) -> int | None:
+    if not os.path.isdir(directory):
+        return None
+    with ocp.CheckpointManager(directory, options=_READER) as manager:
+        return manager.latest_step()
+
+
+def _read_state_json(directory: str, step: int) -> dict[str, Any]:
+    """The JSON part of training-state checkpoint ``step`` (format-checked). Every process
+    wrote the same document; any one is read, so a rerun may use another process count."""
+    files = sorted(Path(directory, str(step), DATA_ITER).glob("process_*.json"))
+    try:
+        meta = json.loads(files[0].read_text()) if files else None
+    except (OSError, ValueError) as e:
+        raise CheckpointMismatchError(f"{files[0]}: unreadable training state ({e})") from e
     if not isinstance(meta, Mapping) or meta.get("format") != STATE_FORMAT:
         found = meta.get("format") if isinstance(meta, Mapping) else None
-        hint = (" (epoch-level, written before mid-epoch resuming); finish that run with the "
-                "version that wrote it, or start over with fresh_start=True"
-                if found == 1 else "")
         raise CheckpointMismatchError(
-            f"{directory}: not a training-state checkpoint of format {STATE_FORMAT} "
-            f"(found {found!r}){hint}")
+            f"{directory}: not a training-state checkpoint of format {STATE_FORMAT} (found "
+            f"{found!r}); finish that run with the version that wrote it, or start over with "
+            "fresh_start=True")
     return dict(meta)
 
 
 def read_training_state(directory: str | os.PathLike) -> dict[str, Any] | None:
-    """The JSON part (``{"format", "loop", "identity"}``) of the newest training-state checkpoint
-    in ``directory``, or None when there is none. Reads only; creates nothing."""
+    """The JSON part (``{"format", "loop", "identity", "best_in_state"}``) of the newest
+    training-state checkpoint in ``directory``, or None when there is none. Reads only."""
     directory = os.path.abspath(os.fspath(directory))
-    if not os.path.isdir(directory):
-        return None
-    with ocp.CheckpointManager(directory, options=_READER,
-                               item_names=_STATE_ITEMS) as manager:
-        step = manager.latest_step()
-        if step is None:
-            return None
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    return _check_format(directory, meta["meta"])
+    step = _latest_step(directory)
+    return None if step is None else _read_state_json(directory, step)
 
 
-def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, Params, nnx.State]:
-    """``(graphdef, params as a pure dict, other state)`` of a module."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    return graphdef, nnx.to_pure_dict(params), rest
+def restore_best(directory: str | os.PathLike, params_like: Params) -> Params:
+    """Loads the best parameters saved in ``directory`` into the structure of ``params_like``."""
+    directory = os.path.abspath(os.fspath(directory))
+    step = _latest_step(directory)
+    if step is None:
+        raise FileNotFoundError(f"{directory}: no checkpoint to restore")
+    with Checkpointer(directory, async_save=False) as best:
+        return best.restore(step, _abstract(params_like))
 
 
-def load_params(model: nnx.Module, params: Params) -> None:
-    """Writes pure-dict ``params`` into ``model``'s parameters (in place)."""
-    state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(state, params)
-    nnx.update(model, state)
+def _delete_steps(directory: str) -> None:
+    """Removes every checkpoint step folder (named by its step) of ``directory``, nothing
+    else: the primary process deletes, every process returns once it has (a barrier)."""
+    if jax.process_index() == 0 and os.path.isdir(directory):
+        for name in os.listdir(directory):
+            if name.isdigit():
+                shutil.rmtree(os.path.join(directory, name))
+    any_process(False)
 
 
-def _stop_reason(loop: LoopState, options: FitOptions) -> str | None:
-    """Why training ends before epoch ``loop.next_epoch`` (None: it continues)."""
-    last = loop.next_epoch - 1
-    if options.patience is not None and last >= 0 and last - loop.best_epoch >= options.patience:
-        return f"no validation improvement for {options.patience} epochs"
-    if loop.schedule.lr <= options.stop_lr:
-        return f"learning rate {loop.schedule.lr:.2e} <= {options.stop_lr:.0e}"
-    if loop.next_epoch >= options.max_epochs:
-        return f"max_epochs ({options.max_epochs})"
-    return None
+class _Checkpoints:
+    """Where :func:`fit` keeps the best parameters (in memory and, with ``checkpoint_dir``, on
+    disk, one step named by the epoch) and the loop state (with ``state_dir``).
 
-
-def _restore_best_params(store: TrainingStateCheckpoint, best: BestCheckpoint, step: int,
-                         meta: Mapping[str, Any], loop: LoopState, params_like: Params
-                         ) -> Params | None:
-    """The best-epoch parameters of the state saved at ``step`` (None: no best epoch yet).
-
-    The state carries them while the best checkpoint may lag (see :func:`fit`); they are then
-    written there now, so the two agree again.
+    The best parameters are written to ``checkpoint_dir`` right after the state that carries
+    them (``best_pending``), so an interruption between the two writes loses nothing.
     """
-    if loop.best_epoch < 0:
-        best.clear()
-        return None
-    if meta.get("best_in_state"):
-        params = store.restore_best(step, params_like)
-        if loop.best_epoch not in best.steps():
-            best.save(loop.best_epoch, params, {best.monitor: loop.best_metric})
-        return params
-    if loop.best_epoch in best.steps():
-        return best.restore(params_like, step=loop.best_epoch)
-    raise FileNotFoundError(f"{best.directory}: the best checkpoint (epoch {loop.best_epoch}) "
-                            "recorded by the training state is missing")
+
+    def __init__(self, checkpoint_dir: str | os.PathLike | None,
+                 state_dir: str | os.PathLike | None, identity: dict[str, Any]):
+        self.identity = identity
+        self.best_dir = os.path.abspath(checkpoint_dir) if checkpoint_dir else None
+        self.state_dir = os.path.abspath(state_dir) if state_dir is not None else None
+        self.best_params: Params | None = None
+        self.best_pending = False  # best_params not yet in best_dir
+        self.last_save = time.monotonic()
+        self.best = self.state = None
+
+    def open(self, fresh_start: bool, log: Callable[[str], None]) -> None:
+        if fresh_start and self.state_dir is not None:
+            log(f"fresh start: deleting the checkpoints in {self.state_dir} and {self.best_dir}")
+            _delete_steps(self.state_dir)
+            _delete_steps(self.best_dir)
+        if self.best_dir:
+            self.best = Checkpointer(self.best_dir, max_to_keep=1, async_save=False)
+        if self.state_dir is not None:
+            self.state = Checkpointer(self.state_dir, max_to_keep=1, async_save=False)
+
+    def close(self) -> None:
+        for ckpt in (self.best, self.state):
+            if ckpt is not None:
+                ckpt.close()
+
+    def new_best(self, epoch: int, params: Params) -> None:
+        """Epoch ``epoch`` improved: its parameters are kept (saved now without a state dir)."""
+        self.best_params = jax.tree.map(jnp.copy, params)
+        self.best_pending = True
+        if self.state is None and self.best is not None:
+            self._write_best(epoch)
+
+    def _write_best(self, epoch: int) -> None:
+        self.best.save(epoch, self.best_params)
+        self.best_pending = False
+
+    def save_due(self, every_s: float) -> bool:
+        return time.monotonic() - self.last_save >= every_s
+
+    def save(self, params: Params, opt_state: Any, loop: LoopState) -> None:
+        """The loop state (with the best parameters while pending), then the best parameters."""
+        meta = {"format": STATE_FORMAT, "loop": loop.to_json(), "identity": self.identity,
+                "best_in_state": self.best_pending}
+        state = {"params": params, "opt_state": opt_state}
+        if self.best_pending:
+            state["best"] = self.best_params
+        step = self.state.latest_step()
+        self.state.save(0 if step is None else step + 1, state, _Json(meta))
+        if self.best_pending:
+            self._write_best(loop.best_epoch)
+        self.last_save = time.monotonic()
+
+    def resume(self, params: Params, opt_state: Any) -> tuple[Params, Any, LoopState] | None:
+        """``(params, opt_state, loop)`` of the newest state checkpoint, which must belong to
+        this run (None: there is none); sets the best parameters and repairs a best checkpoint
+        that lags behind the state."""
+        step = self.state.latest_step()
+        best_steps = self.best.all_steps()
+        if step is None:
+            if best_steps:
+                raise FileExistsError(
+                    f"{self.best_dir}: holds best-parameter checkpoints (epochs {best_steps}) but "
+                    f"{self.state_dir} has no training state to resume; use another workdir or "
+                    "fresh_start=True")
+            return None
+        meta = _read_state_json(self.state_dir, step)
+        check_identity(self.state_dir, meta["identity"], self.identity)
+        loop = LoopState.from_json(meta["loop"])
+        target = {"params": params, "opt_state": opt_state}
+        if meta["best_in_state"]:
+            target["best"] = params
+        restored = self.state.restore(step, _abstract(target))
+        if loop.best_epoch < 0:
+            self.best.close()  # reopened empty: orbax must not remember the deleted steps
+            _delete_steps(self.best_dir)
+            self.best = Checkpointer(self.best_dir, max_to_keep=1, async_save=False)
+        elif meta["best_in_state"]:
+            self.best_params = restored["best"]
+            if loop.best_epoch not in best_steps:
+                self._write_best(loop.best_epoch)
+        elif loop.best_epoch in best_steps:
+            self.best_params = self.best.restore(loop.best_epoch, _abstract(params))
+        else:
+            raise FileNotFoundError(f"{self.best_dir}: the best checkpoint (epoch "
+                                    f"{loop.best_epoch}) recorded by the training state is "
+                                    "missing")
+        return restored["params"], restored["opt_state"], loop
 
 
-def _resume(store: TrainingStateCheckpoint, best: BestCheckpoint, identity: Mapping[str, Any],
-            params: Params, opt_state: Any, monitor: str, log: Callable[[str], None]
-            ) -> tuple[Params, Any, LoopState, Params | None] | None:
-    """``(params, opt_state, loop, best_params)`` of the newest checkpoint in ``store`` (None:
-    there is none). A finished run's params and optimiser state are not read."""
-    latest = store.latest_step()
-    if latest is None:
-        if best.steps():
-            raise FileExistsError(
-                f"{best.directory}: holds best-parameter checkpoints (epochs {best.steps()}) but "
-                f"{store.directory} has no training state to resume; use another workdir or "
-                "fresh_start=True")
-        return None
-    meta = store.read_meta(latest)
-    check_identity(store.directory, meta["identity"], identity)
-    loop = LoopState.from_json(meta["loop"])
-    best_params = _restore_best_params(store, best, latest, meta, loop, params)
-    if loop.stop_reason is None:
-        params, opt_state = store.restore(latest, params, opt_state)
-        log(f"resuming from {store.directory}: epoch {loop.next_epoch}, batch "
-            f"{loop.next_batch} (lr {loop.schedule.lr:.2e}, best val_{monitor} "
-            f"{loop.best_metric:.4f} at epoch {loop.best_epoch})")
-    else:
-        log(f"{store.directory}: this run already finished ({loop.stop_reason}); not training")
-    return params, opt_state, loop, best_params
+# ----------------------------------------------------------------------------- the loop
 
 
 def fit(
@@ -568,7 +526,7 @@ def fit(
     *,
     run_epoch: Callable[[Params, Any, float, int, int], Iterator[tuple[Params, Any, jax.Array]]],
     steps_per_epoch: int,
-    evaluate: Callable[[Params, Callable[[], bool]], Mapping[str, float] | None],
+    validate: Callable[[Params, Callable[[], bool]], Mapping[str, float] | None],
     init_opt_state: Callable[[Params], Any],
     options: FitOptions,
     checkpoint_dir: str | os.PathLike | None = None,
@@ -590,10 +548,10 @@ def fit(
         Batch ``b`` of epoch ``e`` and its randomness must derive from ``(options.seed, e, b)``
         only, so that a resumed epoch sees the same batches.
       steps_per_epoch: the number of batches of an epoch.
-      evaluate: ``(params, stop) -> validation metrics`` (containing ``options.monitor``), or
+      validate: ``(params, stop) -> validation metrics`` (containing ``options.monitor``), or
         None when it gave up because ``stop()`` became true (SIGTERM); ``stop`` may be ignored.
       init_opt_state: ``params -> optimiser state`` (e.g. ``tx.init``, or a sharded jitted init).
-      checkpoint_dir: where the best parameters are saved (orbax); None keeps them in memory only.
+      checkpoint_dir: where the best parameters are saved; None keeps them in memory only.
       state_dir: where the whole training state is saved (needs ``checkpoint_dir``). If it holds
         a checkpoint of this run, training continues from its position (a finished run returns
         its saved result without training); a checkpoint of another run (options, parameter
@@ -610,119 +568,122 @@ def fit(
         raise ValueError("state_dir needs checkpoint_dir (the best parameters are kept there)")
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
-    identity = run_identity(options, params, run_id)
+    ckpts = _Checkpoints(checkpoint_dir, state_dir, run_identity(options, params, run_id))
     opt_state = init_opt_state(params)
     loop = LoopState(schedule=Plateau(lr=options.learning_rate))
-    best_params = None
     resumed_at = None
-    best = BestCheckpoint(checkpoint_dir, options.monitor) if checkpoint_dir else None
-    store = TrainingStateCheckpoint(state_dir) if state_dir is not None else None
-    best_unsaved, last_save = False, time.monotonic()
-
-    def save(params: Params, opt_state: Any, loop: LoopState) -> None:
-        """The loop state, then the best parameters if they changed since the last save (the
-        state carries them until then)."""
-        nonlocal best_unsaved, last_save
-        assert store is not None and best is not None
-        store.save(params, opt_state, loop, identity, best_params if best_unsaved else None)
-        if best_unsaved:
-            best.save(loop.best_epoch, best_params, {options.monitor: loop.best_metric})
-        best_unsaved, last_save = False, time.monotonic()
-
-    def preempted(loop: LoopState) -> Preempted:
-        assert store is not None
-        error = Preempted(store.directory, loop.next_epoch, loop.next_batch, steps_per_epoch)
-        log(str(error))
-        return error
-
     try:
-        if store is not None and best is not None:
-            if fresh_start:
-                log(f"fresh start: deleting the checkpoints in {store.directory} and "
-                    f"{best.directory}")
-                store.clear()
-                best.clear()
-            resumed = _resume(store, best, identity, params, opt_state, options.monitor, log)
-            if resumed is not None:
-                params, opt_state, loop, best_params = resumed
-                resumed_at = (loop.next_epoch, loop.next_batch)
-        if resumed_at is None:
-            loop = dataclasses.replace(loop, stop_reason=_stop_reason(loop, options))
-        finished_before = loop.stop_reason is not None and resumed_at is not None
+        ckpts.open(fresh_start, log)
+        resumed = ckpts.resume(params, opt_state) if ckpts.state is not None else None
+        if resumed is None:
+            loop = dataclasses.replace(loop, stop_reason=loop.stop_reason_for(options))
+        else:
+            params, opt_state, loop = resumed
+            resumed_at = (loop.next_epoch, loop.next_batch)
+            if loop.stop_reason is not None:
+                log(f"{ckpts.state_dir}: this run already finished ({loop.stop_reason}); "
+                    "not training")
+            else:
+                log(f"resuming from {ckpts.state_dir}: epoch {loop.next_epoch}, batch "
+                    f"{loop.next_batch} (lr {loop.schedule.lr:.2e}, best val_"
+                    f"{options.monitor} {loop.best_metric:.4f} at epoch {loop.best_epoch})")
+        finished_before = resumed is not None and loop.stop_reason is not None
         with SigtermFlag("SIGTERM received: saving after the current training step",
-                         enabled=store is not None) as sigterm:
+                         enabled=ckpts.state is not None) as sigterm:
             while loop.stop_reason is None:
-                epoch, lr = loop.next_epoch, loop.schedule.lr
                 t0 = time.perf_counter()
-                losses: list[jax.Array] = []  # of batches not yet added to loop.loss_sum
-                done = loop.next_batch
-                with contextlib.closing(run_epoch(params, opt_state, lr, epoch, done)) as steps:
-                    for params, opt_state, step_losses in steps:
-                        losses.append(step_losses)
-                        done += len(step_losses)
-                        if done >= steps_per_epoch or store is None:
-                            continue
-                        stop, due = any_process(
-                            sigterm.requested, 0 < save_every_s <= time.monotonic() - last_save)
-                        if stop or due:
-                            loop = loop.add_losses(losses)
-                            losses = []
-                            save(params, opt_state, loop)
-                            if stop:
-                                raise preempted(loop)
-                loop = loop.add_losses(losses)
-                if loop.next_batch != steps_per_epoch:
-                    raise RuntimeError(f"run_epoch trained {loop.next_batch} batches of epoch "
-                                       f"{epoch}, expected {steps_per_epoch}")
-                train_loss = loop.loss_sum / steps_per_epoch
-                if not math.isfinite(train_loss):
-                    raise FloatingPointError(f"epoch {epoch}: training loss is {train_loss}")
-                val = evaluate(params, lambda: any_process(sigterm.requested)[0])
-                if val is None:
-                    if not any_process(sigterm.requested)[0]:
-                        raise RuntimeError("evaluate returned None without a stop request")
-                    save(params, opt_state, loop)  # trained, not validated: a rerun validates
-                    raise preempted(loop)
-                val = dict(val)
-                if options.monitor not in val:
-                    raise KeyError(f"validation metrics lack {options.monitor!r}: {sorted(val)}")
-                score = float(val[options.monitor])
-                record = {"epoch": epoch, "lr": lr, "train_loss": train_loss,
-                          **{f"val_{k}": float(v) for k, v in val.items()},
-                          "seconds": time.perf_counter() - t0}
-                improved = math.isfinite(score) and score > loop.best_metric
-                log(f"epoch {epoch:4d}  lr {lr:.2e}  train_loss {train_loss:.4f}  "
-                    f"val_{options.monitor} {score:.4f}{'  *' if improved else ''}")
-                loop = dataclasses.replace(
-                    loop, next_epoch=epoch + 1, next_batch=0, loss_sum=0.0,
-                    history=(*loop.history, record),
-                    schedule=plateau_step(loop.schedule, train_loss,
-                                          factor=options.plateau_factor,
-                                          patience=options.plateau_patience,
-                                          min_lr=options.min_lr),
-                    **({"best_metric": score, "best_epoch": epoch} if improved else {}))
-                loop = dataclasses.replace(loop, stop_reason=_stop_reason(loop, options))
-                if improved:
-                    best_params = jax.tree.map(jnp.copy, params)
-                    best_unsaved = True
-                stop, due = any_process(sigterm.requested,
-                                        time.monotonic() - last_save >= save_every_s)
-                if store is None:
-                    if improved and best is not None:
-                        best.save(epoch, params, {options.monitor: score})
-                elif loop.stop_reason is not None or stop or due:
-                    save(params, opt_state, loop)
-                if stop and loop.stop_reason is None and store is not None:
-                    raise preempted(loop)
+                params, opt_state, loop = _train_epoch(
+                    params, opt_state, loop, run_epoch, steps_per_epoch, ckpts, sigterm,
+                    save_every_s, log)
+                params, opt_state, loop = _end_epoch(
+                    params, opt_state, loop, validate, options, ckpts, sigterm, save_every_s,
+                    steps_per_epoch, t0, log)
     finally:
-        for manager in (best, store):
-            if manager is not None:
-                manager.close()
-    if best_params is None:
+        ckpts.close()
+    if ckpts.best_params is None:
         raise RuntimeError(f"no epoch produced a finite validation {options.monitor}; "
                            "is a class missing from the validation split?")
     log(f"stopped: {loop.stop_reason}; best epoch {loop.best_epoch} "
         f"(val_{options.monitor} {loop.best_metric:.4f})")
-    return FitResult(best_params, loop.best_epoch, loop.best_metric, list(loop.history),
+    return FitResult(ckpts.best_params, loop.best_epoch, loop.best_metric, list(loop.history),
                      str(loop.stop_reason), resumed_at, finished_before)
 
+
+def _preempted(ckpts: _Checkpoints, loop: LoopState, steps_per_epoch: int,
+               log: Callable[[str], None]) -> Preempted:
+    error = Preempted(ckpts.state_dir, loop.next_epoch, loop.next_batch, steps_per_epoch)
+    log(str(error))
+    return error
+
+
+def _train_epoch(params, opt_state, loop: LoopState, run_epoch, steps_per_epoch: int,
+                 ckpts: _Checkpoints, sigterm: SigtermFlag, save_every_s: float,
+                 log: Callable[[str], None]) -> tuple[Params, Any, LoopState]:
+    """Trains the rest of epoch ``loop.next_epoch``, saving (and stopping on SIGTERM) between
+    units of work; returns the state with every batch's loss added to ``loop``."""
+    losses: list[jax.Array] = []  # of batches not yet added to loop.loss_sum
+    done = loop.next_batch
+    steps = run_epoch(params, opt_state, loop.schedule.lr, loop.next_epoch, done)
+    try:
+        for params, opt_state, step_losses in steps:
+            losses.append(step_losses)
+            done += len(step_losses)
+            if done >= steps_per_epoch or ckpts.state is None:
+                continue
+            stop, due = any_process(sigterm.requested, save_every_s > 0 and
+                                    ckpts.save_due(save_every_s))
+            if stop or due:
+                loop, losses = loop.add_losses(losses), []
+                ckpts.save(params, opt_state, loop)
+                if stop:
+                    raise _preempted(ckpts, loop, steps_per_epoch, log)
+    finally:
+        steps.close()
+    loop = loop.add_losses(losses)
+    if loop.next_batch != steps_per_epoch:
+        raise RuntimeError(f"run_epoch trained {loop.next_batch} batches of epoch "
+                           f"{loop.next_epoch}, expected {steps_per_epoch}")
+    return params, opt_state, loop
+
+
+def _end_epoch(params, opt_state, loop: LoopState, validate, options: FitOptions,
+               ckpts: _Checkpoints, sigterm: SigtermFlag, save_every_s: float,
+               steps_per_epoch: int, t0: float, log: Callable[[str], None]
+               ) -> tuple[Params, Any, LoopState]:
+    """Validates the trained epoch (started at ``t0``), steps the schedule, keeps the best
+    and saves when due."""
+    epoch, lr = loop.next_epoch, loop.schedule.lr
+    train_loss = loop.loss_sum / steps_per_epoch
+    if not math.isfinite(train_loss):
+        raise FloatingPointError(f"epoch {epoch}: training loss is {train_loss}")
+    val = validate(params, lambda: any_process(sigterm.requested)[0])
+    if val is None:
+        if not any_process(sigterm.requested)[0]:
+            raise RuntimeError("validate returned None without a stop request")
+        ckpts.save(params, opt_state, loop)  # trained, not validated: a rerun validates
+        raise _preempted(ckpts, loop, steps_per_epoch, log)
+    if options.monitor not in val:
+        raise KeyError(f"validation metrics lack {options.monitor!r}: {sorted(val)}")
+    score = float(val[options.monitor])
+    record = {"epoch": epoch, "lr": lr, "train_loss": train_loss,
+              **{f"val_{k}": float(v) for k, v in val.items()},
+              "seconds": time.perf_counter() - t0}
+    improved = math.isfinite(score) and score > loop.best_metric
+    log(f"epoch {epoch:4d}  lr {lr:.2e}  train_loss {train_loss:.4f}  "
+        f"val_{options.monitor} {score:.4f}{'  *' if improved else ''}")
+    schedule = plateau_step(loop.schedule, train_loss, factor=options.plateau_factor,
+                            patience=options.plateau_patience, min_lr=options.min_lr)
+    loop = dataclasses.replace(
+        loop, next_epoch=epoch + 1, next_batch=0, loss_sum=0.0, schedule=schedule,
+        history=(*loop.history, record),
+        **({"best_metric": score, "best_epoch": epoch} if improved else {}))
+    loop = dataclasses.replace(loop, stop_reason=loop.stop_reason_for(options))
+    if improved:
+        ckpts.new_best(epoch, params)
+    if ckpts.state is not None:
+        stop, due = any_process(sigterm.requested, ckpts.save_due(save_every_s))
+        if loop.stop_reason is not None or stop or due:
+            ckpts.save(params, opt_state, loop)
+        if stop and loop.stop_reason is None:
+            raise _preempted(ckpts, loop, steps_per_epoch, log)
+    return params, opt_state, loop

@@ -20,6 +20,7 @@ from .layers import (
     patchify,
     sincos_table,
     unpatchify,
+    video_to_float,
 )
 from .marlin import (
     LAYERS_KEY,
@@ -41,4 +42,5 @@ __all__ = [
     "config_from_mapping", "config_from_yaml", "get_config", "is_stacked", "model_names", "patchify",
     "register_model", "register_model_from_config", "register_model_from_yaml", "remat_policy_fn",
     "sincos_table", "split_by_mask", "stack_layers", "unpatchify", "unstack_layers",
+    "video_to_float",
 ]

@@ -69,6 +69,14 @@ def sincos_table(num_positions: int, dim: int) -> np.ndarray:
     return table
 
 
+def video_to_float(video: jax.Array) -> jax.Array:
+    """uint8 ``(B, T, H, W, C)`` (any integer type) -> float32 in [0, 1]; float input passes
+    through as float32. The one conversion of host-side clips for every model entry point."""
+    if jnp.issubdtype(video.dtype, jnp.integer):
+        return video.astype(jnp.float32) / 255.0
+    return video.astype(jnp.float32)
+
+
 def patchify(video: jax.Array, patch_size: int = 16, tubelet_size: int = 2) -> jax.Array:
     """``(B, T, H, W, C)`` -> ``(B, N, C*pt*ph*pw)`` with tokens in (t, h, w) order and each
     token's pixels in (c, pt, ph, pw) order (the order MARLIN's decoder predicts)."""

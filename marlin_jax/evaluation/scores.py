@@ -1,4 +1,4 @@
-"""Classification metrics as MARLIN reports them (accuracy, AUROC), in NumPy.
+"""Classification scores (metrics) as MARLIN reports them (accuracy, AUROC), in NumPy.
 
 The original evaluation (``evaluate.py`` + ``model/classifier.py`` of ControlNet/MARLIN) reports,
 for a multilabel task such as CelebV-HQ appearance (40 attributes) or action (35 actions):
@@ -22,27 +22,18 @@ from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import numpy as np
+from scipy import special
+from scipy.special import expit as sigmoid  # numerically stable logistic
 
-Task = Literal["binary", "multiclass", "multilabel"]
-TASKS: tuple[str, ...] = ("binary", "multiclass", "multilabel")
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    """Numerically stable logistic function (float64)."""
-    x = np.asarray(x, dtype=np.float64)
-    out = np.empty_like(x)
-    pos = x >= 0
-    out[pos] = 1.0 / (1.0 + np.exp(-x[pos]))
-    ex = np.exp(x[~pos])
-    out[~pos] = ex / (1.0 + ex)
-    return out
+# What a label holds (one 0/1 value, one class index, or several 0/1 values); named apart from
+# a dataset's task ("appearance", "action") and the trainer's model bundle.
+LabelKind = Literal["binary", "multiclass", "multilabel"]
+LABEL_KINDS: tuple[str, ...] = ("binary", "multiclass", "multilabel")
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Numerically stable softmax (float64)."""
-    x = np.asarray(x, dtype=np.float64)
-    z = np.exp(x - x.max(axis=axis, keepdims=True))
-    return z / z.sum(axis=axis, keepdims=True)
+    """Numerically stable softmax over ``axis`` (float64)."""
+    return special.softmax(np.asarray(x, dtype=np.float64), axis=axis)
 
 
 def binary_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -167,7 +158,7 @@ def multiclass_auroc(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(valid.mean())
 
 
-def classification_metrics(logits: np.ndarray, labels: np.ndarray, task: Task) -> dict[str, float]:
+def classification_metrics(logits: np.ndarray, labels: np.ndarray, task: LabelKind) -> dict[str, float]:
     """All metrics of a task from raw logits.
 
     Args:
@@ -205,7 +196,7 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, task: Task) -
         out["acc"] = multiclass_accuracy(logits, labels)
         out["auroc"] = _or_nan(multiclass_auroc, probs, labels)
     else:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        raise ValueError(f"task must be one of {LABEL_KINDS}, got {task!r}")
     return out
 
 
