@@ -163,8 +163,27 @@ def fasking_slice_masks(
     slices without a parsing map (all visible). Returns bool ``(S, H // p, W // p)``.
     """
     bits = patch_label_bits(maps, patch_size)
+    if empty is not None:
+        bits[np.asarray(empty, dtype=bool)] = 0  # no map: all visible
+    return fasking_from_patch_labels(bits, queue, keep_fraction)
+
+
+def fasking_from_patch_labels(
+    patch_labels: np.ndarray, queue: Sequence[int], keep_fraction: float
+) -> np.ndarray:
+    """:func:`fasking_slice_masks` from per-patch label bit sets (:func:`patch_label_bits`).
+
+    patch_labels: uint16 ``(S, gh, gw)``, one per tubelet slice; a slice whose bits are all zero
+    has no parsing map (no face) and is all visible (a LaPa map labels every pixel, so its bits
+    are never all zero). Returns bool ``(S, gh, gw)``. This is what the pipeline computes from:
+    a few hundred bytes per frame instead of a full-resolution map.
+    """
+    bits = np.asarray(patch_labels)
+    if bits.ndim != 3 or not np.issubdtype(bits.dtype, np.integer):
+        raise ValueError(f"patch_labels must be integer (S, gh, gw), got {bits.dtype} "
+                         f"{bits.shape}")
     s, gh, gw = bits.shape
-    bits = bits.reshape(s, gh * gw)
+    bits = bits.reshape(s, gh * gw).astype(np.uint16, copy=False)
     labels = label_order(queue)
     if labels.size == 0:
         raise ValueError("keep queue is empty")
@@ -175,8 +194,7 @@ def fasking_slice_masks(
     reached = frac >= np.float32(keep_fraction)
     stop = np.where(reached.any(1), reached.argmax(1), labels.size - 1)
     out = visible[np.arange(s), stop]
-    if empty is not None:
-        out[np.asarray(empty, dtype=bool)] = True
+    out[~bits.any(1)] = True  # no parsing map: the whole slice visible
     return out.reshape(s, gh, gw)
 
 
@@ -253,13 +271,16 @@ def make_mask(
     grid: tuple[int, int, int] = (8, 14, 14),
     patch_size: int = 16,
     tubelet_size: int = 2,
+    patch_labels: np.ndarray | None = None,
 ) -> np.ndarray:
     """One clip's token mask: bool ``(gt * gh * gw,)``, True = visible, (t, h, w) order.
 
-    Exactly ``int(N * (1 - mask_ratio))`` entries are True. ``parsing`` (fasking strategies only,
-    required there) holds the clip's LaPa maps: uint8 ``(T, H, W)`` for the T = gt * tubelet_size
-    sampled frames (slice t reads frame t * tubelet_size), or only the gt slice-first maps, or a
-    sequence of per-frame arrays where an empty array means "no face" (slice all visible).
+    Exactly ``int(N * (1 - mask_ratio))`` entries are True. The fasking strategies need one of:
+    ``parsing``, the clip's LaPa maps: uint8 ``(T, H, W)`` for the T = gt * tubelet_size sampled
+    frames (slice t reads frame t * tubelet_size), or only the gt slice-first maps, or a sequence
+    of per-frame arrays where an empty array means "no face" (slice all visible); or
+    ``patch_labels``, the same maps as per-patch label bit sets (:func:`patch_label_bits`), uint16
+    ``(gt, gh, gw)`` or ``(T, gh, gw)``, all-zero = no face: the same mask for the same ``rng``.
     Deterministic given ``rng``; see the module docstring for the exact semantics.
     """
     if strategy not in STRATEGIES:
@@ -275,14 +296,25 @@ def make_mask(
     target = num_visible(ratio, gt * per_slice)
 
     if strategy in ("fasking", "fasking_opp"):
-        if parsing is None:
+        if patch_labels is not None:
+            bits = np.asarray(patch_labels)
+            if bits.ndim != 3 or bits.shape[1:] != (gh, gw) or len(bits) not in (
+                    gt, gt * tubelet_size):
+                raise ValueError(
+                    f"patch_labels must be ({gt}, {gh}, {gw}) or ({gt * tubelet_size}, {gh}, "
+                    f"{gw}) for grid {grid}, tubelet_size {tubelet_size}; got {bits.shape}")
+            bits = bits[::tubelet_size] if len(bits) != gt else bits
+            queue = keep_queue(strategy, rng)
+            mask = fasking_from_patch_labels(bits, queue, keep).reshape(-1)
+        elif parsing is None:
             raise ValueError(
                 f"strategy {strategy!r} needs the clip's face-parsing maps (parsing=None given); "
                 "use 'random' for clips without parsing maps"
             )
-        maps, empty = _slice_maps(parsing, (gt, gh, gw), patch_size, tubelet_size)
-        queue = keep_queue(strategy, rng)
-        mask = fasking_slice_masks(maps, queue, keep, patch_size, empty).reshape(-1)
+        else:
+            maps, empty = _slice_maps(parsing, (gt, gh, gw), patch_size, tubelet_size)
+            queue = keep_queue(strategy, rng)
+            mask = fasking_slice_masks(maps, queue, keep, patch_size, empty).reshape(-1)
     elif strategy == "tube":
         tube = _drop_to(np.ones(per_slice, bool), math.ceil(per_slice * keep), rng, "tube")
         mask = np.tile(tube, gt)

@@ -36,7 +36,8 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from marlin_jax.evaluation.datasets import ERROR_MARKER_SUFFIX, VIDEO_EXTENSIONS  # noqa: E402
+from marlin_jax.data.videos import VIDEO_EXTENSIONS  # noqa: E402
+from marlin_jax.evaluation.datasets import ERROR_MARKER_SUFFIX  # noqa: E402
 
 SUMMARY_FILE = "extraction_summary.json"
 

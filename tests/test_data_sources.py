@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 
 from marlin_jax.data.records import (
     BadRecordError,
-    decode_parsing_png,
-    encode_parsing_png,
+    decode_jpeg,
     load_frame_parsing,
+    parsing_patch_labels,
     sample_frame_indices,
 )
 from marlin_jax.data.videos import VideoFileSource, read_video_frames
@@ -115,15 +115,6 @@ def test_sample_frame_indices_properties(n, clip, rate, seed):
 # --------------------------------------------------------------------------- record helpers
 
 
-def test_parsing_png_roundtrip_and_empty():
-    m = parsing_map(48)
-    np.testing.assert_array_equal(decode_parsing_png(encode_parsing_png(m), "x"), m)
-    assert encode_parsing_png(np.zeros((0, 48, 48), np.uint8)) == b""
-    assert decode_parsing_png(b"", "x").size == 0
-    with pytest.raises(BadRecordError, match="bogus"):
-        decode_parsing_png(b"not a png", "bogus")
-
-
 def test_load_frame_parsing_formats(tmp_path):
     m = parsing_map(32)
     np.save(tmp_path / "faces.npy", np.stack([m, 10 - m]).astype(np.int64))
@@ -187,38 +178,132 @@ import sys
 from marlin_jax.data.tfds_source import TfdsSource, build_youtube_faces_marlin
 build_youtube_faces_marlin(sys.argv[1], sys.argv[2])
 src = TfdsSource(sys.argv[2], "train")
-print(len(src), sorted(src[i].name for i in range(len(src))))
+print(len(src), [src[i].name for i in range(len(src))])
 assert "tensorflow" not in sys.modules, "TensorFlow was imported"
 """
 
 
-def test_tfds_build_and_read_without_tensorflow(ytf_root, tmp_path):
-    # an unreadable video is skipped at build time; everything else round-trips bit-exactly
+@pytest.fixture(scope="module")
+def tfds_build(tmp_path_factory):
+    """A YouTube-Faces tree with a missing video and a no-face frame, and its records, built in a
+    fresh interpreter (proves neither build nor read imports TensorFlow)."""
+    tmp = tmp_path_factory.mktemp("tfds")
+    ytf_root = write_ytf_tree(tmp / "ytf", {"Ann/0": 40, "Ann/1": 33, "Bob/2": 12})
     (ytf_root / "train_set.csv").write_text(
         (ytf_root / "train_set.csv").read_text() + "Ghost/0,60\n")
     np.save(ytf_root / "face_parsing_images_DB/Bob/2/0003.npy", np.zeros((0, 64, 64), np.int64))
-    data_dir = tmp_path / "tfds"
-    # a fresh interpreter proves neither build nor read imports TensorFlow
+    data_dir = tmp / "tfds"
     out = subprocess.run([sys.executable, "-c", _TFDS_SCRIPT, str(ytf_root), str(data_dir)],
-                         capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         capture_output=True, text=True, cwd=ROOT, timeout=300,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr[-3000:]
+    # the unreadable video is skipped at build time; the others keep the split's order
     assert "3 ['Ann/0', 'Ann/1', 'Bob/2']" in out.stdout
-    assert list(data_dir.glob("youtube_faces_marlin/1.0.0/*.array_record*"))
+    return ytf_root, data_dir
+
+
+def test_tfds_records_hold_the_frames_and_patch_coverage_of_the_layout(tfds_build):
+    from marlin_jax.data.tfds_source import TfdsSource
+
+    ytf_root, data_dir = tfds_build
+    assert list(data_dir.glob("youtube_faces_marlin/2.0.0/*.array_record*"))
+    tf_src = TfdsSource(str(data_dir), "train")
+    ytf_src = YtfSource(str(ytf_root), "train")
+    for i in range(3):
+        a, b = ytf_src[i], tf_src[i]
+        assert (a.name, a.num_frames) == (b.name, b.num_frames) and b.read_parsing is None
+        idx = [0, 3, a.num_frames - 1, 3]
+        np.testing.assert_array_equal(a.read_frames(idx), b.read_frames(idx))  # same bytes
+        want = parsing_patch_labels(a.read_parsing(idx), 224, 16)
+        assert want.shape == (4, 14, 14) and want.dtype == np.uint16
+        np.testing.assert_array_equal(b.read_patch_labels(idx, 224, 16), want)
+        np.testing.assert_array_equal(a.read_patch_labels(idx, 224, 16), want)
+    assert not tf_src[2].read_patch_labels([3], 224, 16).any()  # "no face" survives the build
+    with pytest.raises(ValueError, match="patch_size 8 at img_size 224: rebuild"):
+        tf_src[0].read_patch_labels([0], 224, 8)
+
+
+class CountingReader:
+    """Wraps the raw ArrayRecord reader and records which keys are read."""
+
+    def __init__(self, inner):
+        self.inner, self.keys = inner, []
+
+    def __getitem__(self, key):
+        self.keys.append(key)
+        return self.inner[key]
+
+
+def test_tfds_clip_reads_only_its_own_frames_once(tfds_build):
+    from marlin_jax.data.tfds_source import TfdsSource
+
+    src = TfdsSource(str(tfds_build[1]), "train")
+    counting = CountingReader(src._source.data_source)
+    src._source = type("Wrapped", (), {"data_source": counting})()
+    rec = src[1]  # Ann/1: its frames follow Ann/0's 40
+    assert counting.keys == []  # a record reads nothing until asked
+    rec.read_frames([2, 4, 6, 8])
+    rec.read_patch_labels([2, 6], 224, 16)  # the slice-first frames: already read
+    assert sorted(counting.keys) == [42, 44, 46, 48]
+
+
+def test_tfds_source_without_video_index_says_rebuild(tfds_build, tmp_path):
+    import shutil
 
     from marlin_jax.data.tfds_source import TfdsSource
 
-    tf_src, ytf_src = TfdsSource(str(data_dir), "train"), YtfSource(str(ytf_root), "train")
-    by_name = {tf_src[i].name: tf_src[i] for i in range(len(tf_src))}
-    for i in range(3):
-        a = ytf_src[i]
-        b = by_name[a.name]
-        assert a.num_frames == b.num_frames
-        idx = [0, 3, a.num_frames - 1]
-        np.testing.assert_array_equal(a.read_frames(idx), b.read_frames(idx))
-        for pa, pb in zip(a.read_parsing(idx), b.read_parsing(idx), strict=True):
-            np.testing.assert_array_equal(pa, pb)
-    assert by_name["Bob/2"].read_parsing([3])[0].size == 0  # "no face" survives the build
+    copy = tmp_path / "tfds"
+    shutil.copytree(tfds_build[1], copy)
+    (copy / "youtube_faces_marlin/2.0.0/metadata.json").unlink()
+    with pytest.raises(FileNotFoundError, match="metadata.json: no video index.*rebuild"):
+        TfdsSource(str(copy), "train")
+
+
+def test_tfds_and_ytf_pipelines_give_the_same_batches(tfds_build):
+    from marlin_jax.data import default_data_config, make_dataset
+
+    ytf_root, data_dir = tfds_build
+    # the layout without the video the build skipped, as a split of its own
+    rows = (ytf_root / "train_set.csv").read_text().splitlines()
+    (ytf_root / "built_set.csv").write_text("\n".join(r for r in rows if "Ghost" not in r))
+    batches = {}
+    for source in ("ytf", "tfds"):
+        c = default_data_config()
+        c.source, c.root_dir, c.tfds_data_dir = source, str(ytf_root), str(data_dir)
+        c.clip_frames, c.temporal_sample_rate, c.num_threads, c.prefetch = 8, 1, 1, 1
+        given = YtfSource(str(ytf_root), "built") if source == "ytf" else None
+        it = iter(make_dataset(c, split="train", global_batch_size=3, seed=4, source=given))
+        batches[source] = [next(it) for _ in range(2)]
+    for a, b in zip(batches["ytf"], batches["tfds"], strict=True):
+        np.testing.assert_array_equal(a["video"], b["video"])
+        np.testing.assert_array_equal(a["mask"], b["mask"])
+
+
+def test_ytf_source_reads_each_parsing_map_once(ytf_root):
+    src = YtfSource(str(ytf_root), "train")
+    first = src[0].read_patch_labels([3, 5, 3], 224, 16)
+    np.testing.assert_array_equal(first[0], first[2])
+    np.testing.assert_array_equal(
+        first, parsing_patch_labels([parsing_map(64, f) for f in (3, 5, 3)], 224, 16))
+    os.remove(ytf_root / "face_parsing_images_DB/Ann/0/0003.npy")  # cached: not read again
+    np.testing.assert_array_equal(src[0].read_patch_labels([5, 3], 224, 16), first[[1, 0]])
+    with pytest.raises(BadRecordError, match="Ann/0/0004.npy"):
+        os.remove(ytf_root / "face_parsing_images_DB/Ann/0/0004.npy")
+        src[0].read_patch_labels([4], 224, 16)
+
+
+def test_decode_jpeg_matches_opencv_and_falls_back_for_other_formats(ytf_root):
+    # simplejpeg and OpenCV both decode with libjpeg-turbo's default IDCT and upsampling: the same
+    # pixels here; other decoder builds may differ by a level or two, hence the tolerance
+    path = ytf_root / "crop_images_DB/Ann/0/0007.jpg"
+    got = decode_jpeg(path.read_bytes(), str(path))
+    want = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    assert got.shape == want.shape and got.dtype == np.uint8
+    assert np.abs(got.astype(int) - want).max() <= 2
+    ok, png = cv2.imencode(".png", cv2.cvtColor(want, cv2.COLOR_RGB2BGR))
+    np.testing.assert_array_equal(decode_jpeg(png.tobytes(), "x.png"), want)  # via OpenCV
+    with pytest.raises(BadRecordError, match="bad.jpg: not a decodable image"):
+        decode_jpeg(b"\xff\xd8\xff\xe0 truncated", "bad.jpg")
 
 
 def test_tfds_source_missing_build_is_a_clear_error(tmp_path):
@@ -260,6 +345,17 @@ def test_video_file_source(tmp_path):
     assert [VideoFileSource(str(root), "val")[0].name] == ["b.mp4"]
     with pytest.raises(FileNotFoundError, match="test.txt"):
         VideoFileSource(str(root), "test")
+
+
+def test_video_file_source_reads_its_parsing_maps_once_as_patch_coverage(tmp_path):
+    root = _write_videos(tmp_path / "vids", {"a": 20})
+    rec = VideoFileSource(str(root), "train")[0]
+    idx = [7, 2, 2, 19]
+    want = parsing_patch_labels(rec.read_parsing(idx), 64, 16)
+    np.testing.assert_array_equal(rec.read_patch_labels(idx, 64, 16), want)
+    for npy in root.rglob("*.npy"):
+        npy.unlink()  # cached for the whole video: not read again
+    np.testing.assert_array_equal(rec.read_patch_labels(idx[::-1], 64, 16), want[::-1])
 
 
 def test_video_file_source_bad_files_name_the_file(tmp_path):
@@ -394,3 +490,27 @@ def test_ytf_source_reads_the_synthetic_ytf_layout(tmp_path):
     # JPEG is lossy: frames in temporal order match the render closely
     err = np.abs(rec.read_frames(range(12)).astype(int) - want["frames"]).mean()
     assert err < 8
+
+
+@pytest.mark.parametrize("strategy", ["fasking", "fasking_opp"])
+def test_masks_from_stored_patch_coverage_equal_masks_from_the_maps(tmp_path, strategy):
+    """On the synthetic YouTube-Faces writer's data: the mask from the full parsing maps (what the
+    original computes), from the ytf source's cached coverage and from the records' stored
+    coverage are the same for the same seed."""
+    from marlin_jax.data.synthetic import write_ytf_layout
+    from marlin_jax.data.tfds_source import TfdsSource, build_youtube_faces_marlin
+    from marlin_jax.masking import make_mask
+
+    root = write_ytf_layout(tmp_path / "ytf", 2, num_frames=16, size=224, val_fraction=0.0)
+    build_youtube_faces_marlin(str(root), str(tmp_path / "tfds"))
+    ytf, rec = YtfSource(str(root), "train"), TfdsSource(str(tmp_path / "tfds"), "train")
+    for video in range(2):
+        a, b = ytf[video], rec[video]
+        for seed in range(4):
+            idx = np.random.default_rng(seed).permutation(16)  # any 16 frames, any order
+            maps = a.read_parsing(idx)
+            want = make_mask(strategy, 0.9, np.random.default_rng(seed), parsing=maps)
+            for record in (a, b):
+                bits = record.read_patch_labels(idx, 224, 16)
+                got = make_mask(strategy, 0.9, np.random.default_rng(seed), patch_labels=bits)
+                np.testing.assert_array_equal(got, want)

@@ -14,6 +14,7 @@ from marlin_jax.masking import (
     SEG_GROUPS,
     SKIN_GROUP,
     STRATEGIES,
+    fasking_from_patch_labels,
     fasking_slice_masks,
     keep_queue,
     label_order,
@@ -180,6 +181,59 @@ def test_matches_original_on_synthetic_faces(strategy: str) -> None:
                                  16, 2)  # fmt: skip
         got = make_mask(strategy, ratio, np.random.default_rng(index), parsing=maps)
         np.testing.assert_array_equal(got, expected)
+
+
+def patch_labels_of(files: list[np.ndarray], patch: int) -> np.ndarray:
+    """Per-frame original npy files ((1, H, W) or (0, H, W) = no face) -> uint16 bit sets."""
+    h, w = files[0].shape[1:]
+    return np.stack([patch_label_bits(f[:1], patch)[0] if f.shape[0] else
+                     np.zeros((h // patch, w // patch), np.uint16) for f in files])
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("mask_ratio", [0.9, 0.5])
+def test_patch_labels_give_the_masks_of_the_full_maps(strategy: str, mask_ratio: float) -> None:
+    """Fasking from per-patch label bits (what the records store) = fasking from the maps = the
+    original, for the same seed; with empty slices and labels outside 0..10 too."""
+    grid, patch, tubelet = (4, 6, 5), 8, 2
+    for seed in range(8):
+        data_rng = np.random.default_rng(2000 + seed)
+        maps = blob_maps(data_rng, grid[0] * tubelet, grid[1] * patch, grid[2] * patch,
+                         block=int(data_rng.integers(3, 14)), bg=float(data_rng.uniform(0, 0.8)))
+        files = [m[None].astype(np.int64) for m in maps]
+        if seed % 3 == 2:
+            files[2 * (seed % grid[0])] = np.zeros((0, *maps.shape[1:]), np.int64)
+        if seed == 7:
+            files[0][0, :3, :3] = 200  # out-of-range labels: in a patch, in no group
+        expected = original_mask(strategy, mask_ratio, np.random.default_rng(seed), files, grid,
+                                 patch, tubelet)
+        bits = patch_labels_of(files, patch)
+        for form in (bits, bits[::tubelet]):  # every frame, or the slice-first frames only
+            got = make_mask(strategy, mask_ratio, np.random.default_rng(seed), patch_labels=form,
+                            grid=grid, patch_size=patch, tubelet_size=tubelet)
+            np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("strategy", FACE_STRATEGIES)
+def test_patch_labels_of_synthetic_faces_at_full_size(strategy: str) -> None:
+    from marlin_jax.data.synthetic import render_video
+
+    for index, ratio in ((3, 0.9), (4, 0.75)):
+        maps = render_video(index, num_frames=16, size=224)["parsing"]
+        expected = make_mask(strategy, ratio, np.random.default_rng(index), parsing=maps)
+        got = make_mask(strategy, ratio, np.random.default_rng(index),
+                        patch_labels=patch_label_bits(maps[::2], 16))
+        np.testing.assert_array_equal(got, expected)
+        queue = keep_queue(strategy, np.random.default_rng(0))
+        np.testing.assert_array_equal(
+            fasking_from_patch_labels(patch_label_bits(maps[::2]), queue, 1 - ratio),
+            fasking_slice_masks(maps[::2], queue, 1 - ratio))
+
+
+def test_patch_labels_bad_shape_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match=r"patch_labels must be \(8, 14, 14\)"):
+        make_mask("fasking", 0.9, np.random.default_rng(0),
+                  patch_labels=np.zeros((8, 7, 7), np.uint16))
 
 
 def test_exhausted_queue_raises_like_the_original() -> None:

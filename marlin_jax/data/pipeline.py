@@ -39,8 +39,8 @@ from marlin_jax.data.records import (
     BadRecordError,
     VideoRecord,
     VideoSource,
+    parsing_patch_labels,
     resize_frames,
-    resize_parsing,
     sample_frame_indices,
 )
 from marlin_jax.masking import STRATEGIES, make_mask
@@ -209,22 +209,29 @@ class LoadClip:
             raise BadRecordError(f"{record.name}: frames must be uint8 (T, H, W, 3), got "
                                  f"{video.dtype} {video.shape}")
         video = resize_frames(video, self.img_size)
-        parsing = None
+        bits = None
         if self.strategy in ("fasking", "fasking_opp"):
-            # one map per tubelet slice: the slice's first frame, as the original
+            # one map per tubelet slice: the slice's first frame, as the original; fasking needs
+            # only its patch coverage (all zero = no face: the slice stays visible)
             slice_idx = idx[:: self.tubelet_size]
-            if record.read_parsing is None:
-                issues.append((NO_PARSING, f"{record.name}: no parsing maps; random mask"))
-                parsing = [np.zeros((0,), np.uint8)] * len(slice_idx)
+            if record.read_patch_labels is not None:
+                bits = record.read_patch_labels(slice_idx, self.img_size, self.patch_size)
+            elif record.read_parsing is not None:
+                maps = record.read_parsing(slice_idx)
+                try:
+                    bits = parsing_patch_labels(maps, self.img_size, self.patch_size)
+                except ValueError as e:
+                    raise BadRecordError(f"{record.name}: bad parsing map: {e}") from e
             else:
-                parsing = [resize_parsing(p, self.img_size)
-                           for p in record.read_parsing(slice_idx)]
-                empty = sum(p.size == 0 for p in parsing)
+                issues.append((NO_PARSING, f"{record.name}: no parsing maps; random mask"))
+                bits = np.zeros((len(slice_idx), *self.grid[1:]), np.uint16)
+            if record.read_parsing is not None or record.read_patch_labels is not None:
+                empty = int((~bits.reshape(len(bits), -1).any(1)).sum())
                 if empty:
-                    issues.append((EMPTY_PARSING, f"{record.name}: {empty} of {len(parsing)} "
+                    issues.append((EMPTY_PARSING, f"{record.name}: {empty} of {len(bits)} "
                                                   f"slice parsing maps empty (kept visible)"))
         try:
-            mask = make_mask(self.strategy, self.mask_ratio, rng, parsing=parsing,
+            mask = make_mask(self.strategy, self.mask_ratio, rng, patch_labels=bits,
                              grid=self.grid, patch_size=self.patch_size,
                              tubelet_size=self.tubelet_size)
         except ValueError as e:

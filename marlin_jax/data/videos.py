@@ -33,7 +33,12 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from marlin_jax.data.records import BadRecordError, VideoRecord, load_parsing_npy
+from marlin_jax.data.records import (
+    BadRecordError,
+    VideoRecord,
+    load_parsing_npy,
+    parsing_patch_labels,
+)
 from marlin_jax.video_io import IncompleteDecode, VideoReadError, count_frames
 
 log = logging.getLogger(__name__)
@@ -161,6 +166,9 @@ class VideoFileSource:
         self.incomplete: dict[str, IncompleteDecode] = {}
         self._parsing = [self._parsing_path(rel) for rel in self._videos]
         self.has_parsing = self.parsing_dir is not None or any(p is not None for p in self._parsing)
+        # (video, img_size, patch_size) -> uint16 (T, gh, gw) patch coverage of its parsing maps:
+        # each .npy read once, kept as a few hundred bytes a frame (per process)
+        self._patch_labels: dict[tuple[int, int, int], np.ndarray] = {}
         self.missing_parsing: list[str] = []
         if self.has_parsing:
             self.missing_parsing = [rel for rel, p in zip(self._videos, self._parsing, strict=True) if p is None]
@@ -180,6 +188,23 @@ class VideoFileSource:
 
     def __len__(self) -> int:
         return len(self._videos)
+
+    def __getstate__(self) -> dict:
+        # to worker processes without the patch-coverage cache: each fills its own
+        return {**self.__dict__, "_patch_labels": {}}
+
+    def _read_patch_labels(self, index: int, path: str, num_frames: int, indices: Sequence[int],
+                           img_size: int, patch_size: int) -> np.ndarray:
+        key = (index, img_size, patch_size)
+        bits = self._patch_labels.get(key)
+        if bits is None:
+            maps = _read_parsing(path, num_frames, range(num_frames))
+            try:
+                bits = parsing_patch_labels(maps, img_size, patch_size)
+            except ValueError as e:
+                raise BadRecordError(f"{path}: {e}") from e
+            bits = self._patch_labels.setdefault(key, bits)
+        return bits[np.asarray(indices, np.int64)]
 
     def _parsing_candidates(self, rel: str) -> list[str]:
         stem = os.path.splitext(rel)[0]
@@ -205,9 +230,10 @@ class VideoFileSource:
                 raise BadRecordError(f"{path}: video has no frames")
             self._frame_counts[index] = n
         parsing = self._parsing[index]
-        read_parsing = None
+        read_parsing = read_patch_labels = None
         if parsing is not None:
             read_parsing = functools.partial(_read_parsing, parsing, n)
+            read_patch_labels = functools.partial(self._read_patch_labels, index, parsing, n)
         elif self.has_parsing:
             read_parsing = functools.partial(_missing_parsing, path, self._parsing_candidates(rel))
         labels = None
@@ -220,6 +246,7 @@ class VideoFileSource:
             read_frames=functools.partial(read_video_frames, path),
             read_parsing=read_parsing,
             labels=labels,
+            read_patch_labels=read_patch_labels,
         )
 
     def __repr__(self) -> str:
