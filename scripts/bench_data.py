@@ -14,7 +14,8 @@ prefetch threads and workers have filled their buffers): a loader never runs on 
   timed too, and the stand-in's calibration (stand-in / real) printed;
 * ``make_dataset`` batches (uint8 video + mask, batched) of the ``ytf`` layout (steady state: its
   per-video caches of folder listings and parsing-map coverage filled; and as in the first
-  epoch, every clip's video new) and of the ``tfds`` records with one decoding thread, then
+  epoch, every clip's video new) and of the ``tfds`` records (JPEG frames, and ``raw frames``:
+  the builder's ``raw`` config, pixels decoded at build time) with one decoding thread, then
   with ``--threads`` threads (default: every core) and, with ``--workers``, as that many worker
   processes of one thread each. Their split lists each video ``--list`` times (same files, same
   work per clip; see :class:`Listed`).
@@ -167,12 +168,12 @@ class Listed:
 
 
 def our_batches(root: str, batch: int, threads: int, source: str = "ytf",
-                workers: int = 0, first_epoch: bool = False, times: int = 1
-                ) -> tuple[Iterator[int], int]:
+                workers: int = 0, first_epoch: bool = False, times: int = 1,
+                tfds_name: str = "youtube_faces_marlin") -> tuple[Iterator[int], int]:
     """Endless batches of make_dataset (``batch`` clips per step) and how many clips its
     buffers hold (drained before timing)."""
     c = default_data_config()
-    c.source, c.root_dir, c.tfds_data_dir = source, root, root
+    c.source, c.root_dir, c.tfds_data_dir, c.tfds_name = source, root, root, tfds_name
     c.num_threads, c.num_workers = threads, workers
     c.prefetch = 2 if workers else 2 * threads  # with workers: each worker's own buffer
     given = FirstEpochYtf(root, "train") if first_epoch else make_source(c, "train")
@@ -281,13 +282,22 @@ def main() -> None:
             t = time.perf_counter()
             build_youtube_faces_marlin(root, tfds_dir)
             print(f"built the youtube_faces_marlin records in {time.perf_counter() - t:.1f}s")
-            loaders["records (1 thread)"] = (*our_batches(tfds_dir, args.batch, 1, "tfds", times=times), 1)
+            t = time.perf_counter()
+            build_youtube_faces_marlin(root, tfds_dir, frame_encoding="raw")
+            print(f"built them with raw frames in {time.perf_counter() - t:.1f}s")
+            raw = "youtube_faces_marlin/raw"
+            loaders["records (1 thread)"] = (
+                *our_batches(tfds_dir, args.batch, 1, "tfds", times=times), 1)
+            loaders["records, raw frames (1 thread)"] = (
+                *our_batches(tfds_dir, args.batch, 1, "tfds", times=times, tfds_name=raw), 1)
         if cores > 1:
             loaders[f"ytf layout ({cores} threads)"] = (
                 *our_batches(root, args.batch, cores, times=times), cores)
             if args.tfds:
                 loaders[f"records ({cores} threads)"] = (
                     *our_batches(tfds_dir, args.batch, cores, "tfds", times=times), cores)
+                loaders[f"records, raw frames ({cores} threads)"] = (*our_batches(
+                    tfds_dir, args.batch, cores, "tfds", times=times, tfds_name=raw), cores)
         if args.workers:
             w = args.workers
             loaders[f"ytf layout ({w} workers)"] = (
@@ -308,18 +318,18 @@ def main() -> None:
     print(f"best of {args.rounds} interleaved rounds of {args.clips} clips; per core = clips per "
           "CPU second (this process + workers), robust to other load; wall / core = clips per "
           "second / cores used")
-    print(f"{'loader':<34}{'clips/s':>9}{'wall/core':>10}{'x orig':>8}{'per core':>10}"
+    print(f"{'loader':<38}{'clips/s':>9}{'wall/core':>10}{'x orig':>8}{'per core':>10}"
           f"{'x orig':>8}")
     for name, (_, _, used) in loaders.items():
         wall, cpu = best[name]
-        print(f"{name:<34}{wall:>9.1f}{wall / used:>10.1f}{wall / used / base_wall:>7.2f}x"
+        print(f"{name:<38}{wall:>9.1f}{wall / used:>10.1f}{wall / used / base_wall:>7.2f}x"
               f"{cpu:>10.1f}{cpu / base_cpu:>7.2f}x")
     if args.original:
         real_wall, real_cpu = best["original (real code), per clip"]
         print(f"stand-in calibration (stand-in / real original): wall {base_wall / real_wall:.2f}, "
               f"CPU {base_cpu / real_cpu:.2f} (target: within 0.90..1.10)")
     if cores > 1:
-        for kind in ("ytf layout", "records"):
+        for kind in ("ytf layout", "records", "records, raw frames"):
             if f"{kind} ({cores} threads)" in best:
                 print(f"scaling of {kind} (wall): {cores} threads / 1 thread = "
                       f"{best[f'{kind} ({cores} threads)'][0] / best[f'{kind} (1 thread)'][0]:.2f}x")

@@ -63,3 +63,15 @@ def test_benchmark_runs(layout, capsys, monkeypatch):
     for row in ("original (stand-in), per clip", "ytf layout (1 thread)",
                 "ytf layout, 1st epoch (1 thread)"):
         assert row in out
+
+
+@pytest.mark.slow
+def test_benchmark_times_the_records_jpeg_and_raw(layout, capsys, monkeypatch):
+    bench = load_script("bench_data")
+    monkeypatch.setattr("sys.argv", ["bench_data.py", "--dir", str(layout), "--clips", "2",
+                                     "--rounds", "1", "--batch", "2", "--threads", "1",
+                                     "--list", "3"])
+    bench.main()
+    out = capsys.readouterr().out
+    for row in ("records (1 thread)", "records, raw frames (1 thread)"):
+        assert row in out

@@ -206,7 +206,7 @@ def test_tfds_records_hold_the_frames_and_patch_coverage_of_the_layout(tfds_buil
     from marlin_jax.data.tfds_source import TfdsSource
 
     ytf_root, data_dir = tfds_build
-    assert list(data_dir.glob("youtube_faces_marlin/2.0.0/*.array_record*"))
+    assert list(data_dir.glob("youtube_faces_marlin/jpeg/2.1.0/*.array_record*"))
     tf_src = TfdsSource(str(data_dir), "train")
     ytf_src = YtfSource(str(ytf_root), "train")
     for i in range(3):
@@ -254,7 +254,7 @@ def test_tfds_source_without_video_index_says_rebuild(tfds_build, tmp_path):
 
     copy = tmp_path / "tfds"
     shutil.copytree(tfds_build[1], copy)
-    (copy / "youtube_faces_marlin/2.0.0/metadata.json").unlink()
+    (copy / "youtube_faces_marlin/jpeg/2.1.0/metadata.json").unlink()
     with pytest.raises(FileNotFoundError, match="metadata.json: no video index.*rebuild"):
         TfdsSource(str(copy), "train")
 
@@ -277,6 +277,84 @@ def test_tfds_and_ytf_pipelines_give_the_same_batches(tfds_build):
     for a, b in zip(batches["ytf"], batches["tfds"], strict=True):
         np.testing.assert_array_equal(a["video"], b["video"])
         np.testing.assert_array_equal(a["mask"], b["mask"])
+
+
+@pytest.fixture(scope="module")
+def raw_build(tfds_build):
+    """The same layout built with frame_encoding="raw", in a data_dir of its own."""
+    from marlin_jax.data.tfds_source import build_youtube_faces_marlin
+
+    ytf_root, data_dir = tfds_build
+    raw_dir = data_dir.parent / "tfds_raw"
+    build_youtube_faces_marlin(str(ytf_root), str(raw_dir), frame_encoding="raw")
+    return raw_dir
+
+
+def test_raw_build_gives_the_jpeg_builds_clips_and_masks(tfds_build, raw_build):
+    from marlin_jax.data import default_data_config, make_dataset
+    from marlin_jax.data.records import resize_frames
+    from marlin_jax.data.tfds_source import TfdsSource
+
+    jpeg_src, raw_src = TfdsSource(str(tfds_build[1])), TfdsSource(str(raw_build))  # no flag
+    assert (jpeg_src.frame_encoding, raw_src.frame_encoding) == ("jpeg", "raw")
+    for i in range(3):
+        idx = [0, 5, raw_src[i].num_frames - 1, 5]
+        raw = raw_src[i].read_frames(idx)
+        assert raw.shape == (4, 224, 224, 3) and raw.dtype == np.uint8  # stored at 224
+        np.testing.assert_array_equal(raw, resize_frames(jpeg_src[i].read_frames(idx), 224))
+        np.testing.assert_array_equal(raw_src[i].read_patch_labels(idx, 224, 16),
+                                      jpeg_src[i].read_patch_labels(idx, 224, 16))
+    batches = {}
+    for name, data_dir in (("jpeg", tfds_build[1]), ("raw", raw_build)):
+        c = default_data_config()
+        c.source, c.tfds_data_dir = "tfds", str(data_dir)
+        c.clip_frames, c.temporal_sample_rate, c.num_threads, c.prefetch = 8, 1, 1, 1
+        it = iter(make_dataset(c, split="train", global_batch_size=3, seed=4))
+        batches[name] = [next(it) for _ in range(2)]
+    for a, b in zip(batches["jpeg"], batches["raw"], strict=True):
+        np.testing.assert_array_equal(a["video"], b["video"])
+        np.testing.assert_array_equal(a["mask"], b["mask"])
+
+
+def test_raw_clip_reads_only_its_frames_and_a_bad_length_names_the_record(raw_build):
+    from tensorflow_datasets.proto import tf_example_pb2
+
+    from marlin_jax.data.tfds_source import TfdsSource
+
+    src = TfdsSource(str(raw_build), "train")
+    counting = CountingReader(src._source.data_source)
+    src._source = type("Wrapped", (), {"data_source": counting})()
+    rec = src[1]  # Ann/1: its frames follow Ann/0's 40
+    rec.read_frames([2, 4, 6, 8])
+    rec.read_patch_labels([2, 6], 224, 16)
+    assert sorted(counting.keys) == [42, 44, 46, 48]
+
+    def truncated(key):  # record 43's pixels lose their last 3 bytes
+        ex = tf_example_pb2.Example.FromString(counting.inner[key])
+        if key == 43:
+            value = ex.features.feature["rgb"].bytes_list.value
+            value[0] = value[0][:-3]
+        return ex.SerializeToString()
+
+    src._source = type("Wrapped", (), {"data_source": type("R", (), {
+        "__getitem__": lambda self, k: truncated(k)})()})()
+    with pytest.raises(BadRecordError, match=r"tfds_raw/youtube_faces_marlin/raw/2.1.0: Ann/1 "
+                                             r"frame 3 \(record 43\): raw frame has 150525 bytes"):
+        src[1].read_frames([2, 3])
+
+
+def test_both_encodings_in_one_data_dir(tfds_build, raw_build, tmp_path):
+    import shutil
+
+    from marlin_jax.data.tfds_source import TfdsSource, build_youtube_faces_marlin
+
+    shutil.copytree(tfds_build[1], tmp_path / "both")
+    shutil.copytree(raw_build / "youtube_faces_marlin/raw", tmp_path / "both/youtube_faces_marlin/raw")
+    assert TfdsSource(str(tmp_path / "both")).frame_encoding == "jpeg"  # tfds' default config
+    assert TfdsSource(str(tmp_path / "both"), name="youtube_faces_marlin/raw"
+                      ).frame_encoding == "raw"
+    with pytest.raises(ValueError, match="frame_encoding must be one of"):
+        build_youtube_faces_marlin(str(tfds_build[0]), str(tmp_path / "x"), frame_encoding="png")
 
 
 def test_ytf_source_reads_each_parsing_map_once(ytf_root):

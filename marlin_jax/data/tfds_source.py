@@ -1,13 +1,16 @@
 """ArrayRecord shards of the ``youtube_faces_marlin`` TFDS builder as a random-access source.
 
-One example per frame (JPEG bytes + the parsing map's 16x16-patch label coverage, 392 bytes),
-frames of a video contiguous, videos indexed in the build's ``metadata.json``; so a clip reads
-its 16 frames' examples and nothing else (the previous one-example-per-video layout read and
-deserialised the whole video and decoded a PNG map per slice). Opened through
+One example per frame (the frame: JPEG bytes, or with the builder's ``raw`` config uint8
+224x224x3 pixels decoded at build time, so a read is a copy; + the parsing map's 16x16-patch
+label coverage, 392 bytes), frames of a video contiguous, videos indexed in the build's
+``metadata.json``; so a clip reads its 16 frames' examples and nothing else (the previous
+one-example-per-video layout read and deserialised the whole video and decoded a PNG map per
+slice). Opened through
 ``tfds.data_source`` (no TensorFlow); examples are read as raw bytes from its ArrayRecord reader
 and parsed with tfds' ``tf.train.Example`` proto module. ``build_youtube_faces_marlin`` turns a
 YouTube-Faces layout folder into the shards; on a pod, build once and point ``tfds_data_dir`` at
-the (GCS) copy.
+the (GCS) copy. The frame encoding is read from the build's metadata; with both configs built in
+one ``data_dir``, a name without config reads tfds' default (``jpeg``).
 """
 
 from __future__ import annotations
@@ -22,29 +25,46 @@ from etils import epath
 from marlin_jax.data.records import BadRecordError, VideoRecord, decode_frames
 
 DATASET_NAME = "youtube_faces_marlin"
+FRAME_ENCODINGS = ("jpeg", "raw")  # the builder's configs
 
 
-def build_youtube_faces_marlin(manual_dir: str, data_dir: str) -> None:
+def build_youtube_faces_marlin(manual_dir: str, data_dir: str, frame_encoding: str = "jpeg"
+                               ) -> None:
     """Builds the ``youtube_faces_marlin`` ArrayRecord shards from a YouTube-Faces layout folder
-    (``manual_dir``) into ``data_dir``. Idempotent: an existing build is reused."""
+    (``manual_dir``) into ``data_dir``, frames as JPEG bytes or (``"raw"``) uint8 224x224x3
+    pixels (~10x the bytes, no decode per read). Idempotent: an existing build is reused."""
     import tensorflow_datasets as tfds
 
     from marlin_jax.data.youtube_faces_marlin import Builder
 
-    builder = Builder(data_dir=os.fspath(data_dir), file_format="array_record")
+    if frame_encoding not in FRAME_ENCODINGS:
+        raise ValueError(f"frame_encoding must be one of {FRAME_ENCODINGS}, got {frame_encoding!r}")
+    builder = Builder(config=frame_encoding, data_dir=os.fspath(data_dir),
+                      file_format="array_record")
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)))
 
 
-def _parse_frame(record: bytes) -> dict:
-    """One serialised frame example -> ``{"video", "frame", "jpeg", "patch_labels"}``: the
+def _with_config(data_dir: str, name: str) -> str:
+    """``name`` as tfds should read it: without a config, the one config built in ``data_dir``
+    (several or none: tfds' default)."""
+    if "/" in name:
+        return name
+    built = {p.parent.parent.name for p in (epath.Path(data_dir) / name).glob(
+        "*/*/dataset_info.json")}
+    return f"{name}/{built.pop()}" if len(built) == 1 else name
+
+
+def _parse_frame(record: bytes, feature: str) -> dict:
+    """One serialised frame example -> ``{"video", "frame", "image", "patch_labels"}`` (image:
+    the bytes of ``feature``, ``jpeg`` or ``rgb``): the
     ``tf.train.Example`` proto parsed directly (tfds' own proto module, no TensorFlow), 4x less
     time than tfds' generic feature decoding of these four scalar features."""
     from tensorflow_datasets.proto import tf_example_pb2
 
     f = tf_example_pb2.Example.FromString(record).features.feature
     return {"video": f["video"].int64_list.value[0], "frame": f["frame"].int64_list.value[0],
-            "jpeg": f["jpeg"].bytes_list.value[0],
+            "image": f[feature].bytes_list.value[0],
             "patch_labels": f["patch_labels"].bytes_list.value[0]}
 
 
@@ -52,9 +72,11 @@ class _VideoExamples:
     """The examples of one video read so far (a clip's frames and slice maps share reads)."""
 
     def __init__(self, source, name: str, video: int, first: int, num_frames: int,
-                 img_size: int, patch_size: int):
+                 img_size: int, patch_size: int, encoding: str, build_dir: str):
         self.source, self.name, self.video, self.first = source, name, video, first
         self.num_frames, self.img_size, self.patch_size = num_frames, img_size, patch_size
+        self.encoding, self.build_dir = encoding, build_dir
+        self.feature = "rgb" if encoding == "raw" else "jpeg"
         self.examples: dict[int, dict] = {}
 
     def _get(self, indices: Sequence[int]) -> list[dict]:
@@ -62,7 +84,7 @@ class _VideoExamples:
         if todo:
             keys = [self.first + i for i in todo]
             try:  # one by one: __getitems__'s thread pool costs 5x more for 16 small records
-                got = [_parse_frame(self.source[k]) for k in keys]
+                got = [_parse_frame(self.source[k], self.feature) for k in keys]
             except Exception as e:  # noqa: BLE001 - a corrupt shard surfaces as many types
                 raise BadRecordError(f"{self.name}: unreadable frame records {keys[0]}.."
                                      f"{keys[-1]} ({type(e).__name__}: {e})") from e
@@ -77,7 +99,18 @@ class _VideoExamples:
 
     def read_frames(self, indices: Sequence[int]) -> np.ndarray:
         examples = self._get(indices)
-        return decode_frames([ex["jpeg"] for ex in examples],
+        if self.encoding == "raw":  # a copy per frame
+            s = self.img_size
+            out = np.empty((len(examples), s, s, 3), np.uint8)
+            for k, ex in enumerate(examples):
+                if len(ex["image"]) != out[k].nbytes:
+                    raise BadRecordError(
+                        f"{self.build_dir}: {self.name} frame {int(ex['frame'])} (record "
+                        f"{self.first + int(ex['frame'])}): raw frame has {len(ex['image'])} "
+                        f"bytes, expected {s}*{s}*3 = {out[k].nbytes}: rebuild")
+                out[k] = np.frombuffer(ex["image"], np.uint8).reshape(s, s, 3)
+            return out
+        return decode_frames([ex["image"] for ex in examples],
                              [f"{self.name} frame {int(ex['frame'])}" for ex in examples])
 
     def read_patch_labels(self, indices: Sequence[int], img_size: int, patch_size: int
@@ -103,8 +136,10 @@ class TfdsSource:
     """grain random-access source over a built ``youtube_faces_marlin`` TFDS dataset.
 
     One example per frame; ``source[i]`` is video ``i`` of the split's index (``metadata.json``)
-    and reads nothing: a clip reads its sampled frames' examples only (JPEG bytes + 392 bytes of
-    parsing-map patch coverage each).
+    and reads nothing: a clip reads its sampled frames' examples only (JPEG bytes or raw pixels,
+    per the build's ``frame_encoding``, + 392 bytes of parsing-map patch coverage each). ``name``
+    may name the config (``youtube_faces_marlin/raw``); without one, the config built in
+    ``data_dir`` is read (both built: ``jpeg``).
     """
 
     has_labels = False
@@ -116,7 +151,7 @@ class TfdsSource:
         self.split = split
         self.name = name
         try:
-            self._source = tfds.data_source(name, split=split, data_dir=self.data_dir,
+            self._source = tfds.data_source(_with_config(self.data_dir, name), split=split, data_dir=self.data_dir,
                                             download=False)
         except Exception as e:  # noqa: BLE001 - tfds raises assorted types for a missing build
             raise FileNotFoundError(
@@ -130,11 +165,15 @@ class TfdsSource:
             self._videos = [(str(n), int(first), int(k)) for n, first, k in
                             meta[f"{split}_videos"]]
             self.img_size, self.patch_size = int(meta["img_size"]), int(meta["patch_size"])
+            self.frame_encoding = str(meta["frame_encoding"])
+            if self.frame_encoding not in FRAME_ENCODINGS:
+                raise ValueError(f"unknown frame_encoding {self.frame_encoding!r}")
         except (OSError, KeyError, ValueError, TypeError) as e:
             raise FileNotFoundError(
                 f"{meta_path}: no video index for split {split!r} ({type(e).__name__}: {e}); "
-                f"built by {name} {info.version}, which is not the one-example-per-frame layout "
-                f"of version 2.0.0: rebuild with build_youtube_faces_marlin") from e
+                f"built by {name} {info.version}, not the layout of version 2.1.0: rebuild with "
+                f"build_youtube_faces_marlin") from e
+        self._build_dir = str(info.data_dir)
 
     def __len__(self) -> int:
         return len(self._videos)
@@ -142,7 +181,8 @@ class TfdsSource:
     def __getitem__(self, index: int) -> VideoRecord:
         name, first, n = self._videos[index]
         video = _VideoExamples(self._source.data_source, name, index, first, n, self.img_size,
-                               self.patch_size)  # the raw ArrayRecord reader: bytes per key
+                               self.patch_size, self.frame_encoding, self._build_dir)
+        # (the raw ArrayRecord reader: bytes per key)
         return VideoRecord(name=name, num_frames=n, read_frames=video.read_frames,
                            read_patch_labels=video.read_patch_labels)
 

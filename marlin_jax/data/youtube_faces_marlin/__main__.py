@@ -1,6 +1,7 @@
 """Builds the ``youtube_faces_marlin`` ArrayRecord shards (no TensorFlow needed)::
 
     python -m marlin_jax.data.youtube_faces_marlin --manual_dir <ytf root> --data_dir <out>
+        [--frame_encoding raw]
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from marlin_jax.data.tfds_source import DATASET_NAME, build_youtube_faces_marlin
+from marlin_jax.data.tfds_source import DATASET_NAME, FRAME_ENCODINGS, build_youtube_faces_marlin
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -17,10 +18,13 @@ def main(argv: list[str] | None = None) -> None:
                     help="YouTube-Faces layout: crop_images_DB/, face_parsing_images_DB/, "
                          "train_set.csv, val_set.csv")
     ap.add_argument("--data_dir", required=True, help="where to write the ArrayRecord shards")
+    ap.add_argument("--frame_encoding", choices=FRAME_ENCODINGS, default="jpeg",
+                    help="jpeg: the JPEG files' bytes; raw: pixels decoded and resized to 224x224 "
+                         "at build time (~10x the bytes, no decode per read)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    build_youtube_faces_marlin(args.manual_dir, args.data_dir)
-    print(f"built {DATASET_NAME} in {args.data_dir}; train with data_config.source='tfds', "
+    build_youtube_faces_marlin(args.manual_dir, args.data_dir, args.frame_encoding)
+    print(f"built {DATASET_NAME}/{args.frame_encoding} in {args.data_dir}; train with data_config.source='tfds', "
           f"tfds_data_dir={args.data_dir!r}")
 
 

@@ -2,15 +2,20 @@
 
 The manual download dir is the layout the original preprocessing writes (see
 :mod:`marlin_jax.data.ytf`). Each example is **one frame**: its JPEG bytes (exactly the file on
-disk, no re-encoding) and what fasking needs of its LaPa parsing map, computed once here: which
-labels occur in each 16x16 patch of the map at 224x224 (:func:`marlin_jax.masking.patch_label_bits`,
-uint16 little-endian ``(14, 14)``, 392 bytes; all zero where the face parser found no face).
+disk, no re-encoding; config ``jpeg``, the default) or, with config ``raw``, its pixels decoded once
+here (:func:`~marlin_jax.data.records.decode_frames`, then
+:func:`~marlin_jax.data.records.resize_frames` to 224x224: what a read of the ``jpeg`` build gives
+the pipeline) as uint8 ``(224, 224, 3)`` bytes in uncompressed shards, so a clip read is a copy,
+not a decode (~10x the bytes); and what fasking needs of its LaPa parsing map, computed once
+here: which labels occur in each 16x16 patch of the map at 224x224
+(:func:`marlin_jax.masking.patch_label_bits`, uint16 little-endian ``(14, 14)``, 392 bytes; all
+zero where the face parser found no face).
 Frames are written in order (``disable_shuffling``) and the videos are indexed in the dataset's
 ``metadata.json`` (per split: ``[name, first example, num_frames]``), so a 16-frame clip reads its
 16 examples and nothing else of the video. Only scalar/bytes ``Tensor`` features are used, so
 neither building nor reading imports TensorFlow. Build with::
 
-    builder = Builder(data_dir=..., file_format="array_record")
+    builder = Builder(config="jpeg" or "raw", data_dir=..., file_format="array_record")
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=<ytf root>))
 
@@ -29,9 +34,11 @@ from etils import epath
 
 from marlin_jax.data.records import (
     BadRecordError,
+    decode_frames,
     list_files,
     load_frame_parsing,
     parsing_patch_labels,
+    resize_frames,
 )
 from marlin_jax.data.ytf import CROP_DIR, PARSING_DIR, read_split_csv
 
@@ -41,18 +48,28 @@ _BYTES = tfds.features.Tensor(shape=(), dtype=np.object_)
 
 IMG_SIZE = 224  # parsing maps are resized (nearest) to this size before patch coverage
 PATCH_SIZE = 16  # patch of the stored coverage; the pipeline's img_size / patch_size must match
+# config name -> the feature holding a frame: its JPEG file's bytes, or uint8 (IMG_SIZE, IMG_SIZE, 3)
+FRAME_FEATURES = {"jpeg": "jpeg", "raw": "rgb"}
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
     """YouTube-Faces crops + LaPa patch coverage of the MARLIN preprocessing, one frame per
     example, videos indexed in the metadata."""
 
-    VERSION = tfds.core.Version("2.0.0")
+    VERSION = tfds.core.Version("2.1.0")
     RELEASE_NOTES = {
         "1.0.0": "JPEG frames and PNG parsing maps per video.",
         "2.0.0": "One example per frame (JPEG bytes + 16x16-patch LaPa label bits at 224x224), "
                  "frames in order, videos indexed in metadata.json: a clip reads only its frames.",
+        "2.1.0": "Configs jpeg (default, as 2.0.0) and raw (frames decoded and resized to 224x224 "
+                 "at build time); metadata.json records frame_encoding.",
     }
+    BUILDER_CONFIGS = [
+        tfds.core.BuilderConfig(name="jpeg", description="frames as their JPEG files' bytes"),
+        tfds.core.BuilderConfig(name="raw", description=(
+            f"frames decoded and resized to {IMG_SIZE}x{IMG_SIZE} at build time: uint8 "
+            f"({IMG_SIZE}, {IMG_SIZE}, 3) bytes ({IMG_SIZE * IMG_SIZE * 3} a frame)")),
+    ]
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Run the MARLIN YouTube-Faces preprocessing, then pass its output folder (holding "
         f"{CROP_DIR}/, {PARSING_DIR}/, train_set.csv, val_set.csv) as the manual dir."
@@ -65,11 +82,13 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         return epath.Path(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
+        encoding = self.builder_config.name
         return tfds.core.DatasetInfo(
             builder=self,
             description=(
                 "YouTube Faces face crops with per-frame LaPa face-parsing patch coverage, as "
-                "prepared for MARLIN pretraining; one example per frame. jpeg: JPEG bytes; "
+                "prepared for MARLIN pretraining; one example per frame. jpeg: JPEG bytes "
+                f"(config jpeg); rgb: uint8 ({IMG_SIZE}, {IMG_SIZE}, 3) pixels (config raw); "
                 "patch_labels: uint16 little-endian (14, 14) bit sets of the LaPa labels in each "
                 "16x16 patch of the 224x224 map (all zero = no face). metadata.json indexes the "
                 "videos of each split: [name, first example, num_frames]."
@@ -77,10 +96,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             features=tfds.features.FeaturesDict({
                 "video": tfds.features.Scalar(dtype=np.int32),  # video number in the split
                 "frame": tfds.features.Scalar(dtype=np.int32),  # frame number in the video
-                "jpeg": _BYTES,
+                FRAME_FEATURES[encoding]: _BYTES,
                 "patch_labels": _BYTES,
             }),
-            metadata=tfds.core.MetadataDict(img_size=IMG_SIZE, patch_size=PATCH_SIZE),
+            metadata=tfds.core.MetadataDict(img_size=IMG_SIZE, patch_size=PATCH_SIZE,
+                                            frame_encoding=encoding),
             disable_shuffling=True,  # frames of a video stay contiguous and in order
             homepage="https://github.com/ControlNet/MARLIN",
             citation=(
@@ -90,6 +110,12 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 "Reza and Hayat, Munawar}, booktitle={CVPR}, year={2023}}"
             ),
         )
+
+    def _download_and_prepare(self, dl_manager, download_config) -> None:
+        super()._download_and_prepare(dl_manager, download_config)
+        if self.builder_config.name == "raw":  # shards are in the build's (temporary) dir now
+            for path in list(epath.Path(self.data_dir).glob("*.array_record-*")):
+                _rewrite_uncompressed(path)
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         root = os.fspath(dl_manager.manual_dir)
@@ -107,26 +133,42 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         """Frames in order with integer keys; fills ``metadata[f"{split}_videos"]``."""
         videos: list[list] = []
         self.info.metadata[f"{split}_videos"] = videos  # saved after generation
-        skipped, key = 0, 0
+        skipped, key, feature = 0, 0, FRAME_FEATURES[self.builder_config.name]
         for rel, _ in read_split_csv(root, split):
             try:
-                jpegs, bits = _video_frames(root, rel)  # all checked before any frame is written
+                frames, bits = _video_frames(root, rel, self.builder_config.name == "raw")
             except BadRecordError as e:
                 skipped += 1
                 log.warning("youtube_faces_marlin: skipping video %s: %s", rel, e)
                 continue
-            videos.append([rel, key, len(jpegs)])
-            for frame, (jpeg, b) in enumerate(zip(jpegs, bits, strict=True)):
-                yield key, {"video": len(videos) - 1, "frame": frame, "jpeg": jpeg,
+            videos.append([rel, key, len(frames)])
+            for frame, (data, b) in enumerate(zip(frames, bits, strict=True)):
+                yield key, {"video": len(videos) - 1, "frame": frame, feature: data,
                             "patch_labels": b.astype("<u2").tobytes()}
                 key += 1
         if skipped:
             log.warning("youtube_faces_marlin/%s: skipped %d unreadable videos", split, skipped)
 
 
-def _video_frames(root: str, rel: str) -> tuple[list[bytes], np.ndarray]:
-    """JPEG bytes of every frame of one video folder and the patch coverage of its parsing maps
-    (uint16 ``(num_frames, 14, 14)``)."""
+def _rewrite_uncompressed(path: epath.Path) -> None:
+    """Rewrites an ArrayRecord shard with the same records, uncompressed. tfds writes them
+    zstd-compressed (no option): a raw frame then costs ~100 us of decompression per read, 4x
+    its read and copy uncompressed, and gains only ~1/3 of its 147 KiB."""
+    from array_record.python import array_record_data_source, array_record_module
+
+    tmp = path.with_name(path.name + ".uncompressed")
+    writer = array_record_module.ArrayRecordWriter(os.fspath(tmp), "group_size:1,uncompressed")
+    with array_record_data_source.ArrayRecordDataSource([os.fspath(path)]) as src:
+        for i in range(len(src)):
+            writer.write(src[i])
+    writer.close()
+    tmp.replace(path)
+
+
+def _video_frames(root: str, rel: str, raw: bool) -> tuple[list[bytes], np.ndarray]:
+    """Every frame of one video folder (JPEG bytes, or with ``raw`` uint8 ``(224, 224, 3)``
+    bytes) and the patch coverage of its parsing maps (uint16 ``(num_frames, 14, 14)``); all
+    read and checked before any frame is written."""
     crop_dir = os.path.join(root, CROP_DIR, rel)
     files = list_files(crop_dir, ".jpg")
     if not files:
@@ -140,4 +182,8 @@ def _video_frames(root: str, rel: str) -> tuple[list[bytes], np.ndarray]:
             raise BadRecordError(f"{os.path.join(crop_dir, name)}: cannot read ({e})") from e
         maps.append(load_frame_parsing(
             os.path.join(root, PARSING_DIR, rel, os.path.splitext(name)[0] + ".npy")))
+    if raw:  # exactly what a read of the jpeg build hands the pipeline (decode, then resize)
+        frames = resize_frames(decode_frames(jpegs, [os.path.join(crop_dir, n) for n in files]),
+                               IMG_SIZE)
+        jpegs = [f.tobytes() for f in frames]
     return jpegs, parsing_patch_labels(maps, IMG_SIZE, PATCH_SIZE)
