@@ -8,18 +8,29 @@ gp_weight 0, one critic and one generator update per batch.
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+
 import ml_collections
 
 from marlin_jax.data import default_data_config
+from marlin_jax.models import MarlinConfig
 
-# MarlinConfig fields that may be overridden (None = the named model's value). The clip geometry
-# (img_size, n_frames, patch_size, tubelet_size) comes from `config.data`.
-MODEL_FIELDS = {
-    "encoder_embed_dim": int, "encoder_depth": int, "encoder_num_heads": int,
-    "decoder_embed_dim": int, "decoder_depth": int, "decoder_num_heads": int,
-    "mlp_ratio": float, "qkv_bias": bool, "drop_rate": float, "attn_drop_rate": float,
-    "init_values": float,
-}
+# MarlinConfig fields that are not `config.model` overrides: the clip geometry comes from
+# `config.data`; the rest are fixed by the architecture (or, downloadable, by the registry).
+_NOT_OVERRIDABLE = ("img_size", "n_frames", "patch_size", "tubelet_size", "qk_scale",
+                    "norm_layer", "in_channels", "layer_norm_eps", "downloadable")
+
+
+def _model_fields() -> dict[str, type]:
+    """``{field: type}`` of every overridable MarlinConfig field, read from the dataclass."""
+    hints = typing.get_type_hints(MarlinConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(MarlinConfig)
+            if f.name not in _NOT_OVERRIDABLE}
+
+
+# MarlinConfig fields that may be overridden (None = the named model's value).
+MODEL_FIELDS = _model_fields()
 
 
 def get_base_config(model_name: str) -> ml_collections.ConfigDict:
@@ -67,10 +78,10 @@ def get_base_config(model_name: str) -> ml_collections.ConfigDict:
     c.num_eval_batches = 8
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
-    # Start over in a workdir that holds a run (another model, clip geometry, scan_layers or
-    # optimiser layout is refused without it): its contents are moved, not deleted, to
-    # <workdir>/previous-<YYYYmmdd-HHMMSS>/. Pass it once, not in a command a scheduler repeats
-    # (every restart would start over again).
+    # Start over in a workdir that holds a run (another model, clip geometry or optimiser
+    # layout is refused without it; another scan_layers is converted on restore): its contents
+    # are moved, not deleted, to <workdir>/previous-<YYYYmmdd-HHMMSS>/. Pass it once, not in a
+    # command a scheduler repeats (every restart would start over again).
     c.fresh_start = False
     c.async_checkpointing = True
     c.peak_flops_per_device = 0.0  # > 0 overrides the built-in table for the MFU figure
@@ -85,25 +96,35 @@ def get_base_config(model_name: str) -> ml_collections.ConfigDict:
 
 
 def apply_demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The `:demo` variant: same width and recipe, shrunk to train in minutes on one CPU on the
-    built-in synthetic faces (2 encoder / 1 decoder blocks, 64 px, 8 frames, batch 8). The data
-    source stays unset, so the trainer says it uses the synthetic dataset."""
+    """The `:demo` variant: the recipe's fasking at 90 %, shrunk to learn visibly in a few minutes
+    on one CPU on the built-in synthetic faces: 64 px, 8 frames, 8 px patches (an 8 x 8 grid, so
+    that fasking's regions exist at this size), a narrow ViT (width 192 / 96, 2 encoder / 1
+    decoder blocks), batch 8, 1500 steps. The adversarial term is off (adv_weight 0): with the
+    recipe's 0.01 the critic's gradients keep so young a model at the mean-colour level (validation
+    loss 0.86x the mean-colour baseline after 1000 steps, 0.76x without). The data source stays
+    unset, so the trainer says it uses the synthetic dataset."""
     c.data.img_size = 64
     c.data.clip_frames = 8
+    c.data.patch_size = 8
     c.data.num_threads = 2
     c.data.synthetic_num_videos = 256
+    c.model.encoder_embed_dim = 192
+    c.model.encoder_num_heads = 3
     c.model.encoder_depth = 2
+    c.model.decoder_embed_dim = 96
+    c.model.decoder_num_heads = 3
     c.model.decoder_depth = 1
     c.global_batch_size = 8
+    c.adv_weight = 0.0
     c.lr.scale_with_batch = False
     c.lr.base = 1e-3
     c.lr.min = 1e-5
-    c.lr.warmup_steps = 20
-    c.num_train_steps = 200
-    c.log_every_steps = 10
-    c.eval_every_steps = 100
+    c.lr.warmup_steps = 50
+    c.num_train_steps = 1500
+    c.log_every_steps = 50
+    c.eval_every_steps = 500
     c.num_eval_batches = 2
-    c.checkpoint_every_steps = 100
+    c.checkpoint_every_steps = 500
     return c
 
 

@@ -177,6 +177,69 @@ def test_auto_parser_is_the_best_installed_and_says_so():
 needs_mesh = pytest.mark.skipif(not mesh_available(), reason=f"optional: {MESH_INSTALL}")
 
 
+def test_template_fallback_warns_once_and_names_the_learned_parser(monkeypatch, caplog):
+    from marlin_jax.face import parse
+
+    monkeypatch.setattr(parse, "available_methods", lambda: (PARSER_METHOD,))
+    monkeypatch.setattr(parse, "_FALLBACK_WARNED", False)
+    with caplog.at_level("WARNING", logger=parse.__name__):
+        assert FaceParser().method == PARSER_METHOD
+        FaceParser()
+        FaceParser(PARSER_METHOD)  # asked for by name: no warning
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "fallback template-5pt" in warnings[0] and MESH_INSTALL in warnings[0]
+
+
+def test_parser_agreement_figures_of_known_maps():
+    from tests.script_utils import load_script
+
+    cmp = load_script("compare_parsers")
+    a = np.zeros((2, 224, 224), np.uint8)
+    a[:, 32:192, 48:176] = 1  # skin
+    a[:, 80:96, 64:96] = 4  # an eye
+    b = a.copy()
+    b[:, 80:96, 64:96] = 1  # the other parser missed the eye
+    same = cmp.map_agreement(cmp.label_counts(a, a))
+    assert same["pixel_agreement"] == 1 and same["face_iou"] == 1 and same["mean_iou"] == 1
+    assert np.isnan(same["iou_nose"])  # absent from both: not counted in the mean
+    got = cmp.map_agreement(cmp.label_counts(a, b))
+    assert got["pixel_agreement"] == pytest.approx(1 - 16 * 32 / 224**2)
+    assert got["iou_left_eye"] == 0 and got["face_iou"] == 1
+    assert got["iou_skin"] == pytest.approx((160 * 128 - 16 * 32) / (160 * 128))
+    assert got["mean_iou"] == pytest.approx((1 + got["iou_skin"] + 0) / 3)
+    with pytest.raises(ValueError, match="differ in shape"):
+        cmp.label_counts(a, b[:1])
+    # fasking masks: identical parsings give identical masks for the same draws; two draws of
+    # one parser differ (the floor); a parsing with a wider face keeps other patches visible
+    clip = np.repeat(a[:1], 16, 0)
+    m = cmp.mask_agreement(clip, clip, seeds=3)
+    assert m["token_agreement"] == 1 and m["visible_iou"] == 1
+    assert m["token_agreement_same_parser"] < 1
+    wide = clip.copy()
+    wide[:, :, :48] = 1
+    assert cmp.mask_agreement(clip, wide, seeds=3)["visible_iou"] < 1
+    with pytest.raises(ValueError, match="at least 16 frames"):
+        cmp.mask_agreement(clip[:8], clip[:8])
+
+
+@pytest.mark.samples
+@needs_mesh
+def test_compare_parsers_on_a_sample_crop(samples_dir, tmp_path, capsys):
+    from tests.script_utils import load_script
+
+    out = tmp_path / "agreement.json"
+    cmp = load_script("compare_parsers")
+    assert cmp.main(["--videos", str(samples_dir / "cropped04.mp4"), "--json", str(out)]) == 0
+    import json
+
+    got = json.loads(out.read_text())["cropped04.mp4"]
+    assert got["frames"] == 15 and got["mesh_fallback_frames"] == 0
+    # the two parsers agree on where the face is, less on its parts (mouth, brows, hair)
+    assert got["face_iou"] > 0.7 and 0.5 < got["pixel_agreement"] < 0.95
+    assert "per-class IoU" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------ sample videos
 
 

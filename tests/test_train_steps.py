@@ -98,6 +98,28 @@ def test_train_step_updates_both_models_and_reports_metrics(d_steps, g_steps, gp
     assert int(new.g_opt_state.inner_state[0].count) == g_steps
 
 
+def test_eval_step_reports_the_mean_colour_baseline():
+    rng = np.random.default_rng(0)
+    task = _task(3)
+    state = jax.jit(lambda: st.init_train_state(CFG, task.g_tx, task.d_tx, 0))()
+    video = rng.integers(0, 256, (2, 4, 32, 32, 3), np.uint8)
+    mask = _masks(rng, 2, CFG.num_tokens, 3)
+    m = jax.jit(lambda s, b: steps.eval_step(task, s, b))(state, {"video": video, "mask": mask})
+    # the baseline paints each masked patch with its clip's per-channel mean colour
+    x = video.astype(np.float32) / 255
+    patches = np.asarray(patchify(x, 16, 2)).reshape(2, 8, 3, 2 * 16 * 16)  # (c, pt, ph, pw)
+    mean = x.mean(axis=(1, 2, 3))  # (B, C)
+    errors = [(patches[i][~mask[i]] - mean[i][None, :, None]) ** 2 for i in range(2)]
+    assert float(m["mean_colour_loss"]) == pytest.approx(float(np.mean(errors)), rel=1e-5)
+    assert float(m["rec_vs_mean_colour"]) == pytest.approx(
+        float(m["rec_loss"]) / float(m["mean_colour_loss"]), rel=1e-5)
+    # a clip of one colour per channel: the baseline is exact
+    flat = np.broadcast_to(np.array([10, 200, 90], np.uint8), video.shape)
+    pred = steps.mean_colour_prediction(task, steps.video_to_float(flat), mask)
+    target = losses.masked_targets(steps.video_to_float(flat), mask, 3, 16, 2)
+    assert float(losses.reconstruction_loss(pred, target)) < 1e-12
+
+
 def test_bad_batch_shapes_are_rejected_with_a_clear_message():
     task = _task(3)
     state = jax.eval_shape(lambda: st.init_train_state(CFG, task.g_tx, task.d_tx, 0))
@@ -109,7 +131,10 @@ def test_bad_batch_shapes_are_rejected_with_a_clear_message():
 
 @pytest.mark.slow
 def test_vit_tiny_overfits_four_synthetic_clips():
-    """Learning is real: reconstruction loss on 4 fixed synthetic face clips falls >= 50%."""
+    """Learning is real: on 4 fixed synthetic face clips the reconstruction loss falls >= 50%
+    and ends well below predicting each clip's mean colour. Reconstruction only (adv_weight 0):
+    with the recipe's 0.01 the unconstrained critic's gradients hold a model this young at the
+    mean-colour level (1.05x the baseline after these 150 steps; 0.52x without)."""
     from marlin_jax.data import default_data_config, make_dataset
 
     data = default_data_config()
@@ -121,7 +146,7 @@ def test_vit_tiny_overfits_four_synthetic_clips():
     tx = st.make_optimizer()
     sched = st.lr_schedule(2e-3, 1e-4, warmup_steps=5, total_steps=150)
     task = steps.Task(st.build_model_def(TINY), tx, tx, sched, sched,
-                      steps.StepConfig(num_visible=k))
+                      steps.StepConfig(num_visible=k, adv_weight=0.0))
     state = jax.jit(lambda: st.init_train_state(TINY, tx, tx, 0))()
     step = jax.jit(lambda s, b: steps.train_step(task, s, b), donate_argnums=0)
     recs = []
@@ -132,3 +157,6 @@ def test_vit_tiny_overfits_four_synthetic_clips():
     first, last = recs[:3].mean(), recs[-10:].mean()
     assert np.isfinite(recs).all()
     assert last <= 0.5 * first, f"rec loss {first:.4f} -> {last:.4f}"
+    # and it beats predicting each clip's mean colour (what a model that learned nothing does)
+    ratio = float(jax.jit(lambda s, b: steps.eval_step(task, s, b))(state, batch)["rec_vs_mean_colour"])
+    assert ratio < 0.75, f"reconstruction loss is {ratio:.2f}x the mean-colour baseline"

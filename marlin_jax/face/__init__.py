@@ -9,8 +9,9 @@ Typical use::
 A video with no face raises :class:`NoFaceError` (:class:`FrameTooSmallError` when its frames
 are under ``MIN_FRAME_SIDE`` pixels), naming the video and how many frames were searched.
 
-Parsing uses the best parser installed (``FaceParser().method`` says which): ``template-5pt``
-with the default install, ``mediapipe-mesh`` after ``MESH_INSTALL``'s pip commands.
+Parsing uses the best parser installed (``FaceParser().method`` says which): the learned
+``mediapipe-mesh`` after ``MESH_INSTALL``'s pip commands (the ``face`` extra plus the model
+files), else the ``template-5pt`` fallback, with a one-time warning saying so.
 """
 
 from marlin_jax.face.crop import FaceCropper, FaceTrack, NoFaceError, crop_square, square_from_box

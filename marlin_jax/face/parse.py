@@ -1,15 +1,18 @@
 """LaPa-style face parsing maps, offline: two parsers, and every result says which one ran.
 
-- ``"template-5pt"`` (default install): no installable package ships face-parsing network
-  weights (BiSeNet / FaRL), so a hand-drawn mean-face layout of the LaPa regions in a canonical
+- ``"template-5pt"`` (the fallback, when the learned parser is not installed; ``"auto"`` warns
+  once that it is in use): no installable package ships face-parsing network
+  weights (BiSeNet / FaRL; ``bisnet`` 1.0.1 on the package index is BiSeNet's code without
+  weights), so a hand-drawn mean-face layout of the LaPa regions in a canonical
   5-point frame is warped onto each face with the least-squares affine transform that maps its
   5 canonical points onto the detector's 5 landmarks, and rasterised. It gets the layout right
   (eyes above nose above mouth, left/right, scale, in-plane rotation, some yaw foreshortening),
   which is what Fasking needs on its 14 x 14 patch grid; it does not follow individual shapes
   (open mouths, fringes, hair style, occlusions).
-- ``"mediapipe-mesh"`` (optional, :data:`MESH_INSTALL`): polygons over MediaPipe's 468-point
-  face mesh plus its selfie segmentation for hair (see :mod:`marlin_jax.face.mesh`); follows
-  each face's real eye, brow, lip and mouth shapes. Picked automatically when installed.
+- ``"mediapipe-mesh"`` (the default when installed, :data:`MESH_INSTALL`): polygons over
+  MediaPipe's learned 468-point face mesh plus its selfie segmentation for hair (see
+  :mod:`marlin_jax.face.mesh`); follows each face's real eye, brow, lip and mouth shapes.
+  ``scripts/compare_parsers.py`` measures how far the two agree on real videos.
 
 The parser that ran is ``ParseResult.method`` / ``FaceParser().method``, and is logged.
 
@@ -171,6 +174,22 @@ class ParseResult:
     fallback: int = 0
 
 
+_FALLBACK_WARNED = False
+
+
+def _warn_template_fallback() -> None:
+    """Says once per process that the default parser is the template fallback, and how to get
+    the learned one."""
+    global _FALLBACK_WARNED
+    if not _FALLBACK_WARNED:
+        _FALLBACK_WARNED = True
+        log.warning(
+            "face parsing: the learned parser (%s) is not installed, using the fallback %s "
+            "(a template warped to 5 landmarks: closed lips, fixed hair). For the learned "
+            "parser: %s", MESH_METHOD, PARSER_METHOD, MESH_INSTALL,
+        )  # fmt: skip
+
+
 def available_methods() -> tuple[str, ...]:
     """Parsers that can run here, best first."""
     return (MESH_METHOD, PARSER_METHOD) if mesh_available() else (PARSER_METHOD,)
@@ -194,6 +213,8 @@ class FaceParser:
         methods = available_methods()
         if self.method == "auto":
             object.__setattr__(self, "method", methods[0])
+            if self.method == PARSER_METHOD:
+                _warn_template_fallback()
         elif self.method not in methods:
             known = (MESH_METHOD, PARSER_METHOD)
             why = (

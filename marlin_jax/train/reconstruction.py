@@ -1,8 +1,9 @@
-"""Reconstruction images: original | masked | reconstruction, one row per shown frame.
+"""Reconstruction images: original | masked input | reconstruction, one row per shown frame.
 
 As the original's ``_log_sample_reconstruction_image``: masked tubelets are drawn grey (0.5) in
 the middle column; the right column shows the visible pixels unchanged and the model's
-prediction in the masked tubelets.
+prediction in the masked tubelets. Small clips are enlarged (nearest neighbour) so that every
+column is at least :data:`MIN_COLUMN_WIDTH` pixels wide, under a header row naming the columns.
 """
 
 from __future__ import annotations
@@ -14,10 +15,16 @@ import numpy as np
 
 from marlin_jax.models import patchify, unpatchify
 
+COLUMN_TITLES = ("original", "masked input", "reconstruction")
+MIN_COLUMN_WIDTH = 192  # pixels: small clips (the 64 px demo) are enlarged to at least this
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+
 
 def reconstruction_grid(video: np.ndarray, mask: np.ndarray, pred: np.ndarray, *,
                         patch_size: int, tubelet_size: int, num_frames: int = 4) -> np.ndarray:
-    """A uint8 RGB image ``(rows * H, 3 * W, 3)`` for ONE clip.
+    """A uint8 RGB image ``(header + rows * s * H, 3 * s * W, 3)`` for ONE clip, ``s`` the
+    enlargement ``ceil(MIN_COLUMN_WIDTH / W)`` (1 for 224 px clips), under a white header row
+    naming the columns (:data:`COLUMN_TITLES`).
 
     video: ``(T, H, W, 3)`` uint8 or float in [0, 1]; mask: bool ``(N,)`` True = visible;
     pred: ``(N - k, patch_dim)`` predicted pixels of the masked tokens in increasing order.
@@ -42,7 +49,29 @@ def reconstruction_grid(video: np.ndarray, mask: np.ndarray, pred: np.ndarray, *
     columns = [x, to_video(masked), np.clip(to_video(recon), 0.0, 1.0)]
     frames = np.unique(np.linspace(0, t - 1, max(1, min(num_frames, t))).round().astype(int))
     rows = [np.concatenate([c[f] for c in columns], axis=1) for f in frames]
-    return (np.concatenate(rows, axis=0) * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
+    body = (np.concatenate(rows, axis=0) * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
+    scale = max(1, -(-MIN_COLUMN_WIDTH // w))
+    if scale > 1:
+        body = cv2.resize(body, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+    return np.concatenate([_header(w * scale, COLUMN_TITLES), body], axis=0)
+
+
+def _header(column_width: int, titles: tuple[str, ...]) -> np.ndarray:
+    """A white uint8 RGB row ``(h, len(titles) * column_width, 3)`` with each title centred in
+    black over its column, at the largest font size (up to 0.8) that fits the column."""
+    font_scale = 0.8
+    widest = max(titles, key=lambda t: cv2.getTextSize(t, _FONT, 1.0, 1)[0][0])
+    while font_scale > 0.3 and cv2.getTextSize(widest, _FONT, font_scale, 1)[0][0] > column_width - 8:
+        font_scale -= 0.05
+    text_h = cv2.getTextSize("Ag", _FONT, font_scale, 1)[0][1]
+    height = text_h * 2 + 8
+    row = np.full((height, column_width * len(titles), 3), 255, np.uint8)
+    for i, title in enumerate(titles):
+        (tw, _), _ = cv2.getTextSize(title, _FONT, font_scale, 1)
+        x = i * column_width + (column_width - tw) // 2
+        cv2.putText(row, title, (x, (height + text_h) // 2), _FONT, font_scale, (0, 0, 0), 1,
+                    cv2.LINE_AA)
+    return row
 
 
 def save_png(image: np.ndarray, path: str | os.PathLike) -> str:
