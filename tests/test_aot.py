@@ -133,6 +133,10 @@ def _tiny_config(**overrides):
     """ViT-tiny (2 + 1 blocks) on 4 x 64 x 64 clips: 32 tokens, 3 visible."""
     c = vit_small.get_config("demo")
     c.model.name = "marlin_vit_tiny"
+    for field in ("encoder_embed_dim", "encoder_num_heads", "decoder_embed_dim", "decoder_num_heads"):
+        c.model[field] = None  # ViT-tiny's own widths, not the demo's
+    c.data.patch_size = 16
+    c.adv_weight = 0.01
     c.model.encoder_depth = 2
     c.model.decoder_depth = 1
     c.data.img_size = 64
