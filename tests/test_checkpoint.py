@@ -60,6 +60,33 @@ def test_checkpoint_restores_state_and_exact_data_position(tmp_path):
     np.testing.assert_array_equal(restored["blocks"][0]["b"], np.ones(4))
 
 
+def test_the_trainer_writes_the_checkpoint_layout_interop_declares(tmp_path):
+    """The trainer-checkpoint layout is declared once, in interop (below the trainer): the items
+    the Checkpointer writes and the TrainState groups interop reads as the model; and nothing in
+    interop imports the trainer (dependencies flow downwards)."""
+    import ast
+    import dataclasses
+
+    from marlin_jax.interop.checkpoints import (
+        MODEL_PARAM_GROUPS,
+        TRAINER_DATA_ITER_ITEM,
+        TRAINER_STATE_ITEM,
+    )
+    from marlin_jax.train.state import TrainState
+
+    assert set(MODEL_PARAM_GROUPS) <= {f.name for f in dataclasses.fields(TrainState)}
+    it = iter(make_dataset(_tiny_data(), split="train", global_batch_size=2))
+    with Checkpointer(tmp_path / "ck", async_save=False) as ckpt:
+        ckpt.save(1, {"g_params": {"w": jnp.ones(2)}, "d_params": {}}, it)
+    assert {p.name for p in (tmp_path / "ck" / "1").iterdir()} >= {TRAINER_STATE_ITEM,
+                                                                     TRAINER_DATA_ITER_ITEM}
+    for path in (ROOT / "marlin_jax" / "interop").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.startswith("marlin_jax.train") for n in names), path
+
+
 def test_keeps_last_k_and_leaves_no_partial_checkpoints(tmp_path):
     state = {"w": jnp.zeros(3)}
     with Checkpointer(tmp_path / "ck", max_to_keep=2) as ckpt:

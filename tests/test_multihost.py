@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,44 @@ def test_two_processes_train_one_model_and_write_one_checkpoint(tmp_path):
         "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
     assert (ckpts / "3" / "state").is_dir()
     assert (tmp_path / "run" / "reconstructions" / "step_00000003.png").is_file()
+
+
+@pytest.mark.slow
+def test_two_processes_stop_at_the_same_step_on_sigterm_to_one_between_log_steps(tmp_path):
+    """SIGTERM to process 1 only, with no log step before the end: both processes agree on it
+    two steps later (the flag is all-reduced every step and read two steps behind), save the
+    same step and exit 143; the rerun resumes there in the other block layout (scan_layers: the
+    fsdp-sharded state converted across processes) and finishes on both."""
+    workdir = tmp_path / "run"
+    flags = [*FLAGS, "--config.num_train_steps=40", "--config.log_every_steps=1000",
+             "--config.eval_every_steps=0", "--config.checkpoint_every_steps=5"]
+    cmd = [sys.executable, "-m", "marlin_jax.main", f"--workdir={workdir}", *flags]
+    procs = _launch(cmd, 2, 4)
+    t0 = time.time()
+    while not (workdir / "checkpoints" / "5").is_dir():  # both processes are in the loop
+        assert all(p.poll() is None for p in procs), _finish(procs)
+        assert time.time() - t0 < 600, "no checkpoint 5"
+        time.sleep(0.02)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = _finish(procs)
+    assert [code for code, _ in outs] == [143, 143], [out[-2000:] for _, out in outs]
+    saved = [re.search(r"preempted at step (\d+), saved to", out) for _, out in outs]
+    assert all(saved), [out[-2000:] for _, out in outs]
+    step = int(saved[0].group(1))
+    assert int(saved[1].group(1)) == step and 5 < step < 40
+    ckpt = workdir / "checkpoints" / str(step)
+    assert sorted(os.listdir(ckpt / "data_iter")) == [
+        "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
+
+    end = step + 2  # (a short rerun: these are 2 processes on a small CI machine)
+    outs = _finish(_launch(cmd + ["--config.scan_layers=True", f"--config.num_train_steps={end}"],
+                           2, 4))
+    for i, (code, out) in enumerate(outs):
+        assert code == 0, f"process {i}:\n{out[-3000:]}"
+    assert f"resuming from {workdir / 'checkpoints'} step {step}" in outs[0][1]
+    summaries = [re.search(rf"process {i} finished at step {end}: (.*)", out).group(1)
+                 for i, (_, out) in enumerate(outs)]
+    assert summaries[0] == summaries[1]
 
 
 def _labelled_videos(root: Path, n: int = 48) -> Path:

@@ -294,8 +294,79 @@ def test_scanned_trainer_run_resumes_and_its_workdir_is_a_checkpoint(tmp_path, c
     assert {k for k in state_dict if k.startswith("encoder.blocks.")} >= {
         "encoder.blocks.0.norm1.weight", "encoder.blocks.1.norm1.weight"}
     assert not any(re.match(r"encoder\.blocks\.[a-z]", k) for k in state_dict)
-    with pytest.raises(ValueError, match="does not fit this run's train state .scan_layers=False"):
-        train_and_evaluate(_trainer_config(num_epochs=3, scan_layers=False), str(workdir))
+
+
+def _program(scan: bool, **overrides):
+    from marlin_jax.train.program import build_program
+    from marlin_jax.train.trainer import make_schedule, resolve_data_config
+
+    c = _trainer_config(scan_layers=scan, **overrides)
+    mesh = shd.make_mesh(c.mesh.to_dict())
+    return build_program(c, mesh, make_schedule(c, resolve_data_config(c)))
+
+
+@pytest.mark.parametrize("saved_scan", [False, True], ids=["looped_saved", "scanned_saved"])
+def test_a_checkpoint_restores_into_the_other_block_layout(tmp_path, saved_scan):
+    """A train state saved per-layer restores into a scanned run as exactly the stacked state
+    (params, AdamW mu and nu alike), with the run's shardings, and the reverse; a state of another
+    model is still refused."""
+    from marlin_jax.train.checkpointing import Checkpointer, CheckpointLayoutError
+    from marlin_jax.train.trainer import other_block_layout
+
+    saved_program, run_program = _program(saved_scan), _program(not saved_scan)
+    state = shd.sharded_init(saved_program.init_fn, saved_program.mesh)
+    moments = jax.tree.map(  # not the fresh zeros
+        lambda x: x + 0.5 if jnp.issubdtype(x.dtype, jnp.floating) else x + 3, state.g_opt_state)
+    state = state.replace(g_opt_state=moments)
+    with Checkpointer(tmp_path / "ck", async_save=False) as ckpt:
+        ckpt.save(2, state)
+        step, restored, skipped = ckpt.restore_newest(
+            run_program.abstract_state, other_layouts=[other_block_layout(run_program)])
+    assert step == 2 and not skipped and is_stacked(restored) == (not saved_scan)
+    convert = unstack_layers if saved_scan else stack_layers
+    _assert_trees_equal(restored, jax.device_get(convert(jax.device_get(state))))
+    placed = jax.tree.map(lambda a, t: a.sharding == t.sharding, restored,
+                          run_program.abstract_state)
+    assert all(jax.tree.leaves(placed))
+
+    deeper = _program(not saved_scan, **{"model.encoder_depth": 3})  # not a layout of it
+    with (Checkpointer(tmp_path / "ck", async_save=False) as ckpt,
+          pytest.raises(CheckpointLayoutError, match="do not fit this run.s train state")):
+        ckpt.restore_newest(deeper.abstract_state, other_layouts=[other_block_layout(deeper)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("saved_scan", [False, True], ids=["looped_to_scanned",
+                                                           "scanned_to_looped"])
+def test_a_run_resumes_in_the_other_block_layout_like_in_its_own(tmp_path, saved_scan):
+    """2 steps in one layout, checkpoint; resumed in the same layout and in the other one: the
+    next steps' losses agree (rtol 1e-5), so parameters, AdamW moments, step and data position
+    all carried over; the metadata then names the new layout."""
+    import json
+    import shutil
+
+    from marlin_jax.train.trainer import train_and_evaluate
+
+    first = tmp_path / "first"
+    train_and_evaluate(_trainer_config(scan_layers=saved_scan), str(first))
+    other = tmp_path / "other"
+    shutil.copytree(first, other)
+    train_and_evaluate(_trainer_config(num_epochs=2, scan_layers=saved_scan), str(first))
+    out = train_and_evaluate(_trainer_config(num_epochs=2, scan_layers=not saved_scan), str(other))
+    assert out["step"] == 4
+
+    def rows(workdir):
+        lines = (workdir / "metrics.jsonl").read_text().splitlines()
+        return {r["step"]: r for r in map(json.loads, lines) if "rec_loss" in r}
+
+    want, got = rows(first), rows(other)
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in (3, 4):
+        for name in ("rec_loss", "adv_loss", "d_loss", "g_grad_norm", "d_grad_norm"):
+            np.testing.assert_allclose(got[step][name], want[step][name], rtol=1e-5,
+                                       err_msg=f"step {step} {name}")
+    saved = json.loads((other / "config.json").read_text())
+    assert saved["scan_layers"] is (not saved_scan)
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["looped", "scanned"])

@@ -312,7 +312,8 @@ def test_trainer_continues_a_lightning_ckpt_with_its_adam_state(lightning_run, t
     c = vit_small.get_config("demo")
     c.model.update(name="marlin_vit_tiny", encoder_depth=1, decoder_depth=1)
     c.data.update(source="synthetic", img_size=CFG.img_size, clip_frames=CFG.n_frames,
-                  mask_ratio=0.75, synthetic_num_videos=8, synthetic_num_frames=8, num_threads=1)
+                  patch_size=CFG.patch_size, tubelet_size=CFG.tubelet_size, mask_ratio=0.75,
+                  synthetic_num_videos=8, synthetic_num_frames=8, num_threads=1)
     c.optimizer.update(b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WD)
     c.update(global_batch_size=2, num_train_steps=3, eval_every_steps=0, log_every_steps=1,
              checkpoint_every_steps=100, async_checkpointing=False,

@@ -30,10 +30,10 @@ from marlin_jax.models import MarlinConfig, MarlinModel, sincos_table, unstack_l
 from marlin_jax.models.config import config_from_json_file
 
 from .mapping import (
-    _to_torch_layout,
     is_videomae_state_dict,
     model_from_state_dict,
     model_to_state_dict,
+    to_torch_layout,
     torch_key,
     videomae_to_marlin,
 )
@@ -41,7 +41,13 @@ from .torch_format import load_torch_file, save_torch_file
 
 CONFIG_FILE = "marlin_config.json"
 PARAMS_ITEM = "params"
-TRAINER_STATE_ITEM = "state"  # the trainer's TrainState: g_params / d_params / optimiser states
+# The trainer-checkpoint layout, declared here (below the trainer, which writes it and imports
+# these names; interop reads it and imports nothing of the trainer): ``<workdir>/checkpoints/
+# <step>/`` holds the orbax item TRAINER_STATE_ITEM, a pytree whose MODEL_PARAM_GROUPS subtrees
+# together are the model's parameters (nested by variable path; other subtrees: optimiser
+# states, step, rng), and the data-iterator item TRAINER_DATA_ITER_ITEM.
+TRAINER_STATE_ITEM = "state"
+TRAINER_DATA_ITER_ITEM = "data_iter"
 MODEL_PARAM_GROUPS = ("g_params", "d_params")
 
 
@@ -162,7 +168,7 @@ def read_marlin_state_dict(directory: str | os.PathLike,
             for k, v in node.items():
                 visit(v, (*path, int(k) if isinstance(k, str) and k.isdigit() else k))
         else:
-            out[torch_key(path)] = np.ascontiguousarray(_to_torch_layout(path, np.asarray(node)))
+            out[torch_key(path)] = np.ascontiguousarray(to_torch_layout(path, np.asarray(node)))
 
     visit(tree, ())
     if item.name == TRAINER_STATE_ITEM:

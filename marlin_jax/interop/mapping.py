@@ -45,7 +45,7 @@ def torch_key(path: tuple) -> str:
     return key
 
 
-def _to_torch_layout(path: tuple, value: np.ndarray) -> np.ndarray:
+def to_torch_layout(path: tuple, value: np.ndarray) -> np.ndarray:
     """A marlin-jax variable -> its PyTorch layout. Kernels are ``(in, *out)`` (the per-head qkv
     kernel ``(D, 3, H, hd)``, or the ``(D, 3D)`` of checkpoints written before it) -> ``(out, in)``."""
     if path[-1] == "kernel":
@@ -79,7 +79,7 @@ def model_to_state_dict(model: nnx.Module) -> OrderedDict[str, np.ndarray]:
     out: OrderedDict[str, np.ndarray] = OrderedDict()
     for path, var in model_variables(model):
         value = np.asarray(var.get_value())
-        out[torch_key(path)] = np.ascontiguousarray(_to_torch_layout(path, value))
+        out[torch_key(path)] = np.ascontiguousarray(to_torch_layout(path, value))
     return out
 
 

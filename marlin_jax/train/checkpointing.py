@@ -10,6 +10,11 @@ Orbax writes into a temporary directory and renames it when complete (atomic), k
 A step that cannot be read back (files deleted or truncated: a crash, a full disk, a bad copy) is
 renamed aside to ``<step>.damaged`` by :meth:`Checkpointer.restore_newest`, which then restores
 the newest readable step, so that such damage costs one checkpoint interval, not the run.
+
+A state saved in another layout of the same arrays (``scan_layers``: stacked vs per-layer blocks)
+restores through :class:`OtherLayout`: read in the layout it was saved in (sharded, onto the
+run's mesh), then converted on the devices. The item names are the public trainer-checkpoint
+layout of :mod:`marlin_jax.interop.checkpoints`, which reads a workdir as model weights.
 """
 
 from __future__ import annotations
@@ -18,17 +23,21 @@ import collections
 import errno
 import logging
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from marlin_jax.interop.checkpoints import TRAINER_DATA_ITER_ITEM, TRAINER_STATE_ITEM
 
 log = logging.getLogger(__name__)
 
-STATE = "state"
-DATA_ITER = "data_iter"
+STATE = TRAINER_STATE_ITEM
+DATA_ITER = TRAINER_DATA_ITER_ITEM
 DAMAGED_SUFFIX = ".damaged"
 
 
@@ -43,6 +52,15 @@ class SkippedStep(NamedTuple):
     step: int
     reason: str
     moved_to: str
+
+
+class OtherLayout(NamedTuple):
+    """Another layout a checkpoint's state may be saved in: its abstract state (with shardings)
+    and the conversion of a state restored in it to the run's layout (jit it with the run's
+    ``out_shardings``: it runs on the restored, sharded arrays)."""
+
+    abstract_state: Any
+    convert: Callable[[Any], Any]
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -112,46 +130,81 @@ class Checkpointer:
             log.info("checkpoint: saving step %d to %s", step, self.directory)
         return saved
 
-    def restore(self, step: int, abstract_state: Any, data_iter: Any | None = None) -> Any:
+    def restore(self, step: int, abstract_state: Any, data_iter: Any | None = None, *,
+                other_layouts: Sequence[OtherLayout] = ()) -> Any:
         """The state of checkpoint ``step`` laid out like ``abstract_state`` (a pytree of
-        ``jax.ShapeDtypeStruct`` with shardings: any mesh). Restores ``data_iter`` in place."""
-        items = {STATE: ocp.args.StandardRestore(abstract_state)}
+        ``jax.ShapeDtypeStruct`` with shardings: any mesh). Restores ``data_iter`` in place.
+        A step saved in one of ``other_layouts`` (told apart by its array shapes) is restored in
+        that layout and converted."""
+        state, convert = self._restore_as_saved(step, abstract_state, data_iter, other_layouts)
+        return state if convert is None else convert(state)
+
+    def _restore_as_saved(self, step: int, abstract_state: Any, data_iter: Any | None,
+                          other_layouts: Sequence[OtherLayout]) -> tuple[Any, Callable | None]:
+        """Step's state in the layout it was saved in, and the conversion to the run's (None:
+        already in it)."""
+        target, convert = abstract_state, None
+        saved = self._saved_shapes(step)
+        if saved is not None and saved != _shape_multiset(abstract_state):
+            for other in other_layouts:
+                if saved == _shape_multiset(other.abstract_state):
+                    target, convert = other.abstract_state, other.convert
+                    break
+        items = {STATE: ocp.args.StandardRestore(target)}
         if data_iter is not None:
             items[DATA_ITER] = grain.checkpoint.CheckpointRestore(data_iter)
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{self.directory}: no checkpoint for step {step}") from e
-        return restored[STATE]
+        return restored[STATE], convert
+
+    def _saved_shapes(self, step: int) -> collections.Counter | None:
+        """The array shapes of step's state from its metadata (None when unreadable)."""
+        try:
+            path = epath.Path(self.step_path(step)) / STATE  # local or gs://
+            meta = ocp.StandardCheckpointHandler().metadata(path)
+        except Exception:  # noqa: BLE001  (a damaged step: the restore reports it)
+            return None
+        return _shape_multiset(getattr(meta, "tree", meta))
 
     def step_path(self, step: int) -> str:
         """The folder of checkpoint ``step``."""
         return os.path.join(self.directory, str(step))
 
     def restore_newest(self, abstract_state: Any, data_iter: Any | None = None, *,
-                       rename: bool = True) -> tuple[int | None, Any, list[SkippedStep]]:
+                       rename: bool = True, other_layouts: Sequence[OtherLayout] = ()
+                       ) -> tuple[int | None, Any, list[SkippedStep]]:
         """Restores the newest step that reads back: ``(step, state, skipped)``; ``(None, None,
         skipped)`` when there is no readable step.
 
         A step whose files are missing or truncated is logged (one line), renamed aside to
         ``<step>.damaged`` (by the caller's choice ``rename``: the primary process) and skipped.
-        A readable step whose arrays do not fit ``abstract_state`` raises
-        :class:`CheckpointLayoutError` (left in place).
+        A readable step whose arrays fit neither ``abstract_state`` nor one of
+        ``other_layouts`` raises :class:`CheckpointLayoutError` (left in place).
         """
         skipped: list[SkippedStep] = []
         for step in sorted(self.all_steps(), reverse=True):
             try:
-                return step, self.restore(step, abstract_state, data_iter), skipped
+                state, convert = self._restore_as_saved(step, abstract_state, data_iter,
+                                                        other_layouts)
             except Exception as e:  # noqa: BLE001  (any read failure: classified below)
-                reason = self._diagnose(step, abstract_state, e)
+                reason = self._diagnose(step, abstract_state, e, other_layouts)
                 moved = self._move_aside(step) if rename else self.step_path(step)
                 self._manager.reload()  # forget the step (else a new save of it is refused)
                 log.warning("checkpoint: skipped damaged step %d of %s (%s); renamed it to %s",
                             step, self.directory, reason, moved)
                 skipped.append(SkippedStep(step, reason, moved))
+                continue
+            if convert is not None:
+                log.info("checkpoint: step %d of %s was saved in another layout; converting it",
+                         step, self.directory)
+                state = convert(state)
+            return step, state, skipped
         return None, None, skipped
 
-    def _diagnose(self, step: int, abstract_state: Any, error: BaseException) -> str:
+    def _diagnose(self, step: int, abstract_state: Any, error: BaseException,
+                  other_layouts: Sequence[OtherLayout] = ()) -> str:
         """Why step failed to restore, in a few words; raises CheckpointLayoutError when its
         metadata reads and its array shapes differ from ``abstract_state``'s (another run)."""
         folder = Path(self.step_path(step))
@@ -164,7 +217,8 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001  (unreadable metadata: damage)
             return f"{STATE}/_METADATA unreadable: {first_line(e)}"
         wanted = _shape_multiset(abstract_state)
-        if saved and saved != wanted:
+        fits = [wanted] + [_shape_multiset(o.abstract_state) for o in other_layouts]
+        if saved and saved not in fits:
             extra = sorted((saved - wanted).elements())[:3]
             missing = sorted((wanted - saved).elements())[:3]
             raise CheckpointLayoutError(

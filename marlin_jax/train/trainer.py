@@ -26,7 +26,7 @@ from flax import nnx
 
 from marlin_jax import sharding as shd
 from marlin_jax.data import make_dataset, make_source
-from marlin_jax.distributed import any_process
+from marlin_jax.distributed import LaggedAny
 from marlin_jax.interop.checkpoints import CONFIG_FILE, write_config_file
 from marlin_jax.interop.optimizer_state import (
     AdamMoments,
@@ -39,9 +39,15 @@ from marlin_jax.preemption import PreemptedError, SigtermFlag
 from marlin_jax.train import metrics as mt
 from marlin_jax.train import reconstruction, steps
 from marlin_jax.train import state as st
-from marlin_jax.train.checkpointing import Checkpointer, CheckpointLayoutError, is_disk_full
+from marlin_jax.train.checkpointing import (
+    Checkpointer,
+    CheckpointLayoutError,
+    OtherLayout,
+    is_disk_full,
+)
 from marlin_jax.train.program import (
     Schedule,
+    TrainProgram,
     build_program,
     model_config,
     schedule_from_config,
@@ -64,7 +70,8 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class RunMismatchError(ValueError):
-    """The workdir holds the checkpoints of another run (model shape, clip geometry, layout)."""
+    """The workdir holds the checkpoints of another run (model shape, clip geometry, optimiser
+    layout)."""
 
 
 class CheckpointDiskFullError(OSError):
@@ -182,12 +189,11 @@ def load_init_params(path: str, model_cfg: MarlinConfig, g_params: st.Params,
 
 def run_identity(model_cfg: MarlinConfig, config: Mapping[str, Any]) -> dict[str, Any]:
     """What a restore depends on, as flat ``{field: value}``: the model's shape and clip geometry
-    (``model.*``, from the resolved MarlinConfig), the block layout (``scan_layers``) and the
-    optimiser-state layout (``optimizer.grad_clip > 0`` adds a clipping stage)."""
+    (``model.*``, from the resolved MarlinConfig) and the optimiser-state layout
+    (``optimizer.grad_clip > 0`` adds a clipping stage). Not the block layout: a checkpoint
+    written with the other ``scan_layers`` is converted on restore (:func:`other_block_layout`)."""
     ident: dict[str, Any] = {f"model.{k}": v for k, v in model_cfg.to_dict().items()
                              if k not in _NOT_IDENTITY_MODEL_FIELDS}
-    if "scan_layers" in config:
-        ident["scan_layers"] = bool(config["scan_layers"])
     grad_clip = (config.get("optimizer") or {}).get("grad_clip")
     if grad_clip is not None:
         ident["optimizer.grad_clip > 0"] = float(grad_clip) > 0
@@ -207,7 +213,7 @@ def saved_identity(workdir: str) -> dict[str, Any]:
         except (OSError, ValueError) as e:
             raise RunMismatchError(f"{run_path}: damaged run config, not readable JSON ({e}); "
                                    "restore it, or delete it to resume without checking the "
-                                   "optimiser and scan_layers layout") from None
+                                   "optimiser layout") from None
         if not isinstance(config, dict):
             raise RunMismatchError(f"{run_path}: damaged run config, expected a JSON object")
     if os.path.isfile(model_path):
@@ -283,16 +289,49 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-# ----------------------------------------------------------------------------- the loop
-
-
 def _device_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
     return shd.global_batch({"video": local["video"], "mask": local["mask"]}, mesh)
 
 
+# ----------------------------------------------------------------------------- the run, in phases
+# train_and_evaluate = setup -> restore or init -> loop -> finish; each phase is one function
+# (the loop one class) that the next receives its results from.
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains (resuming from ``workdir`` when it holds checkpoints) and returns the last logged
-    train metrics plus ``val_*`` metrics and ``step``."""
+    train metrics plus ``val_*`` metrics and ``step``. Raises :class:`PreemptedError` after
+    saving on SIGTERM, :class:`RunMismatchError`, :class:`NonFiniteLossError`,
+    :class:`CheckpointDiskFullError`."""
+    run = _setup(config, workdir)
+    ckpt, state, latest = _restore_or_init(run)
+    try:
+        loop = _Loop(run, ckpt, state, latest)
+    except BaseException:
+        ckpt.close()
+        raise
+    loop.train()
+    return _finish(run, loop)
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the phases share: the resolved config, the mesh and compiled program, the data."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    primary: bool
+    say: _Say
+    data_cfg: ml_collections.ConfigDict
+    sched: Schedule
+    program: TrainProgram
+    train_iter: Any
+    eval_every: int
+
+
+def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
+    """Phase 1: mesh, schedule, program, the workdir (moved aside or checked to hold this run),
+    the training data and whether validation can run. Writes nothing but ``fresh_start``'s move."""
     workdir = os.path.abspath(workdir)
     primary = jax.process_index() == 0
     say = _Say(primary)
@@ -301,9 +340,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     sched = make_schedule(config, data_cfg)
     resolved = ml_collections.ConfigDict({**config.to_dict(), "data": data_cfg.to_dict()})
     program = build_program(resolved, mesh, sched, process_count=jax.process_count())
-    model_cfg, task, k = program.model_cfg, program.task, program.num_visible
-    batch = program.global_batch
-    # ---- the workdir: start over (moving the old run aside) or check that it holds this run
+    model_cfg = program.model_cfg
     if config.get("fresh_start", False):
         moved = move_aside(workdir) if primary else None
         _sync("marlin_fresh_start")
@@ -311,28 +348,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             say("fresh_start: moved the previous contents of %s to %s; starting over", workdir,
                 moved)
     check_run_identity(workdir, run_identity(model_cfg, resolved.to_dict()),
-                       f"scan_layers={config.scan_layers}, model {config.model.name}")
+                       f"model {config.model.name}")
     os.makedirs(workdir, exist_ok=True)
     say("model %s (%s compute, %s attention, data %s), mesh %s, %d devices / %d processes, "
         "batch %d, %d steps (%d/epoch), warm-up %d, lr %.3g -> %.3g, %d of %d tokens visible",
         config.model.name, jnp.dtype(program.dtype).name, program.attention_impl or "xla",
-        data_cfg.source, dict(mesh.shape), jax.device_count(), jax.process_count(), batch,
-        sched.total_steps, sched.steps_per_epoch, sched.warmup_steps, sched.base_lr, sched.min_lr,
-        k, model_cfg.num_tokens)
-
-    # ---- state and shardings
-    init_fn, state_shardings, opt = program.init_fn, program.state_shardings, config.optimizer
-    abstract_state = program.abstract_state
-    repl = shd.replicated(mesh)
+        data_cfg.source, dict(mesh.shape), jax.device_count(), jax.process_count(),
+        program.global_batch, sched.total_steps, sched.steps_per_epoch, sched.warmup_steps,
+        sched.base_lr, sched.min_lr, program.num_visible, model_cfg.num_tokens)
     say("parameters: generator %.1fM, critic %.1fM",
-        st.count_params(abstract_state.g_params) / 1e6,
-        st.count_params(abstract_state.d_params) / 1e6)
-
-    # ---- data
-    train_ds = make_dataset(data_cfg, split=data_cfg.train_split, global_batch_size=batch,
+        st.count_params(program.abstract_state.g_params) / 1e6,
+        st.count_params(program.abstract_state.d_params) / 1e6)
+    train_ds = make_dataset(data_cfg, split=data_cfg.train_split,
+                            global_batch_size=program.global_batch,
                             process_index=jax.process_index(),
                             process_count=jax.process_count(), seed=config.seed)
-    train_iter = iter(train_ds)
     eval_every = int(config.eval_every_steps)
     if eval_every > 0:
         try:
@@ -343,207 +373,281 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 "are off; set --config.data.val_split or --config.eval_every_steps=0",
                 data_cfg.val_split, e)
             eval_every = 0
+    return _Run(config, workdir, primary, say, data_cfg, sched, program, iter(train_ds),
+                eval_every)
 
-    # ---- checkpoint / init
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
-                        async_save=config.async_checkpointing)
+
+def _restore_or_init(run: _Run) -> tuple[Checkpointer, st.TrainState, int | None]:
+    """Phase 2: the newest readable checkpoint (in either block layout: converted on the
+    devices), else a fresh state (over which ``config.init_from`` is loaded); then the run's
+    metadata. Returns the open checkpointer, the state and the restored step (None: fresh)."""
+    config, program = run.config, run.program
+    ckpt = Checkpointer(os.path.join(run.workdir, "checkpoints"),
+                        max_to_keep=config.keep_checkpoints, async_save=config.async_checkpointing)
     try:
-        latest, state, skipped = ckpt.restore_newest(abstract_state, train_iter, rename=primary)
-    except CheckpointLayoutError as e:
+        try:
+            latest, state, skipped = ckpt.restore_newest(
+                program.abstract_state, run.train_iter, rename=run.primary,
+                other_layouts=[other_block_layout(program)])
+        except CheckpointLayoutError as e:
+            raise RunMismatchError(
+                f"{e} (this run: model {config.model.name}). It was written for another model, "
+                "or before the per-head (D, 3, H, hd) qkv kernel (read such a workdir as weights "
+                "with init_from=<workdir> in a new workdir); nothing was written. Use another "
+                "--workdir, or pass --config.fresh_start=True once to move its contents aside "
+                f"(to {run.workdir}/{PREVIOUS_PREFIX}<time>/) and start over.") from e
+        _sync("marlin_restore")  # (each skipped step was logged as one warning line)
+        if skipped and latest is None:
+            raise RunMismatchError(
+                f"{ckpt.directory}: no readable checkpoint (damaged steps "
+                f"{', '.join(str(x.step) for x in skipped)} renamed aside to <step>.damaged); "
+                "rerun the same command to start from step 0 (or config.init_from).")
+        if latest is not None:
+            run.say("resuming from %s step %d", ckpt.directory, latest)
+        else:
+            state = shd.sharded_init(program.init_fn, program.mesh)
+            if config.init_from:
+                state = _apply_init_from(config, program, state)
+    except BaseException:
         ckpt.close()
-        raise RunMismatchError(
-            f"{e} (this run: scan_layers={config.scan_layers}, model {config.model.name}). It "
-            "was written with another layout: another scan_layers, or before the per-head "
-            "(D, 3, H, hd) qkv kernel (read such a workdir as weights with init_from=<workdir> in "
-            "a new workdir), or another model; nothing was written. Use another --workdir, or "
-            "pass --config.fresh_start=True once to move its contents aside (to "
-            f"{workdir}/{PREVIOUS_PREFIX}<time>/) and start over.") from e
-    _sync("marlin_restore")  # (each skipped step was logged as one warning line)
-    if skipped and latest is None:
-        ckpt.close()
-        raise RunMismatchError(
-            f"{ckpt.directory}: no readable checkpoint (damaged steps "
-            f"{', '.join(str(x.step) for x in skipped)} renamed aside to <step>.damaged); rerun "
-            "the same command to start from step 0 (or config.init_from).")
-    if latest is not None:
-        say("resuming from %s step %d", ckpt.directory, latest)
-    else:
-        state = shd.sharded_init(init_fn, mesh)
-        if config.init_from:
-            g, d = jax.device_get((state.g_params, state.d_params))
-            with_adam = config.init_optimizer_from_checkpoint
-            init = load_init_params(
-                config.init_from, model_cfg, g, d, config.d_steps + config.g_steps,
-                adam=(opt.b1, opt.b2, opt.eps) if with_adam else None,
-                weight_decay=opt.weight_decay)
-            placed = jax.device_put((init.g_params, init.d_params),
-                                    (state_shardings.g_params, state_shardings.d_params))
-            state = state.replace(g_params=placed[0], d_params=placed[1])
-            if init.step and config.init_step_from_checkpoint:
-                state = state.replace(step=jax.device_put(jnp.int32(init.step), repl))
-            if init.g_adam is not None or init.d_adam is not None:
-                g_opt, d_opt = jax.device_get((state.g_opt_state, state.d_opt_state))
-                if init.g_adam is not None:
-                    g_opt = st.with_adam_moments(g_opt, init.g_adam.mu, init.g_adam.nu,
-                                                 init.g_adam.count)
-                if init.d_adam is not None:
-                    d_opt = st.with_adam_moments(d_opt, init.d_adam.mu, init.d_adam.nu,
-                                                 init.d_adam.count)
-                placed = jax.device_put((g_opt, d_opt), (state_shardings.g_opt_state,
-                                                         state_shardings.d_opt_state))
-                state = state.replace(g_opt_state=placed[0], d_opt_state=placed[1])
-    if primary:  # only now that the workdir's checkpoints are known to fit this run
-        _write_run_metadata(workdir, config, model_cfg)
-    start_step = int(jax.device_get(state.step))
-    if primary:  # rows of steps after the restored one are rerun: keep every step once
-        dropped = mt.drop_rows_after(os.path.join(workdir, "metrics.jsonl"), start_step)
+        raise
+    if run.primary:  # only now that the workdir's checkpoints are known to fit this run
+        _write_run_metadata(run.workdir, config, program.model_cfg)
+        start = int(jax.device_get(state.step))  # rows of later steps are rerun: keep each once
+        dropped = mt.drop_rows_after(os.path.join(run.workdir, "metrics.jsonl"), start)
         if dropped:
             log.info("metrics.jsonl: dropped %d rows after step %d (rerun from it)", dropped,
-                     start_step)
+                     start)
+    return ckpt, state, latest
 
-    # ---- compiled steps
-    eval_step = program.eval_step
-    t0 = time.perf_counter()
-    compiled = program.lower_train_step().compile()
-    flops = program.model_flops_per_step() / mesh.size
-    peak = mt.peak_flops_per_device(override=config.peak_flops_per_device)
-    say("compiled the train step in %.1fs; %.1f model GFLOP per device per step",
-        time.perf_counter() - t0, flops / 1e9)
 
-    @jax.jit  # outputs replicated below
-    def recon_sample(s, b):  # sample 0, replicated so that the primary can draw it
-        one = {"video": b["video"][:1], "mask": b["mask"][:1]}
-        out = one["video"][0], one["mask"][0], steps.reconstruct(task, s, one)[0]
-        return jax.lax.with_sharding_constraint(out, repl)
+def other_block_layout(program: TrainProgram) -> OtherLayout:
+    """The run's train state with its blocks in the other layout (per-layer if the run stacks
+    them with ``scan_layers``, else stacked), sharded by the same rules, and the jitted
+    conversion back to the run's layout (params and both AdamW states: the moments follow the
+    params' structure). Runs on the sharded arrays: nothing is gathered to a host; the layer
+    axis is never sharded, so each device stacks / slices its own shards."""
+    stacked = is_stacked(program.abstract_state)
+    to_other, back = (unstack_layers, stack_layers) if stacked else (stack_layers, unstack_layers)
+    plain = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), program.abstract_state)
+    other = shd.abstract_with_shardings(jax.eval_shape(to_other, plain), program.mesh)
+    return OtherLayout(other, jax.jit(back, out_shardings=program.state_shardings))
 
-    writer = mt.create_writer(os.path.join(workdir, "tensorboard"), active=primary)
-    if primary and start_step == 0:
-        writer.write_hparams(_flatten(config.to_dict()))
-    collection = mt.average_collection(METRIC_NAMES)
 
-    def evaluate(step: int) -> dict[str, float]:
-        val_ds = make_dataset(data_cfg, split=data_cfg.val_split, global_batch_size=batch,
+def _apply_init_from(config: ml_collections.ConfigDict, program: TrainProgram,
+                     state: st.TrainState) -> st.TrainState:
+    """``config.init_from`` over a fresh state: parameters, the step and (Lightning ``.ckpt``)
+    both AdamW states, placed with the state's shardings."""
+    opt, shardings = config.optimizer, program.state_shardings
+    g, d = jax.device_get((state.g_params, state.d_params))
+    init = load_init_params(
+        config.init_from, program.model_cfg, g, d, config.d_steps + config.g_steps,
+        adam=(opt.b1, opt.b2, opt.eps) if config.init_optimizer_from_checkpoint else None,
+        weight_decay=opt.weight_decay)
+    g, d = jax.device_put((init.g_params, init.d_params), (shardings.g_params, shardings.d_params))
+    state = state.replace(g_params=g, d_params=d)
+    if init.step and config.init_step_from_checkpoint:
+        state = state.replace(step=jax.device_put(jnp.int32(init.step),
+                                                  shd.replicated(program.mesh)))
+    if init.g_adam is None and init.d_adam is None:
+        return state
+    g_opt, d_opt = jax.device_get((state.g_opt_state, state.d_opt_state))
+    if init.g_adam is not None:
+        g_opt = st.with_adam_moments(g_opt, init.g_adam.mu, init.g_adam.nu, init.g_adam.count)
+    if init.d_adam is not None:
+        d_opt = st.with_adam_moments(d_opt, init.d_adam.mu, init.d_adam.nu, init.d_adam.count)
+    g_opt, d_opt = jax.device_put((g_opt, d_opt), (shardings.g_opt_state, shardings.d_opt_state))
+    return state.replace(g_opt_state=g_opt, d_opt_state=d_opt)
+
+
+class _Loop:
+    """Phase 3: the step loop, from the restored (or fresh) state to the last step or a stop.
+
+    Per step: one compiled step (dispatched; the host does not wait on it), the NaN/Inf check of
+    the step before, the SIGTERM flag agreed across processes (a one-element all-reduce read two
+    steps later, see :class:`LaggedAny`); on log / validation / checkpoint steps also those.
+    Every process stops and saves at the same step."""
+
+    def __init__(self, run: _Run, ckpt: Checkpointer, state: st.TrainState,
+                 latest: int | None):
+        self.run, self.ckpt, self.state = run, ckpt, state
+        program = run.program
+        self.step = int(jax.device_get(state.step))
+        self.last_good = latest  # newest step known saved (the NaN message names it)
+        self.last: dict[str, float] = {}  # last logged train metrics
+        self.val: dict[str, float] = {}  # last validation metrics
+        self.preempted_at: int | None = None
+        self.acc: Any = None  # metrics merged since the last log line
+        self.prev: tuple[int, dict[str, jax.Array]] | None = None  # NaN check one step behind
+        self.interval_t, self.interval_steps = 0.0, 0  # start of the logged interval
+        t0 = time.perf_counter()
+        self.compiled = program.lower_train_step().compile()
+        self.flops = program.model_flops_per_step() / program.mesh.size
+        self.peak = mt.peak_flops_per_device(override=run.config.peak_flops_per_device)
+        run.say("compiled the train step in %.1fs; %.1f model GFLOP per device per step",
+                time.perf_counter() - t0, self.flops / 1e9)
+        self.writer = mt.create_writer(os.path.join(run.workdir, "tensorboard"),
+                                       active=run.primary)
+        if run.primary and self.step == 0:
+            self.writer.write_hparams(_flatten(run.config.to_dict()))
+        self.collection = mt.average_collection(METRIC_NAMES)
+        self.validate = _Validator(run, self.writer)
+
+    def train(self) -> None:
+        """Steps until the last one or a stop; closes the checkpointer and writer."""
+        run, ckpt, config = self.run, self.ckpt, self.run.config
+        total = run.sched.total_steps
+        failed = False
+        self.interval_t = time.perf_counter()  # step timing starts after the compile
+        with (SigtermFlag("SIGTERM received: saving a checkpoint before exiting") as sigterm,
+              run.program.mesh_context()):
+            stop = LaggedAny()
+            try:
+                while self.step < total:
+                    self.train_one(next(run.train_iter))
+                    at_end = self.step >= total
+                    if self.step % config.log_every_steps == 0 or at_end:
+                        self.log_interval()
+                    if run.eval_every > 0 and (self.step % run.eval_every == 0 or at_end):
+                        self.val = self.validate(self.state, self.step)
+                        if self.interval_steps == 0:  # keep validation out of the step timing
+                            self.interval_t = time.perf_counter()
+                    preempted = stop(sigterm.requested)
+                    if self.step % config.checkpoint_every_steps == 0 or at_end or preempted:
+                        self.checkpoint()
+                    if preempted:
+                        with _disk_full_guard(ckpt, self.step):
+                            ckpt.wait()
+                        run.say("preempted (SIGTERM): saved step %d to %s; exiting", self.step,
+                                ckpt.directory)
+                        self.preempted_at = self.step
+                        break
+                with _disk_full_guard(ckpt, self.step):
+                    ckpt.wait()
+            except BaseException:
+                failed = True
+                raise
+            finally:
+                self.close(failed)
+
+    def train_one(self, local: dict[str, np.ndarray]) -> None:
+        """One step on the process-local batch ``local``; checks the step before for NaN/Inf."""
+        if self.prev is None:  # the first step of this run: the data's masks
+            _check_num_visible(local["mask"], self.run.program)
+        self.state, metrics = self.compiled(self.state, _device_batch(local, self.run.program.mesh))
+        self.step += 1
+        self.interval_steps += 1
+        if self.prev is not None:  # one step behind: the host never waits on the current step
+            _check_finite(*self.prev, self.ckpt, self.last_good)
+        self.prev = (self.step, metrics)
+        single = self.collection.single_from_model_output(**{n: metrics[n] for n in METRIC_NAMES})
+        self.acc = single if self.acc is None else self.acc.merge(single)
+
+    def log_interval(self) -> None:
+        """The console line, TensorBoard and metrics.jsonl row of the steps since the last."""
+        run, step = self.run, self.step
+        _check_finite(*self.prev, self.ckpt, self.last_good)
+        self.last = {k: float(v) for k, v in jax.device_get(self.acc.compute()).items()}
+        step_time = (time.perf_counter() - self.interval_t) / max(self.interval_steps, 1)
+        clips_per_s = run.program.global_batch / step_time
+        run.say("%s", mt.console_line(
+            step, run.sched.total_steps, self.last, clips_per_s=clips_per_s,
+            step_time_s=step_time, mfu_value=mt.mfu(self.flops, step_time, self.peak),
+            eta_s=step_time * (run.sched.total_steps - step)))
+        if run.primary:
+            perf = {"clips_per_s": clips_per_s, "step_time_s": step_time}
+            self.writer.write_scalars(step, {**self.last, **perf})
+            _append_jsonl(os.path.join(run.workdir, "metrics.jsonl"),
+                          {"step": step, **self.last, **perf})
+        self.acc, self.interval_steps, self.interval_t = None, 0, time.perf_counter()
+
+    def checkpoint(self) -> None:
+        """Starts saving this step (after checking it is finite) and the bad-record list."""
+        _check_finite(*self.prev, self.ckpt, self.last_good)
+        with _disk_full_guard(self.ckpt, self.step):
+            if self.ckpt.save(self.step, self.state, self.run.train_iter, force=True):
+                self.last_good = self.step
+            _write_bad_records(self.run.workdir, self.run.train_iter, self.run.primary)
+
+    def close(self, failed: bool) -> None:
+        """Closes the checkpointer (waiting for its writes) and the metric writer. After an
+        error (``failed``) a close error is only logged: the first error is the one to report."""
+        try:
+            self.ckpt.close()
+        except Exception as e:  # noqa: BLE001
+            if not failed:
+                if is_disk_full(e):
+                    raise _disk_full_error(self.ckpt, self.step) from None
+                raise
+            log.debug("checkpoint close after an error: %s", e)
+        finally:
+            self.writer.flush()
+            self.writer.close()
+
+
+def _check_num_visible(mask: np.ndarray, program: TrainProgram) -> None:
+    counts = np.asarray(mask).sum(axis=1)
+    if not np.all(counts == program.num_visible):
+        raise ValueError(f"data masks have {sorted(set(counts.tolist()))} visible tokens, the "
+                         f"step expects {program.num_visible} "
+                         f"(int({program.model_cfg.num_tokens} * (1 - mask_ratio)))")
+
+
+class _Validator:
+    """Validation at a step: every metric the eval step returns, averaged over
+    ``config.num_eval_batches`` batches (logged as ``val_<name>``), and a reconstruction image of
+    the first clip."""
+
+    def __init__(self, run: _Run, writer: Any):
+        self.run, self.writer = run, writer
+        program = run.program
+        repl = shd.replicated(program.mesh)
+
+        @jax.jit  # outputs replicated below
+        def recon_sample(s, b):  # sample 0, replicated so that the primary can draw it
+            one = {"video": b["video"][:1], "mask": b["mask"][:1]}
+            out = one["video"][0], one["mask"][0], steps.reconstruct(program.task, s, one)[0]
+            return jax.lax.with_sharding_constraint(out, repl)
+
+        self.recon_sample = recon_sample
+
+    def __call__(self, state: st.TrainState, step: int) -> dict[str, float]:
+        run, program, cfg = self.run, self.run.program, self.run.program.model_cfg
+        val_ds = make_dataset(run.data_cfg, split=run.data_cfg.val_split,
+                              global_batch_size=program.global_batch,
                               process_index=jax.process_index(),
-                              process_count=jax.process_count(), seed=config.seed,
+                              process_count=jax.process_count(), seed=run.config.seed,
                               shuffle=False, repeat=True)
         it = iter(val_ds)
-        acc = None
-        first = None
-        for _ in range(max(1, config.num_eval_batches)):
-            b = _device_batch(next(it), mesh)
+        n = max(1, run.config.num_eval_batches)
+        acc = first = None
+        for _ in range(n):
+            b = _device_batch(next(it), program.mesh)
             first = b if first is None else first
-            m = eval_step(state, b)
+            m = program.eval_step(state, b)
             acc = m if acc is None else jax.tree.map(jnp.add, acc, m)
-        n = max(1, config.num_eval_batches)
         val = {f"val_{k}": float(v) / n for k, v in jax.device_get(acc).items()}
-        video, mask, pred = jax.device_get(recon_sample(state, first))
-        if primary:
+        video, mask, pred = jax.device_get(self.recon_sample(state, first))
+        if run.primary:
             image = reconstruction.reconstruction_grid(
-                video, mask, pred, patch_size=model_cfg.patch_size,
-                tubelet_size=model_cfg.tubelet_size)
+                video, mask, pred, patch_size=cfg.patch_size, tubelet_size=cfg.tubelet_size)
             path = reconstruction.save_png(
-                image, os.path.join(workdir, "reconstructions", f"step_{step:08d}.png"))
-            writer.write_images(step, {"reconstruction": image})
-            writer.write_scalars(step, val)
-            _append_jsonl(os.path.join(workdir, "metrics.jsonl"), {"step": step, **val})
-            say("step %d validation: %s (image %s)", step,
-                " ".join(f"{k} {v:.4f}" for k, v in val.items()), path)
+                image, os.path.join(run.workdir, "reconstructions", f"step_{step:08d}.png"))
+            self.writer.write_images(step, {"reconstruction": image})
+            self.writer.write_scalars(step, val)
+            _append_jsonl(os.path.join(run.workdir, "metrics.jsonl"), {"step": step, **val})
+            run.say("step %d validation: %s (image %s)", step,
+                    " ".join(f"{k} {v:.4f}" for k, v in val.items()), path)
         return val
 
-    # ---- loop
-    last: dict[str, float] = {}
-    val: dict[str, float] = {}
-    acc = None
-    prev_metrics = None
-    last_good = latest
-    step = start_step
-    interval_t = time.perf_counter()
-    interval_steps = 0
-    checked_num_visible = False
-    preempted_at: int | None = None
-    failed = False
-    with (SigtermFlag("SIGTERM received: saving a checkpoint before exiting") as preempt,
-          program.mesh_context()):
-        try:
-            while step < sched.total_steps:
-                local = next(train_iter)
-                if not checked_num_visible:
-                    counts = np.asarray(local["mask"]).sum(axis=1)
-                    if not np.all(counts == k):
-                        raise ValueError(f"data masks have {sorted(set(counts.tolist()))} visible "
-                                         f"tokens, the step expects {k} "
-                                         f"(int({model_cfg.num_tokens} * (1 - mask_ratio)))")
-                    checked_num_visible = True
-                state, metrics = compiled(state, _device_batch(local, mesh))
-                step += 1
-                interval_steps += 1
-                # NaN/Inf check one step behind so the host never waits on the current step.
-                if prev_metrics is not None:
-                    _check_finite(*prev_metrics, ckpt, last_good)
-                prev_metrics = (step, metrics)
-                single = collection.single_from_model_output(
-                    **{n: metrics[n] for n in METRIC_NAMES})
-                acc = single if acc is None else acc.merge(single)
 
-                at_end = step >= sched.total_steps
-                if step % config.log_every_steps == 0 or at_end:
-                    _check_finite(*prev_metrics, ckpt, last_good)
-                    last = {k: float(v) for k, v in jax.device_get(acc.compute()).items()}
-                    elapsed = time.perf_counter() - interval_t
-                    step_time = elapsed / max(interval_steps, 1)
-                    eta = step_time * (sched.total_steps - step)
-                    line = mt.console_line(
-                        step, sched.total_steps, last, clips_per_s=batch / step_time,
-                        step_time_s=step_time, mfu_value=mt.mfu(flops, step_time, peak),
-                        eta_s=eta)
-                    say("%s", line)
-                    if primary:
-                        perf = {"clips_per_s": batch / step_time, "step_time_s": step_time}
-                        writer.write_scalars(step, {**last, **perf})
-                        _append_jsonl(os.path.join(workdir, "metrics.jsonl"),
-                                      {"step": step, **last, **perf})
-                    acc, interval_steps, interval_t = None, 0, time.perf_counter()
-                if eval_every > 0 and (step % eval_every == 0 or at_end):
-                    val = evaluate(step)
-                    if interval_steps == 0:  # keep validation out of the step timing
-                        interval_t = time.perf_counter()
-                preempted = preempt.requested
-                if jax.process_count() > 1:  # every process must save at the same step
-                    preempted = (step % config.log_every_steps == 0
-                                 and any_process(preempted)[0])
-                if step % config.checkpoint_every_steps == 0 or at_end or preempted:
-                    _check_finite(*prev_metrics, ckpt, last_good)
-                    with _disk_full_guard(ckpt, step):
-                        if ckpt.save(step, state, train_iter, force=True):
-                            last_good = step
-                        _write_bad_records(workdir, train_iter, primary)
-                if preempted:
-                    with _disk_full_guard(ckpt, step):
-                        ckpt.wait()
-                    say("preempted (SIGTERM): saved step %d to %s; exiting", step,
-                        ckpt.directory)
-                    preempted_at = step
-                    break
-            with _disk_full_guard(ckpt, step):
-                ckpt.wait()
-        except BaseException:
-            failed = True
-            raise
-        finally:
-            try:
-                ckpt.close()
-            except Exception as e:  # noqa: BLE001
-                if not failed:  # else the error already propagating is the one to report
-                    if is_disk_full(e):
-                        raise _disk_full_error(ckpt, step) from None
-                    raise
-                log.debug("checkpoint close after an error: %s", e)
-            writer.flush()
-            writer.close()
-    if preempted_at is not None:
-        raise PreemptedError(preempted_at, ckpt.directory)
-    summary = {**last, **val, "step": float(step)}
-    print(f"marlin-jax: process {jax.process_index()} finished at step {step}: "
+def _finish(run: _Run, loop: _Loop) -> dict[str, float]:
+    """Phase 4: raises PreemptedError after a SIGTERM stop, else prints and returns the summary:
+    the last logged train metrics, the last validation metrics and ``step``."""
+    if loop.preempted_at is not None:
+        raise PreemptedError(loop.preempted_at, loop.ckpt.directory)
+    summary = {**loop.last, **loop.val, "step": float(loop.step)}
+    print(f"marlin-jax: process {jax.process_index()} finished at step {loop.step}: "
           + " ".join(f"{k}={v:.6g}" for k, v in sorted(summary.items()) if k != "step"),
           flush=True)
     return summary
