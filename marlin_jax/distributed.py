@@ -7,7 +7,6 @@ process gets ``--coordinator_address=host:port --num_processes=N --process_id=i`
 
 from __future__ import annotations
 
-import collections
 import os
 from typing import Any
 
@@ -77,41 +76,3 @@ def host_value(x: Any) -> np.ndarray:
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         return np.asarray(x.addressable_data(0))
     return np.asarray(x)
-
-
-class LaggedAny:
-    """A flag OR-ed over all processes at every step without stalling the step pipeline.
-
-    Each call posts this process's flag as a tiny all-reduce, queued on the devices behind the
-    work already dispatched (e.g. the train step), and returns the OR over processes of the flag
-    posted ``lag`` calls earlier. With a call per step and ``lag=2`` that all-reduce ran before
-    the step before, whose own collectives every process has finished by the time the host has
-    read that step's metrics, so reading it does not wait. Every process must call it at the
-    same points and gets the same answer at the same call, so all act on it at the same step,
-    ``lag`` calls after any process raised its flag. A single process gets its flag at once.
-    """
-
-    def __init__(self, lag: int = 2) -> None:
-        self._pending: collections.deque[jax.Array] = collections.deque()
-        self._lag = max(1, lag)
-        if jax.process_count() == 1:
-            return
-        from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-        devices = np.asarray(jax.devices())
-        self._sharding = NamedSharding(Mesh(devices, ("processes",)), PartitionSpec("processes"))
-        self._local = [d for d in devices if d.process_index == jax.process_index()]
-        self._shape = (devices.size,)
-        self._any = jax.jit(lambda flags: flags.any(),
-                            out_shardings=NamedSharding(self._sharding.mesh, PartitionSpec()))
-
-    def __call__(self, flag: bool) -> bool:
-        if jax.process_count() == 1:
-            return bool(flag)
-        local = np.asarray([bool(flag)])
-        shards = [jax.device_put(local, d) for d in self._local]
-        self._pending.append(self._any(jax.make_array_from_single_device_arrays(
-            self._shape, self._sharding, shards)))
-        if len(self._pending) <= self._lag:
-            return False
-        return bool(host_value(self._pending.popleft()))

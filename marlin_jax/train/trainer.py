@@ -26,7 +26,7 @@ from flax import nnx
 
 from marlin_jax import sharding as shd
 from marlin_jax.data import make_dataset, make_source
-from marlin_jax.distributed import LaggedAny
+from marlin_jax.distributed import any_process
 from marlin_jax.interop.checkpoints import CONFIG_FILE, write_config_file
 from marlin_jax.interop.optimizer_state import (
     AdamMoments,
@@ -464,8 +464,9 @@ class _Loop:
     """Phase 3: the step loop, from the restored (or fresh) state to the last step or a stop.
 
     Per step: one compiled step (dispatched; the host does not wait on it), the NaN/Inf check of
-    the step before, the SIGTERM flag agreed across processes (a one-element all-reduce read two
-    steps later, see :class:`LaggedAny`); on log / validation / checkpoint steps also those.
+    the step before, the SIGTERM flag (agreed across processes every
+    ``preemption_check_every_steps``: :meth:`agree_on_sigterm`); on log / validation /
+    checkpoint steps also those.
     Every process stops and saves at the same step."""
 
     def __init__(self, run: _Run, ckpt: Checkpointer, state: st.TrainState,
@@ -501,7 +502,7 @@ class _Loop:
         self.interval_t = time.perf_counter()  # step timing starts after the compile
         with (SigtermFlag("SIGTERM received: saving a checkpoint before exiting") as sigterm,
               run.program.mesh_context()):
-            stop = LaggedAny()
+            check_every = max(1, int(config.get("preemption_check_every_steps", 5)))
             try:
                 while self.step < total:
                     self.train_one(next(run.train_iter))
@@ -512,7 +513,7 @@ class _Loop:
                         self.val = self.validate(self.state, self.step)
                         if self.interval_steps == 0:  # keep validation out of the step timing
                             self.interval_t = time.perf_counter()
-                    preempted = stop(sigterm.requested)
+                    preempted = self.agree_on_sigterm(sigterm.requested, check_every, at_end)
                     if self.step % config.checkpoint_every_steps == 0 or at_end or preempted:
                         self.checkpoint()
                     if preempted:
@@ -529,6 +530,18 @@ class _Loop:
                 raise
             finally:
                 self.close(failed)
+
+    def agree_on_sigterm(self, requested: bool, every: int, at_end: bool) -> bool:
+        """Whether any process received SIGTERM: at once for one process; with several, every
+        ``every`` steps, agreed by one all-gather issued after this step and its metrics are
+        done, so that it never runs beside the step's own collectives (on CPU, collectives of
+        two computations in flight at once can pair up differently across processes and hang)."""
+        if jax.process_count() == 1:
+            return bool(requested)
+        if self.step % every and not at_end:
+            return False
+        jax.block_until_ready((self.prev[1], self.acc))
+        return any_process(requested)[0]
 
     def train_one(self, local: dict[str, np.ndarray]) -> None:
         """One step on the process-local batch ``local``; checks the step before for NaN/Inf."""
