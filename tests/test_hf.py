@@ -92,7 +92,9 @@ def test_port_folder_and_file_give_marlin_pytorch_features(marlin_pytorch, tmp_p
     assert is_hf_checkpoint(folder) and is_hf_checkpoint(folder / "model.safetensors")
     for path in (folder, folder / "model.safetensors"):
         marlin = Marlin.from_file(None, path)
-        assert marlin.name == TINY and marlin.config == config
+        # named by a registered model of that architecture (other tests in the same process may
+        # register aliases of ViT-tiny, so the name is checked by what it stands for)
+        assert get_config(marlin.name) == config and marlin.config == config
         np.testing.assert_allclose(_features(marlin, clip), want, atol=1e-4)
     np.testing.assert_allclose(_features(Marlin.from_file(TINY, folder), clip, keep_seq=True),
                                want_seq, atol=1e-4)
@@ -241,7 +243,7 @@ def test_from_pretrained_reads_the_offline_hub_cache_and_revisions(offline_hub, 
     cache, models = offline_hub
     main, v2 = (Marlin(m) for m in models.values())
     marlin = Marlin.from_pretrained("org/marlin")  # HF_HUB_CACHE, ref main
-    assert marlin.name == TINY
+    assert get_config(marlin.name) == get_config(TINY)  # another test may register a ViT-tiny alias
     np.testing.assert_array_equal(_features(marlin, clip), _features(main, clip))
     for revision in ("v2", "b" * 40):
         marlin = Marlin.from_pretrained("org/marlin", revision=revision, cache_dir=cache)
