@@ -6,17 +6,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from convert.arguments import add_source_arguments
 from marlin_jax.interop import load_checkpoint, resolve_checkpoint_config, save_hf_checkpoint
-from marlin_jax.models import model_names
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help=f"registered architecture: {', '.join(model_names())} (default: the one the "
-                             "input's marlin_config.json or Hugging Face config.json names)")
-    parser.add_argument("--input", required=True,
-                        help="marlin-jax checkpoint directory (or trainer workdir), or any checkpoint "
-                             "`convert to-flax` reads")
+    add_source_arguments(parser)
     parser.add_argument("--output", required=True, help="the folder to write (config.json + model.safetensors)")
     parser.add_argument("--with_decoder", action="store_true",
                         help="also write the decoder of a full model (as_feature_extractor: false); "
