@@ -94,13 +94,13 @@ def test_paired_level_ranked_table_and_no_progress(tmp_path, capsys):
 def saved_figures(monkeypatch):
     """The figures the plot functions save, in order (their PNGs are still written)."""
     figs = []
-    real = plots._save
+    real = plots.save_figure
 
-    def save(fig, path, dpi):
+    def save(fig, path, dpi=300):
         figs.append(fig)
         return real(fig, path, dpi)
 
-    monkeypatch.setattr(plots, "_save", save)
+    monkeypatch.setattr(plots, "save_figure", save)
     return figs
 
 
@@ -122,7 +122,7 @@ def test_pca_axes_show_explained_variance(tmp_path, saved_figures):
     # one dominant direction: PC1 explains most of the variance
     t = rng.normal(size=(40, 1))
     x = t @ rng.normal(size=(1, 8)) + 0.05 * rng.normal(size=(40, 8))
-    y, ratio = plots.pca_2d(x)
+    y, ratio = plots.embed_2d(x, "pca")
     z = (x - x.mean(0)) / x.std(0)
     sv = np.linalg.svd(z, compute_uv=False) ** 2
     np.testing.assert_allclose(ratio, sv[:2] / sv.sum(), rtol=1e-6)  # on standardised features

@@ -113,10 +113,10 @@ def test_groups_from_metadata_csv_and_excel(tmp_path, ext):
     groups = groups_from_metadata(feats, read_metadata(path), "outcome", meta_name=str(path))
     assert groups.names == ("good", "poor")
     assert len(groups.features["good"]) == 12 and len(groups.features["poor"]) == 12
-    assert groups.video_level("good").shape == (12, DIM)
+    assert groups.samples("good", "video").shape == (12, DIM)
     n_clips = sum(x.shape[0] for x in groups.features["good"].values())
-    assert groups.clip_level("good").shape == (n_clips, DIM)
-    assert len(groups.video_ids("good", "clip")) == n_clips
+    assert groups.samples("good", "clip").shape == (n_clips, DIM)
+    assert groups.paired()[0].shape == (0, DIM)  # no id in both groups
     notes = " ".join(groups.notes)
     assert "no_such_video" in notes and "extra" in notes
 
@@ -191,9 +191,9 @@ def test_clip_level_overstates_significance_with_correlated_clips(tmp_path):
     groups = groups_from_dirs({"pre": tmp_path / "pre", "post": tmp_path / "post"})
     from marlin_jax.analysis.stats import compare_groups
 
-    clip = compare_groups(groups.clip_level("pre"), groups.clip_level("post"), mmd_permutations=0)
+    clip = compare_groups(groups.samples("pre", "clip"), groups.samples("post", "clip"), mmd_permutations=0)
     video = compare_groups(
-        groups.video_level("pre"), groups.video_level("post"), mmd_permutations=0
+        groups.samples("pre", "video"), groups.samples("post", "video"), mmd_permutations=0
     )
     assert clip.significant_fdr.sum() > 5 * max(1, video.significant_fdr.sum())
 

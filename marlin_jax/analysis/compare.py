@@ -1,17 +1,10 @@
 """CLI: pre vs post Grad-CAM comparison of MARLIN feature dimensions for two videos.
 
-    python -m marlin_jax.analysis.compare --checkpoint C --model marlin_vit_base_ytf \
-        --pre pre.mp4 --post post.mp4 --features 397 231 490 --output_dir O
-    # the feature-analysis fork's spelling runs too (default features 397 231 490 482 456):
-    python -m marlin_jax.analysis.compare --checkpoint_path C --model_name marlin_vit_base_ytf \
-        --pre_video pre.mp4 --post_video post.mp4 --output_dir O
+    python -m marlin_jax.analysis.compare --checkpoint C --pre pre.mp4 --post post.mp4 --features 397 231 --output_dir O
 
-Per feature: ``compare_feature<f>.png`` (300 dpi) with four rows -- pre frames, pre heat maps,
-post frames, post heat maps -- and ``compare_relevance.npz`` with the raw token relevance and
-feature values of both clips. The two heat maps of a feature share one scale (the larger
-maximum of the two) so their intensities are comparable; ``--independent_scale`` normalises
-each clip on its own instead. ``--window k`` picks the k-th extraction window of each video.
-A progress bar (tqdm, stderr) counts the features drawn.
+Per feature: ``compare_feature<f>.png`` with four rows (pre frames, pre heat maps, post frames,
+post heat maps), and ``compare_relevance.npz`` (token relevance and feature values of both
+clips). The two heat maps of a feature share one scale unless ``--independent_scale``.
 """
 
 from __future__ import annotations
@@ -25,21 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from marlin_jax.analysis.heatmap import (
-    FeatureGradCam,
-    comparison_figure,
-    load_clips,
-    normalise,
-    overlay,
-    save_figure,
-    upsample,
-)
-from marlin_jax.analysis.visualize import (
-    add_model_arguments,
-    build_gradcam,
-    frame_size_note,
-    resolve_features,
-)
+from marlin_jax.analysis.heatmap import FeatureGradCam, frames_figure, load_clips, normalise, overlay, upsample
+from marlin_jax.analysis.plots import save_figure
+from marlin_jax.analysis.visualize import add_model_arguments, load_cam, note_frame_size
 
 __all__ = ["compare_videos", "main", "window_clip"]
 
@@ -91,8 +72,9 @@ def compare_videos(
         title = (f"feature {f}: {labels[0]} {Path(pre).name} (value {vals[0, fi]:+.3f}) vs "
                  f"{labels[1]} {Path(post).name} (value {vals[1, fi]:+.3f})"
                  f"{'; shared scale' if shared_scale else ''}")
-        fig = comparison_figure(clips[0], overlays[0], clips[1], overlays[1], title,
-                                labels=labels, frames_shown=frames_shown)
+        rows = [(f"{label} {kind}", image) for label, clip, over in zip(labels, clips, overlays, strict=True)
+                for kind, image in (("frames", clip), ("heatmap", over))]
+        fig = frames_figure(rows, title, frames_shown=frames_shown)
         written.append(save_figure(fig, out / f"compare_feature{f}.png", dpi))
     return written
 
@@ -114,15 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from marlin_jax.video_io import VideoReadError
 
-    try:
-        cam = build_gradcam(args.model, args.checkpoint, layer=args.layer, mode=args.mode)
-    except (ValueError, OSError) as e:
-        parser.error(f"cannot load the model: {e}")
-    features = resolve_features(parser, args, cam)
+    cam, features = load_cam(parser, args)
     for video in (args.pre, args.post):
-        note = frame_size_note(video, cam.config, args.crop_face)
-        if note:
-            print(note, file=sys.stderr)
+        note_frame_size(video, cam.config, args.crop_face)
     try:
         paths = compare_videos(
             cam, args.pre, args.post, features, args.output_dir,

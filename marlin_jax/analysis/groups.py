@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -97,17 +98,13 @@ def read_metadata(path: str | os.PathLike):
     if not path.is_file():
         raise ValueError(f"{path}: metadata file does not exist")
     ext = path.suffix.lower()
+    readers = {".xlsx": lambda: pd.read_excel(path, engine="openpyxl"), ".csv": lambda: pd.read_csv(path),
+               ".tsv": lambda: pd.read_csv(path, sep="\t")}
+    readers[".xlsm"], readers[".txt"] = readers[".xlsx"], readers[".tsv"]
+    if ext not in readers:
+        raise ValueError(f"{path}: unsupported metadata format {ext!r} (use .csv, .tsv, .xlsx)")
     try:
-        if ext in (".xlsx", ".xlsm"):
-            df = pd.read_excel(path, engine="openpyxl")
-        elif ext in (".tsv", ".txt"):
-            df = pd.read_csv(path, sep="\t")
-        elif ext == ".csv":
-            df = pd.read_csv(path)
-        else:
-            raise ValueError(f"{path}: unsupported metadata format {ext!r} (use .csv, .tsv, .xlsx)")
-    except ValueError:
-        raise
+        df = readers[ext]()
     except Exception as e:  # pandas/openpyxl raise many types for a corrupt file
         raise ValueError(f"{path}: cannot read metadata table ({type(e).__name__}: {e})") from e
     if df.empty:
@@ -139,41 +136,21 @@ class FeatureGroups:
     def dim(self) -> int:
         return next(iter(self.features[self.names[0]].values())).shape[1]
 
-    def clip_level(self, g: str) -> np.ndarray:
-        """All clips of group ``g`` stacked: ``(total clips, D)``."""
-        return np.concatenate(list(self.features[g].values()), axis=0)
-
-    def video_level(self, g: str) -> np.ndarray:
-        """One row per video of group ``g``, the mean over its clips: ``(n_videos, D)``."""
-        return np.stack([x.mean(0) for x in self.features[g].values()])
-
     def samples(self, g: str, level: str) -> np.ndarray:
+        """Group ``g`` at ``level``: ``"clip"``, all clips stacked ``(total clips, D)``, or
+        ``"video"``, one row per video, the mean over its clips ``(n_videos, D)``."""
         if level == "clip":
-            return self.clip_level(g)
+            return np.concatenate(list(self.features[g].values()), axis=0)
         if level == "video":
-            return self.video_level(g)
+            return np.stack([x.mean(0) for x in self.features[g].values()])
         raise ValueError(f"level must be 'clip' or 'video', got {level!r}")
 
-    def video_ids(self, g: str, level: str) -> list[str]:
-        """The video id of every sample row of ``samples(g, level)``."""
-        if level == "video":
-            return list(self.features[g])
-        return [vid for vid, x in self.features[g].items() for _ in range(x.shape[0])]
-
-    def paired_ids(self) -> list[str]:
-        """Video ids present in both groups (in group a's order): the pairs of a paired test."""
-        other = self.features[self.names[1]]
-        return [vid for vid in self.features[self.names[0]] if vid in other]
-
     def paired(self) -> tuple[np.ndarray, np.ndarray]:
-        """Video-level means of the paired ids: ``(a (n_pairs, D), b (n_pairs, D))``, row i of
-        both from the same id."""
-        ids = self.paired_ids()
-        if not ids:
-            empty = np.zeros((0, self.dim))
-            return empty, empty
-        a, b = (np.stack([self.features[g][v].mean(0) for v in ids]) for g in self.names)
-        return a, b
+        """Video-level means of the ids present in both groups (in group a's order):
+        ``(a (n_pairs, D), b (n_pairs, D))``, row i of both from the same id."""
+        fa, fb = (self.features[g] for g in self.names)
+        ids = [vid for vid in fa if vid in fb]
+        return tuple(np.array([f[v].mean(0) for v in ids]).reshape(len(ids), self.dim) for f in (fa, fb))
 
     def counts(self) -> dict[str, dict[str, int]]:
         return {
@@ -220,26 +197,21 @@ def groups_from_metadata(
     as strings; ``groups`` picks two of them (required when the column holds more than two).
     Videos without features and features without a row are listed in ``notes``.
     """
-    import pandas as pd
-
     cols = [str(c) for c in meta.columns]
     meta = meta.set_axis(cols, axis=1)
-    if group_column not in cols:
-        raise ValueError(f"{meta_name}: no column {group_column!r}; columns are {cols}")
+    for c in (group_column, id_column or group_column):
+        if c not in cols:
+            raise ValueError(f"{meta_name}: no column {c!r}; columns are {cols}")
     if id_column is None:
         lower = {c.lower(): c for c in cols}
         id_column = next((lower[c] for c in _ID_COLUMNS if c in lower), None)
         if id_column is None:
-            raise ValueError(
-                f"{meta_name}: cannot tell which column names the videos; pass --id_column "
-                f"(columns are {cols})"
-            )
-    elif id_column not in cols:
-        raise ValueError(f"{meta_name}: no column {id_column!r}; columns are {cols}")
+            raise ValueError(f"{meta_name}: cannot tell which column names the videos; pass --id_column "
+                             f"(columns are {cols})")
     meta = meta[[id_column, group_column]].dropna()
     ids = [video_id(v) for v in meta[id_column].astype(str)]
     values = [_group_value(v) for v in meta[group_column]]
-    dup = pd.Series(ids)[pd.Series(ids).duplicated()].unique().tolist()
+    dup = [v for v, count in Counter(ids).items() if count > 1]
     if dup:
         raise ValueError(f"{meta_name}: videos listed more than once: {dup[:5]}")
     present = sorted(set(values))
@@ -311,18 +283,5 @@ def groups_from_args(args: argparse.Namespace) -> FeatureGroups:
             "group folders (--group_dir NAME=DIR twice, or --pre_dir and --post_dir)"
         )
     features = load_feature_dir(args.features_dir)
-    meta = read_metadata(args.meta)
-    group_column = args.group_column or DEFAULT_GROUP_COLUMN
-    if not args.group_column and DEFAULT_GROUP_COLUMN not in [str(c) for c in meta.columns]:
-        raise ValueError(
-            f"{args.meta}: no --group_column given and no column {DEFAULT_GROUP_COLUMN!r} (the "
-            f"default); columns are {[str(c) for c in meta.columns]}"
-        )
-    return groups_from_metadata(
-        features,
-        meta,
-        group_column,
-        id_column=args.id_column,
-        groups=args.groups,
-        meta_name=str(args.meta),
-    )
+    return groups_from_metadata(features, read_metadata(args.meta), args.group_column or DEFAULT_GROUP_COLUMN,
+                                id_column=args.id_column, groups=args.groups, meta_name=str(args.meta))

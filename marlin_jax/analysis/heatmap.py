@@ -1,26 +1,22 @@
 """Grad-CAM on tokens: which parts of a clip drive chosen dimensions of the MARLIN feature.
 
-For a clip ``x (T, H, W, 3)`` and feature indices ``f`` of the mean-pooled embedding
-``F(x) = norm(mean_n A_n)`` (``A`` = token activations after encoder block ``layer``,
-``(N, D)``; by default the last block), one reverse pass per feature (``jax.vjp``, vmapped over
-the chosen features) gives ``G = dF_f / dA`` ``(N, D)`` and the token relevance
+For a clip and feature indices ``f`` of the mean-pooled embedding ``F = norm(mean_n A_n)``
+(``A (N, D)``: token activations after encoder block ``layer``, by default the last), one reverse
+pass per feature (``jax.vjp``, vmapped) gives ``G = dF_f / dA`` and the token relevance
 
     ``gradcam`` (default): ``relu(sum_c alpha_c A_nc)`` with ``alpha_c = mean_n G_nc``
     ``hires``:             ``relu(sum_c G_nc A_nc)``   (gradient x activation per token)
 
-reshaped to the token grid ``(t, h, w) = (8, 14, 14)``. At the last block the gradient of a
-mean-pooled feature is the same for every token, so both modes agree there; at earlier layers
-``hires`` keeps each token's own gradient. Relevance is divided by its maximum (0 = no positive
-evidence, 1 = the strongest token; pass a shared ``scale`` to compare clips on one scale), each
-tubelet slice is repeated over its ``tubelet_size`` frames and resized bilinearly to the frame
-size (16 x 224 x 224), and shown as a colour map over the frames.
+on the token grid ``(t, h, w)``. At the last block every token gets the same gradient, so both
+modes agree there. Relevance is divided by its maximum (or a shared ``scale``), repeated over
+each tubelet's frames and resized bilinearly to the frame size, then drawn over the frames.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -30,19 +26,8 @@ from matplotlib.figure import Figure
 
 from marlin_jax.models import MarlinEncoder, MarlinModel, video_to_float
 
-__all__ = [
-    "MODES",
-    "FeatureGradCam",
-    "comparison_figure",
-    "grad_relevance",
-    "heatmap_grid_figure",
-    "load_clips",
-    "normalise",
-    "overlay",
-    "save_figure",
-    "side_by_side",
-    "upsample",
-]
+__all__ = ["MODES", "FeatureGradCam", "frames_figure", "grad_relevance", "load_clips", "normalise", "overlay",
+           "upsample"]
 
 MODES = ("gradcam", "hires")
 
@@ -172,24 +157,14 @@ def overlay(frames: np.ndarray, heat: np.ndarray, *, alpha: float = 0.5,
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def side_by_side(frames: np.ndarray, overlays: np.ndarray) -> np.ndarray:
-    """Frames and their overlays next to each other: uint8 ``(T, H, 2W, 3)``."""
-    return np.concatenate([frames, overlays], axis=2)
-
-
-# ----------------------------------------------------------------------------- video input
 def _to_square(clip: np.ndarray, size: int) -> np.ndarray:
     """Centre-crops frames ``(T, H, W, 3)`` to a square and resizes them to ``size``."""
-    import cv2
+    from marlin_jax.data.records import resize_frames
 
     h, w = clip.shape[1:3]
     s = min(h, w)
     y0, x0 = (h - s) // 2, (w - s) // 2
-    sq = clip[:, y0 : y0 + s, x0 : x0 + s]
-    if s == size:
-        return np.ascontiguousarray(sq)
-    interp = cv2.INTER_AREA if s > size else cv2.INTER_LINEAR
-    return np.stack([cv2.resize(f, (size, size), interpolation=interp) for f in sq])
+    return resize_frames(np.ascontiguousarray(clip[:, y0 : y0 + s, x0 : x0 + s]), size)
 
 
 def load_clips(
@@ -217,24 +192,18 @@ def load_clips(
         gen = face_windows(os.fspath(path), FaceCropper(size=config.img_size), config.n_frames,
                            sample_rate, stride)
     else:
-        gen = (clip if clip.shape[1:3] == (config.img_size, config.img_size)
-               else _to_square(clip, config.img_size)
-               for clip in iter_windows(iter_frames(path), config.n_frames, sample_rate, stride))
-    for clip in gen:
-        yield clip
-        if windows == "first":
-            return
+        raw = iter_windows(iter_frames(path), config.n_frames, sample_rate, stride)
+        gen = (_to_square(clip, config.img_size) for clip in raw)
+    yield from itertools.islice(gen, 1 if windows == "first" else None)
 
 
-# ----------------------------------------------------------------------------- figures
-def _frame_indices(n_frames: int, shown: int | None) -> np.ndarray:
-    if shown is None or shown >= n_frames:
-        return np.arange(n_frames)
-    return np.unique(np.linspace(0, n_frames - 1, shown).round().astype(int))
-
-
-def _image_rows(rows: Sequence[tuple[str, np.ndarray]], cols: np.ndarray, title: str,
-                tile: float) -> Figure:
+def frames_figure(rows: Sequence[tuple[str, np.ndarray]], title: str, *, frames_shown: int | None = None,
+                  tile: float = 1.0) -> Figure:
+    """A grid of frames: one row per ``(label, uint8 (T, H, W, 3))`` (e.g. the frames, then their
+    heat-map overlays), one column per shown frame (``frames_shown`` evenly spaced; None: all)."""
+    n = rows[0][1].shape[0]
+    cols = np.arange(n) if frames_shown is None or frames_shown >= n else np.unique(
+        np.linspace(0, n - 1, frames_shown).round().astype(int))
     fig = Figure(figsize=(tile * len(cols), tile * len(rows) + 0.45), layout="constrained")
     axes = fig.subplots(len(rows), len(cols), squeeze=False)
     for r, (label, images) in enumerate(rows):
@@ -250,29 +219,3 @@ def _image_rows(rows: Sequence[tuple[str, np.ndarray]], cols: np.ndarray, title:
         axes[r, 0].set_ylabel(label, fontsize=8)
     fig.suptitle(title, fontsize=10)
     return fig
-
-
-def heatmap_grid_figure(frames: np.ndarray, overlays: np.ndarray, title: str, *,
-                        frames_shown: int | None = None, tile: float = 1.0) -> Figure:
-    """Two rows: the frames and their heat-map overlays (both uint8 ``(T, H, W, 3)``)."""
-    cols = _frame_indices(frames.shape[0], frames_shown)
-    return _image_rows([("frames", frames), ("heatmap", overlays)], cols, title, tile)
-
-
-def comparison_figure(pre_frames: np.ndarray, pre_overlays: np.ndarray, post_frames: np.ndarray,
-                      post_overlays: np.ndarray, title: str, *, labels: tuple[str, str] = ("pre", "post"),
-                      frames_shown: int | None = None, tile: float = 1.0) -> Figure:
-    """Four rows: pre frames, pre heat maps, post frames, post heat maps."""
-    cols = _frame_indices(pre_frames.shape[0], frames_shown)
-    a, b = labels
-    rows = [(f"{a} frames", pre_frames), (f"{a} heatmap", pre_overlays),
-            (f"{b} frames", post_frames), (f"{b} heatmap", post_overlays)]
-    return _image_rows(rows, cols, title, tile)
-
-
-def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 300) -> Path:
-    """Writes a figure as PNG (300 dpi by default) and returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    return path

@@ -1,8 +1,5 @@
-"""Plots of a two-group feature comparison (matplotlib, Agg canvas: no display needed).
-
-Figures are built with ``matplotlib.figure.Figure`` (no pyplot state), so they are safe in
-threads, tests and headless servers. Every function writes one PNG and returns its path.
-"""
+"""Plots of a two-group feature comparison. Figures are ``matplotlib.figure.Figure`` (no pyplot
+state, no display needed); every function writes one PNG and returns its path."""
 
 from __future__ import annotations
 
@@ -16,17 +13,19 @@ from matplotlib.figure import Figure
 __all__ = [
     "GROUP_COLOURS",
     "embed_2d",
-    "pca_2d",
     "plot_embeddings",
     "plot_feature_differences",
     "plot_feature_importance",
     "plot_top_feature_distributions",
+    "save_figure",
 ]
 
 GROUP_COLOURS = ("#1f77b4", "#d62728")
+_DPI = 150
 
 
-def _save(fig: Figure, path: str | os.PathLike, dpi: int) -> Path:
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 300) -> Path:
+    """Writes a figure as PNG (its folder created) and returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)  # constrained layout already fits the labels
@@ -45,7 +44,6 @@ def plot_top_feature_distributions(
     title: str = "",
     paired: bool = False,
     n_cols: int = 4,
-    dpi: int = 150,
 ) -> Path:
     """Violin plots (with the samples as jittered dots) of ``features`` for both groups.
 
@@ -79,7 +77,7 @@ def plot_top_feature_distributions(
         ax.tick_params(labelsize=8)
     if title:
         fig.suptitle(title)
-    return _save(fig, path, dpi)
+    return save_figure(fig, path, _DPI)
 
 
 def plot_feature_differences(
@@ -95,7 +93,6 @@ def plot_feature_differences(
     title: str = "",
     row_width: int = 32,
     paired: bool = False,
-    dpi: int = 150,
 ) -> Path:
     """Two heatmaps of the group differences.
 
@@ -140,7 +137,7 @@ def plot_feature_differences(
     fig.colorbar(im2, ax=ax2, shrink=0.8, label="z")
     if title:
         fig.suptitle(title)
-    return _save(fig, path, dpi)
+    return save_figure(fig, path, _DPI)
 
 
 def plot_feature_importance(
@@ -153,7 +150,6 @@ def plot_feature_importance(
     alpha: float = 0.05,
     paired: bool = False,
     title: str = "",
-    dpi: int = 150,
 ) -> Path:
     """Horizontal bar chart of |Cohen's d| (``paired``: d_z) of the ranked ``features`` (best
     at the top), coloured by the sign of d (``names[0]`` higher: group a's colour), FDR-
@@ -183,53 +179,40 @@ def plot_feature_importance(
               loc="lower right", fontsize=7, framealpha=0.8)
     ax.set_xlim(0, max(0.5, float(np.abs(eff).max())) * 1.3)
     ax.set_title(title or f"feature importance: top {len(features)} features", fontsize=10)
-    return _save(fig, path, dpi)
+    return save_figure(fig, path, _DPI)
 
 
-def pca_2d(x: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """PCA of standardised rows of ``x (n, D)``: coordinates ``(n, 2)`` and the explained
-    variance ratio of the two components ``(2,)`` (0 for a component that does not exist)."""
+_EMBEDDINGS = {"pca": "PCA", "umap": "UMAP", "tsne": "t-SNE"}
+
+
+def embed_2d(x: np.ndarray, method: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+    """2-D embedding ``(n, 2)`` of standardised rows of ``x (n, D)``: ``"pca"``, ``"umap"`` or
+    ``"tsne"``; PCA also gives the explained variance ratio ``(2,)`` of its components (0 for one
+    that does not exist), the others None. Raises ValueError when there are too few samples."""
+    if method not in _EMBEDDINGS:
+        raise ValueError(f"unknown embedding {method!r} (use pca, umap or tsne)")
     n = x.shape[0]
-    if n < 2:
-        raise ValueError("PCA needs at least 2 samples")
-    from sklearn.decomposition import PCA
-
-    sd = x.std(0)
-    x = (x - x.mean(0)) / np.where(sd > 0, sd, 1.0)
-    k = min(2, n, x.shape[1])
-    pca = PCA(n_components=k, random_state=seed)
-    y = pca.fit_transform(x)
-    ratio = np.nan_to_num(np.asarray(pca.explained_variance_ratio_, dtype=np.float64))
-    return np.pad(y, ((0, 0), (0, 2 - k))), np.pad(ratio, (0, 2 - k))
-
-
-def embed_2d(x: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
-    """2-D embedding of standardised rows of ``x (n, D)``: ``"pca"``, ``"umap"`` or ``"tsne"``.
-
-    Raises ValueError when there are too few samples for the method.
-    """
-    n = x.shape[0]
+    if n < (2 if method == "pca" else 5):
+        raise ValueError(f"{_EMBEDDINGS[method]} needs at least {2 if method == 'pca' else 5} samples, got {n}")
     sd = x.std(0)
     x = (x - x.mean(0)) / np.where(sd > 0, sd, 1.0)
     if method == "pca":
-        return pca_2d(x, seed)[0]
+        from sklearn.decomposition import PCA
+
+        k = min(2, n, x.shape[1])
+        pca = PCA(n_components=k, random_state=seed)
+        y = pca.fit_transform(x)
+        ratio = np.nan_to_num(np.asarray(pca.explained_variance_ratio_, dtype=np.float64))
+        return np.pad(y, ((0, 0), (0, 2 - k))), np.pad(ratio, (0, 2 - k))
     if method == "tsne":
-        if n < 5:
-            raise ValueError(f"t-SNE needs at least 5 samples, got {n}")
         from sklearn.manifold import TSNE
 
-        perplexity = float(min(30.0, (n - 1) / 3.0))
-        return TSNE(n_components=2, perplexity=perplexity, init="pca",
-                    random_state=seed).fit_transform(x)
-    if method == "umap":
-        if n < 5:
-            raise ValueError(f"UMAP needs at least 5 samples, got {n}")
-        import umap  # umap-learn (numba); imported lazily: its import is slow
+        return TSNE(n_components=2, perplexity=float(min(30.0, (n - 1) / 3.0)), init="pca",
+                    random_state=seed).fit_transform(x), None
+    import umap  # umap-learn (numba); imported lazily: its import is slow
 
-        reducer = umap.UMAP(n_components=2, n_neighbors=min(15, n - 1), random_state=seed,
-                            n_jobs=1)
-        return np.asarray(reducer.fit_transform(x))
-    raise ValueError(f"unknown embedding {method!r} (use pca, umap or tsne)")
+    reducer = umap.UMAP(n_components=2, n_neighbors=min(15, n - 1), random_state=seed, n_jobs=1)
+    return np.asarray(reducer.fit_transform(x)), None
 
 
 def plot_embeddings(
@@ -242,7 +225,6 @@ def plot_embeddings(
     max_points: int = 3000,
     seed: int = 0,
     title: str = "",
-    dpi: int = 150,
 ) -> tuple[Path | None, list[str]]:
     """Scatter of the 2-D embeddings (one panel per method) coloured by group.
 
@@ -261,36 +243,30 @@ def plot_embeddings(
     x = np.concatenate([a, b], axis=0)
     label = np.r_[np.zeros(a.shape[0], int), np.ones(b.shape[0], int)]
     results = []
-    explained = None
     for m in methods:
         try:
-            if m == "pca":
-                y, explained = pca_2d(x, seed)
-            else:
-                y = embed_2d(x, m, seed)
-            results.append((m, y))
+            results.append((m, *embed_2d(x, m, seed)))
         except (ValueError, ImportError) as e:
             notes.append(f"{m.upper()} skipped: {e}")
     if not results:
         return None, notes
     fig = Figure(figsize=(4.5 * len(results), 4.2), layout="constrained")
     axes = fig.subplots(1, len(results), squeeze=False)[0]
-    pretty = {"pca": "PCA", "umap": "UMAP", "tsne": "t-SNE"}
-    for ax, (m, y) in zip(axes, results, strict=True):
+    for ax, (m, y, explained) in zip(axes, results, strict=True):
         for g in (0, 1):
             ax.scatter(y[label == g, 0], y[label == g, 1], s=12, alpha=0.7,
                        color=GROUP_COLOURS[g], label=f"{names[g]} (n={int(np.sum(label == g))})")
-        ax.set_title(pretty[m])
-        if m == "pca" and explained is not None:
+        ax.set_title(_EMBEDDINGS[m])
+        if explained is not None:
             ax.set_xlabel(f"PC1 ({100 * explained[0]:.1f}% of variance)")
             ax.set_ylabel(f"PC2 ({100 * explained[1]:.1f}% of variance)")
             ax.tick_params(labelsize=7)
         else:
-            ax.set_xlabel(f"{pretty[m]} 1")
-            ax.set_ylabel(f"{pretty[m]} 2")
+            ax.set_xlabel(f"{_EMBEDDINGS[m]} 1")
+            ax.set_ylabel(f"{_EMBEDDINGS[m]} 2")
             ax.set_xticks([])
             ax.set_yticks([])
     axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    return _save(fig, path, dpi), notes
+    return save_figure(fig, path, _DPI), notes

@@ -1,19 +1,9 @@
-"""Runs the two-group analysis at clip and video level and writes the report.
+"""Runs the two-group analysis at each level and writes the report.
 
-Output folder::
-
-    report.md                  human-readable summary, with the figures linked
-    summary.json               every count, the MMD tests and the top features, per level
-    features_<level>.csv       per-feature means, Cohen's d, U, p, q, significance flags
-    ranked_<level>.csv         every feature ranked (q, then |d|): rank, p, q, d, MMD share
-    ranked_features.xlsx       the ranked tables, one Excel sheet per level (openpyxl)
-    plots/<level>_*.png        distributions, difference heatmaps, feature importance,
-                               PCA (axes with explained variance)/UMAP/t-SNE
-
-The MMD share of a feature (unpaired levels) is its part of the linear-kernel MMD², i.e. of the
-squared distance between the group means on standardised features:
-``(mean_a - mean_b)_j² / sd_j²`` over its sum across features (sd pooled over both groups).
-Progress bars (tqdm, stderr) follow the levels.
+Output folder: ``report.md`` (summary, figures linked), ``summary.json`` (every count, MMD test
+and top feature per level), ``features_<level>.csv`` (per-feature table), ``ranked_<level>.csv``
+and ``ranked_features.xlsx`` (every feature ranked by q, then |d|, one sheet per level) and
+``plots/<level>_*.png`` (distributions, difference heatmaps, feature importance, embeddings).
 """
 
 from __future__ import annotations
@@ -32,6 +22,7 @@ from marlin_jax.analysis.stats import (
     GroupComparison,
     compare_groups,
     compare_paired,
+    rank_features,
 )
 
 __all__ = [
@@ -52,16 +43,14 @@ CLIP_LEVEL_WARNING = (
 )
 
 
-def write_feature_csv(result: GroupComparison, path: str | os.PathLike) -> Path:
-    """Writes the per-feature table of ``result`` (one row per feature)."""
+def write_feature_csv(table: dict[str, np.ndarray], path: str | os.PathLike) -> Path:
+    """Writes a table of columns (e.g. :meth:`GroupComparison.table`) as a CSV, one row per
+    feature."""
     path = Path(path)
-    table = result.table()
-    cols = list(table)
     with path.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(cols)
-        for i in range(result.num_features):
-            w.writerow([_csv_value(table[c][i]) for c in cols])
+        w.writerow(list(table))
+        w.writerows(zip(*([_csv_value(v) for v in col] for col in table.values()), strict=True))
     return path
 
 
@@ -82,14 +71,13 @@ def ranked_table(res: GroupComparison, mmd_share: np.ndarray | None = None
     """Every feature ranked as the report ranks its top features (ascending q, then descending
     |d|): columns rank, feature, means, p, q, d (d_z when paired), significance flag and, when
     given, the MMD share; row i is rank i + 1."""
-    order = np.lexsort((-np.abs(np.nan_to_num(res.d, posinf=1e300, neginf=1e300)), res.q))
-    d_name = "cohens_dz" if res.test == "wilcoxon_signed_rank" else "cohens_d"
+    order = rank_features(res.q, res.d)
     table = {
         "rank": np.arange(1, order.size + 1),
         "feature": order,
         "p_value": res.p[order],
         "q_value_bh": res.q[order],
-        d_name: res.d[order],
+        res.d_name: res.d[order],
         "mean_" + res.group_a: res.mean_a[order],
         "mean_" + res.group_b: res.mean_b[order],
         "significant_fdr": res.significant_fdr[order],
@@ -99,55 +87,39 @@ def ranked_table(res: GroupComparison, mmd_share: np.ndarray | None = None
     return table
 
 
-def write_ranked_tables(tables: dict[str, dict[str, np.ndarray]], output_dir: str | os.PathLike
-                        ) -> tuple[list[Path], str | None]:
+def write_ranked_tables(tables: dict[str, dict[str, np.ndarray]], output_dir: str | os.PathLike) -> str | None:
     """Writes ``ranked_<level>.csv`` per level and ``ranked_features.xlsx`` (one sheet per
-    level). Returns the written paths and a note when openpyxl is missing (no workbook)."""
+    level); returns a note when openpyxl is missing (no workbook)."""
     out = Path(output_dir)
-    written = []
     for level, table in tables.items():
-        path = out / f"ranked_{level}.csv"
-        cols = list(table)
-        with path.open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(cols)
-            for i in range(len(table["rank"])):
-                w.writerow([_csv_value(table[c][i]) for c in cols])
-        written.append(path)
+        write_feature_csv(table, out / f"ranked_{level}.csv")
     if not tables:
-        return written, None
+        return None
     try:
         from openpyxl import Workbook
     except ImportError:
-        return written, "ranked_features.xlsx not written: openpyxl is not installed"
+        return "ranked_features.xlsx not written: openpyxl is not installed"
     wb = Workbook()
     wb.remove(wb.active)
     for level, table in tables.items():
         ws = wb.create_sheet(level)
-        cols = list(table)
-        ws.append(cols)
-        for i in range(len(table["rank"])):
-            ws.append([_excel_value(table[c][i]) for c in cols])
+        ws.append(list(table))
+        for row in zip(*table.values(), strict=True):
+            ws.append([_excel_value(v) for v in row])
         ws.freeze_panes = "A2"
-    path = out / "ranked_features.xlsx"
-    wb.save(path)
-    written.append(path)
-    return written, None
+    wb.save(out / "ranked_features.xlsx")
+    return None
 
 
 def _excel_value(v):
-    if isinstance(v, np.bool_ | bool):
-        return bool(v)
-    if isinstance(v, np.integer):
-        return int(v)
+    if isinstance(v, np.bool_ | np.integer):
+        return v.item()
     v = float(v)
     return v if np.isfinite(v) else str(v)  # Excel has no NaN / inf
 
 
 def _csv_value(v):
-    if isinstance(v, np.bool_ | bool):
-        return int(v)
-    if isinstance(v, np.integer):
+    if isinstance(v, np.bool_ | bool | np.integer):
         return int(v)
     return repr(float(v))
 
@@ -193,130 +165,65 @@ def run_analysis(
     bar = tqdm(total=len(levels), desc="analysis", unit="level", disable=not progress)
     for level in levels:
         bar.set_postfix_str(f"{level}: tests")
-        if level == "paired":
-            a, b = groups.paired()
-            if a.shape[0] < 3:
-                summary["notes"].append(
-                    f"paired level skipped: {a.shape[0]} video id(s) are in both groups, "
-                    "a paired test needs at least 3"
-                )
-                bar.update()
-                continue
+        paired = level == "paired"
+        a, b = groups.paired() if paired else (groups.samples(names[0], level), groups.samples(names[1], level))
+        if a.shape[0] + (0 if paired else b.shape[0]) < 3:
+            summary["notes"].append(
+                f"paired level skipped: {a.shape[0]} video id(s) are in both groups, a paired test needs at least 3"
+                if paired else f"{level} level skipped: fewer than 3 samples in total")
+            bar.update()
+            continue
+        if paired:
             res = compare_paired(a, b, names=names, alpha=alpha, top_k=top_k)
         else:
-            a, b = groups.samples(names[0], level), groups.samples(names[1], level)
-            if a.shape[0] + b.shape[0] < 3:
-                summary["notes"].append(f"{level} level skipped: fewer than 3 samples in total")
-                bar.update()
-                continue
-            res = compare_groups(
-                a,
-                b,
-                names=names,
-                alpha=alpha,
-                top_k=top_k,
-                mmd_permutations=mmd_permutations,
-                mmd_max_samples=mmd_max_samples,
-                seed=seed,
-            )
-        csv_path = write_feature_csv(res, out / f"features_{level}.csv")
-        paired = level == "paired"
-        ranked[level] = ranked_table(res, None if paired else mmd_linear_share(a, b))
+            res = compare_groups(a, b, names=names, alpha=alpha, top_k=top_k, mmd_permutations=mmd_permutations,
+                                 mmd_max_samples=mmd_max_samples, seed=seed)
+        csv_path = write_feature_csv(res.table(), out / f"features_{level}.csv")
+        ranked[level] = table = ranked_table(res, None if paired else mmd_linear_share(a, b))
         figures: dict[str, str] = {}
         level_notes: list[str] = []
         if plots:
-            bar.set_postfix_str(f"{level}: plots")
-            shown = res.top[: min(12, len(res.top))]
-            t = f"{level} level: {names[0]} vs {names[1]}"
-            p = _plot_distributions(a, b, res, shown, out / "plots" / f"{level}_top_features.png", t)
-            figures["top feature distributions"] = p
-            p = _plot_differences(a, b, res, out / "plots" / f"{level}_feature_differences.png", t)
-            figures["feature differences"] = p
-            p = _plot_importance(res, out / "plots" / f"{level}_feature_importance.png", t)
-            figures["feature importance"] = p
-            if embeddings:
-                from marlin_jax.analysis.plots import plot_embeddings
+            from marlin_jax.analysis import plots as pl
 
-                path, notes = plot_embeddings(
-                    a, b, names, out / "plots" / f"{level}_embeddings.png",
-                    methods=embeddings, seed=seed, title=t,
-                )
+            bar.set_postfix_str(f"{level}: plots")
+            t = f"{level} level: {names[0]} vs {names[1]}"
+            figures = {"top feature distributions": f"plots/{level}_top_features.png",
+                       "feature differences": f"plots/{level}_feature_differences.png",
+                       "feature importance": f"plots/{level}_feature_importance.png"}
+            png = [out / f for f in figures.values()]
+            pl.plot_top_feature_distributions(a, b, names, res.top[:12], res.d, res.q, png[0], title=t, paired=paired)
+            pl.plot_feature_differences(a, b, names, res.d, res.q, alpha, res.top, png[1], title=t, paired=paired)
+            pl.plot_feature_importance(res.top, res.d, res.q, png[2], names=names, alpha=alpha, paired=paired,
+                                       title=f"{t}: top {len(res.top)} features by q, then |d|")
+            if embeddings:
+                emb = f"plots/{level}_embeddings.png"
+                path, notes = pl.plot_embeddings(a, b, names, out / emb, methods=embeddings, seed=seed, title=t)
                 level_notes += notes
                 if path is not None:
-                    figures["embeddings"] = str(path.relative_to(out))
-        if res.mmd is None and mmd_permutations > 0 and level != "paired":
+                    figures["embeddings"] = emb
+        if res.mmd is None and mmd_permutations > 0 and not paired:
             level_notes.append("MMD test skipped: it needs at least 2 samples in each group")
-        entry = res.summary()
-        entry["csv"] = csv_path.name
-        entry["ranked_csv"] = f"ranked_{level}.csv"
-        entry["figures"] = figures
-        entry["notes"] = level_notes
-        entry["top_table"] = [
-            {
-                "feature": int(i),
-                "mean_" + names[0]: float(res.mean_a[i]),
-                "mean_" + names[1]: float(res.mean_b[i]),
-                "cohens_dz" if level == "paired" else "cohens_d": float(res.d[i]),
-                "p_value": float(res.p[i]),
-                "q_value_bh": float(res.q[i]),
-            }
-            for i in res.top
-        ]
-        if not paired:
-            share = ranked[level]["mmd_linear_share"]
-            entry["top_table"] = [
-                dict(row, mmd_linear_share=float(share[k]))
-                for k, row in enumerate(entry["top_table"])
-            ]  # ranked order = top order
+        entry = res.summary() | {"csv": csv_path.name, "ranked_csv": f"ranked_{level}.csv", "figures": figures,
+                                 "notes": level_notes}
+        # the ranked order is the top order
+        keys = ["feature", "mean_" + names[0], "mean_" + names[1], res.d_name, "p_value", "q_value_bh"]
+        keys += [] if paired else ["mmd_linear_share"]
+        entry["top_table"] = [{k: (int if k == "feature" else float)(table[k][r]) for k in keys}
+                              for r in range(len(res.top))]
         summary["levels"][level] = entry
         sections.append(_markdown_level(level, res, entry))
         bar.update()
     bar.close()
 
-    _, excel_note = write_ranked_tables(ranked, out)
+    excel_note = write_ranked_tables(ranked, out)
     if excel_note:
         summary["notes"].append(excel_note)
     elif ranked:
         summary["ranked_workbook"] = "ranked_features.xlsx"
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=lambda o: o.tolist()))
     report = out / "report.md"
     report.write_text(_markdown(summary, sections))
     return report
-
-
-def _plot_distributions(a, b, res: GroupComparison, shown, path: Path, title: str) -> str:
-    from marlin_jax.analysis.plots import plot_top_feature_distributions
-
-    plot_top_feature_distributions(a, b, (res.group_a, res.group_b), shown, res.d, res.q, path,
-                                   title=title, paired=res.test == "wilcoxon_signed_rank")
-    return str(Path("plots") / path.name)
-
-
-def _plot_differences(a, b, res: GroupComparison, path: Path, title: str) -> str:
-    from marlin_jax.analysis.plots import plot_feature_differences
-
-    plot_feature_differences(a, b, (res.group_a, res.group_b), res.d, res.q, res.alpha, res.top,
-                             path, title=title, paired=res.test == "wilcoxon_signed_rank")
-    return str(Path("plots") / path.name)
-
-
-def _plot_importance(res: GroupComparison, path: Path, title: str) -> str:
-    from marlin_jax.analysis.plots import plot_feature_importance
-
-    plot_feature_importance(res.top, res.d, res.q, path, names=(res.group_a, res.group_b),
-                            alpha=res.alpha, paired=res.test == "wilcoxon_signed_rank",
-                            title=f"{title}: top {len(res.top)} features by q, then |d|")
-    return str(Path("plots") / path.name)
-
-
-def _json_default(o):
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
 def _markdown_level(level: str, res: GroupComparison, entry: dict) -> str:

@@ -1,21 +1,12 @@
 """CLI: Grad-CAM heat maps of chosen MARLIN feature dimensions over a video.
 
-    python -m marlin_jax.analysis.visualize --checkpoint C --model marlin_vit_base_ytf \
-        --video V.mp4 --features 397 231 490 482 456 --output_dir O [--windows all]
-    # the feature-analysis fork's spelling runs too:
-    python -m marlin_jax.analysis.visualize --checkpoint_path C --video_path V.mp4 --output_dir O
+    python -m marlin_jax.analysis.visualize --checkpoint C --video V.mp4 --features 397 231 --output_dir O
 
-Per video and feature: ``<video>_feature<f>.png`` (frames over heat-map overlays, 300 dpi; with
-``--windows all`` one PNG per window, ``..._window<k>.png``, at most ``--max_windows``; none
-with ``--no_png``), the comparison video ``<video>_feature<f>.mp4`` (frame | overlay side by
-side, every window in turn, at ``--fps``, default 30; ``--skip_comparison_video`` leaves it
-out), and
-``<video>_relevance.npz`` with the raw token relevance ``(windows, F, t, h, w)`` and the feature
-values ``(windows, F)``. Windows are the extraction windows (``--sample_rate``, ``--stride``);
-a video shorter than one clip is padded by repeating its last frame. Heat maps of one video and
-feature share one scale over all its windows, so the windows can be compared. Without
-``--features`` (or ``--top_features_from``) the fork's features :data:`DEFAULT_FEATURES` are
-shown (they need a 768-wide model such as ViT-B). Progress bars (tqdm) go to stderr.
+Per video and feature: ``<video>_feature<f>.png`` (frames over heat-map overlays; with
+``--windows all`` one per window, ``..._window<k>.png``), the comparison video
+``<video>_feature<f>.mp4`` (frame | overlay, every window in turn) and ``<video>_relevance.npz``
+(token relevance ``(windows, F, t, h, w)``, feature values ``(windows, F)``). Heat maps of one
+video and feature share one scale over all its windows.
 """
 
 from __future__ import annotations
@@ -29,17 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from marlin_jax.analysis.heatmap import (
-    MODES,
-    FeatureGradCam,
-    heatmap_grid_figure,
-    load_clips,
-    normalise,
-    overlay,
-    save_figure,
-    side_by_side,
-    upsample,
-)
+from marlin_jax.analysis.heatmap import MODES, FeatureGradCam, frames_figure, load_clips, normalise, overlay, upsample
+from marlin_jax.analysis.plots import save_figure
 from marlin_jax.video_io import VideoWriter
 
 DEFAULT_FEATURES = (397, 231, 490, 482, 456)  # the feature-analysis fork's defaults (ViT-B, 768)
@@ -49,9 +31,9 @@ __all__ = [
     "add_model_arguments",
     "build_gradcam",
     "clip_relevance",
-    "frame_size_note",
+    "load_cam",
     "main",
-    "resolve_features",
+    "note_frame_size",
     "top_features_from_summary",
     "visualize_video",
 ]
@@ -111,21 +93,21 @@ def top_features_from_summary(path: str | os.PathLike, num: int) -> list[int]:
     raise ValueError(f"{path}: the summary holds no analysed level")
 
 
-def resolve_features(parser: argparse.ArgumentParser, args: argparse.Namespace,
-                     cam: FeatureGradCam) -> list[int]:
-    """The feature indices asked for (``--features`` or ``--top_features_from``; neither:
-    :data:`DEFAULT_FEATURES`); exits with a usage error when one is outside the model's
-    feature size."""
+def load_cam(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[FeatureGradCam, list[int]]:
+    """The Grad-CAM of ``--checkpoint`` and the feature indices asked for (``--features`` or
+    ``--top_features_from``; neither: :data:`DEFAULT_FEATURES`); exits with a usage error when the
+    model cannot be loaded or a feature is outside its feature size."""
+    try:
+        cam = build_gradcam(args.model, args.checkpoint, layer=args.layer, mode=args.mode)
+    except (ValueError, OSError) as e:
+        parser.error(f"cannot load the model: {e}")
     if args.features is None and args.top_features_from is None:
         if max(DEFAULT_FEATURES) >= cam.feature_dim:
-            parser.error(
-                f"no --features given, and the default features "
-                f"{' '.join(map(str, DEFAULT_FEATURES))} (of a 768-wide model such as ViT-B) do "
-                f"not exist in {f'model {args.model!r}' if args.model else 'the model'}, whose features "
-                f"are {cam.feature_dim} wide "
-                f"(0..{cam.feature_dim - 1}); pass --features or --top_features_from"
-            )
-        return list(DEFAULT_FEATURES)
+            parser.error(f"no --features given, and the default features {' '.join(map(str, DEFAULT_FEATURES))} "
+                         f"(of a 768-wide model such as ViT-B) do not exist in "
+                         f"{f'model {args.model!r}' if args.model else 'the model'}, whose features are "
+                         f"{cam.feature_dim} wide (0..{cam.feature_dim - 1}); pass --features or --top_features_from")
+        return cam, list(DEFAULT_FEATURES)
     try:
         features = (list(args.features) if args.features is not None
                     else top_features_from_summary(args.top_features_from, args.num_top))
@@ -135,25 +117,24 @@ def resolve_features(parser: argparse.ArgumentParser, args: argparse.Namespace,
     if bad:
         parser.error(f"features {bad} out of range: the model has {cam.feature_dim} features "
                      f"(0..{cam.feature_dim - 1})")
-    return features
+    return cam, features
 
 
-def frame_size_note(video: str | os.PathLike, config, crop_face: bool) -> str | None:
-    """A line telling the user that a video's frames will be centre-cropped and resized (they
-    are not ``img_size`` squares and no face cropping was asked for), else None."""
+def note_frame_size(video: str | os.PathLike, config, crop_face: bool) -> None:
+    """Tells the user (stderr) that a video's frames will be centre-cropped and resized: they
+    are not ``img_size`` squares and no face cropping was asked for."""
     from marlin_jax.video_io import video_info
 
     if crop_face:
-        return None
+        return
     try:
         info = video_info(video)
     except ValueError:
-        return None  # unreadable: reported when the video is loaded
+        return  # unreadable: reported when the video is loaded
     size = config.img_size
-    if (info["width"], info["height"]) == (size, size):
-        return None
-    return (f"note: {video} is {info['width']}x{info['height']}; its frames are centre-cropped "
-            f"and resized to {size}x{size} (pass --crop_face to crop the face instead)")
+    if (info["width"], info["height"]) != (size, size):
+        print(f"note: {video} is {info['width']}x{info['height']}; its frames are centre-cropped "
+              f"and resized to {size}x{size} (pass --crop_face to crop the face instead)", file=sys.stderr)
 
 
 def build_gradcam(model_name: str | None, checkpoint: str | os.PathLike, *, layer: int = -1,
@@ -262,11 +243,11 @@ def visualize_video(
                     title = (f"{video.name}  feature {f}  (value {vals[w, fi]:+.3f}"
                              f"{f', window {w}' if windows == 'all' else ''}; {cam.mode}, "
                              f"block {cam.layer})")
-                    fig = heatmap_grid_figure(clip, over, title, frames_shown=frames_shown)
+                    fig = frames_figure([("frames", clip), ("heatmap", over)], title, frames_shown=frames_shown)
                     written.append(save_figure(fig, out / f"{video.stem}_feature{f}{suffix}.png",
                                                dpi))
                 if save_video:
-                    sinks[f].write(side_by_side(clip, over))
+                    sinks[f].write(np.concatenate([clip, over], axis=2))  # side by side
     finally:
         for sink in sinks.values():
             sink.close()
@@ -299,11 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from marlin_jax.video_io import VideoReadError
 
-    try:
-        cam = build_gradcam(args.model, args.checkpoint, layer=args.layer, mode=args.mode)
-    except (ValueError, OSError) as e:
-        parser.error(f"cannot load the model: {e}")
-    features = resolve_features(parser, args, cam)
+    cam, features = load_cam(parser, args)
     if args.max_windows is not None and args.max_windows < 1:
         parser.error(f"--max_windows must be >= 1, got {args.max_windows}")
     if args.no_png and args.skip_comparison_video:
@@ -314,9 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     failures = []
     for video in tqdm(args.video, desc="videos", unit="video",
                       disable=not progress or len(args.video) < 2):
-        note = frame_size_note(video, cam.config, args.crop_face)
-        if note:
-            print(note, file=sys.stderr)
+        note_frame_size(video, cam.config, args.crop_face)
         try:
             paths = visualize_video(
                 cam, video, features, args.output_dir, windows=args.windows,
