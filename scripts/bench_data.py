@@ -21,10 +21,12 @@ prefetch threads and workers have filled their buffers): a loader never runs on 
   work per clip; see :class:`Listed`).
 
 Prints clips/s, clips/s per core, the ratios to the original per core and the scaling of all
-cores over one thread. Usage::
+cores over one thread, and (with several threads) that of plain 2.4 MB copies: the memory
+bandwidth ceiling of the ``raw`` records. Usage::
 
     python scripts/bench_data.py [--videos 12] [--frames 48] [--clips 48] [--rounds 3]
         [--batch 8] [--threads N] [--workers N] [--no-tfds] [--original /path/to/MARLIN]
+        [--only NAME ...]
 """
 
 from __future__ import annotations
@@ -228,6 +230,29 @@ def clips_per_second(steps: Iterator[int], clips: int, drain: int = 0) -> tuple[
     return n / (time.perf_counter() - t), n / max(process_cpu_seconds() - cpu, 1e-9)
 
 
+def copies_per_second(threads: int, seconds: float = 1.0) -> float:
+    """Copies per second of one clip's bytes (uint8 16x224x224x3, 2.4 MB; ``np.copyto`` releases
+    the GIL) by ``threads`` threads, each cycling through its own 64 buffers (past the caches):
+    the memory bandwidth ceiling of the ``raw`` records, which copy every clip several times."""
+    import threading
+
+    bufs = [[np.ones(16 * 224 * 224 * 3, np.uint8) for _ in range(64)] for _ in range(threads)]
+    counts = [0] * threads
+    end = time.perf_counter() + seconds
+
+    def work(i: int) -> None:
+        while time.perf_counter() < end:
+            np.copyto(bufs[i][(counts[i] + 1) % 64], bufs[i][counts[i] % 64])
+            counts[i] += 1
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return sum(counts) / seconds
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--videos", type=int, default=12)
@@ -245,6 +270,9 @@ def main() -> None:
     ap.add_argument("--original", default=None, metavar="MARLIN_DIR",
                     help="a ControlNet/MARLIN checkout: also time its YoutubeFace and print the "
                          "stand-in's calibration")
+    ap.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                    help="time only the loaders whose name contains one of these (and the "
+                         "original stand-in), e.g. --only 'raw frames'")
     ap.add_argument("--dir", default=None, help="reuse/write the layout here (default: temp)")
     ap.add_argument("--list", type=int, default=0, metavar="N",
                     help="our pipelines see a split listing each video this many times (same "
@@ -305,10 +333,18 @@ def main() -> None:
             if args.tfds:
                 loaders[f"records ({w} workers)"] = (
                     *our_batches(tfds_dir, args.batch, 1, "tfds", workers=w, times=times), w)
+        if args.only:
+            loaders = {k: v for i, (k, v) in enumerate(loaders.items())
+                       if i == 0 or any(s in k for s in args.only)}
         for steps, drain, _ in loaders.values():  # warm-up: imports, files, pools, caches
             clips_per_second(steps, args.batch, drain)
         best = {name: [0.0, 0.0] for name in loaders}  # wall, CPU
+        copies = {1: 0.0, cores: 0.0}
         for _ in range(args.rounds):
+            if cores > 1:
+                for n in copies:
+                    wait_until_idle()
+                    copies[n] = max(copies[n], copies_per_second(n))
             for name, (steps, drain, _) in loaders.items():
                 wait_until_idle()
                 wall, cpu = clips_per_second(steps, args.clips, drain)
@@ -330,9 +366,11 @@ def main() -> None:
               f"CPU {base_cpu / real_cpu:.2f} (target: within 0.90..1.10)")
     if cores > 1:
         for kind in ("ytf layout", "records", "records, raw frames"):
-            if f"{kind} ({cores} threads)" in best:
+            if f"{kind} ({cores} threads)" in best and f"{kind} (1 thread)" in best:
                 print(f"scaling of {kind} (wall): {cores} threads / 1 thread = "
                       f"{best[f'{kind} ({cores} threads)'][0] / best[f'{kind} (1 thread)'][0]:.2f}x")
+        print(f"memory bandwidth: clip copies (2.4 MB) per second, 1 thread {copies[1]:.0f}, "
+              f"{cores} threads {copies[cores]:.0f}: {copies[cores] / copies[1]:.2f}x")
     print("targets: ytf layout >= 2x, records >= 3x the original per core (and > ytf layout); "
           ">= 1.7x scaling on 2 cores")
 

@@ -75,3 +75,20 @@ def test_benchmark_times_the_records_jpeg_and_raw(layout, capsys, monkeypatch):
     out = capsys.readouterr().out
     for row in ("records (1 thread)", "records, raw frames (1 thread)"):
         assert row in out
+
+
+@pytest.mark.slow
+def test_benchmark_only_raw_records_with_two_threads_reports_scaling_and_bandwidth(
+        layout, capsys, monkeypatch):
+    bench = load_script("bench_data")
+    monkeypatch.setattr("sys.argv", ["bench_data.py", "--dir", str(layout), "--clips", "2",
+                                     "--rounds", "1", "--batch", "2", "--threads", "2",
+                                     "--list", "3", "--only", "raw frames"])
+    bench.main()
+    out = capsys.readouterr().out
+    timed = [line.split("  ")[0] for line in out.splitlines() if "clips/s" not in line]
+    assert "records, raw frames (1 thread)" in out and "records, raw frames (2 threads)" in out
+    assert "original (stand-in), per clip" in out  # the baseline of the ratios stays
+    assert not any(t.startswith(("ytf layout", "records (")) for t in timed)
+    assert "scaling of records, raw frames (wall): 2 threads / 1 thread = " in out
+    assert "memory bandwidth: clip copies (2.4 MB) per second, 1 thread " in out

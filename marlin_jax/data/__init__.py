@@ -1,12 +1,6 @@
-"""Video data for MARLIN: random-access sources, the grain pipeline, the synthetic dataset and the
+"""Video data for MARLIN: random-access sources (``ytf``, ``tfds_source``, ``videos``,
+``synthetic_source``), the grain pipeline (:func:`make_dataset`), the synthetic dataset and the
 ``youtube_faces_marlin`` TFDS builder. Knows no model.
-
-Sources (grain ``RandomAccessDataSource`` of :class:`VideoRecord`):
-  ``ytf.YtfSource``            original MARLIN YouTube-Faces layout (JPEG crops + npy parsing)
-  ``tfds_source.TfdsSource``   ArrayRecord shards of the ``youtube_faces_marlin`` builder
-  ``videos.VideoFileSource``   plain video files with optional parsing maps / labels
-  ``synthetic_source.SyntheticSource``  procedurally rendered faces (the embedded default)
-Pipeline: :func:`default_data_config`, :func:`make_dataset`.
 """
 
 from marlin_jax.data.pipeline import (

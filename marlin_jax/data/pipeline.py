@@ -1,27 +1,17 @@
 """The grain input pipeline for MARLIN pretraining: one pipeline for one CPU, one GPU or a pod.
 
-Per process::
+Per process: ``range(len(source))[process_index::process_count]`` -> shuffle -> repeat ->
+``random_map(LoadClip)`` (16 sampled frames + mask) -> batch -> ``to_iter_dataset(threads)``
+[-> ``mp_prefetch(workers)``] -> error accounting. Batches are ``{"video": uint8 (B, T, H, W, 3),
+"mask": bool (B, N)}`` (+ ``"labels"`` int32 ``(B, L)`` when the source has labels), numpy arrays
+owned by the caller; normalise to [0, 1] inside the jitted step. The iterator's
+``get_state``/``set_state`` resume it exactly, error counts included.
 
-    range(len(source))[process_index::process_count]      disjoint shards covering the source
-      -> shuffle -> repeat                                  (MapDataset, index-level, cheap)
-      -> random_map(LoadClip)                               decode 16 sampled frames + mask
-      -> batch(global_batch_size // process_count)          uint8 video, bool mask
-      -> to_iter_dataset(threads) [-> mp_prefetch(workers)] prefetch
-      -> error accounting                                   count/log bad records, budget
-
-Batches are ``{"video": uint8 (B, T, H, W, 3), "mask": bool (B, N)}`` (+ ``"labels"`` int32
-``(B, L)`` when the source has labels), plain numpy arrays owned by the caller (copied out of
-worker shared memory when ``num_workers > 0``); normalise to [0, 1] inside the jitted step. The
-iterator is a grain ``DatasetIterator``: ``get_state``/``set_state`` (or orbax with
-``grain.checkpoint.CheckpointSave/CheckpointRestore``) resume it exactly, error counts included.
-
-Bad records (missing/corrupt JPEG, npy, video) are replaced by another record of the same shard
-drawn from the element's own RNG, so batches keep their size and the pipeline stays
-deterministic; each replacement is counted, a newly found bad record is logged with the file name,
-and the iterator raises :class:`ErrorBudgetError` once more than ``error_budget`` *distinct* bad
-records were found (re-visits of a known one in later epochs do not count again). Known bad records
-are remembered (``AccountingIterator.bad_records``, part of the iterator state, so across epochs
-and resumes) and skipped without being read again.
+A bad record (missing/corrupt JPEG, npy, video) is replaced by another record of the same shard
+drawn from the element's own RNG (batches keep their size, the pipeline stays deterministic),
+counted, and logged by file name when newly found; more than ``error_budget`` *distinct* bad
+records raise :class:`ErrorBudgetError`. Known bad records (part of the iterator state) are
+skipped without being read again.
 """
 
 from __future__ import annotations
@@ -43,6 +33,10 @@ from marlin_jax.data.records import (
     resize_frames,
     sample_frame_indices,
 )
+from marlin_jax.data.synthetic_source import SyntheticSource
+from marlin_jax.data.tfds_source import TfdsSource
+from marlin_jax.data.videos import VideoFileSource
+from marlin_jax.data.ytf import YtfSource
 from marlin_jax.masking import STRATEGIES, make_mask
 from marlin_jax.video_io import VideoReadError
 
@@ -67,9 +61,7 @@ class ErrorBudgetError(RuntimeError):
 def default_data_config() -> ml_collections.ConfigDict:
     """Every data knob with its default (the original MARLIN YouTube-Faces recipe)."""
     c = ml_collections.ConfigDict()
-    # Which source: "synthetic" (built-in, no files), "ytf" (original YouTube-Faces layout),
-    # "tfds" (ArrayRecord shards of the youtube_faces_marlin TFDS builder), "videos" (video files).
-    c.source = "synthetic"
+    c.source = "synthetic"  # one of SOURCES (README, Data)
     # ytf: folder with crop_images_DB/, face_parsing_images_DB/, <split>_set.csv.
     # videos: folder of video files (or with videos/, parsing/, labels.csv, <split>.txt).
     c.root_dir = ""
@@ -94,11 +86,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.seed = 0  # data seed (shuffle order, temporal starts, masks); combined with make_dataset's
     c.error_budget = 100  # distinct bad records tolerated per process before failing
     c.max_retries = 16  # replacement records tried for one bad record before failing
-    # videos source: a video that decodes fewer frames than its container declares (truncated)
-    # is a bad record (True) or read as far as it decodes with a warning naming it (False)
-    c.strict_videos = False
+    c.strict_videos = False  # videos: a truncated video is a bad record (else read with a warning)
     # repeat=False only: drop the last partial batch and make all process shards equal (at most
-    # process_count - 1 videos dropped) so that every process runs the same number of steps
+    # process_count - 1 videos dropped): every process runs the same number of steps
     c.drop_remainder = True
     c.synthetic_num_videos = 512  # synthetic: videos per split
     c.synthetic_num_frames = 32  # synthetic: frames per rendered video
@@ -111,8 +101,6 @@ def make_source(data_config: ml_collections.ConfigDict, split: str) -> VideoSour
     c = data_config
     take = c.take_num or None
     if c.source == "synthetic":
-        from marlin_jax.data.synthetic_source import SyntheticSource
-
         return SyntheticSource(c.synthetic_num_videos, split=split,
                                num_frames=c.synthetic_num_frames, size=c.img_size,
                                seed=c.synthetic_seed)
@@ -120,16 +108,10 @@ def make_source(data_config: ml_collections.ConfigDict, split: str) -> VideoSour
         raise ValueError(f"data source {c.source!r} needs data_config.root_dir"
                          + (" or tfds_data_dir" if c.source == "tfds" else ""))
     if c.source == "ytf":
-        from marlin_jax.data.ytf import YtfSource
-
         return YtfSource(c.root_dir, split=split, take_num=take)
     if c.source == "tfds":
-        from marlin_jax.data.tfds_source import TfdsSource
-
         return TfdsSource(c.tfds_data_dir or c.root_dir, split=split, name=c.tfds_name)
     if c.source == "videos":
-        from marlin_jax.data.videos import VideoFileSource
-
         return VideoFileSource(c.root_dir, split=split, parsing_dir=c.parsing_dir or None,
                                take_num=take, strict=bool(c.get("strict_videos", False)))
     raise ValueError(f"unknown data source {c.source!r}; expected one of {SOURCES}")
@@ -139,11 +121,9 @@ class LoadClip:
     """grain random map: global source index -> one clip, its mask and its issues.
 
     Returns ``{"video": uint8 (T, S, S, 3), "mask": bool (N,), ["labels": int32 (L,)],
-    "_issues": [(kind, message[, index]), ...]}`` (skips carry the bad record's source index). A
-    bad record is replaced by a random record of the same shard (``shard_offset + shard_stride *
-    k``), at most ``max_retries`` times; the replacement depends only on the element's RNG, not on
-    how far the failed read got, so records in ``known_bad`` (index -> message) are skipped
-    without reading, with the same result.
+    "_issues": [(kind, message[, index]), ...]}``. A bad record is replaced by a random record of
+    the same shard, at most ``max_retries`` times; the choice depends only on the element's RNG,
+    so records in ``known_bad`` (index -> message) are skipped unread with the same result.
     """
 
     def __init__(self, source: VideoSource, *, clip_frames: int, temporal_sample_rate: int,
@@ -176,23 +156,18 @@ class LoadClip:
         skipped: list[tuple[Any, ...]] = []
         index = int(index)
         for _ in range(self.max_retries + 1):
-            known = self.known_bad.get(index)
-            if known is not None:  # skipped without reading
-                skipped.append((SKIPPED, known, index))
-                index = self.shard_offset + self.shard_stride * int(rng.integers(self.shard_len))
-                continue
-            notes: list[tuple[Any, ...]] = []  # kept only if this record loads
-            before = rng.bit_generator.state
-            try:
-                element = self._load(self.source[index], rng, notes)
-            except _READ_ERRORS as e:
-                rng.bit_generator.state = before  # as if skipped without reading
-                self.known_bad[index] = str(e)
-                skipped.append((SKIPPED, str(e), index))
-                index = self.shard_offset + self.shard_stride * int(rng.integers(self.shard_len))
-                continue
-            element["_issues"] = skipped + notes
-            return element
+            if index not in self.known_bad:  # else skipped without reading
+                notes: list[tuple[Any, ...]] = []  # kept only if this record loads
+                before = rng.bit_generator.state
+                try:
+                    element = self._load(self.source[index], rng, notes)
+                    element["_issues"] = skipped + notes
+                    return element
+                except _READ_ERRORS as e:
+                    rng.bit_generator.state = before  # as if skipped without reading
+                    self.known_bad[index] = str(e)
+            skipped.append((SKIPPED, self.known_bad[index], index))
+            index = self.shard_offset + self.shard_stride * int(rng.integers(self.shard_len))
         raise ErrorBudgetError(
             f"{self.max_retries + 1} records in a row were unreadable; last: {skipped[-1][1]}")
 
@@ -238,8 +213,7 @@ class LoadClip:
             raise BadRecordError(f"{record.name}: cannot build a mask: {e}") from e
         out = {"video": np.ascontiguousarray(video), "mask": mask}
         if self.with_labels:
-            labels = record.labels
-            out["labels"] = np.asarray(labels if labels is not None else [], np.int32)
+            out["labels"] = np.asarray([] if record.labels is None else record.labels, np.int32)
         return out
 
 
@@ -250,26 +224,12 @@ def collate(elements: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-class _IssueLog:
-    """Logs the first few issues of each kind, then every 1000th (newly found bad records:
-    always; re-visits of known ones: debug)."""
-
-    first = 5
-
-    @staticmethod
-    def emit(kind: str, count: int, message: str) -> None:
-        if count <= _IssueLog.first or count % 1000 == 0:
-            log.info("data: %s #%d: %s", kind, count, message)
-
-
 class AccountingIterator(grain.DatasetIterator):
     """Pops ``_issues`` from each batch, counts and logs them, enforces the error budget on the
-    number of distinct bad records.
+    number of distinct bad records (counts and bad records are part of the iterator state).
 
-    The counts and the bad records are part of the iterator state, so a restored run keeps its
-    budget and skips the known bad records. ``stats`` returns the counts: ``{kind: count}`` for
-    :data:`ISSUE_KINDS` (``skipped``: every replacement, re-visits included); ``bad_records``
-    the distinct bad records ``{source index: message}``.
+    ``stats``: ``{kind: count}`` for :data:`ISSUE_KINDS` (``skipped``: every replacement, re-visits
+    included); ``bad_records``: the distinct bad records ``{source index: message}``.
     """
 
     def __init__(self, parent: grain.DatasetIterator, error_budget: int,
@@ -311,8 +271,8 @@ class AccountingIterator(grain.DatasetIterator):
             self._counts[kind] = self._counts.get(kind, 0) + 1
             if kind == SKIPPED:
                 self._bad_record(index[0] if index else None, message)
-            else:
-                _IssueLog.emit(kind, self._counts[kind], message)
+            elif self._counts[kind] <= 5 or self._counts[kind] % 1000 == 0:  # the first, then rarely
+                log.info("data: %s #%d: %s", kind, self._counts[kind], message)
         return batch
 
     def get_state(self) -> dict[str, Any]:
@@ -342,13 +302,9 @@ class AccountingIterDataset(grain.IterDataset):
         return AccountingIterator(self._parent.__iter__(), self._error_budget, self._copy_arrays,
                                   self._known_bad)
 
-    def __str__(self) -> str:
-        return f"AccountingIterDataset(error_budget={self._error_budget})"
-
 
 def _ensure_absl_flags_parsed() -> None:
-    """grain's worker processes read absl flags; outside an absl app (scripts, pytest, notebooks)
-    they are unparsed, so accept their defaults. An absl app has parsed them already."""
+    """grain's worker processes read absl flags: outside an absl app, accept their defaults."""
     from absl import flags
 
     if not flags.FLAGS.is_parsed():

@@ -1,36 +1,24 @@
 """The record protocol shared by every video source, temporal sampling, and decoding helpers.
 
-A source is a grain ``RandomAccessDataSource``: ``len(source)`` videos, ``source[i]`` a cheap
-:class:`VideoRecord` (metadata plus lazy readers), so that only the sampled frames are ever
-decoded. Every read failure raises :class:`BadRecordError` naming the file and the problem; the
-pipeline skips such records within an error budget.
+A source is a grain ``RandomAccessDataSource``: ``source[i]`` is a cheap :class:`VideoRecord`
+(metadata plus lazy readers), so only the sampled frames are decoded. Read failures raise
+:class:`BadRecordError` naming the file; the pipeline skips those within an error budget.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Callable, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 import cv2
 import numpy as np
+import simplejpeg
 
 from marlin_jax.masking import patch_label_bits
 
-try:  # libjpeg-turbo without OpenCV's overhead: ~20 % faster, the same pixels (see decode_jpeg)
-    import simplejpeg
-except ImportError:  # pragma: no cover - simplejpeg is a dependency; OpenCV decodes the same
-    simplejpeg = None
-
-# Frame indices -> uint8 (k, H, W, 3) RGB.
-FrameReader = Callable[[Sequence[int]], np.ndarray]
-# Frame indices -> k parsing maps, each uint8 (H, W), or an empty array where the face parser
-# found no face in that frame (the original then keeps the whole slice visible).
-ParsingReader = Callable[[Sequence[int]], list[np.ndarray]]
-# (frame indices, img_size, patch_size) -> uint16 (k, img_size // p, img_size // p): which LaPa
-# labels occur in each patch of the frame's parsing map resized to img_size
-# (masking.patch_label_bits; all zero = no face). What fasking needs, a few hundred bytes a frame.
 PatchLabelReader = Callable[[Sequence[int], int, int], np.ndarray]
 
 
@@ -46,23 +34,22 @@ class VideoRecord:
       name: stable identifier (relative path or key), used in logs and errors.
       num_frames: number of frames available to sample from (>= 1).
       read_frames: indices -> uint8 ``(k, H, W, 3)`` RGB.
-      read_parsing: indices -> list of k LaPa parsing maps (uint8 ``(H, W)``, or empty), or
-        ``None`` when this video has no parsing maps.
+      read_parsing: indices -> list of k LaPa parsing maps (uint8 ``(H, W)``, or empty where the
+        face parser found no face: the slice stays visible), or ``None`` without parsing maps.
       labels: int32 ``(L,)`` labels when the source has them, else ``None``.
       read_patch_labels: optional ``(indices, img_size, patch_size)`` -> uint16 ``(k, gh, gw)``
         patch coverage of the parsing maps (:func:`parsing_patch_labels` of ``read_parsing``'s
-        maps, possibly cached or precomputed); fasking uses it instead of ``read_parsing``.
+        maps, cached or precomputed: a few hundred bytes a frame); fasking prefers it.
     """
 
     name: str
     num_frames: int
-    read_frames: FrameReader
-    read_parsing: ParsingReader | None = None
+    read_frames: Callable[[Sequence[int]], np.ndarray]
+    read_parsing: Callable[[Sequence[int]], list[np.ndarray]] | None = None
     labels: np.ndarray | None = None
     read_patch_labels: PatchLabelReader | None = None
 
 
-@runtime_checkable
 class VideoSource(Protocol):
     """Random-access video source (grain ``RandomAccessDataSource`` of :class:`VideoRecord`)."""
 
@@ -95,18 +82,14 @@ def sample_frame_indices(
 def decode_jpeg(data: bytes, name: str, out: np.ndarray | None = None) -> np.ndarray:
     """JPEG (or any OpenCV image) bytes -> uint8 ``(H, W, 3)`` RGB; BadRecordError if corrupt.
 
-    JPEGs go through simplejpeg (libjpeg-turbo, default IDCT and upsampling: the same pixels as
-    OpenCV's ``imdecode`` built on libjpeg-turbo, ~20 % faster on the benchmark machine; another
-    libjpeg build may differ by a level or two); other formats, and JPEGs simplejpeg rejects,
-    through OpenCV. ``out``: decode into this ``(H, W, 3)`` array (no copy); BadRecordError if the
-    image has another size.
+    JPEGs go through simplejpeg (libjpeg-turbo: OpenCV's pixels, ~20 % faster), other formats and
+    JPEGs simplejpeg rejects through OpenCV. ``out``: decode into this ``(H, W, 3)`` array (no
+    copy); BadRecordError if the image has another size.
     """
     img = None
-    if simplejpeg is not None and data[:2] == b"\xff\xd8":
-        try:
+    if data[:2] == b"\xff\xd8":
+        with contextlib.suppress(ValueError):  # corrupt, unusual or larger than out: OpenCV decides
             img = simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out)
-        except ValueError:
-            img = None  # corrupt, unusual or larger than out: OpenCV decides
     if img is None:
         bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
         if bgr is None:
@@ -161,13 +144,13 @@ def load_frame_parsing(path: str) -> np.ndarray:
     """One frame's parsing ``.npy`` as the original face parser writes it -> uint8 ``(H, W)``.
 
     The file holds ``(num_faces, H, W)`` label maps (int64); the first face is used, as in the
-    original. No face (``(0, H, W)``) gives an empty ``(0,)`` map. ``(H, W)`` files are accepted.
+    original. No face gives an empty ``(0,)`` map. ``(H, W)`` files are accepted.
     """
     arr = load_parsing_npy(path)
-    if arr.ndim == 3:
-        return arr[0] if arr.shape[0] else np.zeros((0,), np.uint8)
-    if arr.ndim == 2 or arr.size == 0:
-        return arr if arr.size else np.zeros((0,), np.uint8)
+    if arr.size == 0:
+        return np.zeros((0,), np.uint8)
+    if arr.ndim in (2, 3):
+        return arr[0] if arr.ndim == 3 else arr
     raise BadRecordError(f"{path}: parsing map must be (faces, H, W) or (H, W), got {arr.shape}")
 
 
@@ -177,13 +160,6 @@ def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
         return frames
     interp = cv2.INTER_AREA if min(frames.shape[1:3]) > size else cv2.INTER_LINEAR
     return np.stack([cv2.resize(f, (size, size), interpolation=interp) for f in frames])
-
-
-def resize_parsing(parsing: np.ndarray, size: int) -> np.ndarray:
-    """uint8 ``(H, W)`` labels -> ``(size, size)`` with nearest neighbour; empty stays empty."""
-    if parsing.size == 0 or parsing.shape == (size, size):
-        return parsing
-    return cv2.resize(parsing, (size, size), interpolation=cv2.INTER_NEAREST)
 
 
 def parsing_patch_labels(parsing: Sequence[np.ndarray], img_size: int, patch_size: int
@@ -198,7 +174,9 @@ def parsing_patch_labels(parsing: Sequence[np.ndarray], img_size: int, patch_siz
         if p.size and p.ndim != 2:
             raise ValueError(f"a parsing map must be (H, W) labels, got shape {p.shape}")
         if p.size:
-            out[i] = patch_label_bits(resize_parsing(p, img_size)[None], patch_size)[0]
+            if p.shape != (img_size, img_size):
+                p = cv2.resize(p, (img_size, img_size), interpolation=cv2.INTER_NEAREST)
+            out[i] = patch_label_bits(p[None], patch_size)[0]
     return out
 
 

@@ -1,35 +1,27 @@
 """The built-in synthetic face-video dataset: moving cartoon faces with exact LaPa parsing maps.
 
-Every video is a pure function of ``(seed, index)``: a face (skin oval, ears, hair with a fringe,
-two brows, two eyes with iris and pupil that blink or stay closed, a nose, upper lip / inner mouth
-(with teeth) / lower lip with a mouth that opens and closes) moving over a textured background
-(translation, scale, in-plane roll and a small yaw that shifts the inner features). Shapes are
-drawn with OpenCV onto a *class map* (LaPa labels plus sub-parts such as iris or teeth); the
-parsing map is a lookup of the class map and the RGB frame a per-video palette of it (a texture
-for the background), so every pixel's colour agrees with its label exactly. No download, ever.
+Every video is a pure function of ``(seed, index)``: a face (skin, ears, hair with a fringe, brows,
+eyes that blink or stay closed, nose, lips around a mouth that opens) moving over a textured
+background. Shapes are drawn with OpenCV onto a *class map* (LaPa labels plus sub-parts such as
+iris or teeth); the parsing map is a lookup of it and the RGB frame a per-video palette of it, so
+every pixel's colour agrees with its label exactly. No download, ever.
 
-LaPa labels (0 background, 1 skin, 2 left brow, 3 right brow, 4 left eye, 5 right eye, 6 nose,
-7 upper lip, 8 inner mouth, 9 lower lip, 10 hair). "Left" is the *image's* left (the subject's
-right), the convention of LaPa's JD-106 landmarks and of MARLIN's own comments (``[2, 4]  # right
-eye``, i.e. the subject's right eye): label 2/4 lie at smaller x than 3/5.
-
-Per-video binary labels (:data:`LABEL_NAMES`), independent fair coins from the seeded RNG:
-``mouth_open`` (the mouth is open in ~75-90% of frames vs ~10-25%), ``eyes_closed`` (closed
-throughout vs open with occasional blinks), ``smiling`` (mouth corners curved up vs flat/down).
+LaPa labels: 0 background, 1 skin, 2/3 left/right brow, 4/5 left/right eye, 6 nose, 7 upper lip,
+8 inner mouth, 9 lower lip, 10 hair; "left" is the *image's* left (LaPa's and MARLIN's convention).
+Per-video binary labels (:data:`LABEL_NAMES`), fair coins: ``mouth_open`` (open in ~75-90% of
+frames vs ~10-25%), ``eyes_closed`` (throughout vs occasional blinks), ``smiling`` (corners up).
 
 Writers: :func:`write_video_dataset` (mp4 + npy + labels.csv) and :func:`write_ytf_layout` (the
-original MARLIN YouTube-Faces layout: JPEG crops, per-frame int64 ``(1, H, W)`` npy maps,
-``train_set.csv`` / ``val_set.csv`` with columns ``path,len``).
+original MARLIN YouTube-Faces layout).
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -59,66 +51,20 @@ _HAIR_TONES = np.array(
 _IRIS_TONES = np.array([[70, 45, 20], [45, 95, 150], [75, 115, 60], [110, 80, 45]], np.float64)
 
 
-@dataclass(frozen=True)
-class _Face:
-    """Per-video constants. Lengths are in units of the face half-width ``a`` (pixels = a * s)."""
-
-    a: float  # face half-width in pixels
-    aspect: float  # half-height / half-width
-    center: tuple[float, float]
-    eye_sep: float
-    eye_v: float
-    eye_w: float
-    eye_h: float
-    iris_r: float
-    brow_sep: float
-    brow_v: float
-    brow_w: float
-    brow_h: float
-    brow_tilt: float
-    nose_w: float
-    nose_len: float
-    mouth_v: float
-    mouth_w: float
-    mouth_curve: float  # > 0: corners up (smile)
-    lip_upper: float
-    lip_lower: float
-    mouth_open_max: float
-    hair_back: tuple[float, float, float]  # centre v, half-width, half-height
-    fringe: tuple[float, float]  # centre v, half-height (the hairline dips to v + half-height)
-    # motion (amplitudes and frequencies in Hz, phases)
-    move_amp: tuple[float, float]
-    move_freq: tuple[float, float]
-    move_phase: tuple[float, float]
-    scale_amp: float
-    roll_amp: float
-    yaw_amp: float
-    motion_freq: tuple[float, float, float]
-    motion_phase: tuple[float, float, float]
-    mouth_period: float
-    mouth_duty: float
-    mouth_phase: float
-    blink_period: float
-    blink_phase: float
-    gaze: float
-
-
-def _labels(rng: np.random.Generator) -> np.ndarray:
-    return rng.integers(0, 2, size=len(LABEL_NAMES)).astype(np.int32)
-
-
 def _fringe(aspect: float, top: float, bottom: float) -> tuple[float, float]:
     """Fringe ellipse (centre v, half-height) spanning v = top .. bottom (units of half-height)."""
     return aspect * (top + bottom) / 2, aspect * (bottom - top) / 2
 
 
 def _sample_face(rng: np.random.Generator, labels: np.ndarray, size: int,
-                 face_scale: float = 1.0, strong_cues: bool = False) -> _Face:
+                 face_scale: float = 1.0, strong_cues: bool = False) -> SimpleNamespace:
+    """Per-video constants; lengths in units of the face half-width ``a`` (pixels = a * scale).
+    Draw order matters: every video is a pure function of the RNG stream."""
     mouth_open, _, smiling = (bool(v) for v in labels)
     u = rng.uniform
-    aspect = u(1.2, 1.4)
+    aspect = u(1.2, 1.4)  # face half-height / half-width
     mouth_w = u(0.28, 0.34) + (0.05 if smiling else 0.0)
-    face = _Face(
+    face = SimpleNamespace(
         a=size * u(0.26, 0.32) * face_scale,
         aspect=aspect,
         center=(size * (0.5 + u(-0.05, 0.05)), size * (0.53 + u(-0.04, 0.04))),
@@ -136,7 +82,7 @@ def _sample_face(rng: np.random.Generator, labels: np.ndarray, size: int,
         nose_len=aspect * u(0.3, 0.38),
         mouth_v=aspect * u(0.5, 0.58),
         mouth_w=mouth_w,
-        mouth_curve=u(0.1, 0.15) if smiling else u(-0.05, 0.015),
+        mouth_curve=u(0.1, 0.15) if smiling else u(-0.05, 0.015),  # > 0: corners up
         lip_upper=u(0.05, 0.08),
         lip_lower=u(0.07, 0.1),
         mouth_open_max=u(0.18, 0.26),
@@ -158,12 +104,13 @@ def _sample_face(rng: np.random.Generator, labels: np.ndarray, size: int,
         gaze=u(-0.5, 0.5),
     )
     if strong_cues:  # same draws, so the rest of the video is unchanged
-        face = dataclasses.replace(face, mouth_duty=1.0 if mouth_open else 0.0,
-                                   mouth_open_max=face.mouth_open_max * 1.6,
-                                   eye_h=face.eye_h * 1.6, eye_w=face.eye_w * 1.2)
+        face.mouth_duty = 1.0 if mouth_open else 0.0
+        face.mouth_open_max *= 1.6
+        face.eye_h *= 1.6
+        face.eye_w *= 1.2
         if smiling:  # a broad smile: corners 2.2x higher, mouth wider
-            face = dataclasses.replace(face, mouth_curve=face.mouth_curve * 2.2,
-                                       mouth_w=face.mouth_w + 0.05)
+            face.mouth_curve *= 2.2
+            face.mouth_w += 0.05
     return face
 
 
@@ -225,7 +172,7 @@ def _background(rng: np.random.Generator, size: int, margin: int) -> np.ndarray:
 class _Pose:
     """Canonical face coordinates (u, v in units of a) -> fixed-point image coordinates."""
 
-    def __init__(self, face: _Face, frame: int):
+    def __init__(self, face: SimpleNamespace, frame: int):
         t = frame / FPS
         f = face
         self.dx = f.move_amp[0] * math.sin(2 * math.pi * f.move_freq[0] * t + f.move_phase[0])
@@ -264,7 +211,7 @@ class _Pose:
         cv2.fillPoly(img, [self.points(u, v)], cls, cv2.LINE_8, _SHIFT)
 
 
-def _mouth_opening(face: _Face, frame: int) -> float:
+def _mouth_opening(face: SimpleNamespace, frame: int) -> float:
     """Inner-mouth height (units of a): open for a ``mouth_duty`` fraction of each period,
     opening and closing quickly."""
     if face.mouth_duty >= 1.0:  # always open (``strong_cues``)
@@ -275,15 +222,12 @@ def _mouth_opening(face: _Face, frame: int) -> float:
     return face.mouth_open_max * min(1.0, 3.0 * math.sin(math.pi * phase / face.mouth_duty))
 
 
-def _eye_openness(face: _Face, frame: int, closed: bool) -> float:
-    if closed:
-        return 0.0
-    phase = (frame / FPS / face.blink_period + face.blink_phase) % 1.0
-    blink = 0.12 / face.blink_period  # ~3 frames
-    return 0.0 if phase < blink else 1.0
+def _eyes_open(face: SimpleNamespace, frame: int) -> bool:
+    """Open but for a blink of ~3 frames (0.12 s) each ``blink_period``."""
+    return (frame / FPS / face.blink_period + face.blink_phase) % 1.0 >= 0.12 / face.blink_period
 
 
-def _draw_face(cls_map: np.ndarray, face: _Face, frame: int, eyes_closed: bool) -> None:
+def _draw_face(cls_map: np.ndarray, face: SimpleNamespace, frame: int, eyes_closed: bool) -> None:
     f = face
     pose = _Pose(f, frame)
     hb_v, hb_w, hb_h = f.hair_back
@@ -301,7 +245,7 @@ def _draw_face(cls_map: np.ndarray, face: _Face, frame: int, eyes_closed: bool) 
         pose.ellipse(cls_map, side * f.brow_sep, f.brow_v, f.brow_w, f.brow_h, brow,
                      tilt=side * f.brow_tilt)  # fmt: skip
         ex = side * f.eye_sep
-        if _eye_openness(f, frame, eyes_closed) > 0:
+        if not eyes_closed and _eyes_open(f, frame):
             pose.ellipse(cls_map, ex, f.eye_v, f.eye_w, f.eye_h, eye)
             ih = min(f.iris_r, f.eye_h * 0.95)
             gx = ex + f.gaze * (f.eye_w - f.iris_r) * 0.8
@@ -334,29 +278,18 @@ def _draw_face(cls_map: np.ndarray, face: _Face, frame: int, eyes_closed: bool) 
     pose.polygon(cls_map, np.r_[u, u[::-1]], np.r_[inner_low, outer_low[::-1]], _LLIP)
 
 
-def video_name(index: int) -> str:
-    """The file-system name of video ``index``."""
-    return f"synth_{index:06d}"
-
-
 def render_video(index: int, num_frames: int = 32, size: int = 224, seed: int = 0, *,
                  face_scale: float = 1.0, strong_cues: bool = False) -> dict:
     """Renders synthetic video ``index`` of dataset ``seed``.
 
     Returns ``{"frames": uint8 (T, size, size, 3) RGB, "parsing": uint8 (T, size, size) LaPa
     labels, "labels": int32 (3,) in LABEL_NAMES order, "name": str}``. Deterministic in
-    ``(seed, index)``; frame t does not depend on ``num_frames`` (a longer render extends a
-    shorter one). About 1 ms per 224x224 frame.
+    ``(seed, index)``; frame t does not depend on ``num_frames``.
 
-    ``face_scale`` multiplies the face size (1.0: the face spans about 55-65 % of the frame
-    width; 1.5: a tight face crop, hair and chin cut) and leaves the labels, palette, background
-    and motion as they are: at a small ``size`` a tight crop shows the eyes and mouth with
-    about ``face_scale ** 2`` times more pixels.
-
-    ``strong_cues`` makes the three labels visible at low resolution: a ``mouth_open`` mouth is open
-    (1.6x wider opening) in every frame and a closed one never opens; eyes are 1.6x taller and
-    1.2x wider, so open vs closed eyes differ by more pixels; a smile is broad (corners 2.2x
-    higher, mouth 0.05 half-widths wider). Same labels, palette and motion.
+    ``face_scale`` multiplies the face size (1.0: ~55-65 % of the frame width; 1.5: a tight crop).
+    ``strong_cues`` makes the labels visible at low resolution: an open mouth is open (1.6x
+    wider) in every frame and a closed one never opens; eyes 1.6x taller, 1.2x wider; a broad
+    smile. Both keep the labels, palette, background and motion.
     """
     if index < 0 or seed < 0:
         raise ValueError(f"index and seed must be >= 0, got index={index}, seed={seed}")
@@ -367,7 +300,7 @@ def render_video(index: int, num_frames: int = 32, size: int = 224, seed: int = 
     if not 0.25 <= face_scale <= 4.0:
         raise ValueError(f"face_scale must be in [0.25, 4], got {face_scale}")
     rng = np.random.default_rng([seed, index])
-    labels = _labels(rng)
+    labels = rng.integers(0, 2, size=len(LABEL_NAMES)).astype(np.int32)
     face = _sample_face(rng, labels, size, face_scale, strong_cues)
     palette = _sample_palette(rng)
     margin = max(2, size // 16)
@@ -392,28 +325,14 @@ def render_video(index: int, num_frames: int = 32, size: int = 224, seed: int = 
         cv2.copyTo(scene[oy : oy + size, ox : ox + size], (cls_map == _BG).view(np.uint8), frame)
         frames[t] = frame
         parsing[t] = cv2.LUT(cls_map, label_lut)
-    return {
-        "frames": frames,
-        "parsing": parsing,
-        "labels": labels,
-        "name": video_name(index),
-    }
+    return {"frames": frames, "parsing": parsing, "labels": labels, "name": f"synth_{index:06d}"}
 
 
-def write_video_dataset(
-    out_dir: str | os.PathLike,
-    num_videos: int,
-    num_frames: int = 48,
-    size: int = 224,
-    seed: int = 0,
-    with_parsing: bool = True,
-    *,
-    face_scale: float = 1.0,
-    strong_cues: bool = False,
-) -> Path:
+def write_video_dataset(out_dir: str | os.PathLike, num_videos: int, num_frames: int = 48,
+                        size: int = 224, seed: int = 0, with_parsing: bool = True, *,
+                        face_scale: float = 1.0, strong_cues: bool = False) -> Path:
     """Writes videos ``0 .. num_videos - 1`` (:func:`render_video` with ``face_scale`` and
-    ``strong_cues``) as
-    files; returns ``Path(out_dir)``.
+    ``strong_cues``) as files; returns ``Path(out_dir)``.
 
     Layout: ``videos/<name>.mp4`` (mp4v, 25 fps), ``parsing/<name>.npy`` (uint8 (T, H, W), when
     ``with_parsing``) and ``labels.csv`` with columns ``path,mouth_open,eyes_closed,smiling``
@@ -427,7 +346,8 @@ def write_video_dataset(
         (out / "parsing").mkdir(exist_ok=True)
     rows = []
     for index in range(num_videos):
-        video = render_video(index, num_frames, size, seed, face_scale=face_scale, strong_cues=strong_cues)
+        video = render_video(index, num_frames, size, seed, face_scale=face_scale,
+                             strong_cues=strong_cues)
         name = video["name"]
         write_video(out / "videos" / f"{name}.mp4", video["frames"], fps=FPS)
         if with_parsing:
@@ -447,23 +367,16 @@ def ytf_frame_names(clip: int, num_frames: int) -> list[str]:
     return [f"{clip}.{first + k}" for k in range(num_frames)]
 
 
-def write_ytf_layout(
-    out_dir: str | os.PathLike,
-    num_videos: int,
-    num_frames: int = 40,
-    size: int = 224,
-    seed: int = 0,
-    val_fraction: float = 0.25,
-) -> Path:
+def write_ytf_layout(out_dir: str | os.PathLike, num_videos: int, num_frames: int = 40,
+                     size: int = 224, seed: int = 0, val_fraction: float = 0.25) -> Path:
     """Writes the original MARLIN YouTube-Faces layout; returns ``Path(out_dir)``.
 
     ``crop_images_DB/<person>/<clip>/<clip>.<frame>.jpg`` (RGB saved by cv2 as JPEG),
     ``face_parsing_images_DB/<person>/<clip>/<clip>.<frame>.npy`` (int64 ``(1, H, W)``: what the
     original ``face_parse.py`` saves, one face), and ``train_set.csv`` / ``val_set.csv`` with
-    columns ``path,len`` (``path = <person>/<clip>``, ``len`` = frame count). Video ``i`` is
-    person ``Synth_{i // 2:06d}``, clip ``i % 2`` (two clips per person, as YTF's several per
-    person); the last ``round(num_videos * val_fraction)`` videos form the val split (at least one
-    of each split when ``num_videos >= 2`` and ``0 < val_fraction < 1``).
+    columns ``path,len``. Video ``i`` is person ``Synth_{i // 2:06d}``, clip ``i % 2``; the last
+    ``round(num_videos * val_fraction)`` videos form the val split (at least one of each split when
+    ``num_videos >= 2`` and ``0 < val_fraction < 1``).
     """
     if num_videos < 1:
         raise ValueError(f"num_videos must be >= 1, got {num_videos}")

@@ -14,14 +14,6 @@ from marlin_jax.data.records import VideoRecord
 _SPLIT_OFFSETS = {"train": 0, "val": 1_000_000, "test": 2_000_000}
 
 
-def _take(array: np.ndarray, indices) -> np.ndarray:
-    return array[np.asarray(indices)]
-
-
-def _take_list(array: np.ndarray, indices) -> list[np.ndarray]:
-    return list(array[np.asarray(indices)])
-
-
 class SyntheticSource:
     """grain random-access source of ``num_videos`` procedurally rendered face videos, each with
     exact LaPa parsing maps and int32 labels (see ``synthetic.LABEL_NAMES``)."""
@@ -52,13 +44,10 @@ class SyntheticSource:
         video = render_video(_SPLIT_OFFSETS[self.split] + index, num_frames=self.num_frames,
                              size=self.size, seed=self.seed)
         frames, parsing = video["frames"], video["parsing"]
-        return VideoRecord(
-            name=str(video["name"]),
-            num_frames=int(frames.shape[0]),
-            read_frames=lambda idx: _take(frames, idx),
-            read_parsing=lambda idx: _take_list(parsing, idx),
-            labels=np.asarray(video["labels"], np.int32),
-        )
+        return VideoRecord(name=str(video["name"]), num_frames=int(frames.shape[0]),
+                           read_frames=lambda idx: frames[np.asarray(idx)],
+                           read_parsing=lambda idx: list(parsing[np.asarray(idx)]),
+                           labels=np.asarray(video["labels"], np.int32))
 
     def __repr__(self) -> str:
         return (f"SyntheticSource(num_videos={self.num_videos}, split={self.split!r}, "

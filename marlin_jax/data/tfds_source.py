@@ -1,16 +1,12 @@
 """ArrayRecord shards of the ``youtube_faces_marlin`` TFDS builder as a random-access source.
 
-One example per frame (the frame: JPEG bytes, or with the builder's ``raw`` config uint8
-224x224x3 pixels decoded at build time, so a read is a copy; + the parsing map's 16x16-patch
-label coverage, 392 bytes), frames of a video contiguous, videos indexed in the build's
-``metadata.json``; so a clip reads its 16 frames' examples and nothing else (the previous
-one-example-per-video layout read and deserialised the whole video and decoded a PNG map per
-slice). Opened through
-``tfds.data_source`` (no TensorFlow); examples are read as raw bytes from its ArrayRecord reader
-and parsed with tfds' ``tf.train.Example`` proto module. ``build_youtube_faces_marlin`` turns a
-YouTube-Faces layout folder into the shards; on a pod, build once and point ``tfds_data_dir`` at
-the (GCS) copy. The frame encoding is read from the build's metadata; with both configs built in
-one ``data_dir``, a name without config reads tfds' default (``jpeg``).
+One example per frame (JPEG bytes, or with the builder's ``raw`` config uint8 224x224x3 pixels;
++ the parsing map's 16x16-patch label coverage, 392 bytes), frames of a video contiguous, videos
+indexed in the build's ``metadata.json``: a clip reads its 16 frames' examples and nothing else.
+Opened through ``tfds.data_source`` (no TensorFlow); examples are read as raw bytes and parsed
+with tfds' ``tf.train.Example`` proto module. The frame encoding is read from the build's
+metadata; with both configs built in one ``data_dir``, a name without config reads tfds' default
+(``jpeg``).
 """
 
 from __future__ import annotations
@@ -57,9 +53,8 @@ def _with_config(data_dir: str, name: str) -> str:
 
 def _parse_frame(record: bytes, feature: str) -> dict:
     """One serialised frame example -> ``{"video", "frame", "image", "patch_labels"}`` (image:
-    the bytes of ``feature``, ``jpeg`` or ``rgb``): the
-    ``tf.train.Example`` proto parsed directly (tfds' own proto module, no TensorFlow), 4x less
-    time than tfds' generic feature decoding of these four scalar features."""
+    the bytes of ``feature``, ``jpeg`` or ``rgb``): the proto parsed directly, 4x less time than
+    tfds' generic feature decoding (and cheaper than a wire-format scan in Python)."""
     from tensorflow_datasets.proto import tf_example_pb2
 
     f = tf_example_pb2.Example.FromString(record).features.feature
@@ -71,20 +66,19 @@ def _parse_frame(record: bytes, feature: str) -> dict:
 class _VideoExamples:
     """The examples of one video read so far (a clip's frames and slice maps share reads)."""
 
-    def __init__(self, source, name: str, video: int, first: int, num_frames: int,
-                 img_size: int, patch_size: int, encoding: str, build_dir: str):
-        self.source, self.name, self.video, self.first = source, name, video, first
-        self.num_frames, self.img_size, self.patch_size = num_frames, img_size, patch_size
-        self.encoding, self.build_dir = encoding, build_dir
-        self.feature = "rgb" if encoding == "raw" else "jpeg"
+    def __init__(self, source: TfdsSource, video: int):
+        self.source, self.video = source, video
+        self.name, self.first, self.num_frames = source._videos[video]
+        self.feature = "rgb" if source.frame_encoding == "raw" else "jpeg"
         self.examples: dict[int, dict] = {}
 
     def _get(self, indices: Sequence[int]) -> list[dict]:
         todo = sorted({int(i) for i in indices} - self.examples.keys())
         if todo:
             keys = [self.first + i for i in todo]
+            reader = self.source._source.data_source  # the raw ArrayRecord reader: bytes per key
             try:  # one by one: __getitems__'s thread pool costs 5x more for 16 small records
-                got = [_parse_frame(self.source[k], self.feature) for k in keys]
+                got = [_parse_frame(reader[k], self.feature) for k in keys]
             except Exception as e:  # noqa: BLE001 - a corrupt shard surfaces as many types
                 raise BadRecordError(f"{self.name}: unreadable frame records {keys[0]}.."
                                      f"{keys[-1]} ({type(e).__name__}: {e})") from e
@@ -99,13 +93,13 @@ class _VideoExamples:
 
     def read_frames(self, indices: Sequence[int]) -> np.ndarray:
         examples = self._get(indices)
-        if self.encoding == "raw":  # a copy per frame
-            s = self.img_size
+        if self.feature == "rgb":  # a copy per frame
+            s = self.source.img_size
             out = np.empty((len(examples), s, s, 3), np.uint8)
             for k, ex in enumerate(examples):
                 if len(ex["image"]) != out[k].nbytes:
                     raise BadRecordError(
-                        f"{self.build_dir}: {self.name} frame {int(ex['frame'])} (record "
+                        f"{self.source.build_dir}: {self.name} frame {int(ex['frame'])} (record "
                         f"{self.first + int(ex['frame'])}): raw frame has {len(ex['image'])} "
                         f"bytes, expected {s}*{s}*3 = {out[k].nbytes}: rebuild")
                 out[k] = np.frombuffer(ex["image"], np.uint8).reshape(s, s, 3)
@@ -115,10 +109,11 @@ class _VideoExamples:
 
     def read_patch_labels(self, indices: Sequence[int], img_size: int, patch_size: int
                           ) -> np.ndarray:
-        if (img_size, patch_size) != (self.img_size, self.patch_size):
+        src = self.source
+        if (img_size, patch_size) != (src.img_size, src.patch_size):
             raise ValueError(
-                f"{DATASET_NAME} stores the parsing maps' coverage of {self.patch_size}x"
-                f"{self.patch_size} patches at {self.img_size}x{self.img_size}; the pipeline asks "
+                f"{DATASET_NAME} stores the parsing maps' coverage of {src.patch_size}x"
+                f"{src.patch_size} patches at {src.img_size}x{src.img_size}; the pipeline asks "
                 f"for patch_size {patch_size} at img_size {img_size}: rebuild with the builder's "
                 "IMG_SIZE / PATCH_SIZE set to those")
         g = img_size // patch_size
@@ -135,11 +130,10 @@ class _VideoExamples:
 class TfdsSource:
     """grain random-access source over a built ``youtube_faces_marlin`` TFDS dataset.
 
-    One example per frame; ``source[i]`` is video ``i`` of the split's index (``metadata.json``)
-    and reads nothing: a clip reads its sampled frames' examples only (JPEG bytes or raw pixels,
-    per the build's ``frame_encoding``, + 392 bytes of parsing-map patch coverage each). ``name``
-    may name the config (``youtube_faces_marlin/raw``); without one, the config built in
-    ``data_dir`` is read (both built: ``jpeg``).
+    ``source[i]`` is video ``i`` of the split's index (``metadata.json``) and reads nothing: a
+    clip reads its sampled frames' examples only. ``name`` may name the config
+    (``youtube_faces_marlin/raw``); without one, the config built in ``data_dir`` is read (both
+    built: ``jpeg``).
     """
 
     has_labels = False
@@ -151,8 +145,8 @@ class TfdsSource:
         self.split = split
         self.name = name
         try:
-            self._source = tfds.data_source(_with_config(self.data_dir, name), split=split, data_dir=self.data_dir,
-                                            download=False)
+            self._source = tfds.data_source(_with_config(self.data_dir, name), split=split,
+                                            data_dir=self.data_dir, download=False)
         except Exception as e:  # noqa: BLE001 - tfds raises assorted types for a missing build
             raise FileNotFoundError(
                 f"{self.data_dir}: no built TFDS dataset {name!r} split {split!r} "
@@ -173,18 +167,15 @@ class TfdsSource:
                 f"{meta_path}: no video index for split {split!r} ({type(e).__name__}: {e}); "
                 f"built by {name} {info.version}, not the layout of version 2.1.0: rebuild with "
                 f"build_youtube_faces_marlin") from e
-        self._build_dir = str(info.data_dir)
+        self.build_dir = str(info.data_dir)
 
     def __len__(self) -> int:
         return len(self._videos)
 
     def __getitem__(self, index: int) -> VideoRecord:
-        name, first, n = self._videos[index]
-        video = _VideoExamples(self._source.data_source, name, index, first, n, self.img_size,
-                               self.patch_size, self.frame_encoding, self._build_dir)
-        # (the raw ArrayRecord reader: bytes per key)
-        return VideoRecord(name=name, num_frames=n, read_frames=video.read_frames,
-                           read_patch_labels=video.read_patch_labels)
+        video = _VideoExamples(self, index)
+        return VideoRecord(name=video.name, num_frames=video.num_frames,
+                           read_frames=video.read_frames, read_patch_labels=video.read_patch_labels)
 
     def __repr__(self) -> str:
         return (f"TfdsSource(data_dir={self.data_dir!r}, name={self.name!r}, "

@@ -9,17 +9,12 @@ For datasets such as CelebV-HQ or VoxCeleb after face cropping. Layout::
 
 Without a split file every video belongs to split ``train`` (and ``all``).
 
-Missing parsing maps follow the ytf source's rule: when the dataset has parsing maps (a parsing
-folder, or any ``.npy`` beside a video), a video without its own map is *skipped* where its maps
-are read (fasking): its ``read_parsing`` raises :class:`BadRecordError`, which the pipeline counts
-and logs as a bad record within ``data.error_budget``. Each such video is named in a WARNING when
-the source is built and listed in ``VideoFileSource.missing_parsing``. A dataset without any
-parsing maps gives ``read_parsing=None`` (fasking then uses random masks, counted as
-``no_parsing``).
-
-A video whose container declares more frames than decode (a truncated file) is read as far as it
-decodes, with a WARNING naming it and both counts (listed in ``VideoFileSource.incomplete``), or
-skipped as a bad record with ``strict=True``.
+When the dataset has parsing maps (a parsing folder, or any ``.npy`` beside a video), a video
+without its own map is *skipped* (a bad record, as in the ytf source) where maps are read
+(fasking); such videos are named in a WARNING when the source is built and listed in
+``missing_parsing``. Without any parsing maps, fasking uses random masks (``no_parsing``). A
+truncated video (fewer frames decode than its container declares) is read as far as it decodes,
+with a WARNING (listed in ``incomplete``), or skipped as a bad record with ``strict=True``.
 """
 
 from __future__ import annotations
@@ -48,13 +43,10 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 
 
 def find_videos(directory: str) -> list[str]:
-    """Sorted paths (relative to ``directory``, without extension dedup) of all video files."""
-    found = []
-    for dirpath, _, files in os.walk(directory):
-        for f in files:
-            if f.lower().endswith(VIDEO_EXTENSIONS):
-                found.append(os.path.relpath(os.path.join(dirpath, f), directory))
-    return sorted(found)
+    """Sorted paths (relative to ``directory``) of all video files under it."""
+    return sorted(os.path.relpath(os.path.join(dirpath, f), directory)
+                  for dirpath, _, files in os.walk(directory)
+                  for f in files if f.lower().endswith(VIDEO_EXTENSIONS))
 
 
 def read_video_frames(path: str, indices: Sequence[int]) -> np.ndarray:
@@ -123,13 +115,9 @@ def read_labels_csv(path: str) -> dict[str, np.ndarray]:
 class VideoFileSource:
     """grain random-access source over a folder of video files (see the module docstring).
 
-    ``parsing_dir``: folder of ``<rel stem>.npy`` maps (default ``root/parsing`` when it exists;
-    a given folder that does not exist is an error). ``strict``: skip (BadRecordError) videos that
-    decode fewer frames than their container declares instead of reading what decodes.
-
-    Counters for the run's report: ``missing_parsing`` (names of videos skipped for want of a
-    parsing map when maps are read; ``num_missing_parsing``) and ``incomplete`` (name ->
-    :class:`~marlin_jax.video_io.IncompleteDecode` of videos read so far in this process).
+    ``parsing_dir``: folder of ``<rel stem>.npy`` maps (default ``root/parsing`` when it exists).
+    ``strict``: truncated videos are bad records. For the run's report: ``missing_parsing`` and
+    ``incomplete`` (name -> :class:`~marlin_jax.video_io.IncompleteDecode`, this process).
     """
 
     def __init__(self, root_dir: str, split: str = "train", parsing_dir: str | None = None,
@@ -169,9 +157,8 @@ class VideoFileSource:
         # (video, img_size, patch_size) -> uint16 (T, gh, gw) patch coverage of its parsing maps:
         # each .npy read once, kept as a few hundred bytes a frame (per process)
         self._patch_labels: dict[tuple[int, int, int], np.ndarray] = {}
-        self.missing_parsing: list[str] = []
-        if self.has_parsing:
-            self.missing_parsing = [rel for rel, p in zip(self._videos, self._parsing, strict=True) if p is None]
+        self.missing_parsing = [rel for rel, p in zip(self._videos, self._parsing, strict=True)
+                                if p is None and self.has_parsing]
         for rel in self.missing_parsing[:_NAMED_WARNINGS]:
             log.warning("%s: no parsing map (%s); the video will be skipped where parsing maps are "
                         "read (fasking), as the ytf source does", os.path.join(self.video_dir, rel),
@@ -198,12 +185,9 @@ class VideoFileSource:
         key = (index, img_size, patch_size)
         bits = self._patch_labels.get(key)
         if bits is None:
-            maps = _read_parsing(path, num_frames, range(num_frames))
-            try:
-                bits = parsing_patch_labels(maps, img_size, patch_size)
-            except ValueError as e:
-                raise BadRecordError(f"{path}: {e}") from e
-            bits = self._patch_labels.setdefault(key, bits)
+            maps = _read_parsing(path, num_frames, range(num_frames))  # (H, W) each: checked
+            bits = self._patch_labels.setdefault(key, parsing_patch_labels(maps, img_size,
+                                                                          patch_size))
         return bits[np.asarray(indices, np.int64)]
 
     def _parsing_candidates(self, rel: str) -> list[str]:
@@ -240,14 +224,9 @@ class VideoFileSource:
         if self._labels is not None:
             labels = self._labels.get(os.path.splitext(rel)[0],
                                       np.full((self._num_labels,), -1, np.int32))
-        return VideoRecord(
-            name=rel,
-            num_frames=n,
-            read_frames=functools.partial(read_video_frames, path),
-            read_parsing=read_parsing,
-            labels=labels,
-            read_patch_labels=read_patch_labels,
-        )
+        return VideoRecord(name=rel, num_frames=n, labels=labels,
+                           read_frames=functools.partial(read_video_frames, path),
+                           read_parsing=read_parsing, read_patch_labels=read_patch_labels)
 
     def __repr__(self) -> str:
         return f"VideoFileSource(root_dir={self.root_dir!r}, split={self.split!r}, len={len(self)})"

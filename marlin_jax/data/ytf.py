@@ -6,10 +6,9 @@ Layout (what the original preprocessing writes)::
     root/face_parsing_images_DB/<person>/<i>/<frame>.npy  LaPa parsing map per frame (H, W)
     root/train_set.csv, root/val_set.csv                  columns ``path,len`` (path = <person>/<i>)
 
-As in the original, a video's frames are the sorted file names of its crop folder and the parsing
-map of a frame is the ``.npy`` of the same stem. Unlike the original, the source lists a folder
-once (not per sample) and reads a parsing map at most once: fasking keeps only its patch coverage
-(392 bytes a frame instead of the 400 KB int64 ``.npy``), cached per video.
+As in the original, a video's frames are the sorted file names of its crop folder and a frame's
+parsing map the ``.npy`` of the same stem. Unlike the original, a folder is listed once and a map
+read at most once (fasking keeps its 392-byte patch coverage, cached per video).
 """
 
 from __future__ import annotations
@@ -67,12 +66,9 @@ def _read_parsing(parsing_dir: str, files: Sequence[str], indices: Sequence[int]
 
 
 class _PatchLabelCache:
-    """One video's parsing maps as patch coverage, each ``.npy`` read at most once.
-
-    ``(indices, img_size, patch_size)`` -> uint16 ``(k, gh, gw)``; per (img_size, patch_size) a
-    ``(num_frames, gh, gw)`` table and which of its rows are filled. Concurrent readers may both
-    fill a row (same value), never see a half-filled one (the row is written before its flag).
-    """
+    """One video's parsing maps as patch coverage (``PatchLabelReader``), each ``.npy`` read at
+    most once. Concurrent readers may both fill a row (same value), never see a half-filled one
+    (the row is written before its flag)."""
 
     def __init__(self, parsing_dir: str, files: Sequence[str]):
         self.parsing_dir = parsing_dir
@@ -96,12 +92,8 @@ class _PatchLabelCache:
 
 
 class YtfSource:
-    """grain random-access source over the original YouTube-Faces layout.
-
-    ``source[i]`` returns a :class:`VideoRecord` whose readers load only the requested JPEG frames
-    / ``.npy`` maps. Each video's folder listing and parsing-map patch coverage are cached (a few
-    hundred bytes per frame read; per process).
-    """
+    """grain random-access source over the original YouTube-Faces layout; ``source[i]``'s readers
+    load only the requested JPEG frames / ``.npy`` maps (listings and patch coverage cached)."""
 
     has_labels = False
 
@@ -134,14 +126,11 @@ class YtfSource:
     def __getitem__(self, index: int) -> VideoRecord:
         rel = self._paths[index]
         files, cache = self._video(index)
-        return VideoRecord(
-            name=rel,
-            num_frames=len(files),
-            read_frames=functools.partial(_read_frames, os.path.join(self.root_dir, CROP_DIR, rel),
-                                          files),
-            read_parsing=functools.partial(_read_parsing, cache.parsing_dir, files),
-            read_patch_labels=cache,
-        )
+        crop_dir = os.path.join(self.root_dir, CROP_DIR, rel)
+        return VideoRecord(name=rel, num_frames=len(files),
+                           read_frames=functools.partial(_read_frames, crop_dir, files),
+                           read_parsing=functools.partial(_read_parsing, cache.parsing_dir, files),
+                           read_patch_labels=cache)
 
     def __repr__(self) -> str:
         return f"YtfSource(root_dir={self.root_dir!r}, split={self.split!r}, len={len(self)})"

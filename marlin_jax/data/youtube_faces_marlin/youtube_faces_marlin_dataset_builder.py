@@ -1,26 +1,15 @@
 """tensorflow-datasets builder for the MARLIN YouTube-Faces layout, written without TensorFlow.
 
-The manual download dir is the layout the original preprocessing writes (see
-:mod:`marlin_jax.data.ytf`). Each example is **one frame**: its JPEG bytes (exactly the file on
-disk, no re-encoding; config ``jpeg``, the default) or, with config ``raw``, its pixels decoded once
-here (:func:`~marlin_jax.data.records.decode_frames`, then
-:func:`~marlin_jax.data.records.resize_frames` to 224x224: what a read of the ``jpeg`` build gives
-the pipeline) as uint8 ``(224, 224, 3)`` bytes in uncompressed shards, so a clip read is a copy,
-not a decode (~10x the bytes); and what fasking needs of its LaPa parsing map, computed once
-here: which labels occur in each 16x16 patch of the map at 224x224
-(:func:`marlin_jax.masking.patch_label_bits`, uint16 little-endian ``(14, 14)``, 392 bytes; all
-zero where the face parser found no face).
-Frames are written in order (``disable_shuffling``) and the videos are indexed in the dataset's
-``metadata.json`` (per split: ``[name, first example, num_frames]``), so a 16-frame clip reads its
-16 examples and nothing else of the video. Only scalar/bytes ``Tensor`` features are used, so
-neither building nor reading imports TensorFlow. Build with::
-
-    builder = Builder(config="jpeg" or "raw", data_dir=..., file_format="array_record")
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=<ytf root>))
-
-and read with :class:`marlin_jax.data.tfds_source.TfdsSource`. Videos whose folder or a parsing
-map is missing or unreadable are skipped and logged.
+The manual dir is the layout the original preprocessing writes (:mod:`marlin_jax.data.ytf`). Each
+example is **one frame**: its JPEG file's bytes (config ``jpeg``, the default) or, with config
+``raw``, its pixels decoded and resized to 224x224 here (what a read of the ``jpeg`` build gives
+the pipeline) as uint8 bytes in uncompressed shards; plus its LaPa parsing map's patch coverage
+(:func:`marlin_jax.masking.patch_label_bits` at 224x224, uint16 little-endian ``(14, 14)``, all
+zero = no face). Frames are written in order and the videos indexed in ``metadata.json`` (per
+split: ``[name, first example, num_frames]``), so a clip reads its frames and nothing else. Read
+with :class:`marlin_jax.data.tfds_source.TfdsSource`; build with
+:func:`~marlin_jax.data.tfds_source.build_youtube_faces_marlin`. Videos whose folder or a parsing
+map is unreadable are skipped and logged.
 """
 
 from __future__ import annotations
@@ -38,6 +27,7 @@ from marlin_jax.data.records import (
     list_files,
     load_frame_parsing,
     parsing_patch_labels,
+    read_bytes,
     resize_frames,
 )
 from marlin_jax.data.ytf import CROP_DIR, PARSING_DIR, read_split_csv
@@ -173,15 +163,9 @@ def _video_frames(root: str, rel: str, raw: bool) -> tuple[list[bytes], np.ndarr
     files = list_files(crop_dir, ".jpg")
     if not files:
         raise BadRecordError(f"{crop_dir}: no .jpg frames")
-    jpegs, maps = [], []
-    for name in files:
-        try:
-            with open(os.path.join(crop_dir, name), "rb") as f:
-                jpegs.append(f.read())
-        except OSError as e:
-            raise BadRecordError(f"{os.path.join(crop_dir, name)}: cannot read ({e})") from e
-        maps.append(load_frame_parsing(
-            os.path.join(root, PARSING_DIR, rel, os.path.splitext(name)[0] + ".npy")))
+    jpegs = [read_bytes(os.path.join(crop_dir, name)) for name in files]
+    maps = [load_frame_parsing(os.path.join(root, PARSING_DIR, rel, os.path.splitext(n)[0] + ".npy"))
+            for n in files]
     if raw:  # exactly what a read of the jpeg build hands the pipeline (decode, then resize)
         frames = resize_frames(decode_frames(jpegs, [os.path.join(crop_dir, n) for n in files]),
                                IMG_SIZE)
