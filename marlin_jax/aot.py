@@ -1,20 +1,21 @@
-"""Ahead-of-time compile of the pretraining step and the feature forward for a TPU topology,
-on a CPU host: memory, cost, collectives and a roofline estimate per chip.
+"""Ahead-of-time compile of the pretraining step and the feature forward for a TPU slice or GPUs,
+on a CPU host: memory, cost, collectives and a roofline estimate per device.
 
     python -m marlin_jax.aot --config=configs/vit_base.py --topology=v5p:2x2x1
     python -m marlin_jax.aot --config=configs/vit_large.py --topology=v5e:2x2 --max_batch \\
         --config.mesh.fsdp=4 --config.remat_policy=full
 
 Compiles exactly what the trainer runs (:func:`marlin_jax.train.program.build_program`) with the
-real TPU compiler (libtpu: ``pip install -e ".[tpu]"``) against abstract devices of the named
-slice (``jax.experimental.topologies``). Figures are per device (one device per chip on v5e,
-v5p and v6e). Step times and MFU are ESTIMATES from XLA's cost model and the chip's data sheet
+real compiler (libtpu: ``pip install -e ".[tpu]"``; the CUDA plugin: ``".[gpu-aot]"``) against
+abstract devices (``jax.experimental.topologies``). Figures are per device (one device per chip on
+v5e, v5p and v6e). Step times and MFU are ESTIMATES from XLA's cost model and the chip's data sheet
 (a roofline: the slowest of compute, HBM traffic and interconnect traffic), not measurements.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -23,11 +24,12 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from marlin_jax import sharding as shd
 from marlin_jax.train import program as prog
@@ -93,17 +95,22 @@ class Target:
     def device_peak(self) -> float:
         return self.chip.peak_flops / self.devices_per_chip
 
-    @property
-    def platform(self) -> str:
-        return "gpu" if self.devices[0].platform.lower() in ("gpu", "cuda", "rocm") else "tpu"
+
+def _require(modules: Sequence[str], platform: str, extra: str) -> None:
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise AotError(f"compiling for {platform} needs {', '.join(missing)}: pip install -e \".[{extra}]\"")
 
 
-def _require_libtpu() -> None:
-    import importlib.util
+def _topology_devices(name: str, problem: str, **kwargs: Any) -> tuple[Any, ...]:
+    """``topologies.get_topology_desc(**kwargs).devices``; a refusal becomes one clear line."""
+    from jax.experimental import topologies
 
-    if importlib.util.find_spec("libtpu") is None:
-        raise AotError('compiling for TPUs needs libtpu: pip install -e ".[tpu]" '
-                       f'(or pip install "jax[tpu]=={jax.__version__}")')
+    try:
+        return tuple(topologies.get_topology_desc(**kwargs).devices)
+    except Exception as e:  # noqa: BLE001 - the compilers' errors are JaxRuntimeErrors with long texts
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AotError(f"--topology {name!r}: {problem} ({first})") from None
 
 
 def tpu_target(topology: str) -> Target:
@@ -111,31 +118,20 @@ def tpu_target(topology: str) -> Target:
     if not re.fullmatch(r"v\d+[a-z]*(-\w+)?:\d+(x\d+){1,2}", topology):
         raise AotError(f"--topology {topology!r} is not a TPU slice name of the form "
                        f"<generation>:<chips grid>, e.g. {TOPOLOGY_EXAMPLES}")
-    _require_libtpu()
+    _require(["libtpu"], "TPUs", "tpu")
     # Compiling needs no chip: let several processes (test workers, a training job) load libtpu.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    from jax.experimental import topologies
-
-    dims = [int(d) for d in topology.split(":")[1].split("x")]
-    kwargs = {}
-    if math.prod(dims) == 1:  # a single chip is its own host
-        kwargs["chips_per_host_bounds"] = (1, 1, 1)
-    try:
-        devices = topologies.get_topology_desc(platform="tpu", topology_name=topology,
-                                               **kwargs).devices
-    except Exception as e:  # noqa: BLE001 - libtpu's errors are JaxRuntimeErrors with long texts
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AotError(f"--topology {topology!r}: the TPU compiler does not know this slice "
-                       f"({first}); names look like {TOPOLOGY_EXAMPLES}") from None
+    one_chip = math.prod(int(d) for d in topology.split(":")[1].split("x")) == 1
+    devices = _topology_devices(
+        topology, f"the TPU compiler does not know this slice; names look like {TOPOLOGY_EXAMPLES}",
+        platform="tpu", topology_name=topology,
+        **({"chips_per_host_bounds": (1, 1, 1)} if one_chip else {}))  # a single chip is its own host
     kind = devices[0].device_kind
     if kind not in TPU_CHIPS:
         raise AotError(f"--topology {topology!r}: no data sheet for {kind!r}; known chips: "
                        f"{', '.join(TPU_CHIPS)}")
     per_chip = Counter(tuple(getattr(d, "coords", (i,))) for i, d in enumerate(devices))
-    return Target(topology, tuple(devices), TPU_CHIPS[kind], max(per_chip.values()))
-
-
-# ----------------------------------------------------------------------------- GPU targets
+    return Target(topology, devices, TPU_CHIPS[kind], max(per_chip.values()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,24 +152,18 @@ class GpuSpec:
 
     def target_config(self) -> str:
         """The text-format ``GpuTargetConfigProto`` for ``topologies.get_topology_desc``."""
+        info = {"threads_per_block_limit": 1024, "threads_per_warp": 32, "shared_memory_per_block": 49152,
+                "shared_memory_per_core": self.shared_memory_per_sm, "threads_per_core_limit": 2048,
+                "core_count": self.sm_count, "fpus_per_core": self.fp32_lanes_per_sm,
+                "block_dim_limit_x": 2147483647, "block_dim_limit_y": 65535, "block_dim_limit_z": 65535,
+                "memory_bandwidth": int(self.chip.hbm_bandwidth), "l2_cache_size": self.l2_cache_bytes,
+                "clock_rate_ghz": self.boost_clock_ghz, "device_memory_size": int(self.chip.hbm_bytes),
+                "shared_memory_per_block_optin": self.shared_memory_per_block_optin}
         major, minor = self.compute_capability
         return "\n".join([
-            "gpu_device_info {",
-            "  threads_per_block_limit: 1024", "  threads_per_warp: 32",
-            "  shared_memory_per_block: 49152",
-            f"  shared_memory_per_core: {self.shared_memory_per_sm}",
-            "  threads_per_core_limit: 2048",
-            f"  core_count: {self.sm_count}", f"  fpus_per_core: {self.fp32_lanes_per_sm}",
-            "  block_dim_limit_x: 2147483647", "  block_dim_limit_y: 65535",
-            "  block_dim_limit_z: 65535",
-            f"  memory_bandwidth: {int(self.chip.hbm_bandwidth)}",
-            f"  l2_cache_size: {self.l2_cache_bytes}",
-            f"  clock_rate_ghz: {self.boost_clock_ghz}",
-            f"  device_memory_size: {int(self.chip.hbm_bytes)}",
-            f"  shared_memory_per_block_optin: {self.shared_memory_per_block_optin}",
+            "gpu_device_info {", *(f"  {key}: {value}" for key, value in info.items()),
             f"  cuda_compute_capability {{ major: {major} minor: {minor} }}",
-            "  registers_per_core_limit: 65536", "  registers_per_block_limit: 65536",
-            "}",
+            "  registers_per_core_limit: 65536", "  registers_per_block_limit: 65536", "}",
             'platform_name: "CUDA"',
             "dnn_version_info { major: 9 minor: 8 patch: 0 }",  # the cuDNN jax[cuda12] needs
             f'device_description_str: "{self.description}"',
@@ -197,18 +187,8 @@ GPU_CHIPS: dict[str, GpuSpec] = {
 # Compile-only GPU targets have no device to autotune on, and XLA's Triton GEMM emitter then
 # finds no tile sizes ("Couldn't find output tile sizes"): use cuBLAS GEMMs, no autotuning.
 GPU_COMPILE_OPTIONS = (("xla_gpu_autotune_level", 0), ("xla_gpu_enable_triton_gemm", False))
-# JAX's default GPU memory pool (XLA_PYTHON_CLIENT_MEM_FRACTION).
-JAX_GPU_POOL_FRACTION = 0.75
+JAX_GPU_POOL_FRACTION = 0.75  # JAX's default GPU memory pool (XLA_PYTHON_CLIENT_MEM_FRACTION)
 GPU_EXAMPLES = "h100:8 (one host of 8), h100:4x8 (4 hosts of 8), h200:8, a100:8"
-
-
-def _require_cuda_plugin() -> None:
-    import importlib.util
-
-    missing = [m for m in ("jax_cuda12_plugin", "nvidia.cudnn") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise AotError(f'compiling for GPUs needs the CUDA plugin and cuDNN ({", ".join(missing)} '
-                       'missing): pip install -e ".[gpu-aot]"')
 
 
 def gpu_target(topology: str) -> Target:
@@ -222,23 +202,15 @@ def gpu_target(topology: str) -> Target:
     hosts, per_host = int(m.group(2) or 1), int(m.group(3))
     if hosts < 1 or per_host < 1:
         raise AotError(f"--topology {topology!r}: hosts and GPUs per host must be >= 1")
-    _require_cuda_plugin()
-    from jax.experimental import topologies
-
-    try:
-        devices = topologies.get_topology_desc(
-            topology_name="", platform="cuda", target_config=spec.target_config(),
-            topology=f"1x{hosts}x{per_host}").devices
-    except Exception as e:  # noqa: BLE001 - the plugin's errors are JaxRuntimeErrors
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AotError(f"--topology {topology!r}: the CUDA plugin cannot make this target "
-                       f"({first})") from None
+    _require(["jax_cuda12_plugin", "nvidia.cudnn"], "GPUs", "gpu-aot")
+    devices = _topology_devices(topology, "the CUDA plugin cannot make this target", topology_name="",
+                                platform="cuda", target_config=spec.target_config(),
+                                topology=f"1x{hosts}x{per_host}")
     chip = spec.chip
     if hosts > 1:  # collectives cross the hosts' network: its per-GPU bandwidth bounds them
         chip = dataclasses.replace(chip, interconnect_bandwidth=min(chip.interconnect_bandwidth,
                                                                     spec.network_bandwidth))
-    return Target(topology, tuple(devices), chip, 1, hosts=hosts,
-                  compiler_options=GPU_COMPILE_OPTIONS,
+    return Target(topology, devices, chip, 1, hosts=hosts, compiler_options=GPU_COMPILE_OPTIONS,
                   interconnect_name="network" if hosts > 1 else "NVLink",
                   usable_fraction=JAX_GPU_POOL_FRACTION)
 
@@ -253,35 +225,35 @@ def make_target(topology: str) -> Target:
                    f"({GPU_EXAMPLES})")
 
 
-# ----------------------------------------------------------------------------- HLO collectives
-
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2,
                 "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8,
                 "c64": 8, "c128": 16}
 _ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
-_COLLECTIVE = re.compile(r"\s(" + "|".join(COLLECTIVES) + r")(-start|-done)?\(")
+# ``[ROOT ]%name = <shape> <opcode>(<operands>), attrs``; a (tuple) shape holds no " <word>(".
+_INSTRUCTION = re.compile(r"\s*(ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\(([^)]*)")
 _CALLEE = re.compile(r"\b(calls|body|condition|to_apply)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-
-
-def shape_bytes(shape_text: str) -> int:
-    """Bytes of the arrays in an HLO shape (``bf16[8,128]{1,0}`` or a tuple of them)."""
-    total = 0
-    for dtype, dims in _ARRAY.findall(shape_text):
-        total += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
-    return total
-
-
 _NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while",
                "conditional", "call", "after-all", "partition-id", "replica-id", "opt-barrier",
                "copy-done", "all-gather-done", "all-reduce-done", "collective-permute-done",
                "async-done", "send-done", "recv-done"}
 
 
-@dataclasses.dataclass
-class _Instruction:
+def shape_bytes(shape_text: str) -> int:
+    """Bytes of the arrays in an HLO shape (``bf16[8,128]{1,0}`` or a tuple of them)."""
+    return sum(_DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+               for dtype, dims in _ARRAY.findall(shape_text))
+
+
+def _dims(shape_text: str) -> list[int]:
+    """The dimensions of the first array in an HLO shape."""
+    m = _ARRAY.search(shape_text)
+    return [int(d) for d in m.group(2).split(",") if d] if m else []
+
+
+class _Instruction(NamedTuple):
     name: str
     shape: str
     opcode: str
@@ -291,63 +263,24 @@ class _Instruction:
 
 
 def _parse_instruction(line: str) -> _Instruction | None:
-    """``%name = <shape> <opcode>(<operands>), attrs`` (the shape may be a tuple)."""
-    text = line.strip()
-    root = text.startswith("ROOT ")
-    if root:
-        text = text[5:]
-    if not text.startswith("%") or " = " not in text:
+    m = _INSTRUCTION.match(line)
+    if m is None:
         return None
-    name, rhs = text[1:].split(" = ", 1)
-    if rhs.startswith("("):  # tuple shape: up to the matching parenthesis
-        depth, end = 0, 0
-        while end < len(rhs):
-            depth += (rhs[end] == "(") - (rhs[end] == ")")
-            if depth == 0:
-                break
-            end += 1
-        shape, rest = rhs[:end + 1], rhs[end + 1:].lstrip()
-    else:
-        shape, _, rest = rhs.partition(" ")
-    opcode, paren, rest = rest.partition("(")
-    if not paren:
-        return None
-    operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
-    return _Instruction(name, shape, opcode.strip(), operands, line, root)
+    root, name, shape, opcode, args = m.groups()
+    return _Instruction(name, shape, opcode, re.findall(r"%([\w.\-]+)", args), line, bool(root))
 
 
-@dataclasses.dataclass(frozen=True)
-class HloSummary:
+class HloSummary(NamedTuple):
     """Per-step figures read from a compiled module's text, with loop bodies counted as often
     as they run (XLA's own ``cost_analysis`` counts a ``while`` body once)."""
 
-    collectives: dict[str, dict[str, float]]
+    collectives: dict[str, dict[str, float]]  # kind -> count and result bytes per device
     bytes_accessed: float  # operands read + results written by every executed instruction
     bytes_accessed_once: float  # the same with every loop body counted once (as XLA does)
     loops: list[int]  # trip counts of the top-level loops
-    traffic_by_op: dict[str, float] = dataclasses.field(default_factory=dict)  # source op -> bytes
-    # (times executed, matmul FLOPs, bytes) of every executed kernel, for a per-kernel roofline
-    kernels: list[tuple[int, float, float]] = dataclasses.field(default_factory=list)
-    uncounted_kernels: int = 0  # kernels whose FLOPs the text does not give (e.g. Pallas calls)
-
-    @property
-    def kernel_flops(self) -> float:
-        return sum(t * f for t, f, _ in self.kernels)
-
-    def kernel_time(self, peak_flops: float, bandwidth: float) -> float:
-        """Sum over kernels of the slower of their matmul FLOPs at peak and their traffic at
-        the memory bandwidth: kernels run one after another, and a memory-bound kernel cannot
-        hide behind a compute-bound one."""
-        return sum(t * max(f / peak_flops, b / bandwidth) for t, f, b in self.kernels)
-
-
-_DIMS = re.compile(r"\[([\d,]*)\]")
-
-
-def _dims(shape_text: str) -> list[int]:
-    """The dimensions of the first array in an HLO shape."""
-    m = _DIMS.search(shape_text)
-    return [int(d) for d in m.group(1).split(",") if d] if m else []
+    traffic_by_op: dict[str, float]  # source op -> bytes, largest first
+    kernels: list[tuple[int, float, float]]  # (times executed, matmul FLOPs, bytes) per kernel
+    uncounted_kernels: int  # kernels whose FLOPs the text does not give (e.g. Pallas calls)
 
 
 def _dot_flops(inst: _Instruction, shapes: dict[str, str]) -> float:
@@ -375,6 +308,18 @@ def _fmha_flops(inst: _Instruction, shapes: dict[str, str]) -> float:
     return 2.5 * forward if "Backward" in inst.line else forward
 
 
+def _source_op(line: str) -> str:
+    """The JAX operation an HLO instruction came from (its ``op_name`` without the jit and
+    transform wrappers), e.g. ``fwd decoder/.../dot_general``; ``?`` without metadata."""
+    m = re.search(r'op_name="([^"]*)"', line)
+    if not m:
+        return "?"
+    parts = [p for p in m.group(1).split("/") if not p.startswith(("jit(", "jvp(", "transpose(",
+                                                                   "checkpoint", "while", "body",
+                                                                   "shard_map", "vmap("))]
+    return ("bwd " if "transpose(" in m.group(1) else "fwd ") + "/".join(parts[-2:])
+
+
 def analyse_hlo(hlo_text: str) -> HloSummary:
     """Collectives (count, result bytes per device) and HBM traffic of a compiled module.
 
@@ -384,33 +329,32 @@ def analyse_hlo(hlo_text: str) -> HloSummary:
     loop condition's ``i < constant`` compare, as ``lax.scan`` emits).
     """
     computations: dict[str, list[_Instruction]] = {}
-    entry = None
-    current = None
+    entry = current = None
     for line in hlo_text.splitlines():
         if line and not line[0].isspace() and line.rstrip().endswith("{"):
             head = line.split()
-            is_entry = head[0] == "ENTRY"
-            current = (head[1] if is_entry else head[0]).lstrip("%")
+            current = (head[1] if head[0] == "ENTRY" else head[0]).lstrip("%")
             computations[current] = []
-            entry = current if is_entry else entry
+            entry = current if head[0] == "ENTRY" else entry
         elif line.rstrip() == "}":
             current = None
-        elif current is not None:
-            inst = _parse_instruction(line)
-            if inst is not None:
-                computations[current].append(inst)
+        elif current is not None and (inst := _parse_instruction(line)) is not None:
+            computations[current].append(inst)
     if entry is None:
-        return HloSummary({}, 0.0, 0.0, [])
+        return HloSummary({}, 0.0, 0.0, [], {}, [], 0)
+
+    def called(inst: _Instruction, attr: str = "calls") -> list[_Instruction]:
+        m = re.search(rf"\b{attr}=%?([\w.\-]+)", inst.line)
+        return computations.get(m.group(1), []) if m else []
 
     def trip_count(inst: _Instruction) -> int:
         known = _TRIP.search(inst.line)
         if known:
             return int(known.group(1))
-        cond = re.search(r"\bcondition=%?([\w.\-]+)", inst.line)
-        body = computations.get(cond.group(1), []) if cond else []
-        consts = [int(m.group(1)) for i in body if i.opcode == "constant" and i.shape.startswith("s32[]")
+        cond = called(inst, "condition")
+        consts = [int(m.group(1)) for i in cond if i.opcode == "constant" and i.shape.startswith("s32[]")
                   for m in [re.search(r"constant\((\d+)\)", i.line)] if m]
-        compares = [i for i in body if i.opcode == "compare" and "direction=LT" in i.line]
+        compares = [i for i in cond if i.opcode == "compare" and "direction=LT" in i.line]
         return consts[0] if len(consts) == 1 and compares else 1
 
     def is_reduce_scatter(comp: str) -> bool:
@@ -424,19 +368,14 @@ def analyse_hlo(hlo_text: str) -> HloSummary:
         """A dynamic-update-slice (alone, or as a fusion's root) updates its buffer in place:
         only the update is read and written, not the whole buffer (e.g. a scan storing one
         layer's activations into the stacked residuals)."""
-        if inst.opcode == "dynamic-update-slice" and len(inst.operands) > 1:
+        if inst.opcode == "dynamic-update-slice":
             updates, scope = [inst], shapes
         elif inst.opcode == "fusion":
-            callee = re.search(r"\bcalls=%?([\w.\-]+)", inst.line)
-            body = computations.get(callee.group(1), []) if callee else []
-            scope = {i.name: i.shape for i in body}
-            by_name = {i.name: i for i in body}
+            body = called(inst)
+            scope, by_name = {i.name: i.shape for i in body}, {i.name: i for i in body}
             roots = [i for i in body if i.root]
-            updates = [i for i in roots if i.opcode == "dynamic-update-slice"]
-            for root in roots:
-                if root.opcode == "tuple":
-                    updates += [by_name[o] for o in root.operands
-                                if o in by_name and by_name[o].opcode == "dynamic-update-slice"]
+            outputs = roots + [by_name[o] for r in roots if r.opcode == "tuple" for o in r.operands if o in by_name]
+            updates = [i for i in outputs if i.opcode == "dynamic-update-slice"]
         else:
             return 0
         return sum(2 * (shape_bytes(u.shape) - shape_bytes(scope.get(u.operands[1], "")))
@@ -457,11 +396,10 @@ def analyse_hlo(hlo_text: str) -> HloSummary:
         if inst.opcode == "convolution":
             return None
         if inst.opcode == "fusion":
-            callee = re.search(r"\bcalls=%?([\w.\-]+)", inst.line)
-            body = computations.get(callee.group(1), []) if callee else []
-            inner = {i.name: i.shape for i in body}
+            body = called(inst)
             if any(i.opcode == "convolution" for i in body):
                 return None
+            inner = {i.name: i.shape for i in body}
             return sum(_dot_flops(i, inner) for i in body if i.opcode == "dot")
         return 0.0
 
@@ -478,11 +416,10 @@ def analyse_hlo(hlo_text: str) -> HloSummary:
             return
         shapes = {i.name: i.shape for i in computations.get(name, ())}
         for inst in computations.get(name, ()):
-            op = _COLLECTIVE.search(" " + inst.opcode + "(")
-            if op and op.group(2) != "-start":
-                kind = totals[op.group(1)]
-                kind["count"] += times
-                kind["bytes"] += times * shape_bytes(inst.shape)
+            kind = inst.opcode.removesuffix("-done")  # an async pair counts once, at its -done
+            if kind in totals:
+                totals[kind]["count"] += times
+                totals[kind]["bytes"] += times * shape_bytes(inst.shape)
             if control and inst.opcode not in _NO_TRAFFIC:
                 nbytes = shape_bytes(inst.shape) + sum(shape_bytes(shapes.get(o, "")) for o in inst.operands)
                 nbytes -= in_place_savings(inst, shapes)
@@ -495,45 +432,21 @@ def analyse_hlo(hlo_text: str) -> HloSummary:
             n = trip_count(inst) if inst.opcode == "while" else 1
             if inst.opcode == "while" and depth == 0:
                 loops.append(n)
-            for role, callee in _CALLEE.findall(inst.line):
+            callees = _CALLEE.findall(inst.line) + [
+                ("branch", c) for group in _BRANCHES.findall(inst.line) for c in re.findall(r"%?([\w.\-]+)", group)]
+            for role, callee in callees:
+                loop = role in ("body", "condition")
                 if inst.opcode == "fusion" and is_reduce_scatter(callee):
                     totals["reduce-scatter"]["count"] += times
                     totals["reduce-scatter"]["bytes"] += times * shape_bytes(inst.shape)
-                    continue
-                if callee in computations:
+                elif callee in computations:
                     # fused computations and reducers run on chip: collectives only
-                    inner = control and (role in ("body", "condition") or inst.opcode in ("call", "async-start"))
-                    visit(callee, times * (n if role in ("body", "condition") else 1), inner, depth + 1)
-            for group in _BRANCHES.findall(inst.line):
-                for callee in re.findall(r"%?([\w.\-]+)", group):
-                    if callee in computations:
-                        visit(callee, times, control, depth + 1)
+                    inner = control and (loop or role == "branch" or inst.opcode in ("call", "async-start"))
+                    visit(callee, times * (n if loop else 1), inner, depth + 1)
 
     visit(entry, 1, True)
     return HloSummary({k: v for k, v in totals.items() if v["count"]}, traffic, traffic_once, loops,
                       dict(by_op.most_common()), kernels, uncounted)
-
-
-def _source_op(line: str) -> str:
-    """The JAX operation an HLO instruction came from (its ``op_name`` without the jit and
-    transform wrappers), e.g. ``decoder/.../dot_general``; ``?`` without metadata."""
-    m = re.search(r'op_name="([^"]*)"', line)
-    if not m:
-        return "?"
-    parts = [p for p in m.group(1).split("/") if not p.startswith(("jit(", "jvp(", "transpose(",
-                                                                   "checkpoint", "while", "body",
-                                                                   "shard_map", "vmap("))]
-    backward = "transpose(" in m.group(1)
-    return ("bwd " if backward else "fwd ") + "/".join(parts[-2:])
-
-
-def interconnect_bytes(collectives: dict[str, dict[str, float]]) -> float:
-    """Bytes one device sends per step, roughly: a ring all-reduce sends its array twice
-    (reduce-scatter + all-gather), the other collectives about their array once."""
-    return sum((2 if kind == "all-reduce" else 1) * c["bytes"] for kind, c in collectives.items())
-
-
-# ----------------------------------------------------------------------------- compile + report
 
 
 @dataclasses.dataclass
@@ -575,9 +488,7 @@ def _cost(compiled: Any) -> dict[str, float]:
         cost = compiled.cost_analysis()
     except Exception:  # noqa: BLE001 - compile-only executables may not report costs
         return {}
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else {}
-    return dict(cost or {})
+    return dict((cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else (cost or {}))
 
 
 def analyse(compiled: Any, target: Target, *, what: str, global_batch: int, batch_shards: int,
@@ -591,24 +502,25 @@ def analyse(compiled: Any, target: Target, *, what: str, global_batch: int, batc
     xla_flops = float(cost["flops"]) if cost.get("flops", 0) > 0 else None
     accessed = float(cost["bytes accessed"]) if cost.get("bytes accessed", 0) > 0 else None
     hlo = analyse_hlo(compiled.as_text())
-    collectives = hlo.collectives
-    chip = target.chip
+    hbm_bandwidth = target.chip.hbm_bandwidth / target.devices_per_chip
     compute_s = max(xla_flops or 0.0, model_flops_per_device) / target.device_peak
     # XLA's cost model, with every loop body counted as often as it runs: its own figure
     # scaled by the module text's ratio of executed to counted-once traffic (1 without loops).
     traffic = hlo.bytes_accessed if accessed is None or not hlo.bytes_accessed_once else (
         accessed * hlo.bytes_accessed / hlo.bytes_accessed_once)
-    memory_s = traffic / (chip.hbm_bandwidth / target.devices_per_chip)
-    ici_s = interconnect_bytes(collectives) / (chip.interconnect_bandwidth / target.devices_per_chip)
-    source = ("XLA's cost model" if accessed is not None else
-              "the compiled module's text (operands + results of each kernel; XLA reports no costs "
-              "for this target)")
+    memory_s = traffic / hbm_bandwidth
+    # Bytes one device sends, roughly: a ring all-reduce sends its array twice (reduce-scatter +
+    # all-gather), the other collectives about their array once.
+    sent = sum((2 if kind == "all-reduce" else 1) * c["bytes"] for kind, c in hlo.collectives.items())
+    ici_s = sent / (target.chip.interconnect_bandwidth / target.devices_per_chip)
     bounds = {"compute": compute_s, "HBM bandwidth": memory_s, "interconnect": ici_s}
+    kernel_flops = 0.0 if hlo.uncounted_kernels else sum(t * f for t, f, _ in hlo.kernels)
     kernel_s = None
-    if hlo.kernels and not hlo.uncounted_kernels and hlo.kernel_flops > 0:
-        # every kernel's matmul FLOPs are readable (GPU: cuBLAS / cuDNN calls and dots): the
-        # tighter per-kernel roofline replaces the aggregate compute and memory bounds
-        kernel_s = hlo.kernel_time(target.device_peak, chip.hbm_bandwidth / target.devices_per_chip)
+    if kernel_flops > 0:
+        # every kernel's matmul FLOPs are readable (GPU: cuBLAS / cuDNN calls and dots): the tighter
+        # per-kernel roofline (kernels run one after another; a memory-bound one cannot hide behind a
+        # compute-bound one) replaces the aggregate compute and memory bounds
+        kernel_s = sum(t * max(f / target.device_peak, b / hbm_bandwidth) for t, f, b in hlo.kernels)
         bounds = {"per-kernel compute / HBM": kernel_s, "interconnect": ici_s}
     bound = max(bounds, key=bounds.get)
     step_s = bounds[bound]
@@ -617,14 +529,15 @@ def analyse(compiled: Any, target: Target, *, what: str, global_batch: int, batc
         compile_s=compile_s, argument_bytes=args, output_bytes=out, alias_bytes=alias,
         temp_bytes=temp, total_bytes=total, hbm_bytes=target.device_hbm,
         usable_bytes=target.usable_bytes, fits=total <= target.usable_bytes, xla_flops=xla_flops,
-        xla_bytes_accessed=accessed,
-        bytes_accessed=traffic, loops=hlo.loops,
+        xla_bytes_accessed=accessed, bytes_accessed=traffic, loops=hlo.loops,
         traffic_top=list(hlo.traffic_by_op.items())[:5],
-        model_flops=model_flops_per_device, collectives=collectives, compute_s=compute_s,
+        model_flops=model_flops_per_device, collectives=hlo.collectives, compute_s=compute_s,
         memory_s=memory_s, interconnect_s=ici_s, estimated_step_s=step_s,
         estimated_mfu=model_flops_per_device / target.device_peak / step_s if step_s else 0.0,
-        bound=bound, traffic_source=source,
-        kernel_flops=0.0 if hlo.uncounted_kernels else hlo.kernel_flops, kernel_s=kernel_s)
+        bound=bound, kernel_flops=kernel_flops, kernel_s=kernel_s,
+        traffic_source="XLA's cost model" if accessed is not None else (
+            "the compiled module's text (operands + results of each kernel; XLA reports no costs "
+            "for this target)"))
 
 
 _OOM = re.compile(r"RESOURCE_EXHAUSTED|[Oo]ut of memory|exceeds the memory|Ran out of memory")
@@ -640,8 +553,16 @@ def with_batch(config: ml_collections.ConfigDict, global_batch: int) -> ml_colle
     return c
 
 
-def _options(target: Target) -> dict[str, Any] | None:
-    return dict(target.compiler_options) or None
+def _compile(lowered: Any, target: Target) -> tuple[Any, float]:
+    """(executable, seconds); an out-of-memory refusal raises :class:`DoesNotFitError`."""
+    t0 = time.perf_counter()
+    try:
+        compiled = lowered.compile(compiler_options=dict(target.compiler_options) or None)
+    except Exception as e:  # noqa: BLE001 - XLA reports OOM as a generic runtime error
+        if _OOM.search(str(e)):
+            raise DoesNotFitError(str(e).strip().splitlines()[0]) from None
+        raise
+    return compiled, time.perf_counter() - t0
 
 
 def compile_train_step(config: ml_collections.ConfigDict, target: Target
@@ -649,14 +570,7 @@ def compile_train_step(config: ml_collections.ConfigDict, target: Target
     """(program, compiled executable, compile seconds) of the trainer's step for ``target``."""
     mesh = shd.make_mesh(config.mesh.to_dict(), devices=target.devices)
     program = prog.build_program(config, mesh, prog.schedule_from_config(config, None))
-    t0 = time.perf_counter()
-    try:
-        compiled = program.lower_train_step().compile(compiler_options=_options(target))
-    except Exception as e:  # noqa: BLE001 - XLA reports OOM as a generic runtime error
-        if _OOM.search(str(e)):
-            raise DoesNotFitError(str(e).strip().splitlines()[0]) from None
-        raise
-    return program, compiled, time.perf_counter() - t0
+    return program, *_compile(program.lower_train_step(), target)
 
 
 def report_train_step(config: ml_collections.ConfigDict, target: Target) -> CompileReport:
@@ -677,21 +591,18 @@ def report_features(config: ml_collections.ConfigDict, target: Target) -> Compil
 
     mesh = shd.make_mesh(config.mesh.to_dict(), devices=target.devices)
     platform = prog.mesh_platform(mesh)
+    dtype = prog.compute_dtype(config.compute_dtype, platform)
     cfg = prog.model_config(config)
     batch = int(config.global_batch_size)
     prog.check_batch(batch, mesh)
     model = nnx.eval_shape(lambda: MarlinModel(
-        cfg, rngs=nnx.Rngs(0), with_decoder=False, dtype=prog.compute_dtype(config.compute_dtype, platform),
-        attention_impl=prog.attention_impl(config.attention_impl, platform,
-                                           prog.compute_dtype(config.compute_dtype, platform))))
-    marlin = Marlin(model)
+        cfg, rngs=nnx.Rngs(0), with_decoder=False, dtype=dtype,
+        attention_impl=prog.attention_impl(config.attention_impl, platform, dtype)))
     clips = jax.ShapeDtypeStruct((batch, cfg.n_frames, cfg.img_size, cfg.img_size, cfg.in_channels),
                                  jnp.uint8, sharding=shd.batch_sharding(mesh, 5))
-    t0 = time.perf_counter()
     with jax.set_mesh(mesh):
-        compiled = marlin.lower_features(clips, keep_seq=False, state_sharding=shd.replicated(mesh)
-                                         ).compile(compiler_options=_options(target))
-    seconds = time.perf_counter() - t0
+        compiled, seconds = _compile(Marlin(model).lower_features(
+            clips, keep_seq=False, state_sharding=shd.replicated(mesh)), target)
     flops = batch * prog.encoder_forward_flops(cfg) / len(target.devices)
     return analyse(compiled, target, what="feature forward", global_batch=batch,
                    batch_shards=shd.batch_divisor(mesh), model_flops_per_device=flops,
@@ -701,17 +612,16 @@ def report_features(config: ml_collections.ConfigDict, target: Target) -> Compil
 def find_max_batch(config: ml_collections.ConfigDict, target: Target, *, max_compiles: int = 8,
                    log=print) -> tuple[int, CompileReport | None, list[tuple[int, float | None]]]:
     """The largest batch per batch shard (clips per device on a data/fsdp mesh) whose train
-    step fits in HBM, starting from the config's batch.
+    step fits in memory, starting from the config's batch.
 
-    Memory is about linear in the batch: with one measurement the next guess extrapolates from
-    the batch-independent arguments (parameters, optimiser state) through it; with more, from
-    the line through the two largest measurements; guesses stay inside the bracket
-    (largest that fits, smallest that does not). Returns (batch, report at it, history of
-    (batch, total bytes or None when the compiler refused it)).
+    Memory is about linear in the batch: the next guess is where the least-squares line through
+    the measured (batch, bytes) reaches the usable memory (with one measurement, the line through
+    it and the batch-independent arguments at batch 0), kept inside the bracket (largest that
+    fits, smallest that does not). Returns (batch, report at it, history of (batch, total bytes
+    or None when the compiler refused it)).
     """
-    mesh = shd.make_mesh(config.mesh.to_dict(), devices=target.devices)
-    shards = shd.batch_divisor(mesh)
-    hbm = target.usable_bytes
+    shards = shd.batch_divisor(shd.make_mesh(config.mesh.to_dict(), devices=target.devices))
+    usable = target.usable_bytes
     tried: dict[int, CompileReport | None] = {}
     lo, hi = 0, None  # largest batch that fits, smallest that does not
     b = max(1, int(config.global_batch_size) // shards)
@@ -719,7 +629,7 @@ def find_max_batch(config: ml_collections.ConfigDict, target: Target, *, max_com
     for _ in range(max_compiles):
         try:
             rep = report_train_step(with_batch(config, b * shards), target)
-            log(f"  batch {b}/shard: {_gib(rep.total_bytes)} of {_gib(hbm)} "
+            log(f"  batch {b}/shard: {_gib(rep.total_bytes)} of {_gib(usable)} "
                 f"({'fits' if rep.fits else 'does not fit'}; compiled in {rep.compile_s:.0f}s)")
         except DoesNotFitError as e:
             rep = None
@@ -733,27 +643,18 @@ def find_max_batch(config: ml_collections.ConfigDict, target: Target, *, max_com
             break
         if hi is not None:
             widths.append(hi - lo)
-        measured = sorted((x, r) for x, r in tried.items() if r is not None)
+        points = [(x, r.total_bytes) for x, r in sorted(tried.items()) if r is not None]
+        if len(points) == 1:
+            points.insert(0, (0, tried[points[0][0]].argument_bytes))
         guess = None
-        if len(measured) >= 2:  # least squares: XLA's layouts make memory slightly non-monotonic
-            xs = [float(x) for x, _ in measured]
-            ys = [r.total_bytes for _, r in measured]
-            mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-            sxx = sum((x - mx) ** 2 for x in xs)
-            slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx else 0.0
-            if slope > 0:
-                guess = mx + (hbm - my) / slope
-        elif measured:
-            (b1, r1), = measured
-            per_clip = (r1.total_bytes - r1.argument_bytes) / b1
-            if per_clip > 0:
-                guess = (hbm - r1.argument_bytes) / per_clip
+        if points:  # least squares: XLA's layouts make memory slightly non-monotonic
+            slope, intercept = np.polyfit(*zip(*points, strict=True), 1)
+            guess = (usable - intercept) / slope if slope > 0 else None
         # Near the limit memory bends (XLA's GPU scheduler rematerialises on its own; TPU
         # layouts jump): when the last fitted guess did not halve the bracket, bisect instead.
-        stalled = len(widths) >= 2 and widths[-1] > widths[-2] / 2
-        if guess is None or stalled:
+        if guess is None or (len(widths) >= 2 and widths[-1] > widths[-2] / 2):
             guess = (lo + hi) / 2 if hi is not None else (2 * lo if lo else b / 2)
-        guess = int(math.floor(guess))
+        guess = math.floor(guess)
         if hi is None and guess <= lo + max(1, lo // 8):  # fits, yet the fit says stop: grow
             guess = 2 * lo
         if hi is not None and guess >= hi - 1 and hi - lo > 2:  # the fit overshoots: bisect
@@ -767,9 +668,6 @@ def find_max_batch(config: ml_collections.ConfigDict, target: Target, *, max_com
         b = guess
     history = [(x, None if r is None else r.total_bytes) for x, r in sorted(tried.items())]
     return lo, tried.get(lo), history
-
-
-# ----------------------------------------------------------------------------- text
 
 
 def _gib(x: float) -> str:
@@ -892,21 +790,15 @@ def main(argv: Sequence[str]) -> None:
         sys.exit(2)
 
 
-def _define_flags() -> None:
-    from absl import flags
+if __name__ == "__main__":
+    from absl import app, flags
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "ml_collections config file, e.g. "
                                     "configs/vit_base.py", lock_config=True)
-    flags.DEFINE_string("topology", None, f"TPU slice, e.g. {TOPOLOGY_EXAMPLES}")
+    flags.DEFINE_string("topology", None, f"TPU slice or GPUs, e.g. {TOPOLOGY_EXAMPLES}; {GPU_EXAMPLES}")
     flags.DEFINE_bool("max_batch", False, "find the largest batch per device that fits, and "
                       "report at it")
     flags.DEFINE_bool("skip_features", False, "do not compile the feature-extraction forward")
     flags.DEFINE_string("report", None, "JSON report path (default aot_<config>_<topology>.json)")
-
-
-if __name__ == "__main__":
-    from absl import app
-
-    _define_flags()
     app.run(main)

@@ -33,27 +33,21 @@ def define_flags() -> dict[str, Any]:
 def _auto_cluster() -> bool:
     """Whether the environment is a cluster jax.distributed can discover by itself."""
     env = os.environ
-    if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in env:
-        return True
-    if "," in env.get("TPU_WORKER_HOSTNAMES", ""):
-        return True
-    return int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
+    return ((int(env.get("SLURM_NTASKS") or 1) > 1 and "SLURM_JOB_ID" in env)
+            or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+            or int(env.get("OMPI_COMM_WORLD_SIZE") or 1) > 1)
 
 
 def initialize_from_flags(holders: dict[str, Any]) -> None:
     """``jax.distributed.initialize`` with the explicit flags, automatically on TPU pods / SLURM /
     Open MPI, and not at all for a single process."""
-    values = {name: holder.value for name, holder in holders.items()}
-    explicit = [values["coordinator_address"], values["num_processes"], values["process_id"]]
+    explicit = [holders[name].value for name in ("coordinator_address", "num_processes", "process_id")]
     if any(v is not None for v in explicit):
         if any(v is None for v in explicit):
             raise app.UsageError("multi-host needs all of --coordinator_address, "
                                  "--num_processes and --process_id")
-        local = values["local_device_ids"]
-        jax.distributed.initialize(coordinator_address=values["coordinator_address"],
-                                   num_processes=values["num_processes"],
-                                   process_id=values["process_id"],
-                                   local_device_ids=[int(i) for i in local] if local else None)
+        local = holders["local_device_ids"].value
+        jax.distributed.initialize(*explicit, local_device_ids=[int(i) for i in local] if local else None)
     elif _auto_cluster():
         jax.distributed.initialize()
     logging.info("JAX process %d of %d, %d local / %d global devices (%s)", jax.process_index(),

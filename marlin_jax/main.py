@@ -55,23 +55,18 @@ def main(argv: list[str]) -> None:
         train_and_evaluate,
     )
 
-    def fail(error: BaseException, status: int) -> None:
-        logging.error("%s", error)
-        print(f"marlin-jax: {error}", file=sys.stderr, flush=True)
-        sys.exit(status)
-
+    statuses = {RunMismatchError: EXIT_MISMATCH, NonFiniteLossError: EXIT_NON_FINITE,
+                CheckpointDiskFullError: EXIT_DISK_FULL}
     try:
         result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except PreemptedError as e:
         logging.warning("%s", e)
         print(f"marlin-jax: {e}", flush=True)
         sys.exit(EXIT_PREEMPTED)
-    except RunMismatchError as e:
-        fail(e, EXIT_MISMATCH)
-    except NonFiniteLossError as e:
-        fail(e, EXIT_NON_FINITE)
-    except CheckpointDiskFullError as e:
-        fail(e, EXIT_DISK_FULL)
+    except tuple(statuses) as e:
+        logging.error("%s", e)
+        print(f"marlin-jax: {e}", file=sys.stderr, flush=True)
+        sys.exit(next(status for cls, status in statuses.items() if isinstance(e, cls)))
     logging.info("done: %s", result)
 
 

@@ -3,6 +3,7 @@ and exit cleanly instead of dying mid-write. Imports nothing of ours."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 from typing import Any
@@ -43,11 +44,9 @@ class SigtermFlag:
 
     def __enter__(self) -> SigtermFlag:
         if self.enabled:
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread: leave SIGTERM alone
                 self._previous = signal.signal(signal.SIGTERM, self._handle)
                 self._installed = True
-            except ValueError:  # not the main thread: leave SIGTERM alone
-                pass
         return self
 
     def _handle(self, signum, frame) -> None:

@@ -1,4 +1,4 @@
-"""Device meshes and parameter partitioning (big_vision / maxtext style), generic over models.
+"""Device meshes and parameter partitioning (big_vision / maxtext style).
 
 A mesh has the named axes ``data``, ``fsdp`` and ``tensor`` (sizes from the config, ``-1`` =
 all remaining devices). Batches are split over ``data x fsdp``; parameters and optimizer state
@@ -28,8 +28,6 @@ from jax.sharding import PartitionSpec as P
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
 BATCH_AXES: tuple[str, ...] = ("data", "fsdp")
-
-Rules = Sequence[tuple[str, P]]
 
 # First match wins; `re.search` on the parameter path. Kernels are (in, out) for Linear layers.
 # Attention heads and MLP hidden units are split over `tensor` (Megatron: column-parallel qkv/fc1,
@@ -98,15 +96,7 @@ def make_mesh(axes: Mapping[str, int] | None = None,
 
 def path_str(path: Sequence[Any]) -> str:
     """A pytree key path as ``a/b/0/c`` (dict keys, sequence indices, attribute names)."""
-    parts = []
-    for key in path:
-        for attr in ("key", "idx", "name"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
+    return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
 def _axis_size(mesh: Mesh, axis: str | tuple[str, ...] | None) -> int:
@@ -130,13 +120,11 @@ def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
     return P(*fitted)
 
 
-def spec_for(path: str, shape: Sequence[int], mesh: Mesh, rules: Rules = MARLIN_RULES,
-             stacked: str | None = STACKED_LAYERS) -> P:
-    """The PartitionSpec of the first rule whose regex matches ``path`` (fitted to ``shape``).
-
-    Paths matching the regex ``stacked`` (None: none) have a leading layer axis: the rule's spec
-    is prepended with ``None`` (a replicated layer axis)."""
-    for pattern, spec in rules:
+def spec_for(path: str, shape: Sequence[int], mesh: Mesh, stacked: str | None = STACKED_LAYERS) -> P:
+    """The PartitionSpec of the first :data:`MARLIN_RULES` regex matching ``path`` (fitted to
+    ``shape``). Paths matching the regex ``stacked`` (None: none) have a leading layer axis: the
+    rule's spec is prepended with ``None`` (a replicated layer axis)."""
+    for pattern, spec in MARLIN_RULES:
         if re.search(pattern, path):
             if stacked is not None and re.search(stacked, path):
                 spec = P(None, *spec)
@@ -144,36 +132,22 @@ def spec_for(path: str, shape: Sequence[int], mesh: Mesh, rules: Rules = MARLIN_
     return P()
 
 
-def tree_shardings(tree: Any, mesh: Mesh, rules: Rules = MARLIN_RULES,
-                   stacked: str | None = STACKED_LAYERS) -> Any:
-    """NamedShardings for every array leaf of ``tree`` (arrays, ShapeDtypeStructs, nnx.State);
-    ``stacked``: see :func:`spec_for`."""
-
-    def one(path, leaf):
-        shape = getattr(leaf, "shape", ())
-        return NamedSharding(mesh, spec_for(path_str(path), shape, mesh, rules, stacked))
-
-    return jax.tree_util.tree_map_with_path(one, tree)
+def tree_shardings(tree: Any, mesh: Mesh) -> Any:
+    """NamedShardings for every array leaf of ``tree`` (arrays, ShapeDtypeStructs, nnx.State)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: NamedSharding(mesh, spec_for(path_str(path), getattr(leaf, "shape", ()), mesh)), tree)
 
 
-def shard_tree(tree: Any, mesh: Mesh, rules: Rules = MARLIN_RULES) -> Any:
-    """Places an (addressable, e.g. host numpy) pytree onto ``mesh`` following ``rules``."""
-    return jax.device_put(tree, tree_shardings(tree, mesh, rules))
-
-
-def sharded_init(init_fn: Callable[[], Any], mesh: Mesh, rules: Rules = MARLIN_RULES) -> Any:
+def sharded_init(init_fn: Callable[[], Any], mesh: Mesh) -> Any:
     """Runs ``init_fn`` under jit with the rule shardings as out_shardings, so large parameters
     are created directly in their shards (works across hosts; nothing is gathered)."""
-    abstract = jax.eval_shape(init_fn)
-    shardings = tree_shardings(abstract, mesh, rules)
-    return jax.jit(init_fn, out_shardings=shardings)()
+    return jax.jit(init_fn, out_shardings=tree_shardings(jax.eval_shape(init_fn), mesh))()
 
 
-def abstract_with_shardings(tree: Any, mesh: Mesh, rules: Rules = MARLIN_RULES) -> Any:
+def abstract_with_shardings(tree: Any, mesh: Mesh) -> Any:
     """``jax.ShapeDtypeStruct`` leaves carrying the rule shardings (a restore target)."""
-    shardings = tree_shardings(tree, mesh, rules)
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
+                        tree_shardings(tree, mesh))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
@@ -191,12 +165,8 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
     local: ``{name: (B_local, ...)}`` host arrays of this process (its own data shard).
     Returns ``{name: (B_local * process_count, ...)}`` jax Arrays.
     """
-    out = {}
-    for name, value in local.items():
-        value = np.asarray(value)
-        out[name] = jax.make_array_from_process_local_data(
-            batch_sharding(mesh, value.ndim), value)
-    return out
+    return {name: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(value)), np.asarray(value))
+            for name, value in local.items()}
 
 
 def process_batch_rows(mesh: Mesh, batch: int) -> slice:

@@ -85,11 +85,27 @@ def test_analyse_hlo_counts_loop_bodies_and_tpu_reduce_scatters():
     assert aot.shape_bytes("(bf16[2,3]{1,0:T(8,128)(2,1)}, f32[4]{0}, pred[])") == 12 + 16 + 1
 
 
+def _test_target() -> aot.Target:
+    """One 16 GiB test device."""
+    return aot.Target("test", tuple(jax.devices()[:1]), aot.ChipSpec("test chip", 1e14, 16 * aot.GiB, 1e12, 1e11), 1)
+
+
+def _memory_report(batch: int, gib: float, target: aot.Target) -> aot.CompileReport:
+    """A train-step report of ``gib`` GiB in all (2 GiB of arguments) at ``batch`` clips."""
+    total = gib * aot.GiB
+    return aot.CompileReport(
+        what="step", global_batch=batch, batch_per_device=batch, compile_s=0.0, argument_bytes=2 * aot.GiB,
+        output_bytes=0.0, alias_bytes=0.0, temp_bytes=total - 2 * aot.GiB, total_bytes=total,
+        hbm_bytes=target.device_hbm, usable_bytes=target.usable_bytes, fits=total <= target.usable_bytes,
+        xla_flops=None, xla_bytes_accessed=None, bytes_accessed=0.0, loops=[], traffic_top=[], model_flops=1.0,
+        collectives={}, compute_s=1.0, memory_s=0.0, interconnect_s=0.0, estimated_step_s=1.0, estimated_mfu=0.5,
+        bound="compute")
+
+
 def test_max_batch_search_brackets_the_largest_fitting_batch(monkeypatch):
     """Memory linear in the batch (2 GiB + 0.3 GiB per clip) on a 16 GiB device, and the
     compiler refusing batches above 60: the search lands on 46 in a handful of compiles."""
-    chip = aot.ChipSpec("test chip", 1e14, 16 * aot.GiB, 1e12, 1e11)
-    target = aot.Target("test", tuple(jax.devices()[:1]), chip, 1)
+    target = _test_target()
     compiled = []
 
     def fake_report(config, target):
@@ -97,16 +113,7 @@ def test_max_batch_search_brackets_the_largest_fitting_batch(monkeypatch):
         compiled.append(b)
         if b > 60:
             raise aot.DoesNotFitError("RESOURCE_EXHAUSTED: out of memory")
-        total = (2 + 0.3 * b) * aot.GiB
-        return aot.CompileReport(
-            what="step", global_batch=b, batch_per_device=b, compile_s=0.0,
-            argument_bytes=2 * aot.GiB, output_bytes=0.0, alias_bytes=0.0, temp_bytes=total - 2 * aot.GiB,
-            total_bytes=total, hbm_bytes=target.device_hbm, usable_bytes=target.usable_bytes,
-            fits=total <= target.usable_bytes,
-            xla_flops=None, xla_bytes_accessed=None, bytes_accessed=0.0, loops=[], traffic_top=[],
-            model_flops=1.0,
-            collectives={}, compute_s=1.0, memory_s=0.0, interconnect_s=0.0, estimated_step_s=1.0,
-            estimated_mfu=0.5, bound="compute")
+        return _memory_report(b, 2 + 0.3 * b, target)
 
     monkeypatch.setattr(aot, "report_train_step", fake_report)
     config = _tiny_config(global_batch_size=4)
@@ -127,6 +134,24 @@ def test_max_batch_search_brackets_the_largest_fitting_batch(monkeypatch):
     compiled.clear()
     best, report, _ = aot.find_max_batch(config, target, log=lambda *_: None)
     assert best == 30 and 31 in compiled and len(compiled) <= 8
+
+
+def test_out_of_memory_compiles_raise_does_not_fit():
+    """XLA's out-of-memory refusals (generic runtime errors) become DoesNotFitError with their
+    first line; other compile errors pass through unchanged."""
+    target = _test_target()
+
+    class Lowered:
+        def __init__(self, error):
+            self.error = error
+
+        def compile(self, compiler_options=None):
+            raise self.error
+
+    with pytest.raises(aot.DoesNotFitError, match="^RESOURCE_EXHAUSTED: Ran out of memory in hbm$"):
+        aot._compile(Lowered(RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory in hbm\ndetails")), target)
+    with pytest.raises(RuntimeError, match="INVALID_ARGUMENT"):
+        aot._compile(Lowered(RuntimeError("INVALID_ARGUMENT: bad layout")), target)
 
 
 def _tiny_config(**overrides):
@@ -226,20 +251,11 @@ def test_max_batch_search_bisects_when_memory_bends(monkeypatch):
     """XLA's GPU scheduler rematerialises near its limit, so memory flattens there (0.3 GiB per
     clip up to 40 clips, 0.02 after): linear fits keep landing just under the bracket's top, and
     the search must bisect instead of creeping down one fit at a time."""
-    chip = aot.ChipSpec("test chip", 1e14, 16 * aot.GiB, 1e12, 1e11)
-    target = aot.Target("test", tuple(jax.devices()[:1]), chip, 1)
+    target = _test_target()
 
     def bent_report(config, target):
         b = int(config.global_batch_size)
-        total = (2 + 0.3 * min(b, 40) + 0.02 * max(b - 40, 0)) * aot.GiB  # 16 GiB at 140
-        return aot.CompileReport(
-            what="step", global_batch=b, batch_per_device=b, compile_s=0.0, argument_bytes=2 * aot.GiB,
-            output_bytes=0.0, alias_bytes=0.0, temp_bytes=total - 2 * aot.GiB, total_bytes=total,
-            hbm_bytes=target.device_hbm, usable_bytes=target.usable_bytes,
-            fits=total <= target.usable_bytes, xla_flops=None, xla_bytes_accessed=None,
-            bytes_accessed=0.0, loops=[], traffic_top=[], model_flops=1.0, collectives={},
-            compute_s=1.0, memory_s=0.0, interconnect_s=0.0, estimated_step_s=1.0,
-            estimated_mfu=0.5, bound="compute")
+        return _memory_report(b, 2 + 0.3 * min(b, 40) + 0.02 * max(b - 40, 0), target)  # 16 GiB at 140
 
     monkeypatch.setattr(aot, "report_train_step", bent_report)
     config = _tiny_config(global_batch_size=4)
