@@ -4,7 +4,6 @@ that `marlin_pytorch.Marlin.from_file(name, path)` loads."""
 from __future__ import annotations
 
 import argparse
-import sys
 
 from convert.arguments import add_source_arguments
 from marlin_jax.interop import load_checkpoint, resolve_checkpoint_config, save_torch_checkpoint
@@ -25,13 +24,3 @@ def run(args: argparse.Namespace) -> int:
                                  with_discriminator=args.with_discriminator)
     print(f"{args.input} -> {path} ({name}, {'encoder only' if args.encoder_only else 'full'})")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,24 +4,19 @@ checkpoint directory."""
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
-from flax import nnx, serialization
+from flax import nnx, serialization, traverse_util
 
+from convert.arguments import add_source_arguments
 from marlin_jax.interop import model_from_state_dict, read_weights, resolve_checkpoint_config, save_marlin_checkpoint
 from marlin_jax.interop.hf import weights_source
-from marlin_jax.models import model_names
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help=f"registered architecture: {', '.join(model_names())} (default: the one a "
-                             "Hugging Face config.json or marlin_config.json of the input names)")
-    parser.add_argument("--input", required=True,
-                        help="*.encoder.pt, *.full.pt, Lightning *.ckpt, VideoMAE .pth, or a Hugging Face "
-                             "folder (config.json + model.safetensors) / model.safetensors")
+    add_source_arguments(parser, "*.encoder.pt, *.full.pt, Lightning *.ckpt, VideoMAE .pth, or a Hugging Face "
+                                 "folder (config.json + model.safetensors) / model.safetensors")
     parser.add_argument("--output", required=True, help="marlin-jax checkpoint directory to create (orbax)")
     parser.add_argument("--npz", help="also write the variables to this .npz (keys: variable paths with '/')")
     parser.add_argument("--msgpack", help="also write the variables to this flax msgpack file")
@@ -38,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     out = save_marlin_checkpoint(args.output, model, overwrite=args.overwrite)
     tree = nnx.to_pure_dict(nnx.state(model, nnx.Variable))
     if args.npz:
-        flat = {"/".join(map(str, path)): np.asarray(v) for path, v in _flatten(tree)}
+        flat = {"/".join(map(str, path)): np.asarray(v) for path, v in traverse_util.flatten_dict(tree).items()}
         np.savez(args.npz, **flat)
     if args.msgpack:
         Path(args.msgpack).write_bytes(serialization.msgpack_serialize(_numpy_tree(tree)))
@@ -47,23 +42,5 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _flatten(tree, prefix=()):
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _flatten(value, (*prefix, key))
-        else:
-            yield (*prefix, key), value
-
-
 def _numpy_tree(tree):
     return {str(k): _numpy_tree(v) if isinstance(v, dict) else np.asarray(v) for k, v in tree.items()}
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,7 +4,6 @@ port's `MarlinModel.from_pretrained(folder)` (ControlNet/MARLIN `hf_src/`) loads
 from __future__ import annotations
 
 import argparse
-import sys
 
 from convert.arguments import add_source_arguments
 from marlin_jax.interop import load_checkpoint, resolve_checkpoint_config, save_hf_checkpoint
@@ -28,13 +27,3 @@ def run(args: argparse.Namespace) -> int:
                              overwrite=args.overwrite)
     print(f"{args.input} -> {out} ({name}, {'with decoder' if args.with_decoder else 'encoder only'})")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

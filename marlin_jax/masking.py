@@ -1,43 +1,28 @@
 """Token masks for MARLIN pretraining, with exactly the original's semantics.
 
-A 16-frame 224x224 clip is cut into ``grid = (8, 14, 14)`` tubelets (2 frames x 16 x 16 pixels),
-so ``N = 1568`` tokens in (t, h, w) order. A mask is bool ``(N,)`` with True = visible, and holds
-exactly :func:`num_visible` ``= int(N * (1 - mask_ratio))`` visible tokens, so that batches stack.
+A 16x224x224 clip has ``grid = (8, 14, 14)`` tubelets (2 x 16 x 16 pixels): ``N = 1568`` tokens in
+(t, h, w) order. A mask is bool ``(N,)``, True = visible, with exactly :func:`num_visible` ``=
+int(N * (1 - mask_ratio))`` visible tokens (``gen_mask`` of ControlNet/MARLIN
+``dataset/youtube_face.py``). Strategies:
 
-Strategies (``YoutubeFace.__getitem__`` / ``gen_mask`` of ControlNet/MARLIN ``dataset/youtube_face.py``):
+- ``fasking`` / ``fasking_opp``: the LaPa parsing map of each tubelet slice's first frame (0
+  background, 1 skin, 2/3 brows, 4/5 eyes, 6 nose, 7 upper lip, 8 inner mouth, 9 lower lip, 10
+  hair), grouped as :data:`SEG_GROUPS`. A keep queue of groups is drawn per clip (``[6, 5,
+  perm(5)]`` for fasking: background, skin, then the components, i.e. *mask the facial components
+  first*; ``[perm(5), 5, 6]`` for fasking_opp). Walking it, each label's 16x16 max-pooled region is
+  OR-ed into the slice's visible set, stopping right after the first *label* that lifts the visible
+  fraction to ``1 - mask_ratio`` (compared in float32, as torch). A slice without a map (no face)
+  is all visible.
+- ``random``: all visible before the exact-count step.
+- ``tube``: one ``(gh, gw)`` mask with ``ceil(gh * gw * keep)`` visible, repeated over time.
+- ``frame``: ``ceil(gt * keep)`` whole time slices visible.
 
-``fasking`` / ``fasking_opp``
-    Uses the LaPa face-parsing map of the first frame of each tubelet slice (labels: 0 background,
-    1 skin, 2/3 brows, 4/5 eyes, 6 nose, 7 upper lip, 8 inner mouth, 9 lower lip, 10 hair).
-    The labels are grouped as :data:`SEG_GROUPS` ``= [[2,4], [3,5], [6], [7,8,9], [10], [1], [0]]``
-    and a *keep queue* of group indices is drawn once per clip: ``[6, 5, perm(5)]`` for fasking
-    (keep background, then skin, then the facial components in random order visible, i.e. *mask the
-    facial components first*) and ``[perm(5), 5, 6]`` for fasking_opp. Walking the queue, each
-    label's 16x16 max-pooled region is OR-ed into the slice's visible set, and the walk stops right
-    after the first *label* (not group) that lifts the slice's visible fraction to ``1 - mask_ratio``
-    (compared in float32, as the original's torch tensors). A slice whose parsing map is empty
-    (the original's ``(0, 224, 224)`` npy for "no face found") is all visible.
-``random``
-    All tokens visible before the exact-count step: a uniform random subset.
-``tube``
-    One ``(gh, gw)`` mask with ``ceil(gh * gw * keep)`` visible tokens, repeated over time.
-``frame``
-    ``ceil(gt * keep)`` whole time slices visible.
-
-Exact-count step (all strategies): visible tokens are dropped uniformly at random
-(``rng.choice(visible, excess, replace=False)``) down to exactly ``int(N * keep)``. For tube and
-frame the ceil above can leave up to ``gt`` (tube) or ``gh * gw`` (frame) extra tokens, so those
-masks are *almost* constant over time / whole-slice, exactly as the original.
-
-Queue exhausted below the target: a slice whose queue runs out keeps every patch touching a label
-in 0..10, which for a LaPa map (every pixel labelled 0..10) is every patch, so it cannot happen on
-valid maps. With out-of-range labels the clip may end up with fewer visible tokens than the
-target; the original then crashes in ``np.random.choice`` (negative size). We mirror that by
-raising a ValueError that says so.
-
-Random draws, in the original's order (so a transcription with the same Generator matches bit for
-bit): fasking ``rng.permutation(5)``; tube / frame one ``rng.choice``; then the exact-count
-``rng.choice``. Pure numpy; the fasking path is vectorised with per-patch label bit sets.
+Exact-count step (all): visible tokens dropped uniformly at random (``rng.choice(visible, excess,
+replace=False)``) down to ``int(N * keep)``, so tube / frame masks are *almost* constant, as the
+original. Labels outside 0..10 can leave fewer visible tokens than the target: the original
+crashes in ``np.random.choice``; this raises a ValueError saying so. Random draws follow the
+original's order (fasking ``rng.permutation(5)``; tube / frame one ``rng.choice``; then the
+exact-count ``rng.choice``), so the same Generator gives the same mask bit for bit.
 """
 
 from __future__ import annotations
@@ -84,11 +69,8 @@ def num_visible(mask_ratio: float, num_tokens: int) -> int:
 
 
 def keep_queue(strategy: str, rng: np.random.Generator) -> np.ndarray:
-    """The per-clip order of :data:`SEG_GROUPS` indices kept visible (one ``rng.permutation(5)``).
-
-    fasking: ``[6, 5, perm(5)]`` (background, skin, then components); fasking_opp:
-    ``[perm(5), 5, 6]``. Returns int64 ``(7,)``.
-    """
+    """The per-clip order of :data:`SEG_GROUPS` indices kept visible, int64 ``(7,)``: fasking
+    ``[6, 5, perm(5)]``, fasking_opp ``[perm(5), 5, 6]`` (one ``rng.permutation(5)``)."""
     if strategy not in ("fasking", "fasking_opp"):
         raise ValueError(f"keep_queue is for 'fasking' / 'fasking_opp', got {strategy!r}")
     perm = rng.permutation(5)
@@ -96,11 +78,6 @@ def keep_queue(strategy: str, rng: np.random.Generator) -> np.ndarray:
     if strategy == "fasking":
         return np.concatenate([ends, perm])
     return np.concatenate([perm, ends[::-1]])
-
-
-def label_order(queue: Sequence[int]) -> np.ndarray:
-    """The labels of a keep queue's groups in the order the original ORs them in: int64 ``(L,)``."""
-    return np.array([label for g in queue for label in SEG_GROUPS[int(g)]], dtype=np.int64)
 
 
 def _to_uint8_labels(maps: np.ndarray) -> np.ndarray:
@@ -137,18 +114,6 @@ def patch_label_bits(maps: np.ndarray, patch_size: int = 16) -> np.ndarray:
     )
 
 
-def region_patch_masks(parsing_slice: np.ndarray, patch_size: int = 16) -> np.ndarray:
-    """Per-label patch masks of one parsing map ``(H, W)``: bool ``(11, H // p, W // p)``.
-
-    ``out[l]`` is the 16x16 max-pool of ``parsing_slice == l`` (True where a patch touches label l).
-    """
-    parsing_slice = np.asarray(parsing_slice)
-    if parsing_slice.ndim != 2:
-        raise ValueError(f"parsing_slice must be (H, W), got shape {parsing_slice.shape}")
-    bits = patch_label_bits(parsing_slice[None], patch_size)[0]
-    return (bits[None] >> np.arange(NUM_LABELS, dtype=np.uint16)[:, None, None]) & 1 == 1
-
-
 def fasking_slice_masks(
     maps: np.ndarray,
     queue: Sequence[int],
@@ -156,11 +121,10 @@ def fasking_slice_masks(
     patch_size: int = 16,
     empty: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Per-slice visible patches of fasking, *before* the exact-count step.
+    """Per-slice visible patches of fasking, *before* the exact-count step: bool ``(S, H // p, W // p)``.
 
-    maps: integer ``(S, H, W)``, one parsing map per tubelet slice; queue: group indices (see
-    :func:`keep_queue`); keep_fraction: ``1 - mask_ratio``; empty: optional bool ``(S,)`` marking
-    slices without a parsing map (all visible). Returns bool ``(S, H // p, W // p)``.
+    maps: integer ``(S, H, W)``, one per tubelet slice; queue: group indices (:func:`keep_queue`);
+    keep_fraction: ``1 - mask_ratio``; empty: optional bool ``(S,)``, slices without a map (all visible).
     """
     bits = patch_label_bits(maps, patch_size)
     if empty is not None:
@@ -173,10 +137,8 @@ def fasking_from_patch_labels(
 ) -> np.ndarray:
     """:func:`fasking_slice_masks` from per-patch label bit sets (:func:`patch_label_bits`).
 
-    patch_labels: uint16 ``(S, gh, gw)``, one per tubelet slice; a slice whose bits are all zero
-    has no parsing map (no face) and is all visible (a LaPa map labels every pixel, so its bits
-    are never all zero). Returns bool ``(S, gh, gw)``. This is what the pipeline computes from:
-    a few hundred bytes per frame instead of a full-resolution map.
+    patch_labels: uint16 ``(S, gh, gw)``, one per tubelet slice; all-zero bits = no parsing map
+    (no face): all visible. Returns bool ``(S, gh, gw)``. What the pipeline computes from.
     """
     bits = np.asarray(patch_labels)
     if bits.ndim != 3 or not np.issubdtype(bits.dtype, np.integer):
@@ -184,7 +146,7 @@ def fasking_from_patch_labels(
                          f"{bits.shape}")
     s, gh, gw = bits.shape
     bits = bits.reshape(s, gh * gw).astype(np.uint16, copy=False)
-    labels = label_order(queue)
+    labels = np.array([label for g in queue for label in SEG_GROUPS[int(g)]], dtype=np.int64)  # in OR order
     if labels.size == 0:
         raise ValueError("keep queue is empty")
     prefix = np.bitwise_or.accumulate(np.left_shift(np.uint16(1), labels.astype(np.uint16)))
@@ -203,34 +165,19 @@ def _slice_maps(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The first frame's parsing map of each tubelet slice: ``(maps (gt, H, W), empty (gt,))``.
 
-    Accepts an integer array ``(T, H, W)`` / ``(T, F, H, W)`` (F faces as the original's npy,
-    face 0 used, F == 0 meaning no face) or a sequence of T per-frame arrays, each ``(H, W)``,
-    ``(F, H, W)`` or empty. T is ``gt * tubelet_size`` (slice t reads frame t * tubelet_size) or
-    ``gt`` (one map per slice already).
+    ``parsing``: T integer maps (an array or a sequence), each ``(H, W)`` or ``(F, H, W)`` (F
+    faces as the original's npy, face 0 used, F == 0 or an empty array meaning no face). T is
+    ``gt * tubelet_size`` (slice t reads frame t * tubelet_size) or ``gt`` (one map per slice).
     """
     gt, gh, gw = grid
     hw = (gh * patch_size, gw * patch_size)
     n = len(parsing)
-    if n == gt * tubelet_size:
-        step = tubelet_size
-    elif n == gt:
-        step = 1
-    else:
+    if n not in (gt, gt * tubelet_size):
         raise ValueError(
             f"parsing has {n} frames; expected {gt * tubelet_size} (clip frames) or {gt} "
             f"(one per tubelet slice) for grid {grid}, tubelet_size {tubelet_size}"
         )
-    if isinstance(parsing, np.ndarray):
-        if parsing.ndim == 4:
-            if parsing.shape[1] == 0:
-                return np.zeros((gt, *hw), np.uint8), np.ones(gt, bool)
-            parsing = parsing[:, 0]
-        if parsing.ndim != 3 or parsing.shape[1:] != hw:
-            raise ValueError(
-                f"parsing must be (T, {hw[0]}, {hw[1]}) or (T, F, {hw[0]}, {hw[1]}) for grid "
-                f"{grid} and patch_size {patch_size}, got shape {parsing.shape}"
-            )
-        return _to_uint8_labels(parsing[::step]), np.zeros(gt, bool)
+    step = 1 if n == gt else tubelet_size
     maps = np.zeros((gt, *hw), np.uint8)
     empty = np.zeros(gt, bool)
     for t in range(gt):
@@ -275,13 +222,10 @@ def make_mask(
 ) -> np.ndarray:
     """One clip's token mask: bool ``(gt * gh * gw,)``, True = visible, (t, h, w) order.
 
-    Exactly ``int(N * (1 - mask_ratio))`` entries are True. The fasking strategies need one of:
-    ``parsing``, the clip's LaPa maps: uint8 ``(T, H, W)`` for the T = gt * tubelet_size sampled
-    frames (slice t reads frame t * tubelet_size), or only the gt slice-first maps, or a sequence
-    of per-frame arrays where an empty array means "no face" (slice all visible); or
-    ``patch_labels``, the same maps as per-patch label bit sets (:func:`patch_label_bits`), uint16
-    ``(gt, gh, gw)`` or ``(T, gh, gw)``, all-zero = no face: the same mask for the same ``rng``.
-    Deterministic given ``rng``; see the module docstring for the exact semantics.
+    Exactly ``int(N * (1 - mask_ratio))`` entries are True. Fasking needs ``parsing`` (the clip's
+    LaPa maps, see :func:`_slice_maps`; an empty per-frame array = no face) or ``patch_labels`` (the
+    same as :func:`patch_label_bits`, uint16 ``(gt, gh, gw)`` or ``(T, gh, gw)``: the same mask for
+    the same ``rng``). Deterministic given ``rng``.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown mask strategy {strategy!r}; expected one of {STRATEGIES}")
@@ -304,8 +248,6 @@ def make_mask(
                     f"patch_labels must be ({gt}, {gh}, {gw}) or ({gt * tubelet_size}, {gh}, "
                     f"{gw}) for grid {grid}, tubelet_size {tubelet_size}; got {bits.shape}")
             bits = bits[::tubelet_size] if len(bits) != gt else bits
-            queue = keep_queue(strategy, rng)
-            mask = fasking_from_patch_labels(bits, queue, keep).reshape(-1)
         elif parsing is None:
             raise ValueError(
                 f"strategy {strategy!r} needs the clip's face-parsing maps (parsing=None given); "
@@ -313,8 +255,9 @@ def make_mask(
             )
         else:
             maps, empty = _slice_maps(parsing, (gt, gh, gw), patch_size, tubelet_size)
-            queue = keep_queue(strategy, rng)
-            mask = fasking_slice_masks(maps, queue, keep, patch_size, empty).reshape(-1)
+            bits = patch_label_bits(maps, patch_size)
+            bits[empty] = 0  # no map: all visible
+        mask = fasking_from_patch_labels(bits, keep_queue(strategy, rng), keep).reshape(-1)
     elif strategy == "tube":
         tube = _drop_to(np.ones(per_slice, bool), math.ceil(per_slice * keep), rng, "tube")
         mask = np.tile(tube, gt)

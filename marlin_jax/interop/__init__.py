@@ -3,7 +3,6 @@ pickled code is ever run)."""
 
 from .checkpoints import (
     CheckpointError,
-    load_model,
     read_config_file,
     read_state_dict,
     read_torch_state_dict,
@@ -16,6 +15,7 @@ from .hf import (
     download_hf_checkpoint,
     is_hf_checkpoint,
     load_checkpoint,
+    load_model,
     read_hf_config,
     read_hf_state_dict,
     read_weights,

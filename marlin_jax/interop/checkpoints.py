@@ -1,18 +1,12 @@
 """Reading and writing model weights in every supported format.
 
-- PyTorch: ``*.encoder.pt`` / ``*.full.pt`` (plain state_dicts), Lightning ``*.ckpt`` of the
-  original trainer (``state_dict`` incl. ``discriminator.*``), VideoMAE pretraining checkpoints
-  (``{"model": ...}`` with MCG-NJU names). Read without torch and without running pickled code.
-- marlin-jax: a directory with ``params/`` (an orbax checkpoint of the model variables, nested
-  by variable path) and ``marlin_config.json``; a trainer workdir, its ``checkpoints/`` or one
-  ``checkpoints/<step>/`` is accepted too (the latest step; its ``state`` item is the training
-  state, whose generator and critic parameters are the model; the trainer writes
-  ``marlin_config.json`` into its workdir). A state trained with ``scan_layers`` holds stacked
-  blocks (``encoder/blocks/attn/...`` with a leading layer axis): recognised by its structure
-  (a ``blocks`` dict without layer indices) and unstacked on reading.
+- PyTorch: ``*.encoder.pt`` / ``*.full.pt`` state_dicts, the original trainer's Lightning
+  ``*.ckpt`` (``state_dict`` incl. ``discriminator.*``), VideoMAE checkpoints (``{"model": ...}``).
+- marlin-jax: a directory with ``params/`` (orbax, nested by variable path) and
+  ``marlin_config.json``; or a trainer workdir, its ``checkpoints/`` or one ``checkpoints/<step>/``
+  (the latest step's ``state`` item: generator + critic parameters, unstacked if ``scan_layers``).
 
-Everything funnels through one representation: a flat PyTorch-layout state_dict
-``{marlin-pytorch key: np.ndarray}``, which :mod:`.mapping` loads into a model.
+Everything funnels through a flat PyTorch-layout state_dict ``{marlin-pytorch key: np.ndarray}``.
 """
 
 from __future__ import annotations
@@ -24,14 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
 from marlin_jax.models import MarlinConfig, MarlinModel, sincos_table, unstack_layers
 from marlin_jax.models.config import config_from_json_file
 
 from .mapping import (
     is_videomae_state_dict,
-    model_from_state_dict,
     model_to_state_dict,
     to_torch_layout,
     torch_key,
@@ -41,11 +34,9 @@ from .torch_format import load_torch_file, save_torch_file
 
 CONFIG_FILE = "marlin_config.json"
 PARAMS_ITEM = "params"
-# The trainer-checkpoint layout, declared here (below the trainer, which writes it and imports
-# these names; interop reads it and imports nothing of the trainer): ``<workdir>/checkpoints/
-# <step>/`` holds the orbax item TRAINER_STATE_ITEM, a pytree whose MODEL_PARAM_GROUPS subtrees
-# together are the model's parameters (nested by variable path; other subtrees: optimiser
-# states, step, rng), and the data-iterator item TRAINER_DATA_ITER_ITEM.
+# The trainer-checkpoint layout (declared here, below the trainer that writes it): ``<workdir>/
+# checkpoints/<step>/`` holds TRAINER_STATE_ITEM, whose MODEL_PARAM_GROUPS subtrees are the
+# model's parameters, and the data-iterator item TRAINER_DATA_ITER_ITEM.
 TRAINER_STATE_ITEM = "state"
 TRAINER_DATA_ITER_ITEM = "data_iter"
 MODEL_PARAM_GROUPS = ("g_params", "d_params")
@@ -72,12 +63,8 @@ def _flat_arrays(tree: Any, source: str) -> OrderedDict[str, np.ndarray]:
 
 
 def read_torch_state_dict(path: str | os.PathLike, config: MarlinConfig | None = None) -> OrderedDict[str, np.ndarray]:
-    """Reads a PyTorch checkpoint into a flat MARLIN-named, PyTorch-layout state_dict.
-
-    Handles plain state_dicts (`.pt`), Lightning checkpoints (`.ckpt`, whose ``state_dict`` is
-    used and whose other entries are never instantiated) and VideoMAE checkpoints (renamed; needs
-    ``config`` for the position tables).
-    """
+    """A PyTorch checkpoint (`.pt`, Lightning `.ckpt`, VideoMAE: renamed, needs ``config`` for
+    the position tables) -> flat MARLIN-named, PyTorch-layout state_dict."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -100,19 +87,15 @@ def _holds_weights(directory: Path) -> bool:
     return (directory / PARAMS_ITEM).is_dir() or (directory / TRAINER_STATE_ITEM).is_dir()
 
 
-def _latest_step_dir(directory: Path) -> Path | None:
-    steps = [p for p in directory.iterdir() if p.is_dir() and p.name.isdigit() and _holds_weights(p)]
-    return max(steps, key=lambda p: int(p.name)) if steps else None
-
-
 def _resolve_marlin_dir(directory: Path) -> Path:
+    """The checkpoint itself, else the latest step in it or in its ``checkpoints/``."""
     if _holds_weights(directory):
         return directory
     for candidate in (directory, directory / "checkpoints"):
-        if candidate.is_dir():
-            step = _latest_step_dir(candidate)
-            if step is not None:
-                return step
+        steps = [p for p in candidate.iterdir() if p.is_dir() and p.name.isdigit() and _holds_weights(p)] \
+            if candidate.is_dir() else []
+        if steps:
+            return max(steps, key=lambda p: int(p.name))
     raise CheckpointError(f"{directory}: not a marlin-jax checkpoint (no '{PARAMS_ITEM}/' or "
                           f"'{TRAINER_STATE_ITEM}/' item and no numbered step directories holding one)")
 
@@ -139,10 +122,8 @@ def _restore_model_params(item: Path) -> dict:
 
 def read_marlin_state_dict(directory: str | os.PathLike,
                            config: MarlinConfig | None = None) -> OrderedDict[str, np.ndarray]:
-    """Reads a marlin-jax checkpoint directory into a flat PyTorch-layout state_dict.
-
-    A trainer state holds trainable parameters only: the fixed sin-cos position tables are
-    recomputed from ``config`` (default: the ``marlin_config.json`` the trainer wrote)."""
+    """A marlin-jax checkpoint directory -> flat PyTorch-layout state_dict. A trainer state lacks
+    the fixed position tables: they come from ``config`` (default: its ``marlin_config.json``)."""
     import orbax.checkpoint as ocp
 
     root = _resolve_marlin_dir(Path(directory))
@@ -162,15 +143,9 @@ def read_marlin_state_dict(directory: str | os.PathLike,
         raise CheckpointError(f"{item}: {e}") from e
 
     out: OrderedDict[str, np.ndarray] = OrderedDict()
-
-    def visit(node: Any, path: tuple) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                visit(v, (*path, int(k) if isinstance(k, str) and k.isdigit() else k))
-        else:
-            out[torch_key(path)] = np.ascontiguousarray(to_torch_layout(path, np.asarray(node)))
-
-    visit(tree, ())
+    for path, value in traverse_util.flatten_dict(tree).items():
+        path = tuple(int(k) if isinstance(k, str) and k.isdigit() else k for k in path)
+        out[torch_key(path)] = np.ascontiguousarray(to_torch_layout(path, np.asarray(value)))
     if item.name == TRAINER_STATE_ITEM:
         config = config or read_config_file(root)
         if config is None:
@@ -208,12 +183,6 @@ def read_state_dict(path: str | os.PathLike, config: MarlinConfig | None = None)
         raise CheckpointError(f"{p}: unsupported checkpoint type '{p.suffix}' (expected .pt, .pth, .ckpt "
                               f"or a marlin-jax checkpoint directory)")
     return read_torch_state_dict(p, config)
-
-
-def load_model(path: str | os.PathLike, config: MarlinConfig, **model_kwargs) -> MarlinModel:
-    """Builds the model a checkpoint holds (encoder-only or full, +/- discriminator) and loads it."""
-    state_dict = read_state_dict(path, config)
-    return model_from_state_dict(config, state_dict, source=os.fspath(path), **model_kwargs)
 
 
 def save_marlin_checkpoint(directory: str | os.PathLike, model: MarlinModel, *, overwrite: bool = False) -> Path:

@@ -1,15 +1,9 @@
 """The Hugging Face port of MARLIN's weights (``hf_src/`` of ControlNet/MARLIN), without torch.
 
-The port saves with ``save_pretrained(..., safe_serialization=True)``: a folder (or hub repo)
-holding ``config.json`` (a ``PretrainedConfig`` with ``model_type: "marlin"`` and the MARLIN
-architecture fields, :data:`HF_CONFIG_FIELDS`) and ``model.safetensors`` whose keys are
-marlin-pytorch's state_dict keys with a ``marlin.`` prefix (``marlin.encoder.blocks.0.attn.qkv.weight``;
-encoder only when ``as_feature_extractor`` is true, as published). Read with ``safetensors``
-into the same flat PyTorch-layout state_dict as every other format (:mod:`.checkpoints`).
-
-:func:`checkpoint_config` / :func:`read_weights` / :func:`load_checkpoint` are the format
-dispatch for callers that accept any checkpoint: a Hugging Face folder or ``.safetensors`` file
-here, everything else through :mod:`.checkpoints`.
+A port folder (or hub repo) holds ``config.json`` (``model_type: "marlin"`` and the fields
+:data:`HF_CONFIG_FIELDS`) and ``model.safetensors`` with marlin-pytorch's keys prefixed ``marlin.``
+(encoder only when ``as_feature_extractor``, as published). Also the format dispatch for callers
+that accept any checkpoint (:func:`checkpoint_config` / :func:`read_weights` / :func:`load_checkpoint`).
 """
 
 from __future__ import annotations
@@ -53,14 +47,11 @@ def _hf_module():
     return huggingface_hub
 
 
-def _hf_config_json(path: Path) -> dict | None:
-    """The JSON object of a ``config.json`` written by ``PretrainedConfig`` (it has
-    ``model_type``), else None (e.g. a trainer's run config)."""
+def _read_json(path: Path) -> Any:
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return raw if isinstance(raw, dict) and "model_type" in raw else None
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read Hugging Face config ({e})") from None
 
 
 def is_hf_checkpoint(path: str | os.PathLike) -> bool:
@@ -73,8 +64,13 @@ def is_hf_checkpoint(path: str | os.PathLike) -> bool:
         return False
     if (p / HF_WEIGHTS).is_file():
         return True
-    has_marlin_jax = (p / CONFIG_FILE).is_file() or any((p / d).is_dir() for d in ("params", "state", "checkpoints"))
-    return not has_marlin_jax and (p / HF_CONFIG).is_file() and _hf_config_json(p / HF_CONFIG) is not None
+    if (p / CONFIG_FILE).is_file() or any((p / d).is_dir() for d in ("params", "state", "checkpoints")):
+        return False
+    try:  # a config.json of PretrainedConfig has model_type (a trainer's run config has not)
+        raw = _read_json(p / HF_CONFIG) if (p / HF_CONFIG).is_file() else None
+    except CheckpointError:
+        return False
+    return isinstance(raw, dict) and "model_type" in raw
 
 
 def _weights_file(path: Path) -> Path:
@@ -131,10 +127,7 @@ def read_hf_config(path: str | os.PathLike) -> MarlinConfig | None:
     file = (p.parent if p.is_file() else p) / HF_CONFIG
     if not file.is_file():
         return None
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{file}: cannot read Hugging Face config ({e})") from None
+    raw = _read_json(file)
     if not isinstance(raw, dict):
         raise CheckpointError(f"{file}: expected a JSON object, got {type(raw).__name__}")
     return config_from_hf_dict(raw, str(file))
@@ -167,10 +160,9 @@ def read_hf_state_dict(path: str | os.PathLike) -> OrderedDict[str, np.ndarray]:
 
 def save_hf_checkpoint(directory: str | os.PathLike, model: MarlinModel, *, encoder_only: bool = True,
                        overwrite: bool = False) -> Path:
-    """Writes ``directory/config.json`` + ``directory/model.safetensors`` that the port's
-    ``MarlinModel.from_pretrained`` loads (encoder only, ``as_feature_extractor``, as published;
-    ``encoder_only=False`` adds the decoder of a full model). The discriminator is never written
-    (the port has none)."""
+    """Writes ``config.json`` + ``model.safetensors`` that the port's ``from_pretrained`` loads:
+    the encoder (``as_feature_extractor``, as published), with ``encoder_only=False`` the decoder
+    too; never the discriminator (the port has none)."""
     _hf_module()
     import safetensors.numpy
 
@@ -215,10 +207,9 @@ def checkpoint_config(path: str | os.PathLike) -> tuple[MarlinConfig, str] | Non
 
 def resolve_checkpoint_config(model_name: str | None, path: str | os.PathLike,
                               default: str | None = None) -> tuple[MarlinConfig, str]:
-    """``(config, name)`` to load ``path`` with: the registered ``model_name``; or (None) the
-    architecture the checkpoint carries (:func:`checkpoint_config`; named by its registered name
-    when it is one), else the registered ``default``. Raises ValueError when ``model_name``
-    disagrees with the checkpoint's own architecture, or when nothing names one."""
+    """``(config, name)`` to load ``path`` with: the registered ``model_name``, else the
+    checkpoint's own architecture (:func:`checkpoint_config`), else the registered ``default``.
+    ValueError when ``model_name`` disagrees with the checkpoint's, or nothing names one."""
     saved = checkpoint_config(path)
     if model_name is None:
         if saved is not None:
@@ -257,9 +248,12 @@ def weights_source(path: str | os.PathLike) -> str:
 
 
 def load_checkpoint(path: str | os.PathLike, config: MarlinConfig, **model_kwargs) -> MarlinModel:
-    """:func:`.checkpoints.load_model` for every format, Hugging Face's included."""
+    """Builds the model any checkpoint holds (encoder-only or full, +/- discriminator) and loads it."""
     state_dict = read_weights(path, config)
     return model_from_state_dict(config, state_dict, source=weights_source(path), **model_kwargs)
+
+
+load_model = load_checkpoint  # the same, under its older name
 
 
 def download_hf_checkpoint(repo_id: str, *, revision: str | None = None,

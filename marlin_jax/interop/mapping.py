@@ -1,12 +1,10 @@
 """Names and layouts: MARLIN PyTorch state_dicts <-> marlin-jax model variables.
 
-PyTorch keys are those of marlin-pytorch 0.3.4 (`encoder.blocks.0.attn.qkv.weight`, ...) plus
-the original trainer's `discriminator.layers.{0,1}.linear.*`. Linear weights are transposed
-(``(out, in)`` <-> ``(in, out)``), the qkv weight ``(3D, D)`` <-> ``(D, 3, H, hd)`` (transposed and
-reshaped: per-head, for tensor parallelism); the Conv3d weight ``(D, C, pt, ph, pw)`` <->
-``(pt, ph, pw, C, D)``. marlin-jax checkpoints written with the earlier ``(D, 3D)`` qkv kernel read
-through the same PyTorch layout, so they load too.
-The VideoMAE pretraining checkpoint (MCG-NJU/VideoMAE names) is renamed into MARLIN names.
+Keys are marlin-pytorch 0.3.4's (`encoder.blocks.0.attn.qkv.weight`, ...) plus the original
+trainer's `discriminator.layers.{0,1}.linear.*`. Linear weights ``(out, in)`` <-> ``(in, out)``, the
+qkv weight ``(3D, D)`` <-> ``(D, 3, H, hd)`` (per head, for tensor parallelism; the earlier
+``(D, 3D)`` kernel reads too), Conv3d ``(D, C, pt, ph, pw)`` <-> ``(pt, ph, pw, C, D)``. VideoMAE
+pretraining checkpoints (MCG-NJU names) are renamed into MARLIN names.
 """
 
 from __future__ import annotations
@@ -27,9 +25,12 @@ class StateDictMismatchError(ValueError):
     """A state_dict does not fit a model: missing, unexpected or mis-shaped keys (all listed)."""
 
 
-_RENAMES = (
+_MLP_RENAMES = (
     (re.compile(r"\.mlp\.fc1\."), ".mlp.layers.0.linear."),
     (re.compile(r"\.mlp\.fc2\."), ".mlp.layers.1.linear."),
+)
+_RENAMES = (
+    *_MLP_RENAMES,
     (re.compile(r"^discriminator\.layers\.(\d+)\."), r"discriminator.layers.\1.linear."),
     (re.compile(r"\.kernel$"), ".weight"),
     (re.compile(r"\.scale$"), ".weight"),
@@ -85,12 +86,8 @@ def model_to_state_dict(model: nnx.Module) -> OrderedDict[str, np.ndarray]:
 
 def state_dict_to_model(model: nnx.Module, state_dict: Mapping[str, np.ndarray], *,
                         strict: bool = True, source: str = "state_dict") -> None:
-    """Loads a PyTorch-layout state_dict into ``model`` in place.
-
-    strict: every model variable must be present, no key may be left over, and every shape must
-    match; otherwise StateDictMismatchError lists all problems (naming ``source``).
-    With strict=False, unexpected keys are ignored (missing or mis-shaped ones still fail).
-    """
+    """Loads a PyTorch-layout state_dict into ``model`` in place. Missing, mis-shaped and (with
+    ``strict``) unexpected keys raise one StateDictMismatchError listing all (naming ``source``)."""
     variables = model_variables(model)
     expected = {torch_key(p): (p, v) for p, v in variables}
     missing = sorted(set(expected) - set(state_dict))
@@ -131,8 +128,7 @@ def model_from_state_dict(config: MarlinConfig, state_dict: Mapping[str, np.ndar
 
 _VIDEOMAE_RENAMES = (
     (re.compile(r"^encoder\.patch_embed\.proj\."), "encoder.patch_embedding.projection."),
-    (re.compile(r"\.mlp\.fc1\."), ".mlp.layers.0.linear."),
-    (re.compile(r"\.mlp\.fc2\."), ".mlp.layers.1.linear."),
+    *_MLP_RENAMES,
     (re.compile(r"^encoder_to_decoder\."), "enc_dec_proj."),
     (re.compile(r"^mask_token$"), "decoder.mask_token"),
 )
@@ -144,14 +140,9 @@ def is_videomae_state_dict(state_dict: Mapping[str, np.ndarray]) -> bool:
 
 
 def videomae_to_marlin(state_dict: Mapping[str, np.ndarray], config: MarlinConfig) -> OrderedDict[str, np.ndarray]:
-    """Renames a VideoMAE pretraining state_dict (MCG-NJU/VideoMAE) to MARLIN keys.
-
-    VideoMAE keeps its sin-cos tables out of the state_dict (or in an unused ``pos_embed``), so
-    the MARLIN tables are added; the identity classification head is dropped. Values are cast to
-    float32 (VideoMAE releases may hold float16); the cast allocates no more than the memory a
-    value reads (`cast_bounded`: an expanded, stride-0 tensor stays a read-only view), so the
-    bound of `load_torch_file` holds through it.
-    """
+    """Renames a VideoMAE pretraining state_dict (MCG-NJU/VideoMAE) to MARLIN keys: the sin-cos
+    tables are added, the identity head dropped, values cast to float32 with `cast_bounded` (so
+    the memory bound of `load_torch_file` holds)."""
     from marlin_jax.models import sincos_table
 
     out: OrderedDict[str, np.ndarray] = OrderedDict()

@@ -1,17 +1,11 @@
 """AdamW moments of the original trainer's Lightning ``.ckpt`` -> params-shaped pytrees.
 
-The original MARLIN LightningModule (manual optimisation) has two ``torch.optim.AdamW``: the
-generator's over ``chain(encoder, decoder, enc_dec_proj).parameters()`` and the critic's over
-``discriminator.parameters()``. Lightning saves ``optimizer_states = [g.state_dict(),
-d.state_dict()]``, each ``{"state": {index: {"step", "exp_avg", "exp_avg_sq"}}, "param_groups":
-[{"params": [index, ...], "betas", "eps", ...}]}`` where ``index`` follows ``.parameters()``
-order. Within a module that order is the order of its parameters among the checkpoint's
-``state_dict`` keys (MARLIN registers no buffers; its fixed sin-cos tables are parameters with
-``requires_grad=False``, so they hold an index but never any state). The moments are keyed by
-their parameter's state_dict name and mapped with the weights' own layout rules
-(:mod:`.mapping`), so ``mu`` / ``nu`` have exactly the structure of the parameters.
-
-Read without torch and without running pickled code (:func:`.torch_format.load_torch_file`).
+The original LightningModule has two ``torch.optim.AdamW``: the generator's over
+``chain(encoder, decoder, enc_dec_proj).parameters()`` and the critic's over
+``discriminator.parameters()``; ``optimizer_states`` holds their ``state_dict()``s, whose state
+indices follow ``.parameters()`` order, i.e. each module's keys in ``state_dict`` order (the fixed
+sin-cos tables hold an index but no state). The moments are keyed by parameter name and mapped with
+the weights' layout rules (:mod:`.mapping`), so ``mu`` / ``nu`` have the parameters' structure.
 """
 
 from __future__ import annotations
@@ -44,13 +38,8 @@ class OptimizerStateError(CheckpointError):
 
 @dataclasses.dataclass(frozen=True)
 class LightningCheckpoint:
-    """The parts of a Lightning ``.ckpt`` the trainer uses (one read of the file).
-
-    state_dict: flat PyTorch-layout weights in the file's order (None: the file has no
-    ``state_dict`` entry, so it is no Lightning checkpoint: read it with
-    :func:`.checkpoints.read_state_dict`); global_step: Lightning's count of optimiser steps
-    (None if absent); optimizer_states: the raw torch optimiser state_dicts (None if absent).
-    """
+    """The parts of a Lightning ``.ckpt`` the trainer uses (one read of the file); state_dict
+    None: no Lightning checkpoint; global_step / optimizer_states None: absent."""
 
     path: str
     state_dict: OrderedDict[str, np.ndarray] | None
@@ -106,16 +95,11 @@ def torch_adam_moments(opt_state: Any, names: Sequence[str],
                        state_dict: Mapping[str, np.ndarray], *, b1: float, b2: float,
                        eps: float, source: str, which: str, weight_decay: float | None = None
                        ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
-    """Validates one torch Adam/AdamW ``state_dict()`` and returns its moments keyed by
-    parameter name (PyTorch layout): ``(exp_avg, exp_avg_sq, step)``.
-
-    names: the optimiser's parameters in ``.parameters()`` order (their state_dict keys);
-    parameters without state (frozen ones, e.g. the sin-cos tables) are left out.
-    Raises OptimizerStateError (naming ``source`` and ``which`` optimiser) when the
-    hyper-parameters differ from (b1, b2, eps), amsgrad/maximize are on, the parameter count or
-    a moment's shape differs, or the parameters are at different steps. A different
-    ``weight_decay`` is only logged (it does not enter the moments).
-    """
+    """One torch Adam/AdamW ``state_dict()`` -> ``(exp_avg, exp_avg_sq, step)``, moments keyed by
+    parameter name (PyTorch layout; parameters without state left out). ``names``: the parameters
+    in ``.parameters()`` order. OptimizerStateError (naming ``source`` and ``which``) when
+    (b1, b2, eps) differ, amsgrad/maximize are on, the count or a shape differs, or the steps
+    differ; another ``weight_decay`` is only logged."""
     where = f"{source}: {which} optimiser state"
     if not isinstance(opt_state, dict) or not isinstance(opt_state.get("param_groups"), list) \
             or not isinstance(opt_state.get("state"), dict):
@@ -213,12 +197,8 @@ def lightning_adam_moments(ckpt: LightningCheckpoint, g_like: Params, d_like: Pa
                            b1: float, b2: float, eps: float, weight_decay: float | None = None
                            ) -> tuple[AdamMoments | None, AdamMoments | None]:
     """The (generator, critic) AdamW moments of an original-trainer ``.ckpt`` on pytrees shaped
-    like ``g_like`` / ``d_like``; ``(None, None)`` when the file has no optimiser states.
-
-    A part whose parameters the file lacks (e.g. no discriminator) gives None for that part.
-    Raises OptimizerStateError (naming the file) when a state does not fit (see
-    :func:`torch_adam_moments`) or a trainable parameter has no state while others have.
-    """
+    like ``g_like`` / ``d_like``; None for a part the file lacks (or both: no optimiser states).
+    Raises OptimizerStateError (naming the file) when a state does not fit."""
     states = ckpt.optimizer_states
     if not states or ckpt.state_dict is None:
         return None, None

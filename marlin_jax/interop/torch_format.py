@@ -1,19 +1,13 @@
 """Read and write PyTorch checkpoint files without torch, never running code from the file.
 
-``torch.save`` (torch >= 1.6) writes a zip archive whose ``<archive>/data.pkl`` is a pickle; its
+``torch.save`` (torch >= 1.6) writes a zip archive: ``<archive>/data.pkl`` is a pickle whose
 persistent ids ``("storage", StorageType, key, location, numel)`` name raw little-endian storages
-in ``<archive>/data/<key>``. Unpickling can run anything, so the pickle goes through the C
-`pickle.Unpickler` with a ``find_class`` that maps an allow-list (tensor rebuild functions,
-``OrderedDict``, ``torch.Size``, dtypes, storage types ...) to inert local stand-ins and never
-imports anything: any other global raises `UnsafeCheckpointError`, or with ``allow_opaque=True``
-becomes an inert `OpaqueObject` placeholder (enough to skip a Lightning ``.ckpt``'s
-hyper-parameters and callbacks). Every stand-in is immutable (a NamedTuple, or a placeholder class
-that refuses attributes), so BUILD opcodes reach only plain containers, placeholders and the
-attributes of an ``OrderedDict`` (checked after loading). A bare pickle without tensors is read
-the same way; legacy (torch < 1.6) and big-endian files are refused with a message saying so.
-
-`save_torch_file` writes the layout ``torch.save`` writes (pickle protocol 2, 64-byte aligned
-storage records): ``torch.load(path, weights_only=True)`` loads it. Little-endian hosts only.
+``<archive>/data/<key>``. The pickle goes through the C `pickle.Unpickler` with a ``find_class``
+that maps an allow-list (tensor rebuild functions, ``OrderedDict``, ``torch.Size``, dtypes, storage
+types ...) to immutable local stand-ins and imports nothing: any other global raises
+`UnsafeCheckpointError`, or with ``allow_opaque=True`` becomes an inert `OpaqueObject` (a
+Lightning ``.ckpt``'s hyper-parameters). Legacy (torch < 1.6) and big-endian files are refused.
+`save_torch_file` writes what ``torch.save`` writes (``torch.load(weights_only=True)`` loads it).
 """
 
 from __future__ import annotations
@@ -98,12 +92,8 @@ def _ints(x: Any, what: str) -> tuple[int, ...]:
 
 def _human(nbytes: int) -> str:
     """A byte count for messages: "3.64 TiB (4000000000000 bytes)"."""
-    value, unit = float(nbytes), "B"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
-        if value < 1024 or unit == "EiB":
-            break
-        value /= 1024
-    return f"{nbytes} bytes" if unit == "B" else f"{value:.2f} {unit} ({nbytes} bytes)"
+    exp = min(max(nbytes.bit_length() - 1, 0) // 10, 6)  # 1024**exp <= nbytes, up to EiB
+    return f"{nbytes} bytes" if exp == 0 else f"{nbytes / 1024**exp:.2f} {'BKMGTPE'[exp]}iB ({nbytes} bytes)"
 
 
 # -- the allow-list -----------------------------------------------------------------------------
@@ -117,10 +107,9 @@ class _Frozen(type):
 class OpaqueObject(metaclass=_Frozen):
     """An inert record of an object whose class is outside the allow-list (``allow_opaque``).
 
-    Its class is a placeholder made per dotted name (``obj.name``, e.g. "argparse.Namespace"),
-    which is also what a bare reference to such a global loads as. Nothing is imported or called:
-    ``args``/``kwargs`` are what the pickle passed, ``state`` what it would have given
-    ``__setstate__``, ``listitems``/``dictitems`` what it appended / set.
+    Its class is a placeholder per dotted name (``obj.name``, e.g. "argparse.Namespace"; also what
+    a bare reference to that global loads as). ``args``/``kwargs``/``state``/``listitems``/
+    ``dictitems``: what the pickle passed, gave ``__setstate__``, appended / set.
     """
 
     name = "?"
@@ -308,9 +297,9 @@ class _Unpickler(pickle.Unpickler):
         return _StorageRef(key, stype.dtype)
 
     def _tensor(self, ref: Any, dtype: Any, offset: Any, size: Any, stride: Any, meta: Any) -> np.ndarray:
-        """An array no other array shares memory with: the storage's own buffer for the first
-        tensor covering it contiguously, a read-only view of a copy of the memory spanned for an
-        expanded (overlapping, stride-0) tensor, else a copy (never more than the storage)."""
+        """An array sharing memory with no other: the storage's own buffer for the first tensor
+        covering it contiguously, a read-only view of a copy of the spanned memory for an expanded
+        tensor, else a copy."""
         _require(isinstance(ref, _StorageRef), f"tensor storage is a {type(ref).__name__}, not a storage record")
         dtype = ref.dtype if dtype is None else dtype
         _require(dtype is not None, "typed tensor on an untyped storage")
@@ -441,18 +430,14 @@ def load_torch_file(path: str | os.PathLike, *, allow_opaque: bool = False, max_
     """Reads a ``torch.save`` file without torch and without running code.
 
     Returns nested dict/OrderedDict/list/tuple/set/scalars/str/bytes/None with ``np.ndarray``
-    leaves for tensors (``torch.Size`` becomes a tuple, ``nn.Parameter`` an array, ``torch.device``
-    its string). Distinct tensors never share memory, even where they shared a storage in torch
-    (one tensor object saved twice is one array); expanded (stride-0) tensors come back as
-    read-only views. With ``allow_opaque`` a global outside the allow-list becomes an inert
-    `OpaqueObject` placeholder instead of an error.
+    leaves (``torch.Size`` -> tuple, ``nn.Parameter`` -> array, ``torch.device`` -> its string).
+    Distinct tensors never share memory; expanded (stride-0) tensors are read-only views. With
+    ``allow_opaque`` a global outside the allow-list becomes an inert `OpaqueObject`.
 
-    Memory is bounded: nothing is materialised beyond the bytes the file holds, except copies of
-    tensors that share a storage, and the tensors may describe at most ``max_bytes`` of array data
-    together, each counted at its full size (an expanded view too, since a consumer may
-    materialise it). ``None`` allows ``max(DEFAULT_MAX_BYTES, 2 x the file size)``. The first
-    tensor past the limit is refused, before its storage is read, with a CheckpointFormatError
-    naming both sizes.
+    Memory is bounded: nothing beyond the file's bytes is materialised (except copies of tensors
+    sharing a storage), and the tensors together may describe at most ``max_bytes`` of array data,
+    each at its full size (``None``: ``max(DEFAULT_MAX_BYTES, 2 x the file size)``); the first
+    tensor past it is refused, before its storage is read.
 
     Raises:
       FileNotFoundError: `path` does not exist.
@@ -491,13 +476,9 @@ def _map_span(arr: np.ndarray, span: int, fn: Callable[[np.ndarray], np.ndarray]
 
 
 def cast_bounded(value: Any, dtype: Any) -> np.ndarray:
-    """``np.asarray(value, dtype)`` that never allocates more than the memory `value` reads.
-
-    An array whose elements overlap in memory (an expanded / stride-0 tensor from
-    `load_torch_file`, which stays a view) is cast as the memory it spans and comes back as a
-    read-only view with the same shape, instead of materialising every element; any other input
-    is cast as ``np.asarray`` does (its size is what it holds).
-    """
+    """``np.asarray(value, dtype)`` that never allocates more than the memory `value` reads: an
+    array whose elements overlap (an expanded tensor from `load_torch_file`) is cast as the memory
+    it spans and comes back as a read-only view of the same shape."""
     dtype, arr = np.dtype(dtype), np.asarray(value)
     if arr.dtype == dtype:
         return arr
@@ -579,15 +560,13 @@ class _TensorPickler(pickle._Pickler):
 
 
 def save_torch_file(path: str | os.PathLike, obj: Any) -> None:
-    """Writes `obj` in torch's zip checkpoint format (what ``torch.save`` writes).
+    """Writes `obj` as ``torch.save`` does (zip, pickle protocol 2, 64-byte aligned storages).
 
-    `obj` is nested dict/OrderedDict/list/tuple/int/float/str/bytes/bool/None with array leaves
-    (numpy, or anything ``np.asarray`` accepts that has ``shape``/``dtype``); anything else is a
-    TypeError. A top-level mapping is written as an ``OrderedDict`` (as ``state_dict()`` returns,
-    attributes such as ``_metadata`` included). Arrays are written C-contiguous in their own dtype
-    (bfloat16/float8 via ml_dtypes), so ``torch.load(path, weights_only=True)`` gives bit-identical
-    tensors; the same array object twice becomes one shared tensor. The file is written atomically
-    (a temporary file beside it, renamed) with the mode of any new file (0666 less the umask).
+    `obj`: nested dict/OrderedDict/list/tuple/int/float/str/bytes/bool/None with array leaves
+    (anything else: TypeError); a top-level mapping becomes an ``OrderedDict``. Arrays keep their
+    dtype (bfloat16/float8 via ml_dtypes), so ``torch.load(path, weights_only=True)`` gives
+    bit-identical tensors; one array object twice becomes one shared tensor. Written atomically
+    (a temporary file beside it, renamed) with the mode of a new file (0666 less the umask).
     """
     path = os.fspath(path)
     if isinstance(obj, Mapping) and not isinstance(obj, collections.OrderedDict):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -108,60 +109,49 @@ def register_model(name: str, config: MarlinConfig, *, overwrite: bool = False) 
     return config
 
 
+def _read_config_file(path: str, parse: Callable[[Any], Any], errors: tuple[type[Exception], ...],
+                      problem: str) -> Any:
+    """The parsed contents of a model config file; ValueError naming it (``problem`` formatted
+    with the parser's error) when it cannot be read or parsed."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return parse(f)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read model config ({e.strerror})") from e
+    except errors as e:
+        raise ValueError(f"{path}: {problem.format(e)}") from None
+
+
+# MarlinConfig fields that the original's YAML holds at its top level under the same name
+_YAML_FIELDS = ("img_size", "patch_size", "mlp_ratio", "qkv_bias", "qk_scale", "drop_rate", "attn_drop_rate",
+                "norm_layer", "init_values", "tubelet_size")
+
+
 def config_from_yaml(path: str | os.PathLike) -> MarlinConfig:
     """Reads an original MARLIN YAML config (`config/pretrain/marlin_vit_base.yaml` style)."""
     path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read model config ({e.strerror})") from e
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML ({e})") from e
+    raw = _read_config_file(path, yaml.safe_load, (yaml.YAMLError,), "not valid YAML ({})")
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")
     try:
-        return MarlinConfig(
-            img_size=raw["img_size"],
-            patch_size=raw["patch_size"],
-            n_frames=raw["clip_frames"],
-            encoder_embed_dim=raw["encoder"]["embed_dim"],
-            encoder_depth=raw["encoder"]["depth"],
-            encoder_num_heads=raw["encoder"]["num_heads"],
-            decoder_embed_dim=raw["decoder"]["embed_dim"],
-            decoder_depth=raw["decoder"]["depth"],
-            decoder_num_heads=raw["decoder"]["num_heads"],
-            mlp_ratio=raw["mlp_ratio"],
-            qkv_bias=raw["qkv_bias"],
-            qk_scale=raw["qk_scale"],
-            drop_rate=raw["drop_rate"],
-            attn_drop_rate=raw["attn_drop_rate"],
-            norm_layer=raw["norm_layer"],
-            init_values=raw["init_values"],
-            tubelet_size=raw["tubelet_size"],
-        )
+        values = {f: raw[f] for f in _YAML_FIELDS}
+        values["n_frames"] = raw["clip_frames"]
+        for part in ("encoder", "decoder"):
+            values.update({f"{part}_{k}": raw[part][k] for k in ("embed_dim", "depth", "num_heads")})
     except KeyError as e:
         raise ValueError(f"{path}: missing key {e.args[0]!r} in MARLIN model config") from None
+    return MarlinConfig(**values)
 
 
 def config_from_json_file(path: str | os.PathLike) -> MarlinConfig:
-    """Reads a ``marlin_config.json`` (``MarlinConfig.to_dict()`` as JSON; unknown keys ignored).
-
-    Raises ValueError naming the file when it cannot be read, is not valid JSON (e.g. truncated
-    by a full disk), is not an object or holds invalid values.
-    """
+    """Reads a ``marlin_config.json`` (``MarlinConfig.to_dict()``; unknown keys ignored); ValueError
+    naming the file when it is unreadable, damaged (e.g. truncated) or invalid."""
     path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read model config ({e.strerror})") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: damaged model config, not valid JSON ({e}); restore it, or "
-                         "delete it to rewrite it from the run's config") from None
+    raw = _read_config_file(path, json.load, (json.JSONDecodeError, UnicodeDecodeError),
+                            "damaged model config, not valid JSON ({}); restore it, or delete it to rewrite it "
+                            "from the run's config")
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: damaged model config, expected a JSON object, got "
-                         f"{type(raw).__name__}")
+        raise ValueError(f"{path}: damaged model config, expected a JSON object, got {type(raw).__name__}")
     fields = {f.name for f in dataclasses.fields(MarlinConfig)}
     try:
         return MarlinConfig(**{k: v for k, v in raw.items() if k in fields})

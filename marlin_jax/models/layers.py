@@ -19,11 +19,8 @@ zeros = nnx.initializers.zeros_init()
 
 
 def matmul(a: jax.Array, b: jax.Array, matmul_dtype, out_dtype) -> jax.Array:
-    """``a @ b`` with operands in ``matmul_dtype`` (None: as given) accumulated into ``out_dtype``.
-
-    bfloat16 operands with float32 accumulation run on the bf16 dot-product units of CPUs and
-    accelerators (about 2x a float32 matmul on a recent Xeon) while the rest stays in float32.
-    """
+    """``a @ b`` with operands in ``matmul_dtype`` (None: as given) accumulated into ``out_dtype``
+    (bf16 operands with f32 accumulation: ~2x a float32 matmul on a recent Xeon)."""
     if matmul_dtype is None:
         return a @ b
     return jnp.matmul(a.astype(matmul_dtype), b.astype(matmul_dtype), preferred_element_type=out_dtype)
@@ -33,11 +30,16 @@ def linear(in_features: int, out_features: int, *, dtype, matmul_dtype, param_dt
            use_bias: bool = True, kernel_init=None) -> nnx.Linear:
     """An ``nnx.Linear`` whose matmul runs in ``matmul_dtype`` (if set) with ``dtype`` output."""
     kwargs = {} if kernel_init is None else {"kernel_init": kernel_init, "bias_init": zeros}
+    return nnx.Linear(in_features, out_features, use_bias=use_bias, param_dtype=param_dtype, rngs=rngs,
+                      **_matmul_dtypes(dtype, matmul_dtype), **kwargs)
+
+
+def _matmul_dtypes(dtype: Any, matmul_dtype: Any) -> dict[str, Any]:
+    """``nnx.Linear`` / ``LinearGeneral`` dtype arguments: ``matmul_dtype`` operands (if set) with
+    ``dtype`` output."""
     if matmul_dtype is None:
-        return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                          rngs=rngs, **kwargs)
-    return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=matmul_dtype,
-                      preferred_element_type=dtype, param_dtype=param_dtype, rngs=rngs, **kwargs)
+        return {"dtype": dtype}
+    return {"dtype": matmul_dtype, "preferred_element_type": dtype}
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -130,16 +132,16 @@ class PatchEmbedding3d(nnx.Module):
 
 
 ATTENTION_IMPLS = (None, "xla", "per_head", "cudnn", "splash")
-"""None / "xla": batched softmax attention; "per_head": one (batch, head) at a time (CPU);
-"cudnn": ``jax.nn.dot_product_attention``'s fused GPU kernel; "splash": the Pallas TPU splash
-attention kernel (interpreted, slowly but exactly, on other platforms: see ``SPLASH_INTERPRET``)."""
+"""None / "xla": batched; "per_head": one (batch, head) at a time (CPU); "cudnn": the fused GPU
+kernel of ``jax.nn.dot_product_attention``; "splash": the Pallas TPU kernel (interpreted elsewhere)."""
+BATCH_AXES = ("data", "fsdp")  # mesh axes that split the batch
+HEAD_AXIS = "tensor"  # mesh axis that splits the attention heads
+
 
 def default_attention_impl(platform: str, dtype: Any, *, training: bool) -> str | None:
-    """The attention implementation for a platform (``cpu`` / ``gpu`` / ``tpu``) and activation
-    ``dtype``: splash (Pallas) on TPU; cuDNN flash attention on GPU for 16-bit activations (it
-    has no float32 kernel), batched XLA otherwise; on CPU batched XLA (None) for training and
-    one head at a time (``per_head``: cache-resident scores, ~2x faster) for inference; batched
-    XLA on any other platform."""
+    """The attention for a platform (``cpu`` / ``gpu`` / ``tpu``) and activation ``dtype``: splash
+    on TPU; cuDNN on GPU for 16-bit activations (no float32 kernel), else batched XLA; on CPU
+    batched (None) for training and ``per_head`` (~2x faster) for inference."""
     if platform == "tpu":
         return "splash"
     if platform == "gpu":
@@ -150,8 +152,8 @@ def default_attention_impl(platform: str, dtype: Any, *, training: bool) -> str 
 
 
 SPLASH_INTERPRET: bool | None = None
-"""Whether ``attention_impl="splash"`` runs the Pallas kernel in interpret mode. None: when the
-target platform (the context mesh's devices, else ``jax.default_backend()``) is not a TPU."""
+"""Whether splash runs in Pallas interpret mode; None: when the target platform (the context
+mesh's devices, else ``jax.default_backend()``) is not a TPU."""
 
 SPLASH_LANES = 128  # splash tiles are multiples of 128 tokens
 
@@ -159,6 +161,17 @@ SPLASH_LANES = 128  # splash tiles are multiples of 128 tokens
 def splash_block_size(length: int) -> int:
     """The largest of 512 / 256 / 128 that divides the padded sequence ``length``."""
     return next(b for b in (512, 256, SPLASH_LANES) if length % b == 0)
+
+
+def _split_axes(mesh: Any, length: int, axes: tuple[str, ...]) -> tuple[str, ...]:
+    """Those of ``axes`` that are free in ``mesh`` (not manual, size > 1) and together divide ``length``."""
+    out, size = [], 1
+    for axis in axes:
+        if axis in mesh.axis_names and axis not in mesh.manual_axes and mesh.shape[axis] > 1 \
+                and length % (size * mesh.shape[axis]) == 0:
+            out.append(axis)
+            size *= mesh.shape[axis]
+    return tuple(out)
 
 
 def _splash_platform() -> str:
@@ -196,10 +209,8 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
                     implementation: str = "cudnn") -> jax.Array:
     """softmax(q k^T * scale) v with ``jax.nn.dot_product_attention``, ``(B, N, H, hd)`` in/out.
 
-    cuDNN's training kernels need an even sequence length: an odd one (e.g. 3 visible tokens of
-    a small clip) is padded by one token whose key is masked out (``key_value_seq_lengths``)
-    and whose query row is dropped. ``implementation="xla"`` runs the same padding on any
-    platform (what the tests compare)."""
+    cuDNN's training kernels need an even length: an odd one is padded by one token, its key
+    masked out and its query dropped (``implementation="xla"`` runs the same on any platform)."""
     b, n = q.shape[:2]
     if n % 2 == 0:
         return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
@@ -214,15 +225,12 @@ class Attention(nnx.Module):
     """Multi-head self-attention with a bias-free qkv projection plus separate q/v biases.
 
     The qkv kernel is ``(D, 3, H, hd)`` (the flat ``(D, 3D)`` matrix with its columns in
-    (q|k|v, head, channel) order), so that tensor parallelism can split it along heads.
-    ``batch_axes`` / ``head_axis``: the mesh axes the splash kernel's ``shard_map`` splits the
-    batch and the heads over (when a context mesh is set and has them)."""
+    (q|k|v, head, channel) order), so that tensor parallelism can split it along heads."""
 
     def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = True,
                  qk_scale: float | None = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
                  dtype=jnp.float32, param_dtype=jnp.float32, matmul_dtype=None,
-                 attention_impl: str | None = None, batch_axes: tuple[str, ...] = ("data", "fsdp"),
-                 head_axis: str | None = "tensor", rngs: nnx.Rngs):
+                 attention_impl: str | None = None, rngs: nnx.Rngs):
         if attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
         if attention_impl == "splash" and attn_drop > 0:
@@ -233,32 +241,26 @@ class Attention(nnx.Module):
         self.scale = qk_scale or self.head_dim**-0.5
         self.dtype = dtype
         self.attention_impl = attention_impl
-        self.batch_axes, self.head_axis = tuple(batch_axes), head_axis
-        dense = functools.partial(linear, kernel_init=xavier_uniform, dtype=dtype, matmul_dtype=matmul_dtype,
-                                  param_dtype=param_dtype, rngs=rngs)
         # LinearGeneral initialises the flat (D, 3D) matrix (xavier statistics), then reshapes.
         self.qkv = nnx.LinearGeneral(dim, (3, num_heads, self.head_dim), use_bias=False,
                                      kernel_init=xavier_uniform, param_dtype=param_dtype, rngs=rngs,
-                                     dtype=dtype if matmul_dtype is None else matmul_dtype,
-                                     preferred_element_type=None if matmul_dtype is None else dtype)
+                                     **_matmul_dtypes(dtype, matmul_dtype))
         if qkv_bias:
             self.q_bias = nnx.Param(jnp.zeros((dim,), param_dtype))
             self.v_bias = nnx.Param(jnp.zeros((dim,), param_dtype))
         else:
             self.q_bias = self.v_bias = None
-        self.proj = dense(dim, dim)
+        self.proj = linear(dim, dim, kernel_init=xavier_uniform, dtype=dtype, matmul_dtype=matmul_dtype,
+                           param_dtype=param_dtype, rngs=rngs)
         self.attn_drop = nnx.Dropout(attn_drop, rngs=rngs) if attn_drop > 0 else None
         self.proj_drop = nnx.Dropout(proj_drop, rngs=rngs) if proj_drop > 0 else None
 
     def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
         """softmax(q k^T * scale) v for ``(B, N, H, hd)`` q, k, v -> ``(B, N, H, hd)``.
 
-        Heads-major matmuls, softmax statistics in float32, and the normalisation applied after
-        the second matmul (N x hd divisions instead of N x N). With ``attention_impl="per_head"``
-        the (batch, head) pairs run one after another (``lax.map``): each head's N x N scores
-        (9.4 MiB for N = 1568) stay in cache instead of streaming B*H of them through memory,
-        which makes CPU attention ~2x faster. Batched (``"xla"``) suits accelerators and sharded
-        training (the loop would serialise a sharded batch or head axis)."""
+        Softmax statistics in float32, normalised after the second matmul (N x hd divisions).
+        ``per_head``: the (batch, head) pairs one after another (``lax.map``), so each N x N score
+        matrix stays in cache (~2x faster on CPU); batched suits accelerators and sharding."""
         b, n, h, hd = q.shape
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, H, N, hd)
         q = q * jnp.asarray(self.scale, q.dtype)
@@ -300,16 +302,9 @@ class Attention(nnx.Module):
         interpret = SPLASH_INTERPRET if SPLASH_INTERPRET is not None else _splash_platform() != "tpu"
         attend = functools.partial(splash_attention, interpret=interpret)
         mesh = jax.sharding.get_abstract_mesh()
-        free = [] if mesh.empty else [a for a in mesh.axis_names
-                                      if a not in mesh.manual_axes and mesh.shape[a] > 1]
-        if free:  # else (no mesh, or only size-1 / manual axes) the kernel is called directly
-            batch_axes, size = [], 1
-            for axis in self.batch_axes:
-                if axis in free and b % (size * mesh.shape[axis]) == 0:
-                    batch_axes.append(axis)
-                    size *= mesh.shape[axis]
-            head_axis = self.head_axis if self.head_axis in free and h % mesh.shape[self.head_axis] == 0 else None
-            spec = jax.sharding.PartitionSpec(tuple(batch_axes) or None, head_axis)
+        if not mesh.empty and any(a not in mesh.manual_axes and mesh.shape[a] > 1 for a in mesh.axis_names):
+            spec = jax.sharding.PartitionSpec(_split_axes(mesh, b, BATCH_AXES) or None,
+                                              HEAD_AXIS if _split_axes(mesh, h, (HEAD_AXIS,)) else None)
             if mesh.are_all_axes_explicit:  # sharding-in-types: shard_map wants matching inputs
                 q, k, v = (jax.sharding.reshard(t, spec) for t in (q, k, v))
             attend = jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
@@ -340,8 +335,7 @@ class Mlp(nnx.Module):
                  param_dtype=jnp.float32, matmul_dtype=None, rngs: nnx.Rngs):
         dense = functools.partial(linear, kernel_init=xavier_uniform, dtype=dtype, matmul_dtype=matmul_dtype,
                                   param_dtype=param_dtype, rngs=rngs)
-        self.fc1 = dense(dim, hidden)
-        self.fc2 = dense(hidden, dim)
+        self.fc1, self.fc2 = dense(dim, hidden), dense(hidden, dim)
         self.drop = nnx.Dropout(drop, rngs=rngs) if drop > 0 else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -352,25 +346,13 @@ class Mlp(nnx.Module):
         return self.drop(x) if self.drop is not None else x
 
 
-def constrain_to_batch(x: jax.Array, batch_axes: tuple[str, ...] = ("data", "fsdp")) -> jax.Array:
-    """``x`` (batch first) split over the context mesh's ``batch_axes`` (those that divide the
-    batch) and replicated along every other dimension; unchanged without a mesh.
-
-    Under FSDP the weights are split along their feature dimensions, and XLA's propagation would
-    carry that split onto the activations (then reshard them all-to-all at every residual add);
-    pinning the residual stream to the batch split makes it all-gather the weights instead."""
+def constrain_to_batch(x: jax.Array, batch_axes: tuple[str, ...] = BATCH_AXES) -> jax.Array:
+    """``x`` (batch first) split over the context mesh's ``batch_axes`` that divide the batch,
+    replicated elsewhere; unchanged without a mesh. Under FSDP this keeps XLA from carrying the
+    weights' feature split onto the activations (all-to-all at every residual add)."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return x
-    axes, size = [], 1
-    for axis in batch_axes:
-        if axis in mesh.axis_names and axis not in mesh.manual_axes and mesh.shape[axis] > 1 \
-                and x.shape[0] % (size * mesh.shape[axis]) == 0:
-            axes.append(axis)
-            size *= mesh.shape[axis]
-    if not axes:
-        return x
-    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(tuple(axes)))
+    axes = () if mesh.empty else _split_axes(mesh, x.shape[0], batch_axes)
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes)) if axes else x
 
 
 class Block(nnx.Module):

@@ -1,15 +1,12 @@
 """MARLIN: encoder, decoder, discriminator and the full masked autoencoder as Flax NNX modules.
 
-Shapes for the released models: video ``(B, 16, 224, 224, 3)`` float in [0, 1]; ``N = 1568``
-tokens in (t, h, w) order; masks are boolean ``(B, N)`` with True = visible and the same number
-``k`` of visible tokens in every sample.
+Video ``(B, 16, 224, 224, 3)`` float in [0, 1]; ``N = 1568`` tokens in (t, h, w) order; masks
+boolean ``(B, N)``, True = visible, the same count ``k`` per sample.
 
-Block layouts. Per layer (the default, and THE layout of checkpoints, interop and PyTorch):
-``encoder/blocks/<i>/attn/proj/kernel`` ``(D, D)``, one entry per block. Stacked
-(``scan_layers=True``, for fast compiles: the blocks run as one ``lax.scan``): ONE block whose
-every variable has a leading layer axis, ``encoder/blocks/attn/proj/kernel`` ``(L, D, D)`` (no
-layer index). :func:`stack_layers` / :func:`unstack_layers` convert pure parameter dicts (and any
-pytree holding them, e.g. optimiser states) between the two.
+Block layouts: per layer (checkpoints, interop, PyTorch), ``encoder/blocks/<i>/attn/proj/kernel``
+``(D, D)``; stacked (``scan_layers=True``: one ``lax.scan``), one block with a leading layer axis,
+``encoder/blocks/attn/proj/kernel`` ``(L, D, D)``. :func:`stack_layers` / :func:`unstack_layers`
+convert pure parameter dicts (or pytrees holding them) between the two.
 """
 
 from __future__ import annotations
@@ -28,11 +25,8 @@ from .layers import Block, FixedEmbedding, PatchEmbedding3d, linear, sincos_tabl
 
 
 def split_by_mask(mask: jax.Array, num_visible: int) -> tuple[jax.Array, jax.Array]:
-    """Indices of visible and masked tokens, each in increasing index order.
-
-    mask: bool ``(B, N)``, True = visible, exactly ``num_visible`` per row (static int).
-    Returns ``(visible_idx (B, k), masked_idx (B, N - k))``.
-    """
+    """``(visible_idx (B, k), masked_idx (B, N - k))``, each in increasing order, of a bool
+    ``(B, N)`` mask (True = visible) with exactly ``num_visible`` (static int) per row."""
     order = jnp.argsort(~mask, axis=1, stable=True)
     return order[:, :num_visible], order[:, num_visible:]
 
@@ -58,11 +52,10 @@ REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
     "none": None,  # no rematerialisation: every activation is kept for the backward pass
     "full": jax.checkpoint_policies.nothing_saveable,  # keep block inputs only, recompute all
     "dots": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs, recompute the rest
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # ... except
-    # batched matmuls (attention scores and p @ v): keeps the projections, recomputes attention
+    # keep the projections, recompute attention (batched matmuls)
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-"""``remat_policy`` names -> ``jax.checkpoint`` policies applied to each transformer block (to
-the scan body with ``scan_layers``). ``"none"``: no ``jax.checkpoint`` at all."""
+"""``remat_policy`` names -> ``jax.checkpoint`` policy of each block (the scan body with ``scan_layers``)."""
 
 
 def remat_policy_fn(name: str) -> Callable[..., bool] | None:
@@ -70,14 +63,6 @@ def remat_policy_fn(name: str) -> Callable[..., bool] | None:
     if not isinstance(name, str) or name not in REMAT_POLICIES:
         raise ValueError(f"unknown remat_policy {name!r}; choose one of {', '.join(REMAT_POLICIES)}")
     return REMAT_POLICIES[name]
-
-
-def _check_remat(config: MarlinConfig, remat_policy: str) -> None:
-    remat_policy_fn(remat_policy)
-    if remat_policy != "none" and (config.drop_rate > 0 or config.attn_drop_rate > 0):
-        raise ValueError(f"remat_policy={remat_policy!r} with dropout is not supported (the recomputed "
-                         "blocks would reuse one dropout mask); set drop_rate = attn_drop_rate = 0 or "
-                         "remat_policy='none'")
 
 
 def _stack_arrays(*xs: Any) -> Any:
@@ -96,23 +81,6 @@ def _stack_modules(modules: list[nnx.Module]) -> nnx.Module:
     return nnx.merge(graphdef, jax.tree.map(_stack_arrays, *states))
 
 
-def _make_blocks(n: int, dim: int, heads: int, config: MarlinConfig, init_values: float,
-                 rngs: nnx.Rngs, scan_layers: bool = False, **kw) -> nnx.List | Block:
-    """``n`` blocks: an ``nnx.List`` or, with ``scan_layers``, one stacked :class:`Block` (built
-    block by block, then stacked, so that both layouts draw the same initial weights)."""
-    blocks = [
-        Block(dim, heads, mlp_ratio=config.mlp_ratio, qkv_bias=config.qkv_bias,
-              qk_scale=config.qk_scale, drop=config.drop_rate, attn_drop=config.attn_drop_rate,
-              init_values=init_values, eps=config.layer_norm_eps, rngs=rngs, **kw)
-        for _ in range(n)
-    ]
-    if not scan_layers:
-        return nnx.List(blocks)
-    if n < 1:
-        raise ValueError(f"scan_layers=True needs at least one block, got depth {n}")
-    return _stack_modules(blocks)
-
-
 LAYERS_KEY = "blocks"
 """The pure-dict key whose value holds the transformer blocks: ``{0: {...}, 1: {...}}`` per layer,
 or ``{"attn": ..., "mlp": ...}`` with a leading layer axis when stacked."""
@@ -127,14 +95,10 @@ def _has_layers(node: Any) -> bool:
 
 
 def stack_layers(tree: Any) -> Any:
-    """Per-layer -> stacked layout: every ``blocks`` dict ``{0: layer, ..., L-1: layer}`` in
-    ``tree`` becomes one layer dict whose leaves are ``(L, *per-layer shape)``.
-
-    ``tree``: pure nested dicts as ``nnx.to_pure_dict(nnx.state(model, nnx.Param))`` (the full
-    model, or the trainer's generator / critic groups), or any pytree holding them (optimiser
-    states, a TrainState). Integer or digit-string layer keys; stacked ``blocks`` pass unchanged.
-    Numpy leaves stay numpy; jit-able; ShapeDtypeStruct leaves give ShapeDtypeStructs.
-    """
+    """Per-layer -> stacked layout: every ``blocks`` dict ``{0: layer, ..., L-1: layer}`` (int or
+    digit-string keys) in ``tree`` (pure dicts as ``nnx.to_pure_dict``, or any pytree holding them)
+    becomes one layer dict with ``(L, ...)`` leaves. Stacked ``blocks`` pass unchanged; numpy stays
+    numpy; ShapeDtypeStructs give ShapeDtypeStructs; jit-able."""
 
     def fix(node: Any) -> Any:
         if not _has_layers(node) or not _is_per_layer(node[LAYERS_KEY]):
@@ -154,9 +118,8 @@ def stack_layers(tree: Any) -> Any:
 
 
 def unstack_layers(tree: Any) -> Any:
-    """Stacked -> per-layer layout (inverse of :func:`stack_layers`): every stacked ``blocks``
-    dict with ``(L, ...)`` leaves becomes ``{0: ..., ..., L-1: ...}`` (int keys, as
-    ``nnx.to_pure_dict``). Per-layer ``blocks`` pass unchanged, so it is safe on either layout."""
+    """Stacked -> per-layer layout (inverse of :func:`stack_layers`, int keys as
+    ``nnx.to_pure_dict``); per-layer ``blocks`` pass unchanged."""
 
     def fix(node: Any) -> Any:
         if not _has_layers(node) or not node[LAYERS_KEY] or _is_per_layer(node[LAYERS_KEY]):
@@ -174,32 +137,41 @@ def unstack_layers(tree: Any) -> Any:
 
 def is_stacked(tree: Any) -> bool:
     """Whether ``tree`` holds a ``blocks`` dict in the stacked layout."""
-    found = []
-
-    def visit(node: Any) -> Any:
-        if _has_layers(node) and node[LAYERS_KEY] and not _is_per_layer(node[LAYERS_KEY]):
-            found.append(True)
-        return node
-
-    jax.tree.map(visit, tree, is_leaf=_has_layers)
-    return bool(found)
+    return any(_has_layers(node) and node[LAYERS_KEY] and not _is_per_layer(node[LAYERS_KEY])
+               for node in jax.tree.leaves(tree, is_leaf=_has_layers))
 
 
 class _Transformer(nnx.Module):
-    """Shared plumbing: a stack of blocks (looped or scanned) with optional rematerialisation."""
+    """Shared plumbing: blocks (looped or scanned, optionally rematerialised), final norm and the
+    fixed position table of a ``dim``-wide stack."""
 
-    blocks: nnx.List | Block
-    remat_policy: str
-    scan_layers: bool
+    def __init__(self, config: MarlinConfig, dim: int, depth: int, heads: int, *, rngs: nnx.Rngs, dtype: Any,
+                 param_dtype: Any, matmul_dtype: Any, remat_policy: str, scan_layers: bool,
+                 attention_impl: str | None):
+        remat_policy_fn(remat_policy)
+        if remat_policy != "none" and (config.drop_rate > 0 or config.attn_drop_rate > 0):
+            raise ValueError(f"remat_policy={remat_policy!r} with dropout is not supported (the recomputed "
+                             "blocks would reuse one dropout mask); set drop_rate = attn_drop_rate = 0 or "
+                             "remat_policy='none'")
+        self.config, self.dtype, self.matmul_dtype = config, dtype, matmul_dtype
+        self.remat_policy, self.scan_layers = remat_policy, scan_layers
+        if scan_layers and depth < 1:
+            raise ValueError(f"scan_layers=True needs at least one block, got depth {depth}")
+        blocks = [Block(dim, heads, mlp_ratio=config.mlp_ratio, qkv_bias=config.qkv_bias, qk_scale=config.qk_scale,
+                        drop=config.drop_rate, attn_drop=config.attn_drop_rate, init_values=config.init_values,
+                        eps=config.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, matmul_dtype=matmul_dtype,
+                        attention_impl=attention_impl, rngs=rngs) for _ in range(depth)]
+        # stacked: built block by block, then stacked, so that both layouts draw the same weights
+        self.blocks = _stack_modules(blocks) if scan_layers else nnx.List(blocks)
+        self.norm = nnx.LayerNorm(dim, epsilon=config.layer_norm_eps, dtype=dtype,
+                                  param_dtype=param_dtype, use_fast_variance=False, rngs=rngs)
+        self.pos_embedding = FixedEmbedding(jnp.asarray(sincos_table(config.num_tokens, dim))[None])
 
     def run_blocks(self, tokens: jax.Array) -> jax.Array:
-        """``(B, n, D)`` through every block (no final norm).
-
-        Looped: one block after another. ``scan_layers``: one ``lax.scan`` over the stacked
-        block's state (split / merge per layer; non-parameter state such as dropout RNG counts
-        is carried out and written back). With a ``remat_policy`` other than ``"none"`` each block
-        (the scan body) runs under ``jax.checkpoint(policy=...)`` on a pure function of the
-        block's state, so it composes with any outer jax/nnx transform."""
+        """``(B, n, D)`` through every block (no final norm): looped, or one ``lax.scan`` over the
+        stacked block (non-parameter state such as dropout RNG counts written back). With a
+        ``remat_policy`` each block (scan body) is a pure function under ``jax.checkpoint``, so it
+        composes with any outer jax/nnx transform."""
         policy = remat_policy_fn(self.remat_policy)
         if self.scan_layers:
             graphdef, params, rest = nnx.split(self.blocks, nnx.Param, ...)
@@ -230,20 +202,13 @@ class MarlinEncoder(_Transformer):
     def __init__(self, config: MarlinConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32, matmul_dtype=None, remat_policy: str = "none",
                  scan_layers: bool = False, attention_impl: str | None = None):
-        _check_remat(config, remat_policy)
-        self.config, self.dtype = config, dtype
-        self.remat_policy, self.scan_layers = remat_policy, scan_layers
-        self.matmul_dtype = matmul_dtype
         d = config.encoder_embed_dim
         self.patch_embedding = PatchEmbedding3d(config.in_channels, d, config.patch_size,
                                                 config.tubelet_size, dtype=dtype, param_dtype=param_dtype,
                                                 matmul_dtype=matmul_dtype, rngs=rngs)
-        self.blocks = _make_blocks(config.encoder_depth, d, config.encoder_num_heads, config,
-                                   config.init_values, rngs, scan_layers, dtype=dtype, param_dtype=param_dtype,
-                                   matmul_dtype=matmul_dtype, attention_impl=attention_impl)
-        self.norm = nnx.LayerNorm(d, epsilon=config.layer_norm_eps, dtype=dtype,
-                                  param_dtype=param_dtype, use_fast_variance=False, rngs=rngs)
-        self.pos_embedding = FixedEmbedding(jnp.asarray(sincos_table(config.num_tokens, d))[None])
+        super().__init__(config, d, config.encoder_depth, config.encoder_num_heads, rngs=rngs, dtype=dtype,
+                         param_dtype=param_dtype, matmul_dtype=matmul_dtype, remat_policy=remat_policy,
+                         scan_layers=scan_layers, attention_impl=attention_impl)
 
     def _check_video(self, video: jax.Array) -> None:
         c = self.config
@@ -282,18 +247,12 @@ class MarlinDecoder(_Transformer):
     def __init__(self, config: MarlinConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32, matmul_dtype=None, remat_policy: str = "none",
                  scan_layers: bool = False, attention_impl: str | None = None):
-        _check_remat(config, remat_policy)
-        self.config, self.dtype = config, dtype
-        self.remat_policy, self.scan_layers = remat_policy, scan_layers
         d = config.decoder_embed_dim
         self.mask_token = nnx.Param(
             0.02 * jax.random.truncated_normal(rngs.params(), -1.0, 1.0, (1, 1, d), param_dtype))
-        self.blocks = _make_blocks(config.decoder_depth, d, config.decoder_num_heads, config,
-                                   config.init_values, rngs, scan_layers, dtype=dtype, param_dtype=param_dtype,
-                                   matmul_dtype=matmul_dtype, attention_impl=attention_impl)
-        self.norm = nnx.LayerNorm(d, epsilon=config.layer_norm_eps, dtype=dtype,
-                                  param_dtype=param_dtype, use_fast_variance=False, rngs=rngs)
-        self.pos_embedding = FixedEmbedding(jnp.asarray(sincos_table(config.num_tokens, d))[None])
+        super().__init__(config, d, config.decoder_depth, config.decoder_num_heads, rngs=rngs, dtype=dtype,
+                         param_dtype=param_dtype, matmul_dtype=matmul_dtype, remat_policy=remat_policy,
+                         scan_layers=scan_layers, attention_impl=attention_impl)
         self.head = linear(d, config.patch_dim, kernel_init=xavier_uniform, dtype=dtype,
                            matmul_dtype=matmul_dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -329,9 +288,8 @@ class MarlinDiscriminator(nnx.Module):
 class MarlinModel(nnx.Module):
     """The MARLIN masked autoencoder: encoder, projection, decoder and (optionally) the critic.
 
-    ``with_decoder=False`` gives an encoder-only feature extractor (like a `.encoder.pt`).
-    ``remat_policy``: a :data:`REMAT_POLICIES` name; ``scan_layers``: the stacked block layout
-    (see the module doc), the blocks of the encoder and of the decoder each run as one scan.
+    ``with_decoder=False``: encoder only (like a `.encoder.pt`). ``remat_policy``: a
+    :data:`REMAT_POLICIES` name; ``scan_layers``: the stacked block layout (see the module doc).
     """
 
     def __init__(self, config: MarlinConfig, *, rngs: nnx.Rngs, with_decoder: bool = True,
