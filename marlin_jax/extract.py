@@ -1,24 +1,21 @@
 """Feature extraction: the `Marlin` API and the `python -m marlin_jax.extract` CLI.
 
-Mirrors marlin-pytorch's `Marlin` (from_file / from_online / clean_cache / extract_features /
-extract_video) with the same sliding windows and padding rules, but batches the windows of a
-video through one jitted call and reads frames with OpenCV (no ffmpeg binary needed).
-
-The CLI writes one ``.npy`` per video under ``--output_dir``, mirroring the input folders
-(:func:`plan_outputs`), skips outputs that existed before the run (resuming) and prints how many
-videos were written, skipped and failed, and which were only partly decodable (``--strict``
-fails those).
+Mirrors marlin-pytorch's `Marlin` (same sliding windows and padding rules), but batches the
+windows of a video through one jitted call and reads frames with OpenCV (no ffmpeg binary).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import os
 import shutil
 import sys
 import tempfile
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,8 +32,7 @@ from marlin_jax.models.layers import default_attention_impl
 from marlin_jax.video_io import IncompleteDecode, VideoReadError, iter_frames
 
 REDUCTIONS = ("none", "mean", "max")
-
-
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 DEFAULT_MODEL = "marlin_vit_base_ytf"  # the architecture of checkpoints that do not name theirs
 
 
@@ -45,7 +41,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("MARLIN_JAX_CACHE", Path.home() / ".cache" / "marlin-jax"))
 
 
-def download(url: str, destination: Path, *, progress: bool = True, timeout: float = 30.0) -> Path:
+def download(url: str, destination: Path, *, timeout: float = 30.0) -> Path:
     """Downloads ``url`` to ``destination`` atomically (a partial file never takes its name)."""
     from tqdm.auto import tqdm
 
@@ -54,8 +50,7 @@ def download(url: str, destination: Path, *, progress: bool = True, timeout: flo
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"Downloading {destination.name}",
-                      disable=not progress) as bar:
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"Downloading {destination.name}") as bar:
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
                     bar.update(len(chunk))
@@ -72,18 +67,14 @@ def download(url: str, destination: Path, *, progress: bool = True, timeout: flo
     return destination
 
 
-def window_starts(total_frames: int, clip_frames: int = 16, sample_rate: int = 2, stride: int = 16) -> list[int]:
-    """First frame of each sliding window, exactly as marlin-pytorch (for long videos)."""
-    return list(range(0, total_frames - clip_frames * sample_rate, stride * sample_rate))
-
-
 def iter_windows(frames: Iterator[np.ndarray], clip_frames: int = 16, sample_rate: int = 2,
                  stride: int = 16) -> Iterator[np.ndarray]:
     """Clips ``(clip_frames, H, W, 3)`` of a frame stream with marlin-pytorch's rules:
 
     - <= clip_frames frames: all of them, padded by repeating the last frame;
     - <= clip_frames * sample_rate frames: the first clip_frames consecutive frames;
-    - longer: windows of every ``sample_rate``-th frame starting at ``window_starts(...)``.
+    - longer: windows of every ``sample_rate``-th frame starting every ``stride * sample_rate`` frames
+      while ``start < total - clip_frames * sample_rate``.
     Streams: memory holds one window of sampled frames plus the first clip_frames*sample_rate frames.
     """
     span = clip_frames * sample_rate
@@ -117,12 +108,10 @@ def iter_windows(frames: Iterator[np.ndarray], clip_frames: int = 16, sample_rat
 def face_windows(path: str, cropper: Any, clip_frames: int = 16, sample_rate: int = 2,
                  stride: int = 16, *, strict: bool = False,
                  on_incomplete: Callable[[IncompleteDecode], None] | None = None) -> Iterator[np.ndarray]:
-    """Face-cropped windows ``(clip_frames, size, size, 3)`` of a video (a ``FaceCropper``'s
-    size), in two passes: detect faces in every frame a window can use (every ``sample_rate``-th,
-    plus the first ``clip_frames``) over the whole video, then crop each window with the track's
-    boxes (frames without a face take the box of the nearest frame with one, so a window of a
-    fade-in from black is kept, as in the original). Raises VideoReadError when no frame has a
-    face (the message says how many frames were searched)."""
+    """Face-cropped windows ``(clip_frames, size, size, 3)`` of a video, in two passes: track the
+    face over every frame a window can use (every ``sample_rate``-th, plus the first
+    ``clip_frames``), then crop each window with the track's boxes. Raises VideoReadError when no
+    frame has a face (the message says how many frames were searched)."""
     from marlin_jax.face import NoFaceError
 
     try:
@@ -136,9 +125,7 @@ def face_windows(path: str, cropper: Any, clip_frames: int = 16, sample_rate: in
 
     def frames() -> Iterator[np.ndarray]:  # the second pass, checked against the first
         nonlocal seen
-        for frame in iter_frames(path, check=False):
-            if seen == total:
-                break
+        for frame in itertools.islice(iter_frames(path, check=False), total):
             seen += 1
             yield frame
 
@@ -152,8 +139,7 @@ def face_windows(path: str, cropper: Any, clip_frames: int = 16, sample_rate: in
 
 def resolve_attention_impl(attention_impl: str | None, dtype=None) -> str | None:
     """``"auto"`` -> :func:`models.layers.default_attention_impl` for inference on JAX's default
-    backend (``"per_head"`` on CPU, ``"splash"`` on TPU, ``"cudnn"`` on GPU for a 16-bit
-    ``dtype``, ``"xla"`` otherwise); any other value passes through."""
+    backend; any other value passes through."""
     if attention_impl == "auto":
         return default_attention_impl(jax.default_backend(), jnp.float32 if dtype is None else dtype,
                                       training=False)
@@ -190,32 +176,22 @@ class Marlin:
 
         def features(state, clips_uint8_or_float, keep_seq: bool):
             encoder = nnx.merge(graphdef, state)
-            x = clips_uint8_or_float
-            x = video_to_float(x)
-            return encoder.extract_features(x, keep_seq=keep_seq).astype(jnp.float32)
+            return encoder.extract_features(video_to_float(clips_uint8_or_float), keep_seq=keep_seq).astype(jnp.float32)
 
         self._features = jax.jit(features, static_argnums=2)
-        self._cropper = None
 
-    # ------------------------------------------------------------------ construction
     @classmethod
     def from_file(cls, model_name: str | None, path: str | os.PathLike, *, batch_size: int = 4,
                   matmul_dtype: str | None = None, dtype: str = "float32",
                   attention_impl: str | None = "auto") -> Marlin:
         """Loads `.pt` (encoder-only or full), Lightning `.ckpt`, a VideoMAE checkpoint, a
-        marlin-jax checkpoint directory or a Hugging Face folder (``config.json`` +
-        ``model.safetensors``, or the ``.safetensors`` file). ``model_name`` picks the registered
-        architecture; None takes the one the checkpoint carries (a Hugging Face ``config.json``,
-        or the ``marlin_config.json`` of a marlin-jax checkpoint: a trainer workdir, or a step
-        folder in it), else :data:`DEFAULT_MODEL`. A name that disagrees with the checkpoint's
-        own architecture is a ValueError.
+        marlin-jax checkpoint directory or a Hugging Face folder / ``.safetensors`` file.
+        ``model_name`` None takes the architecture the checkpoint carries, else
+        :data:`DEFAULT_MODEL`; a name that disagrees with it is a ValueError.
 
-        ``matmul_dtype="bfloat16"`` runs every matmul on bf16 operands with float32 accumulation
-        (about 2x faster on CPUs with bf16 units; features differ by ~1e-2 relative);
-        ``dtype="bfloat16"`` keeps activations in bf16 too (GPU/TPU). ``attention_impl``: ``"auto"``
-        picks ``"per_head"`` on CPU (one head at a time, cache-resident scores: ~2x faster CPU
-        attention), ``"splash"`` on TPU, ``"cudnn"`` on GPU with 16-bit ``dtype`` and ``"xla"``
-        (batched) otherwise (see :func:`resolve_attention_impl`).
+        ``matmul_dtype="bfloat16"``: bf16 matmul operands, float32 accumulation (features differ
+        by ~1e-2 relative); ``dtype="bfloat16"`` keeps activations in bf16 too (GPU/TPU);
+        ``attention_impl``: see :func:`resolve_attention_impl`.
         """
         model_kwargs = {"dtype": jnp.dtype(dtype), "attention_impl": resolve_attention_impl(attention_impl, dtype),
                         "matmul_dtype": None if matmul_dtype is None else jnp.dtype(matmul_dtype)}
@@ -225,11 +201,9 @@ class Marlin:
     @classmethod
     def from_pretrained(cls, repo_id: str, model_name: str | None = None, *, revision: str | None = None,
                         cache_dir: str | os.PathLike | None = None, **kwargs) -> Marlin:
-        """Loads the Hugging Face port of a MARLIN checkpoint (a hub repo with ``config.json`` +
-        ``model.safetensors``) through ``huggingface_hub``: its cache (``cache_dir``, else
-        ``HF_HUB_CACHE``), ``HF_HUB_OFFLINE`` and ``revision`` (branch, tag or commit). The
-        architecture comes from the repo's ``config.json``; ``model_name`` only checks it.
-        ``kwargs``: those of :meth:`from_file`. Needs the ``hf`` extra, not torch."""
+        """Loads the Hugging Face port of a MARLIN checkpoint (hub repo ``config.json`` +
+        ``model.safetensors``) through ``huggingface_hub`` (its cache, ``HF_HUB_OFFLINE``,
+        ``revision``); ``model_name`` only checks the architecture. ``kwargs``: :meth:`from_file`'s."""
         folder = download_hf_checkpoint(repo_id, revision=revision, cache_dir=cache_dir)
         return cls.from_file(model_name, folder, **kwargs)
 
@@ -237,12 +211,11 @@ class Marlin:
     def from_online(cls, model_name: str, full_model: bool = False, *, cache_dir: str | os.PathLike | None = None,
                     url: str | None = None, **kwargs) -> Marlin:
         """Downloads a released checkpoint once into the cache and loads it."""
-        config = get_config(model_name)
-        if url is None:
-            if not config.downloadable:
-                raise ValueError(f"model {model_name!r} has no released checkpoint to download")
-            url = RELEASE_URL.format(name=model_name, part="full" if full_model else "encoder")
         part = "full" if full_model else "encoder"
+        if url is None:
+            if not get_config(model_name).downloadable:
+                raise ValueError(f"model {model_name!r} has no released checkpoint to download")
+            url = RELEASE_URL.format(name=model_name, part=part)
         file = Path(cache_dir or default_cache_dir()) / f"{model_name}.{part}.pt"
         if not file.exists():
             download(url, file)
@@ -256,13 +229,10 @@ class Marlin:
             if verbose:
                 print(f"MARLIN checkpoint cache {path} cleaned.")
 
-    # ------------------------------------------------------------------ features
     def lower_features(self, clips: jax.ShapeDtypeStruct, keep_seq: bool = False,
                        state_sharding: Any = None) -> jax.stages.Lowered:
-        """The jitted feature forward of :meth:`extract_features`, lowered for abstract ``clips``
-        (``(B, T, H, W, C)`` with a sharding) and the encoder weights placed by
-        ``state_sharding`` (e.g. replicated on a mesh), for ahead-of-time compiles
-        (``python -m marlin_jax.aot``)."""
+        """:meth:`extract_features`'s jitted forward lowered for abstract ``clips`` and the weights
+        placed by ``state_sharding``, for ahead-of-time compiles (``python -m marlin_jax.aot``)."""
         state = self._encoder_state
         if state_sharding is not None:
             state = jax.tree.map(
@@ -282,18 +252,11 @@ class Marlin:
             x = jnp.moveaxis(x, 1, -1)
         return self._features(self._encoder_state, x, keep_seq)
 
+    @functools.cached_property
     def _face_cropper(self):
-        if self._cropper is None:
-            from marlin_jax.face import FaceCropper
+        from marlin_jax.face import FaceCropper
 
-            self._cropper = FaceCropper(size=self.config.img_size)
-        return self._cropper
-
-    def _face_windows(self, path: str, sample_rate: int, stride: int, strict: bool,
-                      on_incomplete: Callable[[IncompleteDecode], None] | None) -> Iterator[np.ndarray]:
-        """:func:`face_windows` with this model's clip length and cached cropper."""
-        return face_windows(path, self._face_cropper(), self.config.n_frames, sample_rate, stride,
-                            strict=strict, on_incomplete=on_incomplete)
+        return FaceCropper(size=self.config.img_size)
 
     def extract_video(self, video_path: str | os.PathLike, crop_face: bool = False, sample_rate: int = 2,
                       stride: int = 16, reduction: str = "none", keep_seq: bool = False, *,
@@ -302,16 +265,10 @@ class Marlin:
         """Features of a video file with marlin-pytorch's sliding windows.
 
         Returns ``(n_windows, D)`` (or ``(n_windows, N, D)`` with keep_seq); ``reduction`` "mean" or
-        "max" reduces over windows. ``crop_face=True`` detects faces over the whole video first
-        (every sampled frame) and crops every window with them; frames without a face take the box
-        of the nearest frame with one, and a video with no face at all raises VideoReadError saying
-        how many frames were searched. Otherwise frames must already be ``img_size`` x ``img_size``
-        face crops.
-
-        A video whose container declares more frames than decode (a truncated file) gives features
-        of the decodable frames and a logged warning passed to ``on_incomplete``
-        (:class:`~marlin_jax.video_io.IncompleteDecode`); with ``strict=True`` it raises
-        :class:`~marlin_jax.video_io.IncompleteVideoError` naming the file and both counts.
+        "max" reduces over windows. ``crop_face=True`` crops every window with a face track of the
+        whole video (:func:`face_windows`); otherwise frames must be ``img_size`` face crops.
+        A partly decodable video gives features of its decodable frames and a logged warning
+        passed to ``on_incomplete``; with ``strict=True`` it raises ``IncompleteVideoError``.
         """
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -330,7 +287,8 @@ class Marlin:
             batch.clear()
 
         if crop_face:
-            windows = self._face_windows(path, sample_rate, stride, strict, on_incomplete)
+            windows = face_windows(path, self._face_cropper, self.config.n_frames, sample_rate, stride,
+                                   strict=strict, on_incomplete=on_incomplete)
         else:
             windows = iter_windows(iter_frames(path, strict=strict, on_incomplete=on_incomplete),
                                    self.config.n_frames, sample_rate, stride)
@@ -347,27 +305,17 @@ class Marlin:
         if not features:
             raise VideoReadError(f"{path}: video has no frames")
         out = np.concatenate([np.asarray(f) for f in features])
-        if reduction == "mean":
-            return out.mean(axis=0)
-        if reduction == "max":
-            return out.max(axis=0)
-        return out
-
-
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
+        return out if reduction == "none" else getattr(out, reduction)(axis=0)
 
 
 def plan_outputs(inputs: list[str | os.PathLike], out_dir: str | os.PathLike
                  ) -> tuple[list[tuple[Path, Path]], list[tuple[Path, Path]]]:
-    """Where the CLI writes each video's features: ``(plan, renamed)``, lists of
-    ``(video, target .npy)``.
+    """Where the CLI writes each video's features: ``(plan, renamed)``, lists of ``(video, .npy)``.
 
-    Videos found in a folder argument keep their path relative to it (``F/sub/x.mp4`` ->
-    ``out/sub/x.npy``); file arguments go to the top of ``out_dir``. Videos whose outputs would
-    share a name (``x.mp4`` and ``x.avi`` in one folder) keep their extension (``x.mp4.npy``,
-    ``x.avi.npy``) and are listed in ``renamed``. A file reached twice is planned once. Raises
-    ValueError naming the videos if two outputs still coincide (the same relative path under two
-    folder arguments, or same-named file arguments from different folders).
+    A folder argument's videos keep their relative path (``F/sub/x.mp4`` -> ``out/sub/x.npy``);
+    file arguments go to the top of ``out_dir``; ``x.mp4`` and ``x.avi`` in one folder keep their
+    extension (``x.mp4.npy``; listed in ``renamed``). Raises ValueError naming the videos if two
+    outputs still coincide.
     """
     out = Path(out_dir)
     found: list[tuple[Path, Path]] = []  # (video, path relative to the output folder)
@@ -394,45 +342,40 @@ def plan_outputs(inputs: list[str | os.PathLike], out_dir: str | os.PathLike
         else:
             target = out / rel.with_suffix(".npy")
         plan.append((video, target))
-    by_target: dict[Path, list[Path]] = {}
-    for video, target in plan:
-        by_target.setdefault(target, []).append(video)
-    clashes = [f"{', '.join(map(str, v))} -> {t}" for t, v in by_target.items() if len(v) > 1]
+    counts = Counter(target for _, target in plan)
+    clashes = [f"{', '.join(str(v) for v, t in plan if t == target)} -> {target}"
+               for target, n in counts.items() if n > 1]
     if clashes:
         raise ValueError("these videos would write the same output file: " + "; ".join(clashes)
                          + ". Pass their common parent folder instead, or use separate --output_dir")
     return plan, renamed
 
 
-def _save_atomic(target: Path, array: np.ndarray) -> None:
-    """Writes ``target`` via a temporary file in its folder, so a partial file never has its name."""
+def save_npy_atomic(target: Path, array: np.ndarray) -> None:
+    """``np.save`` via a temporary file in the target's folder: a partial file never has its name."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as f:
             np.save(f, array)
         os.replace(tmp, target)
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def main(argv: list[str] | None = None) -> int:
     """The CLI; exit status 0 when every video was written or skipped, 1 if any failed, 2 for
-    unusable arguments (e.g. two videos that would write the same output, or a checkpoint that cannot
-    be loaded)."""
+    unusable arguments (clashing outputs, a checkpoint that cannot be loaded)."""
     parser = argparse.ArgumentParser(
         prog="python -m marlin_jax.extract",
         description="Extract MARLIN features from videos: one .npy per video in --output_dir, which "
                     "mirrors the input folders (F/sub/x.mp4 -> OUT/sub/x.npy; x.mp4 and x.avi in "
                     "one folder -> x.mp4.npy and x.avi.npy).")
     parser.add_argument("videos", nargs="+", help="video files (or directories of videos)")
-    parser.add_argument("--model", default=None,
-                        help=f"registered model name (default: the architecture the checkpoint carries, "
-                             f"a marlin-jax {CONFIG_FILE} or Hugging Face config.json, else {DEFAULT_MODEL})")
-    parser.add_argument("--checkpoint", required=True,
-                        help=".pt / .ckpt / VideoMAE checkpoint, marlin-jax checkpoint directory (or trainer "
-                             "workdir) or Hugging Face folder (config.json + model.safetensors)")
+    parser.add_argument("--model", default=None, help=f"registered model name (default: the architecture the "
+                        f"checkpoint carries, a {CONFIG_FILE} or config.json, else {DEFAULT_MODEL})")
+    parser.add_argument("--checkpoint", required=True, help=".pt / .ckpt / VideoMAE checkpoint, marlin-jax "
+                        "checkpoint folder or trainer workdir, or Hugging Face folder")
     parser.add_argument("--output_dir", default="features",
                         help="where the .npy files go (paths relative to each input folder are kept)")
     parser.add_argument("--crop_face", action="store_true", help="detect and crop faces first")
@@ -481,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             feats = marlin.extract_video(video, crop_face=args.crop_face, sample_rate=args.sample_rate,
                                          stride=args.stride, reduction=args.reduction, keep_seq=args.keep_seq,
                                          strict=args.strict, on_incomplete=issues.append)
-            _save_atomic(target, feats)
+            save_npy_atomic(target, feats)
         except (VideoReadError, ValueError, OSError) as e:
             failures.append(str(e) if str(video) in str(e) else f"{video}: {e}")
             continue

@@ -1,16 +1,15 @@
 """Video file reading and writing with OpenCV (no ffmpeg binary needed).
 
-Frames are returned RGB, uint8, channels-last: ``(T, H, W, 3)``. Every failure raises
-:class:`VideoReadError` naming the file and the problem.
-
-Partly decodable files (a truncated download or copy whose header still declares every frame)
-are never read silently: a full read compares the frames decoded with the container's frame count
-(:func:`check_decoded`, the one place of that rule) and logs a warning naming the file and both
-counts, or raises :class:`IncompleteVideoError` when reading with ``strict=True``.
+Frames are RGB uint8 ``(T, H, W, 3)``; every failure raises :class:`VideoReadError` naming the
+file and the problem. A full read that decodes fewer frames than the container declares (a
+truncated file) is a logged warning naming both counts, or :class:`IncompleteVideoError` with
+``strict=True`` (:func:`check_decoded`, the one place of that rule).
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -45,13 +44,9 @@ class IncompleteDecode:
 
 def check_decoded(path: str | os.PathLike, declared: int, decoded: int, *, strict: bool = False
                   ) -> IncompleteDecode | None:
-    """Compares the frames ``decoded`` by a full read with the count the container ``declared``
-    (``CAP_PROP_FRAME_COUNT``; <= 0 means unknown and is not checked).
-
-    Returns None when every declared frame decoded. Otherwise logs a warning naming the file and
-    both counts and returns the :class:`IncompleteDecode`, or raises :class:`IncompleteVideoError`
-    when ``strict``.
-    """
+    """None when a full read ``decoded`` every frame the container ``declared`` (<= 0: unknown);
+    else logs a warning and returns the :class:`IncompleteDecode`, or raises
+    :class:`IncompleteVideoError` when ``strict``."""
     if declared <= 0 or decoded >= declared:
         return None
     issue = IncompleteDecode(os.fspath(path), int(declared), int(decoded))
@@ -59,10 +54,6 @@ def check_decoded(path: str | os.PathLike, declared: int, decoded: int, *, stric
         raise IncompleteVideoError(f"{issue} [strict]")
     log.warning("%s; using the %d decodable frames", issue, decoded)
     return issue
-
-
-def _declared_frames(cap: cv2.VideoCapture) -> int:
-    return int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
 
 
 def _open(path: str | os.PathLike) -> cv2.VideoCapture:
@@ -82,16 +73,14 @@ def iter_frames(path: str | os.PathLike, step: int = 1, *, strict: bool = False,
                 on_incomplete: Callable[[IncompleteDecode], None] | None = None) -> Iterator[np.ndarray]:
     """Yields every ``step``-th frame of a video as RGB uint8 ``(H, W, 3)``.
 
-    Skipped frames are grabbed but not decoded to RGB, so a step of 2 costs about half.
-    Raises VideoReadError if the file cannot be opened or yields no frame at all. When the stream
-    is read to its end (and ``check``), fewer frames than the container declares are a logged
-    warning passed to ``on_incomplete``, or an :class:`IncompleteVideoError` when ``strict``
-    (raised after the last frame; see :func:`check_decoded`).
+    Skipped frames are grabbed but not decoded. Raises VideoReadError if the file cannot be opened
+    or yields no frame. Read to its end (and ``check``), a partly decodable file is passed to
+    ``on_incomplete`` (see :func:`check_decoded`; ``strict`` raises after the last frame).
     """
     if step < 1:
         raise ValueError(f"step must be >= 1, got {step}")
     cap = _open(path)
-    declared = _declared_frames(cap)
+    declared = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
     index = 0
     try:
         while True:
@@ -116,12 +105,7 @@ def iter_frames(path: str | os.PathLike, step: int = 1, *, strict: bool = False,
 
 def read_frames(path: str | os.PathLike, step: int = 1, max_frames: int | None = None) -> np.ndarray:
     """Reads (every ``step``-th frame of) a whole video: uint8 ``(T, H, W, 3)`` RGB."""
-    frames = []
-    for frame in iter_frames(path, step):
-        frames.append(frame)
-        if max_frames is not None and len(frames) >= max_frames:
-            break
-    return np.stack(frames)
+    return np.stack(list(itertools.islice(iter_frames(path, step), max_frames)))
 
 
 def video_info(path: str | os.PathLike) -> dict:
@@ -141,15 +125,12 @@ def video_info(path: str | os.PathLike) -> dict:
 
 def count_frames(path: str | os.PathLike, *, strict: bool = False,
                  on_incomplete: Callable[[IncompleteDecode], None] | None = None) -> int:
-    """Exact number of frames, counted by demuxing (grab without decoding to RGB).
-
-    Fewer frames than the container declares: a logged warning passed to ``on_incomplete``, or an
-    :class:`IncompleteVideoError` when ``strict`` (see :func:`check_decoded`).
-    """
+    """Exact number of frames, counted by demuxing (grab without decoding to RGB); a partly
+    decodable file is passed to ``on_incomplete`` (see :func:`check_decoded`)."""
     cap = _open(path)
     n = 0
     try:
-        declared = _declared_frames(cap)
+        declared = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
         while cap.grab():
             n += 1
     finally:
@@ -161,25 +142,16 @@ def count_frames(path: str | os.PathLike, *, strict: bool = False,
     return n
 
 
-class VideoWriter:
+class VideoWriter(contextlib.AbstractContextManager):
     """Streams RGB uint8 frames ``(H, W, 3)`` (or batches ``(T, H, W, 3)``) into an mp4 (mp4v) or
-    avi (MJPG) file, so long videos never need to be held in memory. The frame size is ``size``
-    (width, height) or that of the first frame. Use as a context manager, or call :meth:`close`."""
+    avi (MJPG) file, so long videos never need to be held in memory. The frame size is that of
+    the first frame. Use as a context manager, or call :meth:`close`."""
 
-    def __init__(self, path: str | os.PathLike, fps: float = 25.0, size: tuple[int, int] | None = None):
+    def __init__(self, path: str | os.PathLike, fps: float = 25.0):
         self.path, self.fps = os.fspath(path), fps
         self._writer: cv2.VideoWriter | None = None
         self._size: tuple[int, int] | None = None
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        if size is not None:
-            self._open(size)
-
-    def _open(self, size: tuple[int, int]) -> None:
-        self._size = size
-        fourcc = cv2.VideoWriter_fourcc(*("MJPG" if self.path.lower().endswith(".avi") else "mp4v"))
-        self._writer = cv2.VideoWriter(self.path, fourcc, self.fps, size)
-        if not self._writer.isOpened():
-            raise OSError(f"{self.path}: OpenCV cannot open a video writer for this path")
 
     def write(self, frames: np.ndarray) -> None:
         frames = np.asarray(frames)
@@ -188,7 +160,11 @@ class VideoWriter:
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
             raise ValueError(f"{self.path}: frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
         if self._writer is None:
-            self._open((frames.shape[2], frames.shape[1]))
+            self._size = (frames.shape[2], frames.shape[1])
+            fourcc = cv2.VideoWriter_fourcc(*("MJPG" if self.path.lower().endswith(".avi") else "mp4v"))
+            self._writer = cv2.VideoWriter(self.path, fourcc, self.fps, self._size)
+            if not self._writer.isOpened():
+                raise OSError(f"{self.path}: OpenCV cannot open a video writer for this path")
         elif (frames.shape[2], frames.shape[1]) != self._size:
             raise ValueError(f"{self.path}: frame size {frames.shape[2]}x{frames.shape[1]} differs from the "
                              f"video's {self._size[0]}x{self._size[1]}")
@@ -200,17 +176,11 @@ class VideoWriter:
             self._writer.release()
             self._writer = None
 
-    def __enter__(self) -> VideoWriter:
-        return self
-
     def __exit__(self, *exc) -> None:
         self.close()
 
 
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = 25.0) -> None:
     """Writes RGB uint8 frames ``(T, H, W, 3)`` to an mp4 (mp4v codec) or avi (MJPG) file."""
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
-    with VideoWriter(path, fps, size=(frames.shape[2], frames.shape[1])) as writer:
+    with VideoWriter(path, fps) as writer:
         writer.write(frames)

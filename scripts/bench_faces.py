@@ -22,14 +22,7 @@ if __package__ in (None, ""):  # run as a file from a checkout: make the repo im
 import cv2
 import numpy as np
 
-from marlin_jax.face import (
-    MESH_INSTALL,
-    FaceCropper,
-    FaceParser,
-    available_methods,
-    detect_faces,
-    mesh_available,
-)
+from marlin_jax.face import MESH_INSTALL, FaceCropper, FaceParser, available_methods, detect_faces, mesh_available
 from marlin_jax.face.crop import landmarks_to_crop
 from marlin_jax.video_io import read_frames
 

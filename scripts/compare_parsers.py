@@ -32,16 +32,8 @@ if __package__ in (None, ""):  # run as a file from a checkout: make the repo im
 
 import numpy as np
 
-from marlin_jax.face import (
-    MESH_INSTALL,
-    MESH_METHOD,
-    PARSER_METHOD,
-    FaceCropper,
-    FaceParser,
-    detect_faces,
-    mesh_available,
-)
-from marlin_jax.face.detect import primary_faces
+from marlin_jax.face import MESH_INSTALL, MESH_METHOD, PARSER_METHOD, FaceCropper, FaceParser, mesh_available
+from marlin_jax.face.detect import detect_faces, primary_faces
 from marlin_jax.masking import LABEL_NAMES, NUM_LABELS, make_mask
 from marlin_jax.video_io import read_frames
 

@@ -57,14 +57,6 @@ def list_videos(video_dir: str | os.PathLike, recursive: bool = True) -> list[tu
     return keyed
 
 
-def _atomic_save(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
-
-
 def _write_marker(path: Path, video: Path, error: BaseException) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"video": str(video), "error": str(error),
@@ -116,6 +108,8 @@ def extract_dataset(
     """
     from tqdm.auto import tqdm
 
+    from marlin_jax.extract import save_npy_atomic
+
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict = {"written": [], "existing": [], "failed": {}, "previously_failed": []}
@@ -137,7 +131,7 @@ def extract_dataset(
         if feats.shape[0] == 0 or not np.all(np.isfinite(feats)):
             fail(key, path, ValueError(f"{path}: features are empty or not finite"))
             return
-        _atomic_save(out / f"{key}.npy", feats.astype(np.float32))
+        save_npy_atomic(out / f"{key}.npy", feats.astype(np.float32))
         (out / f"{key}{ERROR_MARKER_SUFFIX}").unlink(missing_ok=True)
         summary["written"].append(key)
 

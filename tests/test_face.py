@@ -181,7 +181,7 @@ def test_template_fallback_warns_once_and_names_the_learned_parser(monkeypatch, 
     from marlin_jax.face import parse
 
     monkeypatch.setattr(parse, "available_methods", lambda: (PARSER_METHOD,))
-    monkeypatch.setattr(parse, "_FALLBACK_WARNED", False)
+    parse._warn_template_fallback.cache_clear()
     with caplog.at_level("WARNING", logger=parse.__name__):
         assert FaceParser().method == PARSER_METHOD
         FaceParser()

@@ -6,12 +6,8 @@ Typical use::
     crops = FaceCropper(size=224).crop_video(frames)   # uint8 (T, H, W, 3) -> (T, 224, 224, 3)
     maps = parse_faces(crops)                          # -> uint8 (T, 224, 224) LaPa labels
 
-A video with no face raises :class:`NoFaceError` (:class:`FrameTooSmallError` when its frames
-are under ``MIN_FRAME_SIDE`` pixels), naming the video and how many frames were searched.
-
-Parsing uses the best parser installed (``FaceParser().method`` says which): the learned
-``mediapipe-mesh`` after ``MESH_INSTALL``'s pip commands (the ``face`` extra plus the model
-files), else the ``template-5pt`` fallback, with a one-time warning saying so.
+A video with no face raises :class:`NoFaceError` (:class:`FrameTooSmallError` for frames under
+``MIN_FRAME_SIDE`` pixels). Parsing uses the best parser installed (``FaceParser().method``).
 """
 
 from marlin_jax.face.crop import FaceCropper, FaceTrack, NoFaceError, crop_square, square_from_box

@@ -1,21 +1,15 @@
 """Square face crops with temporally smoothed boxes.
 
-The crop rule is the original MARLIN one (FaceX-Zoo ``crop_face`` in marlin-pytorch): a square
-whose side is the longer side of the detector's box, centred on the box centre, zero-padded where
-it leaves the frame, resized to ``size`` x ``size``. On top of that:
-
-- the per-frame boxes of a video are smoothed over time (median, then Gaussian), so crops do not
-  jitter with the detector's frame-to-frame noise;
-- a frame with no face reuses the box of the nearest frame with a face (before it on a tie), so
-  a fade-in from black takes the first good box and a fade-out the last; a video with no face at
-  all raises :class:`NoFaceError` saying how many frames were searched;
-- with several faces in a frame the largest is taken (see :func:`detect_faces`);
-- :meth:`FaceCropper.track_stream` tracks a whole video holding one batch of frames at a time, so
-  windows of a long video are cropped with boxes found anywhere in it (``Marlin.extract_video``).
+The crop rule is the original MARLIN one (FaceX-Zoo ``crop_face``): a square whose side is the
+longer side of the detector's box, centred on it, zero-padded outside the frame, resized to
+``size``. On top of that the boxes are smoothed over time (median, then Gaussian) so crops do not
+jitter, and a frame with no face reuses the box of the nearest frame with one (a fade-in from
+black takes the first good box); a video with no face at all raises :class:`NoFaceError`.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -23,19 +17,7 @@ import cv2
 import numpy as np
 from scipy.ndimage import gaussian_filter1d, median_filter
 
-from marlin_jax.face.detect import (
-    SCORE_THRESHOLD,
-    Detections,
-    FrameTooSmallError,
-    NoFaceError,
-    detect_faces,
-    primary_faces,
-)
-
-__all__ = [
-    "FaceCropper", "FaceTrack", "FrameTooSmallError", "NoFaceError", "crop_square", "fill_missing",
-    "landmarks_to_crop", "smooth_squares", "square_from_box",
-]
+from marlin_jax.face.detect import SCORE_THRESHOLD, Detections, NoFaceError, detect_faces, primary_faces
 
 
 @dataclass(frozen=True)
@@ -148,37 +130,30 @@ class FaceCropper:
     num_threads: int = 0
 
     def track(self, frames: np.ndarray, name: str = "video") -> FaceTrack:
-        """Detects the face in every frame ``(T, H, W, 3)`` and returns the smoothed box track.
-        Raises NoFaceError naming ``name`` if no frame holds a face (FrameTooSmallError, a
-        NoFaceError, if the frames are too small to hold one)."""
+        """The smoothed box track of frames ``(T, H, W, 3)``. Raises NoFaceError (or its subclass
+        FrameTooSmallError) naming ``name`` if no frame holds a face."""
         dets = detect_faces(frames, self.score_threshold, num_threads=self.num_threads, name=name)
         return self.track_detections(dets, name)
 
     def track_stream(self, frames: Iterable[np.ndarray], name: str = "video",
                      search: Callable[[int], bool] | None = None, batch_size: int = 16) -> FaceTrack:
-        """The smoothed box track of a whole video given as a stream of RGB uint8 ``(H, W, 3)``
-        frames, detecting in batches of ``batch_size`` (memory holds one batch, never the video).
-
-        Only frames whose number passes ``search`` are searched (all when None); the track's rows
-        are those frames (``indices``) and ``num_frames`` counts the whole stream. Raises
-        NoFaceError naming ``name`` and how many frames were searched if none holds a face.
+        """The smoothed box track of a stream of RGB uint8 ``(H, W, 3)`` frames, holding one batch
+        in memory. Only frames whose number passes ``search`` (all when None) are searched: they
+        are the track's ``indices``. Raises NoFaceError naming ``name`` if none holds a face.
         """
         dets: list[Detections] = []
         indices: list[int] = []
         batch: list[np.ndarray] = []
         total = 0
-        for i, frame in enumerate(frames):
-            total = i + 1
-            if search is not None and not search(i):
-                continue
-            batch.append(frame)
-            indices.append(i)
-            if len(batch) == batch_size:
-                dets += detect_faces(np.stack(batch), self.score_threshold, num_threads=self.num_threads,
-                                     name=name)
+        for i, frame in enumerate(itertools.chain(frames, [None])):  # None: the end, flush
+            if frame is not None:
+                total = i + 1
+                if search is None or search(i):
+                    batch.append(frame)
+                    indices.append(i)
+            if batch and (len(batch) == batch_size or frame is None):
+                dets += detect_faces(np.stack(batch), self.score_threshold, num_threads=self.num_threads, name=name)
                 batch = []
-        if batch:
-            dets += detect_faces(np.stack(batch), self.score_threshold, num_threads=self.num_threads, name=name)
         if not dets:
             raise NoFaceError(f"{name}: no frames to search for a face ({total} frames in the video)")
         return self.track_detections(dets, name, indices=np.asarray(indices, np.int64), num_frames=total)
@@ -202,9 +177,8 @@ class FaceCropper:
         """RGB uint8 ``(T, H, W, 3)`` -> face crops uint8 ``(T, size, size, 3)``."""
         return self.crop_video_with_landmarks(frames, name)[0]
 
-    def crop_video_with_landmarks(
-        self, frames: np.ndarray, name: str = "video"
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def crop_video_with_landmarks(self, frames: np.ndarray, name: str = "video"
+                                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Like :meth:`crop_video`, also returning the detector's 5 landmarks in crop pixels
         ``(T, 5, 2)`` (NaN where no face) and ``found`` ``(T,)``: what :func:`parse_faces` needs,
         so parsing does not detect again."""

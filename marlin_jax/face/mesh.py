@@ -1,25 +1,19 @@
-"""Optional higher-fidelity parser: MediaPipe face mesh (468 landmarks) + selfie segmentation.
+"""Optional learned parser: MediaPipe face mesh (468 landmarks) + selfie segmentation.
 
-The models are the ``.tflite`` files bundled in the ``mediapipe==0.10.21`` wheel (newer releases
-ship none); they run on the LiteRT interpreter (``ai-edge-litert``), not through mediapipe's own
-Python API, which does not work beside protobuf >= 6. mediapipe is installed without its
-dependencies (its pins would downgrade numpy/protobuf) and only its model files are read::
+The models are the ``.tflite`` files of the ``mediapipe==0.10.21`` wheel (installed with
+``--no-deps``, see ``parse.MESH_INSTALL``; newer releases ship none), or those in the folder
+``MARLIN_FACE_MESH_DIR`` names; they run on the LiteRT interpreter (``ai-edge-litert``), not
+mediapipe's Python API (which does not work beside protobuf >= 6). Nothing is downloaded.
 
-    pip install ai-edge-litert && pip install --no-deps mediapipe==0.10.21
-
-``MARLIN_FACE_MESH_DIR`` may instead name a folder holding ``face_landmark.tflite`` and
-``selfie_segmentation.tflite``. Nothing is downloaded at run time.
-
-Regions are polygons over the mesh's contour landmarks (face oval, eyebrows, eyes, nose, outer and
-inner lips); hair is the segmentation's person mask outside the face oval, above the mouth line
-(below it the mask is mostly neck, ears and clothes).
+Regions are polygons over the mesh's contours; hair is the person mask outside the face oval,
+above the mouth line (below it the mask is mostly neck, ears and clothes).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
-import threading
 
 import cv2
 import numpy as np
@@ -56,10 +50,8 @@ MOUTH_CORNERS = (61, 291)
 _LANDMARK_INPUT = 192
 _SEGMENT_INPUT = 256
 _ROI_SCALE = 1.5  # MediaPipe's face ROI: the detection square enlarged 1.5x, eyes levelled
-_MIN_FACE_LOGIT = 0.0  # the landmark model's face-presence logit; below it the frame falls back
+MIN_FACE_LOGIT = 0.0  # the landmark model's face-presence logit; below it the frame falls back
 
-_CACHE: dict[tuple[str, int], object] = {}
-_LOCK = threading.Lock()
 
 
 def mesh_model_paths() -> dict[str, str] | None:
@@ -81,22 +73,18 @@ def mesh_available() -> bool:
     return importlib.util.find_spec("ai_edge_litert") is not None and mesh_model_paths() is not None
 
 
+@functools.cache
 def _interpreter(kind: str, num_threads: int):
-    with _LOCK:
-        key = (kind, num_threads)
-        if key not in _CACHE:
-            from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_litert.interpreter import Interpreter
 
-            paths = mesh_model_paths()
-            if paths is None:
-                raise RuntimeError(
-                    f"face mesh models not found: install them with `pip install --no-deps "
-                    f"mediapipe==0.10.21` or set {ENV_DIR}"
-                )
-            it = Interpreter(model_path=paths[kind], num_threads=num_threads or None)
-            it.allocate_tensors()
-            _CACHE[key] = it
-        return _CACHE[key]
+    paths = mesh_model_paths()
+    if paths is None:
+        raise RuntimeError(
+            f"face mesh models not found: install them with `pip install --no-deps mediapipe==0.10.21` or set {ENV_DIR}"
+        )
+    it = Interpreter(model_path=paths[kind], num_threads=num_threads or None)
+    it.allocate_tensors()
+    return it
 
 
 def _run(it, x: np.ndarray) -> list[np.ndarray]:
@@ -105,9 +93,7 @@ def _run(it, x: np.ndarray) -> list[np.ndarray]:
     return [it.get_tensor(o["index"]) for o in it.get_output_details()]
 
 
-def mesh_points(
-    crop: np.ndarray, five: np.ndarray, num_threads: int = 1
-) -> tuple[np.ndarray, float]:
+def mesh_points(crop: np.ndarray, five: np.ndarray, num_threads: int = 1) -> tuple[np.ndarray, float]:
     """468 face-mesh landmarks ``(468, 2)`` in crop pixels and the face-presence logit.
 
     The model's input is MediaPipe's face ROI: the crop's square (the face box) enlarged 1.5x
@@ -134,36 +120,36 @@ def person_mask(crop: np.ndarray, num_threads: int = 1) -> np.ndarray:
     return prob > 0.5
 
 
+def fill_polygon(out: np.ndarray, label: int, poly: np.ndarray, shift: int = 4) -> None:
+    """Paints polygon ``poly`` ``(K, 2)`` (float pixels, rasterised at 1/2**shift px) with ``label``."""
+    cv2.fillPoly(out, [np.round(poly * (1 << shift)).astype(np.int32)], int(label), lineType=cv2.LINE_8, shift=shift)
+
+
 def render_mesh(points: np.ndarray, size: int, person: np.ndarray | None = None) -> np.ndarray:
     """LaPa label map uint8 ``(size, size)`` from 468 mesh points (crop pixels) and an optional
     person mask (for hair)."""
-    shift = 4
-    pts = np.round(points * (1 << shift)).astype(np.int32)
     out = np.zeros((size, size), np.uint8)
-
-    def fill(label: int, idx: list[int], target: np.ndarray = out) -> None:
-        cv2.fillPoly(target, [pts[idx]], int(label), lineType=cv2.LINE_8, shift=shift)
-
     if person is not None:
         face = np.zeros_like(out)
-        fill(1, FACE_OVAL, face)
-        mouth_y = points[list(MOUTH_CORNERS), 1].mean()
-        above = np.arange(size)[:, None] < mouth_y
+        fill_polygon(face, 1, points[FACE_OVAL])
+        above = np.arange(size)[:, None] < points[list(MOUTH_CORNERS), 1].mean()
         out[person & (face == 0) & above] = labels.HAIR
-    fill(labels.SKIN, FACE_OVAL)
-    fill(labels.NOSE, NOSE_LOWER)
     eye_dir = points[263] - points[33]
     eye_dir /= max(float(np.linalg.norm(eye_dir)), 1e-6)
     half = 0.2 * float(np.linalg.norm(points[ALAE[1]] - points[ALAE[0]])) * eye_dir
     top = points[NOSE_TOP]
     bridge = np.stack([top - half, top + half, points[NOSE_BRIDGE_ENDS[1]], points[NOSE_BRIDGE_ENDS[0]]])
-    bridge = np.round(bridge * (1 << shift)).astype(np.int32)
-    cv2.fillPoly(out, [bridge], int(labels.NOSE), lineType=cv2.LINE_8, shift=shift)
-    fill(labels.R_BROW, RIGHT_BROW)
-    fill(labels.L_BROW, LEFT_BROW)
-    fill(labels.R_EYE, RIGHT_EYE)
-    fill(labels.L_EYE, LEFT_EYE)
-    fill(labels.U_LIP, OUTER_UPPER_LIP + INNER_UPPER_LIP[::-1])
-    fill(labels.L_LIP, OUTER_LOWER_LIP + INNER_LOWER_LIP[::-1])
-    fill(labels.I_MOUTH, INNER_UPPER_LIP + INNER_LOWER_LIP[1:-1])
+    for label, poly in (
+        (labels.SKIN, points[FACE_OVAL]),
+        (labels.NOSE, points[NOSE_LOWER]),
+        (labels.NOSE, bridge),
+        (labels.R_BROW, points[RIGHT_BROW]),
+        (labels.L_BROW, points[LEFT_BROW]),
+        (labels.R_EYE, points[RIGHT_EYE]),
+        (labels.L_EYE, points[LEFT_EYE]),
+        (labels.U_LIP, points[OUTER_UPPER_LIP + INNER_UPPER_LIP[::-1]]),
+        (labels.L_LIP, points[OUTER_LOWER_LIP + INNER_LOWER_LIP[::-1]]),
+        (labels.I_MOUTH, points[INNER_UPPER_LIP + INNER_LOWER_LIP[1:-1]]),
+    ):
+        fill_polygon(out, label, poly)
     return out

@@ -1,55 +1,31 @@
-"""LaPa-style face parsing maps, offline: two parsers, and every result says which one ran.
+"""LaPa-style face parsing maps, offline; every result says which parser ran.
 
-- ``"template-5pt"`` (the fallback, when the learned parser is not installed; ``"auto"`` warns
-  once that it is in use): no installable package ships face-parsing network
-  weights (BiSeNet / FaRL; ``bisnet`` 1.0.1 on the package index is BiSeNet's code without
-  weights), so a hand-drawn mean-face layout of the LaPa regions in a canonical
-  5-point frame is warped onto each face with the least-squares affine transform that maps its
-  5 canonical points onto the detector's 5 landmarks, and rasterised. It gets the layout right
-  (eyes above nose above mouth, left/right, scale, in-plane rotation, some yaw foreshortening),
-  which is what Fasking needs on its 14 x 14 patch grid; it does not follow individual shapes
-  (open mouths, fringes, hair style, occlusions).
 - ``"mediapipe-mesh"`` (the default when installed, :data:`MESH_INSTALL`): polygons over
-  MediaPipe's learned 468-point face mesh plus its selfie segmentation for hair (see
-  :mod:`marlin_jax.face.mesh`); follows each face's real eye, brow, lip and mouth shapes.
-  ``scripts/compare_parsers.py`` measures how far the two agree on real videos.
+  MediaPipe's learned 468-point face mesh plus its selfie segmentation for hair
+  (:mod:`marlin_jax.face.mesh`).
+- ``"template-5pt"`` (the fallback; ``"auto"`` warns once that it is in use): no installable
+  package ships face-parsing weights, so a hand-drawn mean-face layout of the LaPa regions is
+  warped onto each face by the least-squares affine map of its 5 canonical points onto the
+  detector's 5 landmarks. It gets the layout right (what Fasking needs on its patch grid), not
+  individual shapes (open mouths, hair, occlusions).
 
-The parser that ran is ``ParseResult.method`` / ``FaceParser().method``, and is logged.
-
-Labels (LaPa, in FaRL's order): 0 background, 1 skin, 2 right eyebrow, 3 left eyebrow, 4 right
-eye, 5 left eye, 6 nose, 7 upper lip, 8 inner mouth, 9 lower lip, 10 hair. Right/left are the
-subject's: for a frontal face the subject's right eye (label 4) is on the image's left.
+Labels: :data:`marlin_jax.face.labels.LAPA_LABELS`.
 """
+
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
+from marlin_jax.face import mesh
 from marlin_jax.face.crop import fill_missing
 from marlin_jax.face.detect import SCORE_THRESHOLD, detect_faces, primary_faces
-from marlin_jax.face.labels import (
-    HAIR,
-    I_MOUTH,
-    L_BROW,
-    L_EYE,
-    L_LIP,
-    NOSE,
-    R_BROW,
-    R_EYE,
-    SKIN,
-    U_LIP,
-)
-from marlin_jax.face.mesh import (
-    _MIN_FACE_LOGIT,
-    MESH_METHOD,
-    mesh_available,
-    mesh_points,
-    person_mask,
-    render_mesh,
-)
+from marlin_jax.face.labels import HAIR, I_MOUTH, L_BROW, L_EYE, L_LIP, NOSE, R_BROW, R_EYE, SKIN, U_LIP
+from marlin_jax.face.mesh import MESH_METHOD, fill_polygon, mesh_available
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +105,6 @@ def _build_template() -> list[tuple[int, np.ndarray]]:
 
 
 TEMPLATE = _build_template()
-_SUBPIXEL_BITS = 4
 
 
 def fit_affine(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
@@ -153,11 +128,8 @@ def render_template(landmarks: np.ndarray, size: int) -> np.ndarray:
     ``(size, size)`` label map."""
     affine = fit_affine(CANONICAL_POINTS, np.asarray(landmarks, np.float64))
     out = np.zeros((size, size), np.uint8)
-    scale = 1 << _SUBPIXEL_BITS
     for label, poly in TEMPLATE:
-        pts = poly @ affine[:, :2].T + affine[:, 2]
-        pts = np.round(pts * scale).astype(np.int32)
-        cv2.fillPoly(out, [pts], int(label), lineType=cv2.LINE_8, shift=_SUBPIXEL_BITS)
+        fill_polygon(out, label, poly @ affine[:, :2].T + affine[:, 2])
     return out
 
 
@@ -174,20 +146,15 @@ class ParseResult:
     fallback: int = 0
 
 
-_FALLBACK_WARNED = False
-
-
+@functools.cache
 def _warn_template_fallback() -> None:
     """Says once per process that the default parser is the template fallback, and how to get
     the learned one."""
-    global _FALLBACK_WARNED
-    if not _FALLBACK_WARNED:
-        _FALLBACK_WARNED = True
-        log.warning(
-            "face parsing: the learned parser (%s) is not installed, using the fallback %s "
-            "(a template warped to 5 landmarks: closed lips, fixed hair). For the learned "
-            "parser: %s", MESH_METHOD, PARSER_METHOD, MESH_INSTALL,
-        )  # fmt: skip
+    log.warning(
+        "face parsing: the learned parser (%s) is not installed, using the fallback %s "
+        "(a template warped to 5 landmarks: closed lips, fixed hair). For the learned "
+        "parser: %s", MESH_METHOD, PARSER_METHOD, MESH_INSTALL,
+    )  # fmt: skip
 
 
 def available_methods() -> tuple[str, ...]:
@@ -216,13 +183,9 @@ class FaceParser:
             if self.method == PARSER_METHOD:
                 _warn_template_fallback()
         elif self.method not in methods:
-            known = (MESH_METHOD, PARSER_METHOD)
-            why = (
-                f"unknown face parser {self.method!r}; known: {known}"
-                if self.method not in known
-                else f"face parser {self.method!r} is not installed ({MESH_INSTALL})"
-            )
-            raise ValueError(why)
+            if self.method not in (MESH_METHOD, PARSER_METHOD):
+                raise ValueError(f"unknown face parser {self.method!r}; known: {(MESH_METHOD, PARSER_METHOD)}")
+            raise ValueError(f"face parser {self.method!r} is not installed ({MESH_INSTALL})")
 
     def parse(self, crops: np.ndarray, landmarks: np.ndarray | None = None) -> ParseResult:
         """Face crops uint8 ``(T, S, S, 3)`` -> :class:`ParseResult`.
@@ -249,9 +212,9 @@ class FaceParser:
             threads = self.num_threads or 1
             for i in range(t):
                 if self.method == MESH_METHOD:
-                    points, logit = mesh_points(crops[i], filled[i], threads)
-                    if logit >= _MIN_FACE_LOGIT:
-                        maps[i] = render_mesh(points, size, person_mask(crops[i], threads))
+                    points, logit = mesh.mesh_points(crops[i], filled[i], threads)
+                    if logit >= mesh.MIN_FACE_LOGIT:
+                        maps[i] = mesh.render_mesh(points, size, mesh.person_mask(crops[i], threads))
                         continue
                     fallback += 1
                 maps[i] = render_template(filled[i], size)
@@ -262,9 +225,7 @@ class FaceParser:
         return ParseResult(maps, found, self.method, fallback)
 
 
-def parse_faces(
-    crops: np.ndarray, landmarks: np.ndarray | None = None, parser: FaceParser | None = None
-) -> np.ndarray:
+def parse_faces(crops: np.ndarray, landmarks: np.ndarray | None = None, parser: FaceParser | None = None) -> np.ndarray:
     """Face crops uint8 ``(T, S, S, 3)`` -> LaPa label maps uint8 ``(T, S, S)``.
 
     The parser that ran is logged (and is ``(parser or FaceParser()).method``); use

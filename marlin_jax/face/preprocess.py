@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
+import io
 import json
 import os
 import re
@@ -25,7 +26,6 @@ import cv2
 import numpy as np
 
 from marlin_jax.face.crop import FaceCropper, NoFaceError, crop_square
-from marlin_jax.face.detect import detect_faces
 from marlin_jax.face.parse import FaceParser
 from marlin_jax.video_io import VideoReadError, iter_frames, video_info, write_video
 
@@ -45,45 +45,28 @@ class JobResult:
     message: str = ""
 
 
-# ------------------------------------------------------------------------------------ helpers
-
-
 def natural_key(name: str) -> list:
     """Sort key ordering embedded numbers numerically ("2.10.jpg" after "2.9.jpg")."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
-def _atomic_write(path: str, write: Callable[[str], None], suffix: str) -> None:
-    """Calls ``write(tmp_path)`` then renames to ``path``, so readers never see partial files."""
+def _atomic_write(path: str, data: bytes) -> None:
+    """Writes ``data`` to a temporary name then renames it to ``path``: readers never see a
+    partial file."""
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".part-", suffix=suffix, dir=directory)
-    os.close(fd)
+    fd, tmp = tempfile.mkstemp(prefix=".part-", suffix=os.path.splitext(path)[1], dir=directory)
     try:
-        write(tmp)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def _write_jpeg(path: str, rgb: np.ndarray) -> None:
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise OSError(f"{path}: JPEG encoding failed")
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(buf.tobytes())
-
-    _atomic_write(path, write, ".jpg")
-
-
 def _write_text(path: str, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    _atomic_write(path, write, ".txt")
+    _atomic_write(path, text.encode("utf-8"))
 
 
 def _remove_stale_parts(directory: str) -> None:
@@ -92,14 +75,6 @@ def _remove_stale_parts(directory: str) -> None:
         for n in os.listdir(directory):
             if n.startswith(".part-"):
                 os.remove(os.path.join(directory, n))
-
-
-def _write_npy(path: str, array: np.ndarray) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-
-    _atomic_write(path, write, ".npy")
 
 
 def _worker_init() -> None:
@@ -115,14 +90,9 @@ def _safe(job: Callable[[str], JobResult], key: str) -> JobResult:
         return JobResult(key, "failed", message=f"{type(e).__name__}: {e}")
 
 
-def run_jobs(
-    job: Callable[[str], JobResult], keys: Sequence[str], workers: int, desc: str
-) -> list[JobResult]:
-    """Runs ``job`` on every key with a tqdm bar, in ``workers`` processes (1 = in-process).
-
-    ``job`` must be picklable (a module-level function or a partial of one). Never raises for
-    a failing key: its result has status ``failed`` and the error message.
-    """
+def run_jobs(job: Callable[[str], JobResult], keys: Sequence[str], workers: int, desc: str) -> list[JobResult]:
+    """Runs picklable ``job`` on every key with a tqdm bar, in ``workers`` processes (1 =
+    in-process). Never raises for a failing key: its result has status ``failed``."""
     from tqdm.auto import tqdm
 
     results: list[JobResult] = []
@@ -147,11 +117,8 @@ def run_jobs(
 def summarize(results: Iterable[JobResult], report_path: str | None = None) -> str:
     """A human summary (counts, then every failure); writes all results as JSON lines too."""
     results = sorted(results, key=lambda r: natural_key(r.key))
-    counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
-    lines = [
-        f"{len(results)} videos: {counts['done']} processed, {counts['skipped']} already done, "
-        f"{counts['failed']} failed"
-    ]
+    done, skipped, failed = (sum(r.status == s for r in results) for s in ("done", "skipped", "failed"))
+    lines = [f"{len(results)} videos: {done} processed, {skipped} already done, {failed} failed"]
     lines += [f"  FAILED {r.key}: {r.message}" for r in results if r.status == "failed"]
     if report_path:
         os.makedirs(os.path.dirname(os.path.abspath(report_path)), exist_ok=True)
@@ -160,9 +127,6 @@ def summarize(results: Iterable[JobResult], report_path: str | None = None) -> s
                 f.write(json.dumps(asdict(r)) + "\n")
         lines.append(f"per-video report: {report_path}")
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------ YouTube Faces
 
 
 def list_ytf_videos(data_dir: str) -> list[str]:
@@ -184,10 +148,7 @@ def list_ytf_videos(data_dir: str) -> list[str]:
 
 def _ytf_outputs(data_dir: str, rel: str, name: str) -> tuple[str, str]:
     stem = os.path.splitext(name)[0]
-    return (
-        os.path.join(data_dir, CROP_DIR, rel, stem + ".jpg"),
-        os.path.join(data_dir, PARSING_DIR, rel, stem + ".npy"),
-    )
+    return os.path.join(data_dir, CROP_DIR, rel, stem + ".jpg"), os.path.join(data_dir, PARSING_DIR, rel, stem + ".npy")
 
 
 def _ytf_state(data_dir: str, rel: str, names: list[str], marker: str) -> str | None:
@@ -252,8 +213,13 @@ def process_ytf_video(
     empty = np.zeros((0, *maps.shape[1:]), np.uint8)
     for n, crop, m, f in zip(kept, crops, maps, found, strict=True):
         crop_path, npy_path = _ytf_outputs(data_dir, rel, n)
-        _write_jpeg(crop_path, crop)
-        _write_npy(npy_path, m[None] if f else empty)
+        ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
+        if not ok:
+            raise OSError(f"{crop_path}: JPEG encoding failed")
+        _atomic_write(crop_path, jpeg.tobytes())
+        npy = io.BytesIO()
+        np.save(npy, m[None] if f else empty)
+        _atomic_write(npy_path, npy.getvalue())
     _write_text(marker, json.dumps({"sources": names, "unreadable": bad}) + "\n")
     msg = f"unreadable frames left out: {', '.join(bad)}" if bad else ""
     return JobResult(rel, "done", frames=len(kept), faces=int(found.sum()), message=msg)
@@ -277,10 +243,7 @@ def _unit_hash(text: str) -> float:
 
 
 def write_ytf_splits(
-    data_dir: str,
-    rows: Sequence[tuple[str, int]],
-    val_fraction: float = 0.2,
-    split_dir: str | None = None,
+    data_dir: str, rows: Sequence[tuple[str, int]], val_fraction: float = 0.2, split_dir: str | None = None
 ) -> dict[str, int]:
     """Writes ``train_set.csv`` / ``val_set.csv`` (``path,len``) into ``data_dir``.
 
@@ -325,9 +288,7 @@ def preprocess_ytf(
     cropper = cropper or FaceCropper(num_threads=1 if workers > 1 else 0)
     parser = parser or FaceParser(num_threads=cropper.num_threads)
     videos = list_ytf_videos(data_dir)[:limit]
-    job = functools.partial(
-        process_ytf_video, data_dir=data_dir, cropper=cropper, parser=parser, overwrite=overwrite
-    )
+    job = functools.partial(process_ytf_video, data_dir=data_dir, cropper=cropper, parser=parser, overwrite=overwrite)
     results = run_jobs(job, videos, workers, desc="YouTube Faces")
     ok = [r.key for r in results if r.status != "failed"]
     counts = write_ytf_splits(data_dir, ytf_split_rows(data_dir, ok), val_fraction, split_dir)
@@ -345,38 +306,25 @@ def _write_info(data_dir: str, cropper: FaceCropper, parser: FaceParser | None) 
     _write_text(os.path.join(data_dir, INFO_FILE), json.dumps(info, indent=1) + "\n")
 
 
-# ---------------------------------------------------------------------------------- CelebV-HQ
-
-
 def process_celebvhq_video(
     name: str, data_dir: str, cropper: FaceCropper, overwrite: bool = False, chunk: int = 32
 ) -> JobResult:
     """``downloaded/<name>`` -> ``cropped/<name>``: 224 x 224 face crops, same fps (mp4v).
 
-    Two passes over the file (detect on every frame, smooth the track, then crop), so memory
-    holds the crops but never the full-size video.
+    Two passes over the file (detect on every frame in chunks, smooth the track, then crop), so
+    memory holds the crops but never the full-size video.
     """
     src = os.path.join(data_dir, "downloaded", name)
     dst = os.path.join(data_dir, "cropped", name)
     if not overwrite and os.path.exists(dst):
         return JobResult(name, "skipped")
-    dets, batch = [], []
-    for frame in iter_frames(src):
-        batch.append(frame)
-        if len(batch) == chunk:
-            dets += detect_faces(np.stack(batch), cropper.score_threshold, num_threads=cropper.num_threads)
-            batch = []
-    if batch:
-        dets += detect_faces(np.stack(batch), cropper.score_threshold, num_threads=cropper.num_threads)
-    track = cropper.track_detections(dets, name=src)
+    track = cropper.track_stream(iter_frames(src), name=src, batch_size=chunk)
     crops = [crop_square(f, s, cropper.size)  # the first read already checked the decode
              for f, s in zip(iter_frames(src, check=False), track.squares, strict=False)]
-    if len(crops) != len(dets):
-        raise VideoReadError(f"{src}: decoded {len(dets)} frames, then {len(crops)} on a re-read")
-    fps = video_info(src)["fps"] or 25.0
-    tmp_dir = os.path.join(data_dir, ".cropped.part")
-    tmp = os.path.join(tmp_dir, name)
-    write_video(tmp, np.stack(crops), fps=fps)
+    if len(crops) != track.num_frames:
+        raise VideoReadError(f"{src}: decoded {track.num_frames} frames, then {len(crops)} on a re-read")
+    tmp = os.path.join(data_dir, ".cropped.part", name)
+    write_video(tmp, np.stack(crops), fps=video_info(src)["fps"] or 25.0)
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     os.replace(tmp, dst)
     return JobResult(name, "done", frames=len(crops), faces=int(track.found.sum()))
