@@ -74,9 +74,6 @@ def get_base_config(model_name: str) -> ml_collections.ConfigDict:
     c.attention_impl = ""  # "" = per platform: splash (Pallas) on TPU, cudnn on GPU, xla on CPU
 
     c.log_every_steps = 50
-    # Several processes agree on a SIGTERM every this many steps (one blocking all-gather once
-    # the step is done); one process checks every step.
-    c.preemption_check_every_steps = 5
     c.eval_every_steps = 1000  # validation loss + reconstruction image
     c.num_eval_batches = 8
     c.checkpoint_every_steps = 1000

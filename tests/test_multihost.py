@@ -79,8 +79,8 @@ def test_two_processes_train_one_model_and_write_one_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_stop_at_the_same_step_on_sigterm_to_one_between_log_steps(tmp_path):
-    """SIGTERM to process 1 only, with no log step before the end: both processes agree on it
-    at the next check (every preemption_check_every_steps = 5 steps), save the same step and
+    """SIGTERM to process 1 only, with no log step before the end: both processes learn of it
+    from the train step's all-reduce of the flags one step later, save the same step and
     exit 143; the rerun resumes there in the other block layout (scan_layers: the
     fsdp-sharded state converted across processes) and finishes on both."""
     workdir = tmp_path / "run"

@@ -4,6 +4,10 @@ resume, NaN stop, configs, metric writers, reconstruction grids."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -11,7 +15,9 @@ import numpy as np
 import pytest
 
 from configs import common, vit_base, vit_large, vit_small
+from marlin_jax.preemption import PreemptedError
 from marlin_jax.train import metrics as mt
+from marlin_jax.train import trainer
 from marlin_jax.train.program import model_config
 from marlin_jax.train.trainer import (
     NonFiniteLossError,
@@ -39,6 +45,7 @@ def _tiny_config(**overrides):
     return c
 
 
+ROOT = Path(__file__).resolve().parent.parent
 def test_recipe_configs_have_the_original_values():
     for module, name, enc in ((vit_small, "marlin_vit_small_ytf", 384),
                               (vit_base, "marlin_vit_base_ytf", 768),
@@ -89,13 +96,22 @@ def test_schedule_scales_lr_with_the_global_batch():
 
 
 def test_tensorboardx_writer_writes_event_files(tmp_path):
-    writer = mt.create_writer(tmp_path)
-    assert isinstance(writer, mt.MetricWriter)
+    writer = mt.TensorboardWriter(tmp_path / "tb")
     writer.write_scalars(1, {"loss": 0.5})
     writer.write_images(1, {"img": np.zeros((8, 8, 3), np.uint8)})
-    writer.flush()
+    writer.write_hparams({"lr.base": 1e-4, "data.source": "synthetic"})
     writer.close()
-    assert list(tmp_path.glob("events.out.tfevents.*"))
+    from tensorboardX.proto.event_pb2 import Event
+
+    (path,) = (tmp_path / "tb").glob("events.out.tfevents.*")
+    data, values = path.read_bytes(), {}
+    while data:  # TFRecord: uint64 length, uint32 crc, the Event, uint32 crc
+        n = int.from_bytes(data[:8], "little")
+        for v in Event.FromString(data[12:12 + n]).summary.value:
+            values[v.tag] = v
+        data = data[16 + n:]
+    assert values["loss"].simple_value == 0.5
+    assert values["img"].HasField("image") and "lr.base: 0.0001" in str(values["hparams/text_summary"])
 
 
 def test_console_line_and_mfu():
@@ -163,6 +179,59 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     steps = sorted(int(p.name) for p in (Path(tmp_path) / "run" / "checkpoints").iterdir()
                    if p.name.isdigit())
     assert steps[-1] == good
+
+
+@pytest.mark.slow
+def test_sigterm_stops_one_step_after_the_step_it_reached(tmp_path, monkeypatch):
+    """The flag goes into the next compiled step and is read once that step is done: a SIGTERM
+    while step 1 starts goes into step 2, read after step 3 is dispatched: saved at step 3."""
+    first_step = trainer._check_num_visible
+
+    def sigterm_at_first_step(mask, program):
+        first_step(mask, program)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(trainer, "_check_num_visible", sigterm_at_first_step)
+    cfg = _tiny_config(num_train_steps=10, checkpoint_every_steps=100, eval_every_steps=0)
+    with pytest.raises(PreemptedError) as err:
+        train_and_evaluate(cfg, str(tmp_path / "run"))
+    assert err.value.step == 3
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()] == ["3"]
+
+
+_STOP_ALL_REDUCE = """
+import re, jax
+from tests.test_train_loop import _tiny_config
+from marlin_jax import sharding as shd
+from marlin_jax.train import steps
+from marlin_jax.train.program import build_program, schedule_from_config
+
+pattern = re.compile(r"^\\s*\\S+ = (.*?) all-reduce(?:-start)?\\(", re.M)
+for axes, n in (({"data": 1}, 1), ({"data": 2, "fsdp": 2}, 4)):
+    c = _tiny_config()
+    c.mesh.update(axes)
+    mesh = shd.make_mesh(c.mesh.to_dict(), jax.devices()[:n])
+    p = build_program(c, mesh, schedule_from_config(c, 16))
+    plain = steps.jit_train_step(p.task, p.state_shardings, p.batch_shardings, shd.replicated(mesh))
+    with p.mesh_context():
+        without = plain.lower(p.abstract_state, p.abstract_batch).compile().as_text()
+    with_stop = p.lower_train_step().compile().as_text()
+    print("RESULT", n, sorted(pattern.findall(with_stop)) == sorted(pattern.findall(without) + ["pred[]"])
+          if n > 1 else pattern.findall(with_stop))
+"""
+
+
+@pytest.mark.slow
+def test_the_sigterm_flags_cost_one_all_reduce_of_one_bool():
+    """Compiled HLO: the stop flags add one ``pred[]`` all-reduce to the step on 4 devices (and
+    no collective on one)."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", _STOP_ALL_REDUCE], env=env, cwd=ROOT, text=True,
+                          capture_output=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    assert results == ["RESULT 1 []", "RESULT 4 True"], proc.stdout[-2000:]
 
 
 @pytest.mark.slow

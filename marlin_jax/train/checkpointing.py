@@ -1,20 +1,9 @@
-"""Orbax checkpoints of the train state and the grain data iterator.
-
-A checkpoint ``<workdir>/checkpoints/<step>/`` holds two items:
-``state`` (the TrainState pytree: both models' params, both optimiser states, step, rng; saved
-asynchronously, sharded arrays written by their owners) and ``data_iter`` (one JSON per process
-with the grain iterator position, so a resumed run sees exactly the batches it would have seen).
-Orbax writes into a temporary directory and renames it when complete (atomic), keeps the last
-``max_to_keep`` checkpoints, and restores onto any mesh given an abstract target with shardings.
-
-A step that cannot be read back (files deleted or truncated: a crash, a full disk, a bad copy) is
-renamed aside to ``<step>.damaged`` by :meth:`Checkpointer.restore_newest`, which then restores
-the newest readable step, so that such damage costs one checkpoint interval, not the run.
-
-A state saved in another layout of the same arrays (``scan_layers``: stacked vs per-layer blocks)
-restores through :class:`OtherLayout`: read in the layout it was saved in (sharded, onto the
-run's mesh), then converted on the devices. The item names are the public trainer-checkpoint
-layout of :mod:`marlin_jax.interop.checkpoints`, which reads a workdir as model weights.
+"""Orbax checkpoints ``<directory>/<step>/`` of the train state (``state``: async, sharded
+arrays written by their owners; restored onto any mesh) and the grain iterator (``data_iter``:
+one JSON per process, so a resumed run sees the batches it would have seen). A step that does
+not read back is renamed to ``<step>.damaged`` and the newest readable one restored; a state
+saved in the other ``scan_layers`` layout is restored through :class:`OtherLayout`. The item
+names are the trainer-checkpoint layout of :mod:`marlin_jax.interop.checkpoints`.
 """
 
 from __future__ import annotations
@@ -38,7 +27,6 @@ log = logging.getLogger(__name__)
 
 STATE = TRAINER_STATE_ITEM
 DATA_ITER = TRAINER_DATA_ITER_ITEM
-DAMAGED_SUFFIX = ".damaged"
 
 
 class CheckpointLayoutError(ValueError):
@@ -56,8 +44,7 @@ class SkippedStep(NamedTuple):
 
 class OtherLayout(NamedTuple):
     """Another layout a checkpoint's state may be saved in: its abstract state (with shardings)
-    and the conversion of a state restored in it to the run's layout (jit it with the run's
-    ``out_shardings``: it runs on the restored, sharded arrays)."""
+    and the (jitted) conversion of a state restored in it to the run's layout."""
 
     abstract_state: Any
     convert: Callable[[Any], Any]
@@ -72,9 +59,7 @@ def is_disk_full(exc: BaseException) -> bool:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            return True
-        if "No space left on device" in str(e):
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
             return True
         todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
     return False
@@ -93,13 +78,8 @@ def _shape_multiset(tree: Any) -> collections.Counter:
 
 
 class Checkpointer:
-    """Thin policy layer over ``ocp.CheckpointManager`` for the trainer.
-
-    Args:
-      directory: where step folders go (created; local path or gs://).
-      max_to_keep: keep the newest K checkpoints (None = all).
-      async_save: write arrays in a background thread (the step loop continues).
-    """
+    """``ocp.CheckpointManager`` of step folders in ``directory`` (created; local or gs://),
+    keeping the newest ``max_to_keep`` (None: all); ``async_save`` writes in the background."""
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3,
                  async_save: bool = True):
@@ -117,34 +97,33 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def save(self, step: int, state: Any, data_iter: Any | None = None, *,
-             force: bool = True) -> bool:
-        """Starts saving ``state`` (and the iterator position) as ``step`` (the caller decides
-        when); returns whether a save was started. Array writes continue in the background;
-        call :meth:`wait`."""
+    def save(self, step: int, state: Any, data_iter: Any | None = None) -> bool:
+        """Starts saving ``state`` (and the iterator position) as ``step``; returns whether a save
+        was started. Array writes continue in the background (:meth:`wait`)."""
         items = {STATE: ocp.args.StandardSave(state)}
         if data_iter is not None:
             items[DATA_ITER] = grain.checkpoint.CheckpointSave(data_iter)
-        saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+        saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
         if saved:
             log.info("checkpoint: saving step %d to %s", step, self.directory)
         return saved
 
     def restore(self, step: int, abstract_state: Any, data_iter: Any | None = None, *,
                 other_layouts: Sequence[OtherLayout] = ()) -> Any:
-        """The state of checkpoint ``step`` laid out like ``abstract_state`` (a pytree of
-        ``jax.ShapeDtypeStruct`` with shardings: any mesh). Restores ``data_iter`` in place.
-        A step saved in one of ``other_layouts`` (told apart by its array shapes) is restored in
-        that layout and converted."""
+        """The state of checkpoint ``step`` laid out like ``abstract_state`` (``ShapeDtypeStruct``
+        with shardings: any mesh); restores ``data_iter`` in place. A step saved in one of
+        ``other_layouts`` (told apart by its array shapes) is restored in it and converted."""
         state, convert = self._restore_as_saved(step, abstract_state, data_iter, other_layouts)
         return state if convert is None else convert(state)
 
     def _restore_as_saved(self, step: int, abstract_state: Any, data_iter: Any | None,
                           other_layouts: Sequence[OtherLayout]) -> tuple[Any, Callable | None]:
-        """Step's state in the layout it was saved in, and the conversion to the run's (None:
-        already in it)."""
+        """Step's state in the layout it was saved in, and the conversion to the run's (or None)."""
         target, convert = abstract_state, None
-        saved = self._saved_shapes(step)
+        try:
+            saved = self._saved_shapes(step)
+        except Exception:  # noqa: BLE001  (a damaged step: the restore reports it)
+            saved = None
         if saved is not None and saved != _shape_multiset(abstract_state):
             for other in other_layouts:
                 if saved == _shape_multiset(other.abstract_state):
@@ -159,13 +138,9 @@ class Checkpointer:
             raise FileNotFoundError(f"{self.directory}: no checkpoint for step {step}") from e
         return restored[STATE], convert
 
-    def _saved_shapes(self, step: int) -> collections.Counter | None:
-        """The array shapes of step's state from its metadata (None when unreadable)."""
-        try:
-            path = epath.Path(self.step_path(step)) / STATE  # local or gs://
-            meta = ocp.StandardCheckpointHandler().metadata(path)
-        except Exception:  # noqa: BLE001  (a damaged step: the restore reports it)
-            return None
+    def _saved_shapes(self, step: int) -> collections.Counter:
+        """The array shapes of step's state, from its metadata."""
+        meta = ocp.StandardCheckpointHandler().metadata(epath.Path(self.step_path(step)) / STATE)
         return _shape_multiset(getattr(meta, "tree", meta))
 
     def step_path(self, step: int) -> str:
@@ -175,14 +150,9 @@ class Checkpointer:
     def restore_newest(self, abstract_state: Any, data_iter: Any | None = None, *,
                        rename: bool = True, other_layouts: Sequence[OtherLayout] = ()
                        ) -> tuple[int | None, Any, list[SkippedStep]]:
-        """Restores the newest step that reads back: ``(step, state, skipped)``; ``(None, None,
-        skipped)`` when there is no readable step.
-
-        A step whose files are missing or truncated is logged (one line), renamed aside to
-        ``<step>.damaged`` (by the caller's choice ``rename``: the primary process) and skipped.
-        A readable step whose arrays fit neither ``abstract_state`` nor one of
-        ``other_layouts`` raises :class:`CheckpointLayoutError` (left in place).
-        """
+        """Restores the newest step that reads back: ``(step or None, state, skipped)``. Damaged
+        steps are logged, renamed to ``<step>.damaged`` (if ``rename``) and skipped; a readable
+        step that fits no layout raises :class:`CheckpointLayoutError` (left in place)."""
         skipped: list[SkippedStep] = []
         for step in sorted(self.all_steps(), reverse=True):
             try:
@@ -212,8 +182,7 @@ class Checkpointer:
             if not (folder / name).exists():
                 return f"{name} is missing"
         try:
-            meta = ocp.StandardCheckpointHandler().metadata(folder / STATE)
-            saved = _shape_multiset(getattr(meta, "tree", meta))
+            saved = self._saved_shapes(step)
         except Exception as e:  # noqa: BLE001  (unreadable metadata: damage)
             return f"{STATE}/_METADATA unreadable: {first_line(e)}"
         wanted = _shape_multiset(abstract_state)
@@ -230,10 +199,9 @@ class Checkpointer:
 
     def _move_aside(self, step: int) -> str:
         src = self.step_path(step)
-        dst = src + DAMAGED_SUFFIX
-        n = 1
+        dst, n = src + ".damaged", 1
         while os.path.exists(dst):
-            dst, n = f"{src}{DAMAGED_SUFFIX}.{n}", n + 1
+            dst, n = f"{src}.damaged.{n}", n + 1
         os.rename(src, dst)
         return dst
 

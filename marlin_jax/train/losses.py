@@ -1,13 +1,6 @@
-"""MARLIN's pretraining losses, as the original trainer (ControlNet/MARLIN `model/marlin.py`).
-
-- reconstruction: MSE between predicted and true pixels of the masked tubelets, pixels in
-  (c, pt, ph, pw) order, targets in [0, 1] and NOT normalised per patch (unlike VideoMAE);
-- generator adversarial: ``-D(pred).mean()`` (scaled by ``adv_weight`` in the G loss);
-- critic (WGAN): ``D(fake).mean() - D(real).mean()``;
-- gradient penalty (WGAN-GP): one uniform ``alpha`` per step (``torch.rand(1)`` in the
-  original), interpolates ``alpha * real + (1 - alpha) * fake``, gradient of the summed critic
-  output per patch, ``mean((||g||_2 - 1) ** 2)`` over all patches.
-"""
+"""MARLIN's pretraining losses, as the original trainer (ControlNet/MARLIN ``model/marlin.py``):
+pixel MSE on the masked tubelets (targets in [0, 1], NOT normalised per patch, unlike VideoMAE),
+WGAN generator / critic losses and the WGAN-GP gradient penalty on per-patch interpolates."""
 
 from __future__ import annotations
 
@@ -21,11 +14,8 @@ from marlin_jax.models import patchify, split_by_mask
 
 def masked_targets(video: jax.Array, mask: jax.Array, num_visible: int, patch_size: int,
                    tubelet_size: int) -> jax.Array:
-    """True pixels of the masked tokens, in increasing token order (the decoder's output order).
-
-    video: float ``(B, T, H, W, C)``; mask: bool ``(B, N)`` True = visible.
-    Returns ``(B, N - num_visible, C * pt * ph * pw)``.
-    """
+    """True pixels ``(B, N - num_visible, C * pt * ph * pw)`` of the masked tokens in token order
+    (the decoder's output order); video: float ``(B, T, H, W, C)``; mask: bool ``(B, N)``."""
     patches = patchify(video, patch_size, tubelet_size)
     _, masked_idx = split_by_mask(mask, num_visible)
     return jnp.take_along_axis(patches, masked_idx[..., None], axis=1)
@@ -48,11 +38,8 @@ def critic_loss(fake_scores: jax.Array, real_scores: jax.Array) -> jax.Array:
 
 def gradient_penalty(critic: Callable[[jax.Array], jax.Array], real: jax.Array, fake: jax.Array,
                      alpha: jax.Array) -> jax.Array:
-    """WGAN-GP on per-patch interpolates.
-
-    critic: ``(B, M, P) -> (B, M, 1)`` applied independently per patch; real, fake: ``(B, M, P)``
-    (fake already detached); alpha: scalar in [0, 1). Returns the scalar penalty.
-    """
+    """WGAN-GP ``mean((||grad D(x)||_2 - 1) ** 2)`` over the patches of ``x = alpha * real + (1 -
+    alpha) * fake``; critic: ``(B, M, P) -> (B, M, 1)`` per patch; real, fake: ``(B, M, P)``."""
     interpolates = alpha * real + (1.0 - alpha) * fake
     grads = jax.grad(lambda x: jnp.sum(critic(x).astype(jnp.float32)))(interpolates)
     norms = jnp.sqrt(jnp.sum(jnp.square(grads.astype(jnp.float32)), axis=-1))

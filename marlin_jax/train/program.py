@@ -1,9 +1,6 @@
-"""The compiled pretraining program: model graph, optimisers, shardings and the jitted steps.
-
-Built by ONE function, :func:`build_program`, for both the trainer (which runs it) and the
-ahead-of-time tool ``python -m marlin_jax.aot`` (which compiles it for a TPU/GPU topology on a
-CPU host and reports memory and cost): what the tool measures is what the trainer would run.
-Everything here depends only on the config, the mesh and the schedule, never on data.
+"""The compiled pretraining program (model graph, optimisers, shardings, jitted steps), built by
+:func:`build_program` for both the trainer and ``python -m marlin_jax.aot``, so that the AOT
+tool measures what the trainer runs. It depends on the config, mesh and schedule, never on data.
 """
 
 from __future__ import annotations
@@ -16,7 +13,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-from jax.sharding import Mesh
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from marlin_jax import sharding as shd
 from marlin_jax.models import MarlinConfig, config_from_mapping
@@ -38,8 +37,7 @@ class Schedule:
 
 def schedule_from_config(config: ml_collections.ConfigDict, train_size: int | None) -> Schedule:
     """Epochs -> steps and lr scaled by global_batch / 256. ``train_size``: clips in the train
-    split, needed only when ``config.steps_per_epoch <= 0`` (None there: one step per epoch, as
-    for an ahead-of-time compile, where the schedule's values do not change the program)."""
+    split, needed only when ``config.steps_per_epoch <= 0`` (None: one step per epoch, for AOT)."""
     batch = int(config.global_batch_size)
     steps_per_epoch = int(config.steps_per_epoch)
     if steps_per_epoch <= 0:
@@ -82,27 +80,18 @@ def compute_dtype(name: str, platform: str) -> Any:
 
 
 def attention_impl(name: str, platform: str, dtype: Any = jnp.bfloat16) -> str | None:
-    """``""`` / ``auto`` = :func:`models.layers.default_attention_impl` for training (splash on
-    TPU, cuDNN on GPU with 16-bit activations, batched XLA otherwise); any other value is used
-    as given."""
+    """``""`` / ``auto`` = :func:`models.layers.default_attention_impl` for training; any other
+    value as given."""
     if name in ("", "auto"):
         return default_attention_impl(platform, dtype, training=True)
     return name
 
 
-def num_visible_tokens(model_cfg: MarlinConfig, mask_ratio: float) -> int:
-    """Visible tokens per clip, as the masking code: ``int(N * (1 - mask_ratio))``."""
-    return int(model_cfg.num_tokens * (1 - mask_ratio))
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainProgram:
-    """What the trainer runs: the task, the abstract sharded state and batch, the jitted steps.
-
-    ``abstract_state`` / ``abstract_batch`` are ``jax.ShapeDtypeStruct`` pytrees that carry their
-    shardings (restore targets and lowering arguments). Trace and lower inside
-    :meth:`mesh_context` (Pallas attention is wrapped in ``shard_map`` over the context mesh).
-    """
+    """What the trainer runs: the task, the abstract (``ShapeDtypeStruct`` with shardings) state,
+    batch and stop flags, the jitted steps. Trace and lower inside :meth:`mesh_context` (Pallas
+    attention is wrapped in ``shard_map`` over the context mesh)."""
 
     config: ml_collections.ConfigDict
     model_cfg: MarlinConfig
@@ -118,6 +107,7 @@ class TrainProgram:
     state_shardings: Any
     batch_shardings: dict[str, Any]
     abstract_batch: dict[str, jax.ShapeDtypeStruct]
+    abstract_stop: jax.ShapeDtypeStruct
     train_step: Callable[..., Any]
     eval_step: Callable[..., Any]
 
@@ -127,9 +117,16 @@ class TrainProgram:
             yield
 
     def lower_train_step(self) -> Any:
-        """``jax.stages.Lowered`` of the train step on the abstract state and batch."""
+        """``jax.stages.Lowered`` of the train step on the abstract state, batch and stop flags."""
         with self.mesh_context():
-            return self.train_step.lower(self.abstract_state, self.abstract_batch)
+            return self.train_step.lower(self.abstract_state, self.abstract_batch,
+                                         self.abstract_stop)
+
+    def stop_flags(self, requested: bool) -> jax.Array:
+        """The train step's ``stop`` argument: this process's SIGTERM flag on each of its devices
+        (bool ``(mesh.size,)``, one element per device); the step returns their ``any``."""
+        return jax.make_array_from_callback(self.abstract_stop.shape, self.abstract_stop.sharding,
+                                            lambda _: np.array([requested]))
 
     def model_flops_per_step(self) -> float:
         """Model FLOPs of one train step over the global batch (see :func:`train_step_flops`)."""
@@ -156,13 +153,11 @@ def build_program(config: ml_collections.ConfigDict, mesh: Mesh, schedule: Sched
     impl = attention_impl(config.attention_impl, platform, dtype)
     batch = int(config.global_batch_size)
     check_batch(batch, mesh, process_count)
-    k = num_visible_tokens(model_cfg, config.data.mask_ratio)
+    k = int(model_cfg.num_tokens * (1 - config.data.mask_ratio))  # as the masking code
 
     opt = config.optimizer
-    def optimizer():
-        return st.make_optimizer(b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
-                                 grad_clip=opt.grad_clip)
-    g_tx, d_tx = optimizer(), optimizer()
+    g_tx = d_tx = st.make_optimizer(b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                                    weight_decay=opt.weight_decay, grad_clip=opt.grad_clip)
     per = schedule.steps_per_epoch if config.lr.per_epoch else 1
     lr = st.lr_schedule(schedule.base_lr, schedule.min_lr, schedule.warmup_steps,
                         schedule.total_steps, per)
@@ -190,13 +185,15 @@ def build_program(config: ml_collections.ConfigDict, mesh: Mesh, schedule: Sched
         "mask": jax.ShapeDtypeStruct((batch, model_cfg.num_tokens), jnp.bool_,
                                      sharding=batch_shardings["mask"]),
     }
+    stop_sharding = NamedSharding(mesh, P(mesh.axis_names))
     repl = shd.replicated(mesh)
     return TrainProgram(
         config=config, model_cfg=model_cfg, mesh=mesh, platform=platform, dtype=dtype,
         attention_impl=impl, global_batch=batch, num_visible=k, task=task, init_fn=init_fn,
         abstract_state=abstract_state, state_shardings=state_shardings,
         batch_shardings=batch_shardings, abstract_batch=abstract_batch,
-        train_step=steps.jit_train_step(task, state_shardings, batch_shardings, repl),
+        abstract_stop=jax.ShapeDtypeStruct((mesh.size,), jnp.bool_, sharding=stop_sharding),
+        train_step=steps.jit_train_step(task, state_shardings, batch_shardings, repl, stop_sharding),
         eval_step=steps.jit_eval_step(task, state_shardings, batch_shardings, repl))
 
 
@@ -212,40 +209,25 @@ def _transformer_flops(tokens: int, dim: int, depth: int, mlp_ratio: float) -> f
     return float(depth * per_block)
 
 
-def generator_forward_flops(cfg: MarlinConfig, num_visible: int) -> float:
-    """Forward FLOPs of encoder + projection + decoder for one clip with ``num_visible`` of
-    ``N`` tokens visible (the patch embedding runs on all ``N`` tokens, as in the model)."""
-    n, k, d, dd = cfg.num_tokens, num_visible, cfg.encoder_embed_dim, cfg.decoder_embed_dim
-    flops = 2.0 * n * cfg.patch_dim * d
-    flops += _transformer_flops(k, d, cfg.encoder_depth, cfg.mlp_ratio)
-    flops += 2.0 * k * d * dd
-    flops += _transformer_flops(n, dd, cfg.decoder_depth, cfg.mlp_ratio)
-    flops += 2.0 * (n - k) * dd * cfg.patch_dim
-    return flops
-
-
-def critic_forward_flops(cfg: MarlinConfig, tokens: int) -> float:
-    """Forward FLOPs of the patch critic over ``tokens`` patches."""
-    return 2.0 * tokens * (cfg.patch_dim * cfg.discriminator_hidden + cfg.discriminator_hidden)
-
-
 def train_step_flops(cfg: MarlinConfig, batch: int, num_visible: int, *, d_steps: int = 1,
                      g_steps: int = 1, gp: bool = False) -> float:
-    """Model FLOPs of one train step (the MFU numerator; recomputation by remat not counted).
+    """Model FLOPs of one train step (the MFU numerator; remat's recomputation not counted).
 
-    A backward pass costs 2x its forward (input and weight gradients) where both are needed,
-    1x where one is. Per clip: each G update = generator forward + backward (3x; the patch
-    embedding 2x: no gradient flows into the clip) + the critic on the prediction, forward and
-    input gradient only (2x); each D update = the critic on fake and real, forward and weight
-    gradients only (2 x 2x), plus with the gradient penalty a double backward of the critic on
-    the interpolates (counted as 3 more critic passes). The step's first G forward is shared
-    with the D updates, as in :func:`steps.train_step`. Matches the matmul FLOPs of the compiled
-    GPU step to a few % (``aot`` reads them from the kernels).
+    A backward pass costs 2x its forward where input and weight gradients are both needed, 1x
+    where one is. Per clip: each G update = generator forward + backward (3x; the patch
+    embedding 2x: no gradient into the clip) + the critic on the prediction (forward + input
+    gradient: 2x); each D update = the critic on fake and real (forward + weight gradients:
+    2 x 2x), plus 3 critic passes for the gradient penalty's double backward. The first G
+    forward is shared with the D updates (:func:`steps.train_step`). Matches the matmul FLOPs of
+    the compiled GPU step to a few %.
     """
-    masked = cfg.num_tokens - num_visible
-    gen = generator_forward_flops(cfg, num_visible)
-    critic = critic_forward_flops(cfg, masked)
-    patch_embedding = 2.0 * cfg.num_tokens * cfg.patch_dim * cfg.encoder_embed_dim
+    n, k, d, dd, pd = (cfg.num_tokens, num_visible, cfg.encoder_embed_dim, cfg.decoder_embed_dim,
+                       cfg.patch_dim)
+    patch_embedding = 2.0 * n * pd * d
+    gen = (patch_embedding + _transformer_flops(k, d, cfg.encoder_depth, cfg.mlp_ratio)
+           + 2.0 * k * d * dd + _transformer_flops(n, dd, cfg.decoder_depth, cfg.mlp_ratio)
+           + 2.0 * (n - k) * dd * pd)
+    critic = 2.0 * (n - k) * (pd * cfg.discriminator_hidden + cfg.discriminator_hidden)
     per_d = 2 * 2 * critic + (3 * critic if gp else 0)
     per_g = 3 * gen - patch_embedding + 2 * critic
     return float(batch * (d_steps * per_d + g_steps * per_g))

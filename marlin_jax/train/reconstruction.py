@@ -1,10 +1,5 @@
-"""Reconstruction images: original | masked input | reconstruction, one row per shown frame.
-
-As the original's ``_log_sample_reconstruction_image``: masked tubelets are drawn grey (0.5) in
-the middle column; the right column shows the visible pixels unchanged and the model's
-prediction in the masked tubelets. Small clips are enlarged (nearest neighbour) so that every
-column is at least :data:`MIN_COLUMN_WIDTH` pixels wide, under a header row naming the columns.
-"""
+"""Reconstruction images, as the original's ``_log_sample_reconstruction_image``: original |
+masked input (masked tubelets grey) | reconstruction (visible pixels + predicted masked ones)."""
 
 from __future__ import annotations
 
@@ -22,14 +17,10 @@ _FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 def reconstruction_grid(video: np.ndarray, mask: np.ndarray, pred: np.ndarray, *,
                         patch_size: int, tubelet_size: int, num_frames: int = 4) -> np.ndarray:
-    """A uint8 RGB image ``(header + rows * s * H, 3 * s * W, 3)`` for ONE clip, ``s`` the
-    enlargement ``ceil(MIN_COLUMN_WIDTH / W)`` (1 for 224 px clips), under a white header row
-    naming the columns (:data:`COLUMN_TITLES`).
-
-    video: ``(T, H, W, 3)`` uint8 or float in [0, 1]; mask: bool ``(N,)`` True = visible;
-    pred: ``(N - k, patch_dim)`` predicted pixels of the masked tokens in increasing order.
-    ``num_frames`` frames evenly spaced over the clip are shown (one per row).
-    """
+    """A uint8 RGB image ``(header + rows * s * H, 3 * s * W, 3)`` of ONE clip, one row per shown
+    frame (``num_frames``, evenly spaced), enlarged ``s = ceil(MIN_COLUMN_WIDTH / W)`` times, under
+    a header naming the columns. video: ``(T, H, W, 3)`` uint8 or float in [0, 1]; mask: bool
+    ``(N,)`` True = visible; pred: ``(N - k, patch_dim)`` masked tokens' pixels in token order."""
     video = np.asarray(video)
     x = video.astype(np.float32) / 255.0 if video.dtype == np.uint8 else video.astype(np.float32)
     t, h, w, _ = x.shape
@@ -59,10 +50,8 @@ def reconstruction_grid(video: np.ndarray, mask: np.ndarray, pred: np.ndarray, *
 def _header(column_width: int, titles: tuple[str, ...]) -> np.ndarray:
     """A white uint8 RGB row ``(h, len(titles) * column_width, 3)`` with each title centred in
     black over its column, at the largest font size (up to 0.8) that fits the column."""
-    font_scale = 0.8
-    widest = max(titles, key=lambda t: cv2.getTextSize(t, _FONT, 1.0, 1)[0][0])
-    while font_scale > 0.3 and cv2.getTextSize(widest, _FONT, font_scale, 1)[0][0] > column_width - 8:
-        font_scale -= 0.05
+    widest = max(cv2.getTextSize(t, _FONT, 1.0, 1)[0][0] for t in titles)
+    font_scale = max(0.3, min(0.8, (column_width - 8) / widest))
     text_h = cv2.getTextSize("Ag", _FONT, font_scale, 1)[0][1]
     height = text_h * 2 + 8
     row = np.full((height, column_width * len(titles), 3), 255, np.uint8)

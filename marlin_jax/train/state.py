@@ -1,17 +1,13 @@
-"""Train state, optimisers and learning-rate schedules of MARLIN pretraining.
-
-The state is a plain pytree (no graph objects) so that jit, sharding rules and orbax see only
-arrays: the generator's parameters (encoder + enc_dec_proj + decoder) and the critic's
-(discriminator) are pure nested dicts keyed like the nnx module tree
-(``encoder/blocks/0/attn/qkv/kernel``), each with its own AdamW state, as the original trainer
-has two optimisers. With ``scan_layers`` the blocks are stacked (``encoder/blocks/attn/qkv/kernel``
-with a leading layer axis; :func:`marlin_jax.models.stack_layers`), in the parameters and in the
-optimiser states alike; checkpoint readers unstack them to the per-layer layout.
+"""Train state, optimisers and learning-rate schedules of MARLIN pretraining. The state is a
+pytree of arrays: generator (encoder, enc_dec_proj, decoder) and critic (discriminator) parameters
+keyed like the nnx module tree, each with its own AdamW state (as the original's two optimisers);
+``scan_layers`` stacks the blocks (:func:`marlin_jax.models.stack_layers`) in both alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -31,12 +27,8 @@ CRITIC_KEYS = ("discriminator",)
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything that changes during training (all arrays; checkpointed as one pytree).
-
-    step: int32 scalar, number of completed training steps (batches);
-    rng: uint32 ``(2,)`` raw PRNG key data of the run (folded with the step for the
-    gradient-penalty interpolation weights, so it stays constant).
-    """
+    """Everything that changes during training (checkpointed as one pytree). ``step``: int32,
+    completed batches; ``rng``: uint32 ``(2,)`` key of the run (constant: folded with the step)."""
 
     step: jax.Array
     g_params: Params
@@ -62,11 +54,8 @@ class ModelDef:
 def build_model_def(config: MarlinConfig, *, dtype: Any = jnp.float32, remat_policy: str = "none",
                     scan_layers: bool = False, attention_impl: str | None = None) -> ModelDef:
     """The graph of a MarlinModel with decoder and discriminator, without materialising its
-    parameters: the graph comes from an abstract build, the non-parameter state (fixed tables)
-    from a jitted build whose unused parameter initialisers XLA removes.
-
-    ``remat_policy``: a :data:`marlin_jax.models.REMAT_POLICIES` name; ``scan_layers``: the
-    stacked block layout (the parameters must be stacked too: :func:`init_params`)."""
+    parameters (the non-parameter tables come from a jitted build whose parameter initialisers
+    XLA removes). ``remat_policy``: a :data:`marlin_jax.models.REMAT_POLICIES` name."""
 
     def build():
         return MarlinModel(config, rngs=nnx.Rngs(0), with_decoder=True, with_discriminator=True,
@@ -80,10 +69,8 @@ def build_model_def(config: MarlinConfig, *, dtype: Any = jnp.float32, remat_pol
 
 def init_params(config: MarlinConfig, rng: jax.Array, *, scan_layers: bool = False
                 ) -> tuple[Params, Params]:
-    """Fresh (generator, critic) parameters with the original initialisers. Pure: jit-able.
-
-    ``scan_layers``: the stacked block layout, holding the same values as the per-layer one
-    (the same ``rng`` gives the same initial model in both layouts)."""
+    """Fresh (generator, critic) parameters with the original initialisers (pure: jit-able);
+    ``scan_layers``: stacked, the same values as the per-layer layout for the same ``rng``."""
     model = MarlinModel(config, rngs=nnx.Rngs(rng), with_decoder=True,
                         with_discriminator=True)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -103,12 +90,9 @@ def split_params(params: Params) -> tuple[Params, Params]:
 
 def lr_schedule(base_lr: float, min_lr: float, warmup_steps: int, total_steps: int,
                 steps_per_update: int = 1) -> Callable[[jax.Array], jax.Array]:
-    """The original schedule: linear warm-up from 0 to ``base_lr`` (``np.linspace(0, lr, W)``)
-    then half-cosine from ``base_lr`` to ``min_lr`` at ``total_steps``.
-
-    ``steps_per_update`` > 1 holds the rate constant over blocks of steps (the original changes
-    it once per epoch: pass steps_per_epoch); 1 = a smooth per-step schedule.
-    """
+    """The original schedule: linear warm-up from 0 to ``base_lr`` (``np.linspace(0, lr, W)``),
+    then half-cosine to ``min_lr`` at ``total_steps``. ``steps_per_update`` > 1 holds the rate
+    over blocks of steps (the original: once per epoch)."""
     if total_steps <= 0:
         raise ValueError(f"total_steps must be positive, got {total_steps}")
     warmup_steps = min(max(int(warmup_steps), 0), total_steps)
@@ -158,19 +142,11 @@ def init_train_state(config: MarlinConfig, g_tx: optax.GradientTransformation,
                       g_opt_state=g_tx.init(g_params), d_opt_state=d_tx.init(d_params), rng=rng)
 
 
-def count_params(tree: Any) -> int:
-    return sum(int(x.size) for x in jax.tree.leaves(tree))
-
-
 def with_adam_moments(opt_state: optax.OptState, mu: Params, nu: Params, count: int
                       ) -> optax.OptState:
-    """``opt_state`` (e.g. of :func:`make_optimizer`) with its one ``ScaleByAdamState`` replaced:
-    moments ``mu`` / ``nu`` (pytrees with the structure and shapes of the parameters, cast to
-    the state's dtypes) and the Adam step ``count`` (bias correction continues from there).
-
-    Raises ValueError when the state holds no or several Adam states, or the moments' structure
-    or shapes differ from the state's.
-    """
+    """``opt_state`` with its one ``ScaleByAdamState`` replaced by moments ``mu`` / ``nu`` (shaped
+    like the parameters; cast to the state's dtypes) and step ``count``. ValueError when the
+    state has no or several Adam states, or the moments' structure or shapes differ."""
     is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)  # noqa: E731
     found = [x for x in jax.tree.leaves(opt_state, is_leaf=is_adam) if is_adam(x)]
     if len(found) != 1:
@@ -186,9 +162,7 @@ def with_adam_moments(opt_state: optax.OptState, mu: Params, nu: Params, count: 
         if bad:
             raise ValueError(f"Adam {name} shapes differ from the optimiser state: {bad[:10]}")
 
-    def cast(new: Any, ref: Any) -> Any:
-        return jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), new, ref)
-
+    cast = functools.partial(jax.tree.map, lambda a, b: jnp.asarray(a, b.dtype))
     adam = optax.ScaleByAdamState(count=jnp.asarray(count, old.count.dtype),
                                   mu=cast(mu, old.mu), nu=cast(nu, old.nu))
     return jax.tree.map(lambda x: adam if is_adam(x) else x, opt_state, is_leaf=is_adam)

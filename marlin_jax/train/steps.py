@@ -1,19 +1,13 @@
-"""The jit-able MARLIN pretraining step: ``d_steps`` critic updates, then ``g_steps`` generator
-updates on the same batch, with separate AdamW optimisers (as the original Lightning module).
-
-Batches are ``{"video": uint8 (B, T, H, W, 3), "mask": bool (B, N)}`` (True = visible, the same
-``num_visible`` per sample); pixels are scaled to [0, 1] inside the step.
-
-The generator forward of the first G update is shared with the critic updates: the original
-re-runs the encoder/decoder for every D and G update, but the generator's parameters do not
-change during the D updates, so ``jax.vjp`` keeps that forward's residuals and the G update
-back-propagates through it once the critic is updated. Same numbers, one encoder/decoder forward
-less per batch.
+"""The jit-able MARLIN pretraining step: ``d_steps`` critic then ``g_steps`` generator updates on
+one batch ``{"video": uint8 (B, T, H, W, 3), "mask": bool (B, N)}``, two AdamW optimisers (as the
+original). The first G update reuses the generator forward of the critic updates (``jax.vjp``
+keeps its residuals): the original's numbers with one encoder/decoder forward less per batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -42,7 +36,8 @@ class StepConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """What the step functions need besides arrays: model graph, optimisers, schedules."""
+    """What the step functions need besides arrays: model graph, optimisers, schedules; gradients
+    are constrained to ``grad_shardings`` (generator, critic) so that FSDP reduce-scatters them."""
 
     model: ModelDef
     g_tx: optax.GradientTransformation
@@ -51,8 +46,6 @@ class Task:
     d_schedule: Callable[[jax.Array], jax.Array]
     step: StepConfig
     grad_shardings: tuple[Any, Any] | None = None
-    """(generator, critic) parameter shardings: gradients are constrained to them, so that an
-    FSDP mesh reduce-scatters each gradient to its shard instead of all-reducing it whole."""
 
 
 def _shard_grads(grads: Any, shardings: Any) -> Any:
@@ -60,8 +53,8 @@ def _shard_grads(grads: Any, shardings: Any) -> Any:
 
 
 def gp_alpha(rng: jax.Array, step: jax.Array, d_update: int) -> jax.Array:
-    """The gradient-penalty interpolation weight of D update ``d_update`` at ``step``: one
-    uniform scalar per update, as the original's ``torch.rand(1)``."""
+    """The gradient-penalty interpolation weight of D update ``d_update`` at ``step`` (one uniform
+    scalar per update, as the original's ``torch.rand(1)``)."""
     key = jax.random.fold_in(jax.random.fold_in(rng, step), d_update)
     return jax.random.uniform(key, (), jnp.float32)
 
@@ -100,12 +93,12 @@ def _targets(task: Task, video: jax.Array, mask: jax.Array) -> jax.Array:
                                                     cfg.patch_size, cfg.tubelet_size))
 
 
-def train_step(task: Task, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-    """One batch: ``d_steps`` critic updates then ``g_steps`` generator updates.
-
-    Returns the new state and scalar metrics: rec_loss, adv_loss (already x adv_weight), g_loss,
-    d_loss (critic + gp_weight * gp), d_loss0 (critic), gp, g_lr, d_lr, grad norms, finite.
-    """
+def train_step(task: Task, state: TrainState, batch: Batch,
+               stop: jax.Array | None = None) -> tuple[TrainState, Metrics]:
+    """One batch: ``d_steps`` critic updates then ``g_steps`` generator updates. Returns the new
+    state and scalar metrics: rec_loss, adv_loss (x adv_weight), g_loss, d_loss (+ gp_weight * gp),
+    d_loss0, gp, g_lr, d_lr, grad norms, finite, and with ``stop`` (one SIGTERM flag per device)
+    ``stop`` = any of them."""
     cfg = task.step
     video = video_to_float(batch["video"])
     mask = batch["mask"]
@@ -159,6 +152,8 @@ def train_step(task: Task, state: TrainState, batch: Batch) -> tuple[TrainState,
 
     metrics = {**d_metrics, **g_metrics, "g_lr": g_lr, "d_lr": d_lr}
     metrics["finite"] = jnp.all(jnp.stack([jnp.isfinite(v) for v in metrics.values()]))
+    if stop is not None:  # one tiny all-reduce: every process learns of any SIGTERM
+        metrics["stop"] = jnp.any(stop)
     new_state = state.replace(step=state.step + 1, g_params=g_params, d_params=d_params,
                               g_opt_state=g_opt, d_opt_state=d_opt)
     return new_state, metrics
@@ -172,12 +167,9 @@ def mean_colour_prediction(task: Task, video: jax.Array, mask: jax.Array) -> jax
 
 
 def eval_step(task: Task, state: TrainState, batch: Batch) -> Metrics:
-    """Validation losses without updates (the original's validation_step: no gradient penalty).
-
-    Besides the original's losses: ``mean_colour_loss``, the reconstruction loss of
-    :func:`mean_colour_prediction`, and ``rec_vs_mean_colour`` = rec_loss / mean_colour_loss
-    (below 1: the model beats predicting each clip's mean colour; 0.25 = 4x lower error).
-    """
+    """Validation losses (the original's validation_step: no gradient penalty), plus
+    ``mean_colour_loss`` (of :func:`mean_colour_prediction`) and ``rec_vs_mean_colour`` =
+    rec_loss / mean_colour_loss (below 1: the model beats each clip's mean colour)."""
     video = video_to_float(batch["video"])
     mask = batch["mask"]
     target = _targets(task, video, mask)
@@ -198,17 +190,18 @@ def reconstruct(task: Task, state: TrainState, batch: Batch) -> jax.Array:
     return pred.astype(jnp.float32)
 
 
-def jit_train_step(task: Task, state_shardings: Any, batch_shardings: Any,
-                   metric_sharding: Any) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """``train_step`` jitted with explicit in/out shardings; the input state is donated."""
-    return jax.jit(lambda s, b: train_step(task, s, b),
-                   in_shardings=(state_shardings, batch_shardings),
-                   out_shardings=(state_shardings, metric_sharding),
-                   donate_argnums=(0,))
+def jit_train_step(task: Task, state_shardings: Any, batch_shardings: Any, metric_sharding: Any,
+                   stop_sharding: Any = None) -> Callable[..., tuple[TrainState, Metrics]]:
+    """``train_step`` jitted with explicit in/out shardings; the input state is donated. With
+    ``stop_sharding`` the step takes the SIGTERM flags ``(state, batch, stop)``."""
+    in_shardings = (state_shardings, batch_shardings)
+    if stop_sharding is not None:
+        in_shardings += (stop_sharding,)
+    return jax.jit(functools.partial(train_step, task), in_shardings=in_shardings,
+                   out_shardings=(state_shardings, metric_sharding), donate_argnums=(0,))
 
 
 def jit_eval_step(task: Task, state_shardings: Any, batch_shardings: Any,
                   metric_sharding: Any) -> Callable[[TrainState, Batch], Metrics]:
-    return jax.jit(lambda s, b: eval_step(task, s, b),
-                   in_shardings=(state_shardings, batch_shardings),
-                   out_shardings=metric_sharding)
+    return jax.jit(functools.partial(eval_step, task),
+                   in_shardings=(state_shardings, batch_shardings), out_shardings=metric_sharding)

@@ -1,16 +1,13 @@
-"""The MARLIN pretraining loop: data, mesh, sharded state, jitted G+D steps, checkpoints,
-metrics, validation and reconstruction images. Entry point :func:`train_and_evaluate`.
-
-Runs unchanged on one CPU, one GPU, several GPUs and multi-host pods: every process reads its own
-shard of the data (``jax.process_index()``), batches are assembled into global arrays sharded
-over ``data x fsdp``, parameters and optimiser states follow :data:`marlin_jax.sharding.MARLIN_RULES`.
-"""
+"""The MARLIN pretraining loop (:func:`train_and_evaluate`): data, mesh, sharded state, the
+compiled G+D step, checkpoints, metrics, validation and reconstruction images. Every process
+reads its own data shard; batches are global arrays sharded over ``data x fsdp``."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import errno
+import functools
 import json
 import logging
 import os
@@ -22,43 +19,27 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
+from clu import metrics as clu_metrics
+from flax import nnx, traverse_util
+from jax.experimental import multihost_utils
 
 from marlin_jax import sharding as shd
 from marlin_jax.data import make_dataset, make_source
-from marlin_jax.distributed import any_process
 from marlin_jax.interop.checkpoints import CONFIG_FILE, write_config_file
-from marlin_jax.interop.optimizer_state import (
-    AdamMoments,
-    lightning_adam_moments,
-    read_lightning_checkpoint,
-)
+from marlin_jax.interop.optimizer_state import AdamMoments, lightning_adam_moments, read_lightning_checkpoint
 from marlin_jax.models import MarlinConfig, MarlinModel, is_stacked, stack_layers, unstack_layers
 from marlin_jax.models.config import config_from_json_file
 from marlin_jax.preemption import PreemptedError, SigtermFlag
 from marlin_jax.train import metrics as mt
 from marlin_jax.train import reconstruction, steps
 from marlin_jax.train import state as st
-from marlin_jax.train.checkpointing import (
-    Checkpointer,
-    CheckpointLayoutError,
-    OtherLayout,
-    is_disk_full,
-)
-from marlin_jax.train.program import (
-    Schedule,
-    TrainProgram,
-    build_program,
-    model_config,
-    schedule_from_config,
-)
+from marlin_jax.train.checkpointing import Checkpointer, CheckpointLayoutError, OtherLayout, is_disk_full
+from marlin_jax.train.program import Schedule, TrainProgram, build_program, model_config, schedule_from_config
 
 log = logging.getLogger(__name__)
 
 METRIC_NAMES = ("rec_loss", "adv_loss", "g_loss", "d_loss", "d_loss0", "gp", "g_lr", "d_lr",
                 "g_grad_norm", "d_grad_norm")
-
-
 RUN_CONFIG_FILE = "config.json"
 PREVIOUS_PREFIX = "previous-"  # fresh_start moves a workdir's contents to previous-<time>/
 # MarlinConfig fields that change neither the parameters nor their meaning for a restore
@@ -70,8 +51,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class RunMismatchError(ValueError):
-    """The workdir holds the checkpoints of another run (model shape, clip geometry, optimiser
-    layout)."""
+    """The workdir holds the checkpoints of another run."""
 
 
 class CheckpointDiskFullError(OSError):
@@ -84,35 +64,23 @@ class CheckpointDiskFullError(OSError):
         return self.strerror
 
 
-# ----------------------------------------------------------------------------- configuration
-
-
 def resolve_data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The data config, with the synthetic dataset when none is configured (said loudly)."""
     data = ml_collections.ConfigDict(config.data.to_dict())
     if not data.source:
-        log.warning("No dataset configured (config.data.source is empty): training on the "
-                    "built-in synthetic face-video dataset. For real data set e.g. "
-                    "--config.data.source=ytf --config.data.root_dir=/path/to/YouTubeFaces "
-                    "(or tfds / videos).")
-        if jax.process_index() == 0:
-            print("marlin-jax: no dataset configured -> using the built-in synthetic face "
-                  "videos (set --config.data.source and --config.data.root_dir for real data)",
-                  flush=True)
+        _say("marlin-jax: no dataset configured (config.data.source is empty) -> using the built-in "
+             "synthetic face videos (for real data set e.g. --config.data.source=ytf "
+             "--config.data.root_dir=/path/to/YouTubeFaces, or tfds / videos)", level=logging.WARNING)
         data.source = "synthetic"
     return data
 
 
 def make_schedule(config: ml_collections.ConfigDict, data: ml_collections.ConfigDict) -> Schedule:
-    """Steps and learning rates of the run; counts the train split only when
-    ``config.steps_per_epoch`` is not set."""
+    """Steps and learning rates of the run (counts the train split unless steps_per_epoch > 0)."""
     size = None
     if int(config.steps_per_epoch) <= 0:
         size = len(make_source(data, data.train_split))
     return schedule_from_config(config, size)
-
-
-# ----------------------------------------------------------------------------- initialisation
 
 
 class InitFrom(NamedTuple):
@@ -131,17 +99,12 @@ def load_init_params(path: str, model_cfg: MarlinConfig, g_params: st.Params,
                      adam: tuple[float, float, float] | None = None,
                      weight_decay: float | None = None) -> InitFrom:
     """Parameters from a VideoMAE / MARLIN / Lightning checkpoint over the fresh ones (parts the
-    checkpoint lacks, e.g. the critic of a VideoMAE model, stay freshly initialised).
+    checkpoint lacks, e.g. a VideoMAE model's critic, stay fresh), in the fresh ones' layout.
 
-    For an original-trainer Lightning ``.ckpt``: ``step`` = the batches it had trained,
-    ``global_step // updates_per_batch`` (manual optimisation counts every optimiser step,
-    ``d_steps + g_steps`` per batch), else 0; with ``adam = (b1, b2, eps)`` also its two AdamW
-    states (moments + step, mapped like the weights; refused with an error naming the file when
-    they do not fit the model or those hyper-parameters; a warning and fresh moments when the
-    file has none). Not restorable: the original data loader's position.
-
-    Fresh parameters in the stacked layout (``scan_layers``) are merged in the per-layer layout
-    of checkpoints and returned stacked again, the AdamW moments too.
+    For an original-trainer Lightning ``.ckpt``: ``step`` = ``global_step // updates_per_batch``
+    (it counts every optimiser step), else 0; with ``adam = (b1, b2, eps)`` also its two AdamW
+    states (an error naming the file when they do not fit; fresh moments and a warning when the
+    file has none). The original data loader's position is not restorable.
     """
     from marlin_jax.interop import read_state_dict, state_dict_to_model
 
@@ -184,14 +147,10 @@ def load_init_params(path: str, model_cfg: MarlinConfig, g_params: st.Params,
     return InitFrom(g_params, d_params, step, g_adam, d_adam)
 
 
-# ----------------------------------------------------------------------------- run identity
-
-
 def run_identity(model_cfg: MarlinConfig, config: Mapping[str, Any]) -> dict[str, Any]:
     """What a restore depends on, as flat ``{field: value}``: the model's shape and clip geometry
-    (``model.*``, from the resolved MarlinConfig) and the optimiser-state layout
-    (``optimizer.grad_clip > 0`` adds a clipping stage). Not the block layout: a checkpoint
-    written with the other ``scan_layers`` is converted on restore (:func:`other_block_layout`)."""
+    (``model.*``) and the optimiser-state layout (``optimizer.grad_clip > 0`` adds a stage). Not
+    ``scan_layers``: the other block layout is converted on restore (:func:`other_block_layout`)."""
     ident: dict[str, Any] = {f"model.{k}": v for k, v in model_cfg.to_dict().items()
                              if k not in _NOT_IDENTITY_MODEL_FIELDS}
     grad_clip = (config.get("optimizer") or {}).get("grad_clip")
@@ -218,38 +177,21 @@ def saved_identity(workdir: str) -> dict[str, Any]:
             raise RunMismatchError(f"{run_path}: damaged run config, expected a JSON object")
     if os.path.isfile(model_path):
         try:
-            model_cfg = config_from_json_file(model_path)
+            return run_identity(config_from_json_file(model_path), config)
         except ValueError as e:
             raise RunMismatchError(str(e)) from None
-        return run_identity(model_cfg, config)
-    model_cfg = _model_config_of(config)  # a workdir of a version without marlin_config.json
-    if model_cfg is not None:
-        return run_identity(model_cfg, config)
-    return {k: v for k, v in run_identity(MarlinConfig(), config).items()
-            if not k.startswith("model.")}
-
-
-def _model_config_of(config: Mapping[str, Any]) -> MarlinConfig | None:
-    """The MarlinConfig a saved run config (``config.json``) resolves to; None when it cannot
-    tell (no model or data section, a model name not registered here)."""
-    if not isinstance(config.get("model"), dict) or not isinstance(config.get("data"), dict):
-        return None
-    try:
-        return model_config(ml_collections.ConfigDict(config))
+    try:  # a workdir of a version without marlin_config.json: its config.json, if it tells
+        return run_identity(model_config(ml_collections.ConfigDict(config)), config)
     except (AttributeError, KeyError, TypeError, ValueError):
-        return None
-
-
-def _has_checkpoints(workdir: str) -> bool:
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    return os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
+        return {k: v for k, v in run_identity(MarlinConfig(), config).items()
+                if not k.startswith("model.")}
 
 
 def check_run_identity(workdir: str, current: Mapping[str, Any], this_run: str = "") -> None:
     """Refuses (RunMismatchError naming the workdir and every differing field, old vs new) to
-    train in a workdir whose checkpoints belong to another run. Reads only. ``this_run``: a short
-    description of the current run for the message."""
-    if not _has_checkpoints(workdir):
+    train in a workdir whose checkpoints belong to another run (``this_run``: for the message)."""
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir) or not any(n.isdigit() for n in os.listdir(ckpt_dir)):
         return
     saved = saved_identity(workdir)
     diffs = [f"{k}: saved {saved[k]!r}, now {current[k]!r}"
@@ -264,9 +206,8 @@ def check_run_identity(workdir: str, current: Mapping[str, Any], this_run: str =
 
 
 def move_aside(workdir: str) -> str | None:
-    """``config.fresh_start``: moves everything in ``workdir`` (but earlier ``previous-*``
-    folders) into a new ``workdir/previous-<YYYYmmdd-HHMMSS>/``; returns it (None: nothing to
-    move). Nothing is deleted; the moved folder stays a readable checkpoint."""
+    """``config.fresh_start``: moves everything in ``workdir`` but earlier ``previous-*`` folders
+    into a new ``workdir/previous-<YYYYmmdd-HHMMSS>/`` and returns it (None: nothing to move)."""
     if not os.path.isdir(workdir):
         return None
     entries = [n for n in os.listdir(workdir) if not n.startswith(PREVIOUS_PREFIX)]
@@ -284,8 +225,6 @@ def move_aside(workdir: str) -> str | None:
 
 def _sync(name: str) -> None:
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -293,16 +232,10 @@ def _device_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
     return shd.global_batch({"video": local["video"], "mask": local["mask"]}, mesh)
 
 
-# ----------------------------------------------------------------------------- the run, in phases
-# train_and_evaluate = setup -> restore or init -> loop -> finish; each phase is one function
-# (the loop one class) that the next receives its results from.
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains (resuming from ``workdir`` when it holds checkpoints) and returns the last logged
-    train metrics plus ``val_*`` metrics and ``step``. Raises :class:`PreemptedError` after
-    saving on SIGTERM, :class:`RunMismatchError`, :class:`NonFiniteLossError`,
-    :class:`CheckpointDiskFullError`."""
+    """Trains (resuming from ``workdir``'s checkpoints) and returns the last logged train and
+    ``val_*`` metrics and ``step``. Raises :class:`PreemptedError` (saved) after a SIGTERM,
+    :class:`RunMismatchError`, :class:`NonFiniteLossError`, :class:`CheckpointDiskFullError`."""
     run = _setup(config, workdir)
     ckpt, state, latest = _restore_or_init(run)
     try:
@@ -321,7 +254,6 @@ class _Run:
     config: ml_collections.ConfigDict
     workdir: str
     primary: bool
-    say: _Say
     data_cfg: ml_collections.ConfigDict
     sched: Schedule
     program: TrainProgram
@@ -331,10 +263,9 @@ class _Run:
 
 def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
     """Phase 1: mesh, schedule, program, the workdir (moved aside or checked to hold this run),
-    the training data and whether validation can run. Writes nothing but ``fresh_start``'s move."""
+    the data, whether validation can run. Writes nothing but ``fresh_start``'s move."""
     workdir = os.path.abspath(workdir)
     primary = jax.process_index() == 0
-    say = _Say(primary)
     data_cfg = resolve_data_config(config)
     mesh = shd.make_mesh(config.mesh.to_dict())
     sched = make_schedule(config, data_cfg)
@@ -345,20 +276,20 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
         moved = move_aside(workdir) if primary else None
         _sync("marlin_fresh_start")
         if moved:
-            say("fresh_start: moved the previous contents of %s to %s; starting over", workdir,
-                moved)
+            _say("fresh_start: moved the previous contents of %s to %s; starting over", workdir,
+                 moved)
     check_run_identity(workdir, run_identity(model_cfg, resolved.to_dict()),
                        f"model {config.model.name}")
     os.makedirs(workdir, exist_ok=True)
-    say("model %s (%s compute, %s attention, data %s), mesh %s, %d devices / %d processes, "
-        "batch %d, %d steps (%d/epoch), warm-up %d, lr %.3g -> %.3g, %d of %d tokens visible",
-        config.model.name, jnp.dtype(program.dtype).name, program.attention_impl or "xla",
-        data_cfg.source, dict(mesh.shape), jax.device_count(), jax.process_count(),
-        program.global_batch, sched.total_steps, sched.steps_per_epoch, sched.warmup_steps,
-        sched.base_lr, sched.min_lr, program.num_visible, model_cfg.num_tokens)
-    say("parameters: generator %.1fM, critic %.1fM",
-        st.count_params(program.abstract_state.g_params) / 1e6,
-        st.count_params(program.abstract_state.d_params) / 1e6)
+    _say("model %s (%s compute, %s attention, data %s), mesh %s, %d devices / %d processes, "
+         "batch %d, %d steps (%d/epoch), warm-up %d, lr %.3g -> %.3g, %d of %d tokens visible",
+         config.model.name, jnp.dtype(program.dtype).name, program.attention_impl or "xla",
+         data_cfg.source, dict(mesh.shape), jax.device_count(), jax.process_count(),
+         program.global_batch, sched.total_steps, sched.steps_per_epoch, sched.warmup_steps,
+         sched.base_lr, sched.min_lr, program.num_visible, model_cfg.num_tokens)
+    _say("parameters: generator %.1fM, critic %.1fM",
+         *(sum(x.size for x in jax.tree.leaves(p)) / 1e6 for p in
+           (program.abstract_state.g_params, program.abstract_state.d_params)))
     train_ds = make_dataset(data_cfg, split=data_cfg.train_split,
                             global_batch_size=program.global_batch,
                             process_index=jax.process_index(),
@@ -368,19 +299,17 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
         try:
             make_source(data_cfg, data_cfg.val_split)
         except (OSError, ValueError) as e:
-            log.warning("validation disabled: %s", e)
-            say("WARNING: no validation split %r (%s): validation and reconstruction images "
-                "are off; set --config.data.val_split or --config.eval_every_steps=0",
-                data_cfg.val_split, e)
+            _say("WARNING: no validation split %r (%s): validation and reconstruction images "
+                 "are off; set --config.data.val_split or --config.eval_every_steps=0",
+                 data_cfg.val_split, e, level=logging.WARNING)
             eval_every = 0
-    return _Run(config, workdir, primary, say, data_cfg, sched, program, iter(train_ds),
+    return _Run(config, workdir, primary, data_cfg, sched, program, iter(train_ds),
                 eval_every)
 
 
 def _restore_or_init(run: _Run) -> tuple[Checkpointer, st.TrainState, int | None]:
-    """Phase 2: the newest readable checkpoint (in either block layout: converted on the
-    devices), else a fresh state (over which ``config.init_from`` is loaded); then the run's
-    metadata. Returns the open checkpointer, the state and the restored step (None: fresh)."""
+    """Phase 2: the newest readable checkpoint (either block layout), else a fresh state (with
+    ``config.init_from``); then the run's metadata. Returns the checkpointer, state, step or None."""
     config, program = run.config, run.program
     ckpt = Checkpointer(os.path.join(run.workdir, "checkpoints"),
                         max_to_keep=config.keep_checkpoints, async_save=config.async_checkpointing)
@@ -403,7 +332,7 @@ def _restore_or_init(run: _Run) -> tuple[Checkpointer, st.TrainState, int | None
                 f"{', '.join(str(x.step) for x in skipped)} renamed aside to <step>.damaged); "
                 "rerun the same command to start from step 0 (or config.init_from).")
         if latest is not None:
-            run.say("resuming from %s step %d", ckpt.directory, latest)
+            _say("resuming from %s step %d", ckpt.directory, latest)
         else:
             state = shd.sharded_init(program.init_fn, program.mesh)
             if config.init_from:
@@ -416,17 +345,14 @@ def _restore_or_init(run: _Run) -> tuple[Checkpointer, st.TrainState, int | None
         start = int(jax.device_get(state.step))  # rows of later steps are rerun: keep each once
         dropped = mt.drop_rows_after(os.path.join(run.workdir, "metrics.jsonl"), start)
         if dropped:
-            log.info("metrics.jsonl: dropped %d rows after step %d (rerun from it)", dropped,
-                     start)
+            log.info("metrics.jsonl: dropped %d rows after step %d (rerun)", dropped, start)
     return ckpt, state, latest
 
 
 def other_block_layout(program: TrainProgram) -> OtherLayout:
-    """The run's train state with its blocks in the other layout (per-layer if the run stacks
-    them with ``scan_layers``, else stacked), sharded by the same rules, and the jitted
-    conversion back to the run's layout (params and both AdamW states: the moments follow the
-    params' structure). Runs on the sharded arrays: nothing is gathered to a host; the layer
-    axis is never sharded, so each device stacks / slices its own shards."""
+    """The run's train state with its blocks in the other ``scan_layers`` layout, sharded by the
+    same rules, and the jitted conversion back (on the sharded arrays: the layer axis is never
+    sharded, so each device stacks / slices its own shards; nothing goes through a host)."""
     stacked = is_stacked(program.abstract_state)
     to_other, back = (unstack_layers, stack_layers) if stacked else (stack_layers, unstack_layers)
     plain = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), program.abstract_state)
@@ -436,8 +362,7 @@ def other_block_layout(program: TrainProgram) -> OtherLayout:
 
 def _apply_init_from(config: ml_collections.ConfigDict, program: TrainProgram,
                      state: st.TrainState) -> st.TrainState:
-    """``config.init_from`` over a fresh state: parameters, the step and (Lightning ``.ckpt``)
-    both AdamW states, placed with the state's shardings."""
+    """``config.init_from`` over a fresh state: parameters, step and (Lightning) AdamW states."""
     opt, shardings = config.optimizer, program.state_shardings
     g, d = jax.device_get((state.g_params, state.d_params))
     init = load_init_params(
@@ -451,23 +376,17 @@ def _apply_init_from(config: ml_collections.ConfigDict, program: TrainProgram,
                                                   shd.replicated(program.mesh)))
     if init.g_adam is None and init.d_adam is None:
         return state
-    g_opt, d_opt = jax.device_get((state.g_opt_state, state.d_opt_state))
-    if init.g_adam is not None:
-        g_opt = st.with_adam_moments(g_opt, init.g_adam.mu, init.g_adam.nu, init.g_adam.count)
-    if init.d_adam is not None:
-        d_opt = st.with_adam_moments(d_opt, init.d_adam.mu, init.d_adam.nu, init.d_adam.count)
+    g_opt, d_opt = (o if a is None else st.with_adam_moments(o, a.mu, a.nu, a.count) for o, a in
+                    zip(jax.device_get((state.g_opt_state, state.d_opt_state)),
+                        (init.g_adam, init.d_adam), strict=True))
     g_opt, d_opt = jax.device_put((g_opt, d_opt), (shardings.g_opt_state, shardings.d_opt_state))
     return state.replace(g_opt_state=g_opt, d_opt_state=d_opt)
 
 
 class _Loop:
-    """Phase 3: the step loop, from the restored (or fresh) state to the last step or a stop.
-
-    Per step: one compiled step (dispatched; the host does not wait on it), the NaN/Inf check of
-    the step before, the SIGTERM flag (agreed across processes every
-    ``preemption_check_every_steps``: :meth:`agree_on_sigterm`); on log / validation /
-    checkpoint steps also those.
-    Every process stops and saves at the same step."""
+    """Phase 3: the step loop. Per step: the compiled step (dispatched, fed this process's SIGTERM
+    flag) and the NaN/Inf check of the step before, which also reads whether any process had a
+    SIGTERM (the step's all-reduce): all stop at the same step. Log / validation / checkpoint."""
 
     def __init__(self, run: _Run, ckpt: Checkpointer, state: st.TrainState,
                  latest: int | None):
@@ -478,20 +397,22 @@ class _Loop:
         self.last: dict[str, float] = {}  # last logged train metrics
         self.val: dict[str, float] = {}  # last validation metrics
         self.preempted_at: int | None = None
-        self.acc: Any = None  # metrics merged since the last log line
+        # clu averages of the train metrics since the last log line (merged on the devices)
+        self.averages = clu_metrics.Collection.create(
+            **{n: clu_metrics.Average.from_output(n) for n in METRIC_NAMES})
+        self.acc: clu_metrics.Collection | None = None
         self.prev: tuple[int, dict[str, jax.Array]] | None = None  # NaN check one step behind
         self.interval_t, self.interval_steps = 0.0, 0  # start of the logged interval
         t0 = time.perf_counter()
         self.compiled = program.lower_train_step().compile()
+        self.stop_flags = {flag: program.stop_flags(flag) for flag in (False, True)}
         self.flops = program.model_flops_per_step() / program.mesh.size
         self.peak = mt.peak_flops_per_device(override=run.config.peak_flops_per_device)
-        run.say("compiled the train step in %.1fs; %.1f model GFLOP per device per step",
-                time.perf_counter() - t0, self.flops / 1e9)
-        self.writer = mt.create_writer(os.path.join(run.workdir, "tensorboard"),
-                                       active=run.primary)
+        _say("compiled the train step in %.1fs; %.1f model GFLOP per device per step",
+             time.perf_counter() - t0, self.flops / 1e9)
+        self.writer = mt.TensorboardWriter(os.path.join(run.workdir, "tensorboard")) if run.primary else None
         if run.primary and self.step == 0:
-            self.writer.write_hparams(_flatten(run.config.to_dict()))
-        self.collection = mt.average_collection(METRIC_NAMES)
+            self.writer.write_hparams(traverse_util.flatten_dict(run.config.to_dict(), sep="."))
         self.validate = _Validator(run, self.writer)
 
     def train(self) -> None:
@@ -502,10 +423,9 @@ class _Loop:
         self.interval_t = time.perf_counter()  # step timing starts after the compile
         with (SigtermFlag("SIGTERM received: saving a checkpoint before exiting") as sigterm,
               run.program.mesh_context()):
-            check_every = max(1, int(config.get("preemption_check_every_steps", 5)))
             try:
                 while self.step < total:
-                    self.train_one(next(run.train_iter))
+                    preempted = self.train_one(next(run.train_iter), sigterm.requested)
                     at_end = self.step >= total
                     if self.step % config.log_every_steps == 0 or at_end:
                         self.log_interval()
@@ -513,48 +433,36 @@ class _Loop:
                         self.val = self.validate(self.state, self.step)
                         if self.interval_steps == 0:  # keep validation out of the step timing
                             self.interval_t = time.perf_counter()
-                    preempted = self.agree_on_sigterm(sigterm.requested, check_every, at_end)
                     if self.step % config.checkpoint_every_steps == 0 or at_end or preempted:
                         self.checkpoint()
                     if preempted:
-                        with _disk_full_guard(ckpt, self.step):
-                            ckpt.wait()
-                        run.say("preempted (SIGTERM): saved step %d to %s; exiting", self.step,
-                                ckpt.directory)
                         self.preempted_at = self.step
                         break
                 with _disk_full_guard(ckpt, self.step):
                     ckpt.wait()
+                if preempted:
+                    _say("preempted (SIGTERM): saved step %d to %s; exiting", self.step, ckpt.directory)
             except BaseException:
                 failed = True
                 raise
             finally:
                 self.close(failed)
 
-    def agree_on_sigterm(self, requested: bool, every: int, at_end: bool) -> bool:
-        """Whether any process received SIGTERM: at once for one process; with several, every
-        ``every`` steps, agreed by one all-gather issued after this step and its metrics are
-        done, so that it never runs beside the step's own collectives (on CPU, collectives of
-        two computations in flight at once can pair up differently across processes and hang)."""
-        if jax.process_count() == 1:
-            return bool(requested)
-        if self.step % every and not at_end:
-            return False
-        jax.block_until_ready((self.prev[1], self.acc))
-        return any_process(requested)[0]
-
-    def train_one(self, local: dict[str, np.ndarray]) -> None:
-        """One step on the process-local batch ``local``; checks the step before for NaN/Inf."""
+    def train_one(self, local: dict[str, np.ndarray], sigterm: bool) -> bool:
+        """One step on the process-local batch ``local``, fed this process's SIGTERM flag; checks
+        the step before (done by now: the host stays one step ahead) for NaN/Inf and returns
+        whether any process had a SIGTERM by then (the same answer on every process)."""
         if self.prev is None:  # the first step of this run: the data's masks
             _check_num_visible(local["mask"], self.run.program)
-        self.state, metrics = self.compiled(self.state, _device_batch(local, self.run.program.mesh))
+        batch = _device_batch(local, self.run.program.mesh)
+        self.state, metrics = self.compiled(self.state, batch, self.stop_flags[sigterm])
         self.step += 1
         self.interval_steps += 1
-        if self.prev is not None:  # one step behind: the host never waits on the current step
-            _check_finite(*self.prev, self.ckpt, self.last_good)
+        stop = self.prev is not None and _check_finite(*self.prev, self.ckpt, self.last_good)
         self.prev = (self.step, metrics)
-        single = self.collection.single_from_model_output(**{n: metrics[n] for n in METRIC_NAMES})
+        single = self.averages.single_from_model_output(**{n: metrics[n] for n in METRIC_NAMES})
         self.acc = single if self.acc is None else self.acc.merge(single)
+        return stop
 
     def log_interval(self) -> None:
         """The console line, TensorBoard and metrics.jsonl row of the steps since the last."""
@@ -563,7 +471,7 @@ class _Loop:
         self.last = {k: float(v) for k, v in jax.device_get(self.acc.compute()).items()}
         step_time = (time.perf_counter() - self.interval_t) / max(self.interval_steps, 1)
         clips_per_s = run.program.global_batch / step_time
-        run.say("%s", mt.console_line(
+        _say("%s", mt.console_line(
             step, run.sched.total_steps, self.last, clips_per_s=clips_per_s,
             step_time_s=step_time, mfu_value=mt.mfu(self.flops, step_time, self.peak),
             eta_s=step_time * (run.sched.total_steps - step)))
@@ -578,13 +486,13 @@ class _Loop:
         """Starts saving this step (after checking it is finite) and the bad-record list."""
         _check_finite(*self.prev, self.ckpt, self.last_good)
         with _disk_full_guard(self.ckpt, self.step):
-            if self.ckpt.save(self.step, self.state, self.run.train_iter, force=True):
+            if self.ckpt.save(self.step, self.state, self.run.train_iter):
                 self.last_good = self.step
             _write_bad_records(self.run.workdir, self.run.train_iter, self.run.primary)
 
     def close(self, failed: bool) -> None:
-        """Closes the checkpointer (waiting for its writes) and the metric writer. After an
-        error (``failed``) a close error is only logged: the first error is the one to report."""
+        """Closes the checkpointer (waiting for its writes) and the writer; after an error
+        (``failed``) a close error is only logged: the first error is the one to report."""
         try:
             self.ckpt.close()
         except Exception as e:  # noqa: BLE001
@@ -594,8 +502,8 @@ class _Loop:
                 raise
             log.debug("checkpoint close after an error: %s", e)
         finally:
-            self.writer.flush()
-            self.writer.close()
+            if self.writer is not None:
+                self.writer.close()
 
 
 def _check_num_visible(mask: np.ndarray, program: TrainProgram) -> None:
@@ -606,23 +514,20 @@ def _check_num_visible(mask: np.ndarray, program: TrainProgram) -> None:
                          f"(int({program.model_cfg.num_tokens} * (1 - mask_ratio)))")
 
 
+def _first_clip(task: steps.Task, state: st.TrainState, batch: steps.Batch) -> tuple[jax.Array, ...]:
+    """Clip 0 of ``batch``: its video, mask and predicted masked patches (for the image)."""
+    one = {"video": batch["video"][:1], "mask": batch["mask"][:1]}
+    return one["video"][0], one["mask"][0], steps.reconstruct(task, state, one)[0]
+
+
 class _Validator:
-    """Validation at a step: every metric the eval step returns, averaged over
-    ``config.num_eval_batches`` batches (logged as ``val_<name>``), and a reconstruction image of
-    the first clip."""
+    """Every metric the eval step returns, averaged over ``config.num_eval_batches`` batches
+    (logged as ``val_<name>``), and a reconstruction image of the first clip."""
 
-    def __init__(self, run: _Run, writer: Any):
+    def __init__(self, run: _Run, writer: mt.TensorboardWriter | None):
         self.run, self.writer = run, writer
-        program = run.program
-        repl = shd.replicated(program.mesh)
-
-        @jax.jit  # outputs replicated below
-        def recon_sample(s, b):  # sample 0, replicated so that the primary can draw it
-            one = {"video": b["video"][:1], "mask": b["mask"][:1]}
-            out = one["video"][0], one["mask"][0], steps.reconstruct(program.task, s, one)[0]
-            return jax.lax.with_sharding_constraint(out, repl)
-
-        self.recon_sample = recon_sample
+        self.first_clip = jax.jit(functools.partial(_first_clip, run.program.task),
+                                  out_shardings=shd.replicated(run.program.mesh))
 
     def __call__(self, state: st.TrainState, step: int) -> dict[str, float]:
         run, program, cfg = self.run, self.run.program, self.run.program.model_cfg
@@ -640,7 +545,7 @@ class _Validator:
             m = program.eval_step(state, b)
             acc = m if acc is None else jax.tree.map(jnp.add, acc, m)
         val = {f"val_{k}": float(v) / n for k, v in jax.device_get(acc).items()}
-        video, mask, pred = jax.device_get(self.recon_sample(state, first))
+        video, mask, pred = jax.device_get(self.first_clip(state, first))
         if run.primary:
             image = reconstruction.reconstruction_grid(
                 video, mask, pred, patch_size=cfg.patch_size, tubelet_size=cfg.tubelet_size)
@@ -649,14 +554,13 @@ class _Validator:
             self.writer.write_images(step, {"reconstruction": image})
             self.writer.write_scalars(step, val)
             _append_jsonl(os.path.join(run.workdir, "metrics.jsonl"), {"step": step, **val})
-            run.say("step %d validation: %s (image %s)", step,
-                    " ".join(f"{k} {v:.4f}" for k, v in val.items()), path)
+            _say("step %d validation: %s (image %s)", step,
+                 " ".join(f"{k} {v:.4f}" for k, v in val.items()), path)
         return val
 
 
 def _finish(run: _Run, loop: _Loop) -> dict[str, float]:
-    """Phase 4: raises PreemptedError after a SIGTERM stop, else prints and returns the summary:
-    the last logged train metrics, the last validation metrics and ``step``."""
+    """Phase 4: PreemptedError after a SIGTERM stop, else the summary (printed and returned)."""
     if loop.preempted_at is not None:
         raise PreemptedError(loop.preempted_at, loop.ckpt.directory)
     summary = {**loop.last, **loop.val, "step": float(loop.step)}
@@ -701,17 +605,15 @@ def _disk_full_guard(ckpt: Checkpointer, step: int) -> Iterator[None]:
 
 def _write_run_metadata(workdir: str, config: ml_collections.ConfigDict,
                         model_cfg: MarlinConfig) -> None:
-    """``config.json`` (the run's config) and ``marlin_config.json`` (the model, which makes the
-    workdir a checkpoint for ``Marlin.from_file`` / convert). Written after the restore, so that a
-    refused or failed start leaves another run's metadata as it was."""
+    """``config.json`` (the run's config) and ``marlin_config.json`` (the model: the workdir is a
+    checkpoint for ``Marlin.from_file`` / convert); after the restore, so a refused start writes none."""
     with open(os.path.join(workdir, RUN_CONFIG_FILE), "w", encoding="utf-8") as f:
         f.write(config.to_json_best_effort(indent=2))
     write_config_file(workdir, model_cfg)
 
 
 def _write_bad_records(workdir: str, data_iter: Any, primary: bool) -> None:
-    """``<workdir>/bad_records.json``: the unreadable records the data pipeline skips (also in
-    each checkpoint's iterator state), for the user to fix or remove."""
+    """``<workdir>/bad_records.json``: the unreadable records the data pipeline skips."""
     bad = getattr(data_iter, "bad_records", None)
     if not primary or not bad:
         return
@@ -727,23 +629,20 @@ def _append_jsonl(path: str, record: dict[str, float]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-class _Say:
-    """Progress messages: logged, and printed on the primary process (the console view)."""
-
-    def __init__(self, primary: bool):
-        self.primary = primary
-
-    def __call__(self, msg: str, *args: Any) -> None:
-        log.info(msg, *args)
-        if self.primary:
-            print(msg % args if args else msg, flush=True)
+def _say(msg: str, *args: Any, level: int = logging.INFO) -> None:
+    """A progress message: logged, and printed on the primary process (the console view)."""
+    log.log(level, msg, *args)
+    if jax.process_index() == 0:
+        print(msg % args if args else msg, flush=True)
 
 
 def _check_finite(step: int, metrics: dict[str, jax.Array], ckpt: Checkpointer,
-                  last_good: int | None) -> None:
-    if bool(jax.device_get(metrics["finite"])):
-        return
-    values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
+                  last_good: int | None) -> bool:
+    """Raises NonFiniteLossError when step's metrics are not finite; else returns its ``stop``."""
+    finite, stop = jax.device_get((metrics["finite"], metrics["stop"]))
+    if finite:
+        return bool(stop)
+    values = {k: float(v) for k, v in jax.device_get(metrics).items() if k not in ("finite", "stop")}
     ckpt.wait()
     where = (f"the last good checkpoint is step {last_good} in {ckpt.directory}"
              if last_good is not None else "no checkpoint was written")
@@ -752,15 +651,3 @@ def _check_finite(step: int, metrics: dict[str, jax.Array], ckpt: Checkpointer,
         + ", ".join(f"{k}={v:.4g}" for k, v in sorted(values.items()))
         + f"; stopping without saving ({where}). Lower config.lr.base or set "
           "config.optimizer.grad_clip, then rerun to resume from it.")
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
-    return out
-
