@@ -225,7 +225,7 @@ def test_checkpoints_with_the_old_flat_qkv_kernel_still_load(tmp_path):
     import orbax.checkpoint as ocp
     from flax import nnx
 
-    from marlin_jax.interop import load_model, model_to_state_dict
+    from marlin_jax.interop import load_checkpoint, model_to_state_dict
     from marlin_jax.interop.checkpoints import write_config_file
     from marlin_jax.models import MarlinModel
 
@@ -253,7 +253,7 @@ def test_checkpoints_with_the_old_flat_qkv_kernel_still_load(tmp_path):
     write_config_file(tmp_path / "work", config)
 
     for source in (tmp_path / "old", tmp_path / "work"):
-        loaded = load_model(source, config)
+        loaded = load_checkpoint(source, config)
         assert loaded.encoder.blocks[0].attn.qkv.kernel.shape == (d, 3, h, d // h)
         got = model_to_state_dict(loaded)
         assert list(got) == list(want)

@@ -208,7 +208,7 @@ def _trainer_state(scan: bool) -> st.TrainState:
 def test_scanned_trainer_state_reads_and_exports_per_layer(tmp_path):
     """A trainer workdir written with scan_layers reads back as per-layer weights and exports
     the same `.pt` as the looped state with the same values."""
-    from marlin_jax.interop import load_model, read_state_dict, save_torch_checkpoint, write_config_file
+    from marlin_jax.interop import load_checkpoint, read_state_dict, save_torch_checkpoint, write_config_file
     from marlin_jax.train.checkpointing import Checkpointer
 
     read = {}
@@ -218,7 +218,7 @@ def test_scanned_trainer_state_reads_and_exports_per_layer(tmp_path):
             ckpt.save(1, _trainer_state(scan))
         write_config_file(workdir, CFG)
         state_dict = read_state_dict(workdir)
-        pt = save_torch_checkpoint(tmp_path / f"{workdir.name}.full.pt", load_model(workdir, CFG))
+        pt = save_torch_checkpoint(tmp_path / f"{workdir.name}.full.pt", load_checkpoint(workdir, CFG))
         read[scan] = state_dict, read_state_dict(pt)
     (sd0, pt0), (sd1, pt1) = read[False], read[True]
     assert "encoder.blocks.2.attn.proj.weight" in sd1 and any(k.startswith("discriminator.") for k in sd1)

@@ -150,7 +150,7 @@ def test_trainer_runs_evaluates_writes_and_resumes(tmp_path, capsys):
     assert (workdir / "checkpoints" / "6").is_dir()
 
     # the workdir is a checkpoint for extraction / conversion: its latest step's model weights
-    from marlin_jax.interop import load_model, read_config_file, read_state_dict, save_torch_checkpoint
+    from marlin_jax.interop import load_checkpoint, read_config_file, read_state_dict, save_torch_checkpoint
 
     saved = read_config_file(workdir)
     assert (saved.img_size, saved.n_frames, saved.encoder_depth) == (32, 4, 1)
@@ -159,7 +159,7 @@ def test_trainer_runs_evaluates_writes_and_resumes(tmp_path, capsys):
     assert any(not np.array_equal(latest[k], step4[k]) for k in latest)
     np.testing.assert_array_equal(read_state_dict(workdir / "checkpoints" / "6")["encoder.norm.weight"],
                                   latest["encoder.norm.weight"])
-    model = load_model(workdir, saved)
+    model = load_checkpoint(workdir, saved)
     exported = read_state_dict(save_torch_checkpoint(tmp_path / "run.full.pt", model))
     for key, value in latest.items():
         np.testing.assert_array_equal(exported[key], value, err_msg=key)

@@ -15,7 +15,6 @@ from .hf import (
     download_hf_checkpoint,
     is_hf_checkpoint,
     load_checkpoint,
-    load_model,
     read_hf_config,
     read_hf_state_dict,
     read_weights,
@@ -34,7 +33,7 @@ from .mapping import (
 
 __all__ = [
     "CheckpointError", "StateDictMismatchError", "checkpoint_config", "download_hf_checkpoint",
-    "is_hf_checkpoint", "is_videomae_state_dict", "load_checkpoint", "load_model", "read_hf_config",
+    "is_hf_checkpoint", "is_videomae_state_dict", "load_checkpoint", "read_hf_config",
     "read_hf_state_dict", "read_weights", "resolve_checkpoint_config", "save_hf_checkpoint",
     "model_from_state_dict", "model_to_state_dict", "read_config_file", "read_state_dict",
     "read_torch_state_dict", "save_marlin_checkpoint", "save_torch_checkpoint", "state_dict_to_model",

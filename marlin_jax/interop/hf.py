@@ -253,7 +253,6 @@ def load_checkpoint(path: str | os.PathLike, config: MarlinConfig, **model_kwarg
     return model_from_state_dict(config, state_dict, source=weights_source(path), **model_kwargs)
 
 
-load_model = load_checkpoint  # the same, under its older name
 
 
 def download_hf_checkpoint(repo_id: str, *, revision: str | None = None,
