@@ -1,33 +1,14 @@
 """Downstream evaluation: ``python -m marlin_jax.evaluate --config=configs/celebvhq_appearance_lp.py``.
 
-Linear probing (``finetune=False``) trains a linear head on features extracted beforehand by
-``scripts/extract_dataset.py`` (``<feature_dir>/<key>.npy``, reduced over windows by
-``temporal_reduction``); fine-tuning (``finetune=True``) trains the encoder loaded from
-``marlin_ckpt`` plus a linear head on raw clips. The epoch with the best validation metric is
-checkpointed under ``<workdir>/checkpoints`` and evaluated on the test split; the metrics are
-printed as a table and written to ``<workdir>/metrics.json``.
+A linear probe (``finetune=False``) on features from ``scripts/extract_dataset.py``, or
+fine-tuning (``finetune=True``) of the ``marlin_ckpt`` encoder plus a linear head on raw clips, on
+CelebV-HQ (``dataset="celebvhq"``) or CSV / JSON label files (``dataset="labels"``). The best
+validation epoch is evaluated on test and written to ``<workdir>/metrics.json``.
 
-Datasets: ``dataset="celebvhq"`` (``data_path`` holds ``celebvhq_info.json``, the split files
-and ``cropped/``; ``task`` is "appearance" or "action"), or ``dataset="labels"`` (CSV / JSON label
-files, see :func:`marlin_jax.evaluation.datasets.load_label_file`; ``task`` is "binary",
-"multiclass", "multilabel" or "" to infer). Any config field can be overridden on the command
-line, e.g. ``--config.data_path=/data/CelebV-HQ --config.data_ratio=0.1``.
-
-Resuming (README, "Evaluation and analysis"; mechanism in :mod:`marlin_jax.evaluation.training`):
-the training state is saved under ``<workdir>/state`` every ``checkpoint_every_s`` seconds (at
-epoch ends, and for fine-tuning between steps; 0: every epoch end only). The same command in the
-same workdir continues at the saved batch and ends bitwise as an uninterrupted run; a finished
-run reports its ``metrics.json``; another run's workdir (hyper-parameters, model shapes or data:
-a digest of keys, labels and probe features) is refused, exit status 2, until
-``--config.fresh_start=True``. Paths and runtime knobs (``num_threads``, ``mesh`` at the same
-batch) may change between attempts. SIGTERM saves within one training step (a probe: at the
-epoch's end) and exits with status 143 without writing metrics; one step plus one synchronous
-save must fit in the grace period (ViT-L: about 3.6 GB of parameters and Adam moments).
-
-Multi-host fine-tuning: the same command in every process (``--coordinator_address=host:port
---num_processes=N --process_id=i``, or automatic on TPU pods / SLURM / Open MPI); each process
-decodes only its rows of a batch, a SIGTERM to any process stops all at the same step, and
-process 0 writes ``metrics.json``. A linear probe runs in one process.
+The training state in ``<workdir>/state`` is saved every ``checkpoint_every_s`` and on SIGTERM
+(exit 143); the same command resumes bitwise, a finished run reports its metrics, and another
+run's workdir is refused (exit 2) until ``--config.fresh_start=True``. Multi-host fine-tuning
+takes the ``marlin_jax.distributed`` flags; see README, "Evaluation and analysis".
 """
 
 from __future__ import annotations
@@ -43,9 +24,10 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 
+from marlin_jax.data.pipeline import default_data_config
 from marlin_jax.evaluation.datasets import (
-    CELEBVHQ_TASKS,
     SPLITS,
     ClipDataset,
     DatasetError,
@@ -55,12 +37,9 @@ from marlin_jax.evaluation.datasets import (
     load_features,
     load_label_file,
 )
-from marlin_jax.evaluation.scores import (
-    classification_metrics,
-    format_table,
-    per_label_auroc,
-    save_metrics,
-)
+from marlin_jax.evaluation.finetune import FineTuneClassifier, make_predictor, train_finetune
+from marlin_jax.evaluation.probe import make_linear_head, predict_logits, train_linear_probe
+from marlin_jax.evaluation.scores import classification_metrics, format_table, per_label_auroc, save_metrics
 from marlin_jax.evaluation.training import (
     CheckpointMismatchError,
     FitOptions,
@@ -70,7 +49,11 @@ from marlin_jax.evaluation.training import (
     check_identity,
     read_training_state,
     restore_best,
+    set_model_params,
+    split_model,
 )
+from marlin_jax.models import MarlinEncoder, get_config, model_names, register_model, register_model_from_config
+from marlin_jax.sharding import make_mesh
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: the status of a process ended by SIGTERM
 
@@ -83,11 +66,8 @@ NOT_IDENTITY = ("model_name", "workdir", "skip_train", "fresh_start", "checkpoin
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """Every field of an evaluation config, with the original CelebV-HQ defaults (those of the
-    supervised run come from :class:`FitOptions`, the clip sampling from pretraining's data
-    config: one place each)."""
-    from marlin_jax.data.pipeline import default_data_config
-
+    """Every field of an evaluation config, with the original CelebV-HQ defaults (the fit's from
+    :class:`FitOptions`, clip sampling from pretraining's data config)."""
     fit, data = FitOptions(), default_data_config()
     c = ml_collections.ConfigDict()
     c.model_name = "celebvhq_marlin_appearance_lp"  # names the workdir: ckpt/<model_name>
@@ -158,9 +138,6 @@ def load_splits(config: ml_collections.ConfigDict) -> dict[str, LabelSet]:
     and val (as the original), never to test."""
     ratio = float(config.data_ratio)
     if config.dataset == "celebvhq":
-        if config.task not in CELEBVHQ_TASKS:
-            raise ValueError(f"CelebV-HQ task must be one of {tuple(CELEBVHQ_TASKS)}, "
-                             f"got {config.task!r}")
         return {s: load_celebvhq(config.data_path, s, config.task,
                                  ratio if s != "test" else 1.0) for s in SPLITS}
     if config.dataset != "labels":
@@ -230,11 +207,8 @@ def _lp_ft_options(config: ml_collections.ConfigDict) -> FitOptions | None:
 
 
 def _register_backbone(config: ml_collections.ConfigDict) -> None:
-    """Registers ``config.backbone`` from ``config.backbone_config`` when that is given (custom
-    sizes such as the synthetic-data ViT-tiny), else from the config saved beside a marlin-jax
-    checkpoint directory when the name is not registered yet."""
-    from marlin_jax.models import model_names, register_model, register_model_from_config
-
+    """Registers ``config.backbone`` from ``backbone_config``, or (when unknown) from the
+    architecture saved with ``marlin_ckpt``."""
     if len(config.backbone_config):
         register_model_from_config(config.backbone, config.backbone_config)
     elif config.backbone not in model_names() and config.marlin_ckpt and os.path.exists(
@@ -256,10 +230,8 @@ def _skip_report(name: str, skipped: dict[str, str], log: Callable[[str], None])
 
 def training_runs(config: ml_collections.ConfigDict,
                   workdir: str) -> list[tuple[ml_collections.ConfigDict, str]]:
-    """``(config, run directory)`` of each model the config trains: the config itself in
-    ``workdir``, or for a linear probe with ``weight_decay_sweep`` one run per value, in
-    ``<workdir>/wd_<value>`` with ``weight_decay`` set to it (so a run's identity does not
-    depend on the other values: growing the sweep keeps the finished runs)."""
+    """``(config, run directory)`` of each model the config trains: itself in ``workdir``, or one
+    probe per ``weight_decay_sweep`` value in ``<workdir>/wd_<value>`` (independent identities)."""
     sweep = [float(v) for v in config.weight_decay_sweep]
     if not sweep:
         return [(config, workdir)]
@@ -277,12 +249,7 @@ def training_runs(config: ml_collections.ConfigDict,
 
 
 def run_linear_probe(config, splits, workdir, log) -> dict:
-    """Linear probe(s) on extracted features; returns the results dict. With a
-    ``weight_decay_sweep`` every value is trained and the probe with the best validation
-    ``monitor`` is evaluated (the sweep's validation figures are reported too)."""
-    from marlin_jax.evaluation.probe import make_linear_head, predict_logits, train_linear_probe
-    from marlin_jax.evaluation.training import set_model_params, split_model
-
+    """Linear probe(s) on extracted features (the best of a ``weight_decay_sweep`` on val)."""
     if jax.process_count() > 1:
         raise ValueError("a linear probe runs in one process (an epoch takes milliseconds); "
                          "run it without --num_processes / outside the multi-host job")
@@ -339,12 +306,6 @@ def _metrics(outputs: dict[str, tuple[np.ndarray, np.ndarray]], train: LabelSet)
 
 def run_finetune(config, splits, workdir, log) -> dict:
     """Fine-tuning on raw clips; returns the results dict."""
-    from flax import nnx
-
-    from marlin_jax.evaluation.finetune import FineTuneClassifier, train_finetune
-    from marlin_jax.models import MarlinEncoder, get_config
-    from marlin_jax.sharding import make_mesh
-
     skipped = {}
     for s in SPLITS:
         splits[s], missing = splits[s].check_videos(config.on_error)
@@ -355,8 +316,7 @@ def run_finetune(config, splits, workdir, log) -> dict:
         from marlin_jax.extract import Marlin
         from marlin_jax.interop.hf import checkpoint_config
 
-        # A checkpoint that carries its architecture (a trainer workdir's marlin_config.json, a
-        # Hugging Face config.json) is loaded as saved, unless backbone_config sets one.
+        # a checkpoint that carries its architecture loads as saved, unless backbone_config is set
         own = not len(config.backbone_config) and checkpoint_config(config.marlin_ckpt) is not None
         encoder = Marlin.from_file(None if own else config.backbone,
                                    config.marlin_ckpt).model.encoder
@@ -368,14 +328,13 @@ def run_finetune(config, splits, workdir, log) -> dict:
         raise ValueError("fine-tuning needs config.marlin_ckpt (a .pt / .ckpt / marlin-jax "
                          "checkpoint); set allow_random_init=True to train from scratch")
     bc = encoder.config
-    size = bc.img_size
     clip_frames = int(config.clip_frames or bc.n_frames)
     if clip_frames != bc.n_frames:
         raise ValueError(f"clip_frames {clip_frames} != backbone n_frames {bc.n_frames}")
     clips = {}
     for s, ls in splits.items():
         clips[s], unreadable = ClipDataset(ls, clip_frames, int(config.temporal_sample_rate),
-                                           size).validate(config.on_error)
+                                           bc.img_size).validate(config.on_error)
         if unreadable:
             skipped.setdefault(s, {}).update(unreadable)
         _skip_report(f"{s} unreadable videos", unreadable, log)
@@ -383,9 +342,6 @@ def run_finetune(config, splits, workdir, log) -> dict:
     mesh = make_mesh(dict(config.mesh))
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if config.skip_train:
-        from marlin_jax.evaluation.finetune import make_predictor
-        from marlin_jax.evaluation.training import set_model_params, split_model
-
         model = FineTuneClassifier(encoder, train.num_outputs, rngs=nnx.Rngs(0),
                                    pooling=config.head_pooling)
         set_model_params(model, restore_best(ckpt_dir, split_model(model)[1]))
@@ -415,8 +371,7 @@ def _state_digest(states: list[dict[str, Any]]) -> str:
 
 
 def _finished_states(config: ml_collections.ConfigDict, workdir: str) -> list[dict] | None:
-    """The training states of every run of the config (see :func:`training_runs`) when all
-    have finished (None otherwise); raises CheckpointMismatchError for a state of another run."""
+    """The training states of the config's runs when all have finished (else None)."""
     states = []
     for member, run_dir in training_runs(config, workdir):
         state_dir = os.path.join(run_dir, "state")
@@ -432,8 +387,7 @@ def _finished_states(config: ml_collections.ConfigDict, workdir: str) -> list[di
 
 def _saved_results(config: ml_collections.ConfigDict, workdir: str,
                    log: Callable[[str], None]) -> dict | None:
-    """The results in ``<workdir>/metrics.json`` when they belong to the finished training
-    state(s) of this config (None: train / evaluate as usual)."""
+    """``<workdir>/metrics.json`` when it belongs to this config's finished state(s), else None."""
     states = _finished_states(config, workdir)
     if states is None:
         return None
@@ -492,12 +446,9 @@ def main(argv: list[str]) -> None:
     primary = jax.process_index() == 0
     try:
         results = run(_CONFIG.value, log=print if primary else lambda line: None)
-    except Preempted as e:
+    except (Preempted, CheckpointMismatchError) as e:
         print(f"marlin-jax evaluate: {e}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_PREEMPTED)
-    except CheckpointMismatchError as e:
-        print(f"marlin-jax evaluate: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        sys.exit(EXIT_PREEMPTED if isinstance(e, Preempted) else 2)
     aurocs = [m.get("auroc") for m in results["metrics"].values()]  # None: NaN in metrics.json
     if not all(a is not None and np.isfinite(a) for a in aurocs):
         print("note: AUROC undefined on a split with a single class", file=sys.stderr)

@@ -1,23 +1,14 @@
 """Labelled video datasets for downstream evaluation, and their features / clips.
 
-Three layers, each a pure function of files on disk:
+* Labels (:class:`LabelSet`): CelebV-HQ (:func:`load_celebvhq`: ``celebvhq_info.json``, split
+  lists ``{train,val,test}.txt``, videos ``cropped/<name>.mp4``) or a CSV / JSON label file
+  (:func:`load_label_file`).
+* Features (:func:`load_features`): ``<feature_dir>/<key>.npy`` window features ``(T, D)`` from
+  ``scripts/extract_dataset.py``, reduced over windows to ``(N, D)``.
+* Clips (:class:`ClipDataset`): raw clips for fine-tuning, sampled as pretraining's.
 
-* **Labels** (:class:`LabelSet`): which samples exist, where their videos are, and their targets.
-  - CelebV-HQ (:func:`load_celebvhq`): ``<root>/celebvhq_info.json`` (``clips/<name>/attributes/
-    appearance`` (40 binary) or ``action`` (35 binary)), split lists ``<root>/{train,val,test}.txt``
-    and videos ``<root>/cropped/<name>.mp4``.
-  - Generic CSV / JSON (:func:`load_label_file`): ``path,label`` (binary or multiclass) or
-    ``path,<label_1>,...,<label_L>`` (multilabel 0/1 columns), optionally with a ``split`` column.
-* **Features** (:func:`load_features`): ``<feature_dir>/<key>.npy`` of window features ``(T, D)``
-  (written by ``scripts/extract_dataset.py``), reduced over windows (mean / max / min) to
-  ``(N, D)``, as the original's linear probe.
-* **Clips** (:class:`ClipDataset`): raw 16-frame clips at temporal sample rate 2 for fine-tuning,
-  sampled and resized by :mod:`marlin_jax.data.records` exactly as pretraining's clips (the
-  original's ``CelebvHq`` rules).
-
-A sample's *key* is its video path relative to the video root, without extension; a feature file
-lives at ``<feature_dir>/<key>.npy``. Missing or broken inputs raise :class:`DatasetError` naming
-the file, or, with ``on_error="skip"``, are dropped and counted in ``skipped`` (never zeros).
+A sample's key is its video path relative to the video root, without extension. Bad inputs raise
+:class:`DatasetError` naming the file, or with ``on_error="skip"`` are dropped into ``skipped``.
 """
 
 from __future__ import annotations
@@ -55,16 +46,9 @@ class DatasetError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class LabelSet:
-    """Samples of one split with their targets.
-
-    Attributes:
-      keys: sample ids ``(N,)``: video path relative to ``video_root`` without extension.
-      labels: bool ``(N,)`` (binary), int64 ``(N,)`` (multiclass) or bool ``(N, L)`` (multilabel).
-      task: "binary", "multiclass" or "multilabel".
-      class_names: the label names (multilabel), class names (multiclass), or the one name (binary).
-      video_paths: absolute video path of each sample ``(N,)``.
-      source: the label file(s) this came from, for error messages.
-    """
+    """Samples of one split: ``keys`` and absolute ``video_paths`` ``(N,)``, ``labels`` bool
+    ``(N,)`` (binary), int64 ``(N,)`` (multiclass) or bool ``(N, L)`` (multilabel), the label or
+    class names, and the ``source`` label file (for error messages)."""
 
     keys: tuple[str, ...]
     labels: np.ndarray
@@ -99,23 +83,19 @@ class LabelSet:
         )
 
     def take_ratio(self, ratio: float) -> LabelSet:
-        """The first ``int(N * ratio)`` samples, as the original's ``data_ratio`` (few-shot runs
-        with 1%, 10%, 50%, 100% of the list, in list order)."""
+        """The first ``int(N * ratio)`` samples (the original's few-shot ``data_ratio``)."""
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"data_ratio must be in (0, 1], got {ratio}")
-        n = int(len(self) * ratio) if ratio < 1.0 else len(self)
+        n = int(len(self) * ratio)
         if n == 0:
             raise DatasetError(f"{self.source}: data_ratio {ratio} of {len(self)} samples leaves none")
         return self.subset(np.arange(n))
 
     def check_videos(self, on_error: OnError = "error") -> tuple[LabelSet, dict[str, str]]:
-        """Drops (``skip``) or reports (``error``) samples whose video file is missing.
-
-        Returns the kept samples and ``{key: reason}`` of those skipped.
-        """
-        missing = {k: f"{p}: no such video file" for k, p in zip(self.keys, self.video_paths,
-                                                                  strict=True)
-                   if not os.path.isfile(p)}
+        """Drops (``skip``) or raises on (``error``) missing video files; returns the kept
+        samples and ``{key: reason}`` of those skipped."""
+        missing = {k: f"{p}: no such video file"
+                   for k, p in zip(self.keys, self.video_paths, strict=True) if not os.path.isfile(p)}
         if missing and on_error == "error":
             raise DatasetError(_listing(f"{self.source}: {len(missing)} listed video(s) missing",
                                         list(missing.values())))
@@ -142,9 +122,6 @@ def _read_json(path: str) -> object:
         raise DatasetError(f"{path}: not valid JSON ({e})") from e
 
 
-# --------------------------------------------------------------------------- CelebV-HQ
-
-
 def read_split_file(path: str | os.PathLike) -> list[str]:
     """Names listed one per line (blank lines ignored), as the original's split files."""
     path = os.fspath(path)
@@ -155,7 +132,7 @@ def read_split_file(path: str | os.PathLike) -> list[str]:
     names = [n for n in names if n]
     if not names:
         raise DatasetError(f"{path}: split file lists no samples")
-    dupes = sorted({n for n in names if names.count(n) > 1}) if len(set(names)) < len(names) else []
+    dupes = sorted(n for n, count in collections.Counter(names).items() if count > 1)
     if dupes:
         raise DatasetError(_listing(f"{path}: duplicate names", dupes))
     return names
@@ -166,12 +143,8 @@ def load_celebvhq(
 ) -> LabelSet:
     """CelebV-HQ ``split`` of ``task`` ("appearance": 40 labels, "action": 35) as a multilabel set.
 
-    ``data_ratio`` keeps the first fraction of the list (the original applies it to train and
-    val only; pass 1.0 for test). Every listed name must be in ``celebvhq_info.json`` with a label
-    vector of the right length; unknown names raise DatasetError listing them, and so do label
-    values outside the known set {0, 1} (naming each clip and value). The label names come
-    from ``meta_info/<task>_mapping`` (``<task>_<j>`` without one; one of another length is an
-    error).
+    ``data_ratio`` keeps the first fraction of the list (the original: train and val only).
+    Unknown names, vectors of the wrong length and values outside {0, 1} raise DatasetError.
     """
     root = os.fspath(root)
     if task not in CELEBVHQ_TASKS:
@@ -225,9 +198,7 @@ def load_celebvhq(
 
 
 def _celebvhq_label_names(info_path: str, info: dict, task: str, width: int) -> tuple[str, ...]:
-    """``meta_info/<task>_mapping`` of ``celebvhq_info.json`` (the ``width`` label names), or
-    ``<task>_<j>`` when the file has none; a mapping of another length is an error (it would
-    name the wrong heads), not silently replaced."""
+    """``meta_info/<task>_mapping`` (``width`` names), or ``<task>_<j>`` when absent."""
     meta = info.get("meta_info")
     mapping = meta.get(f"{task}_mapping") if isinstance(meta, dict) else None
     if mapping is None:
@@ -238,9 +209,6 @@ def _celebvhq_label_names(info_path: str, info: dict, task: str, width: int) -> 
         raise DatasetError(f"{info_path}: meta_info/{task}_mapping must list the {width} {task} "
                            f"label names, got {got}")
     return tuple(mapping)
-
-
-# --------------------------------------------------------------------------- generic labels
 
 
 PATH_COLUMNS = ("path", "video", "file", "name")
@@ -256,32 +224,21 @@ def load_label_file(
 ) -> LabelSet:
     """Labels of any task from a CSV or JSON file.
 
-    CSV: a header naming the path column (``path``/``video``/``file``/``name``), then either one
-    ``label`` column (binary 0/1, or multiclass integers / class names) or several 0/1 columns
-    (multilabel, one per label name); an optional ``split`` column selects rows with ``split``.
-    Every row has exactly the header's cells (a trailing comma or a missing cell is an error
-    naming the file and line), and no empty ``label`` / ``split`` cell.
-    JSON: a list of ``{"path": ..., "label": ..., "split": ...}`` records (``label`` a scalar, a
-    0/1 list, or a list of label names for multilabel) or a ``{path: label}`` mapping.
+    CSV: a header with a path column (``path``/``video``/``file``/``name``), then one ``label``
+    column (binary 0/1, or multiclass indices / names) or several 0/1 columns (multilabel), and
+    an optional ``split`` column; every row has the header's cells, none of label / split empty.
+    JSON: a list of ``{"path", "label", "split"}`` records (``label`` a scalar, a 0/1 list or a
+    list of label names) or a ``{path: label}`` mapping.
 
     Args:
       path: the label file (.csv or .json).
-      task: forces the task; otherwise inferred (several columns / lists -> multilabel; values all
-        0/1 -> binary; else multiclass).
-      split: keep only rows whose ``split`` equals this (the file needs a ``split`` column then,
-        with a value on every row; for train/val/test, every value must be one of those). The
-        task and the classes are still inferred from all rows, so every split gets one head.
-      class_names: the allowed class (multiclass) or label (multilabel) names, in head order; a
-        value outside it raises DatasetError naming the value and its rows. When omitted, they
-        are inferred from the whole file: multiclass values must be all integer indices (classes
-        ``0..max``, each with a row) or all names (sorted; none equal to another up to case,
-        spaces and punctuation), else DatasetError lists each value with its row count and rows
-        (a mistyped label must not make an extra class); the classes found are logged (a warning) with
-        their row counts.
+      task: forces the task; else inferred (lists / columns -> multilabel; all 0/1 -> binary).
+      split: keep only rows of this ``split`` (every row needs one; for train/val/test every
+        value must be one of those). Task and classes come from all rows.
+      class_names: the allowed classes / labels, in head order (others raise DatasetError).
+        Omitted: inferred from the whole file (all indices ``0..max`` or all distinct names),
+        see :func:`_infer_classes`, and logged.
       video_root: where relative video paths start; defaults to the label file's folder.
-
-    Returns:
-      A LabelSet; keys are the video paths relative to ``video_root`` without extension.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -302,7 +259,7 @@ def load_label_file(
         records = _select_split(path, records, split)
 
     values = [r["label"] for r in records]
-    wheres = [r.get("where", f"row {i + 1}") for i, r in enumerate(records)]
+    wheres = [r["where"] for r in records]
     file_values = [r["label"] for r in file_records]
     multilabel_rows = label_cols is not None or any(isinstance(v, list) for v in file_values)
     if task is None:
@@ -336,19 +293,14 @@ def load_label_file(
         full = p if os.path.isabs(p) else os.path.join(root, p)
         video_paths.append(os.path.normpath(full))
         keys.append(os.path.splitext(os.path.relpath(full, root))[0].replace(os.sep, "/"))
-    dupes = sorted({k for k in keys if keys.count(k) > 1}) if len(set(keys)) < len(keys) else []
+    dupes = sorted(k for k, count in collections.Counter(keys).items() if count > 1)
     if dupes:
         raise DatasetError(_listing(f"{path}: duplicate samples", dupes))
     return LabelSet(tuple(keys), labels, task, tuple(names), tuple(video_paths), source=path)
 
 
 def _read_csv_records(path: str) -> tuple[list[dict], list[str] | None]:
-    """CSV rows as records ``{"path", "label", ["split"], "where": "line N"}``.
-
-    Every row must have exactly the header's cells (a trailing comma or a missing cell is an
-    error naming the lines), the header no empty or repeated names, and the ``split`` and
-    single ``label`` cells must not be empty. Blank lines are skipped.
-    """
+    """CSV rows as records ``{"path", "label", ["split"], "where": "line N"}`` (checked)."""
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.reader(f)
         try:
@@ -414,9 +366,7 @@ def _read_json_records(path: str) -> tuple[list[dict], None]:
 
 
 def _select_split(path: str, records: list[dict], split: str) -> list[dict]:
-    """The records of ``split``. Every record needs a non-empty split value; when ``split`` is
-    one of train/val/test, every value must be one of those (a mistyped split is an error, not
-    a row dropped silently)."""
+    """The records of ``split`` (a mistyped split value is an error, not a row dropped)."""
     missing = [r["where"] for r in records if r.get("split") in (None, "")]
     if missing:
         raise DatasetError(_listing(f"{path}: split {split!r} requested but rows have no "
@@ -442,15 +392,9 @@ def _is_index(text: str) -> bool:
 
 
 def _infer_classes(path: str, records: list[dict]) -> tuple[str, ...]:
-    """The classes of a multiclass label file without ``class_names``, from all its rows.
-
-    The rule: the values must be all class indices (integers; the classes are ``0..max``, each
-    with at least one row) or all class names (the sorted distinct names, no two equal up to
-    case, spaces and punctuation). A mix (e.g. ``0``, ``1`` and a mistyped ``l``), an index
-    without rows (e.g. a mistyped ``11`` among ``0``-``2``) or such near-duplicate names raise
-    DatasetError listing each value with its row count and rows; pass ``class_names`` to fix
-    the class set instead. The classes found are logged (a warning) with their row counts.
-    """
+    """The classes of a multiclass file without ``class_names``: all indices (``0..max``, each
+    with rows) or all names (sorted, none equal up to case and punctuation). A mix, an index
+    without rows or near-duplicate names raise DatasetError listing the values and rows."""
     rows: dict[str, list[str]] = collections.defaultdict(list)
     for r in records:
         rows[_label_text(r["label"])].append(r["where"])
@@ -564,18 +508,10 @@ def _multilabel(path: str, values: list, label_cols: list[str] | None,
     return labels, names
 
 
-# --------------------------------------------------------------------------- features
-
-
 @dataclasses.dataclass(frozen=True)
 class FeatureSet:
-    """Window-reduced features of a LabelSet's samples.
-
-    Attributes:
-      x: float32 ``(N, D)`` (token features: ``D = tokens * width``); labels: as
-        LabelSet.labels, ``(N, ...)``; keys: ``(N,)``.
-      skipped: ``{key: reason}`` of samples left out (with ``on_error="skip"``).
-    """
+    """Window-reduced features ``x`` float32 ``(N, D)`` with ``labels`` and ``keys``;
+    ``skipped``: ``{key: reason}`` of samples left out (``on_error="skip"``)."""
 
     x: np.ndarray
     labels: np.ndarray
@@ -594,9 +530,8 @@ def reduce_windows(features: np.ndarray, reduction: str) -> np.ndarray:
 
 
 def read_feature_file(path: str | os.PathLike, shape: tuple[int, ...] | None = None) -> np.ndarray:
-    """Loads one feature file: ``(T, D)`` pooled window features or ``(T, N, D)`` token features
-    (``extract_dataset.py --keep_seq``). Raises DatasetError if it is missing, marked failed by
-    the extractor, empty, of another rank, of another per-window ``shape``, or not finite."""
+    """One feature file, ``(T, D)`` or ``(T, N, D)`` (``--keep_seq``); DatasetError if missing,
+    marked failed, empty, of another shape, or not finite."""
     path = os.fspath(path)
     marker = os.path.splitext(path)[0] + ERROR_MARKER_SUFFIX
     if not os.path.isfile(path):
@@ -625,14 +560,8 @@ def load_features(
     reduction: str = "mean",
     on_error: OnError = "error",
 ) -> FeatureSet:
-    """Reads ``<feature_dir>/<key>.npy`` for every sample and reduces the windows; token
-    features ``(T, N, D)`` are reduced over windows and flattened to ``N * D`` (a linear probe
-    on every token: spatially resolved, for cues that mean-pooling washes out).
-
-    With ``on_error="error"`` the first bad file raises DatasetError; with ``"skip"`` bad files
-    are left out and listed in ``skipped`` (the caller reports the count). Raises if nothing is
-    left, or if files disagree on the feature width.
-    """
+    """Reads ``<feature_dir>/<key>.npy`` of every sample, reduced over windows (token features
+    flattened to ``N * D``). Bad files raise (``error``) or go to ``skipped`` (``skip``)."""
     feature_dir = os.fspath(feature_dir)
     if reduction not in REDUCTIONS:
         raise ValueError(f"temporal reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -663,18 +592,10 @@ def load_features(
     )
 
 
-# --------------------------------------------------------------------------- clips
-
-
 class ClipDataset:
-    """Raw clips of a LabelSet for fine-tuning, read as pretraining reads them.
-
-    A grain random-access source of :class:`~marlin_jax.data.records.VideoRecord` (one per
-    sample), so clips come from the one sampling rule and resize of
-    :mod:`marlin_jax.data.records`: ``clip(i, rng)`` is exactly the ``video`` that the
-    pretraining pipeline (:class:`~marlin_jax.data.pipeline.LoadClip`) makes of the same video
-    and RNG. Frame counts are read once (demux count) and cached; only sampled frames decode.
-    """
+    """Raw clips of a LabelSet for fine-tuning: a random-access source of
+    :class:`~marlin_jax.data.records.VideoRecord`, so ``clip(i, rng)`` is exactly pretraining's
+    clip of the same video and RNG. Frame counts are cached; only sampled frames decode."""
 
     has_labels = False  # VideoSource protocol: the labels live in ``labelset``
 
@@ -690,10 +611,8 @@ class ClipDataset:
         return len(self.labelset)
 
     def validate(self, on_error: OnError = "error") -> tuple[ClipDataset, dict[str, str]]:
-        """Counts every video's frames once (cached for sampling), so that an unreadable or
-        empty video fails here, naming the file, rather than mid-training. With ``skip`` such
-        samples are dropped; returns the dataset to use and ``{key: reason}`` of those dropped.
-        """
+        """Counts every video's frames (cached), so that a bad video fails here rather than
+        mid-training; returns the dataset to use and ``{key: reason}`` of those dropped."""
         bad: dict[str, str] = {}
         for i, key in enumerate(self.labelset.keys):
             try:
@@ -724,9 +643,7 @@ class ClipDataset:
                            read_frames=functools.partial(read_video_frames, path))
 
     def clip(self, i: int, rng: np.random.Generator) -> np.ndarray:
-        """uint8 ``(clip_frames, size, size, 3)`` of sample ``i``: frame indices from
-        :func:`~marlin_jax.data.records.sample_frame_indices`, frames resized by
-        :func:`~marlin_jax.data.records.resize_frames` (BadRecordError if unreadable)."""
+        """uint8 ``(clip_frames, size, size, 3)`` of sample ``i`` (BadRecordError if unreadable)."""
         record = self[i]
         idx = sample_frame_indices(record.num_frames, self.clip_frames, self.sample_rate, rng)
         return resize_frames(record.read_frames(idx), self.size)
@@ -757,15 +674,10 @@ class ClipDataset:
     ) -> grain.DatasetIterator:
         """A grain iterator of ``(clips uint8 (B, T, S, S, 3), labels (B, ...))``.
 
-        The order (if ``shuffle``) and every clip's start frame derive from ``seed`` and the
-        sample index only, so a pass is reproducible (use a new seed per epoch for training,
-        a fixed one for evaluation). The pass is a grain ``MapDataset`` of batches: random
-        access, so ``start_batch`` resumes it without decoding the batches before, and the rest
-        are exactly those of the whole pass. ``pad`` fills a short last batch to ``batch_size``
-        by repeating its last sample (static shapes); ``rows`` keeps only those rows of every
-        (padded) batch, so that each process of a multi-host run decodes its own part of the
-        global batch. ``num_threads`` batches decode in parallel (OpenCV drops the GIL),
-        ``prefetch`` ahead of the consumer.
+        Order and clips derive from ``seed`` and the sample index only, so ``start_batch``
+        resumes a pass exactly without decoding the batches before. ``pad`` repeats the last
+        sample to fill a short batch; ``rows`` keeps those rows of every batch (this process's
+        part in a multi-host run).
         """
         chunks = self.batch_indices(batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
         if not 0 <= start_batch <= len(chunks):

@@ -1,15 +1,9 @@
 """Fine-tuning: the MARLIN encoder plus a linear head, trained end to end on raw clips.
 
-As the original (``Classifier(finetune=True)``): a clip ``(B, 16, 224, 224, 3)`` (temporal sample
-rate 2, see :class:`~marlin_jax.evaluation.datasets.ClipDataset`) goes through
-``encoder.extract_features(keep_seq=False)`` (mean-pool of the tokens, then the final norm) and
-one ``Linear(D, C)``; encoder and head share one Adam optimiser. Ours, as options: a head on
-every token (``pooling="tokens"``) and LP-FT (the head starts as a linear probe, ``lp_ft``).
-
-The step is sharded with the trainer's mesh helpers (:mod:`marlin_jax.sharding`): the batch over
-``data x fsdp``, parameters and Adam moments by ``MARLIN_RULES`` (which include the ``head``
-rule), so the same code runs on one CPU, a GPU, or a TPU slice. Clips travel as uint8 and are
-scaled to [0, 1] inside the jitted step (:func:`marlin_jax.models.video_to_float`).
+As the original ``Classifier(finetune=True)``: ``extract_features(keep_seq=False)`` then one
+``Linear(D, C)``, one Adam for both. Ours, as options: a head on every token
+(``pooling="tokens"``) and LP-FT (``lp_ft``). The step is sharded with :mod:`marlin_jax.sharding`
+(batch over ``data x fsdp``, parameters by ``MARLIN_RULES``); uint8 clips are scaled in the step.
 """
 
 from __future__ import annotations
@@ -29,7 +23,7 @@ from jax.sharding import Mesh
 
 from marlin_jax.distributed import host_value
 from marlin_jax.evaluation.datasets import ClipDataset, FeatureSet
-from marlin_jax.evaluation.probe import LinearHead, torch_linear_init, train_linear_probe
+from marlin_jax.evaluation.probe import LinearHead, torch_linear, train_linear_probe
 from marlin_jax.evaluation.scores import LabelKind, classification_metrics
 from marlin_jax.evaluation.training import (
     FitOptions,
@@ -60,13 +54,9 @@ EVAL_SEED = 12345  # the start frames of every evaluation clip
 
 
 class FineTuneClassifier(nnx.Module):
-    """``(B, T, H, W, 3)`` float clips in [0, 1] -> ``(B, C)`` logits.
-
-    ``pooling="mean"`` (the original): the head reads the mean-pooled, normed ``(B, D)``
-    feature. ``"tokens"``: it reads every normed token, flattened ``(B, N * D)``: the fine-tuning
-    twin of a probe on ``extract_dataset --keep_seq`` features, for labels carried by a few
-    tokens (a mouth, an eye) that mean-pooling dilutes.
-    """
+    """``(B, T, H, W, 3)`` float clips in [0, 1] -> ``(B, C)`` logits; the head reads the
+    mean-pooled ``(B, D)`` feature (``pooling="mean"``, the original) or every token flattened,
+    ``(B, N * D)`` (``"tokens"``: for labels carried by a few tokens)."""
 
     def __init__(self, encoder: MarlinEncoder, num_outputs: int, *, rngs: nnx.Rngs,
                  pooling: Pooling = "mean"):
@@ -77,9 +67,7 @@ class FineTuneClassifier(nnx.Module):
         dim = encoder.config.encoder_embed_dim
         if pooling == "tokens":
             dim *= encoder.config.num_tokens
-        kernel_init, bias_init = torch_linear_init(dim)
-        self.head = nnx.Linear(dim, num_outputs, kernel_init=kernel_init, bias_init=bias_init,
-                               rngs=rngs)
+        self.head = torch_linear(dim, num_outputs, rngs)
 
     def features(self, video: jax.Array) -> jax.Array:
         """What the head reads: ``(B, D)`` or ``(B, N * D)``."""
@@ -113,14 +101,12 @@ class _Sharded:
         self.rest = host_to_global(rest, jax.tree.map(lambda _: replicated(mesh), rest))
         opt_sh = tree_shardings(jax.eval_shape(self.tx.init, params), mesh)
         self.init_opt = jax.jit(self.tx.init, out_shardings=opt_sh)
-        x_sh, y_sh = batch_sharding(mesh, 5), batch_sharding(mesh, 1)
-        y_sh_ml = batch_sharding(mesh, 2)
+        x_sh, y_sh = batch_sharding(mesh, 5), batch_sharding(mesh, 2 if task == "multilabel" else 1)
         step = make_train_step(self.graphdef, task, self.tx, preprocess=video_to_float,
                                weight_decay=options.weight_decay)
-        y_shard = y_sh_ml if task == "multilabel" else y_sh
         self.step = jax.jit(
             step,
-            in_shardings=(self.param_sh, opt_sh, replicated(mesh), x_sh, y_shard, None),
+            in_shardings=(self.param_sh, opt_sh, replicated(mesh), x_sh, y_sh, None),
             out_shardings=(self.param_sh, opt_sh, replicated(mesh)),
             donate_argnums=(0, 1),
         )
@@ -136,29 +122,21 @@ class _Sharded:
             out_shardings=replicated(mesh),
         )
 
-    def rows(self, batch: int) -> slice:
-        """The rows of a global batch this process loads (all, for one process)."""
-        return process_batch_rows(self.mesh, batch)
-
     def put(self, x: np.ndarray, y: np.ndarray | None = None):
-        """This process's rows (:meth:`rows`) of a global batch -> global arrays."""
+        """This process's rows (``process_batch_rows``) of a global batch -> global arrays."""
         arrays = global_batch({"x": x} if y is None else {"x": x, "y": y}, self.mesh)
         return arrays["x"] if y is None else (arrays["x"], arrays["y"])
 
     def predict(self, dataset: ClipDataset, batch: int, seed: int, num_threads: int, *,
                 params=None, features: bool = False, stop: Callable[[], bool] | None = None
                 ) -> tuple[np.ndarray, np.ndarray] | None:
-        """Logits ``(N, C)`` (or the head's input features) and labels of every sample, one
-        clip each (start frames from ``seed``), with ``params`` (default: the current ones);
-        None if ``stop()`` became true before the last batch (checked before each).
-
-        Each process decodes only its rows of a batch; the last batch is padded to ``batch``
-        (static shapes; the padding is dropped)."""
+        """Logits ``(N, C)`` (or the head's input ``features``) and labels of every sample, one
+        clip each (from ``seed``), with ``params`` (default: current); None once ``stop()``."""
         fn = self.features if features else self.forward
         params = self.params if params is None else params
         sizes = [len(c) for c in dataset.batch_indices(batch, shuffle=False, seed=seed)]
         batches = dataset.batches(batch, shuffle=False, seed=seed, num_threads=num_threads,
-                                  pad=True, rows=self.rows(batch))
+                                  pad=True, rows=process_batch_rows(self.mesh, batch))
         outs = []
         with contextlib.closing(batches):  # stopped early: no more prefetching
             for n, (x, _) in zip(sizes, batches, strict=True):
@@ -184,9 +162,8 @@ def fold_standardization(head: LinearHead) -> tuple[np.ndarray, np.ndarray]:
 def _probe_head(sharded: _Sharded, train: ClipDataset, val: ClipDataset, *, task: LabelKind,
                 num_outputs: int, options: FitOptions, batch: int, eval_seed: int,
                 num_threads: int, log: Callable[[str], None]) -> FitResult:
-    """LP-FT's first stage: a linear probe (standardised features) on the initial encoder's
-    features of one clip per training / validation video (start frames from ``eval_seed``),
-    written into the head of ``sharded.params``. Returns the probe's fit record."""
+    """LP-FT's first stage: a standardised linear probe on the initial encoder's features,
+    written into the head of ``sharded.params``; returns the probe's fit record."""
     feats = {}
     for name, dataset in (("train", train), ("val", val)):
         x, y = sharded.predict(dataset, batch, eval_seed, num_threads, features=True)
@@ -241,26 +218,16 @@ def train_finetune(
     lp_ft: FitOptions | None = None,
     log: Callable[[str], None] = print,
 ) -> tuple[FineTuneClassifier, FitResult, Callable[[ClipDataset], tuple[np.ndarray, np.ndarray]]]:
-    """Fine-tunes ``encoder`` with a new linear head (reading ``pooling`` features, see
-    :class:`FineTuneClassifier`), selecting the epoch by ``val``.
+    """Fine-tunes ``encoder`` with a new linear head, selecting the epoch by ``val``.
 
-    With ``lp_ft`` (LP-FT, Kumar et al. 2022) the head does not start random: it starts as a
-    linear probe trained with these options on the initial encoder's features of the training
-    clips (selected on the validation clips), so fine-tuning begins from the probe's predictions
-    instead of first undoing a random head's gradients through the encoder. The probe runs only
-    when the run starts (not when it resumes); it holds the training features in memory
-    (``N x D``, or ``N x tokens x D`` with ``pooling="tokens"``).
+    ``lp_ft`` (LP-FT, Kumar et al. 2022): the head starts as a linear probe trained with these
+    options on the initial features (only when the run starts, not on resume). Training clips
+    are re-sampled every epoch (seed ``options.seed + epoch``), evaluation clips fixed by
+    ``eval_seed``. ``state_dir`` etc.: see :func:`~marlin_jax.evaluation.training.fit` (resumes
+    onto any mesh); the run identity includes the train / val keys, labels and clip sampling.
 
-    Training clips are re-sampled every epoch (order and start frames from seed
-    ``options.seed + epoch`` only); evaluation clips are fixed by ``eval_seed``. With
-    ``state_dir`` the run is checkpointed (at epoch ends, every ``save_every_s`` between two
-    steps, and one step after SIGTERM) and a rerun resumes at the saved batch (see
-    :func:`~marlin_jax.evaluation.training.fit`), onto any mesh, without decoding the batches
-    before it; the run's identity includes the train / val keys and labels and the clip
-    sampling.
-
-    Returns the classifier holding the best-validation parameters, the fit record, and
-    ``predict(dataset) -> (logits, labels)`` bound to the sharded forward.
+    Returns the best-validation classifier, the fit record, and ``predict(dataset) -> (logits,
+    labels)`` bound to the sharded forward.
     """
     mesh = mesh if mesh is not None else make_mesh({"data": -1})
     model = FineTuneClassifier(encoder, num_outputs, rngs=nnx.Rngs(options.seed), pooling=pooling)
@@ -278,7 +245,7 @@ def train_finetune(
         lr = jnp.float32(lr)
         for x, y in train.batches(batch, shuffle=True, seed=options.seed + epoch, drop_last=True,
                                   start_batch=start_batch, num_threads=num_threads,
-                                  rows=sharded.rows(batch)):
+                                  rows=process_batch_rows(mesh, batch)):
             xs, ys = sharded.put(x, label_array(y, task))
             params, opt_state, loss = sharded.step(params, opt_state, sharded.rest, xs, ys, lr)
             yield params, opt_state, loss[None]

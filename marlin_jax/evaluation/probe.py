@@ -1,9 +1,8 @@
 """Linear probing: a linear head on frozen, window-reduced MARLIN features.
 
-As the original (``Classifier(finetune=False)``): features ``(N, D)`` (mean / max / min of the
-per-window features of each video) go through one ``Linear(D, C)``. The whole training set lives
-on the device and an epoch (shuffle, then every full batch; the last partial batch is dropped as
-the original's ``drop_last=True``) is one jitted ``lax.scan``.
+As the original ``Classifier(finetune=False)``: one ``Linear(D, C)`` on features ``(N, D)``. The
+training set lives on the device; an epoch (shuffle, full batches only, as ``drop_last=True``) is
+one jitted ``lax.scan``.
 """
 
 from __future__ import annotations
@@ -32,14 +31,14 @@ from marlin_jax.evaluation.training import (
 )
 
 
-def torch_linear_init(fan_in: int) -> tuple[Callable, Callable]:
-    """Kernel and bias initialisers of ``torch.nn.Linear``: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / np.sqrt(fan_in)
+def torch_linear(in_dim: int, num_outputs: int, rngs: nnx.Rngs) -> nnx.Linear:
+    """``nnx.Linear`` initialised as ``torch.nn.Linear``: kernel and bias U(+-1/sqrt(in_dim))."""
+    bound = 1.0 / np.sqrt(in_dim)
 
     def uniform(key, shape, dtype=jnp.float32):
         return jax.random.uniform(key, shape, dtype, -bound, bound)
 
-    return uniform, uniform
+    return nnx.Linear(in_dim, num_outputs, kernel_init=uniform, bias_init=uniform, rngs=rngs)
 
 
 class FeatureStats(nnx.Variable):
@@ -47,19 +46,12 @@ class FeatureStats(nnx.Variable):
 
 
 class LinearHead(nnx.Module):
-    """``(B, D) -> (B, C)`` logits: the linear-probe classifier.
-
-    With ``mean``/``std`` (``(D,)``, from the training features) the features are standardised
-    first, as MAE-style probes do with a non-affine BatchNorm: the classifier stays linear in the
-    features, only the optimisation is better conditioned. Without them (the original MARLIN
-    probe) the features go in as they are.
-    """
+    """``(B, D) -> (B, C)`` logits. With ``mean``/``std`` ``(D,)`` of the training features the
+    input is standardised first (still linear, better conditioned; not in the original)."""
 
     def __init__(self, in_dim: int, num_outputs: int, *, rngs: nnx.Rngs,
                  mean: np.ndarray | None = None, std: np.ndarray | None = None):
-        kernel_init, bias_init = torch_linear_init(in_dim)
-        self.head = nnx.Linear(in_dim, num_outputs, kernel_init=kernel_init,
-                               bias_init=bias_init, rngs=rngs)
+        self.head = torch_linear(in_dim, num_outputs, rngs)
         self.standardize = mean is not None
         if self.standardize:
             if std is None or np.shape(mean) != (in_dim,) or np.shape(std) != (in_dim,):
@@ -105,16 +97,9 @@ def train_linear_probe(
     run_id: Mapping[str, Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> tuple[LinearHead, FitResult]:
-    """Trains a LinearHead on ``train`` features, selecting the epoch by ``val``
-    (``standardize``: z-score the features with the training statistics first).
-
-    With ``state_dir`` epochs are checkpointed (whole epochs: one is a single ``lax.scan`` of
-    milliseconds) and a rerun resumes (see :func:`fit`); the
-    run's identity includes a digest of the train and val features and labels, so a checkpoint
-    made on other features is refused. Epoch ``e`` shuffles with ``fold_in(key(seed), e)``.
-
-    Returns the head holding the best-validation parameters, and the fit record.
-    """
+    """Trains a LinearHead on ``train`` features, selecting the epoch by ``val``; returns the
+    best-validation head and the fit record. ``state_dir`` saves whole epochs (see :func:`fit`);
+    the run identity includes a digest of the features and labels."""
     n, dim = train.x.shape
     if val.x.shape[1] != dim:
         raise ValueError(f"train features are {dim}-d but val features {val.x.shape[1]}-d")

@@ -1,16 +1,9 @@
-"""Classification scores (metrics) as MARLIN reports them (accuracy, AUROC), in NumPy.
+"""Classification scores as MARLIN reports them, in NumPy.
 
-The original evaluation (``evaluate.py`` + ``model/classifier.py`` of ControlNet/MARLIN) reports,
-for a multilabel task such as CelebV-HQ appearance (40 attributes) or action (35 actions):
-
-* ``acc``: element-wise accuracy of ``sigmoid(logit) > 0.5`` over every (sample, label) pair;
-* ``auroc``: the binary AUROC of the *flattened* (sample, label) pairs (micro averaging).
-
-Here we also give the per-label (macro) average, subset accuracy, and the multiclass variants
-(argmax accuracy, one-vs-rest macro AUROC). Every function agrees with scikit-learn on the same
-predictions (see ``tests/test_eval_metrics.py``); the AUROC itself is scikit-learn's
-``roc_auc_score`` (imported on first use), wrapped with input checks and an explicit error for a
-single class.
+For a multilabel task (CelebV-HQ appearance / action) the original reports ``acc``, the
+element-wise accuracy of ``sigmoid(logit) > 0.5``, and ``auroc``, the AUROC of the flattened
+(sample, label) pairs (micro). We add the macro average, subset accuracy and the multiclass
+variants (argmax accuracy, one-vs-rest macro AUROC); all agree with scikit-learn.
 """
 
 from __future__ import annotations
@@ -31,18 +24,11 @@ LabelKind = Literal["binary", "multiclass", "multilabel"]
 LABEL_KINDS: tuple[str, ...] = ("binary", "multiclass", "multilabel")
 
 
-def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Numerically stable softmax over ``axis`` (float64)."""
-    return special.softmax(np.asarray(x, dtype=np.float64), axis=axis)
-
-
 def binary_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve of scores ``(N,)`` against boolean labels ``(N,)``:
-    ``sklearn.metrics.roc_auc_score(labels, scores)`` (trapezoidal area; tied scores count half).
+    """``sklearn.metrics.roc_auc_score`` of scores ``(N,)`` against boolean labels ``(N,)``.
 
-    Raises ValueError (message containing "undefined") when only one class is present, since the
-    AUROC is then undefined (never silently 0, 0.5 or NaN; :func:`classification_metrics`
-    reports NaN). Also raises on mismatched sizes and on NaN/inf scores.
+    Raises ValueError (containing "undefined") when only one class is present (never 0, 0.5 or
+    NaN; :func:`classification_metrics` reports NaN), on mismatched sizes and non-finite scores.
     """
     from sklearn.metrics import roc_auc_score  # lazily: importing sklearn takes about a second
 
@@ -64,12 +50,8 @@ def binary_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
 def multilabel_auroc(
     scores: np.ndarray, labels: np.ndarray, average: Literal["micro", "macro"] = "micro"
 ) -> float:
-    """AUROC of ``(N, L)`` scores against ``(N, L)`` boolean labels.
-
-    ``micro`` (MARLIN's number) is the binary AUROC of all flattened pairs; ``macro`` is the
-    mean of per-label AUROCs over the labels having both classes present (labels with one class
-    are left out; :func:`classification_metrics` reports how many were).
-    """
+    """AUROC of ``(N, L)`` scores against ``(N, L)`` boolean labels: ``micro`` (MARLIN's) over
+    all flattened pairs, or ``macro``, the mean over the labels having both classes."""
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels).astype(bool)
     if scores.ndim != 2 or scores.shape != labels.shape:
@@ -79,21 +61,22 @@ def multilabel_auroc(
     if average == "micro":
         return binary_auroc(scores.ravel(), labels.ravel())
     if average == "macro":
-        per_label = _per_label_auroc(scores, labels)
-        valid = per_label[~np.isnan(per_label)]
-        if valid.size == 0:
-            raise ValueError("macro AUROC is undefined: no label has both classes present")
-        return float(valid.mean())
+        return _macro_auroc(scores, labels, "macro AUROC is undefined: no label has both classes present")
     raise ValueError(f"average must be 'micro' or 'macro', got {average!r}")
+
+
+def _macro_auroc(scores: np.ndarray, labels: np.ndarray, undefined: str) -> float:
+    """Mean per-column AUROC over the columns with both classes (ValueError ``undefined`` if none)."""
+    per_label = _per_label_auroc(scores, labels)
+    if np.all(np.isnan(per_label)):
+        raise ValueError(undefined)
+    return float(np.nanmean(per_label))
 
 
 def _per_label_auroc(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Per-column AUROC ``(L,)``; NaN where a column has a single class."""
-    out = np.full(scores.shape[1], np.nan)
-    for j in range(scores.shape[1]):
-        if 0 < labels[:, j].sum() < labels.shape[0]:
-            out[j] = binary_auroc(scores[:, j], labels[:, j])
-    return out
+    return np.array([binary_auroc(scores[:, j], labels[:, j]) if 0 < labels[:, j].sum() < len(labels)
+                     else np.nan for j in range(scores.shape[1])], dtype=np.float64)
 
 
 def per_label_auroc(logits: np.ndarray, labels: np.ndarray,
@@ -109,53 +92,6 @@ def per_label_auroc(logits: np.ndarray, labels: np.ndarray,
     if len(names) != logits.shape[1]:
         raise ValueError(f"{len(names)} names for {logits.shape[1]} labels")
     return dict(zip(names, _per_label_auroc(logits, labels).tolist(), strict=True))
-
-
-def binary_accuracy(probs: np.ndarray, labels: np.ndarray, threshold: float = 0.5) -> float:
-    """Fraction of elements where ``probs > threshold`` equals the boolean label (any shape;
-    for ``(N, L)`` multilabel input this is MARLIN's element-wise accuracy)."""
-    probs = np.asarray(probs, dtype=np.float64)
-    labels = np.asarray(labels).astype(bool)
-    if probs.shape != labels.shape:
-        raise ValueError(f"probs {probs.shape} and labels {labels.shape} differ in shape")
-    if probs.size == 0:
-        raise ValueError("accuracy of an empty set is undefined")
-    return float(np.mean((probs > threshold) == labels))
-
-
-def subset_accuracy(probs: np.ndarray, labels: np.ndarray, threshold: float = 0.5) -> float:
-    """Fraction of ``(N, L)`` rows whose every label is predicted right (exact match)."""
-    probs = np.asarray(probs, dtype=np.float64)
-    labels = np.asarray(labels).astype(bool)
-    if probs.ndim != 2 or probs.shape != labels.shape:
-        raise ValueError(f"need matching (N, L) probs and labels, got {probs.shape} {labels.shape}")
-    return float(np.mean(np.all((probs > threshold) == labels, axis=1)))
-
-
-def multiclass_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Top-1 accuracy of ``(N, C)`` logits (or probabilities) against integer labels ``(N,)``."""
-    logits = np.asarray(logits)
-    labels = np.asarray(labels).reshape(-1)
-    if logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
-        raise ValueError(f"need (N, C) logits and (N,) labels, got {logits.shape} {labels.shape}")
-    if labels.size == 0:
-        raise ValueError("accuracy of an empty set is undefined")
-    return float(np.mean(np.argmax(logits, axis=1) == labels))
-
-
-def multiclass_auroc(probs: np.ndarray, labels: np.ndarray) -> float:
-    """One-vs-rest AUROC averaged over classes (macro), of ``(N, C)`` probabilities against
-    integer labels ``(N,)``; classes absent from ``labels`` are left out of the average."""
-    probs = np.asarray(probs, dtype=np.float64)
-    labels = np.asarray(labels).reshape(-1)
-    if probs.ndim != 2 or probs.shape[0] != labels.shape[0]:
-        raise ValueError(f"need (N, C) probs and (N,) labels, got {probs.shape} {labels.shape}")
-    one_hot = labels[:, None] == np.arange(probs.shape[1])[None, :]
-    per_class = _per_label_auroc(probs, one_hot)
-    valid = per_class[~np.isnan(per_class)]
-    if valid.size == 0:
-        raise ValueError("multiclass AUROC is undefined: fewer than two classes present")
-    return float(valid.mean())
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray, task: LabelKind) -> dict[str, float]:
@@ -179,25 +115,40 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, task: LabelKi
         scores = logits.reshape(-1)
         probs = sigmoid(scores)
         y = labels.reshape(-1).astype(bool)
-        out["acc"] = binary_accuracy(probs, y)
+        out["acc"] = _accuracy(probs > 0.5, y)
         out["auroc"] = _or_nan(binary_auroc, probs, y)
     elif task == "multilabel":
         probs = sigmoid(logits)
         y = labels.astype(bool)
-        out["acc"] = binary_accuracy(probs, y)
-        out["subset_acc"] = subset_accuracy(probs, y)
+        if probs.ndim != 2 or probs.shape != y.shape:
+            raise ValueError(f"need matching (N, L) logits and labels, got {probs.shape} {y.shape}")
+        out["acc"] = _accuracy(probs > 0.5, y)
+        out["subset_acc"] = float(np.mean(np.all((probs > 0.5) == y, axis=1)))
         out["auroc"] = _or_nan(multilabel_auroc, probs, y, "micro")
         out["auroc_macro"] = _or_nan(multilabel_auroc, probs, y, "macro")
         out["n_labels_without_both_classes"] = float(
             np.sum(np.isnan(_per_label_auroc(probs, y)))
         )
     elif task == "multiclass":
-        probs = softmax(logits, axis=-1)
-        out["acc"] = multiclass_accuracy(logits, labels)
-        out["auroc"] = _or_nan(multiclass_auroc, probs, labels)
+        labels = labels.reshape(-1)
+        if logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
+            raise ValueError(f"need (N, C) logits and (N,) labels, got {logits.shape} {labels.shape}")
+        out["acc"] = _accuracy(np.argmax(logits, axis=1), labels)
+        one_hot = labels[:, None] == np.arange(logits.shape[1])[None, :]
+        out["auroc"] = _or_nan(_macro_auroc, special.softmax(logits, axis=-1), one_hot,
+                               "multiclass AUROC is undefined: fewer than two classes present")
     else:
         raise ValueError(f"task must be one of {LABEL_KINDS}, got {task!r}")
     return out
+
+
+def _accuracy(predicted: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of elements where ``predicted`` equals ``labels`` (same shape)."""
+    if predicted.shape != labels.shape:
+        raise ValueError(f"predictions {predicted.shape} and labels {labels.shape} differ in shape")
+    if predicted.size == 0:
+        raise ValueError("accuracy of an empty set is undefined")
+    return float(np.mean(predicted == labels))
 
 
 def _or_nan(fn, *args) -> float:
@@ -214,13 +165,9 @@ def format_table(
 ) -> str:
     """A plain-text table, one row per split (e.g. ``{"val": {...}, "test": {...}}``)."""
     if keys is None:
-        keys = []
-        for row in results.values():
-            keys += [k for k in row if k not in keys]
+        keys = list(dict.fromkeys(k for row in results.values() for k in row))
     header = ["split", *keys]
-    rows = [header]
-    for split, row in results.items():
-        rows.append([split] + [_fmt(k, row.get(k)) for k in keys])
+    rows = [header] + [[split] + [_fmt(k, row.get(k)) for k in keys] for split, row in results.items()]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -1,28 +1,15 @@
 """The supervised training loop shared by linear probing and fine-tuning.
 
-As the original ``model/classifier.py`` + ``evaluate.py`` of MARLIN: binary cross-entropy with
-logits (binary; multilabel over every (sample, label) pair) or softmax cross-entropy
-(multiclass); Adam (betas 0.5, 0.9, lr 1e-4: the trainer's
-:func:`~marlin_jax.train.state.make_optimizer`); reduce-on-plateau of the *training* loss
-(factor 0.5, patience 7, min 1e-8), stopping once the rate is 1e-6; the epoch with the best
-validation metric is kept and checkpointed. Ours, on purpose: the validation metric is computed
-on the whole split (the original averages per-batch AUROCs), an optional ``patience`` stops
-after that many epochs without improvement, and an optional L2 penalty (``weight_decay``).
+As MARLIN's ``model/classifier.py``: BCE with logits (binary / multilabel) or softmax CE
+(multiclass), Adam (0.5, 0.9, lr 1e-4), reduce-on-plateau of the training loss, stop at lr 1e-6,
+keep the best validation epoch. Ours: validation metrics on the whole split, optional
+``patience`` and L2 ``weight_decay``.
 
-A model is handled functionally (``nnx.split``), so the step is a pure jitted function.
-``run_epoch(params, opt_state, lr, epoch, start_batch)`` yields the state after each unit of
-work (a batch for fine-tuning; a whole ``lax.scan`` epoch for a probe); between yields
-:func:`fit` may save and stop, so the position inside an epoch is part of the loop state.
-
-Resuming (``state_dir``): the project's one :class:`~marlin_jax.train.checkpointing.Checkpointer`
-saves parameters and optimiser state (and the best parameters while they are newer than
-``checkpoint_dir``'s copy, written right after) as its ``state`` item and the JSON loop state
-(position, schedule, best epoch, history, run identity) as its ``data_iter`` item. A rerun
-continues at the saved batch and ends bitwise as an uninterrupted run: an epoch's data derive
-from ``(seed, epoch)`` and a batch's from its index, and the train loss is a float64 sum in
-batch order. A checkpoint of another run (options, shapes, data) is refused. SIGTERM is a flag
-checked after every unit of work and during validation (OR-ed across processes): the loop
-saves within one step and raises :class:`Preempted`.
+Resuming (``state_dir``): the :class:`~marlin_jax.train.checkpointing.Checkpointer` saves
+parameters and optimiser state as ``state`` and the JSON loop state (position, schedule, best,
+history, run identity) as ``data_iter``. A rerun continues at the saved batch bitwise (data derive
+from ``(seed, epoch, batch)``); a checkpoint of another run is refused. SIGTERM saves within one
+unit of work and raises :class:`Preempted`.
 """
 
 from __future__ import annotations
@@ -135,18 +122,15 @@ def make_train_step(
 ) -> Callable:
     """``step(params, opt_state, rest, x, y, lr) -> (params, opt_state, loss)``, unjitted.
 
-    ``tx`` is :meth:`FitOptions.optimizer` (its learning rate is set to ``lr`` each step);
-    ``rest`` is the model's non-parameter state (e.g. fixed position tables); ``preprocess``
-    maps the raw batch inside the step (e.g. :func:`marlin_jax.models.video_to_float`).
-    ``weight_decay`` adds ``weight_decay * l2_penalty(params)`` to the loss (so the returned
-    loss is the objective: for a binary probe, scikit-learn's ``LogisticRegression(C=1 /
-    (weight_decay * N))`` scaled by ``1 / N``).
+    ``tx``: :meth:`FitOptions.optimizer`; ``rest``: the model's non-parameter state;
+    ``preprocess`` maps the raw batch inside the step; the loss includes
+    ``weight_decay * l2_penalty(params)``.
     """
 
+    forward = make_forward(graphdef, preprocess)
+
     def loss_fn(params, rest, x, y):
-        model = nnx.merge(graphdef, params, rest)
-        logits = model(preprocess(x) if preprocess is not None else x)
-        loss = classification_loss(logits, y, task)
+        loss = classification_loss(forward(params, rest, x), y, task)
         if weight_decay:
             loss = loss + weight_decay * l2_penalty(params)
         return loss
@@ -185,12 +169,8 @@ def set_model_params(model: nnx.Module, params: Params) -> None:
 
 @dataclasses.dataclass
 class FitResult:
-    """Outcome of :func:`fit`: the best parameters and the per-epoch history.
-
-    ``resumed_at`` is the ``(epoch, batch)`` position restored from ``state_dir`` (None: a
-    fresh run); ``already_finished`` says that the restored run had finished, so nothing was
-    trained.
-    """
+    """Outcome of :func:`fit`. ``resumed_at``: ``(epoch, batch)`` restored from ``state_dir``
+    (None: fresh); ``already_finished``: the restored run had finished, nothing was trained."""
 
     params: Params
     best_epoch: int
@@ -202,12 +182,8 @@ class FitResult:
 
 
 class Preempted(Exception):  # noqa: N818  (a signal, not an error of the run)
-    """SIGTERM arrived: the loop state was checkpointed in ``directory`` and training stopped.
-
-    ``(epoch, batch)`` is where a rerun of the same command with the same state directory
-    continues: batch ``batch`` of epoch ``epoch`` (``batch == num_batches``: the epoch's
-    validation; ``batch == 0``: the epoch's start, i.e. it stopped after epoch ``epoch - 1``).
-    """
+    """SIGTERM arrived: the loop state was saved in ``directory``; a rerun continues at batch
+    ``batch`` of ``epoch`` (``num_batches``: its validation)."""
 
     def __init__(self, directory: str, epoch: int, batch: int = 0, num_batches: int = 0):
         self.directory, self.epoch, self.batch = directory, epoch, batch
@@ -225,19 +201,11 @@ class CheckpointMismatchError(ValueError):
     """The state directory holds a checkpoint of a different run (config, shapes or data)."""
 
 
-# ----------------------------------------------------------------------------- loop state
-
-
 @dataclasses.dataclass(frozen=True)
 class LoopState:
-    """Host-side state of :func:`fit` (JSON-serialisable): ``next_epoch`` epochs are complete
-    and the first ``next_batch`` batches of epoch ``next_epoch`` are trained, their losses
-    summing (float64, in batch order) to ``loss_sum``.
-
-    The early-stopping counter is derived (``next_epoch - 1 - best_epoch``), and the data order
-    of epoch ``e`` is a function of ``(seed, e)``, so ``(next_epoch, next_batch)`` is the data
-    position. ``stop_reason`` is set once the run has finished.
-    """
+    """Host-side, JSON-able state of :func:`fit`: ``next_epoch`` epochs done plus ``next_batch``
+    batches of the next, whose losses sum (float64, in order) to ``loss_sum``; ``stop_reason``
+    is set once the run has finished."""
 
     schedule: Plateau
     next_epoch: int = 0
@@ -257,14 +225,12 @@ class LoopState:
         return cls(**{**d, "schedule": Plateau(**d["schedule"]), "history": tuple(d["history"])})
 
     def add_losses(self, losses: list[jax.Array]) -> LoopState:
-        """The state after the batches whose losses ``[(k,), ...]`` are given (in order);
-        fetches them from the device (one sync)."""
-        total, count = self.loss_sum, self.next_batch
-        for chunk in losses:
-            for value in np.asarray(host_value(chunk), np.float64).ravel():
-                total += float(value)
-                count += 1
-        return dataclasses.replace(self, next_batch=count, loss_sum=total)
+        """The state after the batches whose losses ``[(k,), ...]`` are given (in order)."""
+        total = self.loss_sum
+        values = [float(v) for chunk in losses for v in np.asarray(host_value(chunk), np.float64).ravel()]
+        for value in values:
+            total += value
+        return dataclasses.replace(self, next_batch=self.next_batch + len(values), loss_sum=total)
 
     def stop_reason_for(self, options: FitOptions) -> str | None:
         """Why training ends before epoch ``next_epoch`` (None: it continues)."""
@@ -276,9 +242,6 @@ class LoopState:
         if self.next_epoch >= options.max_epochs:
             return f"max_epochs ({options.max_epochs})"
         return None
-
-
-# ----------------------------------------------------------------------------- run identity
 
 
 def _plain(x: Any) -> Any:
@@ -323,17 +286,13 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def identity_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """``"key: saved X, now Y"`` for every differing (dotted) key of two identities."""
+def check_identity(directory: str, saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    """Raises CheckpointMismatchError naming ``directory`` and every differing (dotted) key when
+    the identities differ."""
     a, b = _flat(_plain(dict(saved))), _flat(_plain(dict(current)))
     missing = object()
-    return [f"{k}: saved {a.get(k, '(absent)')!r}, now {b.get(k, '(absent)')!r}"
-            for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
-
-
-def check_identity(directory: str, saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
-    """Raises CheckpointMismatchError naming ``directory`` when the identities differ."""
-    diffs = identity_differences(saved, current)
+    diffs = [f"{k}: saved {a.get(k, '(absent)')!r}, now {b.get(k, '(absent)')!r}"
+             for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
     if diffs:
         shown = "; ".join(diffs[:6]) + (f"; ... ({len(diffs)} differences)"
                                         if len(diffs) > 6 else "")
@@ -343,13 +302,8 @@ def check_identity(directory: str, saved: Mapping[str, Any], current: Mapping[st
             "deletes it.")
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
 class _Json:
-    """A JSON document as the Checkpointer's ``data_iter`` item: grain's checkpoint handler
-    writes ``get_state()`` (one file per process). Here: the loop position, which fixes the
-    data position, and the rest of the loop state."""
+    """A JSON document as the Checkpointer's ``data_iter`` item (written via ``get_state()``)."""
 
     def __init__(self, doc: Any):
         self.doc = doc
@@ -377,8 +331,7 @@ def _latest_step(directory: str) -> int | None:
 
 
 def _read_state_json(directory: str, step: int) -> dict[str, Any]:
-    """The JSON part of training-state checkpoint ``step`` (format-checked). Every process
-    wrote the same document; any one is read, so a rerun may use another process count."""
+    """The JSON part of training-state checkpoint ``step`` (format-checked; any process's copy)."""
     files = sorted(Path(directory, str(step), DATA_ITER).glob("process_*.json"))
     try:
         meta = json.loads(files[0].read_text()) if files else None
@@ -412,8 +365,7 @@ def restore_best(directory: str | os.PathLike, params_like: Params) -> Params:
 
 
 def _delete_steps(directory: str) -> None:
-    """Removes every checkpoint step folder (named by its step) of ``directory``, nothing
-    else: the primary process deletes, every process returns once it has (a barrier)."""
+    """Removes the step folders of ``directory`` (process 0; the others wait at a barrier)."""
     if jax.process_index() == 0 and os.path.isdir(directory):
         for name in os.listdir(directory):
             if name.isdigit():
@@ -422,12 +374,9 @@ def _delete_steps(directory: str) -> None:
 
 
 class _Checkpoints:
-    """Where :func:`fit` keeps the best parameters (in memory and, with ``checkpoint_dir``, on
-    disk, one step named by the epoch) and the loop state (with ``state_dir``).
-
-    The best parameters are written to ``checkpoint_dir`` right after the state that carries
-    them (``best_pending``), so an interruption between the two writes loses nothing.
-    """
+    """The best parameters (in memory; on disk in ``checkpoint_dir``, step = epoch) and the loop
+    state (``state_dir``). The best are written right after the state that carries them
+    (``best_pending``), so an interruption between the two writes loses nothing."""
 
     def __init__(self, checkpoint_dir: str | os.PathLike | None,
                  state_dir: str | os.PathLike | None, identity: dict[str, Any]):
@@ -518,9 +467,6 @@ class _Checkpoints:
         return restored["params"], restored["opt_state"], loop
 
 
-# ----------------------------------------------------------------------------- the loop
-
-
 def fit(
     params: Params,
     *,
@@ -541,28 +487,22 @@ def fit(
 
     Args:
       params: initial trainable parameters.
-      run_epoch: ``(params, opt_state, lr, epoch, start_batch)`` -> a generator training
-        batches ``start_batch ..< steps_per_epoch`` of ``epoch`` and yielding
-        ``(params, opt_state, losses (k,))`` after every ``k`` of them (``k >= 1``; a yielded
-        state may be donated by the next step, so it is used before resuming the generator).
-        Batch ``b`` of epoch ``e`` and its randomness must derive from ``(options.seed, e, b)``
-        only, so that a resumed epoch sees the same batches.
+      run_epoch: ``(params, opt_state, lr, epoch, start_batch)`` -> generator training batches
+        ``start_batch ..< steps_per_epoch`` of ``epoch``, yielding ``(params, opt_state, losses
+        (k,))`` after every ``k >= 1`` of them; batch ``b`` of epoch ``e`` must derive from
+        ``(options.seed, e, b)`` only (resume).
       steps_per_epoch: the number of batches of an epoch.
-      validate: ``(params, stop) -> validation metrics`` (containing ``options.monitor``), or
-        None when it gave up because ``stop()`` became true (SIGTERM); ``stop`` may be ignored.
-      init_opt_state: ``params -> optimiser state`` (e.g. ``tx.init``, or a sharded jitted init).
-      checkpoint_dir: where the best parameters are saved; None keeps them in memory only.
-      state_dir: where the whole training state is saved (needs ``checkpoint_dir``). If it holds
-        a checkpoint of this run, training continues from its position (a finished run returns
-        its saved result without training); a checkpoint of another run (options, parameter
-        shapes, ``run_id``) raises CheckpointMismatchError. SIGTERM then saves at the next
-        yield of ``run_epoch`` (or during validation) and raises Preempted.
+      validate: ``(params, stop) -> metrics`` (with ``options.monitor``), or None when it gave
+        up because ``stop()`` became true (SIGTERM).
+      init_opt_state: ``params -> optimiser state``.
+      checkpoint_dir: where the best parameters are saved (None: memory only).
+      state_dir: where the training state is saved (needs ``checkpoint_dir``): a checkpoint of
+        this run is continued (a finished one returned untrained), one of another run (options,
+        shapes, ``run_id``) raises CheckpointMismatchError; SIGTERM saves and raises Preempted.
       run_id: JSON-able identity of the run beyond options and shapes (e.g. a data digest).
       fresh_start: delete the checkpoints in ``state_dir`` and ``checkpoint_dir`` first.
-      save_every_s: with ``state_dir``, the least time between two saves: 0 saves at the end
-        of every epoch (only), ``s > 0`` at the first epoch end or, inside an epoch, the first
-        yield of ``run_epoch`` ``s`` seconds after the last save (so a SIGKILL loses about that
-        much). The last epoch, and SIGTERM, are always saved.
+      save_every_s: least seconds between two state saves (0: at every epoch end only); the
+        last epoch and SIGTERM are always saved.
     """
     if state_dir is not None and checkpoint_dir is None:
         raise ValueError("state_dir needs checkpoint_dir (the best parameters are kept there)")
@@ -593,11 +533,13 @@ def fit(
             while loop.stop_reason is None:
                 t0 = time.perf_counter()
                 params, opt_state, loop = _train_epoch(
-                    params, opt_state, loop, run_epoch, steps_per_epoch, ckpts, sigterm,
-                    save_every_s, log)
+                    params, opt_state, loop, run_epoch, steps_per_epoch, ckpts, sigterm, save_every_s)
                 params, opt_state, loop = _end_epoch(
                     params, opt_state, loop, validate, options, ckpts, sigterm, save_every_s,
                     steps_per_epoch, t0, log)
+    except Preempted as e:
+        log(str(e))
+        raise
     finally:
         ckpts.close()
     if ckpts.best_params is None:
@@ -609,16 +551,9 @@ def fit(
                      str(loop.stop_reason), resumed_at, finished_before)
 
 
-def _preempted(ckpts: _Checkpoints, loop: LoopState, steps_per_epoch: int,
-               log: Callable[[str], None]) -> Preempted:
-    error = Preempted(ckpts.state_dir, loop.next_epoch, loop.next_batch, steps_per_epoch)
-    log(str(error))
-    return error
-
-
 def _train_epoch(params, opt_state, loop: LoopState, run_epoch, steps_per_epoch: int,
-                 ckpts: _Checkpoints, sigterm: SigtermFlag, save_every_s: float,
-                 log: Callable[[str], None]) -> tuple[Params, Any, LoopState]:
+                 ckpts: _Checkpoints, sigterm: SigtermFlag, save_every_s: float
+                 ) -> tuple[Params, Any, LoopState]:
     """Trains the rest of epoch ``loop.next_epoch``, saving (and stopping on SIGTERM) between
     units of work; returns the state with every batch's loss added to ``loop``."""
     losses: list[jax.Array] = []  # of batches not yet added to loop.loss_sum
@@ -636,7 +571,7 @@ def _train_epoch(params, opt_state, loop: LoopState, run_epoch, steps_per_epoch:
                 loop, losses = loop.add_losses(losses), []
                 ckpts.save(params, opt_state, loop)
                 if stop:
-                    raise _preempted(ckpts, loop, steps_per_epoch, log)
+                    raise Preempted(ckpts.state_dir, loop.next_epoch, loop.next_batch, steps_per_epoch)
     finally:
         steps.close()
     loop = loop.add_losses(losses)
@@ -661,7 +596,7 @@ def _end_epoch(params, opt_state, loop: LoopState, validate, options: FitOptions
         if not any_process(sigterm.requested)[0]:
             raise RuntimeError("validate returned None without a stop request")
         ckpts.save(params, opt_state, loop)  # trained, not validated: a rerun validates
-        raise _preempted(ckpts, loop, steps_per_epoch, log)
+        raise Preempted(ckpts.state_dir, loop.next_epoch, loop.next_batch, steps_per_epoch)
     if options.monitor not in val:
         raise KeyError(f"validation metrics lack {options.monitor!r}: {sorted(val)}")
     score = float(val[options.monitor])
@@ -685,5 +620,5 @@ def _end_epoch(params, opt_state, loop: LoopState, validate, options: FitOptions
         if loop.stop_reason is not None or stop or due:
             ckpts.save(params, opt_state, loop)
         if stop and loop.stop_reason is None:
-            raise _preempted(ckpts, loop, steps_per_epoch, log)
+            raise Preempted(ckpts.state_dir, loop.next_epoch, loop.next_batch, steps_per_epoch)
     return params, opt_state, loop
