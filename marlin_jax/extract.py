@@ -29,10 +29,9 @@ from marlin_jax.interop.checkpoints import CONFIG_FILE
 from marlin_jax.interop.hf import download_hf_checkpoint, load_checkpoint, resolve_checkpoint_config
 from marlin_jax.models import RELEASE_URL, MarlinConfig, MarlinModel, get_config, video_to_float
 from marlin_jax.models.layers import default_attention_impl
-from marlin_jax.video_io import IncompleteDecode, VideoReadError, iter_frames
+from marlin_jax.video_io import VIDEO_EXTENSIONS, IncompleteDecode, VideoReadError, iter_frames
 
 REDUCTIONS = ("none", "mean", "max")
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 DEFAULT_MODEL = "marlin_vit_base_ytf"  # the architecture of checkpoints that do not name theirs
 
 
@@ -146,16 +145,6 @@ def resolve_attention_impl(attention_impl: str | None, dtype=None) -> str | None
     return attention_impl
 
 
-def _cast_kernels(state: nnx.State, dtype) -> nnx.State:
-    """The state with every ``kernel`` (the matmul weights) in ``dtype``; biases, norms and the
-    position table keep theirs."""
-    def cast(path, leaf):
-        is_kernel = any(getattr(key, "key", getattr(key, "name", None)) == "kernel" for key in path)
-        return leaf.astype(dtype) if is_kernel else leaf
-
-    return jax.tree_util.tree_map_with_path(cast, state)
-
-
 class Marlin:
     """A MARLIN encoder ready for feature extraction.
 
@@ -170,8 +159,13 @@ class Marlin:
         self.name = name
         self.batch_size = batch_size
         graphdef, state = nnx.split(model.encoder)
-        if model.encoder.matmul_dtype is not None:  # cast the matmul weights once, not per call
-            state = _cast_kernels(state, model.encoder.matmul_dtype)
+        dtype = model.encoder.matmul_dtype
+        if dtype is not None:  # cast the matmul weights once, not per call; biases and norms keep theirs
+            def cast(path, leaf):
+                is_kernel = any(getattr(key, "key", getattr(key, "name", None)) == "kernel" for key in path)
+                return leaf.astype(dtype) if is_kernel else leaf
+
+            state = jax.tree_util.tree_map_with_path(cast, state)
         self._encoder_state = state
 
         def features(state, clips_uint8_or_float, keep_seq: bool):
@@ -318,8 +312,7 @@ def plan_outputs(inputs: list[str | os.PathLike], out_dir: str | os.PathLike
     outputs still coincide.
     """
     out = Path(out_dir)
-    found: list[tuple[Path, Path]] = []  # (video, path relative to the output folder)
-    seen: set[Path] = set()
+    found: dict[Path, tuple[Path, Path]] = {}  # resolved path -> (video, path relative to the output folder)
     for item in map(Path, inputs):
         if item.is_dir():
             pairs = [(p, p.relative_to(item)) for p in sorted(item.rglob("*"))
@@ -327,16 +320,11 @@ def plan_outputs(inputs: list[str | os.PathLike], out_dir: str | os.PathLike
         else:
             pairs = [(item, Path(item.name))]
         for video, rel in pairs:
-            key = video.resolve()
-            if key not in seen:
-                seen.add(key)
-                found.append((video, rel))
-    by_stem: dict[Path, set[Path]] = {}
-    for _, rel in found:
-        by_stem.setdefault(rel.with_suffix(""), set()).add(rel)
+            found.setdefault(video.resolve(), (video, rel))
+    stems = Counter(rel.with_suffix("") for rel in {rel for _, rel in found.values()})
     plan, renamed = [], []
-    for video, rel in found:
-        if len(by_stem[rel.with_suffix("")]) > 1:  # x.mp4 + x.avi: keep the extension
+    for video, rel in found.values():
+        if stems[rel.with_suffix("")] > 1:  # x.mp4 + x.avi: keep the extension
             target = out / rel.parent / f"{rel.name}.npy"
             renamed.append((video, target))
         else:

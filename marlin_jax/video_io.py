@@ -20,6 +20,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
+
 
 class VideoReadError(ValueError):
     """A video file is missing, unreadable, or has no frames."""
@@ -42,18 +44,19 @@ class IncompleteDecode:
                 f"could be decoded (truncated or damaged file)")
 
 
-def check_decoded(path: str | os.PathLike, declared: int, decoded: int, *, strict: bool = False
-                  ) -> IncompleteDecode | None:
-    """None when a full read ``decoded`` every frame the container ``declared`` (<= 0: unknown);
-    else logs a warning and returns the :class:`IncompleteDecode`, or raises
+def check_decoded(path: str | os.PathLike, declared: int, decoded: int, *, strict: bool = False,
+                  on_incomplete: Callable[[IncompleteDecode], None] | None = None) -> None:
+    """Nothing when a full read ``decoded`` every frame the container ``declared`` (<= 0: unknown);
+    else logs a warning and passes the :class:`IncompleteDecode` to ``on_incomplete``, or raises
     :class:`IncompleteVideoError` when ``strict``."""
     if declared <= 0 or decoded >= declared:
-        return None
+        return
     issue = IncompleteDecode(os.fspath(path), int(declared), int(decoded))
     if strict:
         raise IncompleteVideoError(f"{issue} [strict]")
     log.warning("%s; using the %d decodable frames", issue, decoded)
-    return issue
+    if on_incomplete is not None:
+        on_incomplete(issue)
 
 
 def _open(path: str | os.PathLike) -> cv2.VideoCapture:
@@ -98,9 +101,7 @@ def iter_frames(path: str | os.PathLike, step: int = 1, *, strict: bool = False,
         said = f" (the container declares {declared})" if declared > 0 else ""
         raise VideoReadError(f"{os.fspath(path)}: video has no decodable frames{said}")
     if check:
-        issue = check_decoded(path, declared, index, strict=strict)
-        if issue is not None and on_incomplete is not None:
-            on_incomplete(issue)
+        check_decoded(path, declared, index, strict=strict, on_incomplete=on_incomplete)
 
 
 def read_frames(path: str | os.PathLike, step: int = 1, max_frames: int | None = None) -> np.ndarray:
@@ -136,9 +137,7 @@ def count_frames(path: str | os.PathLike, *, strict: bool = False,
     finally:
         cap.release()
     if n:
-        issue = check_decoded(path, declared, n, strict=strict)
-        if issue is not None and on_incomplete is not None:
-            on_incomplete(issue)
+        check_decoded(path, declared, n, strict=strict, on_incomplete=on_incomplete)
     return n
 
 

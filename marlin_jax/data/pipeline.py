@@ -303,14 +303,6 @@ class AccountingIterDataset(grain.IterDataset):
                                   self._known_bad)
 
 
-def _ensure_absl_flags_parsed() -> None:
-    """grain's worker processes read absl flags: outside an absl app, accept their defaults."""
-    from absl import flags
-
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
-
-
 def _derive_seed(*parts: int) -> int:
     """A 32-bit seed from integers (grain seeds must fit in uint32)."""
     return int(np.random.SeedSequence([int(p) % (1 << 63) for p in parts])
@@ -366,7 +358,10 @@ def make_dataset(data_config: ml_collections.ConfigDict, *, split: str, global_b
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, c.num_threads),
                                                  prefetch_buffer_size=max(1, c.prefetch)))
     if c.num_workers > 0:
-        _ensure_absl_flags_parsed()
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags: outside an absl app, accept the defaults
+            flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=c.num_workers, per_worker_buffer_size=max(1, c.worker_buffer_size)))
     return AccountingIterDataset(it_ds, error_budget=c.error_budget,

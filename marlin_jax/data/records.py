@@ -107,8 +107,6 @@ def decode_jpeg(data: bytes, name: str, out: np.ndarray | None = None) -> np.nda
 def decode_frames(data: Sequence[bytes], names: Sequence[str]) -> np.ndarray:
     """A video's encoded frames -> uint8 ``(k, H, W, 3)`` RGB, decoded in place (one array, no
     per-frame copies); BadRecordError naming the frame that is corrupt or of another size."""
-    if not data:
-        raise ValueError("decode_frames needs at least one frame")
     first = decode_jpeg(data[0], names[0])
     frames = np.empty((len(data), *first.shape), np.uint8)
     frames[0] = first

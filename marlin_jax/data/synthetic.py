@@ -10,9 +10,6 @@ LaPa labels: 0 background, 1 skin, 2/3 left/right brow, 4/5 left/right eye, 6 no
 8 inner mouth, 9 lower lip, 10 hair; "left" is the *image's* left (LaPa's and MARLIN's convention).
 Per-video binary labels (:data:`LABEL_NAMES`), fair coins: ``mouth_open`` (open in ~75-90% of
 frames vs ~10-25%), ``eyes_closed`` (throughout vs occasional blinks), ``smiling`` (corners up).
-
-Writers: :func:`write_video_dataset` (mp4 + npy + labels.csv) and :func:`write_ytf_layout` (the
-original MARLIN YouTube-Faces layout).
 """
 
 from __future__ import annotations
@@ -185,9 +182,10 @@ class _Pose:
         self.cos, self.sin = math.cos(rad), math.sin(rad)
         self.cx, self.cy = f.center[0] + self.dx, f.center[1] + self.dy
 
-    def points(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-        """int32 ``(K, 2)`` fixed-point image points of inner-feature coordinates (yaw-shifted)."""
-        u = np.asarray(u, np.float64) + 0.1 * self.yaw
+    def points(self, u: np.ndarray, v: np.ndarray, feature: bool = True) -> np.ndarray:
+        """int32 ``(K, 2)`` fixed-point image points; ``feature`` points (the inner features) follow
+        the yaw shift."""
+        u = np.asarray(u, np.float64) + (0.1 * self.yaw if feature else 0.0)
         v = np.asarray(v, np.float64)
         out = np.empty((u.size, 2), np.float64)
         out[:, 0] = self.cx + self.scale * (u * self.cos - v * self.sin)
@@ -197,15 +195,11 @@ class _Pose:
     def ellipse(self, img: np.ndarray, u: float, v: float, au: float, av: float, cls: int,
                 tilt: float = 0.0, feature: bool = True) -> None:
         """A filled ellipse centred at (u, v) with half-axes (au, av), tilted by ``tilt`` degrees;
-        ``feature`` ellipses follow the yaw shift of the inner features."""
-        if feature:
-            u += 0.1 * self.yaw
-        x = self.cx + self.scale * (u * self.cos - v * self.sin)
-        y = self.cy + self.scale * (u * self.sin + v * self.cos)
+        ``feature`` as in :meth:`points`."""
+        ((x, y),) = self.points([u], [v], feature)
         axes = (max(round(au * self.scale * _ONE), _ONE // 2),
                 max(round(av * self.scale * _ONE), _ONE // 2))  # fmt: skip
-        cv2.ellipse(img, (round(x * _ONE), round(y * _ONE)), axes, self.roll + tilt, 0, 360, cls,
-                    -1, cv2.LINE_8, _SHIFT)  # fmt: skip
+        cv2.ellipse(img, (int(x), int(y)), axes, self.roll + tilt, 0, 360, cls, -1, cv2.LINE_8, _SHIFT)
 
     def polygon(self, img: np.ndarray, u: np.ndarray, v: np.ndarray, cls: int) -> None:
         cv2.fillPoly(img, [self.points(u, v)], cls, cv2.LINE_8, _SHIFT)

@@ -3,10 +3,8 @@
 One example per frame (JPEG bytes, or with the builder's ``raw`` config uint8 224x224x3 pixels;
 + the parsing map's 16x16-patch label coverage, 392 bytes), frames of a video contiguous, videos
 indexed in the build's ``metadata.json``: a clip reads its 16 frames' examples and nothing else.
-Opened through ``tfds.data_source`` (no TensorFlow); examples are read as raw bytes and parsed
-with tfds' ``tf.train.Example`` proto module. The frame encoding is read from the build's
-metadata; with both configs built in one ``data_dir``, a name without config reads tfds' default
-(``jpeg``).
+Opened through ``tfds.data_source`` (no TensorFlow); examples are parsed with tfds'
+``tf.train.Example`` proto module.
 """
 
 from __future__ import annotations
@@ -52,9 +50,8 @@ def _with_config(data_dir: str, name: str) -> str:
 
 
 def _parse_frame(record: bytes, feature: str) -> dict:
-    """One serialised frame example -> ``{"video", "frame", "image", "patch_labels"}`` (image:
-    the bytes of ``feature``, ``jpeg`` or ``rgb``): the proto parsed directly, 4x less time than
-    tfds' generic feature decoding (and cheaper than a wire-format scan in Python)."""
+    """One serialised frame example -> ``{"video", "frame", "image", "patch_labels"}`` (image: the
+    bytes of ``feature``); the proto parsed directly takes 4x less time than tfds' decoding."""
     from tensorflow_datasets.proto import tf_example_pb2
 
     f = tf_example_pb2.Example.FromString(record).features.feature

@@ -7,14 +7,10 @@ For datasets such as CelebV-HQ or VoxCeleb after face cropping. Layout::
     root/labels.csv                         optional: column ``name`` (= <rel>) + integer labels
     root/<split>.txt                        optional: one <rel> per line selects the split
 
-Without a split file every video belongs to split ``train`` (and ``all``).
-
-When the dataset has parsing maps (a parsing folder, or any ``.npy`` beside a video), a video
-without its own map is *skipped* (a bad record, as in the ytf source) where maps are read
-(fasking); such videos are named in a WARNING when the source is built and listed in
-``missing_parsing``. Without any parsing maps, fasking uses random masks (``no_parsing``). A
-truncated video (fewer frames decode than its container declares) is read as far as it decodes,
-with a WARNING (listed in ``incomplete``), or skipped as a bad record with ``strict=True``.
+Without a split file every video belongs to split ``train`` (and ``all``). When the dataset has
+parsing maps (a parsing folder, or any ``.npy`` beside a video), a video without its own is a bad
+record where maps are read (fasking), as in the ytf source; without any, fasking masks at random.
+A truncated video is read as far as it decodes, or is a bad record with ``strict=True``.
 """
 
 from __future__ import annotations
@@ -34,12 +30,10 @@ from marlin_jax.data.records import (
     load_parsing_npy,
     parsing_patch_labels,
 )
-from marlin_jax.video_io import IncompleteDecode, VideoReadError, count_frames
+from marlin_jax.video_io import VIDEO_EXTENSIONS, IncompleteDecode, VideoReadError, count_frames
 
 log = logging.getLogger(__name__)
 _NAMED_WARNINGS = 20  # missing parsing maps named one WARNING each; the rest in one summary
-
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 
 
 def find_videos(directory: str) -> list[str]:

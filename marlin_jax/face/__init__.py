@@ -10,15 +10,14 @@ A video with no face raises :class:`NoFaceError` (:class:`FrameTooSmallError` fo
 ``MIN_FRAME_SIDE`` pixels). Parsing uses the best parser installed (``FaceParser().method``).
 """
 
-from marlin_jax.face.crop import FaceCropper, FaceTrack, NoFaceError, crop_square, square_from_box
-from marlin_jax.face.detect import MIN_FRAME_SIDE, Detections, FrameTooSmallError, detect_faces
+from marlin_jax.face.crop import FaceCropper, NoFaceError, crop_square, square_from_box
+from marlin_jax.face.detect import MIN_FRAME_SIDE, FrameTooSmallError, detect_faces
 from marlin_jax.face.labels import LAPA_LABELS
 from marlin_jax.face.mesh import MESH_METHOD, mesh_available
 from marlin_jax.face.parse import (
     MESH_INSTALL,
     PARSER_METHOD,
     FaceParser,
-    ParseResult,
     available_methods,
     parse_faces,
     render_template,
@@ -30,13 +29,10 @@ __all__ = [
     "MESH_METHOD",
     "MIN_FRAME_SIDE",
     "PARSER_METHOD",
-    "Detections",
     "FaceCropper",
     "FaceParser",
-    "FaceTrack",
     "FrameTooSmallError",
     "NoFaceError",
-    "ParseResult",
     "available_methods",
     "crop_square",
     "detect_faces",

@@ -73,15 +73,13 @@ def fill_missing(values: np.ndarray, found: np.ndarray) -> np.ndarray:
     return values[np.where(found, rows, np.where(use_before, before, after))]
 
 
-def smooth_squares(squares: np.ndarray, sigma: float, median: int = 5) -> np.ndarray:
-    """Smooths ``(T, 3)`` squares over time: a running median of ``median`` frames (drops
-    single-frame outliers), then a Gaussian of ``sigma`` frames (zero phase, so no lag).
-    ``sigma`` 0 returns the input unchanged."""
+def smooth_squares(squares: np.ndarray, sigma: float) -> np.ndarray:
+    """Smooths ``(T, 3)`` squares over time: a running median of 5 frames (drops single-frame
+    outliers), then a Gaussian of ``sigma`` frames (zero phase, so no lag). ``sigma`` 0 returns
+    the input unchanged."""
     if sigma <= 0 or len(squares) < 2:
         return squares
-    out = squares.astype(np.float64)
-    if median > 1:
-        out = median_filter(out, size=(min(median, len(out)), 1), mode="nearest")
+    out = median_filter(squares.astype(np.float64), size=(min(5, len(squares)), 1), mode="nearest")
     out = gaussian_filter1d(out, sigma=sigma, axis=0, mode="nearest")
     return out.astype(np.float32)
 

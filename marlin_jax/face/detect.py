@@ -66,25 +66,9 @@ def _session(num_threads: int):
     return ort.InferenceSession(retinaface.WEIGHTS, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
-def _check_frames(frames: np.ndarray, name: str = "frames") -> np.ndarray:
-    frames = np.asarray(frames)
-    if frames.ndim == 3:
-        frames = frames[None]
-    if frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"{name}: frames must be RGB (T, H, W, 3) or (H, W, 3), got shape {frames.shape}")
-    if frames.dtype != np.uint8:
-        raise ValueError(f"{name}: frames must be uint8, got {frames.dtype}")
-    if frames.shape[1] < MIN_FRAME_SIDE or frames.shape[2] < MIN_FRAME_SIDE:
-        raise FrameTooSmallError(
-            f"{name}: frames are {frames.shape[2]}x{frames.shape[1]} pixels, too small to hold a face "
-            f"(face detection needs at least {MIN_FRAME_SIDE}x{MIN_FRAME_SIDE})")
-    return frames
-
-
 def detect_faces(
     frames: np.ndarray,
     score_threshold: float = SCORE_THRESHOLD,
-    batch_size: int = 16,
     num_threads: int = 0,
     name: str = "frames",
 ) -> list[Detections]:
@@ -95,18 +79,26 @@ def detect_faces(
     ``num_threads`` 0 lets onnxruntime use every core. Errors name ``name`` (the video); frames
     under :data:`MIN_FRAME_SIDE` pixels raise :class:`FrameTooSmallError`.
     """
-    # `retinaface.postprocess` the module is shadowed by the function of that name in the
-    # package namespace, so fetch the module itself.
-    rpost = importlib.import_module("retinaface.postprocess")
-
-    frames = _check_frames(frames, name)
+    frames = np.asarray(frames)
+    if frames.ndim == 3:
+        frames = frames[None]
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"{name}: frames must be RGB (T, H, W, 3) or (H, W, 3), got shape {frames.shape}")
+    if frames.dtype != np.uint8:
+        raise ValueError(f"{name}: frames must be uint8, got {frames.dtype}")
     _, height, width, _ = frames.shape
+    if height < MIN_FRAME_SIDE or width < MIN_FRAME_SIDE:
+        raise FrameTooSmallError(
+            f"{name}: frames are {width}x{height} pixels, too small to hold a face "
+            f"(face detection needs at least {MIN_FRAME_SIDE}x{MIN_FRAME_SIDE})")
+    # the module `retinaface.postprocess` is shadowed by the function of that name in the package
+    rpost = importlib.import_module("retinaface.postprocess")
     longer = max(height, width)
     scale = min(max(longer, DET_MIN_SIDE), DET_MAX_SIDE) / longer  # clamp the longer side
     session = _session(num_threads)
     results: list[Detections] = []
-    for start in range(0, len(frames), batch_size):
-        batch = frames[start : start + batch_size]
+    for start in range(0, len(frames), 16):  # bounded memory: 16 frames a network call
+        batch = frames[start : start + 16]
         if scale != 1.0:
             size = (max(1, round(width * scale)), max(1, round(height * scale)))
             interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR

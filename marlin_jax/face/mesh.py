@@ -53,7 +53,6 @@ _ROI_SCALE = 1.5  # MediaPipe's face ROI: the detection square enlarged 1.5x, ey
 MIN_FACE_LOGIT = 0.0  # the landmark model's face-presence logit; below it the frame falls back
 
 
-
 def mesh_model_paths() -> dict[str, str] | None:
     """Paths of the two ``.tflite`` models, or None when they are not installed."""
     env = os.environ.get(ENV_DIR)

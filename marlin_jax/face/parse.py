@@ -148,8 +148,7 @@ class ParseResult:
 
 @functools.cache
 def _warn_template_fallback() -> None:
-    """Says once per process that the default parser is the template fallback, and how to get
-    the learned one."""
+    """Says once per process that the template fallback runs, and how to get the learned parser."""
     log.warning(
         "face parsing: the learned parser (%s) is not installed, using the fallback %s "
         "(a template warped to 5 landmarks: closed lips, fixed hair). For the learned "

@@ -8,7 +8,6 @@ stopped; a job never raises, it returns a :class:`JobResult` and failures are su
 
 from __future__ import annotations
 
-import csv
 import functools
 import hashlib
 import io
@@ -50,23 +49,19 @@ def natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    """Writes ``data`` to a temporary name then renames it to ``path``: readers never see a
-    partial file."""
+def _atomic_write(path: str, data: bytes | str) -> None:
+    """Writes ``data`` (str: UTF-8) to a temporary name then renames it to ``path``: readers never
+    see a partial file."""
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".part-", suffix=os.path.splitext(path)[1], dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def _write_text(path: str, text: str) -> None:
-    _atomic_write(path, text.encode("utf-8"))
 
 
 def _remove_stale_parts(directory: str) -> None:
@@ -75,10 +70,6 @@ def _remove_stale_parts(directory: str) -> None:
         for n in os.listdir(directory):
             if n.startswith(".part-"):
                 os.remove(os.path.join(directory, n))
-
-
-def _worker_init() -> None:
-    cv2.setNumThreads(1)
 
 
 def _safe(job: Callable[[str], JobResult], key: str) -> JobResult:
@@ -103,7 +94,7 @@ def run_jobs(job: Callable[[str], JobResult], keys: Sequence[str], workers: int,
                 bar.update()
             return results
         ctx = get_context("spawn")  # no inherited onnxruntime / OpenCV thread pools
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=cv2.setNumThreads, initargs=(1,)) as pool:
             futures = {pool.submit(_safe, job, key): key for key in keys}
             for future in as_completed(futures):
                 try:
@@ -207,7 +198,7 @@ def process_ytf_video(
     try:
         crops, landmarks, found = cropper.crop_video_with_landmarks(np.stack(frames), name=src)
     except NoFaceError:  # remembered, so a resumed run does not search this video again
-        _write_text(marker, json.dumps({"sources": names, "no_face": True}) + "\n")
+        _atomic_write(marker, json.dumps({"sources": names, "no_face": True}) + "\n")
         raise
     maps = parser.parse(crops, landmarks).maps
     empty = np.zeros((0, *maps.shape[1:]), np.uint8)
@@ -220,7 +211,7 @@ def process_ytf_video(
         npy = io.BytesIO()
         np.save(npy, m[None] if f else empty)
         _atomic_write(npy_path, npy.getvalue())
-    _write_text(marker, json.dumps({"sources": names, "unreadable": bad}) + "\n")
+    _atomic_write(marker, json.dumps({"sources": names, "unreadable": bad}) + "\n")
     msg = f"unreadable frames left out: {', '.join(bad)}" if bad else ""
     return JobResult(rel, "done", frames=len(kept), faces=int(found.sum()), message=msg)
 
@@ -253,16 +244,12 @@ def write_ytf_splits(
     a hash of its name falls below ``val_fraction`` (the original holds out about a fifth).
     Returns the row count per split.
     """
+    from marlin_jax.data.ytf import read_split_csv  # lazily: the data package imports grain
+
     by_path = dict(rows)
     if split_dir:
-        splits = {}
-        for split in ("train", "val"):
-            path = os.path.join(split_dir, f"{split}_set.csv")
-            with open(path, newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                if reader.fieldnames is None or "path" not in reader.fieldnames:
-                    raise ValueError(f"{path}: expected a header with columns path,len")
-                splits[split] = [(r["path"], by_path[r["path"]]) for r in reader if r["path"] in by_path]
+        splits = {split: [(p, by_path[p]) for p, _ in read_split_csv(split_dir, split) if p in by_path]
+                  for split in ("train", "val")}
     else:
         splits = {"train": [], "val": []}
         for rel, n in rows:
@@ -270,7 +257,7 @@ def write_ytf_splits(
             splits["val" if _unit_hash(person) < val_fraction else "train"].append((rel, n))
     for split, split_rows in splits.items():
         text = "path,len\n" + "".join(f"{rel},{n}\n" for rel, n in split_rows)
-        _write_text(os.path.join(data_dir, f"{split}_set.csv"), text)
+        _atomic_write(os.path.join(data_dir, f"{split}_set.csv"), text)
     return {k: len(v) for k, v in splits.items()}
 
 
@@ -303,7 +290,7 @@ def _write_info(data_dir: str, cropper: FaceCropper, parser: FaceParser | None) 
     """Records how the outputs were made (crop settings, which parser ran) in ``data_dir``."""
     info = {"cropper": asdict(cropper), "parser": parser.method if parser else None}
     info["cropper"].pop("num_threads")
-    _write_text(os.path.join(data_dir, INFO_FILE), json.dumps(info, indent=1) + "\n")
+    _atomic_write(os.path.join(data_dir, INFO_FILE), json.dumps(info, indent=1) + "\n")
 
 
 def process_celebvhq_video(
@@ -343,7 +330,7 @@ def write_celebvhq_splits(data_dir: str, overwrite: bool = False) -> dict[str, i
     bounds = [0, int(n * 0.8), int(n * 0.9), n]
     counts = {}
     for split, path, lo, hi in zip(("train", "val", "test"), files, bounds[:-1], bounds[1:], strict=True):
-        _write_text(path, "".join(f"{x}\n" for x in names[lo:hi]))
+        _atomic_write(path, "".join(f"{x}\n" for x in names[lo:hi]))
         counts[split] = hi - lo
     return counts
 
