@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 
 from marlin_jax import sharding as shd
+from marlin_jax.train import metrics as mt
 from marlin_jax.train import program as prog
 
 GiB = 1024**3
@@ -74,9 +75,8 @@ class Target:
     # Passed to ``Lowered.compile``: only for compile-only GPU targets (see GPU_COMPILE_OPTIONS).
     compiler_options: tuple[tuple[str, Any], ...] = ()
     interconnect_name: str = "ICI"
-    # The share of a device's memory a step may use: all of a TPU's HBM; on GPUs JAX's default
-    # memory pool (XLA_PYTHON_CLIENT_MEM_FRACTION), which is also about where XLA's GPU
-    # scheduler starts rematerialising on its own (80 % of memory less inputs, x 0.95).
+    # The share of a device's memory a step may use: a TPU's HBM; on GPUs JAX's default memory pool,
+    # about where XLA's GPU scheduler starts rematerialising on its own (80 % less inputs, x 0.95).
     usable_fraction: float = 1.0
 
     @property
@@ -262,14 +262,6 @@ class _Instruction(NamedTuple):
     root: bool
 
 
-def _parse_instruction(line: str) -> _Instruction | None:
-    m = _INSTRUCTION.match(line)
-    if m is None:
-        return None
-    root, name, shape, opcode, args = m.groups()
-    return _Instruction(name, shape, opcode, re.findall(r"%([\w.\-]+)", args), line, bool(root))
-
-
 class HloSummary(NamedTuple):
     """Per-step figures read from a compiled module's text, with loop bodies counted as often
     as they run (XLA's own ``cost_analysis`` counts a ``while`` body once)."""
@@ -321,13 +313,10 @@ def _source_op(line: str) -> str:
 
 
 def analyse_hlo(hlo_text: str) -> HloSummary:
-    """Collectives (count, result bytes per device) and HBM traffic of a compiled module.
-
-    Traffic counts each executed top-level instruction's operands and results (a fusion's
-    inside stays on chip), the usual roofline convention and that of XLA's cost analysis; ops
-    in a ``while`` body count ``trip count`` times (``known_trip_count``, or the bound of the
-    loop condition's ``i < constant`` compare, as ``lax.scan`` emits).
-    """
+    """Collectives (count, result bytes per device) and HBM traffic of a compiled module: each
+    executed top-level instruction's operands and results (a fusion's inside stays on chip), as
+    XLA's cost analysis counts, with ops in a ``while`` body counted ``trip count`` times
+    (``known_trip_count``, or the bound of the condition's ``i < constant``, as ``lax.scan`` emits)."""
     computations: dict[str, list[_Instruction]] = {}
     entry = current = None
     for line in hlo_text.splitlines():
@@ -338,8 +327,10 @@ def analyse_hlo(hlo_text: str) -> HloSummary:
             entry = current if head[0] == "ENTRY" else entry
         elif line.rstrip() == "}":
             current = None
-        elif current is not None and (inst := _parse_instruction(line)) is not None:
-            computations[current].append(inst)
+        elif current is not None and (m := _INSTRUCTION.match(line)):
+            root, name, shape, opcode, args = m.groups()
+            operands = re.findall(r"%([\w.\-]+)", args)
+            computations[current].append(_Instruction(name, shape, opcode, operands, line, bool(root)))
     if entry is None:
         return HloSummary({}, 0.0, 0.0, [], {}, [], 0)
 
@@ -365,9 +356,8 @@ def analyse_hlo(hlo_text: str) -> HloSummary:
             or any(i.root and i.opcode == "dynamic-slice" for i in insts))
 
     def in_place_savings(inst: _Instruction, shapes: dict[str, str]) -> int:
-        """A dynamic-update-slice (alone, or as a fusion's root) updates its buffer in place:
-        only the update is read and written, not the whole buffer (e.g. a scan storing one
-        layer's activations into the stacked residuals)."""
+        """A dynamic-update-slice (alone, or as a fusion's root) updates its buffer in place: only
+        the update is read and written (e.g. a scan storing one layer's residuals)."""
         if inst.opcode == "dynamic-update-slice":
             updates, scope = [inst], shapes
         elif inst.opcode == "fusion":
@@ -483,14 +473,6 @@ class CompileReport:
     kernel_s: float | None = None  # per-kernel roofline: sum of max(FLOPs / peak, bytes / bandwidth)
 
 
-def _cost(compiled: Any) -> dict[str, float]:
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 - compile-only executables may not report costs
-        return {}
-    return dict((cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else (cost or {}))
-
-
 def analyse(compiled: Any, target: Target, *, what: str, global_batch: int, batch_shards: int,
             model_flops_per_device: float, compile_s: float) -> CompileReport:
     """Memory, cost, collectives and the roofline estimate of one compiled executable."""
@@ -498,7 +480,7 @@ def analyse(compiled: Any, target: Target, *, what: str, global_batch: int, batc
     args, out = float(mem.argument_size_in_bytes), float(mem.output_size_in_bytes)
     alias, temp = float(mem.alias_size_in_bytes), float(mem.temp_size_in_bytes)
     total = args + out - alias + temp + float(mem.generated_code_size_in_bytes)
-    cost = _cost(compiled)
+    cost = mt.cost_analysis(compiled)
     xla_flops = float(cost["flops"]) if cost.get("flops", 0) > 0 else None
     accessed = float(cost["bytes accessed"]) if cost.get("bytes accessed", 0) > 0 else None
     hlo = analyse_hlo(compiled.as_text())
@@ -517,9 +499,8 @@ def analyse(compiled: Any, target: Target, *, what: str, global_batch: int, batc
     kernel_flops = 0.0 if hlo.uncounted_kernels else sum(t * f for t, f, _ in hlo.kernels)
     kernel_s = None
     if kernel_flops > 0:
-        # every kernel's matmul FLOPs are readable (GPU: cuBLAS / cuDNN calls and dots): the tighter
-        # per-kernel roofline (kernels run one after another; a memory-bound one cannot hide behind a
-        # compute-bound one) replaces the aggregate compute and memory bounds
+        # every kernel's matmul FLOPs are readable (GPU): kernels run one after another, so the
+        # per-kernel roofline is tighter than the aggregate compute and memory bounds
         kernel_s = sum(t * max(f / target.device_peak, b / hbm_bandwidth) for t, f, b in hlo.kernels)
         bounds = {"per-kernel compute / HBM": kernel_s, "interconnect": ici_s}
     bound = max(bounds, key=bounds.get)
@@ -548,9 +529,7 @@ class DoesNotFitError(Exception):
 
 
 def with_batch(config: ml_collections.ConfigDict, global_batch: int) -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict(config.to_dict())
-    c.global_batch_size = int(global_batch)
-    return c
+    return ml_collections.ConfigDict({**config.to_dict(), "global_batch_size": int(global_batch)})
 
 
 def _compile(lowered: Any, target: Target) -> tuple[Any, float]:
@@ -611,15 +590,10 @@ def report_features(config: ml_collections.ConfigDict, target: Target) -> Compil
 
 def find_max_batch(config: ml_collections.ConfigDict, target: Target, *, max_compiles: int = 8,
                    log=print) -> tuple[int, CompileReport | None, list[tuple[int, float | None]]]:
-    """The largest batch per batch shard (clips per device on a data/fsdp mesh) whose train
-    step fits in memory, starting from the config's batch.
-
-    Memory is about linear in the batch: the next guess is where the least-squares line through
-    the measured (batch, bytes) reaches the usable memory (with one measurement, the line through
-    it and the batch-independent arguments at batch 0), kept inside the bracket (largest that
-    fits, smallest that does not). Returns (batch, report at it, history of (batch, total bytes
-    or None when the compiler refused it)).
-    """
+    """The largest batch per batch shard whose train step fits in memory, from the config's
+    batch: guesses where the least-squares line through the measured (batch, bytes) reaches the
+    usable memory, kept inside the bracket (largest that fits, smallest that does not). Returns
+    (batch, report at it, history of (batch, total bytes or None when the compiler refused it))."""
     shards = shd.batch_divisor(shd.make_mesh(config.mesh.to_dict(), devices=target.devices))
     usable = target.usable_bytes
     tried: dict[int, CompileReport | None] = {}

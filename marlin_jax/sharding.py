@@ -1,17 +1,12 @@
 """Device meshes and parameter partitioning (big_vision / maxtext style).
 
-A mesh has the named axes ``data``, ``fsdp`` and ``tensor`` (sizes from the config, ``-1`` =
-all remaining devices). Batches are split over ``data x fsdp``; parameters and optimizer state
-are FSDP-sharded over ``fsdp`` and tensor-parallel over ``tensor`` according to a short table of
-``(regex on the parameter path, PartitionSpec)`` rules. Paths are ``/``-joined pytree keys, e.g.
-``encoder/blocks/3/attn/qkv/kernel``; optimizer states contain the same paths as suffixes, so one
-table shards both. A rule whose axes do not divide a dimension falls back to replicating that
-dimension, so the same table works for any model size and mesh.
-
-Rules are written for per-layer shapes. Stacked transformer blocks (``scan_layers``:
-``encoder/blocks/attn/qkv/kernel`` with a leading layer axis, no layer index; see
-:mod:`marlin_jax.models.marlin`) match :data:`STACKED_LAYERS`, and their rule's spec gets a
-leading ``None``: the layer axis is never sharded, the per-layer axes follow the rule.
+A mesh has the axes ``data``, ``fsdp`` and ``tensor`` (``-1`` = all remaining devices). Batches
+are split over ``data x fsdp``; parameters, and optimizer states (which hold the same ``/``-joined
+paths, e.g. ``encoder/blocks/3/attn/qkv/kernel``, as suffixes), follow the first matching
+``(regex, PartitionSpec)`` rule of :data:`MARLIN_RULES`. An axis that does not divide its dimension
+is dropped, so one table fits any model and mesh. Rules are written for per-layer shapes; stacked
+blocks (``scan_layers``, matching :data:`STACKED_LAYERS`) get a leading ``None``: the layer axis is
+never sharded.
 """
 
 from __future__ import annotations
@@ -50,9 +45,8 @@ MARLIN_RULES: tuple[tuple[str, P], ...] = (
 )
 
 
+# Paths of stacked-layer parameters (``(L, *per-layer shape)``): a ``blocks/`` without a layer index.
 STACKED_LAYERS = r"(^|/)blocks/(?!\d+(/|$))"
-"""Paths of stacked-layer parameters (and of their optimizer-state copies): a ``blocks/`` not
-followed by a layer index. Their arrays are ``(L, *per-layer shape)``."""
 
 
 def resolve_mesh_shape(axes: Mapping[str, int], num_devices: int) -> dict[str, int]:
@@ -76,10 +70,8 @@ def resolve_mesh_shape(axes: Mapping[str, int], num_devices: int) -> dict[str, i
 
 def make_mesh(axes: Mapping[str, int] | None = None,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh with axes (data, fsdp, tensor); missing axes have size 1, ``-1`` = the rest.
-
-    Uses ``jax.make_mesh`` (topology-aware device order on GPU/TPU) when all devices are used.
-    """
+    """A mesh with axes (data, fsdp, tensor); missing axes have size 1, ``-1`` = the rest. All
+    devices: ``jax.make_mesh``'s topology-aware device order."""
     axes = dict(axes or {"data": -1})
     extra = sorted(set(axes) - set(MESH_AXES))
     if extra:
@@ -106,30 +98,21 @@ def _axis_size(mesh: Mesh, axis: str | tuple[str, ...] | None) -> int:
     return math.prod(mesh.shape[n] for n in names)
 
 
-def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
-    """``spec`` adapted to an array of ``shape``: too-long specs (e.g. a rule for a kernel hit by a
-    scalar) become replicated, and axes that do not divide their dimension are dropped."""
+def spec_for(path: str, shape: Sequence[int], mesh: Mesh, stacked: str | None = STACKED_LAYERS) -> P:
+    """The PartitionSpec of the first :data:`MARLIN_RULES` regex matching ``path``, fitted to
+    ``shape``: axes that do not divide their dimension are dropped, and a spec longer than
+    ``shape`` (e.g. a kernel's rule hit by a scalar) replicates. Paths matching the regex
+    ``stacked`` (None: none) have a leading layer axis: the rule's spec gets a leading ``None``."""
+    spec = next(spec for pattern, spec in MARLIN_RULES if re.search(pattern, path))
+    if stacked is not None and re.search(stacked, path):
+        spec = P(None, *spec)
     if len(spec) > len(shape):
         return P()
-    fitted = []
-    for dim, axis in zip(shape, spec, strict=False):
-        size = _axis_size(mesh, axis)
-        fitted.append(axis if size > 1 and dim % size == 0 else None)
+    fitted = [axis if _axis_size(mesh, axis) > 1 and dim % _axis_size(mesh, axis) == 0 else None
+              for dim, axis in zip(shape, spec, strict=False)]
     while fitted and fitted[-1] is None:
         fitted.pop()
     return P(*fitted)
-
-
-def spec_for(path: str, shape: Sequence[int], mesh: Mesh, stacked: str | None = STACKED_LAYERS) -> P:
-    """The PartitionSpec of the first :data:`MARLIN_RULES` regex matching ``path`` (fitted to
-    ``shape``). Paths matching the regex ``stacked`` (None: none) have a leading layer axis: the
-    rule's spec is prepended with ``None`` (a replicated layer axis)."""
-    for pattern, spec in MARLIN_RULES:
-        if re.search(pattern, path):
-            if stacked is not None and re.search(stacked, path):
-                spec = P(None, *spec)
-            return fit_spec(spec, shape, mesh)
-    return P()
 
 
 def tree_shardings(tree: Any, mesh: Mesh) -> Any:
@@ -160,11 +143,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Assembles each process's local batch shard into global arrays sharded over data x fsdp.
-
-    local: ``{name: (B_local, ...)}`` host arrays of this process (its own data shard).
-    Returns ``{name: (B_local * process_count, ...)}`` jax Arrays.
-    """
+    """This process's batch shard ``{name: (B_local, ...)}`` (host arrays) -> global arrays
+    ``(B_local * process_count, ...)`` sharded over data x fsdp."""
     return {name: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(value)), np.asarray(value))
             for name, value in local.items()}
 

@@ -296,8 +296,6 @@ def test_with_adam_moments_replaces_the_one_adam_state_of_a_clipped_adamw():
     assert int(adam.count) == 7 and adam.mu["w"].dtype == np.float32
     _assert_tree_equal(adam.nu, nu)
     assert jax.tree.structure(opt) == jax.tree.structure(tx.init(params))
-    with pytest.raises(ValueError, match="shapes differ"):
-        st.with_adam_moments(opt, {**mu, "b": np.zeros(4)}, nu, 7)
     with pytest.raises(ValueError, match="structure"):
         st.with_adam_moments(opt, {"w": mu["w"]}, nu, 7)
 

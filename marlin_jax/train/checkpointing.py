@@ -1,9 +1,7 @@
-"""Orbax checkpoints ``<directory>/<step>/`` of the train state (``state``: async, sharded
-arrays written by their owners; restored onto any mesh) and the grain iterator (``data_iter``:
-one JSON per process, so a resumed run sees the batches it would have seen). A step that does
-not read back is renamed to ``<step>.damaged`` and the newest readable one restored; a state
-saved in the other ``scan_layers`` layout is restored through :class:`OtherLayout`. The item
-names are the trainer-checkpoint layout of :mod:`marlin_jax.interop.checkpoints`.
+"""Orbax checkpoints ``<directory>/<step>/`` of the train state (async, sharded; restored onto
+any mesh) and the grain iterator (one JSON per process, so a resumed run sees the same batches).
+A step that does not read back is renamed to ``<step>.damaged`` and the newest readable one
+restored; a state saved in the other ``scan_layers`` layout is restored through :class:`OtherLayout`.
 """
 
 from __future__ import annotations
@@ -21,12 +19,10 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from marlin_jax.interop.checkpoints import TRAINER_DATA_ITER_ITEM, TRAINER_STATE_ITEM
+from marlin_jax.interop.checkpoints import TRAINER_DATA_ITER_ITEM as DATA_ITER
+from marlin_jax.interop.checkpoints import TRAINER_STATE_ITEM as STATE
 
 log = logging.getLogger(__name__)
-
-STATE = TRAINER_STATE_ITEM
-DATA_ITER = TRAINER_DATA_ITER_ITEM
 
 
 class CheckpointLayoutError(ValueError):
@@ -108,27 +104,24 @@ class Checkpointer:
             log.info("checkpoint: saving step %d to %s", step, self.directory)
         return saved
 
-    def restore(self, step: int, abstract_state: Any, data_iter: Any | None = None, *,
-                other_layouts: Sequence[OtherLayout] = ()) -> Any:
+    def restore(self, step: int, abstract_state: Any, data_iter: Any | None = None) -> Any:
         """The state of checkpoint ``step`` laid out like ``abstract_state`` (``ShapeDtypeStruct``
-        with shardings: any mesh); restores ``data_iter`` in place. A step saved in one of
-        ``other_layouts`` (told apart by its array shapes) is restored in it and converted."""
-        state, convert = self._restore_as_saved(step, abstract_state, data_iter, other_layouts)
-        return state if convert is None else convert(state)
+        with shardings: any mesh); restores ``data_iter`` in place."""
+        return self._restore_as_saved(step, abstract_state, data_iter, ())[0]
 
     def _restore_as_saved(self, step: int, abstract_state: Any, data_iter: Any | None,
                           other_layouts: Sequence[OtherLayout]) -> tuple[Any, Callable | None]:
-        """Step's state in the layout it was saved in, and the conversion to the run's (or None)."""
+        """Step's state in the layout it was saved in (one of ``other_layouts``, told apart by its
+        array shapes, or the run's), and the conversion to the run's (or None)."""
         target, convert = abstract_state, None
         try:
             saved = self._saved_shapes(step)
         except Exception:  # noqa: BLE001  (a damaged step: the restore reports it)
             saved = None
         if saved is not None and saved != _shape_multiset(abstract_state):
-            for other in other_layouts:
-                if saved == _shape_multiset(other.abstract_state):
-                    target, convert = other.abstract_state, other.convert
-                    break
+            other = next((o for o in other_layouts if saved == _shape_multiset(o.abstract_state)), None)
+            if other is not None:
+                target, convert = other
         items = {STATE: ocp.args.StandardRestore(target)}
         if data_iter is not None:
             items[DATA_ITER] = grain.checkpoint.CheckpointRestore(data_iter)
@@ -210,8 +203,7 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        self._manager.close()  # waits for background writes first
 
     def __enter__(self) -> Checkpointer:
         return self

@@ -55,16 +55,19 @@ def peak_flops_per_device(device: jax.Device | None = None, override: float = 0.
     return next((flops for name, flops in _PEAK_FLOPS if name in kind), None)
 
 
-def compiled_flops(compiled: Any) -> float | None:
-    """FLOPs of one call of a compiled (sharded: per device) computation from XLA's cost
-    analysis; None when the backend does not report it."""
+def cost_analysis(compiled: Any) -> dict[str, float]:
+    """XLA's cost analysis of a compiled (sharded: per device) computation; {} when the backend
+    (or a compile-only executable) reports none."""
     try:
         cost = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 - backends without cost analysis
-        return None
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    flops = float((cost or {}).get("flops", 0.0))
+    except Exception:  # noqa: BLE001
+        return {}
+    return dict((cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else (cost or {}))
+
+
+def compiled_flops(compiled: Any) -> float | None:
+    """FLOPs of one call of a compiled computation (XLA's cost analysis); None when unknown."""
+    flops = float(cost_analysis(compiled).get("flops", 0.0))
     return flops if flops > 0 else None
 
 
@@ -79,8 +82,7 @@ def mfu(flops_per_device_step: float | None, step_time_s: float,
 def format_duration(seconds: float) -> str:
     if not math.isfinite(seconds) or seconds < 0:
         return "?"
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
+    h, rem = divmod(int(seconds), 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 

@@ -71,20 +71,17 @@ def mesh_platform(mesh: Mesh) -> str:
 
 def compute_dtype(name: str, platform: str) -> Any:
     """``auto`` = bfloat16 on GPU/TPU, float32 on CPU."""
-    if name == "auto":
-        return jnp.float32 if platform == "cpu" else jnp.bfloat16
-    try:
-        return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
-    except KeyError:
-        raise ValueError(f"config.compute_dtype must be auto|float32|bfloat16, got {name!r}") from None
+    dtypes = {"auto": jnp.float32 if platform == "cpu" else jnp.bfloat16, "float32": jnp.float32,
+              "bfloat16": jnp.bfloat16}
+    if name not in dtypes:
+        raise ValueError(f"config.compute_dtype must be auto|float32|bfloat16, got {name!r}")
+    return dtypes[name]
 
 
 def attention_impl(name: str, platform: str, dtype: Any = jnp.bfloat16) -> str | None:
     """``""`` / ``auto`` = :func:`models.layers.default_attention_impl` for training; any other
     value as given."""
-    if name in ("", "auto"):
-        return default_attention_impl(platform, dtype, training=True)
-    return name
+    return default_attention_impl(platform, dtype, training=True) if name in ("", "auto") else name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +90,6 @@ class TrainProgram:
     batch and stop flags, the jitted steps. Trace and lower inside :meth:`mesh_context` (Pallas
     attention is wrapped in ``shard_map`` over the context mesh)."""
 
-    config: ml_collections.ConfigDict
     model_cfg: MarlinConfig
     mesh: Mesh
     platform: str
@@ -177,18 +173,15 @@ def build_program(config: ml_collections.ConfigDict, mesh: Mesh, schedule: Sched
                               g_steps=config.g_steps),
         grad_shardings=(state_shardings.g_params, state_shardings.d_params))
     abstract_state = shd.abstract_with_shardings(abstract, mesh)
-    batch_shardings = {"video": shd.batch_sharding(mesh, 5), "mask": shd.batch_sharding(mesh, 2)}
     t, s, c = model_cfg.n_frames, model_cfg.img_size, model_cfg.in_channels
-    abstract_batch = {
-        "video": jax.ShapeDtypeStruct((batch, t, s, s, c), jnp.uint8,
-                                      sharding=batch_shardings["video"]),
-        "mask": jax.ShapeDtypeStruct((batch, model_cfg.num_tokens), jnp.bool_,
-                                     sharding=batch_shardings["mask"]),
-    }
+    abstract_batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=shd.batch_sharding(mesh, len(shape)))
+                      for name, shape, dtype in (("video", (batch, t, s, s, c), jnp.uint8),
+                                                 ("mask", (batch, model_cfg.num_tokens), jnp.bool_))}
+    batch_shardings = {name: x.sharding for name, x in abstract_batch.items()}
     stop_sharding = NamedSharding(mesh, P(mesh.axis_names))
     repl = shd.replicated(mesh)
     return TrainProgram(
-        config=config, model_cfg=model_cfg, mesh=mesh, platform=platform, dtype=dtype,
+        model_cfg=model_cfg, mesh=mesh, platform=platform, dtype=dtype,
         attention_impl=impl, global_batch=batch, num_visible=k, task=task, init_fn=init_fn,
         abstract_state=abstract_state, state_shardings=state_shardings,
         batch_shardings=batch_shardings, abstract_batch=abstract_batch,
@@ -211,16 +204,11 @@ def _transformer_flops(tokens: int, dim: int, depth: int, mlp_ratio: float) -> f
 
 def train_step_flops(cfg: MarlinConfig, batch: int, num_visible: int, *, d_steps: int = 1,
                      g_steps: int = 1, gp: bool = False) -> float:
-    """Model FLOPs of one train step (the MFU numerator; remat's recomputation not counted).
-
-    A backward pass costs 2x its forward where input and weight gradients are both needed, 1x
-    where one is. Per clip: each G update = generator forward + backward (3x; the patch
-    embedding 2x: no gradient into the clip) + the critic on the prediction (forward + input
-    gradient: 2x); each D update = the critic on fake and real (forward + weight gradients:
-    2 x 2x), plus 3 critic passes for the gradient penalty's double backward. The first G
-    forward is shared with the D updates (:func:`steps.train_step`). Matches the matmul FLOPs of
-    the compiled GPU step to a few %.
-    """
+    """Model FLOPs of one train step (the MFU numerator; remat's recomputation not counted),
+    within a few % of the compiled GPU step's matmul FLOPs. A backward pass costs 2x its forward
+    (1x where only input or weight gradients are needed): per clip, each G update is 3x the
+    generator (patch embedding 2x) + 2x the critic on the prediction; each D update 2 x 2x the
+    critic (fake and real), + 3 critic passes for the gradient penalty."""
     n, k, d, dd, pd = (cfg.num_tokens, num_visible, cfg.encoder_embed_dim, cfg.decoder_embed_dim,
                        cfg.patch_dim)
     patch_embedding = 2.0 * n * pd * d

@@ -31,8 +31,7 @@ def reconstruction_grid(video: np.ndarray, mask: np.ndarray, pred: np.ndarray, *
         raise ValueError(f"mask {mask.shape} / pred {pred.shape} do not match the clip "
                          f"{video.shape} (token grid {grid})")
     patches = np.asarray(patchify(x[None], patch_size, tubelet_size))[0]  # (N, P)
-    masked = patches.copy()
-    masked[~mask] = 0.5
+    masked = np.where(mask[:, None], patches, np.float32(0.5))
     recon = patches.copy()
     recon[~mask] = pred
     def to_video(p):

@@ -120,10 +120,8 @@ def train_step(task: Task, state: TrainState, batch: Batch,
         def d_loss_fn(dp, alpha=alpha):
             critic = _critic(task, g_params, dp)
             d0 = losses.critic_loss(critic(fake), critic(target))
-            if cfg.gp_weight > 0:
-                gp = losses.gradient_penalty(critic, target, fake, alpha)
-            else:
-                gp = jnp.zeros((), jnp.float32)
+            gp = (losses.gradient_penalty(critic, target, fake, alpha) if cfg.gp_weight > 0
+                  else jnp.zeros((), jnp.float32))
             return d0 + cfg.gp_weight * gp, {"d_loss0": d0, "gp": gp}
 
         (d_loss, aux), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(d_params)

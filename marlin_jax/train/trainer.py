@@ -77,9 +77,7 @@ def resolve_data_config(config: ml_collections.ConfigDict) -> ml_collections.Con
 
 def make_schedule(config: ml_collections.ConfigDict, data: ml_collections.ConfigDict) -> Schedule:
     """Steps and learning rates of the run (counts the train split unless steps_per_epoch > 0)."""
-    size = None
-    if int(config.steps_per_epoch) <= 0:
-        size = len(make_source(data, data.train_split))
+    size = len(make_source(data, data.train_split)) if int(config.steps_per_epoch) <= 0 else None
     return schedule_from_config(config, size)
 
 
@@ -237,14 +235,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ``val_*`` metrics and ``step``. Raises :class:`PreemptedError` (saved) after a SIGTERM,
     :class:`RunMismatchError`, :class:`NonFiniteLossError`, :class:`CheckpointDiskFullError`."""
     run = _setup(config, workdir)
-    ckpt, state, latest = _restore_or_init(run)
+    ckpt = Checkpointer(os.path.join(run.workdir, "checkpoints"),
+                        max_to_keep=config.keep_checkpoints, async_save=config.async_checkpointing)
     try:
-        loop = _Loop(run, ckpt, state, latest)
+        loop = _Loop(run, ckpt, *_restore_or_init(run, ckpt))
     except BaseException:
         ckpt.close()
         raise
     loop.train()
-    return _finish(run, loop)
+    if loop.preempted_at is not None:
+        raise PreemptedError(loop.preempted_at, loop.ckpt.directory)
+    summary = {**loop.last, **loop.val, "step": float(loop.step)}
+    print(f"marlin-jax: process {jax.process_index()} finished at step {loop.step}: "
+          + " ".join(f"{k}={v:.6g}" for k, v in sorted(summary.items()) if k != "step"),
+          flush=True)
+    return summary
 
 
 @dataclasses.dataclass
@@ -307,52 +312,47 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
                 eval_every)
 
 
-def _restore_or_init(run: _Run) -> tuple[Checkpointer, st.TrainState, int | None]:
+def _restore_or_init(run: _Run, ckpt: Checkpointer) -> tuple[st.TrainState, int | None]:
     """Phase 2: the newest readable checkpoint (either block layout), else a fresh state (with
-    ``config.init_from``); then the run's metadata. Returns the checkpointer, state, step or None."""
+    ``config.init_from``); then the run's metadata. Returns the state and its step (None: fresh)."""
     config, program = run.config, run.program
-    ckpt = Checkpointer(os.path.join(run.workdir, "checkpoints"),
-                        max_to_keep=config.keep_checkpoints, async_save=config.async_checkpointing)
     try:
-        try:
-            latest, state, skipped = ckpt.restore_newest(
-                program.abstract_state, run.train_iter, rename=run.primary,
-                other_layouts=[other_block_layout(program)])
-        except CheckpointLayoutError as e:
-            raise RunMismatchError(
-                f"{e} (this run: model {config.model.name}). It was written for another model, "
-                "or before the per-head (D, 3, H, hd) qkv kernel (read such a workdir as weights "
-                "with init_from=<workdir> in a new workdir); nothing was written. Use another "
-                "--workdir, or pass --config.fresh_start=True once to move its contents aside "
-                f"(to {run.workdir}/{PREVIOUS_PREFIX}<time>/) and start over.") from e
-        _sync("marlin_restore")  # (each skipped step was logged as one warning line)
-        if skipped and latest is None:
-            raise RunMismatchError(
-                f"{ckpt.directory}: no readable checkpoint (damaged steps "
-                f"{', '.join(str(x.step) for x in skipped)} renamed aside to <step>.damaged); "
-                "rerun the same command to start from step 0 (or config.init_from).")
-        if latest is not None:
-            _say("resuming from %s step %d", ckpt.directory, latest)
-        else:
-            state = shd.sharded_init(program.init_fn, program.mesh)
-            if config.init_from:
-                state = _apply_init_from(config, program, state)
-    except BaseException:
-        ckpt.close()
-        raise
+        latest, state, skipped = ckpt.restore_newest(
+            program.abstract_state, run.train_iter, rename=run.primary,
+            other_layouts=[other_block_layout(program)])
+    except CheckpointLayoutError as e:
+        raise RunMismatchError(
+            f"{e} (this run: model {config.model.name}). It was written for another model, "
+            "or before the per-head (D, 3, H, hd) qkv kernel (read such a workdir as weights "
+            "with init_from=<workdir> in a new workdir); nothing was written. Use another "
+            "--workdir, or pass --config.fresh_start=True once to move its contents aside "
+            f"(to {run.workdir}/{PREVIOUS_PREFIX}<time>/) and start over.") from e
+    _sync("marlin_restore")  # (each skipped step was logged as one warning line)
+    if skipped and latest is None:
+        raise RunMismatchError(
+            f"{ckpt.directory}: no readable checkpoint (damaged steps "
+            f"{', '.join(str(x.step) for x in skipped)} renamed aside to <step>.damaged); "
+            "rerun the same command to start from step 0 (or config.init_from).")
+    if latest is not None:
+        _say("resuming from %s step %d", ckpt.directory, latest)
+    else:
+        state = shd.sharded_init(program.init_fn, program.mesh)
+        if config.init_from:
+            state = _apply_init_from(config, program, state)
     if run.primary:  # only now that the workdir's checkpoints are known to fit this run
-        _write_run_metadata(run.workdir, config, program.model_cfg)
+        with open(os.path.join(run.workdir, RUN_CONFIG_FILE), "w", encoding="utf-8") as f:
+            f.write(config.to_json_best_effort(indent=2))
+        write_config_file(run.workdir, program.model_cfg)  # the workdir reads as a Marlin checkpoint
         start = int(jax.device_get(state.step))  # rows of later steps are rerun: keep each once
         dropped = mt.drop_rows_after(os.path.join(run.workdir, "metrics.jsonl"), start)
         if dropped:
             log.info("metrics.jsonl: dropped %d rows after step %d (rerun)", dropped, start)
-    return ckpt, state, latest
+    return state, latest
 
 
 def other_block_layout(program: TrainProgram) -> OtherLayout:
-    """The run's train state with its blocks in the other ``scan_layers`` layout, sharded by the
-    same rules, and the jitted conversion back (on the sharded arrays: the layer axis is never
-    sharded, so each device stacks / slices its own shards; nothing goes through a host)."""
+    """The run's train state in the other ``scan_layers`` layout (same sharding rules) and the
+    jitted conversion back, on the sharded arrays (the layer axis is never sharded)."""
     stacked = is_stacked(program.abstract_state)
     to_other, back = (unstack_layers, stack_layers) if stacked else (stack_layers, unstack_layers)
     plain = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), program.abstract_state)
@@ -413,13 +413,14 @@ class _Loop:
         self.writer = mt.TensorboardWriter(os.path.join(run.workdir, "tensorboard")) if run.primary else None
         if run.primary and self.step == 0:
             self.writer.write_hparams(traverse_util.flatten_dict(run.config.to_dict(), sep="."))
-        self.validate = _Validator(run, self.writer)
+        self.first_clip = jax.jit(functools.partial(_first_clip, program.task),
+                                  out_shardings=shd.replicated(program.mesh))
 
     def train(self) -> None:
         """Steps until the last one or a stop; closes the checkpointer and writer."""
         run, ckpt, config = self.run, self.ckpt, self.run.config
         total = run.sched.total_steps
-        failed = False
+        preempted = False
         self.interval_t = time.perf_counter()  # step timing starts after the compile
         with (SigtermFlag("SIGTERM received: saving a checkpoint before exiting") as sigterm,
               run.program.mesh_context()):
@@ -430,7 +431,7 @@ class _Loop:
                     if self.step % config.log_every_steps == 0 or at_end:
                         self.log_interval()
                     if run.eval_every > 0 and (self.step % run.eval_every == 0 or at_end):
-                        self.val = self.validate(self.state, self.step)
+                        self.val = self.validate()
                         if self.interval_steps == 0:  # keep validation out of the step timing
                             self.interval_t = time.perf_counter()
                     if self.step % config.checkpoint_every_steps == 0 or at_end or preempted:
@@ -443,10 +444,9 @@ class _Loop:
                 if preempted:
                     _say("preempted (SIGTERM): saved step %d to %s; exiting", self.step, ckpt.directory)
             except BaseException:
-                failed = True
+                self.close(failed=True)
                 raise
-            finally:
-                self.close(failed)
+            self.close(failed=False)
 
     def train_one(self, local: dict[str, np.ndarray], sigterm: bool) -> bool:
         """One step on the process-local batch ``local``, fed this process's SIGTERM flag; checks
@@ -488,7 +488,43 @@ class _Loop:
         with _disk_full_guard(self.ckpt, self.step):
             if self.ckpt.save(self.step, self.state, self.run.train_iter):
                 self.last_good = self.step
-            _write_bad_records(self.run.workdir, self.run.train_iter, self.run.primary)
+            bad = getattr(self.run.train_iter, "bad_records", None)  # records the pipeline skips
+            if self.run.primary and bad:
+                path = os.path.join(self.run.workdir, "bad_records.json")
+                with open(path + ".tmp", "w", encoding="utf-8") as f:
+                    json.dump({str(k): v for k, v in sorted(bad.items())}, f, indent=1)
+                os.replace(path + ".tmp", path)
+
+    def validate(self) -> dict[str, float]:
+        """Every metric the eval step returns, averaged over ``config.num_eval_batches`` batches
+        (logged as ``val_<name>``), and a reconstruction image of the first clip."""
+        run, program, cfg = self.run, self.run.program, self.run.program.model_cfg
+        state, step = self.state, self.step
+        it = iter(make_dataset(run.data_cfg, split=run.data_cfg.val_split,
+                               global_batch_size=program.global_batch,
+                               process_index=jax.process_index(),
+                               process_count=jax.process_count(), seed=run.config.seed,
+                               shuffle=False, repeat=True))
+        n = max(1, run.config.num_eval_batches)
+        acc = first = None
+        for _ in range(n):
+            b = _device_batch(next(it), program.mesh)
+            first = b if first is None else first
+            m = program.eval_step(state, b)
+            acc = m if acc is None else jax.tree.map(jnp.add, acc, m)
+        val = {f"val_{k}": float(v) / n for k, v in jax.device_get(acc).items()}
+        video, mask, pred = jax.device_get(self.first_clip(state, first))
+        if run.primary:
+            image = reconstruction.reconstruction_grid(
+                video, mask, pred, patch_size=cfg.patch_size, tubelet_size=cfg.tubelet_size)
+            path = reconstruction.save_png(
+                image, os.path.join(run.workdir, "reconstructions", f"step_{step:08d}.png"))
+            self.writer.write_images(step, {"reconstruction": image})
+            self.writer.write_scalars(step, val)
+            _append_jsonl(os.path.join(run.workdir, "metrics.jsonl"), {"step": step, **val})
+            _say("step %d validation: %s (image %s)", step,
+                 " ".join(f"{k} {v:.4f}" for k, v in val.items()), path)
+        return val
 
     def close(self, failed: bool) -> None:
         """Closes the checkpointer (waiting for its writes) and the writer; after an error
@@ -518,56 +554,6 @@ def _first_clip(task: steps.Task, state: st.TrainState, batch: steps.Batch) -> t
     """Clip 0 of ``batch``: its video, mask and predicted masked patches (for the image)."""
     one = {"video": batch["video"][:1], "mask": batch["mask"][:1]}
     return one["video"][0], one["mask"][0], steps.reconstruct(task, state, one)[0]
-
-
-class _Validator:
-    """Every metric the eval step returns, averaged over ``config.num_eval_batches`` batches
-    (logged as ``val_<name>``), and a reconstruction image of the first clip."""
-
-    def __init__(self, run: _Run, writer: mt.TensorboardWriter | None):
-        self.run, self.writer = run, writer
-        self.first_clip = jax.jit(functools.partial(_first_clip, run.program.task),
-                                  out_shardings=shd.replicated(run.program.mesh))
-
-    def __call__(self, state: st.TrainState, step: int) -> dict[str, float]:
-        run, program, cfg = self.run, self.run.program, self.run.program.model_cfg
-        val_ds = make_dataset(run.data_cfg, split=run.data_cfg.val_split,
-                              global_batch_size=program.global_batch,
-                              process_index=jax.process_index(),
-                              process_count=jax.process_count(), seed=run.config.seed,
-                              shuffle=False, repeat=True)
-        it = iter(val_ds)
-        n = max(1, run.config.num_eval_batches)
-        acc = first = None
-        for _ in range(n):
-            b = _device_batch(next(it), program.mesh)
-            first = b if first is None else first
-            m = program.eval_step(state, b)
-            acc = m if acc is None else jax.tree.map(jnp.add, acc, m)
-        val = {f"val_{k}": float(v) / n for k, v in jax.device_get(acc).items()}
-        video, mask, pred = jax.device_get(self.first_clip(state, first))
-        if run.primary:
-            image = reconstruction.reconstruction_grid(
-                video, mask, pred, patch_size=cfg.patch_size, tubelet_size=cfg.tubelet_size)
-            path = reconstruction.save_png(
-                image, os.path.join(run.workdir, "reconstructions", f"step_{step:08d}.png"))
-            self.writer.write_images(step, {"reconstruction": image})
-            self.writer.write_scalars(step, val)
-            _append_jsonl(os.path.join(run.workdir, "metrics.jsonl"), {"step": step, **val})
-            _say("step %d validation: %s (image %s)", step,
-                 " ".join(f"{k} {v:.4f}" for k, v in val.items()), path)
-        return val
-
-
-def _finish(run: _Run, loop: _Loop) -> dict[str, float]:
-    """Phase 4: PreemptedError after a SIGTERM stop, else the summary (printed and returned)."""
-    if loop.preempted_at is not None:
-        raise PreemptedError(loop.preempted_at, loop.ckpt.directory)
-    summary = {**loop.last, **loop.val, "step": float(loop.step)}
-    print(f"marlin-jax: process {jax.process_index()} finished at step {loop.step}: "
-          + " ".join(f"{k}={v:.6g}" for k, v in sorted(summary.items()) if k != "step"),
-          flush=True)
-    return summary
 
 
 def _disk_full_error(ckpt: Checkpointer, step: int) -> CheckpointDiskFullError:
@@ -601,27 +587,6 @@ def _disk_full_guard(ckpt: Checkpointer, step: int) -> Iterator[None]:
         error = _disk_full_error(ckpt, step)
         log.error("%s", error)
         raise error from None
-
-
-def _write_run_metadata(workdir: str, config: ml_collections.ConfigDict,
-                        model_cfg: MarlinConfig) -> None:
-    """``config.json`` (the run's config) and ``marlin_config.json`` (the model: the workdir is a
-    checkpoint for ``Marlin.from_file`` / convert); after the restore, so a refused start writes none."""
-    with open(os.path.join(workdir, RUN_CONFIG_FILE), "w", encoding="utf-8") as f:
-        f.write(config.to_json_best_effort(indent=2))
-    write_config_file(workdir, model_cfg)
-
-
-def _write_bad_records(workdir: str, data_iter: Any, primary: bool) -> None:
-    """``<workdir>/bad_records.json``: the unreadable records the data pipeline skips."""
-    bad = getattr(data_iter, "bad_records", None)
-    if not primary or not bad:
-        return
-    path = os.path.join(workdir, "bad_records.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({str(k): v for k, v in sorted(bad.items())}, f, indent=1)
-    os.replace(tmp, path)
 
 
 def _append_jsonl(path: str, record: dict[str, float]) -> None:
