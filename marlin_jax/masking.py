@@ -34,8 +34,7 @@ import numpy as np
 
 STRATEGIES = ("fasking", "fasking_opp", "random", "tube", "frame")
 
-NUM_LABELS = 11
-"""LaPa classes 0..10."""
+NUM_LABELS = 11  # LaPa classes 0..10
 
 LABEL_NAMES = (
     "background", "skin", "left_eyebrow", "right_eyebrow", "left_eye", "right_eye", "nose",
@@ -53,16 +52,11 @@ _OTHER_BIT = 15  # labels outside 0..10 map to bits 11..15: present in a patch, 
 ParsingInput = np.ndarray | Sequence[np.ndarray]
 
 
-def _check_ratio(mask_ratio: float) -> float:
+def num_visible(mask_ratio: float, num_tokens: int) -> int:
+    """Visible tokens per sample: ``int(num_tokens * (1 - mask_ratio))`` (the original's rounding)."""
     ratio = float(mask_ratio)
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio!r}")
-    return ratio
-
-
-def num_visible(mask_ratio: float, num_tokens: int) -> int:
-    """Visible tokens per sample: ``int(num_tokens * (1 - mask_ratio))`` (the original's rounding)."""
-    ratio = _check_ratio(mask_ratio)
     if num_tokens < 1:
         raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
     return int(num_tokens * (1 - ratio))
@@ -86,9 +80,7 @@ def _to_uint8_labels(maps: np.ndarray) -> np.ndarray:
         return maps
     if not np.issubdtype(maps.dtype, np.integer):
         raise ValueError(f"parsing maps must hold integer labels, got dtype {maps.dtype}")
-    if maps.size and (maps.min() < 0 or maps.max() > 255):
-        maps = np.where((maps < 0) | (maps > 255), 255, maps)
-    return maps.astype(np.uint8)
+    return np.where((maps < 0) | (maps > 255), 255, maps).astype(np.uint8)
 
 
 def patch_label_bits(maps: np.ndarray, patch_size: int = 16) -> np.ndarray:
@@ -104,9 +96,7 @@ def patch_label_bits(maps: np.ndarray, patch_size: int = 16) -> np.ndarray:
     s, h, w = maps.shape
     if h % patch_size or w % patch_size:
         raise ValueError(f"map size {h}x{w} is not a multiple of patch_size {patch_size}")
-    if maps.size and maps.max() > _OTHER_BIT:
-        maps = np.minimum(maps, _OTHER_BIT)
-    bits = np.left_shift(np.uint16(1), maps, dtype=np.uint16)
+    bits = np.left_shift(np.uint16(1), np.minimum(maps, _OTHER_BIT), dtype=np.uint16)
     # OR over the patch rows first (long contiguous runs), then over the patch columns
     rows = np.bitwise_or.reduce(bits.reshape(s * (h // patch_size), patch_size, w), axis=1)
     return np.bitwise_or.reduce(
@@ -229,15 +219,14 @@ def make_mask(
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown mask strategy {strategy!r}; expected one of {STRATEGIES}")
-    ratio = _check_ratio(mask_ratio)
     if len(grid) != 3 or min(grid) < 1:
         raise ValueError(f"grid must be three positive ints (gt, gh, gw), got {grid}")
     if patch_size < 1 or tubelet_size < 1:
         raise ValueError(f"patch_size and tubelet_size must be >= 1, got {patch_size}, {tubelet_size}")
     gt, gh, gw = (int(g) for g in grid)
     per_slice = gh * gw
-    keep = 1 - ratio
-    target = num_visible(ratio, gt * per_slice)
+    target = num_visible(mask_ratio, gt * per_slice)
+    keep = 1 - float(mask_ratio)
 
     if strategy in ("fasking", "fasking_opp"):
         if patch_labels is not None:

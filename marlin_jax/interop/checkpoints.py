@@ -50,16 +50,10 @@ def _flat_arrays(tree: Any, source: str) -> OrderedDict[str, np.ndarray]:
     if not isinstance(tree, dict):
         raise CheckpointError(f"{source}: expected a state_dict (a mapping of names to tensors), "
                               f"got {type(tree).__name__}")
-    out: OrderedDict[str, np.ndarray] = OrderedDict()
-    bad = []
-    for key, value in tree.items():
-        if isinstance(value, np.ndarray):
-            out[str(key)] = value
-        else:
-            bad.append(f"{key} ({type(value).__name__})")
+    bad = [f"{key} ({type(value).__name__})" for key, value in tree.items() if not isinstance(value, np.ndarray)]
     if bad:
         raise CheckpointError(f"{source}: state_dict entries that are not tensors: {', '.join(bad[:20])}")
-    return out
+    return OrderedDict((str(key), value) for key, value in tree.items())
 
 
 def read_torch_state_dict(path: str | os.PathLike, config: MarlinConfig | None = None) -> OrderedDict[str, np.ndarray]:
@@ -151,8 +145,7 @@ def read_marlin_state_dict(directory: str | os.PathLike,
         if config is None:
             raise CheckpointError(f"{root}: a training state without {CONFIG_FILE} in its workdir; pass the "
                                   "model config to rebuild the position tables")
-        tables = {"encoder": config.encoder_embed_dim, "decoder": config.decoder_embed_dim}
-        for part, dim in tables.items():
+        for part, dim in (("encoder", config.encoder_embed_dim), ("decoder", config.decoder_embed_dim)):
             key = f"{part}.pos_embedding.emb"
             if key not in out and any(k.startswith(f"{part}.") for k in out):
                 out[key] = sincos_table(config.num_tokens, dim)[None].astype(np.float32)
@@ -193,8 +186,7 @@ def save_marlin_checkpoint(directory: str | os.PathLike, model: MarlinModel, *, 
     if (directory / PARAMS_ITEM).exists() and not overwrite:
         raise CheckpointError(f"{directory}: already holds a checkpoint (pass overwrite=True)")
     directory.mkdir(parents=True, exist_ok=True)
-    tree = nnx.to_pure_dict(nnx.state(model, nnx.Variable))
-    tree = _string_keys(tree)
+    tree = _string_keys(nnx.to_pure_dict(nnx.state(model, nnx.Variable)))
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(directory / PARAMS_ITEM, tree, force=overwrite)
     checkpointer.wait_until_finished()

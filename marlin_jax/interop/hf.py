@@ -73,56 +73,16 @@ def is_hf_checkpoint(path: str | os.PathLike) -> bool:
     return isinstance(raw, dict) and "model_type" in raw
 
 
-def _weights_file(path: Path) -> Path:
-    if path.is_file():
-        return path
-    weights = path / HF_WEIGHTS
-    if not weights.is_file():
-        present = ", ".join(sorted(q.name for q in path.iterdir())) or "nothing"
-        raise CheckpointError(f"{path}: a Hugging Face checkpoint folder without {HF_WEIGHTS} "
-                              f"(it holds: {present}); save with safe_serialization=True")
-    return weights
-
-
 def registered_name(config: MarlinConfig) -> str | None:
     """The registered model whose architecture ``config`` is (``downloadable`` aside), if any."""
     plain = config.replace(downloadable=False)
     return next((n for n in model_names() if get_config(n).replace(downloadable=False) == plain), None)
 
 
-def config_from_hf_dict(raw: dict[str, Any], source: str) -> MarlinConfig:
-    """The port's config.json fields -> MarlinConfig (the registered one when it is the same
-    architecture). Raises CheckpointError naming ``source`` for another ``model_type``, missing
-    fields or invalid values."""
-    if raw.get("model_type") != HF_MODEL_TYPE:
-        raise CheckpointError(f"{source}: model_type {raw.get('model_type')!r} (architectures "
-                              f"{raw.get('architectures')}) is not MARLIN's {HF_MODEL_TYPE!r}")
-    missing = [f for f in HF_CONFIG_FIELDS if raw.get(f) is None and f != "qk_scale"]
-    if missing:
-        raise CheckpointError(f"{source}: MARLIN config.json lacks {', '.join(missing)}")
-    try:
-        config = MarlinConfig(**{f: raw[f] for f in HF_CONFIG_FIELDS if f in raw})
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{source}: invalid MARLIN config ({e})") from None
-    name = registered_name(config)
-    return get_config(name) if name else config
-
-
-def hf_config_dict(config: MarlinConfig, *, as_feature_extractor: bool = True) -> dict[str, Any]:
-    """``config.json`` as the port's ``save_pretrained`` writes it (its fields, ``model_type``,
-    ``architectures``). Raises ValueError for an architecture the port cannot build."""
-    fixed = {k: getattr(config, k) for k, v in _PORT_FIXED.items() if getattr(config, k) != v}
-    if fixed:
-        raise ValueError(f"the Hugging Face port cannot express {fixed} (it fixes {_PORT_FIXED})")
-    out: dict[str, Any] = {"architectures": [HF_ARCHITECTURE], "model_type": HF_MODEL_TYPE}
-    out.update({f: getattr(config, f) for f in HF_CONFIG_FIELDS})
-    out.update(as_feature_extractor=as_feature_extractor, torch_dtype="float32")
-    return out
-
-
 def read_hf_config(path: str | os.PathLike) -> MarlinConfig | None:
     """The architecture in the ``config.json`` of a Hugging Face folder (or beside a
-    ``.safetensors`` file); None when there is none."""
+    ``.safetensors`` file): the registered config when it is the same; None when there is none.
+    CheckpointError naming the file for another ``model_type``, missing fields or invalid values."""
     p = Path(path)
     file = (p.parent if p.is_file() else p) / HF_CONFIG
     if not file.is_file():
@@ -130,7 +90,18 @@ def read_hf_config(path: str | os.PathLike) -> MarlinConfig | None:
     raw = _read_json(file)
     if not isinstance(raw, dict):
         raise CheckpointError(f"{file}: expected a JSON object, got {type(raw).__name__}")
-    return config_from_hf_dict(raw, str(file))
+    if raw.get("model_type") != HF_MODEL_TYPE:
+        raise CheckpointError(f"{file}: model_type {raw.get('model_type')!r} (architectures "
+                              f"{raw.get('architectures')}) is not MARLIN's {HF_MODEL_TYPE!r}")
+    missing = [f for f in HF_CONFIG_FIELDS if raw.get(f) is None and f != "qk_scale"]
+    if missing:
+        raise CheckpointError(f"{file}: MARLIN config.json lacks {', '.join(missing)}")
+    try:
+        config = MarlinConfig(**{f: raw[f] for f in HF_CONFIG_FIELDS if f in raw})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{file}: invalid MARLIN config ({e})") from None
+    name = registered_name(config)
+    return get_config(name) if name else config
 
 
 def read_hf_state_dict(path: str | os.PathLike) -> OrderedDict[str, np.ndarray]:
@@ -141,7 +112,12 @@ def read_hf_state_dict(path: str | os.PathLike) -> OrderedDict[str, np.ndarray]:
     import safetensors
     import safetensors.numpy
 
-    file = _weights_file(Path(path))
+    path = Path(path)
+    file = path if path.is_file() else path / HF_WEIGHTS
+    if not file.is_file():
+        present = ", ".join(sorted(q.name for q in path.iterdir())) or "nothing"
+        raise CheckpointError(f"{path}: a Hugging Face checkpoint folder without {HF_WEIGHTS} "
+                              f"(it holds: {present}); save with safe_serialization=True")
     try:
         try:
             tensors = safetensors.numpy.load_file(file)
@@ -173,8 +149,14 @@ def save_hf_checkpoint(directory: str | os.PathLike, model: MarlinModel, *, enco
     keep = ("encoder.",) if encoder_only else ("encoder.", "decoder.", "enc_dec_proj.")
     state_dict = {HF_PREFIX + k: np.ascontiguousarray(v) for k, v in model_to_state_dict(model).items()
                   if k.startswith(keep)}
-    as_feature_extractor = not any(k.startswith(HF_PREFIX + "decoder.") for k in state_dict)
-    config = hf_config_dict(model.config, as_feature_extractor=as_feature_extractor)
+    # config.json as the port's save_pretrained writes it
+    fixed = {k: getattr(model.config, k) for k, v in _PORT_FIXED.items() if getattr(model.config, k) != v}
+    if fixed:
+        raise ValueError(f"the Hugging Face port cannot express {fixed} (it fixes {_PORT_FIXED})")
+    config: dict[str, Any] = {"architectures": [HF_ARCHITECTURE], "model_type": HF_MODEL_TYPE}
+    config.update({f: getattr(model.config, f) for f in HF_CONFIG_FIELDS})
+    has_decoder = any(k.startswith(HF_PREFIX + "decoder.") for k in state_dict)
+    config.update(as_feature_extractor=not has_decoder, torch_dtype="float32")
     directory.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{HF_WEIGHTS}.", suffix=".part")
     os.close(fd)
@@ -251,8 +233,6 @@ def load_checkpoint(path: str | os.PathLike, config: MarlinConfig, **model_kwarg
     """Builds the model any checkpoint holds (encoder-only or full, +/- discriminator) and loads it."""
     state_dict = read_weights(path, config)
     return model_from_state_dict(config, state_dict, source=weights_source(path), **model_kwargs)
-
-
 
 
 def download_hf_checkpoint(repo_id: str, *, revision: str | None = None,

@@ -77,11 +77,8 @@ def model_variables(model: nnx.Module) -> list[tuple[tuple, nnx.Variable]]:
 
 def model_to_state_dict(model: nnx.Module) -> OrderedDict[str, np.ndarray]:
     """The model's weights as a PyTorch-layout state_dict of numpy arrays (marlin-pytorch names)."""
-    out: OrderedDict[str, np.ndarray] = OrderedDict()
-    for path, var in model_variables(model):
-        value = np.asarray(var.get_value())
-        out[torch_key(path)] = np.ascontiguousarray(to_torch_layout(path, value))
-    return out
+    return OrderedDict((torch_key(path), np.ascontiguousarray(to_torch_layout(path, np.asarray(var.get_value()))))
+                       for path, var in model_variables(model))
 
 
 def state_dict_to_model(model: nnx.Module, state_dict: Mapping[str, np.ndarray], *,

@@ -78,12 +78,6 @@ def read_lightning_checkpoint(path: str | os.PathLike) -> LightningCheckpoint:
                                None if opt is None else list(opt))
 
 
-def parameter_names(state_dict: Mapping[str, Any], prefixes: Sequence[str]) -> list[str]:
-    """The names of ``chain(*(module.parameters() for each prefix))``: per prefix, its keys in
-    the state_dict's (registration) order."""
-    return [k for prefix in prefixes for k in state_dict if k.startswith(prefix)]
-
-
 def _close(a: Any, b: float) -> bool:
     try:
         return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=0.0)
@@ -96,10 +90,8 @@ def torch_adam_moments(opt_state: Any, names: Sequence[str],
                        eps: float, source: str, which: str, weight_decay: float | None = None
                        ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
     """One torch Adam/AdamW ``state_dict()`` -> ``(exp_avg, exp_avg_sq, step)``, moments keyed by
-    parameter name (PyTorch layout; parameters without state left out). ``names``: the parameters
-    in ``.parameters()`` order. OptimizerStateError (naming ``source`` and ``which``) when
-    (b1, b2, eps) differ, amsgrad/maximize are on, the count or a shape differs, or the steps
-    differ; another ``weight_decay`` is only logged."""
+    parameter name (``names``: in ``.parameters()`` order; stateless ones left out). Settings,
+    shapes or steps that do not fit: OptimizerStateError; another ``weight_decay`` is only logged."""
     where = f"{source}: {which} optimiser state"
     if not isinstance(opt_state, dict) or not isinstance(opt_state.get("param_groups"), list) \
             or not isinstance(opt_state.get("state"), dict):
@@ -208,7 +200,8 @@ def lightning_adam_moments(ckpt: LightningCheckpoint, g_like: Params, d_like: Pa
     out: list[AdamMoments | None] = []
     for opt_state, prefixes, like, which in ((states[0], GENERATOR_PREFIXES, g_like, "generator"),
                                              (states[1], CRITIC_PREFIXES, d_like, "discriminator")):
-        names = parameter_names(ckpt.state_dict, prefixes)
+        # chain(*(module.parameters() ...)): per prefix, its keys in (registration) order
+        names = [k for prefix in prefixes for k in ckpt.state_dict if k.startswith(prefix)]
         if not names:
             out.append(None)
             continue

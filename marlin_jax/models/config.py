@@ -81,6 +81,7 @@ class MarlinConfig:
         return dataclasses.asdict(self)
 
 
+_FIELDS = {f.name for f in dataclasses.fields(MarlinConfig)}
 _REGISTRY: dict[str, MarlinConfig] = {
     "marlin_vit_small_ytf": MarlinConfig(384, 12, 6, 192, 4, 3, downloadable=True),
     "marlin_vit_base_ytf": MarlinConfig(768, 12, 12, 384, 4, 6, downloadable=True),
@@ -111,8 +112,7 @@ def register_model(name: str, config: MarlinConfig, *, overwrite: bool = False) 
 
 def _read_config_file(path: str, parse: Callable[[Any], Any], errors: tuple[type[Exception], ...],
                       problem: str) -> Any:
-    """The parsed contents of a model config file; ValueError naming it (``problem`` formatted
-    with the parser's error) when it cannot be read or parsed."""
+    """The parsed model config file; ValueError naming it (and ``problem``) when unreadable or unparsable."""
     try:
         with open(path, encoding="utf-8") as f:
             return parse(f)
@@ -152,9 +152,8 @@ def config_from_json_file(path: str | os.PathLike) -> MarlinConfig:
                             "from the run's config")
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: damaged model config, expected a JSON object, got {type(raw).__name__}")
-    fields = {f.name for f in dataclasses.fields(MarlinConfig)}
     try:
-        return MarlinConfig(**{k: v for k, v in raw.items() if k in fields})
+        return MarlinConfig(**{k: v for k, v in raw.items() if k in _FIELDS})
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: invalid model config ({e})") from None
 
@@ -168,10 +167,9 @@ def config_from_mapping(mapping: Any) -> MarlinConfig:
     overrides, or the MarlinConfig fields themselves."""
     values = dict(mapping.to_dict() if hasattr(mapping, "to_dict") else mapping)
     base = get_config(values.pop("name")) if values.get("name") else MarlinConfig()
-    fields = {f.name for f in dataclasses.fields(MarlinConfig)}
-    unknown = sorted(set(values) - fields)
+    unknown = sorted(set(values) - _FIELDS)
     if unknown:
-        raise ValueError(f"unknown model config fields: {unknown}; known: {sorted(fields)}")
+        raise ValueError(f"unknown model config fields: {unknown}; known: {sorted(_FIELDS)}")
     return base.replace(**values)
 
 

@@ -15,7 +15,6 @@ import numpy as np
 from flax import nnx
 
 xavier_uniform = nnx.initializers.xavier_uniform()
-zeros = nnx.initializers.zeros_init()
 
 
 def matmul(a: jax.Array, b: jax.Array, matmul_dtype, out_dtype) -> jax.Array:
@@ -29,14 +28,13 @@ def matmul(a: jax.Array, b: jax.Array, matmul_dtype, out_dtype) -> jax.Array:
 def linear(in_features: int, out_features: int, *, dtype, matmul_dtype, param_dtype, rngs: nnx.Rngs,
            use_bias: bool = True, kernel_init=None) -> nnx.Linear:
     """An ``nnx.Linear`` whose matmul runs in ``matmul_dtype`` (if set) with ``dtype`` output."""
-    kwargs = {} if kernel_init is None else {"kernel_init": kernel_init, "bias_init": zeros}
+    kwargs = {} if kernel_init is None else {"kernel_init": kernel_init, "bias_init": nnx.initializers.zeros_init()}
     return nnx.Linear(in_features, out_features, use_bias=use_bias, param_dtype=param_dtype, rngs=rngs,
                       **_matmul_dtypes(dtype, matmul_dtype), **kwargs)
 
 
 def _matmul_dtypes(dtype: Any, matmul_dtype: Any) -> dict[str, Any]:
-    """``nnx.Linear`` / ``LinearGeneral`` dtype arguments: ``matmul_dtype`` operands (if set) with
-    ``dtype`` output."""
+    """``nnx.Linear`` / ``LinearGeneral`` dtype arguments: ``matmul_dtype`` operands, ``dtype`` output."""
     if matmul_dtype is None:
         return {"dtype": dtype}
     return {"dtype": matmul_dtype, "preferred_element_type": dtype}
@@ -110,12 +108,10 @@ class PatchEmbedding3d(nnx.Module):
 
     def __init__(self, in_channels: int, embed_dim: int, patch_size: int, tubelet_size: int, *,
                  dtype=jnp.float32, param_dtype=jnp.float32, matmul_dtype=None, rngs: nnx.Rngs):
-        self.patch_size, self.tubelet_size, self.dtype = patch_size, tubelet_size, dtype
-        self.matmul_dtype = matmul_dtype
+        self.dtype, self.matmul_dtype = dtype, matmul_dtype
         shape = (tubelet_size, patch_size, patch_size, in_channels, embed_dim)
-        fan_in = int(np.prod(shape[:-1]))
         # PyTorch's Conv3d default init (kaiming_uniform with a=sqrt(5)): U(-1/sqrt(fan_in), ..).
-        bound = 1.0 / np.sqrt(fan_in)
+        bound = 1.0 / np.sqrt(np.prod(shape[:-1]))
         self.projection = nnx.Dict(
             kernel=nnx.Param(jax.random.uniform(rngs.params(), shape, param_dtype, -bound, bound)),
             bias=nnx.Param(jax.random.uniform(rngs.params(), (embed_dim,), param_dtype, -bound, bound)),
@@ -151,10 +147,6 @@ def default_attention_impl(platform: str, dtype: Any, *, training: bool) -> str 
     return None if training else "xla"
 
 
-SPLASH_INTERPRET: bool | None = None
-"""Whether splash runs in Pallas interpret mode; None: when the target platform (the context
-mesh's devices, else ``jax.default_backend()``) is not a TPU."""
-
 SPLASH_LANES = 128  # splash tiles are multiples of 128 tokens
 
 
@@ -172,12 +164,6 @@ def _split_axes(mesh: Any, length: int, axes: tuple[str, ...]) -> tuple[str, ...
             out.append(axis)
             size *= mesh.shape[axis]
     return tuple(out)
-
-
-def _splash_platform() -> str:
-    mesh = jax.sharding.get_abstract_mesh()
-    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
-    return getattr(device, "platform", None) or jax.default_backend()
 
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool) -> jax.Array:
@@ -235,7 +221,6 @@ class Attention(nnx.Module):
             raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
         if attention_impl == "splash" and attn_drop > 0:
             raise ValueError(f"attention_impl='splash' has no attention dropout (attn_drop={attn_drop})")
-        self.num_heads = num_heads
         self.matmul_dtype = matmul_dtype
         self.head_dim = dim // num_heads
         self.scale = qk_scale or self.head_dim**-0.5
@@ -299,9 +284,11 @@ class Attention(nnx.Module):
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, H, N, hd)
         if self.matmul_dtype is not None:
             q, k, v = (t.astype(self.matmul_dtype) for t in (q, k, v))
-        interpret = SPLASH_INTERPRET if SPLASH_INTERPRET is not None else _splash_platform() != "tpu"
-        attend = functools.partial(splash_attention, interpret=interpret)
         mesh = jax.sharding.get_abstract_mesh()
+        device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+        # Pallas interpret mode when the target platform (the context mesh's, else the default) is not a TPU
+        interpret = (getattr(device, "platform", None) or jax.default_backend()) != "tpu"
+        attend = functools.partial(splash_attention, interpret=interpret)
         if not mesh.empty and any(a not in mesh.manual_axes and mesh.shape[a] > 1 for a in mesh.axis_names):
             spec = jax.sharding.PartitionSpec(_split_axes(mesh, b, BATCH_AXES) or None,
                                               HEAD_AXIS if _split_axes(mesh, h, (HEAD_AXIS,)) else None)

@@ -210,16 +210,13 @@ class MarlinEncoder(_Transformer):
                          param_dtype=param_dtype, matmul_dtype=matmul_dtype, remat_policy=remat_policy,
                          scan_layers=scan_layers, attention_impl=attention_impl)
 
-    def _check_video(self, video: jax.Array) -> None:
+    def embed(self, video: jax.Array) -> jax.Array:
+        """``(B, T, H, W, C)`` -> tokens + position table ``(B, N, D)``."""
         c = self.config
         expected = (c.n_frames, c.img_size, c.img_size, c.in_channels)
         if video.ndim != 5 or tuple(video.shape[1:]) != expected:
             raise ValueError(f"expected video (B, {', '.join(map(str, expected))}) channels-last, "
                              f"got {tuple(video.shape)}")
-
-    def embed(self, video: jax.Array) -> jax.Array:
-        """``(B, T, H, W, C)`` -> tokens + position table ``(B, N, D)``."""
-        self._check_video(video)
         tokens = self.patch_embedding(video)
         return tokens + self.pos_embedding[...].astype(tokens.dtype)
 
