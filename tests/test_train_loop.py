@@ -148,6 +148,8 @@ def test_trainer_runs_evaluates_writes_and_resumes(tmp_path, capsys):
     assert "resuming from" in console and "step 4" in console
     assert more["step"] == 6
     assert (workdir / "checkpoints" / "6").is_dir()
+    again = train_and_evaluate(_tiny_config(num_train_steps=6), str(workdir))  # already at its end
+    assert again["step"] == 6 and not (workdir / "checkpoints" / "7").exists()
 
     # the workdir is a checkpoint for extraction / conversion: its latest step's model weights
     from marlin_jax.interop import load_checkpoint, read_config_file, read_state_dict, save_torch_checkpoint
