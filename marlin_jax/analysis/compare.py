@@ -17,23 +17,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from marlin_jax.analysis.heatmap import FeatureGradCam, frames_figure, load_clips, normalise, overlay, upsample
 from marlin_jax.analysis.plots import save_figure
 from marlin_jax.analysis.visualize import add_model_arguments, load_cam, note_frame_size
+from marlin_jax.video_io import VideoReadError
 
-__all__ = ["compare_videos", "main", "window_clip"]
-
-
-def window_clip(path: str | os.PathLike, config, window: int = 0, **kwargs) -> np.ndarray:
-    """The ``window``-th extraction window of a video as uint8 ``(T, H, W, 3)``."""
-    if window < 0:
-        raise ValueError(f"window must be >= 0, got {window}")
-    clips = load_clips(path, config, windows="all", **kwargs)
-    clip = next(itertools.islice(clips, window, None), None)
-    if clip is None:
-        raise ValueError(f"{path}: video has no window {window} (too short)")
-    return clip
+__all__ = ["compare_videos", "main"]
 
 
 def compare_videos(
@@ -55,11 +46,17 @@ def compare_videos(
 ) -> list[Path]:
     """Writes one four-row comparison PNG per feature; returns the written paths.
     ``progress``: a tqdm bar (stderr) over the features."""
-    from tqdm.auto import tqdm
-
+    if window < 0:
+        raise ValueError(f"window must be >= 0, got {window}")
+    clips = []
+    for v in (pre, post):  # the window-th extraction window of each video
+        stream = load_clips(v, cam.config, windows="all", **clip_kwargs)
+        clips.append(next(itertools.islice(stream, window, None), None))
+        if clips[-1] is None:
+            raise ValueError(f"{v}: video has no window {window} (too short)")
+    clips = np.stack(clips)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    clips = np.stack([window_clip(v, cam.config, window, **clip_kwargs) for v in (pre, post)])
     rel, vals = cam.relevance(clips, features)  # (2, F, t, h, w), (2, F)
     np.savez(out / "compare_relevance.npz", relevance=rel, values=vals,
              features=np.asarray(features), videos=np.asarray([str(pre), str(post)]))
@@ -93,8 +90,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--independent_scale", action="store_true",
                         help="normalise each clip's heat map on its own (default: shared scale)")
     args = parser.parse_args(argv)
-
-    from marlin_jax.video_io import VideoReadError
 
     cam, features = load_cam(parser, args)
     for video in (args.pre, args.post):

@@ -226,30 +226,17 @@ def groups_from_metadata(
         names = (str(groups[0]), str(groups[1]))
         missing = [g for g in names if g not in present]
         if missing:
-            raise ValueError(
-                f"{meta_name}: group value(s) {missing} not in column {group_column!r} {present}"
-            )
+            raise ValueError(f"{meta_name}: group value(s) {missing} not in column {group_column!r} {present}")
     feats: dict[str, dict[str, np.ndarray]] = {g: {} for g in names}
     no_features = []
     for vid, g in zip(ids, values, strict=True):
-        if g not in feats:
-            continue
-        if vid in features:
+        if g in feats and vid in features:
             feats[g][vid] = features[vid]
-        else:
+        elif g in feats:
             no_features.append(vid)
-    notes = []
-    if no_features:
-        notes.append(
-            f"{len(no_features)} video(s) in the metadata have no feature file and were left out "
-            f"(e.g. {no_features[:5]})"
-        )
-    unlisted = sorted(set(features) - set(ids))
-    if unlisted:
-        notes.append(
-            f"{len(unlisted)} feature file(s) have no metadata row and were left out "
-            f"(e.g. {unlisted[:5]})"
-        )
+    left_out = ((no_features, "video(s) in the metadata have no feature file"),
+                (sorted(set(features) - set(ids)), "feature file(s) have no metadata row"))
+    notes = [f"{len(vids)} {what} and were left out (e.g. {vids[:5]})" for vids, what in left_out if vids]
     return FeatureGroups(names, feats, f"{meta_name} column {group_column!r}", notes)
 
 
@@ -269,10 +256,7 @@ def groups_from_args(args: argparse.Namespace) -> FeatureGroups:
         if not sep or not name or not d:
             raise ValueError(f"--group_dir expects NAME=DIR, got {spec!r}")
         dirs[name] = d
-    if args.pre_dir:
-        dirs["pre"] = args.pre_dir
-    if args.post_dir:
-        dirs["post"] = args.post_dir
+    dirs |= {name: d for name, d in (("pre", args.pre_dir), ("post", args.post_dir)) if d}
     if dirs:
         if args.meta or args.features_dir:
             raise ValueError("give either group folders or --features_dir with --meta, not both")

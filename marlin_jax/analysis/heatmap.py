@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
+import matplotlib
 import numpy as np
 from flax import nnx
 from matplotlib.figure import Figure
@@ -128,30 +129,20 @@ def normalise(relevance: np.ndarray, scale: float | np.ndarray | None = None) ->
     if scale is None:
         scale = rel.max(axis=(-3, -2, -1), keepdims=True)
     scale = np.asarray(scale, dtype=np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out = np.where(scale > 0, rel / scale, 0.0)
-    return np.clip(out, 0.0, 1.0)
+    return np.clip(np.divide(rel, scale, out=np.zeros_like(rel), where=scale > 0), 0.0, 1.0)
 
 
 def upsample(maps: np.ndarray, config) -> np.ndarray:
     """Token maps ``(..., t, h, w)`` -> frame maps ``(..., T, H, W)``: each tubelet slice repeated
     over its ``tubelet_size`` frames, space resized bilinearly (pixel centres aligned)."""
-    maps = np.asarray(maps, dtype=np.float32)
-    lead = maps.shape[:-3]
-    t, h, w = maps.shape[-3:]
-    size = config.img_size
-    flat = maps.reshape((-1, h, w))
-    resized = jax.image.resize(jnp.asarray(flat), (flat.shape[0], size, size), "linear")
-    out = np.asarray(resized).reshape(lead + (t, size, size))
-    return np.repeat(out, config.tubelet_size, axis=-3)
+    maps = jnp.asarray(maps, dtype=jnp.float32)
+    out = jax.image.resize(maps, maps.shape[:-2] + (config.img_size, config.img_size), "linear")
+    return np.repeat(np.asarray(out), config.tubelet_size, axis=-3)
 
 
-def overlay(frames: np.ndarray, heat: np.ndarray, *, alpha: float = 0.5,
-            cmap: str = "jet") -> np.ndarray:
+def overlay(frames: np.ndarray, heat: np.ndarray, *, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
     """Blends a colour-mapped heat map ``(T, H, W)`` in [0, 1] over uint8 frames
     ``(T, H, W, 3)``: returns uint8 ``(T, H, W, 3)``."""
-    import matplotlib
-
     colours = matplotlib.colormaps[cmap](np.clip(heat, 0, 1))[..., :3] * 255.0
     out = (1.0 - alpha) * frames.astype(np.float32) + alpha * colours
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
@@ -197,23 +188,20 @@ def load_clips(
     yield from itertools.islice(gen, 1 if windows == "first" else None)
 
 
-def frames_figure(rows: Sequence[tuple[str, np.ndarray]], title: str, *, frames_shown: int | None = None,
-                  tile: float = 1.0) -> Figure:
+def frames_figure(rows: Sequence[tuple[str, np.ndarray]], title: str, *, frames_shown: int | None = None) -> Figure:
     """A grid of frames: one row per ``(label, uint8 (T, H, W, 3))`` (e.g. the frames, then their
     heat-map overlays), one column per shown frame (``frames_shown`` evenly spaced; None: all)."""
     n = rows[0][1].shape[0]
     cols = np.arange(n) if frames_shown is None or frames_shown >= n else np.unique(
         np.linspace(0, n - 1, frames_shown).round().astype(int))
-    fig = Figure(figsize=(tile * len(cols), tile * len(rows) + 0.45), layout="constrained")
+    fig = Figure(figsize=(len(cols), len(rows) + 0.45), layout="constrained")  # one-inch tiles
     axes = fig.subplots(len(rows), len(cols), squeeze=False)
     for r, (label, images) in enumerate(rows):
         for c, t in enumerate(cols):
             ax = axes[r, c]
             ax.imshow(images[t])
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_visible(False)
+            ax.set(xticks=[], yticks=[])
+            ax.spines[:].set_visible(False)
             if r == 0:
                 ax.set_title(f"frame {t}", fontsize=7)
         axes[r, 0].set_ylabel(label, fontsize=8)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 __all__ = [
     "GROUP_COLOURS",
@@ -62,8 +63,7 @@ def plot_top_feature_distributions(
         data = [a[:, f], b[:, f]]
         parts = ax.violinplot(data, positions=[0, 1], showmedians=True, widths=0.8)
         for body, colour in zip(parts["bodies"], GROUP_COLOURS, strict=True):
-            body.set_facecolor(colour)
-            body.set_alpha(0.35)
+            body.set(facecolor=colour, alpha=0.35)
         if paired:
             ax.plot([0, 1], np.stack(data), color="0.5", linewidth=0.6, alpha=0.6)
         for pos, (vals, colour) in enumerate(zip(data, GROUP_COLOURS, strict=True)):
@@ -100,11 +100,9 @@ def plot_feature_differences(
     ``i // row_width``), FDR-significant features outlined. Right: the ``top`` features of every
     sample (rows, group a then group b), z-scored per feature over both groups.
     """
-    dim = d.size
-    n_rows = -(-dim // row_width)
-    grid = np.full(n_rows * row_width, np.nan)
-    grid[:dim] = np.clip(np.nan_to_num(d, posinf=5.0, neginf=-5.0), -5, 5)
-    grid = grid.reshape(n_rows, row_width)
+    n_rows = -(-d.size // row_width)
+    grid = np.full((n_rows, row_width), np.nan)
+    grid.flat[: d.size] = np.clip(np.nan_to_num(d, posinf=5.0, neginf=-5.0), -5, 5)
     lim = max(0.5, float(np.nanmax(np.abs(grid))))
 
     fig = Figure(figsize=(13, max(4.0, 0.22 * n_rows + 1.5)), layout="constrained")
@@ -165,15 +163,12 @@ def plot_feature_importance(
     bars = ax.barh(pos, np.abs(eff), color=colours, alpha=0.8)
     for bar, f in zip(bars, features, strict=True):
         if not q[f] < alpha:
-            bar.set_hatch("//")
-            bar.set_alpha(0.45)
+            bar.set(hatch="//", alpha=0.45)
         ax.annotate(f" q = {q[f]:.2g}", (bar.get_width(), bar.get_y() + bar.get_height() / 2),
                     va="center", fontsize=7)
     ax.set_yticks(pos, [f"feature {f}" for f in features], fontsize=8)
     d_name = "d_z" if paired else "d"
     ax.set_xlabel(f"|Cohen's {d_name}|  (hatched: q >= {alpha:g})", fontsize=8)
-    from matplotlib.patches import Patch
-
     ax.legend(handles=[Patch(color=GROUP_COLOURS[0], label=f"{names[0]} higher"),
                        Patch(color=GROUP_COLOURS[1], label=f"{names[1]} higher")],
               loc="lower right", fontsize=7, framealpha=0.8)
@@ -262,10 +257,7 @@ def plot_embeddings(
             ax.set_ylabel(f"PC2 ({100 * explained[1]:.1f}% of variance)")
             ax.tick_params(labelsize=7)
         else:
-            ax.set_xlabel(f"{_EMBEDDINGS[m]} 1")
-            ax.set_ylabel(f"{_EMBEDDINGS[m]} 2")
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.set(xlabel=f"{_EMBEDDINGS[m]} 1", ylabel=f"{_EMBEDDINGS[m]} 2", xticks=[], yticks=[])
     axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title)

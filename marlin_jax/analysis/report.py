@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from marlin_jax.analysis.groups import FeatureGroups
 from marlin_jax.analysis.stats import (
@@ -44,8 +45,7 @@ CLIP_LEVEL_WARNING = (
 
 
 def write_feature_csv(table: dict[str, np.ndarray], path: str | os.PathLike) -> Path:
-    """Writes a table of columns (e.g. :meth:`GroupComparison.table`) as a CSV, one row per
-    feature."""
+    """Writes a table of columns (e.g. :meth:`GroupComparison.table`) as a CSV, one row per feature."""
     path = Path(path)
     with path.open("w", newline="") as f:
         w = csv.writer(f)
@@ -66,8 +66,7 @@ def mmd_linear_share(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return sq / total if total > 0 else np.zeros_like(sq)
 
 
-def ranked_table(res: GroupComparison, mmd_share: np.ndarray | None = None
-                 ) -> dict[str, np.ndarray]:
+def ranked_table(res: GroupComparison, mmd_share: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Every feature ranked as the report ranks its top features (ascending q, then descending
     |d|): columns rank, feature, means, p, q, d (d_z when paired), significance flag and, when
     given, the MMD share; row i is rank i + 1."""
@@ -146,8 +145,6 @@ def run_analysis(
 ) -> Path:
     """Compares the two groups at each level, writes tables, plots and ``report.md``; returns
     the report path. ``progress``: a tqdm bar (stderr) over the levels and their steps."""
-    from tqdm.auto import tqdm
-
     out = Path(output_dir)
     (out / "plots").mkdir(parents=True, exist_ok=True)
     names = groups.names
@@ -205,7 +202,6 @@ def run_analysis(
             level_notes.append("MMD test skipped: it needs at least 2 samples in each group")
         entry = res.summary() | {"csv": csv_path.name, "ranked_csv": f"ranked_{level}.csv", "figures": figures,
                                  "notes": level_notes}
-        # the ranked order is the top order
         keys = ["feature", "mean_" + names[0], "mean_" + names[1], res.d_name, "p_value", "q_value_bh"]
         keys += [] if paired else ["mmd_linear_share"]
         entry["top_table"] = [{k: (int if k == "feature" else float)(table[k][r]) for k in keys}
@@ -234,20 +230,16 @@ def _markdown_level(level: str, res: GroupComparison, entry: dict) -> str:
     if level == "clip":
         lines += [f"> **Warning.** {CLIP_LEVEL_WARNING}", ""]
     if paired:
-        lines += [
-            f"Samples: {res.n_a} pairs (the mean feature vector of each video id present in both "
-            f"{a} and {b}); {res.num_features} features. Test: two-sided Wilcoxon signed-rank "
-            f"on the paired differences; effect size {d_name} = mean({a} - {b}) / sd({a} - {b}).",
-            "",
-        ]
+        samples = (f"Samples: {res.n_a} pairs (the mean feature vector of each video id present in both "
+                   f"{a} and {b}); {res.num_features} features. Test: two-sided Wilcoxon signed-rank "
+                   f"on the paired differences; effect size {d_name} = mean({a} - {b}) / sd({a} - {b}).")
     else:
         unit = "clips" if level == "clip" else "videos (mean over each video's clips)"
-        lines += [
-            f"Samples: {res.n_a} {a} and {res.n_b} {b} {unit}; {res.num_features} features. "
-            f"Test: two-sided Mann-Whitney U.",
-            "",
-        ]
+        samples = (f"Samples: {res.n_a} {a} and {res.n_b} {b} {unit}; {res.num_features} features. "
+                   "Test: two-sided Mann-Whitney U.")
     lines += [
+        samples,
+        "",
         "| | count |",
         "|---|---|",
         f"| significant, uncorrected (p < {res.alpha:g}) | {entry['significant_uncorrected']} |",
@@ -256,11 +248,8 @@ def _markdown_level(level: str, res: GroupComparison, entry: dict) -> str:
     ]
     for name, _, _ in EFFECT_BANDS:
         label = name.replace("|", "\\|")  # a bare | would split the Markdown table cell
-        lines.append(
-            f"| effect size {label}: all / FDR-significant | "
-            f"{entry['effect_size_bands_all'][name]} / "
-            f"{entry['effect_size_bands_significant_fdr'][name]} |"
-        )
+        counts = f"{entry['effect_size_bands_all'][name]} / {entry['effect_size_bands_significant_fdr'][name]}"
+        lines.append(f"| effect size {label}: all / FDR-significant | {counts} |")
     lines.append("")
     if res.mmd is not None:
         m = res.mmd
@@ -295,8 +284,7 @@ def _markdown_level(level: str, res: GroupComparison, entry: dict) -> str:
     ]
     for name, path in entry["figures"].items():
         lines += [f"![{level} level: {name}]({path})", ""]
-    for note in entry["notes"]:
-        lines += [f"- {note}"]
+    lines += [f"- {note}" for note in entry["notes"]]
     return "\n".join(lines)
 
 
@@ -311,8 +299,7 @@ def _markdown(summary: dict, sections: list[str]) -> str:
         "| group | videos | clips |",
         "|---|---|---|",
     ]
-    for g in (a, b):
-        lines.append(f"| {g} | {counts[g]['videos']} | {counts[g]['clips']} |")
+    lines += [f"| {g} | {counts[g]['videos']} | {counts[g]['clips']} |" for g in (a, b)]
     lines += [
         "",
         "Per feature: two-sided Mann-Whitney U test (normal approximation with tie and continuity "

@@ -2,7 +2,6 @@
 
 Arrays are ``(n_samples, D)``: rows are clips or videos, columns are features. Every test is
 vectorised over the ``D`` features; one kernel matrix gives every permutation of the MMD test.
-This module imports nothing of the report or the CLI (imports flow report -> stats).
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ __all__ = [
     "wilcoxon_signed_rank",
 ]
 
-# Cohen's conventional bands on |d|: > 0.8, (0.5, 0.8], <= 0.5.
 EFFECT_BANDS: tuple[tuple[str, float, float], ...] = (
     ("large (|d| > 0.8)", 0.8, np.inf),
     ("medium (0.5 < |d| <= 0.8)", 0.5, 0.8),
@@ -99,22 +97,17 @@ def wilcoxon_signed_rank(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.n
     none = np.all(diff == 0, axis=0)
     w, p = np.zeros(a.shape[1]), np.ones(a.shape[1])
     for subset in (~tied, tied & ~none):
-        if not subset.any():
-            continue
-        with warnings.catch_warnings(), np.errstate(all="ignore"):
-            warnings.simplefilter("ignore", RuntimeWarning)
-            res = sstats.wilcoxon(a[:, subset], b[:, subset], axis=0)
-        w[subset], p[subset] = res.statistic, res.pvalue
+        if subset.any():
+            with warnings.catch_warnings(), np.errstate(all="ignore"):
+                warnings.simplefilter("ignore", RuntimeWarning)
+                res = sstats.wilcoxon(a[:, subset], b[:, subset], axis=0)
+            w[subset], p[subset] = res.statistic, res.pvalue
     return w, p
 
 
 def _effect(diff: np.ndarray, sd: np.ndarray) -> np.ndarray:
     """``diff / sd``; zero sd gives 0 for a zero difference, else +-inf."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        d = diff / sd
-    zero = sd == 0
-    d[zero] = np.where(diff[zero] == 0, 0.0, np.copysign(np.inf, diff[zero]))
-    return d
+    return np.divide(diff, sd, out=np.where(diff == 0, 0.0, np.copysign(np.inf, diff)), where=sd != 0)
 
 
 def cohens_dz(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -335,8 +328,7 @@ def compare_paired(a: np.ndarray, b: np.ndarray, *, names: tuple[str, str] = ("a
 
 
 if __name__ == "__main__":
-    # `python -m marlin_jax.analysis.stats` (the older spelling) runs the package's CLI; runpy
-    # keeps stats free of an import of the CLI.
+    # the older `python -m marlin_jax.analysis.stats`; runpy keeps stats free of an import of the CLI
     import runpy
 
     runpy.run_module("marlin_jax.analysis", run_name="__main__", alter_sys=True)

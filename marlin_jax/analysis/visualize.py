@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from marlin_jax.analysis.heatmap import MODES, FeatureGradCam, frames_figure, load_clips, normalise, overlay, upsample
 from marlin_jax.analysis.plots import save_figure
-from marlin_jax.video_io import VideoWriter
+from marlin_jax.video_io import VideoReadError, VideoWriter, video_info
 
 DEFAULT_FEATURES = (397, 231, 490, 482, 456)  # the feature-analysis fork's defaults (ViT-B, 768)
 
@@ -40,10 +42,7 @@ __all__ = [
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments shared by the heat-map CLIs: model, checkpoint, windows, Grad-CAM, drawing.
-
-    The feature-analysis fork's spellings ``--checkpoint_path`` and ``--model_name`` are
-    aliases of ``--checkpoint`` and ``--model``."""
+    """Arguments shared by the heat-map CLIs: model, checkpoint, windows, Grad-CAM, drawing."""
     parser.add_argument("--checkpoint", "--checkpoint_path", dest="checkpoint", required=True,
                         help=".pt / .ckpt / VideoMAE checkpoint, marlin-jax checkpoint folder (or trainer "
                              "workdir) or Hugging Face folder (config.json + model.safetensors)")
@@ -80,8 +79,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def top_features_from_summary(path: str | os.PathLike, num: int) -> list[int]:
     """The first ``num`` top features of a statistics report's ``summary.json`` (video level
     when it was analysed, else clip level)."""
-    import json
-
     path = Path(path)
     try:
         levels = json.loads(path.read_text())["levels"]
@@ -123,8 +120,6 @@ def load_cam(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple
 def note_frame_size(video: str | os.PathLike, config, crop_face: bool) -> None:
     """Tells the user (stderr) that a video's frames will be centre-cropped and resized: they
     are not ``img_size`` squares and no face cropping was asked for."""
-    from marlin_jax.video_io import video_info
-
     if crop_face:
         return
     try:
@@ -155,17 +150,13 @@ def clip_relevance(cam: FeatureGradCam, clips: Iterable[np.ndarray], features: S
     padded) so the jitted function compiles at most twice. Also returns the clips themselves
     when there are at most ``keep`` of them (else None: read them again to draw them), so a long
     video never sits in memory. ``progress``: a tqdm bar (stderr) counting the clips."""
-    from tqdm.auto import tqdm
-
     rels, vals, kept = [], [], []
     stream = iter(clips)
-    first = True
     bar = tqdm(desc=desc, unit="clip", disable=not progress, leave=False)
     while batch := list(itertools.islice(stream, batch_size)):
         n = len(batch)
-        if not first:
+        if rels:  # not the first batch
             batch += [batch[-1]] * (batch_size - n)
-        first = False
         r, v = cam.relevance(np.stack(batch), features)
         rels.append(r[:n])
         vals.append(v[:n])
@@ -210,8 +201,6 @@ def visualize_video(
     when there are few, else read again. ``max_windows`` caps the windows of ``windows="all"``.
     ``progress``: tqdm bars (stderr) over the windows of both passes.
     """
-    from tqdm.auto import tqdm
-
     video = Path(video)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -278,15 +267,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="frame rate of the comparison mp4 (default 30)")
     args = parser.parse_args(argv)
 
-    from marlin_jax.video_io import VideoReadError
-
     cam, features = load_cam(parser, args)
     if args.max_windows is not None and args.max_windows < 1:
         parser.error(f"--max_windows must be >= 1, got {args.max_windows}")
     if args.no_png and args.skip_comparison_video:
         parser.error("--no_png with --skip_comparison_video leaves nothing to draw")
-    from tqdm.auto import tqdm
-
     progress = not args.no_progress
     failures = []
     for video in tqdm(args.video, desc="videos", unit="video",
