@@ -143,10 +143,8 @@ def load_splits(config: ml_collections.ConfigDict) -> dict[str, LabelSet]:
     if config.dataset != "labels":
         raise ValueError(f"dataset must be 'celebvhq' or 'labels', got {config.dataset!r}")
     lc = config.labels
-    task = config.task or None
-    names = list(lc.class_names) if lc.class_names else None
-    video_root = lc.video_root or None
-    kw = dict(task=task, class_names=names, video_root=video_root)
+    kw = dict(task=config.task or None, class_names=list(lc.class_names) or None,
+              video_root=lc.video_root or None)
     if lc.train and lc.val and lc.test:
         splits = {s: load_label_file(lc[s], **kw) for s in SPLITS}
     elif lc.file and lc.split_fractions:
@@ -194,16 +192,6 @@ def fit_options(config: ml_collections.ConfigDict) -> FitOptions:
         patience=int(config.patience) if config.patience else None,
         seed=int(config.seed),
     )
-
-
-def _lp_ft_options(config: ml_collections.ConfigDict) -> FitOptions | None:
-    """The probe stage's options of an LP-FT run (None: the head starts random)."""
-    lp = config.lp_ft
-    if not lp.enabled:
-        return None
-    return dataclasses.replace(
-        fit_options(config), learning_rate=float(lp.learning_rate), max_epochs=int(lp.epochs),
-        patience=int(lp.patience) if lp.patience else None, weight_decay=float(lp.weight_decay))
 
 
 def _register_backbone(config: ml_collections.ConfigDict) -> None:
@@ -350,6 +338,11 @@ def run_finetune(config, splits, workdir, log) -> dict:
                                  num_threads=int(config.num_threads))
         fit_info = {"restored_from": ckpt_dir}
     else:
+        lp = config.lp_ft  # LP-FT: the probe stage's options (None: the head starts random)
+        lp_ft = dataclasses.replace(
+            fit_options(config), learning_rate=float(lp.learning_rate), max_epochs=int(lp.epochs),
+            patience=int(lp.patience) if lp.patience else None, weight_decay=float(lp.weight_decay),
+        ) if lp.enabled else None
         _, result, predict = train_finetune(
             encoder, clips["train"], clips["val"], task=train.task,
             num_outputs=train.num_outputs, options=fit_options(config), mesh=mesh,
@@ -357,7 +350,7 @@ def run_finetune(config, splits, workdir, log) -> dict:
             fresh_start=bool(config.fresh_start), run_id={"config": config_identity(config)},
             save_every_s=float(config.checkpoint_every_s),
             num_threads=int(config.num_threads), pooling=config.head_pooling,
-            lp_ft=_lp_ft_options(config), log=log)
+            lp_ft=lp_ft, log=log)
         fit_info = _fit_info(result)
     outputs = {s: predict(clips[s]) for s in ("val", "test")}
     return {**_metrics(outputs, train), "fit": fit_info, "skipped": skipped}

@@ -75,12 +75,8 @@ class LabelSet:
     def subset(self, indices: Sequence[int] | np.ndarray) -> LabelSet:
         """The samples at ``indices`` (in that order)."""
         idx = np.asarray(indices, dtype=np.int64)
-        return dataclasses.replace(
-            self,
-            keys=tuple(self.keys[i] for i in idx),
-            labels=self.labels[idx],
-            video_paths=tuple(self.video_paths[i] for i in idx),
-        )
+        return dataclasses.replace(self, keys=tuple(self.keys[i] for i in idx), labels=self.labels[idx],
+                                   video_paths=tuple(self.video_paths[i] for i in idx))
 
     def take_ratio(self, ratio: float) -> LabelSet:
         """The first ``int(N * ratio)`` samples (the original's few-shot ``data_ratio``)."""
@@ -128,8 +124,7 @@ def read_split_file(path: str | os.PathLike) -> list[str]:
     if not os.path.isfile(path):
         raise DatasetError(f"{path}: split file not found")
     with open(path, encoding="utf-8") as f:
-        names = [line.strip() for line in f]
-    names = [n for n in names if n]
+        names = [n for n in (line.strip() for line in f) if n]
     if not names:
         raise DatasetError(f"{path}: split file lists no samples")
     dupes = sorted(n for n, count in collections.Counter(names).items() if count > 1)
@@ -138,9 +133,7 @@ def read_split_file(path: str | os.PathLike) -> list[str]:
     return names
 
 
-def load_celebvhq(
-    root: str | os.PathLike, split: str, task: str, data_ratio: float = 1.0
-) -> LabelSet:
+def load_celebvhq(root: str | os.PathLike, split: str, task: str, data_ratio: float = 1.0) -> LabelSet:
     """CelebV-HQ ``split`` of ``task`` ("appearance": 40 labels, "action": 35) as a multilabel set.
 
     ``data_ratio`` keeps the first fraction of the list (the original: train and val only).
@@ -186,14 +179,8 @@ def load_celebvhq(
                                     f"{len(outside)} clip(s)", outside))
     class_names = _celebvhq_label_names(info_path, info, task, width)
     video_root = os.path.join(os.path.abspath(root), "cropped")
-    labelset = LabelSet(
-        keys=tuple(names),
-        labels=labels,
-        task="multilabel",
-        class_names=class_names,
-        video_paths=tuple(os.path.join(video_root, n + ".mp4") for n in names),
-        source=split_path,
-    )
+    labelset = LabelSet(tuple(names), labels, "multilabel", class_names,
+                        tuple(os.path.join(video_root, n + ".mp4") for n in names), source=split_path)
     return labelset.take_ratio(data_ratio) if data_ratio < 1.0 else labelset
 
 
@@ -214,14 +201,9 @@ def _celebvhq_label_names(info_path: str, info: dict, task: str, width: int) -> 
 PATH_COLUMNS = ("path", "video", "file", "name")
 
 
-def load_label_file(
-    path: str | os.PathLike,
-    *,
-    task: LabelKind | None = None,
-    split: str | None = None,
-    class_names: Sequence[str] | None = None,
-    video_root: str | os.PathLike | None = None,
-) -> LabelSet:
+def load_label_file(path: str | os.PathLike, *, task: LabelKind | None = None, split: str | None = None,
+                    class_names: Sequence[str] | None = None,
+                    video_root: str | os.PathLike | None = None) -> LabelSet:
     """Labels of any task from a CSV or JSON file.
 
     CSV: a header with a path column (``path``/``video``/``file``/``name``), then one ``label``
@@ -461,8 +443,7 @@ def _multiclass(path: str, values: list, class_names: Sequence[str], wheres: Seq
         raise DatasetError(_listing(
             f"{path}: unknown class name(s) (known: {list(index)})",
             [f"{v!r} ({len(w)} row(s): {_joined(w, 3)})" for v, w in sorted(unknown.items())]))
-    return np.asarray([index[s] for s in as_str], dtype=np.int64), tuple(str(c) for c in
-                                                                         class_names)
+    return np.asarray([index[s] for s in as_str], dtype=np.int64), tuple(map(str, class_names))
 
 
 def _multilabel(path: str, values: list, label_cols: list[str] | None,
@@ -495,8 +476,7 @@ def _multilabel(path: str, values: list, label_cols: list[str] | None,
             raise DatasetError(f"{path}: {width} labels per row but {len(names)} class names")
         return np.asarray(values, dtype=bool), names
     # lists of label names that are on
-    names = tuple(class_names) if class_names else tuple(sorted({str(x) for v in values
-                                                                 for x in v}))
+    names = tuple(class_names) if class_names else tuple(sorted({str(x) for v in values for x in v}))
     index = {n: j for j, n in enumerate(names)}
     unknown = sorted({str(x) for v in values for x in v if str(x) not in index})
     if unknown:
@@ -554,12 +534,8 @@ def read_feature_file(path: str | os.PathLike, shape: tuple[int, ...] | None = N
     return x
 
 
-def load_features(
-    feature_dir: str | os.PathLike,
-    labelset: LabelSet,
-    reduction: str = "mean",
-    on_error: OnError = "error",
-) -> FeatureSet:
+def load_features(feature_dir: str | os.PathLike, labelset: LabelSet, reduction: str = "mean",
+                  on_error: OnError = "error") -> FeatureSet:
     """Reads ``<feature_dir>/<key>.npy`` of every sample, reduced over windows (token features
     flattened to ``N * D``). Bad files raise (``error``) or go to ``skipped`` (``skip``)."""
     feature_dir = os.fspath(feature_dir)
@@ -584,12 +560,8 @@ def load_features(
     if not rows:
         raise DatasetError(_listing(f"{feature_dir}: no usable feature file for "
                                     f"{labelset.source}", list(skipped.values())))
-    return FeatureSet(
-        x=np.stack(rows).astype(np.float32),
-        labels=labelset.labels[np.asarray(keep)],
-        keys=tuple(labelset.keys[i] for i in keep),
-        skipped=skipped,
-    )
+    return FeatureSet(np.stack(rows).astype(np.float32), labelset.labels[np.asarray(keep)],
+                      tuple(labelset.keys[i] for i in keep), skipped)
 
 
 class ClipDataset:
@@ -659,19 +631,9 @@ class ClipDataset:
         stop = len(order) - len(order) % batch_size if drop_last else len(order)
         return [order[s:s + batch_size] for s in range(0, stop, batch_size)]
 
-    def batches(
-        self,
-        batch_size: int,
-        *,
-        shuffle: bool,
-        seed: int,
-        drop_last: bool = False,
-        start_batch: int = 0,
-        num_threads: int = 4,
-        prefetch: int = 2,
-        pad: bool = False,
-        rows: slice | None = None,
-    ) -> grain.DatasetIterator:
+    def batches(self, batch_size: int, *, shuffle: bool, seed: int, drop_last: bool = False,
+                start_batch: int = 0, num_threads: int = 4, prefetch: int = 2, pad: bool = False,
+                rows: slice | None = None) -> grain.DatasetIterator:
         """A grain iterator of ``(clips uint8 (B, T, S, S, 3), labels (B, ...))``.
 
         Order and clips derive from ``seed`` and the sample index only, so ``start_batch``

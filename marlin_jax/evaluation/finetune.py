@@ -159,35 +159,9 @@ def fold_standardization(head: LinearHead) -> tuple[np.ndarray, np.ndarray]:
     return kernel.astype(np.float32), bias.astype(np.float32)
 
 
-def _probe_head(sharded: _Sharded, train: ClipDataset, val: ClipDataset, *, task: LabelKind,
-                num_outputs: int, options: FitOptions, batch: int, eval_seed: int,
-                num_threads: int, log: Callable[[str], None]) -> FitResult:
-    """LP-FT's first stage: a standardised linear probe on the initial encoder's features,
-    written into the head of ``sharded.params``; returns the probe's fit record."""
-    feats = {}
-    for name, dataset in (("train", train), ("val", val)):
-        x, y = sharded.predict(dataset, batch, eval_seed, num_threads, features=True)
-        feats[name] = FeatureSet(x, y, tuple(dataset.labelset.keys), {})
-    head, result = train_linear_probe(feats["train"], feats["val"], task=task,
-                                      num_outputs=num_outputs, options=options,
-                                      standardize=True, log=lambda line: None)
-    kernel, bias = fold_standardization(head)
-    shardings = sharded.param_sh["head"]
-    sharded.params["head"] = host_to_global({"kernel": kernel, "bias": bias}, shardings)
-    log(f"LP-FT: head initialised by a linear probe on the initial features "
-        f"({feats['train'].x.shape[1]}-d; best epoch {result.best_epoch}, "
-        f"val_{options.monitor} {result.best_metric:.4f})")
-    return result
-
-
 def make_predictor(
-    model: FineTuneClassifier,
-    task: LabelKind,
-    *,
-    mesh: Mesh | None = None,
-    batch_size: int = FitOptions.batch_size,
-    eval_seed: int = EVAL_SEED,
-    num_threads: int = 4,
+    model: FineTuneClassifier, task: LabelKind, *, mesh: Mesh | None = None,
+    batch_size: int = FitOptions.batch_size, eval_seed: int = EVAL_SEED, num_threads: int = 4,
 ) -> Callable[[ClipDataset], tuple[np.ndarray, np.ndarray]]:
     """``predict(dataset) -> (logits (N, C), labels)`` with ``model``'s current parameters,
     sharded over ``mesh`` (e.g. to evaluate a restored checkpoint)."""
@@ -199,24 +173,11 @@ def make_predictor(
 
 
 def train_finetune(
-    encoder: MarlinEncoder,
-    train: ClipDataset,
-    val: ClipDataset,
-    *,
-    task: LabelKind,
-    num_outputs: int,
-    options: FitOptions = FitOptions(),
-    mesh: Mesh | None = None,
-    checkpoint_dir: str | os.PathLike | None = None,
-    state_dir: str | os.PathLike | None = None,
-    fresh_start: bool = False,
-    save_every_s: float = 0.0,
-    run_id: Mapping[str, Any] | None = None,
-    eval_seed: int = EVAL_SEED,
-    num_threads: int = 4,
-    pooling: Pooling = "mean",
-    lp_ft: FitOptions | None = None,
-    log: Callable[[str], None] = print,
+    encoder: MarlinEncoder, train: ClipDataset, val: ClipDataset, *, task: LabelKind, num_outputs: int,
+    options: FitOptions = FitOptions(), mesh: Mesh | None = None, checkpoint_dir: str | os.PathLike | None = None,
+    state_dir: str | os.PathLike | None = None, fresh_start: bool = False, save_every_s: float = 0.0,
+    run_id: Mapping[str, Any] | None = None, eval_seed: int = EVAL_SEED, num_threads: int = 4,
+    pooling: Pooling = "mean", lp_ft: FitOptions | None = None, log: Callable[[str], None] = print,
 ) -> tuple[FineTuneClassifier, FitResult, Callable[[ClipDataset], tuple[np.ndarray, np.ndarray]]]:
     """Fine-tunes ``encoder`` with a new linear head, selecting the epoch by ``val``.
 
@@ -234,9 +195,18 @@ def train_finetune(
     sharded = _Sharded(model, task, options, mesh)
     batch = effective_batch_size(options.batch_size, len(train), mesh)
     starts = fresh_start or state_dir is None or read_training_state(state_dir) is None
-    if lp_ft is not None and starts:
-        _probe_head(sharded, train, val, task=task, num_outputs=num_outputs, options=lp_ft,
-                    batch=batch, eval_seed=eval_seed, num_threads=num_threads, log=log)
+    if lp_ft is not None and starts:  # LP-FT: a standardised probe on the initial features
+        feats = {}
+        for name, dataset in (("train", train), ("val", val)):
+            x, y = sharded.predict(dataset, batch, eval_seed, num_threads, features=True)
+            feats[name] = FeatureSet(x, y, tuple(dataset.labelset.keys), {})
+        head, probe = train_linear_probe(feats["train"], feats["val"], task=task, num_outputs=num_outputs,
+                                         options=lp_ft, standardize=True, log=lambda line: None)
+        kernel, bias = fold_standardization(head)
+        sharded.params["head"] = host_to_global({"kernel": kernel, "bias": bias}, sharded.param_sh["head"])
+        log(f"LP-FT: head initialised by a linear probe on the initial features "
+            f"({feats['train'].x.shape[1]}-d; best epoch {probe.best_epoch}, "
+            f"val_{lp_ft.monitor} {probe.best_metric:.4f})")
 
     steps_per_epoch = len(train) // batch
 

@@ -54,8 +54,6 @@ class LinearHead(nnx.Module):
         self.head = torch_linear(in_dim, num_outputs, rngs)
         self.standardize = mean is not None
         if self.standardize:
-            if std is None or np.shape(mean) != (in_dim,) or np.shape(std) != (in_dim,):
-                raise ValueError(f"mean and std must both be ({in_dim},)")
             self.mean = FeatureStats(jnp.asarray(mean, jnp.float32))
             self.inv_std = FeatureStats(1.0 / jnp.maximum(jnp.asarray(std, jnp.float32), 1e-6))
 
@@ -83,19 +81,10 @@ def predict_logits(model: nnx.Module, x: np.ndarray, batch_size: int = 4096) -> 
 
 
 def train_linear_probe(
-    train: FeatureSet,
-    val: FeatureSet,
-    *,
-    task: LabelKind,
-    num_outputs: int,
-    options: FitOptions = FitOptions(),
-    standardize: bool = False,
-    checkpoint_dir: str | os.PathLike | None = None,
-    state_dir: str | os.PathLike | None = None,
-    fresh_start: bool = False,
-    save_every_s: float = 0.0,
-    run_id: Mapping[str, Any] | None = None,
-    log: Callable[[str], None] = print,
+    train: FeatureSet, val: FeatureSet, *, task: LabelKind, num_outputs: int, options: FitOptions = FitOptions(),
+    standardize: bool = False, checkpoint_dir: str | os.PathLike | None = None,
+    state_dir: str | os.PathLike | None = None, fresh_start: bool = False, save_every_s: float = 0.0,
+    run_id: Mapping[str, Any] | None = None, log: Callable[[str], None] = print,
 ) -> tuple[LinearHead, FitResult]:
     """Trains a LinearHead on ``train`` features, selecting the epoch by ``val``; returns the
     best-validation head and the fit record. ``state_dir`` saves whole epochs (see :func:`fit`);

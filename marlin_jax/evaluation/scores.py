@@ -41,28 +41,27 @@ def binary_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     n_pos = int(labels.sum())
     n_neg = labels.size - n_pos
     if n_pos == 0 or n_neg == 0:
-        raise ValueError(
-            f"AUROC is undefined with only one class present ({n_pos} positive, {n_neg} negative)"
-        )
+        raise ValueError(f"AUROC is undefined with only one class present ({n_pos} positive, {n_neg} negative)")
     return float(roc_auc_score(labels, scores))
 
 
-def multilabel_auroc(
-    scores: np.ndarray, labels: np.ndarray, average: Literal["micro", "macro"] = "micro"
-) -> float:
+def multilabel_auroc(scores: np.ndarray, labels: np.ndarray, average: Literal["micro", "macro"] = "micro") -> float:
     """AUROC of ``(N, L)`` scores against ``(N, L)`` boolean labels: ``micro`` (MARLIN's) over
     all flattened pairs, or ``macro``, the mean over the labels having both classes."""
-    scores = np.asarray(scores, dtype=np.float64)
-    labels = np.asarray(labels).astype(bool)
-    if scores.ndim != 2 or scores.shape != labels.shape:
-        raise ValueError(
-            f"need matching (N, L) scores and labels, got {scores.shape} {labels.shape}"
-        )
+    scores, labels = _matrices(scores, labels)
     if average == "micro":
         return binary_auroc(scores.ravel(), labels.ravel())
     if average == "macro":
         return _macro_auroc(scores, labels, "macro AUROC is undefined: no label has both classes present")
     raise ValueError(f"average must be 'micro' or 'macro', got {average!r}")
+
+
+def _matrices(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float64 scores and bool labels, both ``(N, L)`` (ValueError otherwise)."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
+    if scores.ndim != 2 or scores.shape != labels.shape:
+        raise ValueError(f"need matching (N, L) scores and labels, got {scores.shape} {labels.shape}")
+    return scores, labels
 
 
 def _macro_auroc(scores: np.ndarray, labels: np.ndarray, undefined: str) -> float:
@@ -83,11 +82,7 @@ def per_label_auroc(logits: np.ndarray, labels: np.ndarray,
                     names: Sequence[str] | None = None) -> dict[str, float]:
     """``{label name: AUROC}`` of each column of multilabel ``(N, L)`` logits (NaN where a label
     has a single class), for reports beyond the averaged number."""
-    logits = np.asarray(logits, dtype=np.float64)
-    labels = np.asarray(labels).astype(bool)
-    if logits.ndim != 2 or logits.shape != labels.shape:
-        raise ValueError(f"need matching (N, L) logits and labels, got {logits.shape} "
-                         f"{labels.shape}")
+    logits, labels = _matrices(logits, labels)
     names = list(names) if names is not None else [str(j) for j in range(logits.shape[1])]
     if len(names) != logits.shape[1]:
         raise ValueError(f"{len(names)} names for {logits.shape[1]} labels")
@@ -118,17 +113,12 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, task: LabelKi
         out["acc"] = _accuracy(probs > 0.5, y)
         out["auroc"] = _or_nan(binary_auroc, probs, y)
     elif task == "multilabel":
-        probs = sigmoid(logits)
-        y = labels.astype(bool)
-        if probs.ndim != 2 or probs.shape != y.shape:
-            raise ValueError(f"need matching (N, L) logits and labels, got {probs.shape} {y.shape}")
+        probs, y = _matrices(sigmoid(logits), labels)
         out["acc"] = _accuracy(probs > 0.5, y)
         out["subset_acc"] = float(np.mean(np.all((probs > 0.5) == y, axis=1)))
         out["auroc"] = _or_nan(multilabel_auroc, probs, y, "micro")
         out["auroc_macro"] = _or_nan(multilabel_auroc, probs, y, "macro")
-        out["n_labels_without_both_classes"] = float(
-            np.sum(np.isnan(_per_label_auroc(probs, y)))
-        )
+        out["n_labels_without_both_classes"] = float(np.sum(np.isnan(_per_label_auroc(probs, y))))
     elif task == "multiclass":
         labels = labels.reshape(-1)
         if logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
@@ -160,12 +150,9 @@ def _or_nan(fn, *args) -> float:
         raise
 
 
-def format_table(
-    results: Mapping[str, Mapping[str, float]], keys: Sequence[str] | None = None
-) -> str:
+def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
     """A plain-text table, one row per split (e.g. ``{"val": {...}, "test": {...}}``)."""
-    if keys is None:
-        keys = list(dict.fromkeys(k for row in results.values() for k in row))
+    keys = list(dict.fromkeys(k for row in results.values() for k in row))
     header = ["split", *keys]
     rows = [header] + [[split] + [_fmt(k, row.get(k)) for k in keys] for split, row in results.items()]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]

@@ -5,11 +5,9 @@ As MARLIN's ``model/classifier.py``: BCE with logits (binary / multilabel) or so
 keep the best validation epoch. Ours: validation metrics on the whole split, optional
 ``patience`` and L2 ``weight_decay``.
 
-Resuming (``state_dir``): the :class:`~marlin_jax.train.checkpointing.Checkpointer` saves
-parameters and optimiser state as ``state`` and the JSON loop state (position, schedule, best,
-history, run identity) as ``data_iter``. A rerun continues at the saved batch bitwise (data derive
-from ``(seed, epoch, batch)``); a checkpoint of another run is refused. SIGTERM saves within one
-unit of work and raises :class:`Preempted`.
+Resuming (``state_dir``, see :func:`fit`): the ``Checkpointer`` saves parameters and optimiser
+state as ``state`` and the JSON loop state (position, schedule, best, history, run identity) as
+``data_iter``.
 """
 
 from __future__ import annotations
@@ -113,13 +111,9 @@ def l2_penalty(params: Params) -> jax.Array:
     return 0.5 * sum(squares, jnp.float32(0.0))
 
 
-def make_train_step(
-    graphdef: nnx.GraphDef,
-    task: LabelKind,
-    tx: optax.GradientTransformation,
-    preprocess: Callable[[jax.Array], jax.Array] | None = None,
-    weight_decay: float = 0.0,
-) -> Callable:
+def make_train_step(graphdef: nnx.GraphDef, task: LabelKind, tx: optax.GradientTransformation,
+                    preprocess: Callable[[jax.Array], jax.Array] | None = None,
+                    weight_decay: float = 0.0) -> Callable:
     """``step(params, opt_state, rest, x, y, lr) -> (params, opt_state, loss)``, unjitted.
 
     ``tx``: :meth:`FitOptions.optimizer`; ``rest``: the model's non-parameter state;
@@ -267,14 +261,6 @@ def array_digest(*arrays: Any) -> str:
             h.update(f"{a.dtype}{a.shape}".encode())
             h.update(a.tobytes())
     return h.hexdigest()[:16]
-
-
-def run_identity(options: FitOptions, params: Params,
-                 run_id: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """What makes two runs the same run: the options, the parameter shapes and the caller's
-    ``run_id`` (e.g. the data digest and config fields), in JSON-normal form."""
-    return _plain({"options": dataclasses.asdict(options), "params": param_signature(params),
-                   "run": dict(run_id or {})})
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -468,19 +454,11 @@ class _Checkpoints:
 
 
 def fit(
-    params: Params,
-    *,
-    run_epoch: Callable[[Params, Any, float, int, int], Iterator[tuple[Params, Any, jax.Array]]],
-    steps_per_epoch: int,
-    validate: Callable[[Params, Callable[[], bool]], Mapping[str, float] | None],
-    init_opt_state: Callable[[Params], Any],
-    options: FitOptions,
-    checkpoint_dir: str | os.PathLike | None = None,
-    state_dir: str | os.PathLike | None = None,
-    run_id: Mapping[str, Any] | None = None,
-    fresh_start: bool = False,
-    save_every_s: float = 0.0,
-    log: Callable[[str], None] = print,
+    params: Params, *, run_epoch: Callable[[Params, Any, float, int, int], Iterator[tuple[Params, Any, jax.Array]]],
+    steps_per_epoch: int, validate: Callable[[Params, Callable[[], bool]], Mapping[str, float] | None],
+    init_opt_state: Callable[[Params], Any], options: FitOptions, checkpoint_dir: str | os.PathLike | None = None,
+    state_dir: str | os.PathLike | None = None, run_id: Mapping[str, Any] | None = None, fresh_start: bool = False,
+    save_every_s: float = 0.0, log: Callable[[str], None] = print,
 ) -> FitResult:
     """Trains until the learning rate decays to ``stop_lr``, ``patience`` epochs pass without a
     validation improvement, or ``max_epochs``; returns the best-validation parameters.
@@ -508,7 +486,9 @@ def fit(
         raise ValueError("state_dir needs checkpoint_dir (the best parameters are kept there)")
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
-    ckpts = _Checkpoints(checkpoint_dir, state_dir, run_identity(options, params, run_id))
+    identity = _plain({"options": dataclasses.asdict(options), "params": param_signature(params),
+                       "run": dict(run_id or {})})  # what makes two runs the same run
+    ckpts = _Checkpoints(checkpoint_dir, state_dir, identity)
     opt_state = init_opt_state(params)
     loop = LoopState(schedule=Plateau(lr=options.learning_rate))
     resumed_at = None
