@@ -133,7 +133,9 @@ def read_split_file(path: str | os.PathLike) -> list[str]:
     return names
 
 
-def load_celebvhq(root: str | os.PathLike, split: str, task: str, data_ratio: float = 1.0) -> LabelSet:
+def load_celebvhq(
+    root: str | os.PathLike, split: str, task: str, data_ratio: float = 1.0
+) -> LabelSet:
     """CelebV-HQ ``split`` of ``task`` ("appearance": 40 labels, "action": 35) as a multilabel set.
 
     ``data_ratio`` keeps the first fraction of the list (the original: train and val only).

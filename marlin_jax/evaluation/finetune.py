@@ -160,8 +160,13 @@ def fold_standardization(head: LinearHead) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_predictor(
-    model: FineTuneClassifier, task: LabelKind, *, mesh: Mesh | None = None,
-    batch_size: int = FitOptions.batch_size, eval_seed: int = EVAL_SEED, num_threads: int = 4,
+    model: FineTuneClassifier,
+    task: LabelKind,
+    *,
+    mesh: Mesh | None = None,
+    batch_size: int = FitOptions.batch_size,
+    eval_seed: int = EVAL_SEED,
+    num_threads: int = 4,
 ) -> Callable[[ClipDataset], tuple[np.ndarray, np.ndarray]]:
     """``predict(dataset) -> (logits (N, C), labels)`` with ``model``'s current parameters,
     sharded over ``mesh`` (e.g. to evaluate a restored checkpoint)."""
@@ -173,11 +178,24 @@ def make_predictor(
 
 
 def train_finetune(
-    encoder: MarlinEncoder, train: ClipDataset, val: ClipDataset, *, task: LabelKind, num_outputs: int,
-    options: FitOptions = FitOptions(), mesh: Mesh | None = None, checkpoint_dir: str | os.PathLike | None = None,
-    state_dir: str | os.PathLike | None = None, fresh_start: bool = False, save_every_s: float = 0.0,
-    run_id: Mapping[str, Any] | None = None, eval_seed: int = EVAL_SEED, num_threads: int = 4,
-    pooling: Pooling = "mean", lp_ft: FitOptions | None = None, log: Callable[[str], None] = print,
+    encoder: MarlinEncoder,
+    train: ClipDataset,
+    val: ClipDataset,
+    *,
+    task: LabelKind,
+    num_outputs: int,
+    options: FitOptions = FitOptions(),
+    mesh: Mesh | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    state_dir: str | os.PathLike | None = None,
+    fresh_start: bool = False,
+    save_every_s: float = 0.0,
+    run_id: Mapping[str, Any] | None = None,
+    eval_seed: int = EVAL_SEED,
+    num_threads: int = 4,
+    pooling: Pooling = "mean",
+    lp_ft: FitOptions | None = None,
+    log: Callable[[str], None] = print,
 ) -> tuple[FineTuneClassifier, FitResult, Callable[[ClipDataset], tuple[np.ndarray, np.ndarray]]]:
     """Fine-tunes ``encoder`` with a new linear head, selecting the epoch by ``val``.
 

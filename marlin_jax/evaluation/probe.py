@@ -81,10 +81,19 @@ def predict_logits(model: nnx.Module, x: np.ndarray, batch_size: int = 4096) -> 
 
 
 def train_linear_probe(
-    train: FeatureSet, val: FeatureSet, *, task: LabelKind, num_outputs: int, options: FitOptions = FitOptions(),
-    standardize: bool = False, checkpoint_dir: str | os.PathLike | None = None,
-    state_dir: str | os.PathLike | None = None, fresh_start: bool = False, save_every_s: float = 0.0,
-    run_id: Mapping[str, Any] | None = None, log: Callable[[str], None] = print,
+    train: FeatureSet,
+    val: FeatureSet,
+    *,
+    task: LabelKind,
+    num_outputs: int,
+    options: FitOptions = FitOptions(),
+    standardize: bool = False,
+    checkpoint_dir: str | os.PathLike | None = None,
+    state_dir: str | os.PathLike | None = None,
+    fresh_start: bool = False,
+    save_every_s: float = 0.0,
+    run_id: Mapping[str, Any] | None = None,
+    log: Callable[[str], None] = print,
 ) -> tuple[LinearHead, FitResult]:
     """Trains a LinearHead on ``train`` features, selecting the epoch by ``val``; returns the
     best-validation head and the fit record. ``state_dir`` saves whole epochs (see :func:`fit`);

@@ -45,7 +45,9 @@ def binary_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(roc_auc_score(labels, scores))
 
 
-def multilabel_auroc(scores: np.ndarray, labels: np.ndarray, average: Literal["micro", "macro"] = "micro") -> float:
+def multilabel_auroc(
+    scores: np.ndarray, labels: np.ndarray, average: Literal["micro", "macro"] = "micro"
+) -> float:
     """AUROC of ``(N, L)`` scores against ``(N, L)`` boolean labels: ``micro`` (MARLIN's) over
     all flattened pairs, or ``macro``, the mean over the labels having both classes."""
     scores, labels = _matrices(scores, labels)

@@ -454,11 +454,19 @@ class _Checkpoints:
 
 
 def fit(
-    params: Params, *, run_epoch: Callable[[Params, Any, float, int, int], Iterator[tuple[Params, Any, jax.Array]]],
-    steps_per_epoch: int, validate: Callable[[Params, Callable[[], bool]], Mapping[str, float] | None],
-    init_opt_state: Callable[[Params], Any], options: FitOptions, checkpoint_dir: str | os.PathLike | None = None,
-    state_dir: str | os.PathLike | None = None, run_id: Mapping[str, Any] | None = None, fresh_start: bool = False,
-    save_every_s: float = 0.0, log: Callable[[str], None] = print,
+    params: Params,
+    *,
+    run_epoch: Callable[[Params, Any, float, int, int], Iterator[tuple[Params, Any, jax.Array]]],
+    steps_per_epoch: int,
+    validate: Callable[[Params, Callable[[], bool]], Mapping[str, float] | None],
+    init_opt_state: Callable[[Params], Any],
+    options: FitOptions,
+    checkpoint_dir: str | os.PathLike | None = None,
+    state_dir: str | os.PathLike | None = None,
+    run_id: Mapping[str, Any] | None = None,
+    fresh_start: bool = False,
+    save_every_s: float = 0.0,
+    log: Callable[[str], None] = print,
 ) -> FitResult:
     """Trains until the learning rate decays to ``stop_lr``, ``patience`` epochs pass without a
     validation improvement, or ``max_epochs``; returns the best-validation parameters.
