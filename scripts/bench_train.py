@@ -3,10 +3,14 @@ marlin-jax's jitted step vs the PyTorch reference step (marlin-pytorch modules +
 trainer's training_step), same machine, same run, same batch and mask.
 
     python scripts/bench_train.py                        # ViT-S and ViT-B, batch 2, CPU
-    python scripts/bench_train.py --models base --batch 8 --steps 10 --dtype bfloat16   # GPU
+    python scripts/bench_train.py --models base --batch 128 --steps 10 --dtype bfloat16 \
+        --attention cudnn --torch-device cuda            # GPU, both sides on the GPU
 
 Prints step time and clips/s of both and the ratio (target >= 1.3x on CPU); on accelerators the
-MFU from XLA's FLOP count. ``--no-torch`` skips the reference (e.g. on a GPU host).
+measured MFU: the model FLOPs of a step as the trainer counts them (``program.train_step_flops``)
+over the step time and the chip's peak (XLA's compiled count is printed beside it: it leaves out
+cuDNN's fused attention). The reference runs on ``--torch-device`` (under bf16 autocast when
+``--dtype bfloat16``); ``--no-torch`` skips it.
 """
 
 from __future__ import annotations
@@ -25,8 +29,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from marlin_jax.models import REMAT_POLICIES, get_config  # noqa: E402
 from marlin_jax.train import metrics as mt  # noqa: E402
+from marlin_jax.train import program, steps  # noqa: E402
 from marlin_jax.train import state as st  # noqa: E402
-from marlin_jax.train import steps  # noqa: E402
 
 NAMES = {"small": "marlin_vit_small_ytf", "base": "marlin_vit_base_ytf",
          "large": "marlin_vit_large_ytf", "tiny": "marlin_vit_tiny"}
@@ -64,7 +68,8 @@ def bench_jax(cfg, batch: dict[str, np.ndarray], steps_n: int, dtype, remat_poli
         state, m = step(state, dev_batch)
     jax.block_until_ready((state, m))
     dt = (time.perf_counter() - t0) / steps_n
-    return {"step_s": dt, "compile_s": compile_s, "flops": mt.compiled_flops(step),
+    return {"step_s": dt, "compile_s": compile_s, "xla_flops": mt.compiled_flops(step),
+            "model_flops": program.train_step_flops(cfg, len(batch["mask"]), k),
             "rec_loss": float(m["rec_loss"])}
 
 
@@ -84,8 +89,12 @@ def _torch_modules():
     return MarlinEncoder, MarlinDecoder, MLP
 
 
-def bench_torch(cfg, batch: dict[str, np.ndarray], steps_n: int) -> dict:
-    """The original `training_step` (d_steps = g_steps = 1, gp_weight 0, AdamW both)."""
+def bench_torch(cfg, batch: dict[str, np.ndarray], steps_n: int, device: str = "cpu",
+                bf16: bool = False) -> dict:
+    """The original `training_step` (d_steps = g_steps = 1, gp_weight 0, AdamW both) on
+    ``device``, under bf16 autocast when ``bf16`` (the reference's mixed precision)."""
+    import contextlib
+
     import torch
 
     MarlinEncoder, MarlinDecoder, MLP = _torch_modules()
@@ -100,13 +109,18 @@ def bench_torch(cfg, batch: dict[str, np.ndarray], steps_n: int) -> dict:
                         num_heads=c.decoder_num_heads, **common)
     proj = torch.nn.Linear(c.encoder_embed_dim, c.decoder_embed_dim, bias=False)
     disc = MLP([c.patch_dim, c.discriminator_hidden, 1], build_activation=torch.nn.LeakyReLU)
+    for module in (enc, dec, proj, disc):
+        module.to(device)
     g_params = [p for m in (enc, dec, proj) for p in m.parameters() if p.requires_grad]
     g_opt = torch.optim.AdamW(g_params, lr=1.5e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0)
     d_opt = torch.optim.AdamW(disc.parameters(), lr=1.5e-4, betas=(0.9, 0.95), eps=1e-8,
                               weight_decay=0)
     x = torch.from_numpy(batch["video"].astype(np.float32) / 255).permute(0, 4, 1, 2, 3)
-    x = x.contiguous()
-    mask = torch.from_numpy(batch["mask"])
+    x = x.contiguous().to(device)
+    mask = torch.from_numpy(batch["mask"]).to(device)
+    autocast = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16
+                else contextlib.nullcontext())
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     pt, p = c.tubelet_size, c.patch_size
 
     def forward():
@@ -118,23 +132,27 @@ def bench_torch(cfg, batch: dict[str, np.ndarray], steps_n: int) -> dict:
 
     def train_step():
         d_opt.zero_grad()
-        pred, y = forward()
-        d_loss = disc(pred).mean() - disc(y).mean()
+        with autocast:
+            pred, y = forward()
+            d_loss = disc(pred).mean() - disc(y).mean()
         d_loss.backward()
         d_opt.step()
         g_opt.zero_grad()
-        pred, y = forward()
-        rec = torch.nn.functional.mse_loss(pred, y)
-        loss = rec + 0.01 * -disc(pred).mean()
+        with autocast:
+            pred, y = forward()
+            rec = torch.nn.functional.mse_loss(pred.float(), y)
+            loss = rec + 0.01 * -disc(pred).mean()
         loss.backward()
         g_opt.step()
-        return float(rec.detach())
+        return rec.detach()
 
-    train_step()  # warm-up
+    float(train_step())  # warm-up
+    sync()
     t0 = time.perf_counter()
     for _ in range(steps_n):
         rec = train_step()
-    return {"step_s": (time.perf_counter() - t0) / steps_n, "rec_loss": rec,
+    sync()
+    return {"step_s": (time.perf_counter() - t0) / steps_n, "rec_loss": float(rec),
             "threads": torch.get_num_threads()}
 
 
@@ -169,6 +187,7 @@ def main() -> None:
     ap.add_argument("--attention", default="", help="jax.nn.dot_product_attention "
                     "implementation: '' (XLA) | cudnn")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    ap.add_argument("--torch-device", default="cpu", help="device of the PyTorch reference: cpu | cuda")
     ap.add_argument("--find-max-batch", action="store_true",
                     help="double the batch from --batch until the step runs out of memory")
     args = ap.parse_args()
@@ -188,16 +207,21 @@ def main() -> None:
         j = bench_jax(cfg, batch, args.steps, dtype, args.remat_policy, args.attention or None,
                       args.scan_layers)
         peak = mt.peak_flops_per_device(dev)
-        mfu = mt.mfu(j["flops"], j["step_s"], peak)
+        mfu = mt.mfu(j["model_flops"], j["step_s"], peak)
         line = (f"{name:>5}: marlin-jax {1000 * j['step_s']:8.1f} ms/step "
-                f"{args.batch / j['step_s']:7.2f} clips/s (compile {j['compile_s']:.0f}s"
-                + (f", {j['flops'] / 1e9:.0f} GFLOP/step" if j["flops"] else "")
-                + (f", MFU {100 * mfu:.1f}%" if mfu is not None else "") + ")")
+                f"{args.batch / j['step_s']:7.2f} clips/s (compile {j['compile_s']:.0f}s, "
+                f"{j['model_flops'] / 1e9:.0f} model GFLOP/step"
+                + (f", XLA counts {j['xla_flops'] / 1e9:.0f}" if j["xla_flops"] else "")
+                + (f", measured MFU {100 * mfu:.1f}% of {peak / 1e12:.0f} TFLOP/s" if mfu else "")
+                + f", rec_loss {j['rec_loss']:.4f})")
         if not args.no_torch:
-            t = bench_torch(cfg, batch, args.steps)
-            line += (f" | pytorch {1000 * t['step_s']:8.1f} ms/step "
-                     f"{args.batch / t['step_s']:7.2f} clips/s ({t['threads']} threads) | "
-                     f"speed-up {t['step_s'] / j['step_s']:.2f}x")
+            t = bench_torch(cfg, batch, args.steps, args.torch_device, dtype == jnp.bfloat16)
+            t_mfu = mt.mfu(j["model_flops"], t["step_s"], peak)
+            line += (f" | pytorch ({args.torch_device}) {1000 * t['step_s']:8.1f} ms/step "
+                     f"{args.batch / t['step_s']:7.2f} clips/s"
+                     + (f", MFU {100 * t_mfu:.1f}%" if t_mfu and args.torch_device != "cpu" else
+                        f" ({t['threads']} threads)")
+                     + f", rec_loss {t['rec_loss']:.4f} | speed-up {t['step_s'] / j['step_s']:.2f}x")
         print(line, flush=True)
 
 
