@@ -333,6 +333,8 @@ def main() -> None:
             if args.tfds:
                 loaders[f"records ({w} workers)"] = (
                     *our_batches(tfds_dir, args.batch, 1, "tfds", workers=w, times=times), w)
+                loaders[f"records, raw frames ({w} workers)"] = (*our_batches(
+                    tfds_dir, args.batch, 1, "tfds", workers=w, times=times, tfds_name=raw), w)
         if args.only:
             loaders = {k: v for i, (k, v) in enumerate(loaders.items())
                        if i == 0 or any(s in k for s in args.only)}
