@@ -4,11 +4,7 @@ A linear probe (``finetune=False``) on features from ``scripts/extract_dataset.p
 fine-tuning (``finetune=True``) of the ``marlin_ckpt`` encoder plus a linear head on raw clips, on
 CelebV-HQ (``dataset="celebvhq"``) or CSV / JSON label files (``dataset="labels"``). The best
 validation epoch is evaluated on test and written to ``<workdir>/metrics.json``.
-
-The training state in ``<workdir>/state`` is saved every ``checkpoint_every_s`` and on SIGTERM
-(exit 143); the same command resumes bitwise, a finished run reports its metrics, and another
-run's workdir is refused (exit 2) until ``--config.fresh_start=True``. Multi-host fine-tuning
-takes the ``marlin_jax.distributed`` flags; see README, "Evaluation and analysis".
+Resuming, SIGTERM (exit 143) and multi-host runs: ``--help`` and README, "Evaluation and analysis".
 """
 
 from __future__ import annotations
@@ -52,7 +48,7 @@ from marlin_jax.evaluation.training import (
     set_model_params,
     split_model,
 )
-from marlin_jax.models import MarlinEncoder, get_config, model_names, register_model, register_model_from_config
+from marlin_jax.models import MarlinEncoder, get_config, register_model_from_config
 from marlin_jax.sharding import make_mesh
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: the status of a process ended by SIGTERM
@@ -121,8 +117,7 @@ def split_by_fractions(labelset: LabelSet, fractions: tuple[float, float, float]
         raise ValueError(f"split_fractions must be 3 non-negative numbers summing to 1, "
                          f"got {tuple(fractions)}")
     order = np.random.default_rng(seed).permutation(len(labelset))
-    n_train = int(round(fractions[0] * len(order)))
-    n_val = int(round(fractions[1] * len(order)))
+    n_train, n_val = (int(round(f * len(order))) for f in fractions[:2])
     parts = np.split(order, [n_train, n_train + n_val])
     out = {}
     for name, idx in zip(SPLITS, parts, strict=True):
@@ -167,11 +162,8 @@ def config_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The config fields that define a run (all but :data:`NOT_IDENTITY`), JSON-normal."""
     d = json.loads(config.to_json_best_effort())
     for name in NOT_IDENTITY:
-        *parents, leaf = name.split(".")
-        node = d
-        for p in parents:
-            node = node.get(p, {})
-        node.pop(leaf, None)
+        parent, _, leaf = name.rpartition(".")
+        (d.get(parent, {}) if parent else d).pop(leaf, None)
     return d
 
 
@@ -194,26 +186,12 @@ def fit_options(config: ml_collections.ConfigDict) -> FitOptions:
     )
 
 
-def _register_backbone(config: ml_collections.ConfigDict) -> None:
-    """Registers ``config.backbone`` from ``backbone_config``, or (when unknown) from the
-    architecture saved with ``marlin_ckpt``."""
-    if len(config.backbone_config):
-        register_model_from_config(config.backbone, config.backbone_config)
-    elif config.backbone not in model_names() and config.marlin_ckpt and os.path.exists(
-            config.marlin_ckpt):
-        from marlin_jax.interop.hf import checkpoint_config
-
-        saved = checkpoint_config(config.marlin_ckpt)
-        if saved is None:
-            raise ValueError(f"backbone {config.backbone!r} is not registered and "
-                             f"{config.marlin_ckpt} names no architecture")
-        register_model(config.backbone, saved[0])
-
-
-def _skip_report(name: str, skipped: dict[str, str], log: Callable[[str], None]) -> None:
-    if skipped:
-        first = next(iter(skipped.values()))
-        log(f"{name}: skipped {len(skipped)} sample(s), e.g. {first}")
+def _skip(skipped: dict[str, dict[str, str]], split: str, what: str, samples: dict[str, str],
+          log: Callable[[str], None]) -> None:
+    """Records (in ``skipped[split]``) and logs the samples of a split skipped for ``what``."""
+    if samples:
+        skipped.setdefault(split, {}).update(samples)
+        log(f"{split} {what}: skipped {len(samples)} sample(s), e.g. {next(iter(samples.values()))}")
 
 
 def training_runs(config: ml_collections.ConfigDict,
@@ -224,8 +202,7 @@ def training_runs(config: ml_collections.ConfigDict,
     if not sweep:
         return [(config, workdir)]
     if config.finetune:
-        raise ValueError("weight_decay_sweep is for linear probes; fine-tuning takes one "
-                         "weight_decay")
+        raise ValueError("weight_decay_sweep is for linear probes; fine-tuning takes one weight_decay")
     if len(set(sweep)) != len(sweep) or min(sweep) < 0:
         raise ValueError(f"weight_decay_sweep must hold distinct values >= 0, got {sweep}")
     runs = []
@@ -242,12 +219,11 @@ def run_linear_probe(config, splits, workdir, log) -> dict:
         raise ValueError("a linear probe runs in one process (an epoch takes milliseconds); "
                          "run it without --num_processes / outside the multi-host job")
     feature_dir = config.feature_dir or os.path.join(config.data_path, config.backbone)
-    feats: dict[str, FeatureSet] = {
-        s: load_features(feature_dir, ls, config.temporal_reduction, config.on_error)
-        for s, ls in splits.items()
-    }
+    feats: dict[str, FeatureSet] = {s: load_features(feature_dir, ls, config.temporal_reduction, config.on_error)
+                                    for s, ls in splits.items()}
+    skipped: dict[str, dict[str, str]] = {}
     for s, fs in feats.items():
-        _skip_report(f"{s} features", fs.skipped, log)
+        _skip(skipped, s, "features", fs.skipped, log)
     train = splits["train"]
     candidates = []  # (val metric, weight decay, model, fit info)
     for member, run_dir in training_runs(config, workdir):
@@ -269,8 +245,7 @@ def run_linear_probe(config, splits, workdir, log) -> dict:
         val = classification_metrics(predict_logits(model, feats["val"].x), feats["val"].labels,
                                      train.task)[config.monitor]
         candidates.append((float(val), float(member.weight_decay), model, fit_info))
-    best = max(range(len(candidates)),
-               key=lambda i: (np.nan_to_num(candidates[i][0], nan=-np.inf), -i))
+    best = np.argmax(np.nan_to_num([c[0] for c in candidates], nan=-np.inf))  # the first of ties
     _, weight_decay, model, fit_info = candidates[best]
     if len(candidates) > 1:
         fit_info = {**fit_info, "weight_decay": weight_decay, "sweep": [
@@ -278,7 +253,6 @@ def run_linear_probe(config, splits, workdir, log) -> dict:
         log("weight decay sweep (val " + config.monitor + "): " + ", ".join(
             f"{wd:g}: {v:.4f}" for v, wd, _, _ in candidates) + f"; selected {weight_decay:g}")
     outputs = {s: (predict_logits(model, feats[s].x), feats[s].labels) for s in ("val", "test")}
-    skipped = {s: fs.skipped for s, fs in feats.items() if fs.skipped}
     return {**_metrics(outputs, train), "fit": fit_info, "skipped": skipped}
 
 
@@ -294,12 +268,10 @@ def _metrics(outputs: dict[str, tuple[np.ndarray, np.ndarray]], train: LabelSet)
 
 def run_finetune(config, splits, workdir, log) -> dict:
     """Fine-tuning on raw clips; returns the results dict."""
-    skipped = {}
+    skipped: dict[str, dict[str, str]] = {}
     for s in SPLITS:
         splits[s], missing = splits[s].check_videos(config.on_error)
-        if missing:
-            skipped[s] = missing
-        _skip_report(f"{s} videos", missing, log)
+        _skip(skipped, s, "videos", missing, log)
     if config.marlin_ckpt:
         from marlin_jax.extract import Marlin
         from marlin_jax.interop.hf import checkpoint_config
@@ -323,9 +295,7 @@ def run_finetune(config, splits, workdir, log) -> dict:
     for s, ls in splits.items():
         clips[s], unreadable = ClipDataset(ls, clip_frames, int(config.temporal_sample_rate),
                                            bc.img_size).validate(config.on_error)
-        if unreadable:
-            skipped.setdefault(s, {}).update(unreadable)
-        _skip_report(f"{s} unreadable videos", unreadable, log)
+        _skip(skipped, s, "unreadable videos", unreadable, log)
     train = splits["train"]
     mesh = make_mesh(dict(config.mesh))
     ckpt_dir = os.path.join(workdir, "checkpoints")
@@ -356,15 +326,9 @@ def run_finetune(config, splits, workdir, log) -> dict:
     return {**_metrics(outputs, train), "fit": fit_info, "skipped": skipped}
 
 
-def _state_digest(states: list[dict[str, Any]]) -> str:
-    """Identifies finished training states (run identities + where they stopped)."""
-    return array_digest(json.dumps(
-        [[s["identity"], s["loop"]["next_epoch"], s["loop"]["best_epoch"],
-          s["loop"]["stop_reason"]] for s in states], sort_keys=True))
-
-
-def _finished_states(config: ml_collections.ConfigDict, workdir: str) -> list[dict] | None:
-    """The training states of the config's runs when all have finished (else None)."""
+def _finished_digest(config: ml_collections.ConfigDict, workdir: str) -> str | None:
+    """Identifies the config's training states (run identities + where they stopped) once all
+    have finished; None before."""
     states = []
     for member, run_dir in training_runs(config, workdir):
         state_dir = os.path.join(run_dir, "state")
@@ -374,25 +338,23 @@ def _finished_states(config: ml_collections.ConfigDict, workdir: str) -> list[di
         saved_config = state["identity"].get("run", {}).get("config")
         check_identity(os.path.abspath(state_dir), {"config": saved_config},
                        {"config": config_identity(member)})
-        states.append(state)
-    return states
+        states.append([state["identity"], *(state["loop"][k] for k in ("next_epoch", "best_epoch", "stop_reason"))])
+    return array_digest(json.dumps(states, sort_keys=True))
 
 
 def _saved_results(config: ml_collections.ConfigDict, workdir: str,
                    log: Callable[[str], None]) -> dict | None:
     """``<workdir>/metrics.json`` when it belongs to this config's finished state(s), else None."""
-    states = _finished_states(config, workdir)
-    if states is None:
-        return None
+    digest = _finished_digest(config, workdir)
     path = os.path.join(workdir, "metrics.json")
     try:
         with open(path, encoding="utf-8") as f:
             results = json.load(f)
     except (OSError, ValueError):
-        return None  # finished but not evaluated yet: fit restores the best, no training
-    if results.get("fit", {}).get("state_digest") != _state_digest(states):
+        return None  # not evaluated yet: fit restores the best, no training
+    if digest is None or results.get("fit", {}).get("state_digest") != digest:
         return None
-    log(f"{workdir}: this run already finished ({states[0]['loop']['stop_reason']}); reporting "
+    log(f"{workdir}: this run already finished ({results['fit']['stop_reason']}); reporting "
         f"the saved results of {path} (fresh_start=True retrains)")
     return results
 
@@ -400,7 +362,8 @@ def _saved_results(config: ml_collections.ConfigDict, workdir: str,
 def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> dict:
     """Runs one evaluation as configured (resuming an interrupted one in the same workdir);
     returns (and writes) the results. Raises Preempted when stopped by SIGTERM."""
-    _register_backbone(config)
+    if len(config.backbone_config):
+        register_model_from_config(config.backbone, config.backbone_config)
     workdir = config.workdir or os.path.join("ckpt", config.model_name)
     os.makedirs(workdir, exist_ok=True)
     primary = jax.process_index() == 0
@@ -417,9 +380,9 @@ def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -
         f" samples ({splits['train'].task}, {splits['train'].num_outputs} outputs)")
     runner = run_finetune if config.finetune else run_linear_probe
     results = runner(config, splits, workdir, log)
-    states = None if config.skip_train else _finished_states(config, workdir)
-    if states is not None:
-        results["fit"]["state_digest"] = _state_digest(states)
+    digest = None if config.skip_train else _finished_digest(config, workdir)
+    if digest is not None:
+        results["fit"]["state_digest"] = digest
     results.update(model_name=config.model_name, task=splits["train"].task,
                    class_names=list(splits["train"].class_names),
                    seconds=time.time() - t0, config=config.to_dict())
@@ -436,9 +399,8 @@ def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:  # keep library INFO chatter (orbax) off the console
         logging.set_verbosity(logging.WARNING)
     initialize_from_flags(_DISTRIBUTED)
-    primary = jax.process_index() == 0
     try:
-        results = run(_CONFIG.value, log=print if primary else lambda line: None)
+        results = run(_CONFIG.value, log=print if jax.process_index() == 0 else lambda line: None)
     except (Preempted, CheckpointMismatchError) as e:
         print(f"marlin-jax evaluate: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_PREEMPTED if isinstance(e, Preempted) else 2)

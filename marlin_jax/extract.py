@@ -58,10 +58,9 @@ def download(url: str, destination: Path, *, timeout: float = 30.0) -> Path:
         os.replace(tmp, destination)
     except (urllib.error.URLError, OSError, TimeoutError) as e:
         Path(tmp).unlink(missing_ok=True)
-        reason = getattr(e, "reason", e)
         raise ConnectionError(
-            f"cannot download {url} ({reason}). If this machine is offline, fetch the file elsewhere "
-            f"and either load it with Marlin.from_file(name, path) or copy it to {destination}"
+            f"cannot download {url} ({getattr(e, 'reason', e)}). If this machine is offline, fetch the "
+            f"file elsewhere and either load it with Marlin.from_file(name, path) or copy it to {destination}"
         ) from e
     return destination
 
@@ -78,30 +77,25 @@ def iter_windows(frames: Iterator[np.ndarray], clip_frames: int = 16, sample_rat
     """
     span = clip_frames * sample_rate
     head: list[np.ndarray] = []  # the first `span` frames, only needed while no window exists
-    buffer: list[tuple[int, np.ndarray]] = []  # (sampled index, frame) for the pending window
-    next_start = 0  # sampled-frame index where the next window begins
-    emitted = False
+    buffer: list[np.ndarray] = []  # the sampled frames from `next_start` on
+    next_start = 0  # sampled-frame index where the next window begins (> 0 once one was emitted)
     for index, frame in enumerate(frames):
-        if not emitted and index < span:
+        if not next_start and index < span:
             head.append(frame)
         if index % sample_rate:
             continue
         j = index // sample_rate
         if j >= next_start:
-            buffer.append((j, frame))
+            buffer.append(frame)
         # The window starting at sampled frame s is valid once sampled frame s + clip_frames exists
         # (frame s*rate + span < total): marlin-pytorch's `range(0, total - span, stride * rate)`.
         if j == next_start + clip_frames:
-            yield np.stack([f for k, f in buffer if k < next_start + clip_frames])
-            emitted, head = True, []
+            yield np.stack(buffer[:clip_frames])
+            head = []
             next_start += stride
-            buffer = [(k, f) for k, f in buffer if k >= next_start]
-    if emitted or not head:
-        return
-    if len(head) <= clip_frames:
-        yield np.stack(head + [head[-1]] * (clip_frames - len(head)))
-    else:
-        yield np.stack(head[:clip_frames])
+            buffer = buffer[stride:]
+    if head and not next_start:  # no window: the first clip_frames frames, the last one repeated as needed
+        yield np.stack((head + [head[-1]] * clip_frames)[:clip_frames])
 
 
 def face_windows(path: str, cropper: Any, clip_frames: int = 16, sample_rate: int = 2,
@@ -120,28 +114,17 @@ def face_windows(path: str, cropper: Any, clip_frames: int = 16, sample_rate: in
     except NoFaceError as e:
         raise VideoReadError(str(e)) from e
     total = track.num_frames
-    seen = 0
-
-    def frames() -> Iterator[np.ndarray]:  # the second pass, checked against the first
-        nonlocal seen
-        for frame in itertools.islice(iter_frames(path, check=False), total):
-            seen += 1
-            yield frame
-
+    clips = iter_windows(iter_frames(path, expect=total), clip_frames, sample_rate, stride)
     numbers = iter_windows((np.int64(i) for i in range(total)), clip_frames, sample_rate, stride)
-    for clip, index in zip(iter_windows(frames(), clip_frames, sample_rate, stride), numbers,
-                           strict=False):
+    for clip, index in zip(clips, numbers, strict=True):
         yield cropper.crop_frames(clip, track.squares_at(index))
-    if seen != total:
-        raise VideoReadError(f"{path}: decoded {total} frames, then {seen} when read again")
 
 
-def resolve_attention_impl(attention_impl: str | None, dtype=None) -> str | None:
+def resolve_attention_impl(attention_impl: str | None, dtype: Any = jnp.float32) -> str | None:
     """``"auto"`` -> :func:`models.layers.default_attention_impl` for inference on JAX's default
     backend; any other value passes through."""
     if attention_impl == "auto":
-        return default_attention_impl(jax.default_backend(), jnp.float32 if dtype is None else dtype,
-                                      training=False)
+        return default_attention_impl(jax.default_backend(), dtype, training=False)
     return attention_impl
 
 
@@ -270,34 +253,21 @@ class Marlin:
             raise ValueError(f"sample_rate and stride must be >= 1, got {sample_rate}, {stride}")
         path = os.fspath(video_path)
         size = self.config.img_size
-        features: list[jax.Array] = []
-        batch: list[np.ndarray] = []
-
-        def flush():
-            n = len(batch)
-            clips = np.stack(batch + [batch[-1]] * (self.batch_size - n))  # fixed shape: one compile
-            # Dispatch is asynchronous: decoding the next windows overlaps with this computation.
-            features.append(self.extract_features(clips, keep_seq=keep_seq)[:n])
-            batch.clear()
-
         if crop_face:
             windows = face_windows(path, self._face_cropper, self.config.n_frames, sample_rate, stride,
                                    strict=strict, on_incomplete=on_incomplete)
         else:
             windows = iter_windows(iter_frames(path, strict=strict, on_incomplete=on_incomplete),
                                    self.config.n_frames, sample_rate, stride)
-        for clip in windows:
-            if clip.shape[1:3] != (size, size):
+        features: list[jax.Array] = []
+        while batch := list(itertools.islice(windows, self.batch_size)):
+            clips = np.stack(batch + batch[-1:] * (self.batch_size - len(batch)))  # fixed shape: one compile
+            if clips.shape[2:4] != (size, size):
                 raise VideoReadError(
-                    f"{path}: frames are {clip.shape[2]}x{clip.shape[1]} but the model needs {size}x{size} "
+                    f"{path}: frames are {clips.shape[3]}x{clips.shape[2]} but the model needs {size}x{size} "
                     f"face crops; pass crop_face=True or crop the video first")
-            batch.append(clip)
-            if len(batch) == self.batch_size:
-                flush()
-        if batch:
-            flush()
-        if not features:
-            raise VideoReadError(f"{path}: video has no frames")
+            # Dispatch is asynchronous: decoding the next windows overlaps with this computation.
+            features.append(self.extract_features(clips, keep_seq=keep_seq)[:len(batch)])
         out = np.concatenate([np.asarray(f) for f in features])
         return out if reduction == "none" else getattr(out, reduction)(axis=0)
 
@@ -324,12 +294,10 @@ def plan_outputs(inputs: list[str | os.PathLike], out_dir: str | os.PathLike
     stems = Counter(rel.with_suffix("") for rel in {rel for _, rel in found.values()})
     plan, renamed = [], []
     for video, rel in found.values():
-        if stems[rel.with_suffix("")] > 1:  # x.mp4 + x.avi: keep the extension
-            target = out / rel.parent / f"{rel.name}.npy"
-            renamed.append((video, target))
-        else:
-            target = out / rel.with_suffix(".npy")
-        plan.append((video, target))
+        keep_extension = stems[rel.with_suffix("")] > 1  # x.mp4 + x.avi
+        plan.append((video, out / (rel.parent / f"{rel.name}.npy" if keep_extension else rel.with_suffix(".npy"))))
+        if keep_extension:
+            renamed.append(plan[-1])
     counts = Counter(target for _, target in plan)
     clashes = [f"{', '.join(str(v) for v, t in plan if t == target)} -> {target}"
                for target, n in counts.items() if n > 1]
@@ -400,24 +368,19 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     # Only outputs that existed before this run are skipped (resuming); never one written by it.
     existed = set() if args.overwrite else {target for _, target in plan if target.exists()}
-    written, skipped = 0, 0
     failures: list[str] = []
     incomplete: list[IncompleteDecode] = []
-    for video, target in tqdm(plan, desc="videos", unit="video"):
-        if target in existed:
-            skipped += 1
-            continue
+    for video, target in tqdm([(v, t) for v, t in plan if t not in existed], desc="videos", unit="video"):
         issues: list[IncompleteDecode] = []
         try:
             feats = marlin.extract_video(video, crop_face=args.crop_face, sample_rate=args.sample_rate,
                                          stride=args.stride, reduction=args.reduction, keep_seq=args.keep_seq,
                                          strict=args.strict, on_incomplete=issues.append)
             save_npy_atomic(target, feats)
+            incomplete += issues[:1]
         except (VideoReadError, ValueError, OSError) as e:
             failures.append(str(e) if str(video) in str(e) else f"{video}: {e}")
-            continue
-        written += 1
-        incomplete += issues[:1]
+    written, skipped = len(plan) - len(existed) - len(failures), len(existed)
     partly = f" ({len(incomplete)} of them partly decodable)" if incomplete else ""
     print(f"{written} written{partly}, {skipped} skipped (output existed before this run), "
           f"{len(failures)} failed, of {len(plan)} videos -> {out_dir}")

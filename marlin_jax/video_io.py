@@ -72,13 +72,15 @@ def _open(path: str | os.PathLike) -> cv2.VideoCapture:
     return cap
 
 
-def iter_frames(path: str | os.PathLike, step: int = 1, *, strict: bool = False, check: bool = True,
+def iter_frames(path: str | os.PathLike, step: int = 1, *, strict: bool = False, expect: int | None = None,
                 on_incomplete: Callable[[IncompleteDecode], None] | None = None) -> Iterator[np.ndarray]:
     """Yields every ``step``-th frame of a video as RGB uint8 ``(H, W, 3)``.
 
     Skipped frames are grabbed but not decoded. Raises VideoReadError if the file cannot be opened
-    or yields no frame. Read to its end (and ``check``), a partly decodable file is passed to
-    ``on_incomplete`` (see :func:`check_decoded`; ``strict`` raises after the last frame).
+    or yields no frame. Read to its end, a partly decodable file is passed to ``on_incomplete``
+    (see :func:`check_decoded`; ``strict`` raises after the last frame). ``expect``: a second
+    read of a file whose first read decoded ``expect`` frames; reads at most those and raises
+    VideoReadError when it decodes fewer.
     """
     if step < 1:
         raise ValueError(f"step must be >= 1, got {step}")
@@ -86,7 +88,7 @@ def iter_frames(path: str | os.PathLike, step: int = 1, *, strict: bool = False,
     declared = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
     index = 0
     try:
-        while True:
+        while index != expect:
             if index % step == 0:
                 ok, frame = cap.read()
                 if not ok:
@@ -97,10 +99,12 @@ def iter_frames(path: str | os.PathLike, step: int = 1, *, strict: bool = False,
             index += 1
     finally:
         cap.release()
+    if expect is not None and index != expect:
+        raise VideoReadError(f"{os.fspath(path)}: decoded {expect} frames, then {index} when read again")
     if index == 0:
         said = f" (the container declares {declared})" if declared > 0 else ""
         raise VideoReadError(f"{os.fspath(path)}: video has no decodable frames{said}")
-    if check:
+    if expect is None:
         check_decoded(path, declared, index, strict=strict, on_incomplete=on_incomplete)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from marlin_jax.extract import Marlin, main
+from marlin_jax.extract import Marlin, iter_windows, main
 from marlin_jax.interop import save_torch_checkpoint
 from marlin_jax.models import MarlinModel, get_config
 from marlin_jax.video_io import VideoReadError, write_video
@@ -45,6 +45,16 @@ def test_extract_video_windows_and_reductions(tiny_marlin, videos):
     assert tiny_marlin.extract_video(videos["long"], stride=4).shape == (6, 192)  # range(0, 43, 8)
     assert tiny_marlin.extract_video(videos["short"]).shape == (1, 192)
     assert tiny_marlin.extract_video(videos["mid"]).shape == (1, 192)
+
+
+def test_windows_follow_marlin_pytorch_rules():
+    def windows(total: int, sample_rate: int = 2, stride: int = 4) -> list[list[int]]:
+        return [w.tolist() for w in iter_windows(iter(np.arange(total)), 4, sample_rate, stride)]
+
+    assert windows(3) == [[0, 1, 2, 2]]  # <= clip_frames: all, the last repeated
+    assert windows(7) == [[0, 1, 2, 3]]  # <= clip_frames * sample_rate: the first clip_frames
+    assert windows(20, stride=2) == [[0, 2, 4, 6], [4, 6, 8, 10], [8, 10, 12, 14]]  # range(0, 20 - 8, 2 * 2)
+    assert windows(9, sample_rate=1, stride=9) == [[0, 1, 2, 3]]  # range(0, 9 - 4, 9)
 
 
 def test_batching_does_not_change_features(tiny_marlin, videos):

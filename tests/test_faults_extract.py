@@ -203,6 +203,18 @@ def test_truncated_video_is_a_warning_naming_both_counts_or_a_strict_error(trunc
     assert caplog.text == ""
 
 
+def test_a_second_read_that_decodes_another_count_is_an_error(truncated, caplog):
+    """``expect``: the second pass of a two-pass reader (face cropping) reads as many frames as
+    the first decoded, never warns again, and names the file when it decodes fewer."""
+    path, decoded = truncated
+    with caplog.at_level(logging.WARNING, logger="marlin_jax.video_io"):
+        assert len(list(iter_frames(path, expect=decoded))) == decoded
+        assert len(list(iter_frames(path, expect=2))) == 2
+    assert caplog.text == ""
+    with pytest.raises(VideoReadError, match=f"cut.mp4: decoded {decoded + 5} frames, then {decoded} when read"):
+        list(iter_frames(path, expect=decoded + 5))
+
+
 def test_extraction_of_a_truncated_video_is_reported_and_strict_fails_it(truncated, tiny, cli, tmp_path, capsys):
     path, decoded = truncated
     with pytest.raises(IncompleteVideoError, match="cut.mp4: the container declares 48"):

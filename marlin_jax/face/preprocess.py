@@ -9,6 +9,7 @@ stopped; a job never raises, it returns a :class:`JobResult` and failures are su
 from __future__ import annotations
 
 import functools
+import glob
 import hashlib
 import io
 import json
@@ -16,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
@@ -26,7 +28,7 @@ import numpy as np
 
 from marlin_jax.face.crop import FaceCropper, NoFaceError, crop_square
 from marlin_jax.face.parse import FaceParser
-from marlin_jax.video_io import VideoReadError, iter_frames, video_info, write_video
+from marlin_jax.video_io import iter_frames, video_info, write_video
 
 FRAME_DIR, CROP_DIR, PARSING_DIR = "frame_images_DB", "crop_images_DB", "face_parsing_images_DB"
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
@@ -66,10 +68,8 @@ def _atomic_write(path: str, data: bytes | str) -> None:
 
 def _remove_stale_parts(directory: str) -> None:
     """Deletes temporary files a killed run left behind (they would be listed as frames)."""
-    if os.path.isdir(directory):
-        for n in os.listdir(directory):
-            if n.startswith(".part-"):
-                os.remove(os.path.join(directory, n))
+    for part in glob.glob(os.path.join(glob.escape(directory), ".part-*")):
+        os.remove(part)
 
 
 def _safe(job: Callable[[str], JobResult], key: str) -> JobResult:
@@ -191,10 +191,8 @@ def process_ytf_video(
         kept.append(n)
     if not frames:
         raise ValueError(f"{src}: none of its {len(names)} images could be read")
-    sizes = {f.shape for f in frames}
-    if len(sizes) > 1:  # never seen in YTF; resize to the most common size rather than fail
-        shape = max(sizes, key=lambda s: sum(f.shape == s for f in frames))
-        frames = [f if f.shape == shape else cv2.resize(f, shape[1::-1]) for f in frames]
+    shape = Counter(f.shape for f in frames).most_common(1)[0][0]  # other sizes: never seen in YTF
+    frames = [f if f.shape == shape else cv2.resize(f, shape[1::-1]) for f in frames]
     try:
         crops, landmarks, found = cropper.crop_video_with_landmarks(np.stack(frames), name=src)
     except NoFaceError:  # remembered, so a resumed run does not search this video again
@@ -219,18 +217,11 @@ def process_ytf_video(
 def ytf_split_rows(data_dir: str, videos: Iterable[str]) -> list[tuple[str, int]]:
     """``(path, len)`` rows for the videos whose crops exist (len = number of crop images)."""
     rows = []
-    for rel in videos:
-        cdir = os.path.join(data_dir, CROP_DIR, rel)
-        if os.path.isdir(cdir):
-            n = sum(1 for f in os.listdir(cdir) if f.endswith(".jpg") and not f.startswith("."))
-            if n:
-                rows.append((rel, n))
+    for rel in videos:  # glob's "*" leaves out hidden (.part-) files
+        n = len(glob.glob(os.path.join(glob.escape(os.path.join(data_dir, CROP_DIR, rel)), "*.jpg")))
+        if n:
+            rows.append((rel, n))
     return rows
-
-
-def _unit_hash(text: str) -> float:
-    """A stable pseudo-random number in [0, 1) for ``text`` (independent of Python's hash seed)."""
-    return int(hashlib.sha1(text.encode("utf-8")).hexdigest()[:12], 16) / float(1 << 48)
 
 
 def write_ytf_splits(
@@ -253,8 +244,9 @@ def write_ytf_splits(
     else:
         splits = {"train": [], "val": []}
         for rel, n in rows:
-            person = rel.split("/", 1)[0]
-            splits["val" if _unit_hash(person) < val_fraction else "train"].append((rel, n))
+            person = rel.split("/", 1)[0].encode("utf-8")  # hashed stably (Python's hash() is seeded)
+            unit = int(hashlib.sha1(person).hexdigest()[:12], 16) / float(1 << 48)  # in [0, 1)
+            splits["val" if unit < val_fraction else "train"].append((rel, n))
     for split, split_rows in splits.items():
         text = "path,len\n" + "".join(f"{rel},{n}\n" for rel, n in split_rows)
         _atomic_write(os.path.join(data_dir, f"{split}_set.csv"), text)
@@ -306,10 +298,8 @@ def process_celebvhq_video(
     if not overwrite and os.path.exists(dst):
         return JobResult(name, "skipped")
     track = cropper.track_stream(iter_frames(src), name=src, batch_size=chunk)
-    crops = [crop_square(f, s, cropper.size)  # the first read already checked the decode
-             for f, s in zip(iter_frames(src, check=False), track.squares, strict=False)]
-    if len(crops) != track.num_frames:
-        raise VideoReadError(f"{src}: decoded {track.num_frames} frames, then {len(crops)} on a re-read")
+    crops = [crop_square(f, s, cropper.size)
+             for f, s in zip(iter_frames(src, expect=track.num_frames), track.squares, strict=True)]
     tmp = os.path.join(data_dir, ".cropped.part", name)
     write_video(tmp, np.stack(crops), fps=video_info(src)["fps"] or 25.0)
     os.makedirs(os.path.dirname(dst), exist_ok=True)
