@@ -69,14 +69,10 @@ def test_multilabel_auroc_and_accuracy_match_sklearn():
     y = rng.random((120, 7)) < 0.3
     logits = rng.normal(size=y.shape) + 1.5 * y
     probs = M.sigmoid(logits)
-    assert M.multilabel_auroc(probs, y, "micro") == pytest.approx(
-        roc_auc_score(y, probs, average="micro"), abs=1e-12
-    )
-    assert M.multilabel_auroc(probs, y, "macro") == pytest.approx(
-        roc_auc_score(y, probs, average="macro"), abs=1e-12
-    )
     pred = probs > 0.5
     out = M.classification_metrics(logits, y, "multilabel")
+    assert out["auroc"] == pytest.approx(roc_auc_score(y, probs, average="micro"), abs=1e-12)
+    assert out["auroc_macro"] == pytest.approx(roc_auc_score(y, probs, average="macro"), abs=1e-12)
     assert out["acc"] == pytest.approx(accuracy_score(y.ravel(), pred.ravel()))
     assert out["subset_acc"] == pytest.approx(accuracy_score(y, pred))
     assert out["auroc"] == pytest.approx(roc_auc_score(y.ravel(), probs.ravel()))
@@ -99,8 +95,11 @@ def test_multilabel_macro_skips_single_class_labels():
     y[:, 1] = False  # label 1 never present: undefined for that label
     s = rng.normal(size=y.shape)
     expect = np.mean([roc_auc_score(y[:, j], s[:, j]) for j in (0, 2)])
-    assert M.multilabel_auroc(s, y, "macro") == pytest.approx(expect)
-    assert M.classification_metrics(s, y, "multilabel")["n_labels_without_both_classes"] == 1
+    out = M.classification_metrics(s, y, "multilabel")
+    assert out["auroc_macro"] == pytest.approx(expect) and out["n_labels_without_both_classes"] == 1
+    y[:] = False  # no label with both classes: every AUROC is undefined, reported as NaN
+    out = M.classification_metrics(s, y, "multilabel")
+    assert math.isnan(out["auroc"]) and math.isnan(out["auroc_macro"])
 
 
 def test_multiclass_matches_sklearn():

@@ -159,6 +159,12 @@ def test_finished_run_is_not_retrained(probe_data, uninterrupted, tmp_path):
     assert not [line for line in lines if line.startswith("epoch")]  # no epoch ran
     assert without_seconds(again.history) == without_seconds(uninterrupted.history)
     assert_trees_equal(again.params, uninterrupted.params)
+    # a save still being written (orbax's temporary folder) is not a checkpoint yet
+    for name in ("state", "best"):
+        (tmp_path / name / "999.orbax-checkpoint-tmp-1").mkdir()
+    assert read_training_state(tmp_path / "state")["loop"]["next_epoch"] == len(
+        uninterrupted.history)
+    assert_trees_equal(restore_best(tmp_path / "best", uninterrupted.params), uninterrupted.params)
 
 
 def test_best_checkpoint_behind_the_state_is_repaired(probe_data, uninterrupted, tmp_path):

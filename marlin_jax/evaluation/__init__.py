@@ -1,7 +1,3 @@
-"""Downstream evaluation of MARLIN features: linear probing and fine-tuning.
-
-``scores`` (accuracy / AUROC as MARLIN reports them), ``datasets`` (CelebV-HQ and generic label
-files, window features, clips read through :mod:`marlin_jax.data.records`), ``training`` (the
-shared supervised loop), ``probe`` (linear probe on features) and ``finetune`` (encoder + linear
-head on raw clips). The entry point is ``python -m marlin_jax.evaluate --config=...``.
-"""
+"""Downstream evaluation of MARLIN features: ``scores``, label ``datasets``, the shared
+supervised loop (``training``), linear ``probe`` and ``finetune``. Entry point:
+``python -m marlin_jax.evaluate --config=...``."""

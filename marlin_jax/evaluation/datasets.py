@@ -1,11 +1,5 @@
-"""Labelled video datasets for downstream evaluation, and their features / clips.
-
-* Labels (:class:`LabelSet`): CelebV-HQ (:func:`load_celebvhq`: ``celebvhq_info.json``, split
-  lists ``{train,val,test}.txt``, videos ``cropped/<name>.mp4``) or a CSV / JSON label file
-  (:func:`load_label_file`).
-* Features (:func:`load_features`): ``<feature_dir>/<key>.npy`` window features ``(T, D)`` from
-  ``scripts/extract_dataset.py``, reduced over windows to ``(N, D)``.
-* Clips (:class:`ClipDataset`): raw clips for fine-tuning, sampled as pretraining's.
+"""Labelled video datasets for downstream evaluation: labels (:class:`LabelSet`, from CelebV-HQ
+or a CSV / JSON label file), window features (:func:`load_features`) and clips (:class:`ClipDataset`).
 
 A sample's key is its video path relative to the video root, without extension. Bad inputs raise
 :class:`DatasetError` naming the file, or with ``on_error="skip"`` are dropped into ``skipped``.
@@ -16,7 +10,6 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -26,8 +19,8 @@ from typing import Literal
 import grain
 import numpy as np
 
-from marlin_jax.data.records import VideoRecord, resize_frames, sample_frame_indices
-from marlin_jax.data.videos import VIDEO_EXTENSIONS, read_video_frames  # noqa: F401 (re-exported)
+from marlin_jax.data.records import resize_frames, sample_frame_indices
+from marlin_jax.data.videos import read_video_frames
 from marlin_jax.evaluation.scores import LABEL_KINDS, LabelKind
 from marlin_jax.video_io import VideoReadError, count_frames
 
@@ -229,13 +222,11 @@ def load_label_file(path: str | os.PathLike, *, task: LabelKind | None = None, s
         raise DatasetError(f"{path}: label file not found")
     root = os.path.abspath(os.fspath(video_root) if video_root is not None
                            else os.path.dirname(path))
+    readers = {".csv": _read_csv_records, ".json": _read_json_records}
     ext = os.path.splitext(path)[1].lower()
-    if ext == ".csv":
-        records, label_cols = _read_csv_records(path)
-    elif ext == ".json":
-        records, label_cols = _read_json_records(path)
-    else:
+    if ext not in readers:
         raise DatasetError(f"{path}: label file must be .csv or .json")
+    records, label_cols = readers[ext](path)
     if not records:
         raise DatasetError(f"{path}: no samples")
     file_records = records  # the task and the classes come from the whole file, every split
@@ -274,7 +265,7 @@ def load_label_file(path: str | os.PathLike, *, task: LabelKind | None = None, s
         p = str(r["path"]).strip()
         if not p:
             raise DatasetError(f"{path}: empty path in a row")
-        full = p if os.path.isabs(p) else os.path.join(root, p)
+        full = os.path.join(root, p)  # p itself when absolute
         video_paths.append(os.path.normpath(full))
         keys.append(os.path.splitext(os.path.relpath(full, root))[0].replace(os.sep, "/"))
     dupes = sorted(k for k, count in collections.Counter(keys).items() if count > 1)
@@ -317,14 +308,11 @@ def _read_csv_records(path: str) -> tuple[list[dict], list[str] | None]:
     empty_cells = []
     for line, cells in rows:
         row = dict(zip(header, (c.strip() for c in cells), strict=True))
-        rec = {"path": row[path_col], "where": f"line {line}"}
+        rec = {"path": row[path_col], "where": f"line {line}",
+               "label": row["label"] if label_cols is None else [row[c] for c in label_cols]}
         if "split" in row:
             rec["split"] = row["split"]
-            if not row["split"]:
-                empty_cells.append(f"line {line}: split")
-        rec["label"] = row["label"] if label_cols is None else [row[c] for c in label_cols]
-        if label_cols is None and not row["label"]:
-            empty_cells.append(f"line {line}: label")
+        empty_cells += [f"line {line}: {k}" for k, v in rec.items() if v == ""]
         records.append(rec)
     if empty_cells:
         raise DatasetError(_listing(f"{path}: empty cell(s)", empty_cells))
@@ -422,14 +410,14 @@ def _infer_classes(path: str, records: list[dict]) -> tuple[str, ...]:
     return classes
 
 
+_BITS = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "false": 0, "true": 1}
+
+
 def _as_bit(v: object) -> int | None:
-    if isinstance(v, bool):
-        return int(v)
-    if isinstance(v, int | float) and v in (0, 1):
-        return int(v)
-    if isinstance(v, str) and v.strip().lower() in ("0", "1", "true", "false", "0.0", "1.0"):
-        return int(v.strip().lower() in ("1", "true", "1.0"))
-    return None
+    """A binary label (bool, 0 / 1 number or text) as 0 / 1; None when it is not one."""
+    if isinstance(v, str):
+        return _BITS.get(v.strip().lower())
+    return int(v) if isinstance(v, int | float) and v in (0, 1) else None
 
 
 def _multiclass(path: str, values: list, class_names: Sequence[str], wheres: Sequence[str]):
@@ -500,9 +488,6 @@ class FeatureSet:
     keys: tuple[str, ...]
     skipped: dict[str, str]
 
-    def __len__(self) -> int:
-        return len(self.keys)
-
 
 def reduce_windows(features: np.ndarray, reduction: str) -> np.ndarray:
     """Temporal reduction of window features ``(T, D) -> (D,)``: mean, max or min."""
@@ -541,8 +526,6 @@ def load_features(feature_dir: str | os.PathLike, labelset: LabelSet, reduction:
     """Reads ``<feature_dir>/<key>.npy`` of every sample, reduced over windows (token features
     flattened to ``N * D``). Bad files raise (``error``) or go to ``skipped`` (``skip``)."""
     feature_dir = os.fspath(feature_dir)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"temporal reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not os.path.isdir(feature_dir):
         raise DatasetError(f"{feature_dir}: feature folder not found "
                            "(run scripts/extract_dataset.py first)")
@@ -567,11 +550,8 @@ def load_features(feature_dir: str | os.PathLike, labelset: LabelSet, reduction:
 
 
 class ClipDataset:
-    """Raw clips of a LabelSet for fine-tuning: a random-access source of
-    :class:`~marlin_jax.data.records.VideoRecord`, so ``clip(i, rng)`` is exactly pretraining's
-    clip of the same video and RNG. Frame counts are cached; only sampled frames decode."""
-
-    has_labels = False  # VideoSource protocol: the labels live in ``labelset``
+    """Raw clips of a LabelSet for fine-tuning: ``clip(i, rng)`` is exactly pretraining's clip
+    of the same video and RNG. Frame counts are cached; only sampled frames decode."""
 
     def __init__(self, labelset: LabelSet, clip_frames: int = 16, sample_rate: int = 2,
                  size: int = 224):
@@ -611,16 +591,10 @@ class ClipDataset:
             self._num_frames[i] = count_frames(self.labelset.video_paths[i])
         return self._num_frames[i]
 
-    def __getitem__(self, i: int) -> VideoRecord:
-        path = self.labelset.video_paths[i]
-        return VideoRecord(name=path, num_frames=self.num_frames(i),
-                           read_frames=functools.partial(read_video_frames, path))
-
     def clip(self, i: int, rng: np.random.Generator) -> np.ndarray:
         """uint8 ``(clip_frames, size, size, 3)`` of sample ``i`` (BadRecordError if unreadable)."""
-        record = self[i]
-        idx = sample_frame_indices(record.num_frames, self.clip_frames, self.sample_rate, rng)
-        return resize_frames(record.read_frames(idx), self.size)
+        idx = sample_frame_indices(self.num_frames(i), self.clip_frames, self.sample_rate, rng)
+        return resize_frames(read_video_frames(self.labelset.video_paths[i], idx), self.size)
 
     def batch_indices(self, batch_size: int, *, shuffle: bool, seed: int,
                       drop_last: bool = False) -> list[np.ndarray]:

@@ -30,7 +30,6 @@ from marlin_jax.evaluation.training import (
     FitResult,
     array_digest,
     fit,
-    label_array,
     make_forward,
     make_train_step,
     read_training_state,
@@ -110,22 +109,14 @@ class _Sharded:
             out_shardings=(self.param_sh, opt_sh, replicated(mesh)),
             donate_argnums=(0, 1),
         )
-        self.forward = jax.jit(
-            make_forward(self.graphdef, preprocess=video_to_float),
-            in_shardings=(self.param_sh, replicated(mesh), x_sh),
-            out_shardings=replicated(mesh),
-        )
-        self.features = jax.jit(
-            lambda params, rest, x: nnx.merge(self.graphdef, params, rest).features(
-                video_to_float(x)).astype(jnp.float32),
-            in_shardings=(self.param_sh, replicated(mesh), x_sh),
-            out_shardings=replicated(mesh),
-        )
+        self.forward, self.features = (
+            jax.jit(make_forward(self.graphdef, video_to_float, method),
+                    in_shardings=(self.param_sh, replicated(mesh), x_sh), out_shardings=replicated(mesh))
+            for method in ("__call__", "features"))
 
-    def put(self, x: np.ndarray, y: np.ndarray | None = None):
-        """This process's rows (``process_batch_rows``) of a global batch -> global arrays."""
-        arrays = global_batch({"x": x} if y is None else {"x": x, "y": y}, self.mesh)
-        return arrays["x"] if y is None else (arrays["x"], arrays["y"])
+    def put(self, *arrays: np.ndarray) -> list[jax.Array]:
+        """This process's rows (``process_batch_rows``) of global batches -> global arrays."""
+        return list(global_batch({str(i): a for i, a in enumerate(arrays)}, self.mesh).values())
 
     def predict(self, dataset: ClipDataset, batch: int, seed: int, num_threads: int, *,
                 params=None, features: bool = False, stop: Callable[[], bool] | None = None
@@ -142,7 +133,7 @@ class _Sharded:
             for n, (x, _) in zip(sizes, batches, strict=True):
                 if stop is not None and stop():
                     return None
-                outs.append(host_value(fn(params, self.rest, self.put(x)))[:n])
+                outs.append(host_value(fn(params, self.rest, self.put(x)[0]))[:n])
         return np.concatenate(outs), dataset.labelset.labels.copy()
 
 
@@ -152,10 +143,8 @@ def fold_standardization(head: LinearHead) -> tuple[np.ndarray, np.ndarray]:
     kernel = np.asarray(head.head.kernel[...], np.float64)
     bias = np.asarray(head.head.bias[...], np.float64)
     if head.standardize:
-        inv_std = np.asarray(head.inv_std[...], np.float64)
-        mean = np.asarray(head.mean[...], np.float64)
-        kernel = inv_std[:, None] * kernel
-        bias = bias - mean @ kernel
+        kernel = np.asarray(head.inv_std[...], np.float64)[:, None] * kernel
+        bias = bias - np.asarray(head.mean[...], np.float64) @ kernel
     return kernel.astype(np.float32), bias.astype(np.float32)
 
 
@@ -214,16 +203,14 @@ def train_finetune(
     batch = effective_batch_size(options.batch_size, len(train), mesh)
     starts = fresh_start or state_dir is None or read_training_state(state_dir) is None
     if lp_ft is not None and starts:  # LP-FT: a standardised probe on the initial features
-        feats = {}
-        for name, dataset in (("train", train), ("val", val)):
-            x, y = sharded.predict(dataset, batch, eval_seed, num_threads, features=True)
-            feats[name] = FeatureSet(x, y, tuple(dataset.labelset.keys), {})
-        head, probe = train_linear_probe(feats["train"], feats["val"], task=task, num_outputs=num_outputs,
-                                         options=lp_ft, standardize=True, log=lambda line: None)
+        feats = [FeatureSet(*sharded.predict(d, batch, eval_seed, num_threads, features=True),
+                            d.labelset.keys, {}) for d in (train, val)]
+        head, probe = train_linear_probe(*feats, task=task, num_outputs=num_outputs, options=lp_ft,
+                                         standardize=True, log=lambda line: None)
         kernel, bias = fold_standardization(head)
         sharded.params["head"] = host_to_global({"kernel": kernel, "bias": bias}, sharded.param_sh["head"])
         log(f"LP-FT: head initialised by a linear probe on the initial features "
-            f"({feats['train'].x.shape[1]}-d; best epoch {probe.best_epoch}, "
+            f"({feats[0].x.shape[1]}-d; best epoch {probe.best_epoch}, "
             f"val_{lp_ft.monitor} {probe.best_metric:.4f})")
 
     steps_per_epoch = len(train) // batch
@@ -234,7 +221,7 @@ def train_finetune(
         for x, y in train.batches(batch, shuffle=True, seed=options.seed + epoch, drop_last=True,
                                   start_batch=start_batch, num_threads=num_threads,
                                   rows=process_batch_rows(mesh, batch)):
-            xs, ys = sharded.put(x, label_array(y, task))
+            xs, ys = sharded.put(x, y)
             params, opt_state, loss = sharded.step(params, opt_state, sharded.rest, xs, ys, lr)
             yield params, opt_state, loss[None]
 

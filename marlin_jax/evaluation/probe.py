@@ -23,7 +23,6 @@ from marlin_jax.evaluation.training import (
     FitResult,
     array_digest,
     fit,
-    label_array,
     make_forward,
     make_train_step,
     set_model_params,
@@ -41,10 +40,6 @@ def torch_linear(in_dim: int, num_outputs: int, rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(in_dim, num_outputs, kernel_init=uniform, bias_init=uniform, rngs=rngs)
 
 
-class FeatureStats(nnx.Variable):
-    """Fixed (not trained) feature statistics of a probe."""
-
-
 class LinearHead(nnx.Module):
     """``(B, D) -> (B, C)`` logits. With ``mean``/``std`` ``(D,)`` of the training features the
     input is standardised first (still linear, better conditioned; not in the original)."""
@@ -53,9 +48,9 @@ class LinearHead(nnx.Module):
                  mean: np.ndarray | None = None, std: np.ndarray | None = None):
         self.head = torch_linear(in_dim, num_outputs, rngs)
         self.standardize = mean is not None
-        if self.standardize:
-            self.mean = FeatureStats(jnp.asarray(mean, jnp.float32))
-            self.inv_std = FeatureStats(1.0 / jnp.maximum(jnp.asarray(std, jnp.float32), 1e-6))
+        if self.standardize:  # plain Variables, not Params: fixed, not trained
+            self.mean = nnx.Variable(jnp.asarray(mean, jnp.float32))
+            self.inv_std = nnx.Variable(1.0 / jnp.maximum(jnp.asarray(std, jnp.float32), 1e-6))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.standardize:
@@ -108,7 +103,7 @@ def train_linear_probe(
     tx = options.optimizer()
     step = make_train_step(graphdef, task, tx, weight_decay=options.weight_decay)
     x_train = jnp.asarray(train.x)
-    y_train = jnp.asarray(label_array(train.labels, task))
+    y_train = jnp.asarray(train.labels)
     base_key = jax.random.key(options.seed)
 
     @jax.jit
@@ -132,9 +127,7 @@ def train_linear_probe(
         return classification_metrics(np.asarray(forward(p, rest, x_val)), val.labels, task)
 
     def run_epoch(p, o, lr, epoch, start_batch):
-        # the whole epoch is one unit (one scan): fit only ever stops at epoch boundaries
-        if start_batch != 0:
-            raise ValueError(f"a probe epoch cannot start at batch {start_batch}")
+        del start_batch  # always 0: an epoch is one unit (one scan), so fit saves between epochs only
         yield epoch_fn(p, o, jnp.float32(lr), epoch)
 
     identity = {"probe": {"task": task, "num_outputs": num_outputs, "standardize": standardize,

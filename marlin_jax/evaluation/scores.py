@@ -45,19 +45,6 @@ def binary_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(roc_auc_score(labels, scores))
 
 
-def multilabel_auroc(
-    scores: np.ndarray, labels: np.ndarray, average: Literal["micro", "macro"] = "micro"
-) -> float:
-    """AUROC of ``(N, L)`` scores against ``(N, L)`` boolean labels: ``micro`` (MARLIN's) over
-    all flattened pairs, or ``macro``, the mean over the labels having both classes."""
-    scores, labels = _matrices(scores, labels)
-    if average == "micro":
-        return binary_auroc(scores.ravel(), labels.ravel())
-    if average == "macro":
-        return _macro_auroc(scores, labels, "macro AUROC is undefined: no label has both classes present")
-    raise ValueError(f"average must be 'micro' or 'macro', got {average!r}")
-
-
 def _matrices(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """float64 scores and bool labels, both ``(N, L)`` (ValueError otherwise)."""
     scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
@@ -80,12 +67,10 @@ def _per_label_auroc(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
                      else np.nan for j in range(scores.shape[1])], dtype=np.float64)
 
 
-def per_label_auroc(logits: np.ndarray, labels: np.ndarray,
-                    names: Sequence[str] | None = None) -> dict[str, float]:
+def per_label_auroc(logits: np.ndarray, labels: np.ndarray, names: Sequence[str]) -> dict[str, float]:
     """``{label name: AUROC}`` of each column of multilabel ``(N, L)`` logits (NaN where a label
     has a single class), for reports beyond the averaged number."""
     logits, labels = _matrices(logits, labels)
-    names = list(names) if names is not None else [str(j) for j in range(logits.shape[1])]
     if len(names) != logits.shape[1]:
         raise ValueError(f"{len(names)} names for {logits.shape[1]} labels")
     return dict(zip(names, _per_label_auroc(logits, labels).tolist(), strict=True))
@@ -118,8 +103,9 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, task: LabelKi
         probs, y = _matrices(sigmoid(logits), labels)
         out["acc"] = _accuracy(probs > 0.5, y)
         out["subset_acc"] = float(np.mean(np.all((probs > 0.5) == y, axis=1)))
-        out["auroc"] = _or_nan(multilabel_auroc, probs, y, "micro")
-        out["auroc_macro"] = _or_nan(multilabel_auroc, probs, y, "macro")
+        out["auroc"] = _or_nan(binary_auroc, probs.ravel(), y.ravel())  # micro, as MARLIN
+        out["auroc_macro"] = _or_nan(_macro_auroc, probs, y,
+                                     "macro AUROC is undefined: no label has both classes present")
         out["n_labels_without_both_classes"] = float(np.sum(np.isnan(_per_label_auroc(probs, y))))
     elif task == "multiclass":
         labels = labels.reshape(-1)
@@ -172,20 +158,10 @@ def _fmt(key: str, v: float | None) -> str:
 
 
 def save_metrics(path: str | os.PathLike, results: Mapping[str, object]) -> None:
-    """Writes results as JSON (NaN written as null, so the file stays valid JSON)."""
-
-    def clean(x):
-        if isinstance(x, Mapping):
-            return {str(k): clean(v) for k, v in x.items()}
-        if isinstance(x, list | tuple):
-            return [clean(v) for v in x]
-        if isinstance(x, np.generic):
-            x = x.item()
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        return x
-
+    """Writes results as JSON (NaN and inf written as null, so the file stays valid JSON)."""
+    text = json.dumps(results, default=lambda o: o.item() if isinstance(o, np.generic) else dict(o))
+    clean = json.loads(text, parse_constant=lambda name: None)  # NaN, Infinity, -Infinity
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(clean(results), f, indent=2, sort_keys=True)
+        json.dump(clean, f, indent=2, sort_keys=True)
         f.write("\n")

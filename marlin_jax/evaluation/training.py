@@ -3,15 +3,12 @@
 As MARLIN's ``model/classifier.py``: BCE with logits (binary / multilabel) or softmax CE
 (multiclass), Adam (0.5, 0.9, lr 1e-4), reduce-on-plateau of the training loss, stop at lr 1e-6,
 keep the best validation epoch. Ours: validation metrics on the whole split, optional
-``patience`` and L2 ``weight_decay``.
-
-Resuming (``state_dir``, see :func:`fit`): the ``Checkpointer`` saves parameters and optimiser
-state as ``state`` and the JSON loop state (position, schedule, best, history, run identity) as
-``data_iter``.
+``patience`` and L2 ``weight_decay``, and resuming (``state_dir``, see :func:`fit`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -19,6 +16,7 @@ import math
 import os
 import shutil
 import time
+import types
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -27,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from marlin_jax.distributed import any_process, host_value
@@ -63,11 +60,6 @@ class FitOptions:
     def optimizer(self) -> optax.GradientTransformation:
         """Adam with these betas (the trainer's factory; the step sets the learning rate)."""
         return make_optimizer(b1=self.b1, b2=self.b2)
-
-
-def label_array(labels: np.ndarray, kind: LabelKind) -> np.ndarray:
-    """Labels as the loss takes them: int32 class indices (multiclass) or float32 0/1."""
-    return labels.astype(np.int32) if kind == "multiclass" else labels.astype(np.float32)
 
 
 def classification_loss(logits: jax.Array, labels: jax.Array, task: LabelKind) -> jax.Array:
@@ -137,13 +129,13 @@ def make_train_step(graphdef: nnx.GraphDef, task: LabelKind, tx: optax.GradientT
     return step
 
 
-def make_forward(graphdef: nnx.GraphDef,
-                 preprocess: Callable[[jax.Array], jax.Array] | None = None) -> Callable:
-    """``forward(params, rest, x) -> logits`` (float32), unjitted."""
+def make_forward(graphdef: nnx.GraphDef, preprocess: Callable[[jax.Array], jax.Array] | None = None,
+                 method: str = "__call__") -> Callable:
+    """``forward(params, rest, x) -> logits`` (or another ``method``'s output; float32), unjitted."""
 
     def forward(params, rest, x):
         model = nnx.merge(graphdef, params, rest)
-        return model(preprocess(x) if preprocess is not None else x).astype(jnp.float32)
+        return getattr(model, method)(preprocess(x) if preprocess is not None else x).astype(jnp.float32)
 
     return forward
 
@@ -211,8 +203,7 @@ class LoopState:
     stop_reason: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        return {**d, "schedule": self.schedule._asdict(), "history": list(self.history)}
+        return {**dataclasses.asdict(self), "schedule": self.schedule._asdict(), "history": list(self.history)}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> LoopState:
@@ -264,12 +255,11 @@ def array_digest(*arrays: Any) -> str:
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": leaf}`` of nested dicts."""
     if not isinstance(d, dict):
         return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
+    return {key: leaf for k, v in d.items()
+            for key, leaf in _flat(v, f"{prefix}.{k}" if prefix else str(k)).items()}
 
 
 def check_identity(directory: str, saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
@@ -288,16 +278,6 @@ def check_identity(directory: str, saved: Mapping[str, Any], current: Mapping[st
             "deletes it.")
 
 
-class _Json:
-    """A JSON document as the Checkpointer's ``data_iter`` item (written via ``get_state()``)."""
-
-    def __init__(self, doc: Any):
-        self.doc = doc
-
-    def get_state(self) -> bytes:
-        return json.dumps(self.doc).encode()
-
-
 def _abstract(tree: Any) -> Any:
     """ShapeDtypeStructs (with the arrays' shardings) of a pytree: a restore target."""
     return jax.tree.map(
@@ -305,15 +285,17 @@ def _abstract(tree: Any) -> Any:
         tree)
 
 
-# Lists steps without creating, cleaning or deleting anything (a reader beside a running writer).
-_READER = ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=False)
+def _steps(directory: str) -> list[int]:
+    """The finished step folders of ``directory`` (orbax renames a step into place when done),
+    listed without opening a manager: a reader beside a running writer changes nothing."""
+    return sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(directory) else []
 
 
-def _latest_step(directory: str) -> int | None:
-    if not os.path.isdir(directory):
-        return None
-    with ocp.CheckpointManager(directory, options=_READER) as manager:
-        return manager.latest_step()
+def _state_json(loop: LoopState, identity: Mapping[str, Any], best_in_state: bool) -> Any:
+    """The JSON part of a training-state checkpoint, as the Checkpointer's ``data_iter`` item."""
+    meta = {"format": STATE_FORMAT, "loop": loop.to_json(), "identity": identity,
+            "best_in_state": best_in_state}
+    return types.SimpleNamespace(get_state=json.dumps(meta).encode)
 
 
 def _read_state_json(directory: str, step: int) -> dict[str, Any]:
@@ -336,53 +318,51 @@ def read_training_state(directory: str | os.PathLike) -> dict[str, Any] | None:
     """The JSON part (``{"format", "loop", "identity", "best_in_state"}``) of the newest
     training-state checkpoint in ``directory``, or None when there is none. Reads only."""
     directory = os.path.abspath(os.fspath(directory))
-    step = _latest_step(directory)
-    return None if step is None else _read_state_json(directory, step)
+    steps = _steps(directory)
+    return _read_state_json(directory, steps[-1]) if steps else None
 
 
 def restore_best(directory: str | os.PathLike, params_like: Params) -> Params:
     """Loads the best parameters saved in ``directory`` into the structure of ``params_like``."""
     directory = os.path.abspath(os.fspath(directory))
-    step = _latest_step(directory)
-    if step is None:
+    steps = _steps(directory)
+    if not steps:
         raise FileNotFoundError(f"{directory}: no checkpoint to restore")
     with Checkpointer(directory, async_save=False) as best:
-        return best.restore(step, _abstract(params_like))
+        return best.restore(steps[-1], _abstract(params_like))
 
 
 def _delete_steps(directory: str) -> None:
     """Removes the step folders of ``directory`` (process 0; the others wait at a barrier)."""
-    if jax.process_index() == 0 and os.path.isdir(directory):
-        for name in os.listdir(directory):
-            if name.isdigit():
-                shutil.rmtree(os.path.join(directory, name))
+    if jax.process_index() == 0:
+        for step in _steps(directory):
+            shutil.rmtree(os.path.join(directory, str(step)))
     any_process(False)
 
 
 class _Checkpoints:
-    """The best parameters (in memory; on disk in ``checkpoint_dir``, step = epoch) and the loop
-    state (``state_dir``). The best are written right after the state that carries them
-    (``best_pending``), so an interruption between the two writes loses nothing."""
+    """The best parameters (in memory; on disk in ``checkpoint_dir``, step = epoch), the loop
+    state (``state_dir``) and the one save / stop decision. The best are written right after the
+    state that carries them (``best_pending``), so an interruption between the two loses nothing."""
 
-    def __init__(self, checkpoint_dir: str | os.PathLike | None,
-                 state_dir: str | os.PathLike | None, identity: dict[str, Any]):
+    def __init__(self, checkpoint_dir: str | os.PathLike | None, state_dir: str | os.PathLike | None,
+                 identity: dict[str, Any], save_every_s: float, fresh_start: bool,
+                 log: Callable[[str], None]):
         self.identity = identity
         self.best_dir = os.path.abspath(checkpoint_dir) if checkpoint_dir else None
         self.state_dir = os.path.abspath(state_dir) if state_dir is not None else None
+        self.save_every_s = save_every_s
+        self.sigterm = SigtermFlag("SIGTERM received: saving after the current training step",
+                                   enabled=self.state_dir is not None)
         self.best_params: Params | None = None
         self.best_pending = False  # best_params not yet in best_dir
         self.last_save = time.monotonic()
-        self.best = self.state = None
-
-    def open(self, fresh_start: bool, log: Callable[[str], None]) -> None:
         if fresh_start and self.state_dir is not None:
             log(f"fresh start: deleting the checkpoints in {self.state_dir} and {self.best_dir}")
             _delete_steps(self.state_dir)
             _delete_steps(self.best_dir)
-        if self.best_dir:
-            self.best = Checkpointer(self.best_dir, max_to_keep=1, async_save=False)
-        if self.state_dir is not None:
-            self.state = Checkpointer(self.state_dir, max_to_keep=1, async_save=False)
+        self.best, self.state = (None if d is None else Checkpointer(d, max_to_keep=1, async_save=False)
+                                 for d in (self.best_dir, self.state_dir))
 
     def close(self) -> None:
         for ckpt in (self.best, self.state):
@@ -400,21 +380,37 @@ class _Checkpoints:
         self.best.save(epoch, self.best_params)
         self.best_pending = False
 
-    def save_due(self, every_s: float) -> bool:
-        return time.monotonic() - self.last_save >= every_s
-
     def save(self, params: Params, opt_state: Any, loop: LoopState) -> None:
         """The loop state (with the best parameters while pending), then the best parameters."""
-        meta = {"format": STATE_FORMAT, "loop": loop.to_json(), "identity": self.identity,
-                "best_in_state": self.best_pending}
         state = {"params": params, "opt_state": opt_state}
         if self.best_pending:
             state["best"] = self.best_params
         step = self.state.latest_step()
-        self.state.save(0 if step is None else step + 1, state, _Json(meta))
+        self.state.save(0 if step is None else step + 1, state,
+                        _state_json(loop, self.identity, self.best_pending))
         if self.best_pending:
             self._write_best(loop.best_epoch)
         self.last_save = time.monotonic()
+
+    def safe_point(self, params: Params, opt_state: Any, loop: LoopState, num_batches: int,
+                   pending: list[jax.Array], *, mid_epoch: bool = False) -> LoopState:
+        """The one save / stop decision, agreed by all processes: saves on SIGTERM (then raises
+        Preempted unless the run has finished), when due (every ``save_every_s``; mid-epoch
+        only when > 0) and when the run has finished. ``pending`` losses are added to the saved
+        loop (and emptied); returns the loop."""
+        if self.state is None:
+            return loop
+        elapsed = time.monotonic() - self.last_save
+        stop, due = any_process(self.sigterm.requested, elapsed >= self.save_every_s and
+                                (self.save_every_s > 0 or not mid_epoch))
+        finished = loop.stop_reason is not None
+        if stop or due or finished:
+            loop = loop.add_losses(pending)
+            pending.clear()
+            self.save(params, opt_state, loop)
+        if stop and not finished:
+            raise Preempted(self.state_dir, loop.next_epoch, loop.next_batch, num_batches)
+        return loop
 
     def resume(self, params: Params, opt_state: Any) -> tuple[Params, Any, LoopState] | None:
         """``(params, opt_state, loop)`` of the newest state checkpoint, which must belong to
@@ -496,18 +492,15 @@ def fit(
         raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
     identity = _plain({"options": dataclasses.asdict(options), "params": param_signature(params),
                        "run": dict(run_id or {})})  # what makes two runs the same run
-    ckpts = _Checkpoints(checkpoint_dir, state_dir, identity)
-    opt_state = init_opt_state(params)
-    loop = LoopState(schedule=Plateau(lr=options.learning_rate))
-    resumed_at = None
+    ckpts = _Checkpoints(checkpoint_dir, state_dir, identity, save_every_s, fresh_start, log)
     try:
-        ckpts.open(fresh_start, log)
+        opt_state = init_opt_state(params)
         resumed = ckpts.resume(params, opt_state) if ckpts.state is not None else None
         if resumed is None:
+            loop = LoopState(schedule=Plateau(lr=options.learning_rate))
             loop = dataclasses.replace(loop, stop_reason=loop.stop_reason_for(options))
         else:
             params, opt_state, loop = resumed
-            resumed_at = (loop.next_epoch, loop.next_batch)
             if loop.stop_reason is not None:
                 log(f"{ckpts.state_dir}: this run already finished ({loop.stop_reason}); "
                     "not training")
@@ -515,16 +508,10 @@ def fit(
                 log(f"resuming from {ckpts.state_dir}: epoch {loop.next_epoch}, batch "
                     f"{loop.next_batch} (lr {loop.schedule.lr:.2e}, best val_"
                     f"{options.monitor} {loop.best_metric:.4f} at epoch {loop.best_epoch})")
-        finished_before = resumed is not None and loop.stop_reason is not None
-        with SigtermFlag("SIGTERM received: saving after the current training step",
-                         enabled=ckpts.state is not None) as sigterm:
+        with ckpts.sigterm:
             while loop.stop_reason is None:
-                t0 = time.perf_counter()
-                params, opt_state, loop = _train_epoch(
-                    params, opt_state, loop, run_epoch, steps_per_epoch, ckpts, sigterm, save_every_s)
-                params, opt_state, loop = _end_epoch(
-                    params, opt_state, loop, validate, options, ckpts, sigterm, save_every_s,
-                    steps_per_epoch, t0, log)
+                params, opt_state, loop = _epoch(params, opt_state, loop, run_epoch, steps_per_epoch,
+                                                 validate, options, ckpts, log)
     except Preempted as e:
         log(str(e))
         raise
@@ -535,56 +522,38 @@ def fit(
                            "is a class missing from the validation split?")
     log(f"stopped: {loop.stop_reason}; best epoch {loop.best_epoch} "
         f"(val_{options.monitor} {loop.best_metric:.4f})")
+    start = None if resumed is None else resumed[2]
     return FitResult(ckpts.best_params, loop.best_epoch, loop.best_metric, list(loop.history),
-                     str(loop.stop_reason), resumed_at, finished_before)
+                     str(loop.stop_reason), None if start is None else (start.next_epoch, start.next_batch),
+                     start is not None and start.stop_reason is not None)
 
 
-def _train_epoch(params, opt_state, loop: LoopState, run_epoch, steps_per_epoch: int,
-                 ckpts: _Checkpoints, sigterm: SigtermFlag, save_every_s: float
-                 ) -> tuple[Params, Any, LoopState]:
-    """Trains the rest of epoch ``loop.next_epoch``, saving (and stopping on SIGTERM) between
-    units of work; returns the state with every batch's loss added to ``loop``."""
-    losses: list[jax.Array] = []  # of batches not yet added to loop.loss_sum
-    done = loop.next_batch
-    steps = run_epoch(params, opt_state, loop.schedule.lr, loop.next_epoch, done)
-    try:
-        for params, opt_state, step_losses in steps:
-            losses.append(step_losses)
-            done += len(step_losses)
-            if done >= steps_per_epoch or ckpts.state is None:
-                continue
-            stop, due = any_process(sigterm.requested, save_every_s > 0 and
-                                    ckpts.save_due(save_every_s))
-            if stop or due:
-                loop, losses = loop.add_losses(losses), []
-                ckpts.save(params, opt_state, loop)
-                if stop:
-                    raise Preempted(ckpts.state_dir, loop.next_epoch, loop.next_batch, steps_per_epoch)
-    finally:
-        steps.close()
-    loop = loop.add_losses(losses)
-    if loop.next_batch != steps_per_epoch:
-        raise RuntimeError(f"run_epoch trained {loop.next_batch} batches of epoch "
-                           f"{loop.next_epoch}, expected {steps_per_epoch}")
-    return params, opt_state, loop
-
-
-def _end_epoch(params, opt_state, loop: LoopState, validate, options: FitOptions,
-               ckpts: _Checkpoints, sigterm: SigtermFlag, save_every_s: float,
-               steps_per_epoch: int, t0: float, log: Callable[[str], None]
-               ) -> tuple[Params, Any, LoopState]:
-    """Validates the trained epoch (started at ``t0``), steps the schedule, keeps the best
-    and saves when due."""
+def _epoch(params, opt_state, loop: LoopState, run_epoch, steps_per_epoch: int, validate,
+           options: FitOptions, ckpts: _Checkpoints, log: Callable[[str], None]
+           ) -> tuple[Params, Any, LoopState]:
+    """Trains the rest of epoch ``loop.next_epoch`` (a safe point after every unit of work),
+    validates it, steps the schedule, keeps the best and decides on saving and stopping."""
+    t0 = time.perf_counter()
     epoch, lr = loop.next_epoch, loop.schedule.lr
+    pending: list[jax.Array] = []  # losses of batches not yet added to loop.loss_sum
+    done = loop.next_batch
+    with contextlib.closing(run_epoch(params, opt_state, lr, epoch, done)) as steps:
+        for params, opt_state, losses in steps:
+            pending.append(losses)
+            done += len(losses)
+            if done < steps_per_epoch:
+                loop = ckpts.safe_point(params, opt_state, loop, steps_per_epoch, pending, mid_epoch=True)
+    loop = loop.add_losses(pending)
+    if loop.next_batch != steps_per_epoch:
+        raise RuntimeError(f"run_epoch trained {loop.next_batch} batches of epoch {epoch}, "
+                           f"expected {steps_per_epoch}")
     train_loss = loop.loss_sum / steps_per_epoch
     if not math.isfinite(train_loss):
         raise FloatingPointError(f"epoch {epoch}: training loss is {train_loss}")
-    val = validate(params, lambda: any_process(sigterm.requested)[0])
-    if val is None:
-        if not any_process(sigterm.requested)[0]:
-            raise RuntimeError("validate returned None without a stop request")
-        ckpts.save(params, opt_state, loop)  # trained, not validated: a rerun validates
-        raise Preempted(ckpts.state_dir, loop.next_epoch, loop.next_batch, steps_per_epoch)
+    val = validate(params, lambda: any_process(ckpts.sigterm.requested)[0])
+    if val is None:  # SIGTERM during validation: saved trained, not validated (a rerun validates)
+        ckpts.safe_point(params, opt_state, loop, steps_per_epoch, [])
+        raise RuntimeError("validate returned None without a stop request")
     if options.monitor not in val:
         raise KeyError(f"validation metrics lack {options.monitor!r}: {sorted(val)}")
     score = float(val[options.monitor])
@@ -603,10 +572,4 @@ def _end_epoch(params, opt_state, loop: LoopState, validate, options: FitOptions
     loop = dataclasses.replace(loop, stop_reason=loop.stop_reason_for(options))
     if improved:
         ckpts.new_best(epoch, params)
-    if ckpts.state is not None:
-        stop, due = any_process(sigterm.requested, ckpts.save_due(save_every_s))
-        if loop.stop_reason is not None or stop or due:
-            ckpts.save(params, opt_state, loop)
-        if stop and loop.stop_reason is None:
-            raise Preempted(ckpts.state_dir, loop.next_epoch, loop.next_batch, steps_per_epoch)
-    return params, opt_state, loop
+    return params, opt_state, ckpts.safe_point(params, opt_state, loop, steps_per_epoch, [])
