@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
 from marlin_jax import sharding as shd
 from marlin_jax.train import metrics as mt
@@ -71,17 +73,12 @@ class Target:
     devices: tuple[Any, ...]
     chip: ChipSpec
     devices_per_chip: int
-    hosts: int = 1
     # Passed to ``Lowered.compile``: only for compile-only GPU targets (see GPU_COMPILE_OPTIONS).
     compiler_options: tuple[tuple[str, Any], ...] = ()
     interconnect_name: str = "ICI"
     # The share of a device's memory a step may use: a TPU's HBM; on GPUs JAX's default memory pool,
     # about where XLA's GPU scheduler starts rematerialising on its own (80 % less inputs, x 0.95).
     usable_fraction: float = 1.0
-
-    @property
-    def num_chips(self) -> int:
-        return len(self.devices) // self.devices_per_chip
 
     @property
     def device_hbm(self) -> float:
@@ -210,7 +207,7 @@ def gpu_target(topology: str) -> Target:
     if hosts > 1:  # collectives cross the hosts' network: its per-GPU bandwidth bounds them
         chip = dataclasses.replace(chip, interconnect_bandwidth=min(chip.interconnect_bandwidth,
                                                                     spec.network_bandwidth))
-    return Target(topology, devices, chip, 1, hosts=hosts, compiler_options=GPU_COMPILE_OPTIONS,
+    return Target(topology, devices, chip, 1, compiler_options=GPU_COMPILE_OPTIONS,
                   interconnect_name="network" if hosts > 1 else "NVLink",
                   usable_fraction=JAX_GPU_POOL_FRACTION)
 
@@ -271,7 +268,7 @@ class HloSummary(NamedTuple):
     bytes_accessed_once: float  # the same with every loop body counted once (as XLA does)
     loops: list[int]  # trip counts of the top-level loops
     traffic_by_op: dict[str, float]  # source op -> bytes, largest first
-    kernels: list[tuple[int, float, float]]  # (times executed, matmul FLOPs, bytes) per kernel
+    kernels: list[tuple[int, float | None, float]]  # (times executed, matmul FLOPs or None, bytes) per kernel
     uncounted_kernels: int  # kernels whose FLOPs the text does not give (e.g. Pallas calls)
 
 
@@ -325,22 +322,17 @@ def analyse_hlo(hlo_text: str) -> HloSummary:
             current = (head[1] if head[0] == "ENTRY" else head[0]).lstrip("%")
             computations[current] = []
             entry = current if head[0] == "ENTRY" else entry
-        elif line.rstrip() == "}":
-            current = None
         elif current is not None and (m := _INSTRUCTION.match(line)):
             root, name, shape, opcode, args = m.groups()
             operands = re.findall(r"%([\w.\-]+)", args)
             computations[current].append(_Instruction(name, shape, opcode, operands, line, bool(root)))
-    if entry is None:
-        return HloSummary({}, 0.0, 0.0, [], {}, [], 0)
 
     def called(inst: _Instruction, attr: str = "calls") -> list[_Instruction]:
         m = re.search(rf"\b{attr}=%?([\w.\-]+)", inst.line)
         return computations.get(m.group(1), []) if m else []
 
     def trip_count(inst: _Instruction) -> int:
-        known = _TRIP.search(inst.line)
-        if known:
+        if known := _TRIP.search(inst.line):
             return int(known.group(1))
         cond = called(inst, "condition")
         consts = [int(m.group(1)) for i in cond if i.opcode == "constant" and i.shape.startswith("s32[]")
@@ -355,88 +347,66 @@ def analyse_hlo(hlo_text: str) -> HloSummary:
             comp.startswith("all-reduce-scatter")
             or any(i.root and i.opcode == "dynamic-slice" for i in insts))
 
-    def in_place_savings(inst: _Instruction, shapes: dict[str, str]) -> int:
-        """A dynamic-update-slice (alone, or as a fusion's root) updates its buffer in place: only
+    def in_place_savings(body: list[_Instruction], roots: list[_Instruction], scope: dict[str, str]) -> int:
+        """A dynamic-update-slice (a kernel, or a fusion's root) updates its buffer in place: only
         the update is read and written (e.g. a scan storing one layer's residuals)."""
-        if inst.opcode == "dynamic-update-slice":
-            updates, scope = [inst], shapes
-        elif inst.opcode == "fusion":
-            body = called(inst)
-            scope, by_name = {i.name: i.shape for i in body}, {i.name: i for i in body}
-            roots = [i for i in body if i.root]
-            outputs = roots + [by_name[o] for r in roots if r.opcode == "tuple" for o in r.operands if o in by_name]
-            updates = [i for i in outputs if i.opcode == "dynamic-update-slice"]
-        else:
-            return 0
+        by_name = {i.name: i for i in body}
+        outputs = roots + [by_name[o] for r in roots if r.opcode == "tuple" for o in r.operands if o in by_name]
         return sum(2 * (shape_bytes(u.shape) - shape_bytes(scope.get(u.operands[1], "")))
-                   for u in updates if len(u.operands) > 1)
+                   for u in outputs if u.opcode == "dynamic-update-slice" and len(u.operands) > 1)
 
-    def kernel_flops(inst: _Instruction, shapes: dict[str, str]) -> float | None:
-        """Matmul FLOPs of one top-level instruction; None when they cannot be read."""
-        if inst.opcode == "dot":
-            return _dot_flops(inst, shapes)
+    def kernel_flops(inst: _Instruction, body: list[_Instruction], scope: dict[str, str]) -> float | None:
+        """Matmul FLOPs of one kernel (a fusion: of the dots in its ``body``); None when unreadable."""
         if inst.opcode == "custom-call":
             m = re.search(r'custom_call_target="([^"]*)"', inst.line)
             target = m.group(1) if m else ""
             if "fmha" in target:
-                return _fmha_flops(inst, shapes)
+                return _fmha_flops(inst, scope)
             if "gemm" in target or "matmul" in target:  # cuBLAS / cuBLASLt
-                return _dot_flops(inst, shapes)
+                return _dot_flops(inst, scope)
             return None if target == "tpu_custom_call" or target.startswith("__cudnn") else 0.0
-        if inst.opcode == "convolution":
+        if any(i.opcode == "convolution" for i in body):
             return None
-        if inst.opcode == "fusion":
-            body = called(inst)
-            if any(i.opcode == "convolution" for i in body):
-                return None
-            inner = {i.name: i.shape for i in body}
-            return sum(_dot_flops(i, inner) for i in body if i.opcode == "dot")
-        return 0.0
+        return sum(_dot_flops(i, scope) for i in body if i.opcode == "dot")
 
     totals = {kind: {"count": 0.0, "bytes": 0.0} for kind in COLLECTIVES}
     by_op: Counter[str] = Counter()
-    kernels: list[tuple[int, float, float]] = []
-    uncounted = 0
-    traffic = traffic_once = 0.0
+    kernels: list[tuple[int, float | None, float]] = []
     loops: list[int] = []
 
-    def visit(name: str, times: int, control: bool, depth: int = 0) -> None:
-        nonlocal traffic, traffic_once, uncounted
-        if depth > 64:
-            return
+    def visit(name: str, times: int, control: bool) -> None:
         shapes = {i.name: i.shape for i in computations.get(name, ())}
         for inst in computations.get(name, ()):
-            kind = inst.opcode.removesuffix("-done")  # an async pair counts once, at its -done
+            callees = _CALLEE.findall(inst.line) + [
+                ("branch", c) for group in _BRANCHES.findall(inst.line) for c in re.findall(r"%?([\w.\-]+)", group)]
+            scatter = inst.opcode == "fusion" and any(is_reduce_scatter(c) for _, c in callees)
+            kind = "reduce-scatter" if scatter else inst.opcode.removesuffix("-done")  # async: at -done
             if kind in totals:
                 totals[kind]["count"] += times
                 totals[kind]["bytes"] += times * shape_bytes(inst.shape)
             if control and inst.opcode not in _NO_TRAFFIC:
                 nbytes = shape_bytes(inst.shape) + sum(shape_bytes(shapes.get(o, "")) for o in inst.operands)
-                nbytes -= in_place_savings(inst, shapes)
-                traffic += times * nbytes
-                traffic_once += nbytes
+                fusion = inst.opcode == "fusion"
+                body = called(inst) if fusion else [inst]  # what the kernel runs, and the shapes it names
+                scope = {i.name: i.shape for i in body} if fusion else shapes
+                nbytes -= in_place_savings(body, [i for i in body if i.root] if fusion else body, scope)
                 by_op[_source_op(inst.line)] += times * nbytes
-                flops = kernel_flops(inst, shapes)
-                uncounted += flops is None
-                kernels.append((times, flops or 0.0, float(nbytes)))
+                kernels.append((times, kernel_flops(inst, body, scope), float(nbytes)))
             n = trip_count(inst) if inst.opcode == "while" else 1
-            if inst.opcode == "while" and depth == 0:
+            if inst.opcode == "while" and name == entry:
                 loops.append(n)
-            callees = _CALLEE.findall(inst.line) + [
-                ("branch", c) for group in _BRANCHES.findall(inst.line) for c in re.findall(r"%?([\w.\-]+)", group)]
             for role, callee in callees:
                 loop = role in ("body", "condition")
-                if inst.opcode == "fusion" and is_reduce_scatter(callee):
-                    totals["reduce-scatter"]["count"] += times
-                    totals["reduce-scatter"]["bytes"] += times * shape_bytes(inst.shape)
-                elif callee in computations:
+                if callee in computations and not scatter:
                     # fused computations and reducers run on chip: collectives only
                     inner = control and (loop or role == "branch" or inst.opcode in ("call", "async-start"))
-                    visit(callee, times * (n if loop else 1), inner, depth + 1)
+                    visit(callee, times * (n if loop else 1), inner)
 
     visit(entry, 1, True)
+    traffic = sum([t * b for t, _, b in kernels], 0.0)
+    traffic_once = sum([b for _, _, b in kernels], 0.0)
     return HloSummary({k: v for k, v in totals.items() if v["count"]}, traffic, traffic_once, loops,
-                      dict(by_op.most_common()), kernels, uncounted)
+                      dict(by_op.most_common()), kernels, sum(f is None for _, f, _ in kernels))
 
 
 @dataclasses.dataclass
@@ -561,22 +531,18 @@ def report_train_step(config: ml_collections.ConfigDict, target: Target) -> Comp
 
 
 def report_features(config: ml_collections.ConfigDict, target: Target) -> CompileReport:
-    """The feature-extraction forward (``Marlin.extract_features``, mean-pooled) at the
-    config's global batch, parameters replicated, clips split over the mesh's batch axes."""
+    """The feature-extraction forward (``Marlin.extract_features``, mean-pooled) of the trainer's
+    model at the config's global batch, parameters replicated, clips split over the batch axes."""
     from flax import nnx
 
     from marlin_jax.extract import Marlin
     from marlin_jax.models import MarlinModel
 
-    mesh = shd.make_mesh(config.mesh.to_dict(), devices=target.devices)
-    platform = prog.mesh_platform(mesh)
-    dtype = prog.compute_dtype(config.compute_dtype, platform)
-    cfg = prog.model_config(config)
-    batch = int(config.global_batch_size)
-    prog.check_batch(batch, mesh)
-    model = nnx.eval_shape(lambda: MarlinModel(
-        cfg, rngs=nnx.Rngs(0), with_decoder=False, dtype=dtype,
-        attention_impl=prog.attention_impl(config.attention_impl, platform, dtype)))
+    program = prog.build_program(config, shd.make_mesh(config.mesh.to_dict(), devices=target.devices),
+                                 prog.schedule_from_config(config, None))
+    cfg, mesh, batch = program.model_cfg, program.mesh, program.global_batch
+    model = nnx.eval_shape(lambda: MarlinModel(cfg, rngs=nnx.Rngs(0), with_decoder=False, dtype=program.dtype,
+                                               attention_impl=program.attention_impl))
     clips = jax.ShapeDtypeStruct((batch, cfg.n_frames, cfg.img_size, cfg.img_size, cfg.in_channels),
                                  jnp.uint8, sharding=shd.batch_sharding(mesh, 5))
     with jax.set_mesh(mesh):
@@ -595,7 +561,6 @@ def find_max_batch(config: ml_collections.ConfigDict, target: Target, *, max_com
     usable memory, kept inside the bracket (largest that fits, smallest that does not). Returns
     (batch, report at it, history of (batch, total bytes or None when the compiler refused it))."""
     shards = shd.batch_divisor(shd.make_mesh(config.mesh.to_dict(), devices=target.devices))
-    usable = target.usable_bytes
     tried: dict[int, CompileReport | None] = {}
     lo, hi = 0, None  # largest batch that fits, smallest that does not
     b = max(1, int(config.global_batch_size) // shards)
@@ -603,7 +568,7 @@ def find_max_batch(config: ml_collections.ConfigDict, target: Target, *, max_com
     for _ in range(max_compiles):
         try:
             rep = report_train_step(with_batch(config, b * shards), target)
-            log(f"  batch {b}/shard: {_gib(rep.total_bytes)} of {_gib(usable)} "
+            log(f"  batch {b}/shard: {_gib(rep.total_bytes)} of {_gib(target.usable_bytes)} "
                 f"({'fits' if rep.fits else 'does not fit'}; compiled in {rep.compile_s:.0f}s)")
         except DoesNotFitError as e:
             rep = None
@@ -615,33 +580,22 @@ def find_max_batch(config: ml_collections.ConfigDict, target: Target, *, max_com
             hi = b if hi is None else min(hi, b)
         if hi is not None and hi <= lo + 1:
             break
-        if hi is not None:
-            widths.append(hi - lo)
         points = [(x, r.total_bytes) for x, r in sorted(tried.items()) if r is not None]
         if len(points) == 1:
             points.insert(0, (0, tried[points[0][0]].argument_bytes))
-        guess = None
+        fit = None
         if points:  # least squares: XLA's layouts make memory slightly non-monotonic
             slope, intercept = np.polyfit(*zip(*points, strict=True), 1)
-            guess = (usable - intercept) / slope if slope > 0 else None
-        # Near the limit memory bends (XLA's GPU scheduler rematerialises on its own; TPU
-        # layouts jump): when the last fitted guess did not halve the bracket, bisect instead.
-        if guess is None or (len(widths) >= 2 and widths[-1] > widths[-2] / 2):
-            guess = (lo + hi) / 2 if hi is not None else (2 * lo if lo else b / 2)
-        guess = math.floor(guess)
-        if hi is None and guess <= lo + max(1, lo // 8):  # fits, yet the fit says stop: grow
-            guess = 2 * lo
-        if hi is not None and guess >= hi - 1 and hi - lo > 2:  # the fit overshoots: bisect
-            guess = (lo + hi) // 2
-        upper = hi - 1 if hi is not None else max(guess, lo + 1)
-        guess = min(max(guess, lo + 1), upper)
-        if guess in tried:
-            guess = (lo + upper + 1) // 2
-        if guess in tried or guess < 1:
-            break
-        b = guess
-    history = [(x, None if r is None else r.total_bytes) for x, r in sorted(tried.items())]
-    return lo, tried.get(lo), history
+            fit = math.floor((target.usable_bytes - intercept) / slope) if slope > 0 else None
+        if hi is None:  # everything fitted so far (lo >= 1): the fit, or double when it says stop
+            b = fit if fit is not None and fit > lo + max(1, lo // 8) else 2 * lo
+            continue
+        # Near the limit memory bends (XLA's GPU scheduler rematerialises on its own; TPU layouts
+        # jump): bisect when the fit overshoots the bracket or the last fit did not halve it.
+        widths.append(hi - lo)
+        stalled = len(widths) >= 2 and widths[-1] > widths[-2] / 2
+        b = max(fit, lo + 1) if fit is not None and fit < hi - 1 and not stalled else (lo + hi) // 2
+    return lo, tried.get(lo), [(x, None if r is None else r.total_bytes) for x, r in sorted(tried.items())]
 
 
 def _gib(x: float) -> str:
@@ -697,7 +651,7 @@ def run(config: ml_collections.ConfigDict, topology: str, *, max_batch: bool = F
     mesh = shd.make_mesh(config.mesh.to_dict(), devices=target.devices)
     platform = prog.mesh_platform(mesh)
     dtype = prog.compute_dtype(config.compute_dtype, platform)
-    log(f"marlin-jax aot: {topology} = {target.num_chips} x {target.chip.name} "
+    log(f"marlin-jax aot: {topology} = {len(target.devices) // target.devices_per_chip} x {target.chip.name} "
         f"({len(target.devices)} devices, {_gib(target.device_hbm)} HBM and "
         f"{target.device_peak / 1e12:.0f} TFLOP/s bf16 each), mesh {dict(mesh.shape)}; model "
         f"{config.model.name}, {config.data.clip_frames}x{config.data.img_size}^2 clips, "
@@ -744,15 +698,9 @@ def run(config: ml_collections.ConfigDict, topology: str, *, max_batch: bool = F
 
 
 def main(argv: Sequence[str]) -> None:
-    from absl import flags
-    from ml_collections import config_flags
-
     if len(argv) > 1:
         raise SystemExit(f"unexpected arguments: {' '.join(argv[1:])}")
     f = flags.FLAGS
-    if f.config is None or not f.topology:
-        raise SystemExit("--config and --topology are required, e.g. python -m marlin_jax.aot "
-                         "--config=configs/vit_base.py --topology=v5p:2x2x1")
     jax.config.update("jax_platforms", os.environ.get("JAX_PLATFORMS") or "cpu")  # host backend
     name = os.path.splitext(os.path.basename(config_flags.get_config_filename(f["config"])))[0]
     report = f.report or f"aot_{name}_{f.topology.replace(':', '_')}.json"
@@ -765,9 +713,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
     config_flags.DEFINE_config_file("config", None, "ml_collections config file, e.g. "
                                     "configs/vit_base.py", lock_config=True)
     flags.DEFINE_string("topology", None, f"TPU slice or GPUs, e.g. {TOPOLOGY_EXAMPLES}; {GPU_EXAMPLES}")
@@ -775,4 +720,5 @@ if __name__ == "__main__":
                       "report at it")
     flags.DEFINE_bool("skip_features", False, "do not compile the feature-extraction forward")
     flags.DEFINE_string("report", None, "JSON report path (default aot_<config>_<topology>.json)")
+    flags.mark_flags_as_required(["config", "topology"])
     app.run(main)

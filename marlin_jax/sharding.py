@@ -3,10 +3,8 @@
 A mesh has the axes ``data``, ``fsdp`` and ``tensor`` (``-1`` = all remaining devices). Batches
 are split over ``data x fsdp``; parameters, and optimizer states (which hold the same ``/``-joined
 paths, e.g. ``encoder/blocks/3/attn/qkv/kernel``, as suffixes), follow the first matching
-``(regex, PartitionSpec)`` rule of :data:`MARLIN_RULES`. An axis that does not divide its dimension
-is dropped, so one table fits any model and mesh. Rules are written for per-layer shapes; stacked
-blocks (``scan_layers``, matching :data:`STACKED_LAYERS`) get a leading ``None``: the layer axis is
-never sharded.
+``(regex, PartitionSpec)`` rule of :data:`MARLIN_RULES`, fitted by :func:`spec_for` to each shape,
+so that one table fits any model, mesh and layer layout (per-layer or stacked blocks).
 """
 
 from __future__ import annotations
@@ -53,10 +51,8 @@ def resolve_mesh_shape(axes: Mapping[str, int], num_devices: int) -> dict[str, i
     """Resolves a ``{axis: size}`` mapping where one size may be ``-1`` ("the rest")."""
     sizes = {name: int(size) for name, size in axes.items()}
     unknown = [name for name, size in sizes.items() if size == -1]
-    if len(unknown) > 1:
-        raise ValueError(f"mesh: only one axis may be -1, got {sizes}")
-    if any(size == 0 or size < -1 for size in sizes.values()):
-        raise ValueError(f"mesh: axis sizes must be positive or -1, got {sizes}")
+    if len(unknown) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
+        raise ValueError(f"mesh: axis sizes must be positive, and only one axis may be -1; got {sizes}")
     known = math.prod(size for size in sizes.values() if size != -1)
     if unknown:
         if num_devices % known:
@@ -73,13 +69,11 @@ def make_mesh(axes: Mapping[str, int] | None = None,
     """A mesh with axes (data, fsdp, tensor); missing axes have size 1, ``-1`` = the rest. All
     devices: ``jax.make_mesh``'s topology-aware device order."""
     axes = dict(axes or {"data": -1})
-    extra = sorted(set(axes) - set(MESH_AXES))
-    if extra:
+    if extra := sorted(set(axes) - set(MESH_AXES)):
         raise ValueError(f"mesh: unknown axes {extra}; expected a subset of {MESH_AXES}")
     ordered = {name: axes.get(name, 1) for name in MESH_AXES}
     devices = list(jax.devices() if devices is None else devices)
-    sizes = resolve_mesh_shape(ordered, len(devices))
-    shape = tuple(sizes[name] for name in MESH_AXES)
+    shape = tuple(resolve_mesh_shape(ordered, len(devices)).values())  # in MESH_AXES order
     auto = (AxisType.Auto,) * len(MESH_AXES)  # GSPMD propagation (no sharding-in-types)
     if len(devices) == jax.device_count():
         return jax.make_mesh(shape, MESH_AXES, devices=devices, axis_types=auto)
@@ -92,9 +86,7 @@ def path_str(path: Sequence[Any]) -> str:
 
 
 def _axis_size(mesh: Mesh, axis: str | tuple[str, ...] | None) -> int:
-    if axis is None:
-        return 1
-    names = (axis,) if isinstance(axis, str) else axis
+    names = () if axis is None else (axis,) if isinstance(axis, str) else axis
     return math.prod(mesh.shape[n] for n in names)
 
 
@@ -164,11 +156,8 @@ def process_batch_rows(mesh: Mesh, batch: int) -> slice:
 def host_to_global(tree: Any, shardings: Any) -> Any:
     """Host-local arrays (the same values on every process, e.g. parameters restored from a
     file) -> global jax Arrays with ``shardings``; each process copies in only its shards."""
-    def put(value, sharding):
-        value = np.asarray(value)
-        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
-
-    return jax.tree.map(put, tree, shardings)
+    return jax.tree.map(lambda value, sharding: jax.make_array_from_callback(
+        np.shape(value), sharding, np.asarray(value).__getitem__), tree, shardings)
 
 
 def batch_divisor(mesh: Mesh) -> int:

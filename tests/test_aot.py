@@ -180,7 +180,7 @@ def test_unknown_topology_and_bad_batch_are_clear_errors():
     with pytest.raises(aot.AotError, match="does not know this slice"):
         aot.tpu_target("v5e:3x3")
     target = aot.tpu_target("v5e:2x2")
-    assert (target.num_chips, target.devices_per_chip, target.chip.name) == (4, 1, "TPU v5e")
+    assert (len(target.devices), target.devices_per_chip, target.chip.name) == (4, 1, "TPU v5e")
     with pytest.raises(ValueError, match="global_batch_size 6 must be a positive multiple of the batch shards 4"):
         aot.report_train_step(_tiny_config(global_batch_size=6), target)
 

@@ -31,6 +31,8 @@ def test_resolve_mesh_shape():
         "data": 4, "fsdp": 2, "tensor": 1}
     with pytest.raises(ValueError, match="only one axis may be -1"):
         shd.resolve_mesh_shape({"data": -1, "fsdp": -1}, 8)
+    with pytest.raises(ValueError, match="must be positive"):
+        shd.resolve_mesh_shape({"data": 0, "fsdp": 8}, 8)
     with pytest.raises(ValueError, match="not divisible"):
         shd.resolve_mesh_shape({"data": -1, "fsdp": 3}, 8)
     with pytest.raises(ValueError, match="needs 4 devices"):
@@ -186,3 +188,28 @@ def test_tensor_parallel_qkv_shards_hold_whole_heads():
     """With tensor=2 each device's qkv kernel shard is H/2 whole heads of q, k and v (and the
     matching q/v bias channels): attention needs no resharding."""
     assert "OK" in _run_with_devices(_QKV_HEADS, 2, timeout=300)
+
+
+_HOST_TO_GLOBAL = textwrap.dedent("""
+    import jax, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from marlin_jax import sharding as shd
+
+    mesh = shd.make_mesh({"data": 2, "tensor": 2})
+    x = np.arange(24.0, dtype=np.float32).reshape(4, 6)
+    tree = {"host": x, "device": jax.numpy.asarray(x), "scalar": np.float32(3.0)}
+    shardings = {"host": NamedSharding(mesh, P("data", "tensor")), "device": NamedSharding(mesh, P(None, "tensor")),
+                 "scalar": shd.replicated(mesh)}
+    out = shd.host_to_global(tree, shardings)
+    for name, value in out.items():
+        assert value.sharding == shardings[name] and value.shape == np.shape(tree[name]), name
+        for shard in value.addressable_shards:
+            np.testing.assert_array_equal(np.asarray(shard.data), np.asarray(tree[name])[shard.index])
+    print("OK")
+""")
+
+
+def test_host_to_global_copies_each_devices_shard():
+    """Host values (numpy, jax or scalars) become global arrays with the given shardings, each
+    device holding exactly its slice."""
+    assert "OK" in _run_with_devices(_HOST_TO_GLOBAL, 4, timeout=300)

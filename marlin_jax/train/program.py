@@ -5,9 +5,9 @@ tool measures what the trainer runs. It depends on the config, mesh and schedule
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -79,8 +79,7 @@ def compute_dtype(name: str, platform: str) -> Any:
 
 
 def attention_impl(name: str, platform: str, dtype: Any = jnp.bfloat16) -> str | None:
-    """``""`` / ``auto`` = :func:`models.layers.default_attention_impl` for training; any other
-    value as given."""
+    """``""`` / ``auto``: :func:`models.layers.default_attention_impl` (training); others as given."""
     return default_attention_impl(platform, dtype, training=True) if name in ("", "auto") else name
 
 
@@ -92,7 +91,6 @@ class TrainProgram:
 
     model_cfg: MarlinConfig
     mesh: Mesh
-    platform: str
     dtype: Any
     attention_impl: str | None
     global_batch: int
@@ -107,10 +105,9 @@ class TrainProgram:
     train_step: Callable[..., Any]
     eval_step: Callable[..., Any]
 
-    @contextlib.contextmanager
-    def mesh_context(self) -> Iterator[None]:
-        with jax.set_mesh(self.mesh):
-            yield
+    def mesh_context(self) -> jax.set_mesh:
+        """``with program.mesh_context():`` (``jax.set_mesh`` takes effect when called)."""
+        return jax.set_mesh(self.mesh)
 
     def lower_train_step(self) -> Any:
         """``jax.stages.Lowered`` of the train step on the abstract state, batch and stop flags."""
@@ -131,15 +128,6 @@ class TrainProgram:
                                 gp=self.task.step.gp_weight > 0)
 
 
-def check_batch(global_batch: int, mesh: Mesh, process_count: int = 1) -> None:
-    """The global batch must split evenly over the mesh's batch shards and the processes."""
-    shards = shd.batch_divisor(mesh)
-    if global_batch <= 0 or global_batch % shards or global_batch % process_count:
-        raise ValueError(f"global_batch_size {global_batch} must be a positive multiple of the "
-                         f"batch shards {shards} (mesh {dict(mesh.shape)}: data x fsdp) and of "
-                         f"{process_count} processes")
-
-
 def build_program(config: ml_collections.ConfigDict, mesh: Mesh, schedule: Schedule,
                   process_count: int = 1) -> TrainProgram:
     """The pretraining program of ``config`` on ``mesh`` (real or abstract topology devices)."""
@@ -147,21 +135,17 @@ def build_program(config: ml_collections.ConfigDict, mesh: Mesh, schedule: Sched
     model_cfg = model_config(config)
     dtype = compute_dtype(config.compute_dtype, platform)
     impl = attention_impl(config.attention_impl, platform, dtype)
-    batch = int(config.global_batch_size)
-    check_batch(batch, mesh, process_count)
+    batch, shards = int(config.global_batch_size), shd.batch_divisor(mesh)
+    if batch <= 0 or batch % shards or batch % process_count:
+        raise ValueError(f"global_batch_size {batch} must be a positive multiple of the batch shards {shards} "
+                         f"(mesh {dict(mesh.shape)}: data x fsdp) and of {process_count} processes")
     k = int(model_cfg.num_tokens * (1 - config.data.mask_ratio))  # as the masking code
 
-    opt = config.optimizer
-    g_tx = d_tx = st.make_optimizer(b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                                    weight_decay=opt.weight_decay, grad_clip=opt.grad_clip)
+    g_tx = d_tx = st.make_optimizer(**config.optimizer)
     per = schedule.steps_per_epoch if config.lr.per_epoch else 1
     lr = st.lr_schedule(schedule.base_lr, schedule.min_lr, schedule.warmup_steps,
                         schedule.total_steps, per)
-
-    def init_fn() -> st.TrainState:
-        return st.init_train_state(model_cfg, g_tx, d_tx, config.seed,
-                                   scan_layers=config.scan_layers)
-
+    init_fn = functools.partial(st.init_train_state, model_cfg, g_tx, d_tx, config.seed, scan_layers=config.scan_layers)
     abstract = jax.eval_shape(init_fn)
     state_shardings = shd.tree_shardings(abstract, mesh)
     task = steps.Task(
@@ -181,7 +165,7 @@ def build_program(config: ml_collections.ConfigDict, mesh: Mesh, schedule: Sched
     stop_sharding = NamedSharding(mesh, P(mesh.axis_names))
     repl = shd.replicated(mesh)
     return TrainProgram(
-        model_cfg=model_cfg, mesh=mesh, platform=platform, dtype=dtype,
+        model_cfg=model_cfg, mesh=mesh, dtype=dtype,
         attention_impl=impl, global_batch=batch, num_visible=k, task=task, init_fn=init_fn,
         abstract_state=abstract_state, state_shardings=state_shardings,
         batch_shardings=batch_shardings, abstract_batch=abstract_batch,
