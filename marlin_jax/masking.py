@@ -69,18 +69,7 @@ def keep_queue(strategy: str, rng: np.random.Generator) -> np.ndarray:
         raise ValueError(f"keep_queue is for 'fasking' / 'fasking_opp', got {strategy!r}")
     perm = rng.permutation(5)
     ends = np.array([BACKGROUND_GROUP, SKIN_GROUP])
-    if strategy == "fasking":
-        return np.concatenate([ends, perm])
-    return np.concatenate([perm, ends[::-1]])
-
-
-def _to_uint8_labels(maps: np.ndarray) -> np.ndarray:
-    """Integer label maps as uint8; labels outside 0..255 become 255 (an out-of-range label)."""
-    if maps.dtype == np.uint8:
-        return maps
-    if not np.issubdtype(maps.dtype, np.integer):
-        raise ValueError(f"parsing maps must hold integer labels, got dtype {maps.dtype}")
-    return np.where((maps < 0) | (maps > 255), 255, maps).astype(np.uint8)
+    return np.concatenate([ends, perm] if strategy == "fasking" else [perm, ends[::-1]])
 
 
 def patch_label_bits(maps: np.ndarray, patch_size: int = 16) -> np.ndarray:
@@ -90,7 +79,11 @@ def patch_label_bits(maps: np.ndarray, patch_size: int = 16) -> np.ndarray:
     ``(S, H // p, W // p)`` where bit ``l`` is set iff label ``l`` in 0..10 occurs in the patch
     (the original's ``max_pool2d(parsing == l, p)``); a bit in 11..15 marks some other label.
     """
-    maps = _to_uint8_labels(np.asarray(maps))
+    maps = np.asarray(maps)
+    if not np.issubdtype(maps.dtype, np.integer):
+        raise ValueError(f"parsing maps must hold integer labels, got dtype {maps.dtype}")
+    if maps.dtype != np.uint8:  # labels outside 0..255 become 255 (an out-of-range label)
+        maps = np.where((maps < 0) | (maps > 255), 255, maps).astype(np.uint8)
     if maps.ndim != 3:
         raise ValueError(f"maps must be (S, H, W), got shape {maps.shape}")
     s, h, w = maps.shape
@@ -104,22 +97,14 @@ def patch_label_bits(maps: np.ndarray, patch_size: int = 16) -> np.ndarray:
     )
 
 
-def fasking_slice_masks(
-    maps: np.ndarray,
-    queue: Sequence[int],
-    keep_fraction: float,
-    patch_size: int = 16,
-    empty: np.ndarray | None = None,
-) -> np.ndarray:
+def fasking_slice_masks(maps: np.ndarray, queue: Sequence[int], keep_fraction: float,
+                        patch_size: int = 16) -> np.ndarray:
     """Per-slice visible patches of fasking, *before* the exact-count step: bool ``(S, H // p, W // p)``.
 
     maps: integer ``(S, H, W)``, one per tubelet slice; queue: group indices (:func:`keep_queue`);
-    keep_fraction: ``1 - mask_ratio``; empty: optional bool ``(S,)``, slices without a map (all visible).
+    keep_fraction: ``1 - mask_ratio``.
     """
-    bits = patch_label_bits(maps, patch_size)
-    if empty is not None:
-        bits[np.asarray(empty, dtype=bool)] = 0  # no map: all visible
-    return fasking_from_patch_labels(bits, queue, keep_fraction)
+    return fasking_from_patch_labels(patch_label_bits(maps, patch_size), queue, keep_fraction)
 
 
 def fasking_from_patch_labels(
@@ -137,8 +122,6 @@ def fasking_from_patch_labels(
     s, gh, gw = bits.shape
     bits = bits.reshape(s, gh * gw).astype(np.uint16, copy=False)
     labels = np.array([label for g in queue for label in SEG_GROUPS[int(g)]], dtype=np.int64)  # in OR order
-    if labels.size == 0:
-        raise ValueError("keep queue is empty")
     prefix = np.bitwise_or.accumulate(np.left_shift(np.uint16(1), labels.astype(np.uint16)))
     visible = (bits[:, None, :] & prefix[None, :, None]) != 0  # (S, L, P) after each label
     # torch: float32 mean of the 0/1 patch mask >= python float, compared in float32
@@ -150,10 +133,11 @@ def fasking_from_patch_labels(
     return out.reshape(s, gh, gw)
 
 
-def _slice_maps(
+def _slice_patch_labels(
     parsing: ParsingInput, grid: tuple[int, int, int], patch_size: int, tubelet_size: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The first frame's parsing map of each tubelet slice: ``(maps (gt, H, W), empty (gt,))``.
+) -> np.ndarray:
+    """:func:`patch_label_bits` of each tubelet slice's first frame, uint16 ``(gt, gh, gw)`` (all
+    zero: no face).
 
     ``parsing``: T integer maps (an array or a sequence), each ``(H, W)`` or ``(F, H, W)`` (F
     faces as the original's npy, face 0 used, F == 0 or an empty array meaning no face). T is
@@ -168,13 +152,11 @@ def _slice_maps(
             f"(one per tubelet slice) for grid {grid}, tubelet_size {tubelet_size}"
         )
     step = 1 if n == gt else tubelet_size
-    maps = np.zeros((gt, *hw), np.uint8)
-    empty = np.zeros(gt, bool)
+    bits = np.zeros((gt, gh, gw), np.uint16)
     for t in range(gt):
         frame = np.asarray(parsing[t * step])
         if frame.size == 0:
-            empty[t] = True
-            continue
+            continue  # no face: all visible
         if frame.ndim == 3:
             frame = frame[0]
         if frame.shape != hw:
@@ -182,8 +164,8 @@ def _slice_maps(
                 f"parsing map of frame {t * step} has shape {frame.shape}; expected {hw} "
                 f"(optionally with a leading face axis) for grid {grid}, patch_size {patch_size}"
             )
-        maps[t] = _to_uint8_labels(frame)
-    return maps, empty
+        bits[t] = patch_label_bits(frame[None], patch_size)[0]
+    return bits
 
 
 def _drop_to(mask: np.ndarray, target: int, rng: np.random.Generator, what: str) -> np.ndarray:
@@ -213,7 +195,7 @@ def make_mask(
     """One clip's token mask: bool ``(gt * gh * gw,)``, True = visible, (t, h, w) order.
 
     Exactly ``int(N * (1 - mask_ratio))`` entries are True. Fasking needs ``parsing`` (the clip's
-    LaPa maps, see :func:`_slice_maps`; an empty per-frame array = no face) or ``patch_labels`` (the
+    LaPa maps, see :func:`_slice_patch_labels`; an empty per-frame array = no face) or ``patch_labels`` (the
     same as :func:`patch_label_bits`, uint16 ``(gt, gh, gw)`` or ``(T, gh, gw)``: the same mask for
     the same ``rng``). Deterministic given ``rng``.
     """
@@ -221,31 +203,24 @@ def make_mask(
         raise ValueError(f"unknown mask strategy {strategy!r}; expected one of {STRATEGIES}")
     if len(grid) != 3 or min(grid) < 1:
         raise ValueError(f"grid must be three positive ints (gt, gh, gw), got {grid}")
-    if patch_size < 1 or tubelet_size < 1:
-        raise ValueError(f"patch_size and tubelet_size must be >= 1, got {patch_size}, {tubelet_size}")
     gt, gh, gw = (int(g) for g in grid)
     per_slice = gh * gw
     target = num_visible(mask_ratio, gt * per_slice)
     keep = 1 - float(mask_ratio)
 
     if strategy in ("fasking", "fasking_opp"):
-        if patch_labels is not None:
-            bits = np.asarray(patch_labels)
-            if bits.ndim != 3 or bits.shape[1:] != (gh, gw) or len(bits) not in (
-                    gt, gt * tubelet_size):
-                raise ValueError(
-                    f"patch_labels must be ({gt}, {gh}, {gw}) or ({gt * tubelet_size}, {gh}, "
-                    f"{gw}) for grid {grid}, tubelet_size {tubelet_size}; got {bits.shape}")
-            bits = bits[::tubelet_size] if len(bits) != gt else bits
-        elif parsing is None:
+        if patch_labels is None and parsing is None:
             raise ValueError(
                 f"strategy {strategy!r} needs the clip's face-parsing maps (parsing=None given); "
                 "use 'random' for clips without parsing maps"
             )
-        else:
-            maps, empty = _slice_maps(parsing, (gt, gh, gw), patch_size, tubelet_size)
-            bits = patch_label_bits(maps, patch_size)
-            bits[empty] = 0  # no map: all visible
+        if patch_labels is None:
+            patch_labels = _slice_patch_labels(parsing, (gt, gh, gw), patch_size, tubelet_size)
+        bits = np.asarray(patch_labels)
+        if bits.ndim != 3 or bits.shape[1:] != (gh, gw) or len(bits) not in (gt, gt * tubelet_size):
+            raise ValueError(f"patch_labels must be ({gt}, {gh}, {gw}) or ({gt * tubelet_size}, {gh}, "
+                             f"{gw}) for grid {grid}, tubelet_size {tubelet_size}; got {bits.shape}")
+        bits = bits[::tubelet_size] if len(bits) != gt else bits
         mask = fasking_from_patch_labels(bits, keep_queue(strategy, rng), keep).reshape(-1)
     elif strategy == "tube":
         tube = _drop_to(np.ones(per_slice, bool), math.ceil(per_slice * keep), rng, "tube")

@@ -427,13 +427,15 @@ def test_video_file_source(tmp_path):
 
 def test_video_file_source_reads_its_parsing_maps_once_as_patch_coverage(tmp_path):
     root = _write_videos(tmp_path / "vids", {"a": 20})
-    rec = VideoFileSource(str(root), "train")[0]
+    src = VideoFileSource(str(root), "train")
     idx = [7, 2, 2, 19]
-    want = parsing_patch_labels(rec.read_parsing(idx), 64, 16)
-    np.testing.assert_array_equal(rec.read_patch_labels(idx, 64, 16), want)
+    want = parsing_patch_labels(src[0].read_parsing(idx), 64, 16)
+    np.testing.assert_array_equal(src[0].read_patch_labels(idx, 64, 16), want)
     for npy in root.rglob("*.npy"):
-        npy.unlink()  # cached for the whole video: not read again
-    np.testing.assert_array_equal(rec.read_patch_labels(idx[::-1], 64, 16), want[::-1])
+        npy.unlink()  # cached for the whole video (every frame, for every record of it): not read again
+    np.testing.assert_array_equal(src[0].read_patch_labels(idx[::-1], 64, 16), want[::-1])
+    np.testing.assert_array_equal(src[0].read_patch_labels([0, 13], 64, 16),
+                                  parsing_patch_labels([parsing_map(32, f) for f in (0, 13)], 64, 16))
 
 
 def test_video_file_source_bad_files_name_the_file(tmp_path):

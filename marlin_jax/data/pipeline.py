@@ -294,13 +294,10 @@ class AccountingIterDataset(grain.IterDataset):
     def __init__(self, parent: grain.IterDataset, error_budget: int, copy_arrays: bool = False,
                  known_bad: dict[int, str] | None = None):
         super().__init__(parent)
-        self._error_budget = error_budget
-        self._copy_arrays = copy_arrays
-        self._known_bad = known_bad
+        self._args = (error_budget, copy_arrays, known_bad)
 
     def __iter__(self) -> AccountingIterator:
-        return AccountingIterator(self._parent.__iter__(), self._error_budget, self._copy_arrays,
-                                  self._known_bad)
+        return AccountingIterator(self._parent.__iter__(), *self._args)
 
 
 def _derive_seed(*parts: int) -> int:

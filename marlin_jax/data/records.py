@@ -178,6 +178,31 @@ def parsing_patch_labels(parsing: Sequence[np.ndarray], img_size: int, patch_siz
     return out
 
 
+class PatchLabelCache:
+    """One video's parsing maps as patch coverage (a ``PatchLabelReader``), each frame's map read
+    at most once through ``read_parsing`` (indices -> maps); ``whole``: all frames at the first
+    call (one file per video). Concurrent readers may both fill a row (same value), never see a
+    half-filled one (the row is written before its flag)."""
+
+    def __init__(self, read_parsing: Callable[[Sequence[int]], list[np.ndarray]], num_frames: int,
+                 whole: bool = False):
+        self.read_parsing = read_parsing
+        self.num_frames = num_frames
+        self.whole = whole
+        self.tables: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    def __call__(self, indices: Sequence[int], img_size: int, patch_size: int) -> np.ndarray:
+        g = img_size // patch_size
+        bits, known = self.tables.setdefault((img_size, patch_size), (
+            np.zeros((self.num_frames, g, g), np.uint16), np.zeros(self.num_frames, bool)))
+        idx = np.asarray(indices, np.int64)
+        if not known[idx].all():
+            todo = np.arange(self.num_frames) if self.whole else np.unique(idx[~known[idx]])
+            bits[todo] = parsing_patch_labels(self.read_parsing(todo), img_size, patch_size)
+            known[todo] = True
+        return bits[idx]
+
+
 def list_files(directory: str, suffix: str) -> list[str]:
     """Sorted names in ``directory`` ending with ``suffix``; BadRecordError if not a folder."""
     try:

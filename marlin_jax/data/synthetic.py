@@ -169,9 +169,8 @@ def _background(rng: np.random.Generator, size: int, margin: int) -> np.ndarray:
 class _Pose:
     """Canonical face coordinates (u, v in units of a) -> fixed-point image coordinates."""
 
-    def __init__(self, face: SimpleNamespace, frame: int):
+    def __init__(self, f: SimpleNamespace, frame: int):
         t = frame / FPS
-        f = face
         self.dx = f.move_amp[0] * math.sin(2 * math.pi * f.move_freq[0] * t + f.move_phase[0])
         self.dy = f.move_amp[1] * math.sin(2 * math.pi * f.move_freq[1] * t + f.move_phase[1])
         wave = [math.sin(2 * math.pi * fr * t + ph) for fr, ph in zip(f.motion_freq, f.motion_phase, strict=True)]
@@ -221,9 +220,7 @@ def _eyes_open(face: SimpleNamespace, frame: int) -> bool:
     return (frame / FPS / face.blink_period + face.blink_phase) % 1.0 >= 0.12 / face.blink_period
 
 
-def _draw_face(cls_map: np.ndarray, face: SimpleNamespace, frame: int, eyes_closed: bool) -> None:
-    f = face
-    pose = _Pose(f, frame)
+def _draw_face(cls_map: np.ndarray, pose: _Pose, f: SimpleNamespace, frame: int, eyes_closed: bool) -> None:
     hb_v, hb_w, hb_h = f.hair_back
     pose.ellipse(cls_map, 0, hb_v, hb_w, hb_h, _HAIR, feature=False)
     for side in (-1, 1):
@@ -302,17 +299,15 @@ def render_video(index: int, num_frames: int = 32, size: int = 224, seed: int = 
     pan = rng.uniform(0.2, 0.5)  # background parallax relative to the head motion
     eyes_closed = bool(labels[1])
 
-    colour_lut = np.zeros((1, 256, 3), np.uint8)
-    colour_lut[0, :_NUM_CLASSES] = palette
-    label_lut = np.zeros(256, np.uint8)
-    label_lut[:_NUM_CLASSES] = CLASS_TO_LABEL
+    colour_lut = np.pad(palette, ((0, 256 - _NUM_CLASSES), (0, 0)))[None]
+    label_lut = np.pad(CLASS_TO_LABEL, (0, 256 - _NUM_CLASSES))
     parsing = np.empty((num_frames, size, size), np.uint8)
     frames = np.empty((num_frames, size, size, 3), np.uint8)
     cls_map = np.empty((size, size), np.uint8)
     for t in range(num_frames):
         cls_map.fill(_BG)
-        _draw_face(cls_map, face, t, eyes_closed)
         pose = _Pose(face, t)
+        _draw_face(cls_map, pose, face, t, eyes_closed)
         ox = int(round(margin - np.clip(pose.dx * pan, -margin, margin)))
         oy = int(round(margin - np.clip(pose.dy * pan, -margin, margin)))
         frame = cv2.LUT(cv2.cvtColor(cls_map, cv2.COLOR_GRAY2RGB), colour_lut)
@@ -348,9 +343,7 @@ def write_video_dataset(out_dir: str | os.PathLike, num_videos: int, num_frames:
             np.save(out / "parsing" / f"{name}.npy", video["parsing"])
         rows.append([f"{name}.mp4", *(int(v) for v in video["labels"])])
     with open(out / "labels.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", *LABEL_NAMES])
-        writer.writerows(rows)
+        csv.writer(f).writerows([["path", *LABEL_NAMES], *rows])
     return out
 
 
@@ -400,7 +393,5 @@ def write_ytf_layout(out_dir: str | os.PathLike, num_videos: int, num_frames: in
         splits[split].append((rel, num_frames))
     for split, rows in splits.items():
         with open(out / f"{split}_set.csv", "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(["path", "len"])
-            writer.writerows(rows)
+            csv.writer(f, lineterminator="\n").writerows([["path", "len"], *rows])
     return out

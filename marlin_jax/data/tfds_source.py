@@ -88,19 +88,24 @@ class _VideoExamples:
                 self.examples[i] = ex
         return [self.examples[int(i)] for i in indices]
 
+    def _stack(self, examples: list[dict], key: str, what: str, shape: tuple[int, ...],
+               dtype: str) -> np.ndarray:
+        """The ``key`` bytes of each example as one ``(k, *shape)`` array (a copy per frame)."""
+        out = np.empty((len(examples), *shape), dtype)
+        for k, ex in enumerate(examples):
+            if len(ex[key]) != out[k].nbytes:
+                raise BadRecordError(
+                    f"{self.source.build_dir}: {self.name} frame {int(ex['frame'])} (record "
+                    f"{self.first + int(ex['frame'])}): {what} has {len(ex[key])} bytes, expected "
+                    f"{out[k].nbytes}: rebuild")
+            out[k] = np.frombuffer(ex[key], dtype).reshape(shape)
+        return out
+
     def read_frames(self, indices: Sequence[int]) -> np.ndarray:
         examples = self._get(indices)
-        if self.feature == "rgb":  # a copy per frame
+        if self.feature == "rgb":
             s = self.source.img_size
-            out = np.empty((len(examples), s, s, 3), np.uint8)
-            for k, ex in enumerate(examples):
-                if len(ex["image"]) != out[k].nbytes:
-                    raise BadRecordError(
-                        f"{self.source.build_dir}: {self.name} frame {int(ex['frame'])} (record "
-                        f"{self.first + int(ex['frame'])}): raw frame has {len(ex['image'])} "
-                        f"bytes, expected {s}*{s}*3 = {out[k].nbytes}: rebuild")
-                out[k] = np.frombuffer(ex["image"], np.uint8).reshape(s, s, 3)
-            return out
+            return self._stack(examples, "image", "raw frame", (s, s, 3), "u1")
         return decode_frames([ex["image"] for ex in examples],
                              [f"{self.name} frame {int(ex['frame'])}" for ex in examples])
 
@@ -114,14 +119,7 @@ class _VideoExamples:
                 f"for patch_size {patch_size} at img_size {img_size}: rebuild with the builder's "
                 "IMG_SIZE / PATCH_SIZE set to those")
         g = img_size // patch_size
-        out = np.empty((len(indices), g, g), np.uint16)
-        for k, ex in enumerate(self._get(indices)):
-            raw = ex["patch_labels"]
-            if len(raw) != 2 * g * g:
-                raise BadRecordError(f"{self.name} frame {int(ex['frame'])}: patch_labels has "
-                                     f"{len(raw)} bytes, expected {2 * g * g}")
-            out[k] = np.frombuffer(raw, "<u2").reshape(g, g)
-        return out
+        return self._stack(self._get(indices), "patch_labels", "patch_labels", (g, g), "<u2")
 
 
 class TfdsSource:

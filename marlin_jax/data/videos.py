@@ -26,21 +26,14 @@ import numpy as np
 
 from marlin_jax.data.records import (
     BadRecordError,
+    PatchLabelCache,
     VideoRecord,
     load_parsing_npy,
-    parsing_patch_labels,
 )
 from marlin_jax.video_io import VIDEO_EXTENSIONS, IncompleteDecode, VideoReadError, count_frames
 
 log = logging.getLogger(__name__)
 _NAMED_WARNINGS = 20  # missing parsing maps named one WARNING each; the rest in one summary
-
-
-def find_videos(directory: str) -> list[str]:
-    """Sorted paths (relative to ``directory``) of all video files under it."""
-    return sorted(os.path.relpath(os.path.join(dirpath, f), directory)
-                  for dirpath, _, files in os.walk(directory)
-                  for f in files if f.lower().endswith(VIDEO_EXTENSIONS))
 
 
 def read_video_frames(path: str, indices: Sequence[int]) -> np.ndarray:
@@ -58,9 +51,7 @@ def read_video_frames(path: str, indices: Sequence[int]) -> np.ndarray:
             raise BadRecordError(f"{path}: not a readable video (OpenCV could not open it)")
         pos = 0
         for target in wanted:
-            while pos < target:
-                if not cap.grab():
-                    break
+            while pos < target and cap.grab():
                 pos += 1
             ok, frame = cap.read()
             if not ok:
@@ -127,7 +118,9 @@ class VideoFileSource:
             raise FileNotFoundError(f"{parsing_dir}: parsing map folder not found (parsing_dir)")
         pdir = parsing_dir or os.path.join(self.root_dir, "parsing")
         self.parsing_dir = pdir if os.path.isdir(pdir) else None
-        videos = find_videos(self.video_dir)
+        videos = sorted(os.path.relpath(os.path.join(dirpath, f), self.video_dir)
+                        for dirpath, _, files in os.walk(self.video_dir)
+                        for f in files if f.lower().endswith(VIDEO_EXTENSIONS))
         split_file = os.path.join(self.root_dir, f"{split}.txt")
         if os.path.isfile(split_file):
             with open(split_file, encoding="utf-8") as f:
@@ -146,11 +139,11 @@ class VideoFileSource:
         self._num_labels = len(next(iter(self._labels.values()))) if self._labels else 0
         self._frame_counts: dict[int, int] = {}
         self.incomplete: dict[str, IncompleteDecode] = {}
-        self._parsing = [self._parsing_path(rel) for rel in self._videos]
+        self._parsing = [next((p for p in self._parsing_candidates(rel) if os.path.isfile(p)), None)
+                         for rel in self._videos]
         self.has_parsing = self.parsing_dir is not None or any(p is not None for p in self._parsing)
-        # (video, img_size, patch_size) -> uint16 (T, gh, gw) patch coverage of its parsing maps:
-        # each .npy read once, kept as a few hundred bytes a frame (per process)
-        self._patch_labels: dict[tuple[int, int, int], np.ndarray] = {}
+        # video -> patch coverage of its parsing maps: each .npy read once (per process)
+        self._patch_labels: dict[int, PatchLabelCache] = {}
         self.missing_parsing = [rel for rel, p in zip(self._videos, self._parsing, strict=True)
                                 if p is None and self.has_parsing]
         for rel in self.missing_parsing[:_NAMED_WARNINGS]:
@@ -174,25 +167,9 @@ class VideoFileSource:
         # to worker processes without the patch-coverage cache: each fills its own
         return {**self.__dict__, "_patch_labels": {}}
 
-    def _read_patch_labels(self, index: int, path: str, num_frames: int, indices: Sequence[int],
-                           img_size: int, patch_size: int) -> np.ndarray:
-        key = (index, img_size, patch_size)
-        bits = self._patch_labels.get(key)
-        if bits is None:
-            maps = _read_parsing(path, num_frames, range(num_frames))  # (H, W) each: checked
-            bits = self._patch_labels.setdefault(key, parsing_patch_labels(maps, img_size,
-                                                                          patch_size))
-        return bits[np.asarray(indices, np.int64)]
-
     def _parsing_candidates(self, rel: str) -> list[str]:
         stem = os.path.splitext(rel)[0]
-        candidates = [os.path.join(self.video_dir, stem + ".npy")]
-        if self.parsing_dir:
-            candidates.insert(0, os.path.join(self.parsing_dir, stem + ".npy"))
-        return candidates
-
-    def _parsing_path(self, rel: str) -> str | None:
-        return next((p for p in self._parsing_candidates(rel) if os.path.isfile(p)), None)
+        return [os.path.join(d, stem + ".npy") for d in (self.parsing_dir, self.video_dir) if d]
 
     def __getitem__(self, index: int) -> VideoRecord:
         rel = self._videos[index]
@@ -211,7 +188,7 @@ class VideoFileSource:
         read_parsing = read_patch_labels = None
         if parsing is not None:
             read_parsing = functools.partial(_read_parsing, parsing, n)
-            read_patch_labels = functools.partial(self._read_patch_labels, index, parsing, n)
+            read_patch_labels = self._patch_labels.setdefault(index, PatchLabelCache(read_parsing, n, whole=True))
         elif self.has_parsing:
             read_parsing = functools.partial(_missing_parsing, path, self._parsing_candidates(rel))
         labels = None

@@ -22,11 +22,11 @@ import numpy as np
 
 from marlin_jax.data.records import (
     BadRecordError,
+    PatchLabelCache,
     VideoRecord,
     decode_frames,
     list_files,
     load_frame_parsing,
-    parsing_patch_labels,
     read_bytes,
 )
 
@@ -65,32 +65,6 @@ def _read_parsing(parsing_dir: str, files: Sequence[str], indices: Sequence[int]
             for i in indices]
 
 
-class _PatchLabelCache:
-    """One video's parsing maps as patch coverage (``PatchLabelReader``), each ``.npy`` read at
-    most once. Concurrent readers may both fill a row (same value), never see a half-filled one
-    (the row is written before its flag)."""
-
-    def __init__(self, parsing_dir: str, files: Sequence[str]):
-        self.parsing_dir = parsing_dir
-        self.files = files
-        self.tables: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
-
-    def __call__(self, indices: Sequence[int], img_size: int, patch_size: int) -> np.ndarray:
-        table = self.tables.get((img_size, patch_size))
-        if table is None:
-            g = img_size // patch_size
-            table = self.tables.setdefault((img_size, patch_size), (
-                np.zeros((len(self.files), g, g), np.uint16), np.zeros(len(self.files), bool)))
-        bits, known = table
-        idx = np.asarray(indices, np.int64)
-        todo = np.unique(idx[~known[idx]])
-        if todo.size:
-            bits[todo] = parsing_patch_labels(_read_parsing(self.parsing_dir, self.files, todo),
-                                              img_size, patch_size)
-            known[todo] = True
-        return bits[idx]
-
-
 class YtfSource:
     """grain random-access source over the original YouTube-Faces layout; ``source[i]``'s readers
     load only the requested JPEG frames / ``.npy`` maps (listings and patch coverage cached)."""
@@ -102,7 +76,7 @@ class YtfSource:
         self.split = split
         rows = read_split_csv(self.root_dir, split)
         self._paths = [p for p, _ in rows][:take_num]
-        self._videos: dict[int, tuple[list[str], _PatchLabelCache]] = {}
+        self._videos: dict[int, VideoRecord] = {}  # listed once, patch coverage cached
 
     def __getstate__(self) -> dict:
         # to worker processes without the cache: each fills its own
@@ -111,26 +85,19 @@ class YtfSource:
     def __len__(self) -> int:
         return len(self._paths)
 
-    def _video(self, index: int) -> tuple[list[str], _PatchLabelCache]:
-        video = self._videos.get(index)
-        if video is None:
+    def __getitem__(self, index: int) -> VideoRecord:
+        record = self._videos.get(index)
+        if record is None:
             rel = self._paths[index]
             crop_dir = os.path.join(self.root_dir, CROP_DIR, rel)
             files = list_files(crop_dir, ".jpg")
             if not files:
                 raise BadRecordError(f"{crop_dir}: no .jpg frames")
-            cache = _PatchLabelCache(os.path.join(self.root_dir, PARSING_DIR, rel), files)
-            video = self._videos.setdefault(index, (files, cache))  # atomic: threads agree
-        return video
-
-    def __getitem__(self, index: int) -> VideoRecord:
-        rel = self._paths[index]
-        files, cache = self._video(index)
-        crop_dir = os.path.join(self.root_dir, CROP_DIR, rel)
-        return VideoRecord(name=rel, num_frames=len(files),
-                           read_frames=functools.partial(_read_frames, crop_dir, files),
-                           read_parsing=functools.partial(_read_parsing, cache.parsing_dir, files),
-                           read_patch_labels=cache)
+            read = functools.partial(_read_parsing, os.path.join(self.root_dir, PARSING_DIR, rel), files)
+            record = self._videos.setdefault(index, VideoRecord(  # atomic: threads agree
+                name=rel, num_frames=len(files), read_frames=functools.partial(_read_frames, crop_dir, files),
+                read_parsing=read, read_patch_labels=PatchLabelCache(read, len(files))))
+        return record
 
     def __repr__(self) -> str:
         return f"YtfSource(root_dir={self.root_dir!r}, split={self.split!r}, len={len(self)})"

@@ -76,12 +76,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description=(
-                "YouTube Faces face crops with per-frame LaPa face-parsing patch coverage, as "
-                "prepared for MARLIN pretraining; one example per frame. jpeg: JPEG bytes "
-                f"(config jpeg); rgb: uint8 ({IMG_SIZE}, {IMG_SIZE}, 3) pixels (config raw); "
-                "patch_labels: uint16 little-endian (14, 14) bit sets of the LaPa labels in each "
-                "16x16 patch of the 224x224 map (all zero = no face). metadata.json indexes the "
-                "videos of each split: [name, first example, num_frames]."
+                "YouTube Faces face crops as prepared for MARLIN pretraining, one example per frame: jpeg "
+                f"(JPEG bytes) or rgb (uint8 ({IMG_SIZE}, {IMG_SIZE}, 3), config raw), patch_labels (uint16 "
+                "little-endian (14, 14) bit sets of the LaPa labels in each 16x16 patch of the 224x224 parsing "
+                "map, all zero = no face). metadata.json indexes each split's videos: [name, first example, "
+                "num_frames]."
             ),
             features=tfds.features.FeaturesDict({
                 "video": tfds.features.Scalar(dtype=np.int32),  # video number in the split
@@ -111,8 +110,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         root = os.fspath(dl_manager.manual_dir)
         splits = {}
         for split in ("train", "val"):  # absent or empty split files give no split
-            if os.path.isfile(os.path.join(root, f"{split}_set.csv")) and read_split_csv(
-                    root, split):
+            if os.path.isfile(os.path.join(root, f"{split}_set.csv")) and read_split_csv(root, split):
                 splits[split] = self._generate_examples(root, split)
         if not splits:
             raise FileNotFoundError(f"{root}: no non-empty train_set.csv or val_set.csv in the "
