@@ -66,8 +66,7 @@ def read_torch_state_dict(path: str | os.PathLike, config: MarlinConfig | None =
     if isinstance(obj, dict) and "state_dict" in obj:
         obj = obj["state_dict"]
     elif isinstance(obj, dict) and ("model" in obj or "module" in obj) and not any(
-        isinstance(v, np.ndarray) for v in obj.values()
-    ):
+            isinstance(v, np.ndarray) for v in obj.values()):
         obj = obj.get("model", obj.get("module"))
     state_dict = _flat_arrays(obj, path)
     if is_videomae_state_dict(state_dict):
@@ -122,11 +121,9 @@ def read_marlin_state_dict(directory: str | os.PathLike,
 
     root = _resolve_marlin_dir(Path(directory))
     item = root / (PARAMS_ITEM if (root / PARAMS_ITEM).is_dir() else TRAINER_STATE_ITEM)
+    restore = ocp.StandardCheckpointer().restore if item.name == PARAMS_ITEM else _restore_model_params
     try:
-        if item.name == PARAMS_ITEM:
-            tree = ocp.StandardCheckpointer().restore(item.absolute())
-        else:
-            tree = _restore_model_params(item.absolute())
+        tree = restore(item.absolute())
     except CheckpointError:
         raise
     except Exception as e:  # orbax raises many types for unreadable trees

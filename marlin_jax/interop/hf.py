@@ -153,10 +153,9 @@ def save_hf_checkpoint(directory: str | os.PathLike, model: MarlinModel, *, enco
     fixed = {k: getattr(model.config, k) for k, v in _PORT_FIXED.items() if getattr(model.config, k) != v}
     if fixed:
         raise ValueError(f"the Hugging Face port cannot express {fixed} (it fixes {_PORT_FIXED})")
-    config: dict[str, Any] = {"architectures": [HF_ARCHITECTURE], "model_type": HF_MODEL_TYPE}
-    config.update({f: getattr(model.config, f) for f in HF_CONFIG_FIELDS})
-    has_decoder = any(k.startswith(HF_PREFIX + "decoder.") for k in state_dict)
-    config.update(as_feature_extractor=not has_decoder, torch_dtype="float32")
+    config = {"architectures": [HF_ARCHITECTURE], "model_type": HF_MODEL_TYPE,
+              **{f: getattr(model.config, f) for f in HF_CONFIG_FIELDS},
+              "as_feature_extractor": encoder_only or model.decoder is None, "torch_dtype": "float32"}
     directory.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{HF_WEIGHTS}.", suffix=".part")
     os.close(fd)

@@ -85,30 +85,20 @@ def state_dict_to_model(model: nnx.Module, state_dict: Mapping[str, np.ndarray],
                         strict: bool = True, source: str = "state_dict") -> None:
     """Loads a PyTorch-layout state_dict into ``model`` in place. Missing, mis-shaped and (with
     ``strict``) unexpected keys raise one StateDictMismatchError listing all (naming ``source``)."""
-    variables = model_variables(model)
-    expected = {torch_key(p): (p, v) for p, v in variables}
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = []
-    for key, (path, var) in expected.items():
-        if key in state_dict:
-            want = tuple(var.get_value().shape)
-            got = tuple(np.shape(_from_torch_layout(path, np.asarray(state_dict[key]), want)))
-            if want != got:
-                mismatched.append(f"{key}: checkpoint {tuple(np.shape(state_dict[key]))} "
-                                  f"-> {got}, model expects {want}")
-    problems = []
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
-    if unexpected and strict:
-        problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-    if mismatched:
-        problems.append(f"mis-shaped keys ({len(mismatched)}): {'; '.join(mismatched)}")
+    expected = {torch_key(p): (p, v) for p, v in model_variables(model)}
+    want = {key: tuple(var.get_value().shape) for key, (_, var) in expected.items()}
+    values = {key: _from_torch_layout(path, np.asarray(state_dict[key]), want[key])
+              for key, (path, _) in expected.items() if key in state_dict}
+    mismatched = [f"{key}: checkpoint {np.shape(state_dict[key])} -> {value.shape}, model expects {want[key]}"
+                  for key, value in values.items() if value.shape != want[key]]
+    problems = [f"{what} keys ({len(keys)}): {sep.join(keys)}" for what, keys, sep in (
+        ("missing", sorted(set(expected) - set(state_dict)), ", "),
+        ("unexpected", sorted(set(state_dict) - set(expected)) if strict else [], ", "),
+        ("mis-shaped", mismatched, "; ")) if keys]
     if problems:
         raise StateDictMismatchError(f"{source} does not fit the model:\n  " + "\n  ".join(problems))
-    for key, (path, var) in expected.items():
-        value = _from_torch_layout(path, np.asarray(state_dict[key]), tuple(var.get_value().shape))
-        var.set_value(np.asarray(value, dtype=var.get_value().dtype))
+    for key, (_, var) in expected.items():
+        var.set_value(np.asarray(values[key], dtype=var.get_value().dtype))
 
 
 def model_from_state_dict(config: MarlinConfig, state_dict: Mapping[str, np.ndarray], *,

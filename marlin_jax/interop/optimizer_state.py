@@ -4,8 +4,7 @@ The original LightningModule has two ``torch.optim.AdamW``: the generator's over
 ``chain(encoder, decoder, enc_dec_proj).parameters()`` and the critic's over
 ``discriminator.parameters()``; ``optimizer_states`` holds their ``state_dict()``s, whose state
 indices follow ``.parameters()`` order, i.e. each module's keys in ``state_dict`` order (the fixed
-sin-cos tables hold an index but no state). The moments are keyed by parameter name and mapped with
-the weights' layout rules (:mod:`.mapping`), so ``mu`` / ``nu`` have the parameters' structure.
+sin-cos tables hold an index but no state). The moments are mapped with the weights' layout rules.
 """
 
 from __future__ import annotations
@@ -121,8 +120,7 @@ def torch_adam_moments(opt_state: Any, names: Sequence[str],
             f"{where} covers {len(indices)} parameters, the checkpoint's state_dict has "
             f"{len(names)} under {sorted({n.split('.', 1)[0] + '.' for n in names})} "
             f"(a different model or optimiser layout)")
-    exp_avg: dict[str, np.ndarray] = {}
-    exp_avg_sq: dict[str, np.ndarray] = {}
+    moments: dict[str, dict[str, np.ndarray]] = {"exp_avg": {}, "exp_avg_sq": {}}
     steps: dict[str, int] = {}
     problems = []
     for index, name in zip(indices, names, strict=True):
@@ -134,7 +132,7 @@ def torch_adam_moments(opt_state: Any, names: Sequence[str],
                             f"(keys {sorted(entry) if isinstance(entry, dict) else entry!r})")
             continue
         want = tuple(np.shape(state_dict[name]))
-        for key, out in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        for key, out in moments.items():
             value = entry[key]
             if not isinstance(value, np.ndarray) or value.shape != want:
                 problems.append(f"{name} (index {index}): {key} shape "
@@ -152,7 +150,7 @@ def torch_adam_moments(opt_state: Any, names: Sequence[str],
     if len(distinct) > 1:
         raise OptimizerStateError(f"{where}: parameters are at different Adam steps {distinct} "
                                   f"(optax keeps one count per optimiser)")
-    return exp_avg, exp_avg_sq, distinct[0] if distinct else 0
+    return moments["exp_avg"], moments["exp_avg_sq"], distinct[0] if distinct else 0
 
 
 def state_dict_to_params(state_dict: Mapping[str, np.ndarray], like: Params, *,

@@ -45,10 +45,8 @@ class MarlinConfig:
         if self.norm_layer != "LayerNorm":
             raise ValueError(f"only norm_layer='LayerNorm' is supported, got {self.norm_layer!r}")
         if self.img_size % self.patch_size or self.n_frames % self.tubelet_size:
-            raise ValueError(
-                f"img_size {self.img_size} / n_frames {self.n_frames} must be multiples of "
-                f"patch_size {self.patch_size} / tubelet_size {self.tubelet_size}"
-            )
+            raise ValueError(f"img_size {self.img_size} / n_frames {self.n_frames} must be multiples of "
+                             f"patch_size {self.patch_size} / tubelet_size {self.tubelet_size}")
         for prefix in ("encoder", "decoder"):
             dim, heads = getattr(self, f"{prefix}_embed_dim"), getattr(self, f"{prefix}_num_heads")
             if dim % heads:

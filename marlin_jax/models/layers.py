@@ -1,8 +1,6 @@
-"""Transformer building blocks of MARLIN (pre-norm ViT blocks with q/v bias), position tables,
-tubelet patches.
+"""Transformer blocks of MARLIN (pre-norm ViT with q/v bias), position tables, tubelet patches.
 
-Layouts: tokens are ``(B, N, D)``; videos are channels-last ``(B, T, H, W, C)``.
-"""
+Tokens are ``(B, N, D)``; videos are channels-last ``(B, T, H, W, C)``."""
 
 from __future__ import annotations
 
@@ -42,8 +40,7 @@ def _matmul_dtypes(dtype: Any, matmul_dtype: Any) -> dict[str, Any]:
 
 def gelu(x: jax.Array) -> jax.Array:
     """Exact GELU as PyTorch computes it, ``x/2 * (1 + erf(x/sqrt(2)))``: ~2x faster on CPU than
-    ``jax.nn.gelu(approximate=False)``, whose ``erfc`` form buys tail accuracy (< 1e-7 absolute
-    here) that float32 activations cannot use."""
+    ``jax.nn.gelu(approximate=False)``, whose ``erfc`` form buys tail accuracy float32 cannot use."""
     return 0.5 * x * (1.0 + jax.lax.erf(x * np.asarray(np.sqrt(0.5), x.dtype)))
 
 
@@ -56,15 +53,11 @@ class FixedEmbedding(nnx.Variable):
 def sincos_table(num_positions: int, dim: int) -> np.ndarray:
     """Fixed sinusoid position table ``(num_positions, dim)`` float32, as VideoMAE / MARLIN:
     angle(p, i) = p / 10000^(2*(i//2)/dim); sin on even, cos on odd channels."""
-    # Computed in float64, then rounded: the reference computes the angles in float32, so its
-    # late positions differ by up to ~2.5e-4. Converted checkpoints keep their own table
-    # (FixedEmbedding), so this only matters for freshly initialised models.
+    # In float64, then rounded (the reference's float32 angles differ by up to ~2.5e-4 at late
+    # positions); converted checkpoints keep their own table (FixedEmbedding).
     exponent = 2 * (np.arange(dim) // 2) / dim
     angles = np.arange(num_positions, dtype=np.float64)[:, None] / np.power(10000.0, exponent)[None]
-    table = np.empty_like(angles)
-    table[:, 0::2] = np.sin(angles[:, 0::2])
-    table[:, 1::2] = np.cos(angles[:, 1::2])
-    table = table.astype(np.float32)
+    table = np.where(np.arange(dim) % 2 == 0, np.sin(angles), np.cos(angles)).astype(np.float32)
     table.flags.writeable = False
     return table
 
@@ -87,9 +80,8 @@ def patchify(video: jax.Array, patch_size: int = 16, tubelet_size: int = 2) -> j
     return x.reshape(b, (t // pt) * (h // p) * (w // p), c * pt * p * p)
 
 
-def unpatchify(
-    patches: jax.Array, grid: tuple[int, int, int], patch_size: int = 16, tubelet_size: int = 2
-) -> jax.Array:
+def unpatchify(patches: jax.Array, grid: tuple[int, int, int], patch_size: int = 16,
+               tubelet_size: int = 2) -> jax.Array:
     """Inverse of :func:`patchify`: ``(B, N, C*pt*ph*pw)`` -> ``(B, T, H, W, C)``."""
     b = patches.shape[0]
     nt, nh, nw = grid
@@ -101,10 +93,8 @@ def unpatchify(
 
 
 class PatchEmbedding3d(nnx.Module):
-    """Non-overlapping tubelet embedding: a Conv3d with stride = kernel, computed as one matmul.
-
-    Kernel layout is the conv layout ``(pt, ph, pw, C, D)``. ``(B, T, H, W, C)`` -> ``(B, N, D)``.
-    """
+    """Non-overlapping tubelet embedding (a Conv3d with stride = kernel) computed as one matmul,
+    kernel in the conv layout ``(pt, ph, pw, C, D)``: ``(B, T, H, W, C)`` -> ``(B, N, D)``."""
 
     def __init__(self, in_channels: int, embed_dim: int, patch_size: int, tubelet_size: int, *,
                  dtype=jnp.float32, param_dtype=jnp.float32, matmul_dtype=None, rngs: nnx.Rngs):
@@ -221,35 +211,26 @@ class Attention(nnx.Module):
             raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
         if attention_impl == "splash" and attn_drop > 0:
             raise ValueError(f"attention_impl='splash' has no attention dropout (attn_drop={attn_drop})")
-        self.matmul_dtype = matmul_dtype
-        self.head_dim = dim // num_heads
-        self.scale = qk_scale or self.head_dim**-0.5
-        self.dtype = dtype
-        self.attention_impl = attention_impl
+        self.matmul_dtype, self.attention_impl = matmul_dtype, attention_impl
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
         # LinearGeneral initialises the flat (D, 3D) matrix (xavier statistics), then reshapes.
-        self.qkv = nnx.LinearGeneral(dim, (3, num_heads, self.head_dim), use_bias=False,
+        self.qkv = nnx.LinearGeneral(dim, (3, num_heads, dim // num_heads), use_bias=False,
                                      kernel_init=xavier_uniform, param_dtype=param_dtype, rngs=rngs,
                                      **_matmul_dtypes(dtype, matmul_dtype))
-        if qkv_bias:
-            self.q_bias = nnx.Param(jnp.zeros((dim,), param_dtype))
-            self.v_bias = nnx.Param(jnp.zeros((dim,), param_dtype))
-        else:
-            self.q_bias = self.v_bias = None
+        self.q_bias = nnx.Param(jnp.zeros((dim,), param_dtype)) if qkv_bias else None
+        self.v_bias = nnx.Param(jnp.zeros((dim,), param_dtype)) if qkv_bias else None
         self.proj = linear(dim, dim, kernel_init=xavier_uniform, dtype=dtype, matmul_dtype=matmul_dtype,
                            param_dtype=param_dtype, rngs=rngs)
         self.attn_drop = nnx.Dropout(attn_drop, rngs=rngs) if attn_drop > 0 else None
         self.proj_drop = nnx.Dropout(proj_drop, rngs=rngs) if proj_drop > 0 else None
 
     def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-        """softmax(q k^T * scale) v for ``(B, N, H, hd)`` q, k, v -> ``(B, N, H, hd)``.
+        """softmax(q k^T) v for ``(B, H, N, hd)`` q (scaled), k, v -> ``(B, H, N, hd)``.
 
         Softmax statistics in float32, normalised after the second matmul (N x hd divisions).
         ``per_head``: the (batch, head) pairs one after another (``lax.map``), so each N x N score
         matrix stays in cache (~2x faster on CPU); batched suits accelerators and sharding."""
-        b, n, h, hd = q.shape
-        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, H, N, hd)
-        q = q * jnp.asarray(self.scale, q.dtype)
-
+        b, h, n, hd = q.shape
         looped = self.attention_impl == "per_head" and self.attn_drop is None
 
         def attend(q, k, v):
@@ -267,21 +248,17 @@ class Attention(nnx.Module):
             out = matmul(weights.astype(pv_dtype or v.dtype), v, pv_dtype, v.dtype)
             return out / denominator.astype(v.dtype)
 
-        if looped:
-            heads = (t.reshape(b * h, n, hd) for t in (q, k, v))
-            out = jax.lax.map(lambda qkv: attend(*qkv), tuple(heads)).reshape(b, h, n, hd)
-        else:
-            out = attend(q, k, v)
-        return out.transpose(0, 2, 1, 3)  # (B, N, H, hd)
+        if not looped:
+            return attend(q, k, v)
+        heads = (t.reshape(b * h, n, hd) for t in (q, k, v))
+        return jax.lax.map(lambda qkv: attend(*qkv), tuple(heads)).reshape(b, h, n, hd)
 
     def _splash(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-        """:func:`splash_attention` for ``(B, N, H, hd)`` q, k, v -> ``(B, N, H, hd)``; under a
-        context mesh, inside ``shard_map`` over the batch and head axes (a Pallas kernel cannot
+        """:func:`splash_attention` for ``(B, H, N, hd)`` q (scaled), k, v -> ``(B, H, N, hd)``; under
+        a context mesh, inside ``shard_map`` over the batch and head axes (a Pallas kernel cannot
         be partitioned automatically)."""
-        b, _, h, _ = q.shape
+        b, h = q.shape[:2]
         out_dtype = v.dtype
-        q = q * jnp.asarray(self.scale, q.dtype)
-        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, H, N, hd)
         if self.matmul_dtype is not None:
             q, k, v = (t.astype(self.matmul_dtype) for t in (q, k, v))
         mesh = jax.sharding.get_abstract_mesh()
@@ -296,7 +273,7 @@ class Attention(nnx.Module):
                 q, k, v = (jax.sharding.reshard(t, spec) for t in (q, k, v))
             attend = jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
                                    check_vma=False)
-        return attend(q, k, v).transpose(0, 2, 1, 3).astype(out_dtype)
+        return attend(q, k, v).astype(out_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, n, d = x.shape
@@ -307,10 +284,11 @@ class Attention(nnx.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, H, hd)
         if self.attention_impl == "cudnn":  # fused flash attention on GPU
             out = fused_attention(q, k, v, scale=self.scale)
-        elif self.attention_impl == "splash":  # fused Pallas attention on TPU
-            out = self._splash(q, k, v)
         else:
-            out = self._attend(q, k, v)
+            q = q * jnp.asarray(self.scale, q.dtype)
+            q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, H, N, hd)
+            attend = self._splash if self.attention_impl == "splash" else self._attend  # splash: Pallas on TPU
+            out = attend(q, k, v).transpose(0, 2, 1, 3)
         out = self.proj(out.reshape(b, n, d))
         return self.proj_drop(out) if self.proj_drop is not None else out
 
@@ -326,11 +304,9 @@ class Mlp(nnx.Module):
         self.drop = nnx.Dropout(drop, rngs=rngs) if drop > 0 else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = gelu(self.fc1(x))
-        if self.drop is not None:
-            x = self.drop(x)
-        x = self.fc2(x)
-        return self.drop(x) if self.drop is not None else x
+        for layer in (self.fc1, gelu, self.drop, self.fc2, self.drop):
+            x = x if layer is None else layer(x)
+        return x
 
 
 def constrain_to_batch(x: jax.Array, batch_axes: tuple[str, ...] = BATCH_AXES) -> jax.Array:
@@ -359,11 +335,8 @@ class Block(nnx.Module):
         self.norm2 = norm()
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop, dtype=dtype, param_dtype=param_dtype,
                        matmul_dtype=matmul_dtype, rngs=rngs)
-        if init_values > 0:
-            self.gamma_1 = nnx.Param(jnp.full((dim,), init_values, param_dtype))
-            self.gamma_2 = nnx.Param(jnp.full((dim,), init_values, param_dtype))
-        else:
-            self.gamma_1 = self.gamma_2 = None
+        self.gamma_1 = nnx.Param(jnp.full((dim,), init_values, param_dtype)) if init_values > 0 else None
+        self.gamma_2 = nnx.Param(jnp.full((dim,), init_values, param_dtype)) if init_values > 0 else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = constrain_to_batch(x)

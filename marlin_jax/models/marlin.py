@@ -58,13 +58,6 @@ REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
 """``remat_policy`` names -> ``jax.checkpoint`` policy of each block (the scan body with ``scan_layers``)."""
 
 
-def remat_policy_fn(name: str) -> Callable[..., bool] | None:
-    """The ``jax.checkpoint`` policy of a :data:`REMAT_POLICIES` name (None for ``"none"``)."""
-    if not isinstance(name, str) or name not in REMAT_POLICIES:
-        raise ValueError(f"unknown remat_policy {name!r}; choose one of {', '.join(REMAT_POLICIES)}")
-    return REMAT_POLICIES[name]
-
-
 def _stack_arrays(*xs: Any) -> Any:
     """Leaves of L layers -> one leaf with a leading layer axis (numpy stays on the host)."""
     if all(isinstance(x, jax.ShapeDtypeStruct) for x in xs):
@@ -81,9 +74,7 @@ def _stack_modules(modules: list[nnx.Module]) -> nnx.Module:
     return nnx.merge(graphdef, jax.tree.map(_stack_arrays, *states))
 
 
-LAYERS_KEY = "blocks"
-"""The pure-dict key whose value holds the transformer blocks: ``{0: {...}, 1: {...}}`` per layer,
-or ``{"attn": ..., "mlp": ...}`` with a leading layer axis when stacked."""
+LAYERS_KEY = "blocks"  # the pure-dict key of the transformer blocks, in either layout (module doc)
 
 
 def _is_per_layer(blocks: dict) -> bool:
@@ -148,7 +139,8 @@ class _Transformer(nnx.Module):
     def __init__(self, config: MarlinConfig, dim: int, depth: int, heads: int, *, rngs: nnx.Rngs, dtype: Any,
                  param_dtype: Any, matmul_dtype: Any, remat_policy: str, scan_layers: bool,
                  attention_impl: str | None):
-        remat_policy_fn(remat_policy)
+        if not isinstance(remat_policy, str) or remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat_policy {remat_policy!r}; choose one of {', '.join(REMAT_POLICIES)}")
         if remat_policy != "none" and (config.drop_rate > 0 or config.attn_drop_rate > 0):
             raise ValueError(f"remat_policy={remat_policy!r} with dropout is not supported (the recomputed "
                              "blocks would reuse one dropout mask); set drop_rate = attn_drop_rate = 0 or "
@@ -172,7 +164,7 @@ class _Transformer(nnx.Module):
         stacked block (non-parameter state such as dropout RNG counts written back). With a
         ``remat_policy`` each block (scan body) is a pure function under ``jax.checkpoint``, so it
         composes with any outer jax/nnx transform."""
-        policy = remat_policy_fn(self.remat_policy)
+        policy = REMAT_POLICIES[self.remat_policy]
         if self.scan_layers:
             graphdef, params, rest = nnx.split(self.blocks, nnx.Param, ...)
 
@@ -187,12 +179,11 @@ class _Transformer(nnx.Module):
             nnx.update(self.blocks, rest)
             return tokens
         for block in self.blocks:
-            if policy is not None:
-                graphdef, state = nnx.split(block)
-                tokens = jax.checkpoint(lambda s, x, g=graphdef: nnx.merge(g, s)(x),
-                                        policy=policy)(state, tokens)
-            else:
+            if policy is None:
                 tokens = block(tokens)
+            else:
+                graphdef, state = nnx.split(block)
+                tokens = jax.checkpoint(lambda s, x, g=graphdef: nnx.merge(g, s)(x), policy=policy)(state, tokens)
         return tokens
 
 
@@ -258,9 +249,8 @@ class MarlinDecoder(_Transformer):
         masked tokens in increasing index order."""
         k = visible.shape[1] if num_visible is None else num_visible
         visible_idx, masked_idx = split_by_mask(mask, k)
-        b = visible.shape[0]
         table = self.pos_embedding[...].astype(visible.dtype)  # (1, N, Dd)
-        pos = jnp.broadcast_to(table, (b, *table.shape[1:]))
+        pos = jnp.broadcast_to(table, (visible.shape[0], *table.shape[1:]))
         masked = self.mask_token[...].astype(visible.dtype) + _gather(pos, masked_idx)
         x = jnp.concatenate([visible + _gather(pos, visible_idx), masked], axis=1)
         x = self.run_blocks(x)[:, k:]
@@ -286,8 +276,7 @@ class MarlinModel(nnx.Module):
     """The MARLIN masked autoencoder: encoder, projection, decoder and (optionally) the critic.
 
     ``with_decoder=False``: encoder only (like a `.encoder.pt`). ``remat_policy``: a
-    :data:`REMAT_POLICIES` name; ``scan_layers``: the stacked block layout (see the module doc).
-    """
+    :data:`REMAT_POLICIES` name; ``scan_layers``: the stacked block layout (see the module doc)."""
 
     def __init__(self, config: MarlinConfig, *, rngs: nnx.Rngs, with_decoder: bool = True,
                  with_discriminator: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
