@@ -351,7 +351,8 @@ def analyse_hlo(hlo_text: str) -> HloSummary:
         """A dynamic-update-slice (a kernel, or a fusion's root) updates its buffer in place: only
         the update is read and written (e.g. a scan storing one layer's residuals)."""
         by_name = {i.name: i for i in body}
-        outputs = roots + [by_name[o] for r in roots if r.opcode == "tuple" for o in r.operands if o in by_name]
+        outputs = roots + [by_name[o] for r in roots if r.opcode == "tuple"
+                           for o in r.operands if o in by_name]
         return sum(2 * (shape_bytes(u.shape) - shape_bytes(scope.get(u.operands[1], "")))
                    for u in outputs if u.opcode == "dynamic-update-slice" and len(u.operands) > 1)
 
@@ -595,7 +596,8 @@ def find_max_batch(config: ml_collections.ConfigDict, target: Target, *, max_com
         widths.append(hi - lo)
         stalled = len(widths) >= 2 and widths[-1] > widths[-2] / 2
         b = max(fit, lo + 1) if fit is not None and fit < hi - 1 and not stalled else (lo + hi) // 2
-    return lo, tried.get(lo), [(x, None if r is None else r.total_bytes) for x, r in sorted(tried.items())]
+    history = [(x, None if r is None else r.total_bytes) for x, r in sorted(tried.items())]
+    return lo, tried.get(lo), history
 
 
 def _gib(x: float) -> str:

@@ -219,8 +219,10 @@ def run_linear_probe(config, splits, workdir, log) -> dict:
         raise ValueError("a linear probe runs in one process (an epoch takes milliseconds); "
                          "run it without --num_processes / outside the multi-host job")
     feature_dir = config.feature_dir or os.path.join(config.data_path, config.backbone)
-    feats: dict[str, FeatureSet] = {s: load_features(feature_dir, ls, config.temporal_reduction, config.on_error)
-                                    for s, ls in splits.items()}
+    feats: dict[str, FeatureSet] = {
+        s: load_features(feature_dir, ls, config.temporal_reduction, config.on_error)
+        for s, ls in splits.items()
+    }
     skipped: dict[str, dict[str, str]] = {}
     for s, fs in feats.items():
         _skip(skipped, s, "features", fs.skipped, log)
@@ -338,7 +340,8 @@ def _finished_digest(config: ml_collections.ConfigDict, workdir: str) -> str | N
         saved_config = state["identity"].get("run", {}).get("config")
         check_identity(os.path.abspath(state_dir), {"config": saved_config},
                        {"config": config_identity(member)})
-        states.append([state["identity"], *(state["loop"][k] for k in ("next_epoch", "best_epoch", "stop_reason"))])
+        loop = state["loop"]
+        states.append([state["identity"], loop["next_epoch"], loop["best_epoch"], loop["stop_reason"]])
     return array_digest(json.dumps(states, sort_keys=True))
 
 

@@ -295,7 +295,8 @@ def plan_outputs(inputs: list[str | os.PathLike], out_dir: str | os.PathLike
     plan, renamed = [], []
     for video, rel in found.values():
         keep_extension = stems[rel.with_suffix("")] > 1  # x.mp4 + x.avi
-        plan.append((video, out / (rel.parent / f"{rel.name}.npy" if keep_extension else rel.with_suffix(".npy"))))
+        target = rel.parent / f"{rel.name}.npy" if keep_extension else rel.with_suffix(".npy")
+        plan.append((video, out / target))
         if keep_extension:
             renamed.append(plan[-1])
     counts = Counter(target for _, target in plan)
@@ -370,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     existed = set() if args.overwrite else {target for _, target in plan if target.exists()}
     failures: list[str] = []
     incomplete: list[IncompleteDecode] = []
-    for video, target in tqdm([(v, t) for v, t in plan if t not in existed], desc="videos", unit="video"):
+    todo = [(v, t) for v, t in plan if t not in existed]
+    for video, target in tqdm(todo, desc="videos", unit="video"):
         issues: list[IncompleteDecode] = []
         try:
             feats = marlin.extract_video(video, crop_face=args.crop_face, sample_rate=args.sample_rate,

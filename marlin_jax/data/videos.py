@@ -188,7 +188,8 @@ class VideoFileSource:
         read_parsing = read_patch_labels = None
         if parsing is not None:
             read_parsing = functools.partial(_read_parsing, parsing, n)
-            read_patch_labels = self._patch_labels.setdefault(index, PatchLabelCache(read_parsing, n, whole=True))
+            read_patch_labels = self._patch_labels.setdefault(
+                index, PatchLabelCache(read_parsing, n, whole=True))
         elif self.has_parsing:
             read_parsing = functools.partial(_missing_parsing, path, self._parsing_candidates(rel))
         labels = None

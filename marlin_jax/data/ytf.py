@@ -95,7 +95,8 @@ class YtfSource:
                 raise BadRecordError(f"{crop_dir}: no .jpg frames")
             read = functools.partial(_read_parsing, os.path.join(self.root_dir, PARSING_DIR, rel), files)
             record = self._videos.setdefault(index, VideoRecord(  # atomic: threads agree
-                name=rel, num_frames=len(files), read_frames=functools.partial(_read_frames, crop_dir, files),
+                name=rel, num_frames=len(files),
+                read_frames=functools.partial(_read_frames, crop_dir, files),
                 read_parsing=read, read_patch_labels=PatchLabelCache(read, len(files))))
         return record
 

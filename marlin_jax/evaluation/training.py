@@ -203,7 +203,8 @@ class LoopState:
     stop_reason: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "schedule": self.schedule._asdict(), "history": list(self.history)}
+        return {**dataclasses.asdict(self), "schedule": self.schedule._asdict(),
+                "history": list(self.history)}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> LoopState:
@@ -288,7 +289,9 @@ def _abstract(tree: Any) -> Any:
 def _steps(directory: str) -> list[int]:
     """The finished step folders of ``directory`` (orbax renames a step into place when done),
     listed without opening a manager: a reader beside a running writer changes nothing."""
-    return sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(directory) else []
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
 
 
 def _state_json(loop: LoopState, identity: Mapping[str, Any], best_in_state: bool) -> Any:

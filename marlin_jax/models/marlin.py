@@ -183,7 +183,8 @@ class _Transformer(nnx.Module):
                 tokens = block(tokens)
             else:
                 graphdef, state = nnx.split(block)
-                tokens = jax.checkpoint(lambda s, x, g=graphdef: nnx.merge(g, s)(x), policy=policy)(state, tokens)
+                block = jax.checkpoint(lambda s, x, g=graphdef: nnx.merge(g, s)(x), policy=policy)
+                tokens = block(state, tokens)
         return tokens
 
 

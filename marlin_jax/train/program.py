@@ -145,7 +145,8 @@ def build_program(config: ml_collections.ConfigDict, mesh: Mesh, schedule: Sched
     per = schedule.steps_per_epoch if config.lr.per_epoch else 1
     lr = st.lr_schedule(schedule.base_lr, schedule.min_lr, schedule.warmup_steps,
                         schedule.total_steps, per)
-    init_fn = functools.partial(st.init_train_state, model_cfg, g_tx, d_tx, config.seed, scan_layers=config.scan_layers)
+    init_fn = functools.partial(st.init_train_state, model_cfg, g_tx, d_tx, config.seed,
+                                scan_layers=config.scan_layers)
     abstract = jax.eval_shape(init_fn)
     state_shardings = shd.tree_shardings(abstract, mesh)
     task = steps.Task(
