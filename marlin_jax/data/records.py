@@ -192,9 +192,12 @@ class PatchLabelCache:
         self.tables: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
     def __call__(self, indices: Sequence[int], img_size: int, patch_size: int) -> np.ndarray:
-        g = img_size // patch_size
-        bits, known = self.tables.setdefault((img_size, patch_size), (
-            np.zeros((self.num_frames, g, g), np.uint16), np.zeros(self.num_frames, bool)))
+        table = self.tables.get((img_size, patch_size))
+        if table is None:  # allocated once per geometry, not on every call
+            g = img_size // patch_size
+            table = self.tables.setdefault((img_size, patch_size), (
+                np.zeros((self.num_frames, g, g), np.uint16), np.zeros(self.num_frames, bool)))
+        bits, known = table
         idx = np.asarray(indices, np.int64)
         if not known[idx].all():
             todo = np.arange(self.num_frames) if self.whole else np.unique(idx[~known[idx]])
