@@ -12,7 +12,6 @@ import itertools
 import os
 import shutil
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -25,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from marlin_jax.files import atomic_path
 from marlin_jax.interop.checkpoints import CONFIG_FILE
 from marlin_jax.interop.hf import download_hf_checkpoint, load_checkpoint, resolve_checkpoint_config
 from marlin_jax.models import RELEASE_URL, MarlinConfig, MarlinModel, get_config, video_to_float
@@ -45,9 +45,9 @@ def download(url: str, destination: Path, *, timeout: float = 30.0) -> Path:
     from tqdm.auto import tqdm
 
     destination.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=destination.parent, prefix=destination.name + ".", suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+        with (atomic_path(destination) as tmp, open(tmp, "xb") as out,
+              urllib.request.urlopen(url, timeout=timeout) as response):
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"Downloading {destination.name}") as bar:
                 while chunk := response.read(1 << 20):
@@ -55,9 +55,7 @@ def download(url: str, destination: Path, *, timeout: float = 30.0) -> Path:
                     bar.update(len(chunk))
             if total is not None and out.tell() != total:
                 raise OSError(f"download of {url} ended after {out.tell()} of {total} bytes")
-        os.replace(tmp, destination)
     except (urllib.error.URLError, OSError, TimeoutError) as e:
-        Path(tmp).unlink(missing_ok=True)
         raise ConnectionError(
             f"cannot download {url} ({getattr(e, 'reason', e)}). If this machine is offline, fetch the "
             f"file elsewhere and either load it with Marlin.from_file(name, path) or copy it to {destination}"
@@ -311,13 +309,8 @@ def plan_outputs(inputs: list[str | os.PathLike], out_dir: str | os.PathLike
 def save_npy_atomic(target: Path, array: np.ndarray) -> None:
     """``np.save`` via a temporary file in the target's folder: a partial file never has its name."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_path(target) as tmp, open(tmp, "xb") as f:
+        np.save(f, array)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -122,6 +122,8 @@ def fasking_from_patch_labels(
     s, gh, gw = bits.shape
     bits = bits.reshape(s, gh * gw).astype(np.uint16, copy=False)
     labels = np.array([label for g in queue for label in SEG_GROUPS[int(g)]], dtype=np.int64)  # in OR order
+    if labels.size == 0:
+        raise ValueError("keep queue is empty")
     prefix = np.bitwise_or.accumulate(np.left_shift(np.uint16(1), labels.astype(np.uint16)))
     visible = (bits[:, None, :] & prefix[None, :, None]) != 0  # (S, L, P) after each label
     # torch: float32 mean of the 0/1 patch mask >= python float, compared in float32

@@ -448,3 +448,9 @@ def test_bad_input() -> None:
 def test_seg_groups_cover_every_label_once() -> None:
     assert sorted(label for g in SEG_GROUPS for label in g) == list(range(11))
     assert SEG_GROUPS[BACKGROUND_GROUP] == (0,) and SEG_GROUPS[SKIN_GROUP] == (1,)
+
+
+def test_an_empty_keep_queue_is_refused():
+    bits = np.zeros((2, 4, 4), np.uint16)
+    with pytest.raises(ValueError, match="keep queue is empty"):
+        fasking_from_patch_labels(bits, [], 0.5)

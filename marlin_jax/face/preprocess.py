@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -28,6 +27,7 @@ import numpy as np
 
 from marlin_jax.face.crop import FaceCropper, NoFaceError, crop_square
 from marlin_jax.face.parse import FaceParser
+from marlin_jax.files import atomic_path
 from marlin_jax.video_io import iter_frames, video_info, write_video
 
 FRAME_DIR, CROP_DIR, PARSING_DIR = "frame_images_DB", "crop_images_DB", "face_parsing_images_DB"
@@ -54,16 +54,9 @@ def natural_key(name: str) -> list:
 def _atomic_write(path: str, data: bytes | str) -> None:
     """Writes ``data`` (str: UTF-8) to a temporary name then renames it to ``path``: readers never
     see a partial file."""
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".part-", suffix=os.path.splitext(path)[1], dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "xb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
 
 
 def _remove_stale_parts(directory: str) -> None:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from marlin_jax.files import atomic_path
 from marlin_jax.models import MarlinConfig, MarlinModel, get_config, model_names
 
 from .checkpoints import CONFIG_FILE, CheckpointError, read_config_file, read_state_dict
@@ -157,14 +157,8 @@ def save_hf_checkpoint(directory: str | os.PathLike, model: MarlinModel, *, enco
               **{f: getattr(model.config, f) for f in HF_CONFIG_FIELDS},
               "as_feature_extractor": encoder_only or model.decoder is None, "torch_dtype": "float32"}
     directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{HF_WEIGHTS}.", suffix=".part")
-    os.close(fd)
-    try:  # metadata format "pt": transformers refuses safetensors files without it
+    with atomic_path(weights) as tmp:  # metadata format "pt": transformers refuses files without it
         safetensors.numpy.save_file(state_dict, tmp, metadata={"format": "pt"})
-        os.replace(tmp, weights)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     (directory / HF_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return directory
 

@@ -22,7 +22,6 @@ import math
 import os
 import pickle
 import pickletools
-import secrets
 import struct
 import zipfile
 import zlib
@@ -31,6 +30,8 @@ from typing import Any, BinaryIO, NamedTuple
 
 import ml_dtypes
 import numpy as np
+
+from marlin_jax.files import atomic_path
 
 __all__ = ["DEFAULT_MAX_BYTES", "CheckpointFormatError", "OpaqueObject", "UnsafeCheckpointError",
            "cast_bounded", "load_torch_file", "save_torch_file"]
@@ -578,27 +579,19 @@ def save_torch_file(path: str | os.PathLike, obj: Any) -> None:
     records = [("data.pkl", pkl), (".format_version", b"1"), (".storage_alignment", str(_ALIGNMENT).encode()),
                ("byteorder", b"little"), *((f"data/{i}", a) for i, a in enumerate(pickler.storages)),
                ("version", b"3\n"), (".data/serialization_id", serialization_id.encode())]
-    # not tempfile.mkstemp: its 0600 mode would stay on the renamed file
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{secrets.token_hex(8)}.pt")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as fh, zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED) as zf:
-            for name, payload in records:
-                info = zipfile.ZipInfo(f"archive/{name}", date_time=(1980, 1, 1, 0, 0, 0))
-                info.file_size = payload.nbytes if isinstance(payload, np.ndarray) else len(payload)
-                zip64 = info.file_size * 1.05 > zipfile.ZIP64_LIMIT
-                # an extra field ("FB", ignored by readers) pads the header: data starts 64-byte aligned
-                pad = -(fh.tell() + 30 + len(info.filename.encode()) + (20 if zip64 else 0) + 4) % _ALIGNMENT
-                info.extra = struct.pack("<HH", 0x4246, pad) + b"\0" * pad
-                with zf.open(info, "w", force_zip64=zip64) as dest:
-                    if isinstance(payload, np.ndarray):
-                        flat = payload.reshape(-1).view(np.uint8)
-                        for start in range(0, flat.size, _CHUNK):
-                            dest.write(flat[start : start + _CHUNK].data)
-                    else:
-                        dest.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with (atomic_path(path) as tmp, open(tmp, "xb") as fh,
+          zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED) as zf):
+        for name, payload in records:
+            info = zipfile.ZipInfo(f"archive/{name}", date_time=(1980, 1, 1, 0, 0, 0))
+            info.file_size = payload.nbytes if isinstance(payload, np.ndarray) else len(payload)
+            zip64 = info.file_size * 1.05 > zipfile.ZIP64_LIMIT
+            # an extra field ("FB", ignored by readers) pads the header: data starts 64-byte aligned
+            pad = -(fh.tell() + 30 + len(info.filename.encode()) + (20 if zip64 else 0) + 4) % _ALIGNMENT
+            info.extra = struct.pack("<HH", 0x4246, pad) + b"\0" * pad
+            with zf.open(info, "w", force_zip64=zip64) as dest:
+                if isinstance(payload, np.ndarray):
+                    flat = payload.reshape(-1).view(np.uint8)
+                    for start in range(0, flat.size, _CHUNK):
+                        dest.write(flat[start : start + _CHUNK].data)
+                else:
+                    dest.write(payload)

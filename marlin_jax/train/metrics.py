@@ -11,6 +11,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from marlin_jax.files import atomic_path
+
 
 class TensorboardWriter:
     """TensorBoard event files in ``logdir`` (created), written with tensorboardX."""
@@ -122,8 +124,6 @@ def drop_rows_after(path: str | os.PathLike, step: int) -> int:
     kept = [x for x in lines if _row_step(x) <= step]
     dropped = len(lines) - len(kept)
     if dropped:
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_path(path) as tmp, open(tmp, "x", encoding="utf-8") as f:
             f.write("".join(x + "\n" for x in kept))
-        os.replace(tmp, path)
     return dropped

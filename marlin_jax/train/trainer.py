@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 
 from marlin_jax import sharding as shd
 from marlin_jax.data import make_dataset, make_source
+from marlin_jax.files import atomic_path
 from marlin_jax.interop.checkpoints import CONFIG_FILE, write_config_file
 from marlin_jax.interop.optimizer_state import AdamMoments, lightning_adam_moments, read_lightning_checkpoint
 from marlin_jax.models import MarlinConfig, MarlinModel, is_stacked, stack_layers, unstack_layers
@@ -491,9 +492,8 @@ class _Loop:
             bad = getattr(self.run.train_iter, "bad_records", None)  # records the pipeline skips
             if self.run.primary and bad:
                 path = os.path.join(self.run.workdir, "bad_records.json")
-                with open(path + ".tmp", "w", encoding="utf-8") as f:
+                with atomic_path(path) as tmp, open(tmp, "x", encoding="utf-8") as f:
                     json.dump({str(k): v for k, v in sorted(bad.items())}, f, indent=1)
-                os.replace(path + ".tmp", path)
 
     def validate(self) -> dict[str, float]:
         """Every metric the eval step returns, averaged over ``config.num_eval_batches`` batches
