@@ -93,10 +93,10 @@ class Target:
         return self.chip.peak_flops / self.devices_per_chip
 
 
-def _require(modules: Sequence[str], platform: str, extra: str) -> None:
+def _require(modules: Sequence[str], platform: str, extra: str, hint: str = "") -> None:
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        raise AotError(f"compiling for {platform} needs {', '.join(missing)}: pip install -e \".[{extra}]\"")
+        raise AotError(f"compiling for {platform} needs {', '.join(missing)}: pip install -e \".[{extra}]\"{hint}")
 
 
 def _topology_devices(name: str, problem: str, **kwargs: Any) -> tuple[Any, ...]:
@@ -115,7 +115,7 @@ def tpu_target(topology: str) -> Target:
     if not re.fullmatch(r"v\d+[a-z]*(-\w+)?:\d+(x\d+){1,2}", topology):
         raise AotError(f"--topology {topology!r} is not a TPU slice name of the form "
                        f"<generation>:<chips grid>, e.g. {TOPOLOGY_EXAMPLES}")
-    _require(["libtpu"], "TPUs", "tpu")
+    _require(["libtpu"], "TPUs", "tpu", f' (or pip install "jax[tpu]=={jax.__version__}": libtpu must match jax)')
     # Compiling needs no chip: let several processes (test workers, a training job) load libtpu.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     one_chip = math.prod(int(d) for d in topology.split(":")[1].split("x")) == 1
@@ -246,8 +246,8 @@ def shape_bytes(shape_text: str) -> int:
 
 def _dims(shape_text: str) -> list[int]:
     """The dimensions of the first array in an HLO shape."""
-    m = _ARRAY.search(shape_text)
-    return [int(d) for d in m.group(2).split(",") if d] if m else []
+    m = re.search(r"\[([\d,]*)\]", shape_text)  # any dtype (_ARRAY knows only the sized ones)
+    return [int(d) for d in m.group(1).split(",") if d] if m else []
 
 
 class _Instruction(NamedTuple):
@@ -539,11 +539,10 @@ def report_features(config: ml_collections.ConfigDict, target: Target) -> Compil
     from marlin_jax.extract import Marlin
     from marlin_jax.models import MarlinModel
 
-    program = prog.build_program(config, shd.make_mesh(config.mesh.to_dict(), devices=target.devices),
-                                 prog.schedule_from_config(config, None))
-    cfg, mesh, batch = program.model_cfg, program.mesh, program.global_batch
-    model = nnx.eval_shape(lambda: MarlinModel(cfg, rngs=nnx.Rngs(0), with_decoder=False, dtype=program.dtype,
-                                               attention_impl=program.attention_impl))
+    mesh = shd.make_mesh(config.mesh.to_dict(), devices=target.devices)
+    cfg, dtype, impl, batch = prog.model_settings(config, mesh)  # not the whole train program
+    model = nnx.eval_shape(lambda: MarlinModel(cfg, rngs=nnx.Rngs(0), with_decoder=False, dtype=dtype,
+                                               attention_impl=impl))
     clips = jax.ShapeDtypeStruct((batch, cfg.n_frames, cfg.img_size, cfg.img_size, cfg.in_channels),
                                  jnp.uint8, sharding=shd.batch_sharding(mesh, 5))
     with jax.set_mesh(mesh):

@@ -364,8 +364,15 @@ class _Checkpoints:
             log(f"fresh start: deleting the checkpoints in {self.state_dir} and {self.best_dir}")
             _delete_steps(self.state_dir)
             _delete_steps(self.best_dir)
-        self.best, self.state = (None if d is None else Checkpointer(d, max_to_keep=1, async_save=False)
-                                 for d in (self.best_dir, self.state_dir))
+        self.best = self.state = None
+        try:
+            if self.best_dir:
+                self.best = Checkpointer(self.best_dir, max_to_keep=1, async_save=False)
+            if self.state_dir is not None:
+                self.state = Checkpointer(self.state_dir, max_to_keep=1, async_save=False)
+        except BaseException:  # the one already open is closed
+            self.close()
+            raise
 
     def close(self) -> None:
         for ckpt in (self.best, self.state):
@@ -555,8 +562,10 @@ def _epoch(params, opt_state, loop: LoopState, run_epoch, steps_per_epoch: int, 
         raise FloatingPointError(f"epoch {epoch}: training loss is {train_loss}")
     val = validate(params, lambda: any_process(ckpts.sigterm.requested)[0])
     if val is None:  # SIGTERM during validation: saved trained, not validated (a rerun validates)
-        ckpts.safe_point(params, opt_state, loop, steps_per_epoch, [])
-        raise RuntimeError("validate returned None without a stop request")
+        if not any_process(ckpts.sigterm.requested)[0]:
+            raise RuntimeError("validate returned None without a stop request")
+        ckpts.save(params, opt_state, loop)
+        raise Preempted(ckpts.state_dir, loop.next_epoch, loop.next_batch, steps_per_epoch)
     if options.monitor not in val:
         raise KeyError(f"validation metrics lack {options.monitor!r}: {sorted(val)}")
     score = float(val[options.monitor])

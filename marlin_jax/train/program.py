@@ -128,17 +128,23 @@ class TrainProgram:
                                 gp=self.task.step.gp_weight > 0)
 
 
-def build_program(config: ml_collections.ConfigDict, mesh: Mesh, schedule: Schedule,
-                  process_count: int = 1) -> TrainProgram:
-    """The pretraining program of ``config`` on ``mesh`` (real or abstract topology devices)."""
+def model_settings(config: ml_collections.ConfigDict, mesh: Mesh, process_count: int = 1
+                   ) -> tuple[MarlinConfig, Any, str | None, int]:
+    """(model config, compute dtype, attention implementation, global batch) of ``config`` on
+    ``mesh``; ValueError unless the batch is a multiple of the batch shards and processes."""
     platform = mesh_platform(mesh)
-    model_cfg = model_config(config)
     dtype = compute_dtype(config.compute_dtype, platform)
-    impl = attention_impl(config.attention_impl, platform, dtype)
     batch, shards = int(config.global_batch_size), shd.batch_divisor(mesh)
     if batch <= 0 or batch % shards or batch % process_count:
         raise ValueError(f"global_batch_size {batch} must be a positive multiple of the batch shards {shards} "
                          f"(mesh {dict(mesh.shape)}: data x fsdp) and of {process_count} processes")
+    return model_config(config), dtype, attention_impl(config.attention_impl, platform, dtype), batch
+
+
+def build_program(config: ml_collections.ConfigDict, mesh: Mesh, schedule: Schedule,
+                  process_count: int = 1) -> TrainProgram:
+    """The pretraining program of ``config`` on ``mesh`` (real or abstract topology devices)."""
+    model_cfg, dtype, impl, batch = model_settings(config, mesh, process_count)
     k = int(model_cfg.num_tokens * (1 - config.data.mask_ratio))  # as the masking code
 
     g_tx = d_tx = st.make_optimizer(**config.optimizer)
