@@ -316,8 +316,9 @@ def test_raw_build_gives_the_jpeg_builds_clips_and_masks(tfds_build, raw_build):
         np.testing.assert_array_equal(a["mask"], b["mask"])
 
 
-def test_raw_clip_reads_only_its_frames_and_a_bad_length_names_the_record(raw_build):
-    from tensorflow_datasets.proto import tf_example_pb2
+def test_raw_clip_reads_its_frames_from_the_frames_file_and_bad_files_are_named(raw_build,
+                                                                              tmp_path):
+    import shutil
 
     from marlin_jax.data.tfds_source import TfdsSource
 
@@ -325,22 +326,41 @@ def test_raw_clip_reads_only_its_frames_and_a_bad_length_names_the_record(raw_bu
     counting = CountingReader(src._source.data_source)
     src._source = type("Wrapped", (), {"data_source": counting})()
     rec = src[1]  # Ann/1: its frames follow Ann/0's 40
-    rec.read_frames([2, 4, 6, 8])
-    rec.read_patch_labels([2, 6], 224, 16)
-    assert sorted(counting.keys) == [42, 44, 46, 48]
+    frames = rec.read_frames([2, 4, 6, 8])
+    labels = rec.read_patch_labels([2, 6], 224, 16)
+    assert counting.keys == []  # pixels and coverage come from the flat files, not the records
+    flat = np.fromfile(Path(src.build_dir) / "train.frames", np.uint8).reshape(-1, 224, 224, 3)
+    np.testing.assert_array_equal(frames, flat[[42, 44, 46, 48]])
+    np.testing.assert_array_equal(labels, [_record_labels(counting.inner[k]) for k in (42, 46)])
+    with pytest.raises(ValueError, match="rebuild with the builder's IMG_SIZE"):
+        rec.read_patch_labels([2], 112, 16)
 
-    def truncated(key):  # record 43's pixels lose their last 3 bytes
-        ex = tf_example_pb2.Example.FromString(counting.inner[key])
-        if key == 43:
-            value = ex.features.feature["rgb"].bytes_list.value
-            value[0] = value[0][:-3]
-        return ex.SerializeToString()
+    build = tmp_path / "raw"
+    shutil.copytree(raw_build, build)
+    frames_file = next(build.glob("youtube_faces_marlin/raw/*/train.frames"))
+    size = frames_file.stat().st_size
+    opened = TfdsSource(str(build), "train")
+    with open(frames_file, "r+b") as f:  # shrinks under an open source: the read names it
+        f.truncate(size - 3)
+    last = len(opened) - 1
+    with pytest.raises(BadRecordError, match=rf"train.frames: .* frame {opened[last].num_frames - 1}"
+                                             rf" \(record {size // 150528 - 1}\): read 150525 of "
+                                             "150528 bytes"):
+        opened[last].read_frames([opened[last].num_frames - 1])
+    with pytest.raises(BadRecordError, match=rf"train.frames: {size - 3} bytes, expected {size} "
+                                             r"\(\d+ frames of 150528\): truncated"):
+        TfdsSource(str(build), "train")
+    frames_file.unlink()  # a 2.1.0-style build (pixels in the examples) or a lost file
+    with pytest.raises(FileNotFoundError, match="train.frames: a file of the raw build .* rebuild"):
+        TfdsSource(str(build), "train")
 
-    src._source = type("Wrapped", (), {"data_source": type("R", (), {
-        "__getitem__": lambda self, k: truncated(k)})()})()
-    with pytest.raises(BadRecordError, match=r"tfds_raw/youtube_faces_marlin/raw/2.1.0: Ann/1 "
-                                             r"frame 3 \(record 43\): raw frame has 150525 bytes"):
-        src[1].read_frames([2, 3])
+
+def _record_labels(record: bytes) -> np.ndarray:
+    """The patch coverage stored in one serialised frame example, uint16 (14, 14)."""
+    from tensorflow_datasets.proto import tf_example_pb2
+
+    f = tf_example_pb2.Example.FromString(record).features.feature
+    return np.frombuffer(f["patch_labels"].bytes_list.value[0], "<u2").reshape(14, 14)
 
 
 def test_both_encodings_in_one_data_dir(tfds_build, raw_build, tmp_path):

@@ -1,14 +1,16 @@
 """ArrayRecord shards of the ``youtube_faces_marlin`` TFDS builder as a random-access source.
 
-One example per frame (JPEG bytes, or with the builder's ``raw`` config uint8 224x224x3 pixels;
-+ the parsing map's 16x16-patch label coverage, 392 bytes), frames of a video contiguous, videos
-indexed in the build's ``metadata.json``: a clip reads its 16 frames' examples and nothing else.
-Opened through ``tfds.data_source`` (no TensorFlow); examples are parsed with tfds'
-``tf.train.Example`` proto module.
+One example per frame (the parsing map's 16x16-patch label coverage, 392 bytes, + the JPEG bytes),
+frames of a video contiguous, videos indexed in the build's ``metadata.json``: a clip reads its 16
+frames' examples and nothing else. The builder's ``raw`` config keeps the decoded 224x224x3 pixels
+in a flat ``<split>.frames`` file instead: a frame is one positional read into the clip (the GIL
+released), no record read or parsed. Opened through ``tfds.data_source`` (no TensorFlow); examples
+are parsed with tfds' ``tf.train.Example`` proto module.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Sequence
@@ -26,7 +28,8 @@ def build_youtube_faces_marlin(manual_dir: str, data_dir: str, frame_encoding: s
                                ) -> None:
     """Builds the ``youtube_faces_marlin`` ArrayRecord shards from a YouTube-Faces layout folder
     (``manual_dir``) into ``data_dir``, frames as JPEG bytes or (``"raw"``) uint8 224x224x3
-    pixels (~10x the bytes, no decode per read). Idempotent: an existing build is reused."""
+    pixels in a flat file per split (~10x the bytes, no decode per read; read from a local file
+    system). Idempotent: an existing build is reused."""
     import tensorflow_datasets as tfds
 
     from marlin_jax.data.youtube_faces_marlin import Builder
@@ -49,14 +52,14 @@ def _with_config(data_dir: str, name: str) -> str:
     return f"{name}/{built.pop()}" if len(built) == 1 else name
 
 
-def _parse_frame(record: bytes, feature: str) -> dict:
-    """One serialised frame example -> ``{"video", "frame", "image", "patch_labels"}`` (image: the
-    bytes of ``feature``); the proto parsed directly takes 4x less time than tfds' decoding."""
+def _parse_frame(record: bytes) -> dict:
+    """One serialised frame example of a ``jpeg`` build -> ``{"video", "frame", "image",
+    "patch_labels"}``; the proto parsed directly takes 4x less time than tfds' decoding."""
     from tensorflow_datasets.proto import tf_example_pb2
 
     f = tf_example_pb2.Example.FromString(record).features.feature
     return {"video": f["video"].int64_list.value[0], "frame": f["frame"].int64_list.value[0],
-            "image": f[feature].bytes_list.value[0],
+            "image": f["jpeg"].bytes_list.value[0],
             "patch_labels": f["patch_labels"].bytes_list.value[0]}
 
 
@@ -66,7 +69,6 @@ class _VideoExamples:
     def __init__(self, source: TfdsSource, video: int):
         self.source, self.video = source, video
         self.name, self.first, self.num_frames = source._videos[video]
-        self.feature = "rgb" if source.frame_encoding == "raw" else "jpeg"
         self.examples: dict[int, dict] = {}
 
     def _get(self, indices: Sequence[int]) -> list[dict]:
@@ -75,7 +77,7 @@ class _VideoExamples:
             keys = [self.first + i for i in todo]
             reader = self.source._source.data_source  # the raw ArrayRecord reader: bytes per key
             try:  # one by one: __getitems__'s thread pool costs 5x more for 16 small records
-                got = [_parse_frame(reader[k], self.feature) for k in keys]
+                got = [_parse_frame(reader[k]) for k in keys]
             except Exception as e:  # noqa: BLE001 - a corrupt shard surfaces as many types
                 raise BadRecordError(f"{self.name}: unreadable frame records {keys[0]}.."
                                      f"{keys[-1]} ({type(e).__name__}: {e})") from e
@@ -88,38 +90,34 @@ class _VideoExamples:
                 self.examples[i] = ex
         return [self.examples[int(i)] for i in indices]
 
-    def _stack(self, examples: list[dict], key: str, what: str, shape: tuple[int, ...],
-               dtype: str) -> np.ndarray:
-        """The ``key`` bytes of each example as one ``(k, *shape)`` array (a copy per frame)."""
-        out = np.empty((len(examples), *shape), dtype)
-        for k, ex in enumerate(examples):
-            if len(ex[key]) != out[k].nbytes:
-                raise BadRecordError(
-                    f"{self.source.build_dir}: {self.name} frame {int(ex['frame'])} (record "
-                    f"{self.first + int(ex['frame'])}): {what} has {len(ex[key])} bytes, expected "
-                    f"{out[k].nbytes}: rebuild")
-            out[k] = np.frombuffer(ex[key], dtype).reshape(shape)
-        return out
-
     def read_frames(self, indices: Sequence[int]) -> np.ndarray:
         examples = self._get(indices)
-        if self.feature == "rgb":
-            s = self.source.img_size
-            return self._stack(examples, "image", "raw frame", (s, s, 3), "u1")
         return decode_frames([ex["image"] for ex in examples],
                              [f"{self.name} frame {int(ex['frame'])}" for ex in examples])
 
     def read_patch_labels(self, indices: Sequence[int], img_size: int, patch_size: int
                           ) -> np.ndarray:
-        src = self.source
-        if (img_size, patch_size) != (src.img_size, src.patch_size):
-            raise ValueError(
-                f"{DATASET_NAME} stores the parsing maps' coverage of {src.patch_size}x"
-                f"{src.patch_size} patches at {src.img_size}x{src.img_size}; the pipeline asks "
-                f"for patch_size {patch_size} at img_size {img_size}: rebuild with the builder's "
-                "IMG_SIZE / PATCH_SIZE set to those")
+        _check_geometry(self.source, img_size, patch_size)
         g = img_size // patch_size
-        return self._stack(self._get(indices), "patch_labels", "patch_labels", (g, g), "<u2")
+        out = np.empty((len(indices), g, g), "<u2")
+        for k, ex in enumerate(self._get(indices)):
+            if len(ex["patch_labels"]) != out[k].nbytes:
+                raise BadRecordError(
+                    f"{self.source.build_dir}: {self.name} frame {int(ex['frame'])} (record "
+                    f"{self.first + int(ex['frame'])}): patch_labels has {len(ex['patch_labels'])} "
+                    f"bytes, expected {out[k].nbytes}: rebuild")
+            out[k] = np.frombuffer(ex["patch_labels"], "<u2").reshape(g, g)
+        return out
+
+
+def _check_geometry(source: TfdsSource, img_size: int, patch_size: int) -> None:
+    """ValueError unless the pipeline asks for the patch coverage the build stores."""
+    if (img_size, patch_size) != (source.img_size, source.patch_size):
+        raise ValueError(
+            f"{DATASET_NAME} stores the parsing maps' coverage of {source.patch_size}x"
+            f"{source.patch_size} patches at {source.img_size}x{source.img_size}; the pipeline "
+            f"asks for patch_size {patch_size} at img_size {img_size}: rebuild with the builder's "
+            "IMG_SIZE / PATCH_SIZE set to those")
 
 
 class TfdsSource:
@@ -163,11 +161,72 @@ class TfdsSource:
                 f"built by {name} {info.version}, not the layout of version 2.1.0: rebuild with "
                 f"build_youtube_faces_marlin") from e
         self.build_dir = str(info.data_dir)
+        self._raw_paths: tuple[str, str] | None = None  # raw: the split's flat files
+        self._raw_open: tuple[int, int, np.ndarray] | None = None  # (pid, frames fd, coverage)
+        if self.frame_encoding == "raw":
+            from marlin_jax.data.youtube_faces_marlin.youtube_faces_marlin_dataset_builder import (
+                raw_file_names,
+            )
+
+            g = self.img_size // self.patch_size
+            self._raw_paths = tuple(os.path.join(self.build_dir, n) for n in raw_file_names(split))
+            for path, item in zip(self._raw_paths, (self.img_size ** 2 * 3, g * g * 2),
+                                  strict=True):
+                try:
+                    got = os.path.getsize(path)
+                except OSError as e:
+                    raise FileNotFoundError(
+                        f"{path}: a file of the raw build of split {split!r} cannot be read "
+                        f"({e.strerror or e}); raw builds are read from a local file system. A "
+                        "build of version 2.1.0 kept the pixels in the examples: rebuild with "
+                        "build_youtube_faces_marlin") from e
+                if got != len(self._source) * item:
+                    raise BadRecordError(
+                        f"{path}: {got} bytes, expected {len(self._source) * item} "
+                        f"({len(self._source)} frames of {item}): truncated or from another "
+                        "build; rebuild")
+
+    def _raw_files(self) -> tuple[int, np.ndarray]:
+        """(frames fd, coverage memmap) of a raw build, opened once per process."""
+        if self._raw_open is None or self._raw_open[0] != os.getpid():  # grain workers too
+            g = self.img_size // self.patch_size
+            frames, coverage = self._raw_paths
+            self._raw_open = (os.getpid(), os.open(frames, os.O_RDONLY),
+                              np.memmap(coverage, "<u2", "r").reshape(-1, g, g))
+        return self._raw_open[1:]
+
+    def _read_raw_frames(self, name: str, first: int, indices: Sequence[int]) -> np.ndarray:
+        """uint8 ``(k, S, S, 3)``: frames ``first + indices`` of the ``.frames`` file, each one
+        ``os.preadv`` straight into the clip (no copy, the GIL released while it reads)."""
+        fd, _ = self._raw_files()
+        s = self.img_size
+        out = np.empty((len(indices), s, s, 3), np.uint8)
+        for k, i in enumerate(indices):
+            try:
+                got = os.preadv(fd, [out[k]], (first + int(i)) * out[k].nbytes)
+            except OSError as e:
+                got = f"error ({e.strerror or e})"
+            if got != out[k].nbytes:
+                raise BadRecordError(f"{self._raw_paths[0]}: {name} frame {int(i)} (record "
+                                     f"{first + int(i)}): read {got} of {out[k].nbytes} bytes")
+        return out
+
+    def _read_raw_patch_labels(self, first: int, indices: Sequence[int], img_size: int,
+                               patch_size: int) -> np.ndarray:
+        """uint16 ``(k, gh, gw)``: coverage of frames ``first + indices`` (``.patch_labels``)."""
+        _check_geometry(self, img_size, patch_size)
+        return np.array(self._raw_files()[1][first + np.asarray(indices, np.int64)])
 
     def __len__(self) -> int:
         return len(self._videos)
 
     def __getitem__(self, index: int) -> VideoRecord:
+        if self._raw_paths is not None:  # pixels and coverage from the flat files: no records
+            name, first, n = self._videos[index]
+            return VideoRecord(
+                name=name, num_frames=n,
+                read_frames=functools.partial(self._read_raw_frames, name, first),
+                read_patch_labels=functools.partial(self._read_raw_patch_labels, first))
         video = _VideoExamples(self, index)
         return VideoRecord(name=video.name, num_frames=video.num_frames,
                            read_frames=video.read_frames, read_patch_labels=video.read_patch_labels)

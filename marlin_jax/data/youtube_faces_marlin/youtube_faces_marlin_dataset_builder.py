@@ -1,12 +1,16 @@
 """tensorflow-datasets builder for the MARLIN YouTube-Faces layout, written without TensorFlow.
 
 The manual dir is the layout the original preprocessing writes (:mod:`marlin_jax.data.ytf`). Each
-example is **one frame**: its JPEG file's bytes (config ``jpeg``, the default) or, with config
-``raw``, its pixels decoded and resized to 224x224 here (what a read of the ``jpeg`` build gives
-the pipeline) as uint8 bytes in uncompressed shards; plus its LaPa parsing map's patch coverage
+example is **one frame**: its LaPa parsing map's patch coverage
 (:func:`marlin_jax.masking.patch_label_bits` at 224x224, uint16 little-endian ``(14, 14)``, all
-zero = no face). Frames are written in order and the videos indexed in ``metadata.json`` (per
-split: ``[name, first example, num_frames]``), so a clip reads its frames and nothing else. Read
+zero = no face) and, with config ``jpeg`` (the default), its JPEG file's bytes. With config ``raw``
+the pixels, decoded and resized to 224x224 here (what a read of the ``jpeg`` build gives the
+pipeline), go to a flat file per split beside the shards, ``<split>.frames`` (uint8
+``(examples, 224, 224, 3)`` in example order, no header), and the coverage to
+``<split>.patch_labels`` too: a frame is then one positional read straight into the clip, with no
+record to read or parse. Frames are written in order and the videos
+indexed in ``metadata.json`` (per split: ``[name, first example, num_frames]``), so a clip reads
+its frames and nothing else. Read
 with :class:`marlin_jax.data.tfds_source.TfdsSource`; build with
 :func:`~marlin_jax.data.tfds_source.build_youtube_faces_marlin`. Videos whose folder or a parsing
 map is unreadable are skipped and logged.
@@ -14,6 +18,7 @@ map is unreadable are skipped and logged.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -38,8 +43,12 @@ _BYTES = tfds.features.Tensor(shape=(), dtype=np.object_)
 
 IMG_SIZE = 224  # parsing maps are resized (nearest) to this size before patch coverage
 PATCH_SIZE = 16  # patch of the stored coverage; the pipeline's img_size / patch_size must match
-# config name -> the feature holding a frame: its JPEG file's bytes, or uint8 (IMG_SIZE, IMG_SIZE, 3)
-FRAME_FEATURES = {"jpeg": "jpeg", "raw": "rgb"}
+
+def raw_file_names(split: str) -> tuple[str, str]:
+    """The raw config's flat files of ``split`` in the build's folder: pixels (uint8
+    ``(examples, 224, 224, 3)``) and patch coverage (uint16 little-endian ``(examples, 14, 14)``),
+    in example order, no header."""
+    return f"{split}.frames", f"{split}.patch_labels"
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
@@ -56,9 +65,13 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     }
     BUILDER_CONFIGS = [
         tfds.core.BuilderConfig(name="jpeg", description="frames as their JPEG files' bytes"),
-        tfds.core.BuilderConfig(name="raw", description=(
-            f"frames decoded and resized to {IMG_SIZE}x{IMG_SIZE} at build time: uint8 "
-            f"({IMG_SIZE}, {IMG_SIZE}, 3) bytes ({IMG_SIZE * IMG_SIZE * 3} a frame)")),
+        tfds.core.BuilderConfig(name="raw", version="2.2.0", release_notes={
+            "2.2.0": "Pixels (and a copy of the patch coverage) in flat <split>.frames / "
+                     "<split>.patch_labels files beside the shards (a frame is one positional "
+                     "read), examples without pixels; 2.1.0 held them in the examples."},
+            description=(f"frames decoded and resized to {IMG_SIZE}x{IMG_SIZE} at build time, "
+                         f"uint8 ({IMG_SIZE}, {IMG_SIZE}, 3) in <split>.frames ({IMG_SIZE * IMG_SIZE * 3} "
+                         "bytes a frame, in example order)")),
     ]
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Run the MARLIN YouTube-Faces preprocessing, then pass its output folder (holding "
@@ -73,21 +86,23 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         encoding = self.builder_config.name
+        features = {
+            "video": tfds.features.Scalar(dtype=np.int32),  # video number in the split
+            "frame": tfds.features.Scalar(dtype=np.int32),  # frame number in the video
+            "patch_labels": _BYTES,
+        }
+        if encoding == "jpeg":
+            features["jpeg"] = _BYTES
         return tfds.core.DatasetInfo(
             builder=self,
             description=(
-                "YouTube Faces face crops as prepared for MARLIN pretraining, one example per frame: jpeg "
-                f"(JPEG bytes) or rgb (uint8 ({IMG_SIZE}, {IMG_SIZE}, 3), config raw), patch_labels (uint16 "
-                "little-endian (14, 14) bit sets of the LaPa labels in each 16x16 patch of the 224x224 parsing "
-                "map, all zero = no face). metadata.json indexes each split's videos: [name, first example, "
-                "num_frames]."
+                "YouTube Faces face crops as prepared for MARLIN pretraining, one example per frame: "
+                "patch_labels (uint16 little-endian (14, 14) bit sets of the LaPa labels in each 16x16 "
+                "patch of the 224x224 parsing map, all zero = no face) and jpeg (JPEG bytes); config raw: "
+                f"no jpeg, the pixels as uint8 ({IMG_SIZE}, {IMG_SIZE}, 3) in <split>.frames, in example "
+                "order. metadata.json indexes each split's videos: [name, first example, num_frames]."
             ),
-            features=tfds.features.FeaturesDict({
-                "video": tfds.features.Scalar(dtype=np.int32),  # video number in the split
-                "frame": tfds.features.Scalar(dtype=np.int32),  # frame number in the video
-                FRAME_FEATURES[encoding]: _BYTES,
-                "patch_labels": _BYTES,
-            }),
+            features=tfds.features.FeaturesDict(features),
             metadata=tfds.core.MetadataDict(img_size=IMG_SIZE, patch_size=PATCH_SIZE,
                                             frame_encoding=encoding),
             disable_shuffling=True,  # frames of a video stay contiguous and in order
@@ -99,12 +114,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 "Reza and Hayat, Munawar}, booktitle={CVPR}, year={2023}}"
             ),
         )
-
-    def _download_and_prepare(self, dl_manager, download_config) -> None:
-        super()._download_and_prepare(dl_manager, download_config)
-        if self.builder_config.name == "raw":  # shards are in the build's (temporary) dir now
-            for path in list(epath.Path(self.data_dir).glob("*.array_record-*")):
-                _rewrite_uncompressed(path)
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         root = os.fspath(dl_manager.manual_dir)
@@ -118,44 +127,46 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         return splits
 
     def _generate_examples(self, root: str, split: str):
-        """Frames in order with integer keys; fills ``metadata[f"{split}_videos"]``."""
+        """Frames in order with integer keys; fills ``metadata[f"{split}_videos"]``; with config
+        raw writes each frame's pixels and coverage to the split's flat files as its example is
+        generated (tfds writes examples in key order here: ``disable_shuffling``)."""
         videos: list[list] = []
         self.info.metadata[f"{split}_videos"] = videos  # saved after generation
-        skipped, key, feature = 0, 0, FRAME_FEATURES[self.builder_config.name]
-        for rel, _ in read_split_csv(root, split):
-            try:
-                frames, bits = _video_frames(root, rel, self.builder_config.name == "raw")
-            except BadRecordError as e:
-                skipped += 1
-                log.warning("youtube_faces_marlin: skipping video %s: %s", rel, e)
-                continue
-            videos.append([rel, key, len(frames)])
-            for frame, (data, b) in enumerate(zip(frames, bits, strict=True)):
-                yield key, {"video": len(videos) - 1, "frame": frame, feature: data,
-                            "patch_labels": b.astype("<u2").tobytes()}
-                key += 1
+        raw = self.builder_config.name == "raw"
+        skipped, key = 0, 0
+        # the build's temporary folder, renamed into place with the shards when the build succeeds
+        with contextlib.ExitStack() as files:
+            if raw:
+                pixels, coverage = (files.enter_context(open(os.path.join(self.data_dir, n), "wb"))
+                                    for n in raw_file_names(split))
+            for rel, _ in read_split_csv(root, split):
+                try:
+                    frames, bits = _video_frames(root, rel, raw)
+                except BadRecordError as e:
+                    skipped += 1
+                    log.warning("youtube_faces_marlin: skipping video %s: %s", rel, e)
+                    continue
+                videos.append([rel, key, len(frames)])
+                for frame, (data, b) in enumerate(zip(frames, bits, strict=True)):
+                    example = {"video": len(videos) - 1, "frame": frame,
+                               "patch_labels": b.astype("<u2").tobytes()}
+                    if raw:
+                        if pixels.tell() != key * len(data):
+                            raise RuntimeError(f"{pixels.name}: at byte {pixels.tell()} for example "
+                                               f"{key}: examples not generated in order")
+                        pixels.write(data)
+                        coverage.write(example["patch_labels"])
+                    else:
+                        example["jpeg"] = data
+                    yield key, example
+                    key += 1
         if skipped:
             log.warning("youtube_faces_marlin/%s: skipped %d unreadable videos", split, skipped)
 
 
-def _rewrite_uncompressed(path: epath.Path) -> None:
-    """Rewrites an ArrayRecord shard with the same records, uncompressed. tfds writes them
-    zstd-compressed (no option): a raw frame then costs ~100 us of decompression per read, 4x
-    its read and copy uncompressed, and gains only ~1/3 of its 147 KiB."""
-    from array_record.python import array_record_data_source, array_record_module
-
-    tmp = path.with_name(path.name + ".uncompressed")
-    writer = array_record_module.ArrayRecordWriter(os.fspath(tmp), "group_size:1,uncompressed")
-    with array_record_data_source.ArrayRecordDataSource([os.fspath(path)]) as src:
-        for i in range(len(src)):
-            writer.write(src[i])
-    writer.close()
-    tmp.replace(path)
-
-
 def _video_frames(root: str, rel: str, raw: bool) -> tuple[list[bytes], np.ndarray]:
-    """Every frame of one video folder (JPEG bytes, or with ``raw`` uint8 ``(224, 224, 3)``
-    bytes) and the patch coverage of its parsing maps (uint16 ``(num_frames, 14, 14)``); all
+    """Every frame of one video folder (JPEG bytes, or with ``raw`` the uint8 ``(224, 224, 3)``
+    pixels' bytes) and the patch coverage of its parsing maps (uint16 ``(num_frames, 14, 14)``); all
     read and checked before any frame is written."""
     crop_dir = os.path.join(root, CROP_DIR, rel)
     files = list_files(crop_dir, ".jpg")
