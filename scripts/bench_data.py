@@ -17,15 +17,17 @@ prefetch threads and workers have filled their buffers): a loader never runs on 
   epoch, every clip's video new) and of the ``tfds`` records (JPEG frames, and ``raw frames``:
   the builder's ``raw`` config, pixels decoded at build time) with one decoding thread, then
   with ``--threads`` threads (default: every core) and, with ``--workers``, as that many worker
-  processes of one thread each. Their split lists each video ``--list`` times (same files, same
-  work per clip; see :class:`Listed`).
+  processes of one thread each, and with ``--processes N`` as N independent single-thread
+  pipelines run at once, one process each (one training process per accelerator). Their split
+  lists each video ``--list`` times (same files, same work per clip; see :class:`Listed`).
 
 Prints clips/s, clips/s per core, the ratios to the original per core and the scaling of all
 cores over one thread, and (with several threads) that of plain 2.4 MB copies: the memory
 bandwidth ceiling of the ``raw`` records. Usage::
 
     python scripts/bench_data.py [--videos 12] [--frames 48] [--clips 48] [--rounds 3]
-        [--batch 8] [--threads N] [--workers N] [--no-tfds] [--original /path/to/MARLIN]
+        [--batch 8] [--threads N] [--workers N] [--processes N] [--no-tfds]
+        [--original /path/to/MARLIN]
         [--only NAME ...]
 """
 
@@ -47,6 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from marlin_jax.data import default_data_config, make_dataset, make_source  # noqa: E402
 from marlin_jax.data.synthetic import write_ytf_layout  # noqa: E402
+from marlin_jax.data.tfds_source import DATASET_NAME  # noqa: E402
 from marlin_jax.data.ytf import YtfSource  # noqa: E402
 from marlin_jax.masking import SEG_GROUPS  # noqa: E402
 
@@ -168,6 +171,11 @@ class Listed:
     def __getitem__(self, index: int):
         return self.source[index % len(self.source)]
 
+    def __getattr__(self, name: str):  # the source's other methods (e.g. read_positions)
+        if name == "source":  # not set yet: while unpickling in a worker process
+            raise AttributeError(name)
+        return getattr(self.source, name)
+
 
 def our_batches(root: str, batch: int, threads: int, source: str = "ytf",
                 workers: int = 0, first_epoch: bool = False, times: int = 1,
@@ -189,6 +197,30 @@ def our_batches(root: str, batch: int, threads: int, source: str = "ytf",
 
     buffered = c.prefetch + workers * (c.prefetch + c.worker_buffer_size)  # batches
     return steps(), 2 * batch * buffered  # drained twice over: steady state for sure
+
+
+def _one_pipeline(root: str, source: str, tfds_name: str, batch: int, times: int, clips: int,
+                  start: float) -> float:
+    """One single-thread pipeline in a process of its own: clips per second from ``start`` on."""
+    cv2.setNumThreads(1)
+    steps, drain = our_batches(root, batch, 1, source, times=times, tfds_name=tfds_name)
+    clips_per_second(steps, batch, drain)  # warm-up, then wait for the others
+    time.sleep(max(0.0, start - time.time()))
+    return clips_per_second(steps, clips, 2 * batch * 2)[0]
+
+
+def independent_processes(root: str, source: str, tfds_name: str, batch: int, times: int,
+                          clips: int, processes: int) -> float:
+    """Clips per second of ``processes`` single-thread pipelines run at once, each in its own
+    process (no shared interpreter, no shared memory): what one training process per accelerator
+    gets from its own pipeline."""
+    import multiprocessing
+
+    start = time.time() + 30  # after every process has imported and warmed up
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        rates = pool.starmap(_one_pipeline, [(root, source, tfds_name, batch, times, clips,
+                                              start)] * processes)
+    return sum(rates)
 
 
 def process_cpu_seconds() -> float:
@@ -265,6 +297,9 @@ def main() -> None:
                     help="threads of the all-cores rows (default: every core)")
     ap.add_argument("--workers", type=int, default=0,
                     help="also time this many worker processes (data.num_workers, 1 thread each)")
+    ap.add_argument("--processes", type=int, default=0,
+                    help="also time this many independent single-thread pipelines at once, one "
+                         "process each (once, after the rounds)")
     ap.add_argument("--tfds", action=argparse.BooleanOptionalAction, default=True,
                     help="build the youtube_faces_marlin records and time them (default: on)")
     ap.add_argument("--original", default=None, metavar="MARLIN_DIR",
@@ -303,10 +338,10 @@ def main() -> None:
         loaders["ytf layout (1 thread)"] = (*our_batches(root, args.batch, 1, times=times), 1)
         loaders["ytf layout, 1st epoch (1 thread)"] = (
             *our_batches(root, args.batch, 1, first_epoch=True, times=times), 1)
+        tfds_dir = os.path.join(args.dir or tmp, "tfds")
         if args.tfds:
             from marlin_jax.data.tfds_source import build_youtube_faces_marlin
 
-            tfds_dir = os.path.join(args.dir or tmp, "tfds")
             t = time.perf_counter()
             build_youtube_faces_marlin(root, tfds_dir)
             print(f"built the youtube_faces_marlin records in {time.perf_counter() - t:.1f}s")
@@ -351,6 +386,14 @@ def main() -> None:
                 wait_until_idle()
                 wall, cpu = clips_per_second(steps, args.clips, drain)
                 best[name] = [max(best[name][0], wall), max(best[name][1], cpu)]
+        independent = {}  # kind -> clips/s of args.processes independent pipelines
+        kinds = {"ytf layout": (root, "ytf", ""), "records": (tfds_dir, "tfds", DATASET_NAME),
+                 "records, raw frames": (tfds_dir, "tfds", f"{DATASET_NAME}/raw")}
+        for kind, (where, source, name) in kinds.items() if args.processes else ():
+            if f"{kind} (1 thread)" in loaders and (source == "ytf" or args.tfds):
+                wait_until_idle()
+                independent[kind] = independent_processes(
+                    where, source, name, args.batch, times, args.clips, args.processes)
 
     base_wall, base_cpu = best["original (stand-in), per clip"]
     print(f"best of {args.rounds} interleaved rounds of {args.clips} clips; per core = clips per "
@@ -366,13 +409,18 @@ def main() -> None:
         real_wall, real_cpu = best["original (real code), per clip"]
         print(f"stand-in calibration (stand-in / real original): wall {base_wall / real_wall:.2f}, "
               f"CPU {base_cpu / real_cpu:.2f} (target: within 0.90..1.10)")
+    for kind in ("ytf layout", "records", "records, raw frames"):
+        for many in ([f"{cores} threads"] if cores > 1 else []) + (
+                [f"{args.workers} workers"] if args.workers else []):
+            if f"{kind} ({many})" in best and f"{kind} (1 thread)" in best:
+                print(f"scaling of {kind} (wall): {many} / 1 thread = "
+                      f"{best[f'{kind} ({many})'][0] / best[f'{kind} (1 thread)'][0]:.2f}x")
     if cores > 1:
-        for kind in ("ytf layout", "records", "records, raw frames"):
-            if f"{kind} ({cores} threads)" in best and f"{kind} (1 thread)" in best:
-                print(f"scaling of {kind} (wall): {cores} threads / 1 thread = "
-                      f"{best[f'{kind} ({cores} threads)'][0] / best[f'{kind} (1 thread)'][0]:.2f}x")
         print(f"memory bandwidth: clip copies (2.4 MB) per second, 1 thread {copies[1]:.0f}, "
               f"{cores} threads {copies[cores]:.0f}: {copies[cores] / copies[1]:.2f}x")
+    for kind, rate in independent.items():
+        print(f"scaling of {kind} (wall), {args.processes} independent processes of 1 thread: "
+              f"{rate:.1f} clips/s = {rate / best[f'{kind} (1 thread)'][0]:.2f}x one thread")
     print("targets: ytf layout >= 2x, records >= 3x the original per core (and > ytf layout); "
           ">= 1.7x scaling on 2 cores")
 

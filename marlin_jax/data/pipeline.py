@@ -2,7 +2,9 @@
 
 Per process: ``range(len(source))[process_index::process_count]`` -> shuffle -> repeat ->
 ``random_map(LoadClip)`` (16 sampled frames + mask) -> batch -> ``to_iter_dataset(threads)``
-[-> ``mp_prefetch(workers)``] -> error accounting. Batches are ``{"video": uint8 (B, T, H, W, 3),
+[-> ``mp_prefetch(workers)``] -> error accounting. With workers, a source that can (``raw``
+records) has them send each clip's frame positions, and the frames are read in this process (one
+kernel copy per frame) instead of crossing shared memory. Batches are ``{"video": uint8 (B, T, H, W, 3),
 "mask": bool (B, N)}`` (+ ``"labels"`` int32 ``(B, L)`` when the source has labels), numpy arrays
 owned by the caller; normalise to [0, 1] inside the jitted step. The iterator's
 ``get_state``/``set_state`` resume it exactly, error counts included.
@@ -17,7 +19,7 @@ skipped without being read again.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import cv2
@@ -80,7 +82,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.mask_strategy = "fasking"  # fasking | fasking_opp | random | tube | frame
     c.mask_ratio = 0.9  # fraction of tokens masked; visible = int(N * (1 - mask_ratio))
     c.num_threads = 4  # decoding threads per process (grain ReadOptions)
-    c.num_workers = 0  # > 0: grain multiprocessing workers per process (big hosts win with it)
+    c.num_workers = 0  # > 0: grain multiprocessing workers per process (raw records: 2+ cores)
     c.worker_buffer_size = 2  # batches buffered per worker process
     c.prefetch = 4  # batches buffered ahead of the consumer (per process)
     c.seed = 0  # data seed (shuffle order, temporal starts, masks); combined with make_dataset's
@@ -124,12 +126,15 @@ class LoadClip:
     "_issues": [(kind, message[, index]), ...]}``. A bad record is replaced by a random record of
     the same shard, at most ``max_retries`` times; the choice depends only on the element's RNG,
     so records in ``known_bad`` (index -> message) are skipped unread with the same result.
+    ``defer_frames``: where the record offers ``frame_positions``, return ``"frame_positions":
+    int64 (T,)`` instead of ``"video"``, read later by the source's ``read_positions`` (see
+    :class:`AccountingIterator`): a worker process then hands over a few bytes, not the pixels.
     """
 
     def __init__(self, source: VideoSource, *, clip_frames: int, temporal_sample_rate: int,
                  img_size: int, patch_size: int, tubelet_size: int, mask_strategy: str,
                  mask_ratio: float, shard_offset: int = 0, shard_stride: int = 1,
-                 max_retries: int = 16):
+                 max_retries: int = 16, defer_frames: bool = False):
         if mask_strategy not in STRATEGIES:
             raise ValueError(f"unknown mask_strategy {mask_strategy!r}; expected one of "
                              f"{STRATEGIES}")
@@ -149,6 +154,7 @@ class LoadClip:
         self.shard_stride = shard_stride
         self.shard_len = len(range(shard_offset, len(source), shard_stride))
         self.max_retries = max_retries
+        self.defer_frames = defer_frames
         self.with_labels = bool(getattr(source, "has_labels", False))
         self.known_bad: dict[int, str] = {}  # source index -> why it cannot be read
 
@@ -179,11 +185,14 @@ class LoadClip:
             issues.append((SHORT_VIDEO, f"{record.name}: {n} frames < "
                                         f"{self.clip_frames * self.rate} ({how})"))
         idx = sample_frame_indices(n, self.clip_frames, self.rate, rng)
-        video = np.asarray(record.read_frames(idx))
-        if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
-            raise BadRecordError(f"{record.name}: frames must be uint8 (T, H, W, 3), got "
-                                 f"{video.dtype} {video.shape}")
-        video = resize_frames(video, self.img_size)
+        if self.defer_frames and record.frame_positions is not None:
+            out: dict[str, Any] = {"frame_positions": record.frame_positions(idx)}
+        else:
+            video = np.asarray(record.read_frames(idx))
+            if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
+                raise BadRecordError(f"{record.name}: frames must be uint8 (T, H, W, 3), got "
+                                     f"{video.dtype} {video.shape}")
+            out = {"video": np.ascontiguousarray(resize_frames(video, self.img_size))}
         bits = None
         if self.strategy in ("fasking", "fasking_opp"):
             # one map per tubelet slice: the slice's first frame, as the original; fasking needs
@@ -211,7 +220,7 @@ class LoadClip:
                              tubelet_size=self.tubelet_size)
         except ValueError as e:
             raise BadRecordError(f"{record.name}: cannot build a mask: {e}") from e
-        out = {"video": np.ascontiguousarray(video), "mask": mask}
+        out["mask"] = mask
         if self.with_labels:
             out["labels"] = np.asarray([] if record.labels is None else record.labels, np.int32)
         return out
@@ -230,13 +239,18 @@ class AccountingIterator(grain.DatasetIterator):
 
     ``stats``: ``{kind: count}`` for :data:`ISSUE_KINDS` (``skipped``: every replacement, re-visits
     included); ``bad_records``: the distinct bad records ``{source index: message}``.
+    ``read_positions``: turns a batch's deferred ``"frame_positions"`` (B, T) into its ``"video"``
+    (resized to ``img_size`` where the source stores another size).
     """
 
     def __init__(self, parent: grain.DatasetIterator, error_budget: int,
-                 copy_arrays: bool = False, known_bad: dict[int, str] | None = None):
+                 copy_arrays: bool = False, known_bad: dict[int, str] | None = None,
+                 read_positions: Callable[[np.ndarray], np.ndarray] | None = None,
+                 img_size: int = 0):
         super().__init__(parent)
         self._budget = error_budget
         self._copy = copy_arrays
+        self._read_positions, self._img_size = read_positions, img_size
         self._counts = dict.fromkeys(ISSUE_KINDS, 0)
         self._bad: dict[int, str] = {}
         # the transform's table (same process: threads) to skip known bad records unread
@@ -267,6 +281,11 @@ class AccountingIterator(grain.DatasetIterator):
         batch = dict(next(self._parent))
         if self._copy:  # out of worker shared memory: valid after close(), owned by the caller
             batch = {k: np.array(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+        if "frame_positions" in batch:  # read here, in the consuming process (kernel copies)
+            video = self._read_positions(batch.pop("frame_positions"))
+            if video.shape[2:4] != (self._img_size, self._img_size):
+                video = np.stack([resize_frames(clip, self._img_size) for clip in video])
+            batch = {"video": video, **batch}
         for kind, message, *index in batch.pop("_issues", ()):
             self._counts[kind] = self._counts.get(kind, 0) + 1
             if kind == SKIPPED:
@@ -292,9 +311,11 @@ class AccountingIterDataset(grain.IterDataset):
     """IterDataset whose iterator is an :class:`AccountingIterator`."""
 
     def __init__(self, parent: grain.IterDataset, error_budget: int, copy_arrays: bool = False,
-                 known_bad: dict[int, str] | None = None):
+                 known_bad: dict[int, str] | None = None,
+                 read_positions: Callable[[np.ndarray], np.ndarray] | None = None,
+                 img_size: int = 0):
         super().__init__(parent)
-        self._args = (error_budget, copy_arrays, known_bad)
+        self._args = (error_budget, copy_arrays, known_bad, read_positions, img_size)
 
     def __iter__(self) -> AccountingIterator:
         return AccountingIterator(self._parent.__iter__(), *self._args)
@@ -337,7 +358,9 @@ def make_dataset(data_config: ml_collections.ConfigDict, *, split: str, global_b
         source, clip_frames=c.clip_frames, temporal_sample_rate=c.temporal_sample_rate,
         img_size=c.img_size, patch_size=c.patch_size, tubelet_size=c.tubelet_size,
         mask_strategy=c.mask_strategy, mask_ratio=c.mask_ratio, shard_offset=process_index,
-        shard_stride=process_count, max_retries=c.max_retries)
+        shard_stride=process_count, max_retries=c.max_retries,
+        # with workers, sources that can (raw records) send frame positions, read in this process
+        defer_frames=c.num_workers > 0 and hasattr(source, "read_positions"))
 
     n = len(source)
     if not repeat and c.drop_remainder:
@@ -361,5 +384,7 @@ def make_dataset(data_config: ml_collections.ConfigDict, *, split: str, global_b
             flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=c.num_workers, per_worker_buffer_size=max(1, c.worker_buffer_size)))
-    return AccountingIterDataset(it_ds, error_budget=c.error_budget,
-                                 copy_arrays=c.num_workers > 0, known_bad=transform.known_bad)
+    return AccountingIterDataset(
+        it_ds, error_budget=c.error_budget, copy_arrays=c.num_workers > 0,
+        known_bad=transform.known_bad, img_size=c.img_size,
+        read_positions=source.read_positions if transform.defer_frames else None)

@@ -40,6 +40,9 @@ class VideoRecord:
       read_patch_labels: optional ``(indices, img_size, patch_size)`` -> uint16 ``(k, gh, gw)``
         patch coverage of the parsing maps (:func:`parsing_patch_labels` of ``read_parsing``'s
         maps, cached or precomputed: a few hundred bytes a frame); fasking prefers it.
+      frame_positions: optional indices -> int64 ``(k,)`` positions of those frames in the
+        source, which its ``read_positions`` turns into the frames ``read_frames`` gives: lets a
+        worker process hand over where a clip's frames are instead of their pixels.
     """
 
     name: str
@@ -48,6 +51,7 @@ class VideoRecord:
     read_parsing: Callable[[Sequence[int]], list[np.ndarray]] | None = None
     labels: np.ndarray | None = None
     read_patch_labels: PatchLabelReader | None = None
+    frame_positions: Callable[[Sequence[int]], np.ndarray] | None = None
 
 
 class VideoSource(Protocol):

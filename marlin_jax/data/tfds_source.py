@@ -195,27 +195,33 @@ class TfdsSource:
                               np.memmap(coverage, "<u2", "r").reshape(-1, g, g))
         return self._raw_open[1:]
 
-    def _read_raw_frames(self, name: str, first: int, indices: Sequence[int]) -> np.ndarray:
-        """uint8 ``(k, S, S, 3)``: frames ``first + indices`` of the ``.frames`` file, each one
-        ``os.preadv`` straight into the clip (no copy, the GIL released while it reads)."""
+    def read_positions(self, positions: np.ndarray) -> np.ndarray:
+        """Raw builds: uint8 ``(*positions.shape, S, S, 3)``, the frames at record ``positions``
+        of the ``.frames`` file, each one ``os.preadv`` straight into place (the GIL released
+        while it reads); BadRecordError naming the file on a short read."""
         fd, _ = self._raw_files()
+        positions = np.asarray(positions, np.int64)
         s = self.img_size
-        out = np.empty((len(indices), s, s, 3), np.uint8)
-        for k, i in enumerate(indices):
+        out = np.empty((*positions.shape, s, s, 3), np.uint8)
+        frames, size = out.reshape(-1, s, s, 3), s * s * 3
+        for frame, position in zip(frames, positions.reshape(-1).tolist(), strict=True):
             try:
-                got = os.preadv(fd, [out[k]], (first + int(i)) * out[k].nbytes)
+                got = os.preadv(fd, [frame], position * size)
             except OSError as e:
                 got = f"error ({e.strerror or e})"
-            if got != out[k].nbytes:
-                raise BadRecordError(f"{self._raw_paths[0]}: {name} frame {int(i)} (record "
-                                     f"{first + int(i)}): read {got} of {out[k].nbytes} bytes")
+            if got != size:
+                raise BadRecordError(f"{self._raw_paths[0]}: record {position}: read {got} of "
+                                     f"{size} bytes")
         return out
+
+    def _raw_positions(self, first: int, indices: Sequence[int]) -> np.ndarray:
+        return first + np.asarray(indices, np.int64)
 
     def _read_raw_patch_labels(self, first: int, indices: Sequence[int], img_size: int,
                                patch_size: int) -> np.ndarray:
         """uint16 ``(k, gh, gw)``: coverage of frames ``first + indices`` (``.patch_labels``)."""
         _check_geometry(self, img_size, patch_size)
-        return np.array(self._raw_files()[1][first + np.asarray(indices, np.int64)])
+        return np.array(self._raw_files()[1][self._raw_positions(first, indices)])
 
     def __len__(self) -> int:
         return len(self._videos)
@@ -223,10 +229,12 @@ class TfdsSource:
     def __getitem__(self, index: int) -> VideoRecord:
         if self._raw_paths is not None:  # pixels and coverage from the flat files: no records
             name, first, n = self._videos[index]
+            positions = functools.partial(self._raw_positions, first)
             return VideoRecord(
                 name=name, num_frames=n,
-                read_frames=functools.partial(self._read_raw_frames, name, first),
-                read_patch_labels=functools.partial(self._read_raw_patch_labels, first))
+                read_frames=lambda indices: self.read_positions(positions(indices)),
+                read_patch_labels=functools.partial(self._read_raw_patch_labels, first),
+                frame_positions=positions)
         video = _VideoExamples(self, index)
         return VideoRecord(name=video.name, num_frames=video.num_frames,
                            read_frames=video.read_frames, read_patch_labels=video.read_patch_labels)

@@ -20,7 +20,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data_dir", required=True, help="where to write the ArrayRecord shards")
     ap.add_argument("--frame_encoding", choices=FRAME_ENCODINGS, default="jpeg",
                     help="jpeg: the JPEG files' bytes; raw: pixels decoded and resized to 224x224 "
-                         "at build time (~10x the bytes, no decode per read)")
+                         "at build time into a flat file per split (~10x the bytes, no decode or "
+                         "record per read; read from a local file system)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     build_youtube_faces_marlin(args.manual_dir, args.data_dir, args.frame_encoding)
