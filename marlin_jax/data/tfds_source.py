@@ -186,6 +186,13 @@ class TfdsSource:
                         f"({len(self._source)} frames of {item}): truncated or from another "
                         "build; rebuild")
 
+    def __getstate__(self) -> dict:  # to worker processes: their own files, not this one's
+        return {**self.__dict__, "_raw_open": None}
+
+    def __del__(self) -> None:
+        if getattr(self, "_raw_open", None) and self._raw_open[0] == os.getpid():
+            os.close(self._raw_open[1])
+
     def _raw_files(self) -> tuple[int, np.ndarray]:
         """(frames fd, coverage memmap) of a raw build, opened once per process."""
         if self._raw_open is None or self._raw_open[0] != os.getpid():  # grain workers too
