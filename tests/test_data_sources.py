@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -392,6 +393,11 @@ def test_raw_records_with_worker_processes_send_positions_and_give_the_same_batc
     assert "video" not in element and element["frame_positions"].dtype == np.int64
     np.testing.assert_array_equal(src.read_positions(element["frame_positions"][None])[0],
                                   src[1].read_frames(element["frame_positions"] - 40))
+    sent = pickle.loads(pickle.dumps(src))  # as to a worker: its own files, not the coverage data
+    assert src._raw_open is not None and sent._raw_open is None
+    assert len(pickle.dumps(src)) < 20_000
+    np.testing.assert_array_equal(sent[1].read_patch_labels([3], 224, 16),
+                                  src[1].read_patch_labels([3], 224, 16))
 
 
 def test_both_encodings_in_one_data_dir(tfds_build, raw_build, tmp_path):
