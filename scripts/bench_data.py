@@ -251,15 +251,18 @@ def wait_until_idle(tick: float = 0.1, timeout: float = 60.0) -> None:
         last = now
 
 
-def clips_per_second(steps: Iterator[int], clips: int, drain: int = 0) -> tuple[float, float]:
-    """(clips per wall second, clips per CPU second of the process and its workers)."""
+def clips_per_second(steps: Iterator[int], clips: int, drain: int = 0
+                     ) -> tuple[float, float, float]:
+    """(clips per wall second, clips per CPU second of the process and its workers, clips per CPU
+    second of this process alone)."""
     n = 0
     while n < drain:  # empty the full prefetch buffer first: steady state from here
         n += next(steps)
-    t, cpu, n = time.perf_counter(), process_cpu_seconds(), 0
+    t, cpu, main, n = time.perf_counter(), process_cpu_seconds(), time.process_time(), 0
     while n < clips:
         n += next(steps)
-    return n / (time.perf_counter() - t), n / max(process_cpu_seconds() - cpu, 1e-9)
+    return (n / (time.perf_counter() - t), n / max(process_cpu_seconds() - cpu, 1e-9),
+            n / max(time.process_time() - main, 1e-9))
 
 
 def copies_per_second(threads: int, seconds: float = 1.0) -> float:
@@ -375,7 +378,7 @@ def main() -> None:
                        if i == 0 or any(s in k for s in args.only)}
         for steps, drain, _ in loaders.values():  # warm-up: imports, files, pools, caches
             clips_per_second(steps, args.batch, drain)
-        best = {name: [0.0, 0.0] for name in loaders}  # wall, CPU
+        best = {name: [0.0, 0.0, 0.0] for name in loaders}  # wall, CPU, CPU of this process
         copies = {1: 0.0, cores: 0.0}
         for _ in range(args.rounds):
             if cores > 1:
@@ -384,8 +387,8 @@ def main() -> None:
                     copies[n] = max(copies[n], copies_per_second(n))
             for name, (steps, drain, _) in loaders.items():
                 wait_until_idle()
-                wall, cpu = clips_per_second(steps, args.clips, drain)
-                best[name] = [max(best[name][0], wall), max(best[name][1], cpu)]
+                best[name] = [max(b, r) for b, r in zip(
+                    best[name], clips_per_second(steps, args.clips, drain), strict=True)]
         independent = {}  # kind -> clips/s of args.processes independent pipelines
         kinds = {"ytf layout": (root, "ytf", ""), "records": (tfds_dir, "tfds", DATASET_NAME),
                  "records, raw frames": (tfds_dir, "tfds", f"{DATASET_NAME}/raw")}
@@ -395,18 +398,18 @@ def main() -> None:
                 independent[kind] = independent_processes(
                     where, source, name, args.batch, times, args.clips, args.processes)
 
-    base_wall, base_cpu = best["original (stand-in), per clip"]
+    base_wall, base_cpu, _ = best["original (stand-in), per clip"]
     print(f"best of {args.rounds} interleaved rounds of {args.clips} clips; per core = clips per "
           "CPU second (this process + workers), robust to other load; wall / core = clips per "
           "second / cores used")
     print(f"{'loader':<38}{'clips/s':>9}{'wall/core':>10}{'x orig':>8}{'per core':>10}"
           f"{'x orig':>8}")
     for name, (_, _, used) in loaders.items():
-        wall, cpu = best[name]
+        wall, cpu, _ = best[name]
         print(f"{name:<38}{wall:>9.1f}{wall / used:>10.1f}{wall / used / base_wall:>7.2f}x"
               f"{cpu:>10.1f}{cpu / base_cpu:>7.2f}x")
     if args.original:
-        real_wall, real_cpu = best["original (real code), per clip"]
+        real_wall, real_cpu, _ = best["original (real code), per clip"]
         print(f"stand-in calibration (stand-in / real original): wall {base_wall / real_wall:.2f}, "
               f"CPU {base_cpu / real_cpu:.2f} (target: within 0.90..1.10)")
     for kind in ("ytf layout", "records", "records, raw frames"):
@@ -418,6 +421,11 @@ def main() -> None:
     if cores > 1:
         print(f"memory bandwidth: clip copies (2.4 MB) per second, 1 thread {copies[1]:.0f}, "
               f"{cores} threads {copies[cores]:.0f}: {copies[cores] / copies[1]:.2f}x")
+    for name in loaders:
+        if name.endswith(" workers)"):  # what limits any number of workers: this process's part
+            print(f"{name}: this process's own CPU per clip {1e3 / best[name][2]:.3f} ms (receive, "
+                  f"read deferred frames, account): at most ~{best[name][2]:.0f} clips/s with "
+                  "any number of workers")
     for kind, rate in independent.items():
         print(f"scaling of {kind} (wall), {args.processes} independent processes of 1 thread: "
               f"{rate:.1f} clips/s = {rate / best[f'{kind} (1 thread)'][0]:.2f}x one thread")

@@ -4,10 +4,10 @@ Per process: ``range(len(source))[process_index::process_count]`` -> shuffle -> 
 ``random_map(LoadClip)`` (16 sampled frames + mask) -> batch -> ``to_iter_dataset(threads)``
 [-> ``mp_prefetch(workers)``] -> error accounting. With workers, a source that can (``raw``
 records) has them send each clip's frame positions, and the frames are read in this process (one
-kernel copy per frame) instead of crossing shared memory. Batches are ``{"video": uint8 (B, T, H, W, 3),
-"mask": bool (B, N)}`` (+ ``"labels"`` int32 ``(B, L)`` when the source has labels), numpy arrays
-owned by the caller; normalise to [0, 1] inside the jitted step. The iterator's
-``get_state``/``set_state`` resume it exactly, error counts included.
+kernel copy per frame) instead of crossing shared memory. Batches are ``{"video": uint8
+(B, T, H, W, 3), "mask": bool (B, N)}`` (+ ``"labels"`` int32 ``(B, L)`` when the source has
+labels), numpy arrays owned by the caller; normalise to [0, 1] inside the jitted step. The
+iterator's ``get_state``/``set_state`` resume it exactly, error counts included.
 
 A bad record (missing/corrupt JPEG, npy, video) is replaced by another record of the same shard
 drawn from the element's own RNG (batches keep their size, the pipeline stays deterministic),

@@ -8,10 +8,9 @@ the pixels, decoded and resized to 224x224 here (what a read of the ``jpeg`` bui
 pipeline), go to a flat file per split beside the shards, ``<split>.frames`` (uint8
 ``(examples, 224, 224, 3)`` in example order, no header), and the coverage to
 ``<split>.patch_labels`` too: a frame is then one positional read straight into the clip, with no
-record to read or parse. Frames are written in order and the videos
-indexed in ``metadata.json`` (per split: ``[name, first example, num_frames]``), so a clip reads
-its frames and nothing else. Read
-with :class:`marlin_jax.data.tfds_source.TfdsSource`; build with
+record to read or parse. Frames are written in order and the videos indexed in ``metadata.json``
+(per split: ``[name, first example, num_frames]``), so a clip reads its frames and nothing else.
+Read with :class:`marlin_jax.data.tfds_source.TfdsSource`; build with
 :func:`~marlin_jax.data.tfds_source.build_youtube_faces_marlin`. Videos whose folder or a parsing
 map is unreadable are skipped and logged.
 """
@@ -44,6 +43,7 @@ _BYTES = tfds.features.Tensor(shape=(), dtype=np.object_)
 IMG_SIZE = 224  # parsing maps are resized (nearest) to this size before patch coverage
 PATCH_SIZE = 16  # patch of the stored coverage; the pipeline's img_size / patch_size must match
 
+
 def raw_file_names(split: str) -> tuple[str, str]:
     """The raw config's flat files of ``split`` in the build's folder: pixels (uint8
     ``(examples, 224, 224, 3)``) and patch coverage (uint16 little-endian ``(examples, 14, 14)``),
@@ -70,8 +70,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                      "<split>.patch_labels files beside the shards (a frame is one positional "
                      "read), examples without pixels; 2.1.0 held them in the examples."},
             description=(f"frames decoded and resized to {IMG_SIZE}x{IMG_SIZE} at build time, "
-                         f"uint8 ({IMG_SIZE}, {IMG_SIZE}, 3) in <split>.frames ({IMG_SIZE * IMG_SIZE * 3} "
-                         "bytes a frame, in example order)")),
+                         f"uint8 ({IMG_SIZE}, {IMG_SIZE}, 3) in <split>.frames "
+                         f"({IMG_SIZE * IMG_SIZE * 3} bytes a frame, in example order)")),
     ]
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Run the MARLIN YouTube-Faces preprocessing, then pass its output folder (holding "
@@ -96,11 +96,12 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description=(
-                "YouTube Faces face crops as prepared for MARLIN pretraining, one example per frame: "
-                "patch_labels (uint16 little-endian (14, 14) bit sets of the LaPa labels in each 16x16 "
-                "patch of the 224x224 parsing map, all zero = no face) and jpeg (JPEG bytes); config raw: "
-                f"no jpeg, the pixels as uint8 ({IMG_SIZE}, {IMG_SIZE}, 3) in <split>.frames, in example "
-                "order. metadata.json indexes each split's videos: [name, first example, num_frames]."
+                "YouTube Faces face crops as prepared for MARLIN pretraining, one example per "
+                "frame: patch_labels (uint16 little-endian (14, 14) bit sets of the LaPa labels in "
+                "each 16x16 patch of the 224x224 parsing map, all zero = no face) and jpeg (JPEG "
+                f"bytes); config raw: no jpeg, the pixels as uint8 ({IMG_SIZE}, {IMG_SIZE}, 3) in "
+                "<split>.frames, in example order. metadata.json indexes each split's videos: "
+                "[name, first example, num_frames]."
             ),
             features=tfds.features.FeaturesDict(features),
             metadata=tfds.core.MetadataDict(img_size=IMG_SIZE, patch_size=PATCH_SIZE,
@@ -152,8 +153,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                                "patch_labels": b.astype("<u2").tobytes()}
                     if raw:
                         if pixels.tell() != key * len(data):
-                            raise RuntimeError(f"{pixels.name}: at byte {pixels.tell()} for example "
-                                               f"{key}: examples not generated in order")
+                            raise RuntimeError(f"{pixels.name}: at byte {pixels.tell()} for "
+                                               f"example {key}: examples not generated in order")
                         pixels.write(data)
                         coverage.write(example["patch_labels"])
                     else:
@@ -166,8 +167,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
 def _video_frames(root: str, rel: str, raw: bool) -> tuple[list[bytes], np.ndarray]:
     """Every frame of one video folder (JPEG bytes, or with ``raw`` the uint8 ``(224, 224, 3)``
-    pixels' bytes) and the patch coverage of its parsing maps (uint16 ``(num_frames, 14, 14)``); all
-    read and checked before any frame is written."""
+    pixels' bytes) and the patch coverage of its parsing maps (uint16 ``(num_frames, 14, 14)``);
+    all read and checked before any frame is written."""
     crop_dir = os.path.join(root, CROP_DIR, rel)
     files = list_files(crop_dir, ".jpg")
     if not files:
