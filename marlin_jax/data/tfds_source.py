@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -61,6 +62,16 @@ def _parse_frame(record: bytes) -> dict:
     return {"video": f["video"].int64_list.value[0], "frame": f["frame"].int64_list.value[0],
             "image": f["jpeg"].bytes_list.value[0],
             "patch_labels": f["patch_labels"].bytes_list.value[0]}
+
+
+def _pread_into(fd: int, out: np.ndarray, offset: int) -> int:
+    """Reads ``out.nbytes`` bytes at ``offset`` into ``out`` (contiguous); bytes read. One
+    ``os.preadv`` (no copy, the GIL released); ``os.pread`` and a copy where there is none."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [out], offset)
+    data = os.pread(fd, out.nbytes, offset)
+    out.reshape(-1)[: len(data)] = np.frombuffer(data, np.uint8)
+    return len(data)
 
 
 class _VideoExamples:
@@ -189,17 +200,14 @@ class TfdsSource:
     def __getstate__(self) -> dict:  # to worker processes: their own files, not this one's
         return {**self.__dict__, "_raw_open": None}
 
-    def __del__(self) -> None:
-        if getattr(self, "_raw_open", None) and self._raw_open[0] == os.getpid():
-            os.close(self._raw_open[1])
-
     def _raw_files(self) -> tuple[int, np.ndarray]:
         """(frames fd, coverage memmap) of a raw build, opened once per process."""
         if self._raw_open is None or self._raw_open[0] != os.getpid():  # grain workers too
             g = self.img_size // self.patch_size
             frames, coverage = self._raw_paths
-            self._raw_open = (os.getpid(), os.open(frames, os.O_RDONLY),
-                              np.memmap(coverage, "<u2", "r").reshape(-1, g, g))
+            fd = os.open(frames, os.O_RDONLY)
+            weakref.finalize(self, os.close, fd)  # closed with the source (or at exit)
+            self._raw_open = (os.getpid(), fd, np.memmap(coverage, "<u2", "r").reshape(-1, g, g))
         return self._raw_open[1:]
 
     def read_positions(self, positions: np.ndarray) -> np.ndarray:
@@ -213,7 +221,7 @@ class TfdsSource:
         frames, size = out.reshape(-1, s, s, 3), s * s * 3
         for frame, position in zip(frames, positions.reshape(-1).tolist(), strict=True):
             try:
-                got = os.preadv(fd, [frame], position * size)
+                got = _pread_into(fd, frame, position * size)
             except OSError as e:
                 got = f"error ({e.strerror or e})"
             if got != size:
