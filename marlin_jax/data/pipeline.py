@@ -283,8 +283,9 @@ class AccountingIterator(grain.DatasetIterator):
             batch = {k: np.array(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
         if "frame_positions" in batch:  # read here, in the consuming process (kernel copies)
             video = self._read_positions(batch.pop("frame_positions"))
-            if video.shape[2:4] != (self._img_size, self._img_size):
-                video = np.stack([resize_frames(clip, self._img_size) for clip in video])
+            b, t = video.shape[:2]  # resized as frames, like LoadClip's own reads
+            video = resize_frames(video.reshape(b * t, *video.shape[2:]), self._img_size)
+            video = video.reshape(b, t, *video.shape[1:])
             batch = {"video": video, **batch}
         for kind, message, *index in batch.pop("_issues", ()):
             self._counts[kind] = self._counts.get(kind, 0) + 1

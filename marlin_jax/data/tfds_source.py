@@ -214,6 +214,9 @@ class TfdsSource:
         """Raw builds: uint8 ``(*positions.shape, S, S, 3)``, the frames at record ``positions``
         of the ``.frames`` file, each one ``os.preadv`` straight into place (the GIL released
         while it reads); BadRecordError naming the file on a short read."""
+        if self._raw_paths is None:
+            raise ValueError(f"{self.build_dir}: a {self.frame_encoding} build has no frames "
+                             "file; read_positions is for raw builds")
         fd, _ = self._raw_files()
         positions = np.asarray(positions, np.int64)
         s = self.img_size
@@ -236,7 +239,7 @@ class TfdsSource:
                                patch_size: int) -> np.ndarray:
         """uint16 ``(k, gh, gw)``: coverage of frames ``first + indices`` (``.patch_labels``)."""
         _check_geometry(self, img_size, patch_size)
-        return np.array(self._raw_files()[1][self._raw_positions(first, indices)])
+        return np.asarray(self._raw_files()[1][self._raw_positions(first, indices)])
 
     def __len__(self) -> int:
         return len(self._videos)
