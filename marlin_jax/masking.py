@@ -205,6 +205,9 @@ def make_mask(
         raise ValueError(f"unknown mask strategy {strategy!r}; expected one of {STRATEGIES}")
     if len(grid) != 3 or min(grid) < 1:
         raise ValueError(f"grid must be three positive ints (gt, gh, gw), got {grid}")
+    if patch_size < 1 or tubelet_size < 1:
+        raise ValueError(f"patch_size and tubelet_size must be >= 1, got {patch_size}, "
+                         f"{tubelet_size}")
     gt, gh, gw = (int(g) for g in grid)
     per_slice = gh * gw
     target = num_visible(mask_ratio, gt * per_slice)
